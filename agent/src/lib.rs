@@ -1,0 +1,201 @@
+//! The cutover host agent. `join` enrolls the host once; `run` keeps the host's services
+//! converged on what the coordinator wants: releases in blue and green slots, health
+//! checks, and the proxy that splits traffic between them.
+
+pub mod artifact;
+pub mod health;
+pub mod link;
+pub mod process;
+pub mod proxy;
+pub mod service;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use cutover_proto::v1::{JoinRequest, enroll_client::EnrollClient};
+use cutover_shared::token::Token;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// What `join` stores in `DATA/agent.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct AgentFile {
+    name: String,
+    coordinator: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// The host's enrolment: who it is and how to reach the coordinator.
+pub struct Identity {
+    pub name: String,
+    pub coordinator: String,
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+pub struct JoinConfig {
+    pub coordinator: String,
+    pub token: String,
+    pub data_dir: PathBuf,
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Enrolls this host: checks the coordinator's CA against the token's fingerprint before
+/// sending anything, makes a key locally, and stores the signed certificate.
+pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
+    cutover_proto::tls::install_default_provider();
+    let token = Token::parse(&cfg.token)?;
+    let name = match cfg.name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .context("read the machine's hostname (or pass --name)")?
+            .to_string_lossy()
+            .to_lowercase(),
+    };
+    cutover_shared::names::check_name("host", &name).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+
+    let key = rcgen::KeyPair::generate().context("generate key")?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.clone()]).context("certificate request")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name.clone());
+    let csr = params
+        .serialize_request(&key)
+        .context("certificate request")?;
+
+    let tls = cutover_proto::tls::pinned_config(&token.ca_fingerprint)?;
+    let channel = cutover_proto::tls::connect(&cfg.coordinator, tls)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
+    let resp = EnrollClient::new(channel)
+        .join(JoinRequest {
+            token: token.encode(),
+            name: name.clone(),
+            labels: cfg.labels.into_iter().collect(),
+            csr_pem: csr.pem().context("encode certificate request")?,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("coordinator refused to enroll this host: {}", s.message()))?
+        .into_inner();
+
+    let id = cfg.data_dir.join("identity");
+    std::fs::create_dir_all(&id).with_context(|| format!("create {}", id.display()))?;
+    write_private(&id.join("key.pem"), key.serialize_pem().as_bytes())?;
+    write_private(&id.join("cert.pem"), resp.certificate_pem.as_bytes())?;
+    write_private(&id.join("ca.pem"), resp.ca_pem.as_bytes())?;
+    let file = AgentFile {
+        name: resp.name.clone(),
+        coordinator: cfg.coordinator,
+        labels: resp.labels.into_iter().collect(),
+    };
+    write_private(
+        &cfg.data_dir.join("agent.json"),
+        &serde_json::to_vec_pretty(&file)?,
+    )?;
+    Ok(resp.name)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
+    let agent = data_dir.join("agent.json");
+    let raw = std::fs::read(&agent)
+        .with_context(|| format!("read {} (run `cutover-agent join` first)", agent.display()))?;
+    let file: AgentFile =
+        serde_json::from_slice(&raw).with_context(|| format!("parse {}", agent.display()))?;
+    let id = data_dir.join("identity");
+    let read = |n: &str| {
+        std::fs::read(id.join(n)).with_context(|| format!("read {}", id.join(n).display()))
+    };
+    Ok(Identity {
+        name: file.name,
+        coordinator: file.coordinator,
+        ca_pem: read("ca.pem")?,
+        cert_pem: read("cert.pem")?,
+        key_pem: read("key.pem")?,
+    })
+}
+
+pub struct RunConfig {
+    pub data_dir: PathBuf,
+    pub service_address: IpAddr,
+}
+
+/// Runs the agent until `shutdown`: restores the services it ran before, then follows
+/// the coordinator. On shutdown the slot processes are stopped.
+pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    cutover_proto::tls::install_default_provider();
+    let identity = Arc::new(load_identity(&cfg.data_dir)?);
+    if cfg.service_address.is_ipv6() {
+        bail!(
+            "--service-address {}: only IPv4 addresses are supported",
+            cfg.service_address
+        );
+    }
+    let store = Arc::new(
+        store::Store::open(&cfg.data_dir.join("agent.redb")).context("open the agent store")?,
+    );
+    let tasks = tokio_util::task::TaskTracker::new();
+    let services = Arc::new(service::Services::new(
+        cfg.data_dir.clone(),
+        cfg.service_address,
+        store,
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    let restored = services.restore().await?;
+    tracing::info!(
+        host = identity.name,
+        coordinator = identity.coordinator,
+        restored,
+        "agent running"
+    );
+    link::run(identity, services, shutdown.clone()).await;
+    tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(60), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some slots did not stop within 60s");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The agent's one long-lived stream to the coordinator: it sends the host's observed
+//! state (at once, on every change, and every second with fresh counters) and applies
+//! the desired state it receives. It reconnects for ever with exponential backoff and
+//! jitter; a reconnect resends both sides' whole state, so nothing is lost or doubled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use cutover_proto::v1::{
+    AgentMessage, Heartbeat, Observed, agent_link_client::AgentLinkClient, agent_message,
+    coordinator_message,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::Identity;
+use crate::service::Services;
+
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// The coordinator is considered gone after this long without a message.
+const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn run(identity: Arc<Identity>, services: Arc<Services>, cancel: CancellationToken) {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times();
+    let mut delays = builder.build();
+    loop {
+        let started = Instant::now();
+        match session(&identity, &services, &cancel).await {
+            Ok(()) => tracing::info!("coordinator stream closed"),
+            Err(e) => {
+                tracing::warn!(coordinator = identity.coordinator, error = %e, "coordinator stream")
+            }
+        }
+        if cancel.is_cancelled() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            delays = builder.build();
+        }
+        let wait = delays.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+async fn session(
+    identity: &Identity,
+    services: &Services,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let cfg =
+        cutover_proto::tls::client_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+            .map_err(|e| e.to_string())?;
+    let channel = cutover_proto::tls::connect(&identity.coordinator, cfg)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let mut client = AgentLinkClient::new(channel);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+    let observed = |services| AgentMessage {
+        msg: Some(agent_message::Msg::Observed(Observed { services })),
+    };
+    tx.send(observed(services.observe().await))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    tracing::info!(
+        coordinator = identity.coordinator,
+        host = identity.name,
+        "connected to coordinator"
+    );
+
+    let mut report = tokio::time::interval(REPORT_EVERY);
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = services.changed.notified() => {
+                // Coalesce bursts of changes into one report.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if tx.try_send(observed(services.observe().await)).is_err() {
+                    return Err("outgoing queue full".into());
+                }
+            }
+            _ = report.tick() => {
+                services.maintain().await;
+                if tx.try_send(observed(services.observe().await)).is_err() {
+                    return Err("outgoing queue full".into());
+                }
+            }
+            _ = beat.tick() => {
+                if last_heard.elapsed() > SILENCE_LIMIT {
+                    return Err(format!("no word from the coordinator for {}s", SILENCE_LIMIT.as_secs()));
+                }
+                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { unix_ms: now_ms() })) };
+                let _ = tx.try_send(hb);
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => {
+                    last_heard = Instant::now();
+                    match m.msg {
+                        Some(coordinator_message::Msg::Desired(d)) => {
+                            for s in d.services {
+                                services.apply(s).await;
+                            }
+                        }
+                        Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            },
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! `cutover-agent`: `join` enrolls this host once; `run` is the host daemon.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "cutover-agent", version, about = "The cutover host agent")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enroll this host with a coordinator.
+    Join {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Host name [default: the machine's hostname]
+        #[arg(long)]
+        name: Option<String>,
+        /// Labels added to the token's, as k=v,k2=v2
+        #[arg(long, default_value = "")]
+        labels: String,
+    },
+    /// Run the agent.
+    Run {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// IP on which the services' public ports are bound.
+        #[arg(long, default_value = "0.0.0.0")]
+        service_address: IpAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.command {
+            Cmd::Join {
+                coordinator,
+                token,
+                data_dir,
+                name,
+                labels,
+            } => {
+                let labels = cutover_shared::names::parse_labels(&labels)
+                    .map_err(|m| anyhow::anyhow!("--labels: {m}"))?;
+                let name = agent::join(agent::JoinConfig {
+                    coordinator,
+                    token,
+                    data_dir,
+                    name,
+                    labels,
+                })
+                .await?;
+                eprintln!("joined as {name}");
+                Ok(())
+            }
+            Cmd::Run {
+                data_dir,
+                service_address,
+            } => {
+                let shutdown = CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    if let (Ok(mut term), Ok(mut int)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) {
+                        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                        tracing::info!("stopping");
+                        s.cancel();
+                    }
+                });
+                agent::run(
+                    agent::RunConfig {
+                        data_dir,
+                        service_address,
+                    },
+                    shutdown,
+                )
+                .await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

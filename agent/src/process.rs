@@ -1,0 +1,483 @@
+//! One slot's lifecycle: fetch and unpack its release, start the process with `${PORT}`,
+//! capture its output to a capped log file, health-check it for as long as it runs,
+//! restart it with backoff when it crashes, and stop it (drain, SIGTERM, then SIGKILL
+//! after `stop_timeout`) when the slot is emptied.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_proto::v1::{SlotPhase, SlotSpec, health_spec};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Child;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifact::{self, Limits};
+use crate::health::{Check, Checker, Tally};
+use crate::proxy::SlotMetrics;
+
+/// What a slot reports.
+#[derive(Clone, Debug, Default)]
+pub struct SlotState {
+    pub release: String,
+    pub phase: SlotPhase,
+    pub error: String,
+    pub restarts: u32,
+}
+
+/// Everything a slot task needs.
+pub struct SlotCtx {
+    pub service: String,
+    pub slot: &'static str,
+    pub spec: SlotSpec,
+    pub port: u16,
+    pub drain: Duration,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub status: Arc<Mutex<SlotState>>,
+    pub metrics: Arc<SlotMetrics>,
+    pub changed: Arc<Notify>,
+    /// Largest size of a slot's log file before it is rotated.
+    pub log_cap: u64,
+}
+
+impl SlotCtx {
+    fn set(&self, f: impl FnOnce(&mut SlotState)) {
+        {
+            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut s);
+        }
+        self.changed.notify_one();
+    }
+
+    fn phase(&self, phase: SlotPhase, error: impl Into<String>) {
+        let error = error.into();
+        self.set(|s| {
+            s.phase = phase;
+            s.error = error;
+        });
+    }
+}
+
+/// Resolves a relative program path containing `/` against the release directory, so
+/// `./bin/web` means the release's file; bare names are looked up on `PATH`.
+pub fn resolve_program(prog: &str, dir: &Path) -> PathBuf {
+    let p = Path::new(prog);
+    if p.is_relative() && prog.contains('/') {
+        dir.join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// `releases/<service>/<version>-<sha256 prefix>`.
+pub fn release_dir(data_dir: &Path, service: &str, version: &str, sha256: &str) -> PathBuf {
+    let safe: String = version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    data_dir
+        .join("releases")
+        .join(service)
+        .join(format!("{safe}-{}", &sha256[..sha256.len().min(12)]))
+}
+
+/// Keeps the newest `keep` release directories of a service, never removing `in_use`.
+pub fn prune_releases(data_dir: &Path, service: &str, keep: usize, in_use: &[PathBuf]) {
+    let root = data_dir.join("releases").join(service);
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, d) in dirs.into_iter().skip(keep) {
+        if !in_use.contains(&d) {
+            tracing::info!(dir = %d.display(), "removing old release");
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+}
+
+/// Fetches and unpacks the slot's release unless it is already on disk.
+async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
+    let rel = ctx.spec.release.clone().unwrap_or_default();
+    let dir = release_dir(&ctx.data_dir, &ctx.service, &rel.version, &rel.sha256);
+    if dir.is_dir() {
+        // Touch it so that pruning keeps recently used releases.
+        let _ =
+            std::fs::File::open(&dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        return Ok(dir);
+    }
+    ctx.phase(SlotPhase::Fetching, "");
+    let cache = ctx.data_dir.join("cache");
+    tokio::fs::create_dir_all(&cache)
+        .await
+        .map_err(|e| format!("create {}: {e}", cache.display()))?;
+    let download = cache.join(format!("{}-{}.part", rel.sha256, rand::random::<u32>()));
+    let fetched = artifact::fetch(&rel.artifact, &rel.sha256, &download, &ctx.limits).await;
+    if let Err(e) = fetched {
+        let _ = tokio::fs::remove_file(&download).await;
+        return Err(e.to_string());
+    }
+    ctx.phase(SlotPhase::Unpacking, "");
+    let (d, dest, limits) = (download.clone(), dir.clone(), ctx.limits.clone());
+    let unpacked = tokio::task::spawn_blocking(move || artifact::unpack(&d, &dest, &limits))
+        .await
+        .map_err(|e| format!("unpack: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let _ = tokio::fs::remove_file(&download).await;
+    unpacked.map(|()| dir)
+}
+
+fn substitute(s: &str, port: u16) -> String {
+    s.replace("${PORT}", &port.to_string())
+}
+
+struct Running {
+    child: Child,
+    pid: Option<i32>,
+}
+
+fn spawn(
+    ctx: &SlotCtx,
+    dir: &Path,
+    env: &[(String, String)],
+    log: &Arc<LogSink>,
+) -> Result<Running, String> {
+    let run = ctx.spec.run.clone().unwrap_or_default();
+    let Some((prog, args)) = run.command.split_first() else {
+        return Err("no command to run".into());
+    };
+    let program = resolve_program(prog, dir);
+    if program.is_absolute() || prog.contains('/') {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(&program) {
+            Err(_) => return Err(format!("command {prog}: not found in the release")),
+            Ok(m) if m.is_dir() => return Err(format!("command {prog}: is a directory")),
+            Ok(m) if m.permissions().mode() & 0o111 == 0 => {
+                return Err(format!("command {prog}: not executable"));
+            }
+            Ok(_) => {}
+        }
+    }
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(args.iter().map(|a| substitute(a, ctx.port)))
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("start {prog}: {e}"))?;
+    let pid = child.id().and_then(|p| i32::try_from(p).ok());
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(log.clone().pump(out));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(log.clone().pump(err));
+    }
+    Ok(Running { child, pid })
+}
+
+/// Sends SIGTERM to the process group, then SIGKILL after `timeout`.
+async fn stop(mut r: Running, timeout: Duration) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    if let Some(pid) = r.pid {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+        if tokio::time::timeout(timeout, r.child.wait()).await.is_ok() {
+            // The leader is gone; make sure no child of it keeps a port.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            return;
+        }
+        tracing::warn!(pid, "slot process ignored SIGTERM; sending SIGKILL");
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = r.child.kill().await;
+    let _ = r.child.wait().await;
+}
+
+/// Appends a process's output to the slot's log file, rotating at the cap, and keeps the
+/// last lines for error messages.
+pub struct LogSink {
+    path: PathBuf,
+    cap: u64,
+    file: tokio::sync::Mutex<Option<(tokio::fs::File, u64)>>,
+    tail: Mutex<VecDeque<String>>,
+}
+
+impl LogSink {
+    fn new(path: PathBuf, cap: u64) -> LogSink {
+        LogSink {
+            path,
+            cap,
+            file: tokio::sync::Mutex::new(None),
+            tail: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    async fn write(&self, line: &str) {
+        {
+            let mut t = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            if t.len() == 5 {
+                t.pop_front();
+            }
+            t.push_back(line.chars().take(300).collect());
+        }
+        let mut g = self.file.lock().await;
+        if g.as_ref().is_some_and(|(_, n)| *n >= self.cap) {
+            *g = None;
+            let _ = tokio::fs::rename(&self.path, self.path.with_extension("log.1")).await;
+        }
+        if g.is_none() {
+            if let Some(p) = self.path.parent() {
+                let _ = tokio::fs::create_dir_all(p).await;
+            }
+            let f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .await;
+            if let Ok(f) = f {
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                *g = Some((f, len));
+            }
+        }
+        if let Some((f, n)) = g.as_mut() {
+            let data = format!("{line}\n");
+            if f.write_all(data.as_bytes()).await.is_ok() {
+                *n += data.len() as u64;
+            }
+        }
+    }
+
+    async fn pump(self: Arc<Self>, r: impl tokio::io::AsyncRead + Unpin) {
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            self.write(&line).await;
+        }
+    }
+
+    fn last_line(&self) -> Option<String> {
+        self.tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .back()
+            .cloned()
+    }
+}
+
+fn check_of(spec: &SlotSpec) -> (Check, Duration, Duration, u32, u32, Duration) {
+    let h = spec.health.clone().unwrap_or_default();
+    let check = match h.check {
+        Some(health_spec::Check::HttpPath(p)) => Check::Http(p),
+        Some(health_spec::Check::Exec(e)) => Check::Exec(e.command),
+        Some(health_spec::Check::Tcp(_)) | None => Check::Tcp,
+    };
+    let ms = |v: u64, d: u64| Duration::from_millis(if v == 0 { d } else { v });
+    (
+        check,
+        ms(h.interval_ms, 1000),
+        ms(h.timeout_ms, 2000),
+        h.healthy_after,
+        h.unhealthy_after,
+        ms(h.start_timeout_ms, 60_000),
+    )
+}
+
+/// Exits before turning healthy that fail the slot outright.
+const MAX_EARLY_EXITS: u32 = 3;
+
+/// Runs one slot until `cancel`, then drains and stops it.
+pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
+    let version = ctx
+        .spec
+        .release
+        .as_ref()
+        .map(|r| r.version.clone())
+        .unwrap_or_default();
+    ctx.set(|s| {
+        s.release = version.clone();
+        s.phase = SlotPhase::Fetching;
+        s.error.clear();
+    });
+    let dir = tokio::select! {
+        _ = cancel.cancelled() => { ctx.phase(SlotPhase::Stopped, ""); return; }
+        r = prepare(&ctx) => r,
+    };
+    let dir = match dir {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(service = ctx.service, slot = ctx.slot, release = version, error = %e, "slot preparation failed");
+            ctx.phase(SlotPhase::Failed, e);
+            return;
+        }
+    };
+    let in_use = vec![dir.clone()];
+    prune_releases(&ctx.data_dir, &ctx.service, 5, &in_use);
+
+    let run = ctx.spec.run.clone().unwrap_or_default();
+    let stop_timeout = Duration::from_millis(if run.stop_timeout_ms == 0 {
+        30_000
+    } else {
+        run.stop_timeout_ms
+    });
+    let mut env: Vec<(String, String)> = run
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), substitute(v, ctx.port)))
+        .collect();
+    env.sort();
+    env.push(("PORT".into(), ctx.port.to_string()));
+    env.push(("CUTOVER_SERVICE".into(), ctx.service.clone()));
+    env.push(("CUTOVER_RELEASE".into(), version.clone()));
+    env.push(("CUTOVER_SLOT".into(), ctx.slot.to_string()));
+
+    let (check, interval, timeout, healthy_after, unhealthy_after, start_timeout) =
+        check_of(&ctx.spec);
+    let checker = Checker::new(check, timeout);
+    let log = Arc::new(LogSink::new(
+        ctx.data_dir
+            .join("logs")
+            .join(format!("{}-{}.log", ctx.service, ctx.slot)),
+        ctx.log_cap,
+    ));
+    let first_start = Instant::now();
+    let mut ever_healthy = false;
+    let mut early_exits = 0u32;
+    let mut backoff = Duration::from_millis(500);
+
+    loop {
+        ctx.set(|s| {
+            s.phase = if ever_healthy {
+                SlotPhase::Unhealthy
+            } else {
+                SlotPhase::Starting
+            };
+        });
+        let mut running = match spawn(&ctx, &dir, &env, &log) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(service = ctx.service, slot = ctx.slot, error = %e, "slot process did not start");
+                ctx.phase(SlotPhase::Failed, e);
+                return;
+            }
+        };
+        tracing::info!(
+            service = ctx.service,
+            slot = ctx.slot,
+            release = version,
+            port = ctx.port,
+            pid = running.pid,
+            "slot process started"
+        );
+        let started = Instant::now();
+        let mut tally = Tally::new(healthy_after, unhealthy_after);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_check_error = String::new();
+        let exit = loop {
+            let deadline = first_start + start_timeout;
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    drain(&ctx).await;
+                    stop(running, stop_timeout).await;
+                    ctx.phase(SlotPhase::Stopped, "");
+                    tracing::info!(service = ctx.service, slot = ctx.slot, release = version, "slot stopped");
+                    return;
+                }
+                status = running.child.wait() => break status,
+                _ = tokio::time::sleep_until(deadline), if !ever_healthy => {
+                    let why = if last_check_error.is_empty() { "no check passed".to_string() } else { format!("last check: {last_check_error}") };
+                    let msg = format!("not healthy within {}s of start ({why})", start_timeout.as_secs());
+                    tracing::warn!(service = ctx.service, slot = ctx.slot, release = version, "{msg}");
+                    stop(running, stop_timeout).await;
+                    ctx.phase(SlotPhase::Failed, msg);
+                    return;
+                }
+                _ = tick.tick() => {
+                    let r = checker.run(ctx.port, &dir, &env).await;
+                    if let Err(e) = &r {
+                        last_check_error.clone_from(e);
+                    }
+                    match tally.record(r.is_ok()) {
+                        Some(true) => {
+                            ever_healthy = true;
+                            backoff = Duration::from_millis(500);
+                            ctx.phase(SlotPhase::Healthy, "");
+                            tracing::info!(service = ctx.service, slot = ctx.slot, release = version, "slot healthy");
+                        }
+                        Some(false) => {
+                            ctx.phase(SlotPhase::Unhealthy, last_check_error.clone());
+                            tracing::warn!(service = ctx.service, slot = ctx.slot, release = version, error = last_check_error, "slot unhealthy");
+                        }
+                        None => {}
+                    }
+                }
+            }
+        };
+        let status = exit
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string());
+        let tail = log
+            .last_line()
+            .map(|l| format!(": {l}"))
+            .unwrap_or_default();
+        let msg = format!("process exited ({status}){tail}");
+        tracing::warn!(
+            service = ctx.service,
+            slot = ctx.slot,
+            release = version,
+            "{msg}"
+        );
+        ctx.set(|s| s.restarts += 1);
+        if !ever_healthy || tally.healthy != Some(true) {
+            early_exits += 1;
+        }
+        if !ever_healthy && early_exits >= MAX_EARLY_EXITS {
+            ctx.phase(
+                SlotPhase::Failed,
+                format!("{msg}; gave up after {early_exits} starts"),
+            );
+            return;
+        }
+        ctx.phase(
+            if ever_healthy {
+                SlotPhase::Unhealthy
+            } else {
+                SlotPhase::Starting
+            },
+            msg,
+        );
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_millis(500);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => { ctx.phase(SlotPhase::Stopped, ""); return; }
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Waits for the slot's in-flight requests to finish, up to the service's drain time.
+async fn drain(ctx: &SlotCtx) {
+    let until = Instant::now() + ctx.drain;
+    while ctx.metrics.in_flight() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,465 @@
+//! The agent's traffic proxy: it owns a service's public port and forwards to the blue
+//! and green slots by weight — per request for HTTP (HTTP/1.1 keep-alive to clients,
+//! pooled connections to the slots), per connection for TCP. The routing table is one
+//! `ArcSwap<Routes>`, replaced whole, so a switch is atomic. Every request is counted
+//! per slot: requests, 5xx responses, upstream failures and a latency histogram.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Upper bounds of the latency histogram's buckets, in microseconds; the last bucket is
+/// everything above.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    u64::MAX,
+];
+
+/// Counters for one slot process, shared by the proxy (writer) and reports (reader).
+#[derive(Default, Debug)]
+pub struct SlotMetrics {
+    pub requests: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub latency_sum_us: AtomicU64,
+    pub latency: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    pub in_flight: AtomicUsize,
+}
+
+impl SlotMetrics {
+    fn observe(&self, elapsed: Duration, status: Option<StatusCode>) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match status {
+            Some(s) if s.is_server_error() => {
+                self.responses_5xx.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {}
+            None => {
+                self.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LATENCY_BUCKETS_US.len() - 1);
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> cutover_proto::v1::SlotMetrics {
+        cutover_proto::v1::SlotMetrics {
+            requests: self.requests.load(Ordering::Relaxed),
+            responses_5xx: self.responses_5xx.load(Ordering::Relaxed),
+            upstream_failures: self.upstream_failures.load(Ordering::Relaxed),
+            latency_bucket_le_us: LATENCY_BUCKETS_US.to_vec(),
+            latency_counts: self
+                .latency
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements a slot's in-flight count when a request or connection ends.
+struct InFlight(Arc<SlotMetrics>);
+
+impl InFlight {
+    fn new(m: &Arc<SlotMetrics>) -> Self {
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(m.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a slot listens and its counters.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub port: u16,
+    pub metrics: Arc<SlotMetrics>,
+}
+
+/// One routing table: up to two weighted upstreams (blue, green).
+#[derive(Debug, Default)]
+pub struct Routes {
+    pub entries: Vec<(u32, Upstream)>,
+    counter: AtomicU64,
+}
+
+impl Routes {
+    pub fn new(entries: Vec<(u32, Upstream)>) -> Routes {
+        Routes {
+            entries: entries.into_iter().filter(|(w, _)| *w > 0).collect(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Picks an upstream in exact proportion to the weights: request n goes to position
+    /// (n * 37) mod total, which walks every position once per `total` requests in an
+    /// order that interleaves the slots.
+    pub fn pick(&self) -> Option<&Upstream> {
+        let total: u64 = self.entries.iter().map(|(w, _)| u64::from(*w)).sum();
+        if total == 0 {
+            return None;
+        }
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut pos = n.wrapping_mul(37) % total;
+        for (w, u) in &self.entries {
+            let w = u64::from(*w);
+            if pos < w {
+                return Some(u);
+            }
+            pos -= w;
+        }
+        self.entries.last().map(|(_, u)| u)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(msg.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// A running listener for one service.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub mode: Mode,
+    routes: Arc<ArcSwap<Routes>>,
+    cancel: CancellationToken,
+}
+
+impl Proxy {
+    /// Binds `addr` and starts serving. Fails if the port cannot be bound.
+    pub async fn bind(
+        addr: SocketAddr,
+        mode: Mode,
+        parent: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> std::io::Result<Proxy> {
+        let socket =
+            tokio::net::TcpSocket::new_v4().or_else(|_| tokio::net::TcpSocket::new_v6())?;
+        if addr.is_ipv6() {
+            return Err(std::io::Error::other(
+                "IPv6 service addresses are not supported yet",
+            ));
+        }
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
+        let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
+        let cancel = parent.child_token();
+        let r = routes.clone();
+        let c = cancel.clone();
+        let t = tasks.clone();
+        tasks.spawn(async move {
+            match mode {
+                Mode::Http => serve_http(listener, r, c, t).await,
+                Mode::Tcp => serve_tcp(listener, r, c, t).await,
+            }
+        });
+        Ok(Proxy {
+            addr,
+            mode,
+            routes,
+            cancel,
+        })
+    }
+
+    /// Replaces the routing table in one atomic store.
+    pub fn set_routes(&self, routes: Routes) {
+        self.routes.store(Arc::new(routes));
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    routes: Arc<ArcSwap<Routes>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let routes = routes.clone();
+        let client = client.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let routes = routes.clone();
+                let client = client.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(forward(req, peer, &routes, &client).await)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {},
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                }
+            }
+        });
+    }
+}
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "upgrade",
+];
+
+async fn forward(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    routes: &ArcSwap<Routes>,
+    client: &Client<HttpConnector, Incoming>,
+) -> Response<Body> {
+    let upstream = {
+        let table = routes.load();
+        match table.pick() {
+            Some(u) => u.clone(),
+            None => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no release is serving on this host\n",
+                );
+            }
+        }
+    };
+    let _in_flight = InFlight::new(&upstream.metrics);
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri = match format!("http://127.0.0.1:{}{pq}", upstream.port).parse() {
+        Ok(u) => u,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
+    };
+    *req.uri_mut() = uri;
+    let h = req.headers_mut();
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    let started = Instant::now();
+    match client.request(req).await {
+        Ok(mut resp) => {
+            upstream
+                .metrics
+                .observe(started.elapsed(), Some(resp.status()));
+            for name in HOP_BY_HOP {
+                resp.headers_mut().remove(name);
+            }
+            resp.map(|b| b.boxed())
+        }
+        Err(e) => {
+            upstream.metrics.observe(started.elapsed(), None);
+            tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
+            text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+        }
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    routes: Arc<ArcSwap<Routes>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (mut inbound, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = inbound.set_nodelay(true);
+        let Some(upstream) = routes.load().pick().cloned() else {
+            drop(inbound);
+            continue;
+        };
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let _in_flight = InFlight::new(&upstream.metrics);
+            let started = Instant::now();
+            let out = tokio::time::timeout(
+                Duration::from_secs(2),
+                TcpStream::connect(("127.0.0.1", upstream.port)),
+            )
+            .await;
+            let mut out = match out {
+                Ok(Ok(s)) => s,
+                _ => {
+                    upstream.metrics.observe(started.elapsed(), None);
+                    return;
+                }
+            };
+            let _ = out.set_nodelay(true);
+            upstream
+                .metrics
+                .observe(started.elapsed(), Some(StatusCode::OK));
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {},
+                _ = cancel.cancelled() => {},
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(port: u16) -> Upstream {
+        Upstream {
+            port,
+            metrics: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn weights_are_exact_per_hundred() {
+        for w in [0u32, 1, 10, 33, 50, 99, 100] {
+            let r = Routes::new(vec![(100 - w, up(1)), (w, up(2))]);
+            let mut green = 0;
+            for _ in 0..1000 {
+                if r.pick().unwrap().port == 2 {
+                    green += 1;
+                }
+            }
+            assert_eq!(green, w * 10, "weight {w}");
+        }
+    }
+
+    #[test]
+    fn one_percent_is_spread_not_bunched() {
+        let r = Routes::new(vec![(50, up(1)), (50, up(2))]);
+        let seq: Vec<u16> = (0..10).map(|_| r.pick().unwrap().port).collect();
+        assert!(seq.windows(2).any(|w| w[0] != w[1]), "{seq:?}");
+    }
+
+    #[test]
+    fn empty_table_picks_nothing() {
+        assert!(Routes::new(vec![]).pick().is_none());
+        assert!(Routes::new(vec![(0, up(1)), (0, up(2))]).pick().is_none());
+    }
+
+    #[test]
+    fn histogram_buckets() {
+        let m = SlotMetrics::default();
+        m.observe(Duration::from_micros(400), Some(StatusCode::OK));
+        m.observe(
+            Duration::from_millis(3),
+            Some(StatusCode::INTERNAL_SERVER_ERROR),
+        );
+        m.observe(Duration::from_secs(100), None);
+        let s = m.snapshot();
+        assert_eq!(
+            (s.requests, s.responses_5xx, s.upstream_failures),
+            (3, 1, 1)
+        );
+        assert_eq!(s.latency_counts[0], 1);
+        assert_eq!(s.latency_counts[3], 1);
+        assert_eq!(*s.latency_counts.last().unwrap(), 1);
+    }
+}

@@ -1,0 +1,311 @@
+//! The services on this host: for each, the proxy on its public port and the blue and
+//! green slots. [`Services::apply`] converges on a desired state idempotently — applying
+//! the same state twice changes nothing — and [`Services::observe`] reports what runs.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_proto::v1::{
+    DesiredService, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::artifact::Limits;
+use crate::process::{self, SlotCtx, SlotState};
+use crate::proxy::{Mode, Proxy, Routes, SlotMetrics, Upstream};
+use crate::store::Store;
+
+struct SlotRun {
+    spec: SlotSpec,
+    /// The desired generation that started this run.
+    generation: u64,
+    port: u16,
+    metrics: Arc<SlotMetrics>,
+    status: Arc<Mutex<SlotState>>,
+    cancel: CancellationToken,
+}
+
+impl SlotRun {
+    fn state(&self) -> SlotState {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+struct Runtime {
+    desired: DesiredService,
+    proxy: Option<Proxy>,
+    error: String,
+    slots: [Option<SlotRun>; 2],
+}
+
+pub struct Services {
+    data_dir: PathBuf,
+    service_ip: IpAddr,
+    limits: Limits,
+    store: Arc<Store>,
+    runtimes: tokio::sync::Mutex<HashMap<String, Runtime>>,
+    /// Signalled whenever something worth reporting changed.
+    pub changed: Arc<Notify>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+const SLOTS: [&str; 2] = ["blue", "green"];
+
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn spec_of(d: &DesiredService, i: usize) -> Option<&SlotSpec> {
+    if i == 0 {
+        d.blue.as_ref()
+    } else {
+        d.green.as_ref()
+    }
+}
+
+fn weight_of(d: &DesiredService, i: usize) -> u32 {
+    if i == 0 {
+        d.blue_weight
+    } else {
+        d.green_weight
+    }
+}
+
+impl Services {
+    pub fn new(
+        data_dir: PathBuf,
+        service_ip: IpAddr,
+        store: Arc<Store>,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Services {
+        Services {
+            data_dir,
+            service_ip,
+            limits: Limits::default(),
+            store,
+            runtimes: tokio::sync::Mutex::new(HashMap::new()),
+            changed: Arc::new(Notify::new()),
+            cancel,
+            tasks,
+        }
+    }
+
+    /// Applies every desired state kept in the store (start-up, before any coordinator).
+    pub async fn restore(&self) -> Result<usize, crate::store::Error> {
+        let all = self.store.desired()?;
+        let n = all.len();
+        for d in all {
+            self.converge(d).await;
+        }
+        Ok(n)
+    }
+
+    /// Records and applies a desired state from the coordinator. Older generations than
+    /// the one applied are ignored.
+    pub async fn apply(&self, d: DesiredService) {
+        {
+            let rts = self.runtimes.lock().await;
+            if let Some(rt) = rts.get(&d.service)
+                && rt.desired.generation > d.generation
+            {
+                tracing::debug!(service = d.service, "stale desired state ignored");
+                return;
+            }
+        }
+        if let Err(e) = self.store.put_desired(&d) {
+            // Not persisted: still apply, so the fleet converges; a restart before the
+            // next write falls back to the previous stored state.
+            tracing::error!(service = d.service, error = %e, "persist desired state");
+        }
+        self.converge(d).await;
+    }
+
+    async fn converge(&self, d: DesiredService) {
+        let mut rts = self.runtimes.lock().await;
+        let rt = rts.entry(d.service.clone()).or_insert_with(|| Runtime {
+            desired: DesiredService::default(),
+            proxy: None,
+            error: String::new(),
+            slots: [None, None],
+        });
+        let mode = if d.protocol == Protocol::Tcp as i32 {
+            Mode::Tcp
+        } else {
+            Mode::Http
+        };
+        let addr = SocketAddr::new(self.service_ip, u16::try_from(d.listen).unwrap_or(0));
+
+        // Slots first, so the routes below point at the right processes.
+        for (i, name) in SLOTS.iter().enumerate() {
+            let want = spec_of(&d, i);
+            let keep = match (&rt.slots[i], want) {
+                (Some(run), Some(spec)) => {
+                    let failed = run.state().phase == SlotPhase::Failed;
+                    run.spec == *spec && !(failed && d.generation > run.generation)
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if keep {
+                continue;
+            }
+            if let Some(old) = rt.slots[i].take() {
+                tracing::info!(service = d.service, slot = name, "stopping slot");
+                old.cancel.cancel();
+            }
+            if let Some(spec) = want {
+                match self.start_slot(&d, name, spec.clone()) {
+                    Ok(run) => rt.slots[i] = Some(run),
+                    Err(e) => {
+                        tracing::error!(service = d.service, slot = name, error = %e, "start slot")
+                    }
+                }
+            }
+        }
+
+        let rebind = rt
+            .proxy
+            .as_ref()
+            .is_none_or(|p| p.addr != addr || p.mode != mode);
+        if rebind && d.listen != 0 {
+            if let Some(old) = rt.proxy.take() {
+                old.stop();
+            }
+            match Proxy::bind(addr, mode, &self.cancel, &self.tasks).await {
+                Ok(p) => {
+                    tracing::info!(service = d.service, %addr, "proxy listening");
+                    rt.proxy = Some(p);
+                    rt.error.clear();
+                }
+                Err(e) => {
+                    rt.error = format!("bind {addr}: {e}");
+                    tracing::error!(service = d.service, error = rt.error, "proxy");
+                }
+            }
+        }
+        rt.desired = d;
+        Self::route(rt);
+        drop(rts);
+        self.changed.notify_one();
+    }
+
+    /// Points the proxy at the slots by their desired weights, in one atomic swap.
+    fn route(rt: &Runtime) {
+        let Some(proxy) = &rt.proxy else { return };
+        let entries = (0..2)
+            .filter_map(|i| {
+                let run = rt.slots[i].as_ref()?;
+                Some((
+                    weight_of(&rt.desired, i),
+                    Upstream {
+                        port: run.port,
+                        metrics: run.metrics.clone(),
+                    },
+                ))
+            })
+            .collect();
+        proxy.set_routes(Routes::new(entries));
+    }
+
+    fn start_slot(
+        &self,
+        d: &DesiredService,
+        slot: &'static str,
+        spec: SlotSpec,
+    ) -> std::io::Result<SlotRun> {
+        let port = free_port()?;
+        let metrics = Arc::new(SlotMetrics::default());
+        let status = Arc::new(Mutex::new(SlotState::default()));
+        let cancel = self.cancel.child_token();
+        let ctx = SlotCtx {
+            service: d.service.clone(),
+            slot,
+            spec: spec.clone(),
+            port,
+            drain: Duration::from_millis(d.drain_ms),
+            data_dir: self.data_dir.clone(),
+            limits: self.limits.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            changed: self.changed.clone(),
+            log_cap: 10 << 20,
+        };
+        self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
+        Ok(SlotRun {
+            spec,
+            generation: d.generation,
+            port,
+            metrics,
+            status,
+            cancel,
+        })
+    }
+
+    /// Retries binding public ports that could not be bound before.
+    pub async fn maintain(&self) {
+        let pending: Vec<DesiredService> = {
+            let rts = self.runtimes.lock().await;
+            rts.values()
+                .filter(|rt| rt.proxy.is_none() && rt.desired.listen != 0)
+                .map(|rt| rt.desired.clone())
+                .collect()
+        };
+        for d in pending {
+            self.converge(d).await;
+        }
+    }
+
+    /// What runs now, per service.
+    pub async fn observe(&self) -> Vec<ObservedService> {
+        let rts = self.runtimes.lock().await;
+        let mut out: Vec<ObservedService> = rts
+            .iter()
+            .map(|(name, rt)| {
+                let slot = |i: usize| {
+                    rt.slots[i].as_ref().map(|run| {
+                        let st = run.state();
+                        SlotStatus {
+                            release: st.release,
+                            phase: st.phase as i32,
+                            error: st.error,
+                            restarts: st.restarts,
+                            port: u32::from(run.port),
+                            metrics: Some(run.metrics.snapshot()),
+                        }
+                    })
+                };
+                let serving = rt.proxy.is_some();
+                ObservedService {
+                    service: name.clone(),
+                    generation: rt.desired.generation,
+                    blue: slot(0),
+                    green: slot(1),
+                    blue_weight: if serving && rt.slots[0].is_some() {
+                        rt.desired.blue_weight
+                    } else {
+                        0
+                    },
+                    green_weight: if serving && rt.slots[1].is_some() {
+                        rt.desired.green_weight
+                    } else {
+                        0
+                    },
+                    error: rt.error.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+}

@@ -1,0 +1,523 @@
+//! The release manager's CLI: every `cutover` subcommand except `serve`. Data goes to
+//! stdout (text or `--output json`), progress and errors to stderr; exit codes follow
+//! the product contract (0 ok, 2 usage or plan, 3 rolled back, 4 failed or aborted,
+//! 1 anything else).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_proto::v1::{self as pb, control_client::ControlClient};
+use cutover_shared::plan::{Plan, check_artifact_url, check_sha256};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// A CLI failure: the message for stderr and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+    fn other(message: impl Into<String>) -> Self {
+        Failure::new(1, message)
+    }
+    fn plan(message: impl Into<String>) -> Self {
+        Failure::new(2, message)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Failure>;
+
+fn status_failure(e: tonic::Status) -> Failure {
+    let code = match e.code() {
+        tonic::Code::InvalidArgument => 2,
+        _ => 1,
+    };
+    let msg = e.message();
+    let msg = if msg.is_empty() {
+        e.code().description()
+    } else {
+        msg
+    };
+    Failure::new(code, msg.to_string())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+pub struct Conn {
+    pub coordinator: String,
+    pub credentials: PathBuf,
+}
+
+impl Conn {
+    pub async fn client(&self) -> Result<ControlClient<Channel>> {
+        cutover_proto::tls::install_default_provider();
+        let read = |name: &str| {
+            let p = self.credentials.join(name);
+            std::fs::read(&p).map_err(|e| {
+                Failure::other(format!(
+                    "read credentials {}: {e} (point --credentials or CUTOVER_CREDENTIALS at the coordinator's DATA/admin folder)",
+                    p.display()
+                ))
+            })
+        };
+        let (ca, cert, key) = (read("ca.crt")?, read("client.crt")?, read("client.key")?);
+        let cfg = cutover_proto::tls::client_config(&ca, &cert, &key).map_err(|e| {
+            Failure::other(format!(
+                "credentials in {}: {e}",
+                self.credentials.display()
+            ))
+        })?;
+        let channel = cutover_proto::tls::connect(&self.coordinator, cfg)
+            .await
+            .map_err(|e| {
+                Failure::other(format!(
+                    "cannot reach the coordinator: {}",
+                    describe_connect(&e)
+                ))
+            })?;
+        Ok(ControlClient::new(channel))
+    }
+}
+
+fn describe_connect(e: &cutover_proto::tls::Error) -> String {
+    use std::error::Error as _;
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn opt(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::String(s.to_string())
+    }
+}
+
+fn ms_to_rfc3339(ms: u64) -> Value {
+    if ms == 0 {
+        return Value::Null;
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    Value::String(humantime::format_rfc3339_millis(t).to_string())
+}
+
+pub fn deployment_json(d: &pb::Deployment) -> Value {
+    json!({
+        "id": d.id,
+        "service": d.service,
+        "release": d.release,
+        "previous_release": opt(&d.previous_release),
+        "state": d.state,
+        "step": d.step,
+        "steps": d.steps,
+        "traffic": d.traffic,
+        "reason": opt(&d.reason),
+        "created_at": ms_to_rfc3339(d.created_unix_ms),
+        "ended_at": ms_to_rfc3339(d.ended_unix_ms),
+        "hosts": d.hosts.iter().map(|h| json!({
+            "name": h.name,
+            "phase": h.phase,
+            "weight": h.weight,
+            "error": opt(&h.error),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn slot_json(s: Option<&pb::HostSlot>) -> Value {
+    match s {
+        Some(s) => json!({"release": opt(&s.release), "state": s.state, "weight": s.weight}),
+        None => json!({"release": null, "state": "empty", "weight": 0}),
+    }
+}
+
+pub fn hosts_json(hosts: &[pb::Host]) -> Value {
+    Value::Array(
+        hosts
+            .iter()
+            .map(|h| {
+                let labels: std::collections::BTreeMap<_, _> = h.labels.iter().collect();
+                json!({
+                    "name": h.name,
+                    "labels": labels,
+                    "connected": h.connected,
+                    "last_seen": ms_to_rfc3339(h.last_seen_unix_ms),
+                    "services": h.services.iter().map(|s| json!({
+                        "service": s.service,
+                        "live_release": opt(&s.live_release),
+                        "slots": {"blue": slot_json(s.blue.as_ref()), "green": slot_json(s.green.as_ref())},
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+pub fn exit_code_for_state(state: &str) -> i32 {
+    match state {
+        "succeeded" => 0,
+        "rolled_back" => 3,
+        "failed" | "aborted" => 4,
+        _ => 1,
+    }
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted")
+}
+
+/// Reads and validates a plan file, then applies the command line's overrides.
+pub fn load_plan(
+    path: &Path,
+    release: Option<String>,
+    artifact: Option<String>,
+    sha256: Option<String>,
+) -> Result<Plan> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| Failure::plan(format!("{shown}: {e}")))?;
+    let mut plan = Plan::parse(&text, &shown).map_err(|e| Failure::plan(e.to_string()))?;
+    if let Some(v) = release {
+        if v.trim().is_empty() {
+            return Err(Failure::plan("--release: must not be empty"));
+        }
+        plan.release.version = v;
+    }
+    if let Some(a) = artifact {
+        check_artifact_url(&a).map_err(|m| Failure::plan(format!("--artifact: {m}")))?;
+        plan.release.artifact = a;
+    }
+    if let Some(s) = sha256 {
+        check_sha256(&s).map_err(|m| Failure::plan(format!("--sha256: {m}")))?;
+        plan.release.sha256 = s;
+    }
+    plan.validate()
+        .map_err(|inv| Failure::plan(format!("{shown}: {}", inv.message)))?;
+    Ok(plan)
+}
+
+pub async fn deploy(
+    conn: &Conn,
+    plan: Plan,
+    path: &Path,
+    wait: bool,
+    output: Output,
+) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let text = toml::to_string(&plan).map_err(|e| Failure::other(format!("encode plan: {e}")))?;
+    let resp = client
+        .deploy(pb::DeployRequest {
+            plan_toml: text,
+            plan_path: path.display().to_string(),
+        })
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    follow_up(&mut client, resp, wait, output).await
+}
+
+pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let resp = client
+        .rollback(pb::RollbackRequest { service })
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    follow_up(&mut client, resp, wait, output).await
+}
+
+async fn follow_up(
+    client: &mut ControlClient<Channel>,
+    resp: pb::DeployResponse,
+    wait: bool,
+    output: Output,
+) -> Result<i32> {
+    if output == Output::Text || !wait {
+        if output == Output::Text {
+            println!("{}", resp.id);
+        } else {
+            print_json(&json!({"id": resp.id, "noop": resp.noop}));
+        }
+    }
+    if resp.noop {
+        eprintln!(
+            "{}: release already live on every target host; nothing to do",
+            resp.id
+        );
+    }
+    if !wait {
+        return Ok(0);
+    }
+    let d = watch(client, &resp.id).await?;
+    if output == Output::Json {
+        print_json(&deployment_json(&d));
+    }
+    Ok(exit_code_for_state(&d.state))
+}
+
+fn progress_line(d: &pb::Deployment) -> String {
+    let count = |p: &str| d.hosts.iter().filter(|h| h.phase == p).count();
+    let total = d.hosts.len();
+    let mut line = format!(
+        "{} {} {}: {} step {}/{} traffic {}% | hosts {} preparing, {} healthy, {} switched, {} failed of {}",
+        d.id,
+        d.service,
+        d.release,
+        d.state,
+        d.step + 1,
+        d.steps.max(1),
+        d.traffic,
+        count("preparing"),
+        count("ready"),
+        count("switched"),
+        count("failed"),
+        total
+    );
+    for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
+        line.push_str(&format!(" | {}: {}", h.name, h.error));
+    }
+    if !d.reason.is_empty() {
+        line.push_str(&format!(" | reason: {}", d.reason));
+    }
+    line
+}
+
+/// Follows a deployment on stderr until it ends; returns its final state.
+pub async fn watch(client: &mut ControlClient<Channel>, id: &str) -> Result<pb::Deployment> {
+    let mut last = String::new();
+    let mut failures = 0;
+    loop {
+        match client
+            .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
+            .await
+        {
+            Ok(r) => {
+                failures = 0;
+                let d = r.into_inner();
+                let line = progress_line(&d);
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+                if is_final(&d.state) {
+                    return Ok(d);
+                }
+            }
+            Err(e) if e.code() == tonic::Code::Unavailable && failures < 60 => {
+                // The coordinator may be restarting; keep following for a while.
+                failures += 1;
+            }
+            Err(e) => return Err(status_failure(e)),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn status(conn: &Conn, id: Option<String>, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let d = client
+        .get_deployment(pb::GetDeploymentRequest {
+            id: id.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&deployment_json(&d)),
+        Output::Text => {
+            println!("id:        {}", d.id);
+            println!("service:   {}", d.service);
+            println!(
+                "release:   {}{}",
+                d.release,
+                if d.previous_release.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (was {})", d.previous_release)
+                }
+            );
+            println!("state:     {}", d.state);
+            println!("step:      {}/{}", d.step + 1, d.steps.max(1));
+            println!("traffic:   {}%", d.traffic);
+            if !d.reason.is_empty() {
+                println!("reason:    {}", d.reason);
+            }
+            println!("hosts:");
+            for h in &d.hosts {
+                let err = if h.error.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", h.error)
+                };
+                println!("  {:<20} {:<12} {:>3}%{}", h.name, h.phase, h.weight, err);
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn command(
+    conn: &Conn,
+    id: String,
+    cmd: pb::DeploymentCommand,
+    output: Output,
+) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let d = client
+        .command(pb::CommandRequest {
+            id,
+            command: cmd as i32,
+        })
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&deployment_json(&d)),
+        Output::Text => println!("{} {}", d.id, d.state),
+    }
+    Ok(0)
+}
+
+pub async fn hosts(conn: &Conn, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let hosts = client
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .map_err(status_failure)?
+        .into_inner()
+        .hosts;
+    match output {
+        Output::Json => print_json(&hosts_json(&hosts)),
+        Output::Text => {
+            println!(
+                "{:<20} {:<12} {:<24} SERVICES",
+                "NAME", "CONNECTED", "LABELS"
+            );
+            for h in &hosts {
+                let mut labels: Vec<String> =
+                    h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                let services: Vec<String> = h
+                    .services
+                    .iter()
+                    .map(|s| {
+                        let slot = |x: &Option<pb::HostSlot>| {
+                            x.as_ref()
+                                .filter(|x| !x.release.is_empty())
+                                .map(|x| format!("{}:{}@{}%", x.release, x.state, x.weight))
+                                .unwrap_or_else(|| "-".into())
+                        };
+                        format!(
+                            "{} live={} blue={} green={}",
+                            s.service,
+                            if s.live_release.is_empty() {
+                                "-"
+                            } else {
+                                &s.live_release
+                            },
+                            slot(&s.blue),
+                            slot(&s.green)
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<20} {:<12} {:<24} {}",
+                    h.name,
+                    if h.connected { "yes" } else { "no" },
+                    if labels.is_empty() {
+                        "-".to_string()
+                    } else {
+                        labels.join(",")
+                    },
+                    services.join("; ")
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn remove_host(conn: &Conn, name: String, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    client
+        .remove_host(pb::RemoveHostRequest { name: name.clone() })
+        .await
+        .map_err(status_failure)?;
+    match output {
+        Output::Json => print_json(&json!({"removed": name})),
+        Output::Text => eprintln!("host {name} removed; its certificate is revoked"),
+    }
+    Ok(0)
+}
+
+pub async fn token_create(
+    conn: &Conn,
+    labels: std::collections::BTreeMap<String, String>,
+    ttl: cutover_shared::Duration,
+    uses: u32,
+    output: Output,
+) -> Result<i32> {
+    if ttl.is_zero() {
+        return Err(Failure::new(2, "--ttl: must be more than 0s"));
+    }
+    if uses == 0 {
+        return Err(Failure::new(2, "--uses: must be at least 1"));
+    }
+    let mut client = conn.client().await?;
+    let r = client
+        .create_token(pb::CreateTokenRequest {
+            labels: labels.into_iter().collect(),
+            ttl_ms: ttl.as_millis(),
+            uses,
+        })
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    match output {
+        Output::Json => print_json(
+            &json!({"token": r.token, "id": r.id, "expires_at": ms_to_rfc3339(r.expires_unix_ms)}),
+        ),
+        Output::Text => println!("{}", r.token),
+    }
+    Ok(0)
+}
+
+pub fn plan_validate(path: &Path, output: Output) -> Result<i32> {
+    let plan = load_plan(path, None, None, None)?;
+    match output {
+        Output::Json => print_json(
+            &json!({"valid": true, "service": plan.service, "release": plan.release.version, "steps": plan.strategy.steps.len()}),
+        ),
+        Output::Text => println!(
+            "{}: ok (service {}, release {}, {} step(s))",
+            path.display(),
+            plan.service,
+            plan.release.version,
+            plan.strategy.steps.len()
+        ),
+    }
+    Ok(0)
+}

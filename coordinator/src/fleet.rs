@@ -1,0 +1,150 @@
+//! The connected fleet, in memory: one session per host (its outgoing message queue),
+//! the latest state each host reported, and a change signal for the engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use cutover_proto::v1::{
+    CoordinatorMessage, DesiredService, DesiredState, ObservedService, coordinator_message,
+};
+use tokio::sync::{Notify, mpsc};
+
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<CoordinatorMessage>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    sessions: HashMap<String, Session>,
+    observed: HashMap<String, BTreeMap<String, ObservedService>>,
+    last_seen: HashMap<String, u64>,
+    reconnects: u64,
+}
+
+#[derive(Default)]
+pub struct Fleet {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+impl Fleet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps half-updated in a way
+        // that matters more than stopping would; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new session for `host`, replacing (and so closing) any older one.
+    pub fn attach(&self, host: &str, tx: mpsc::Sender<CoordinatorMessage>, now_ms: u64) -> u64 {
+        let mut g = self.lock();
+        g.next_id += 1;
+        let id = g.next_id;
+        if g.sessions
+            .insert(host.to_string(), Session { id, tx })
+            .is_some()
+        {
+            g.reconnects += 1;
+        }
+        g.last_seen.insert(host.to_string(), now_ms);
+        drop(g);
+        self.changed.notify_one();
+        id
+    }
+
+    /// Ends `host`'s session if it is still `session`.
+    pub fn detach(&self, host: &str, session: u64) {
+        let mut g = self.lock();
+        if g.sessions.get(host).is_some_and(|s| s.id == session) {
+            g.sessions.remove(host);
+        }
+        drop(g);
+        self.changed.notify_one();
+    }
+
+    /// Drops a host entirely (it was removed).
+    pub fn forget(&self, host: &str) {
+        let mut g = self.lock();
+        g.sessions.remove(host);
+        g.observed.remove(host);
+        drop(g);
+        self.changed.notify_one();
+    }
+
+    pub fn observe(&self, host: &str, services: Vec<ObservedService>, now_ms: u64) {
+        let mut g = self.lock();
+        let entry = g.observed.entry(host.to_string()).or_default();
+        for s in services {
+            entry.insert(s.service.clone(), s);
+        }
+        g.last_seen.insert(host.to_string(), now_ms);
+        drop(g);
+        self.changed.notify_one();
+    }
+
+    pub fn seen(&self, host: &str, now_ms: u64) {
+        self.lock().last_seen.insert(host.to_string(), now_ms);
+    }
+
+    pub fn is_connected(&self, host: &str) -> bool {
+        self.lock()
+            .sessions
+            .get(host)
+            .is_some_and(|s| !s.tx.is_closed())
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.lock()
+            .sessions
+            .values()
+            .filter(|s| !s.tx.is_closed())
+            .count()
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.lock().reconnects
+    }
+
+    pub fn last_seen(&self, host: &str) -> Option<u64> {
+        self.lock().last_seen.get(host).copied()
+    }
+
+    pub fn observed(&self, host: &str, service: &str) -> Option<ObservedService> {
+        self.lock()
+            .observed
+            .get(host)
+            .and_then(|m| m.get(service))
+            .cloned()
+    }
+
+    pub fn observed_all(&self, host: &str) -> Vec<ObservedService> {
+        self.lock()
+            .observed
+            .get(host)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues desired state for `host` if it is connected. A full queue means the host
+    /// is not reading: the session is closed and the host gets everything on reconnect.
+    pub fn send_desired(&self, host: &str, services: Vec<DesiredService>) {
+        let mut g = self.lock();
+        let full = g.sessions.get(host).is_some_and(|s| {
+            let msg = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::Desired(DesiredState { services })),
+            };
+            s.tx.try_send(msg).is_err()
+        });
+        if full {
+            // Closing the session makes the agent reconnect and receive its whole state.
+            g.sessions.remove(host);
+            tracing::warn!(host, "session queue full; closing it so the agent resyncs");
+        }
+    }
+
+    /// Resolves when something changed (a report, a connect or a disconnect).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}

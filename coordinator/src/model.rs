@@ -1,0 +1,197 @@
+//! Records the coordinator keeps in its store: who holds which certificate, join tokens,
+//! hosts, services and deployments.
+
+use std::collections::BTreeMap;
+
+use cutover_shared::plan::Plan;
+use serde::{Deserialize, Serialize};
+
+/// Who a client certificate belongs to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Identity {
+    Admin,
+    Agent { host: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// Hex SHA-256 of the token's secret; the secret itself is never stored.
+    pub secret_sha256: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    pub uses_left: u32,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl TokenRecord {
+    /// Stands in for a token id that is not in the store, so that checks run the same way.
+    pub fn unknown() -> TokenRecord {
+        TokenRecord {
+            id: String::new(),
+            secret_sha256: String::new(),
+            labels: BTreeMap::new(),
+            created_unix_ms: 0,
+            expires_unix_ms: 0,
+            uses_left: 0,
+            revoked: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub cert_fingerprint: String,
+    pub joined_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    /// The plan of the release that last succeeded.
+    pub live: Option<Plan>,
+    /// The plan live before that, for `cutover rollback`.
+    pub previous: Option<Plan>,
+    /// The deployment in progress, if any.
+    pub active: Option<String>,
+    /// When the previous release's slots may be stopped (`keep_previous`).
+    pub retire_previous_at_unix_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Preparing,
+    Progressing,
+    Paused,
+    RollingBack,
+    Succeeded,
+    RolledBack,
+    Failed,
+    Aborted,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            State::Succeeded | State::RolledBack | State::Failed | State::Aborted
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Preparing => "preparing",
+            State::Progressing => "progressing",
+            State::Paused => "paused",
+            State::RollingBack => "rolling_back",
+            State::Succeeded => "succeeded",
+            State::RolledBack => "rolled_back",
+            State::Failed => "failed",
+            State::Aborted => "aborted",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Slot {
+    Blue,
+    Green,
+}
+
+impl Slot {
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::Blue => Slot::Green,
+            Slot::Green => Slot::Blue,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Blue => "blue",
+            Slot::Green => "green",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HostPhase {
+    /// Not needed by any step so far.
+    Waiting,
+    /// The new release is being fetched, started and health-checked.
+    Preparing,
+    /// The new slot is healthy and carries no traffic yet.
+    Ready,
+    /// The host's weights are set for the current step and confirmed by its agent.
+    Switched,
+    /// Preparation failed on this host; it keeps the old release.
+    Failed,
+    /// The host is back on the old release.
+    RolledBack,
+}
+
+impl HostPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostPhase::Waiting => "waiting",
+            HostPhase::Preparing => "preparing",
+            HostPhase::Ready => "ready",
+            HostPhase::Switched => "switched",
+            HostPhase::Failed => "failed",
+            HostPhase::RolledBack => "rolled_back",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeployHost {
+    pub phase: HostPhase,
+    /// The slot that receives the new release on this host.
+    pub new_slot: Slot,
+    /// The slot that carried traffic when the deployment started, if any.
+    pub old_slot: Option<Slot>,
+    /// Percent of this host's traffic on the new release, as last set.
+    pub weight: u32,
+    pub error: Option<String>,
+    /// The host already ran this release when the deployment started: it is left alone.
+    #[serde(default)]
+    pub untouched: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentRecord {
+    pub id: String,
+    pub service: String,
+    pub release: String,
+    pub plan: Plan,
+    pub plan_path: String,
+    /// The release live on the hosts when this started (for `previous_release`).
+    pub previous_release: Option<String>,
+    /// True for deployments made by `cutover rollback`.
+    #[serde(default)]
+    pub is_rollback: bool,
+    pub state: State,
+    /// State to end in once a rollback has converged.
+    pub ending: Option<State>,
+    pub step: u32,
+    pub traffic: u32,
+    pub reason: Option<String>,
+    pub created_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// When the current phase (preparing a step, holding, baking, rolling back) began.
+    pub phase_started_unix_ms: u64,
+    /// When the current step's weights were confirmed by every host (hold starts).
+    pub step_switched_unix_ms: Option<u64>,
+    /// `promote` skips the rest of the current hold or pause.
+    #[serde(default)]
+    pub promoted: bool,
+    pub hosts: BTreeMap<String, DeployHost>,
+}

@@ -1,0 +1,240 @@
+//! The coordinator's certificate authority: created on first start in `DATA/pki/`, it
+//! signs the server certificate, the admin client credentials and every agent's
+//! certificate. Its key never leaves the data directory.
+//!
+//! Who may do what is decided by the exact certificate presented (its SHA-256), looked up
+//! in the store; removing that entry revokes the certificate.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration as TimeDuration, OffsetDateTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("invalid certificate request: {0}")]
+    BadCsr(String),
+}
+
+/// Validity of agent and admin certificates.
+const LEAF_DAYS: i64 = 365;
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pub cert_pem: String,
+    pub cert_der: Vec<u8>,
+    pub fingerprint: String,
+}
+
+/// What `init_or_load` returns: the CA plus the server's own chain and key.
+pub struct Pki {
+    pub ca: Ca,
+    pub server_chain_pem: String,
+    pub server_key_pem: String,
+    /// Set when the admin credentials were created by this start.
+    pub admin_created: Option<Vec<u8>>,
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode_private()
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    fs::rename(&tmp, path).map_err(io)
+}
+
+trait PrivateMode {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl PrivateMode for fs::OpenOptions {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|source| Error::Io {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), Error> {
+    fs::create_dir_all(path).map_err(|source| Error::Io {
+        action: "create",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn leaf_params(cn: &str, sans: Vec<SanType>, days: i64) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "cutover");
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.subject_alt_names = sans;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - TimeDuration::hours(1);
+    p.not_after = now + TimeDuration::days(days);
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+fn dns(name: &str) -> Option<SanType> {
+    match name.parse::<IpAddr>() {
+        Ok(ip) => Some(SanType::IpAddress(ip)),
+        Err(_) => name.to_string().try_into().ok().map(SanType::DnsName),
+    }
+}
+
+impl Ca {
+    fn create() -> Result<(Ca, String), Error> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "cutover");
+        dn.push(DnType::CommonName, "cutover CA");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - TimeDuration::hours(1);
+        p.not_after = now + TimeDuration::days(3650);
+        let cert = p.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        let ca = Ca {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            fingerprint: cutover_proto::tls::fingerprint(cert.der()),
+            issuer: Issuer::new(p, key),
+        };
+        Ok((ca, key_pem))
+    }
+
+    fn load(cert_pem: String, key_pem: &str) -> Result<Ca, Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let der = cutover_proto::tls::certs_from_pem(cert_pem.as_bytes())
+            .map_err(|e| Error::BadCsr(e.to_string()))?
+            .remove(0)
+            .to_vec();
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        Ok(Ca {
+            fingerprint: cutover_proto::tls::fingerprint(&der),
+            cert_der: der,
+            cert_pem,
+            issuer,
+        })
+    }
+
+    /// Signs a server certificate for `names` (DNS names or IPs).
+    fn server_cert(&self, names: &[String]) -> Result<(String, String), Error> {
+        let key = KeyPair::generate()?;
+        let sans = names.iter().filter_map(|n| dns(n)).collect();
+        let mut p = leaf_params("cutover coordinator", sans, 3650);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues a client certificate with a fresh key (admin credentials).
+    pub fn client_cert(&self, cn: &str) -> Result<(String, Vec<u8>, String), Error> {
+        let key = KeyPair::generate()?;
+        let mut p = leaf_params(cn, vec![], LEAF_DAYS);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), cert.der().to_vec(), key.serialize_pem()))
+    }
+
+    /// Signs an agent's CSR. Only the CSR's public key is used: the identity (`host`) and
+    /// usages come from the coordinator, never from what the agent asked for.
+    pub fn sign_agent_csr(&self, csr_pem: &str, host: &str) -> Result<(String, Vec<u8>), Error> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::BadCsr(e.to_string()))?;
+        let mut p = leaf_params(host, dns(host).into_iter().collect(), LEAF_DAYS);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&csr.public_key, &self.issuer)?;
+        Ok((cert.pem(), cert.der().to_vec()))
+    }
+}
+
+/// Creates the PKI in `dir` on first start, or loads it. The server certificate is
+/// issued again on every start so that new `--server-name`s take effect.
+pub fn init_or_load(dir: &Path, server_names: &[String]) -> Result<Pki, Error> {
+    let pki = dir.join("pki");
+    mkdir(&pki)?;
+    let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    let ca = if ca_crt.exists() && ca_key.exists() {
+        Ca::load(read(&ca_crt)?, &read(&ca_key)?)?
+    } else {
+        let (ca, key_pem) = Ca::create()?;
+        write_private(&ca_key, key_pem.as_bytes())?;
+        write_private(&ca_crt, ca.cert_pem.as_bytes())?;
+        ca
+    };
+
+    let (server_pem, server_key) = ca.server_cert(server_names)?;
+    let server_chain_pem = format!("{server_pem}{}", ca.cert_pem);
+
+    let admin = dir.join("admin");
+    mkdir(&admin)?;
+    let admin_created = if admin.join("client.crt").exists() && admin.join("client.key").exists() {
+        None
+    } else {
+        let (cert_pem, cert_der, key_pem) = ca.client_cert("cutover admin")?;
+        write_private(&admin.join("client.key"), key_pem.as_bytes())?;
+        write_private(&admin.join("client.crt"), cert_pem.as_bytes())?;
+        Some(cert_der)
+    };
+    write_private(&admin.join("ca.crt"), ca.cert_pem.as_bytes())?;
+    Ok(Pki {
+        ca,
+        server_chain_pem,
+        server_key_pem: server_key,
+        admin_created,
+    })
+}
+
+/// The admin certificate's DER as stored in `dir/admin/client.crt`.
+pub fn admin_cert_der(dir: &Path) -> Result<Vec<u8>, Error> {
+    let pem = read(&dir.join("admin").join("client.crt"))?;
+    cutover_proto::tls::certs_from_pem(pem.as_bytes())
+        .map(|mut c| c.remove(0).to_vec())
+        .map_err(|e| Error::BadCsr(e.to_string()))
+}

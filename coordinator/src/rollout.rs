@@ -1,0 +1,559 @@
+//! The rollout decision: a pure function of (deployment, what the hosts report, command,
+//! now) that returns the next deployment record and the desired state each host should
+//! get. It does no IO and reads no clock; the engine calls it in a loop and carries out
+//! what it returns.
+//!
+//! The decision is level-triggered: the desired state of every host is derived from the
+//! deployment record alone (host phase, traffic), so deciding again on the same inputs
+//! yields nothing new, and a restarted coordinator simply decides again.
+
+use std::collections::BTreeMap;
+
+use cutover_proto::v1::{
+    DesiredService, ExecCheck, HealthSpec, ObservedService, Protocol as WireProtocol, Release,
+    RunSpec, SlotPhase, SlotSpec, SlotStatus, health_spec,
+};
+use cutover_shared::plan::{Check, Plan, Protocol};
+
+use crate::model::{DeployHost, DeploymentRecord, HostPhase, Slot, State};
+
+/// What the coordinator knows of one target host.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostView<'a> {
+    pub connected: bool,
+    /// The desired state last written for this service on this host.
+    pub desired: Option<&'a DesiredService>,
+    /// The host's latest report for this service.
+    pub observed: Option<&'a ObservedService>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+#[derive(Debug)]
+pub struct Decision {
+    pub deployment: DeploymentRecord,
+    /// Hosts whose desired state must change, with the new state (generation unset).
+    pub targets: BTreeMap<String, DesiredService>,
+}
+
+/// The slot spec a plan asks for.
+pub fn slot_spec(plan: &Plan) -> SlotSpec {
+    let h = &plan.health;
+    let check = match h.check() {
+        Some(Check::Http(p)) => Some(health_spec::Check::HttpPath(p)),
+        Some(Check::Tcp) => Some(health_spec::Check::Tcp(true)),
+        Some(Check::Exec(c)) => Some(health_spec::Check::Exec(ExecCheck { command: c })),
+        None => None,
+    };
+    SlotSpec {
+        release: Some(Release {
+            version: plan.release.version.clone(),
+            artifact: plan.release.artifact.clone(),
+            sha256: plan.release.sha256.to_ascii_lowercase(),
+        }),
+        run: Some(RunSpec {
+            command: plan.run.command.clone(),
+            env: plan.run.env.clone().into_iter().collect(),
+            stop_timeout_ms: plan.run.stop_timeout.as_millis(),
+        }),
+        health: Some(HealthSpec {
+            check,
+            interval_ms: h.interval.as_millis(),
+            timeout_ms: h.timeout.as_millis(),
+            healthy_after: h.healthy_after,
+            unhealthy_after: h.unhealthy_after,
+            start_timeout_ms: h.start_timeout.as_millis(),
+        }),
+    }
+}
+
+pub fn slot_of(d: &DesiredService, s: Slot) -> Option<&SlotSpec> {
+    match s {
+        Slot::Blue => d.blue.as_ref(),
+        Slot::Green => d.green.as_ref(),
+    }
+}
+
+fn set_slot(d: &mut DesiredService, s: Slot, spec: Option<SlotSpec>) {
+    match s {
+        Slot::Blue => d.blue = spec,
+        Slot::Green => d.green = spec,
+    }
+}
+
+pub fn weight_of(d: &DesiredService, s: Slot) -> u32 {
+    match s {
+        Slot::Blue => d.blue_weight,
+        Slot::Green => d.green_weight,
+    }
+}
+
+fn set_weight(d: &mut DesiredService, s: Slot, w: u32) {
+    match s {
+        Slot::Blue => d.blue_weight = w,
+        Slot::Green => d.green_weight = w,
+    }
+}
+
+pub fn observed_slot(o: &ObservedService, s: Slot) -> Option<&SlotStatus> {
+    match s {
+        Slot::Blue => o.blue.as_ref(),
+        Slot::Green => o.green.as_ref(),
+    }
+}
+
+fn observed_weight(o: &ObservedService, s: Slot) -> u32 {
+    match s {
+        Slot::Blue => o.blue_weight,
+        Slot::Green => o.green_weight,
+    }
+}
+
+/// The release a slot spec holds: (version, sha256).
+pub fn release_key(spec: Option<&SlotSpec>) -> Option<(&str, &str)> {
+    spec.and_then(|s| s.release.as_ref())
+        .map(|r| (r.version.as_str(), r.sha256.as_str()))
+}
+
+/// The slot carrying the host's traffic in `d`, if any.
+pub fn live_slot(d: &DesiredService) -> Option<Slot> {
+    [Slot::Blue, Slot::Green]
+        .into_iter()
+        .filter(|s| slot_of(d, *s).is_some())
+        .max_by_key(|s| (weight_of(d, *s), *s == Slot::Blue))
+        .filter(|s| weight_of(d, *s) > 0)
+}
+
+/// Plans a host's part in a new deployment of `plan`, from the host's current desired
+/// state: which slot gets the release, which slot was live, and whether the host already
+/// runs this release.
+pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
+    let want = (plan.release.version.as_str(), plan.release.sha256.as_str());
+    let mut host = DeployHost {
+        phase: HostPhase::Waiting,
+        new_slot: Slot::Blue,
+        old_slot: None,
+        weight: 0,
+        error: None,
+        untouched: false,
+    };
+    let Some(cur) = current else { return host };
+    let live = live_slot(cur);
+    let holds = |s: Slot| {
+        release_key(slot_of(cur, s))
+            .is_some_and(|(v, sha)| v == want.0 && sha.eq_ignore_ascii_case(want.1))
+    };
+    if let Some(l) = live
+        && holds(l)
+        && weight_of(cur, l) == 100
+    {
+        host.new_slot = l;
+        host.phase = HostPhase::Switched;
+        host.weight = 100;
+        host.untouched = true;
+        return host;
+    }
+    host.old_slot = live;
+    host.new_slot = match live {
+        Some(l) if holds(l.other()) => l.other(),
+        Some(l) => l.other(),
+        None if holds(Slot::Green) => Slot::Green,
+        None => Slot::Blue,
+    };
+    host
+}
+
+/// The desired state of one host for the deployment as it stands.
+pub fn target(
+    dep: &DeploymentRecord,
+    host: &DeployHost,
+    current: Option<&DesiredService>,
+) -> Option<DesiredService> {
+    if host.untouched || host.phase == HostPhase::Waiting {
+        return None;
+    }
+    let plan = &dep.plan;
+    let mut d = current.cloned().unwrap_or_default();
+    // The engine assigns generations; targets compare without them.
+    d.generation = 0;
+    d.service = dep.service.clone();
+    d.listen = u32::from(plan.run.listen);
+    d.protocol = match plan.run.protocol {
+        Protocol::Http => WireProtocol::Http,
+        Protocol::Tcp => WireProtocol::Tcp,
+    } as i32;
+    d.drain_ms = plan.run.drain.as_millis();
+    let new = host.new_slot;
+    let has_old = host.old_slot.is_some();
+    let (spec, new_weight) = match host.phase {
+        HostPhase::Waiting => return None,
+        HostPhase::Preparing | HostPhase::Ready | HostPhase::Switched => {
+            let w = if dep.state == State::RollingBack {
+                0
+            } else if !has_old {
+                // Nothing else can serve on a host that had no release: once the step
+                // switches, the new slot takes all of it.
+                if host.weight > 0 { 100 } else { 0 }
+            } else {
+                host.weight
+            };
+            (Some(slot_spec(plan)), w)
+        }
+        HostPhase::Failed | HostPhase::RolledBack => (None, 0),
+    };
+    set_slot(&mut d, new, spec);
+    set_weight(&mut d, new, new_weight);
+    if let Some(old) = host.old_slot {
+        set_weight(&mut d, old, 100 - new_weight);
+    }
+    Some(d)
+}
+
+fn step_host_names(dep: &DeploymentRecord) -> Vec<String> {
+    let names: Vec<&String> = dep.hosts.keys().collect();
+    let step = &dep.plan.strategy.steps[(dep.step as usize).min(dep.plan.strategy.steps.len() - 1)];
+    let n = step.hosts.map_or(names.len(), |c| c.of(names.len()));
+    names.into_iter().take(n).cloned().collect()
+}
+
+fn new_status<'a>(view: &HostView<'a>, host: &DeployHost) -> Option<&'a SlotStatus> {
+    view.observed.and_then(|o| observed_slot(o, host.new_slot))
+}
+
+fn is_current(view: &HostView<'_>) -> bool {
+    match (view.observed, view.desired) {
+        (Some(o), Some(d)) => o.generation >= d.generation,
+        _ => false,
+    }
+}
+
+/// True when the host's agent reports the weights of its current desired state.
+fn weights_confirmed(view: &HostView<'_>, host: &DeployHost) -> bool {
+    let (Some(o), Some(d)) = (view.observed, view.desired) else {
+        return false;
+    };
+    is_current(view)
+        && observed_weight(o, host.new_slot) == weight_of(d, host.new_slot)
+        && host
+            .old_slot
+            .is_none_or(|s| observed_weight(o, s) == weight_of(d, s))
+}
+
+fn describe(phase: i32) -> &'static str {
+    match SlotPhase::try_from(phase).unwrap_or(SlotPhase::Empty) {
+        SlotPhase::Empty => "empty",
+        SlotPhase::Fetching => "fetching",
+        SlotPhase::Unpacking => "unpacking",
+        SlotPhase::Starting => "starting",
+        SlotPhase::Healthy => "healthy",
+        SlotPhase::Unhealthy => "unhealthy",
+        SlotPhase::Failed => "failed",
+        SlotPhase::Stopped => "stopped",
+    }
+}
+
+/// Decides the next state of `dep`.
+pub fn decide(
+    dep: &DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+    command: Option<Command>,
+    now: u64,
+) -> Decision {
+    let mut d = dep.clone();
+    if !d.state.is_final() {
+        advance(&mut d, views, command, now);
+    }
+    let mut targets = BTreeMap::new();
+    for (name, host) in &d.hosts {
+        let view = views.get(name).copied().unwrap_or_default();
+        if let Some(t) = target(&d, host, view.desired) {
+            let mut cur = view.desired.cloned().unwrap_or_default();
+            cur.generation = 0;
+            if cur != t {
+                targets.insert(name.clone(), t);
+            }
+        }
+    }
+    Decision {
+        deployment: d,
+        targets,
+    }
+}
+
+fn begin_rollback(d: &mut DeploymentRecord, ending: State, reason: String, now: u64) {
+    let first_deployment = d
+        .hosts
+        .values()
+        .all(|h| h.old_slot.is_none() && !h.untouched);
+    d.ending = Some(if ending == State::RolledBack && first_deployment {
+        State::Failed
+    } else {
+        ending
+    });
+    d.reason.get_or_insert(reason);
+    d.state = State::RollingBack;
+    d.phase_started_unix_ms = now;
+    d.traffic = 0;
+    for h in d.hosts.values_mut() {
+        if h.untouched || h.phase == HostPhase::Waiting {
+            continue;
+        }
+        h.phase = HostPhase::RolledBack;
+        h.weight = 0;
+    }
+}
+
+fn advance(
+    d: &mut DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+    command: Option<Command>,
+    now: u64,
+) {
+    let view = |name: &str| views.get(name).copied().unwrap_or_default();
+
+    match command {
+        Some(Command::Abort) if d.state != State::RollingBack => {
+            begin_rollback(d, State::Aborted, "aborted by operator".into(), now);
+        }
+        Some(Command::Pause) if matches!(d.state, State::Preparing | State::Progressing) => {
+            d.ending = Some(d.state);
+            d.state = State::Paused;
+        }
+        Some(Command::Resume | Command::Promote) if d.state == State::Paused => {
+            d.state = d.ending.take().unwrap_or(State::Progressing);
+            d.promoted = command == Some(Command::Promote) || d.step_switched_unix_ms.is_some();
+        }
+        Some(Command::Promote) if d.state == State::Progressing => d.promoted = true,
+        _ => {}
+    }
+
+    if d.state == State::Pending {
+        d.state = State::Preparing;
+        d.phase_started_unix_ms = now;
+    }
+
+    // Health watch: a new slot that carries traffic and turns unhealthy rolls back.
+    if matches!(d.state, State::Progressing | State::Paused) {
+        let bad = d.hosts.iter().find_map(|(name, h)| {
+            if h.untouched
+                || !matches!(h.phase, HostPhase::Ready | HostPhase::Switched)
+                || h.weight == 0
+            {
+                return None;
+            }
+            let st = new_status(&view(name), h)?;
+            let phase = SlotPhase::try_from(st.phase).unwrap_or(SlotPhase::Empty);
+            (st.release == d.release && matches!(phase, SlotPhase::Unhealthy | SlotPhase::Failed))
+                .then(|| {
+                    let why = if st.error.is_empty() {
+                        describe(st.phase).to_string()
+                    } else {
+                        st.error.clone()
+                    };
+                    format!(
+                        "host {name}: new release {} while serving {}%: {why}",
+                        describe(st.phase),
+                        h.weight
+                    )
+                })
+        });
+        if let Some(reason) = bad {
+            begin_rollback(d, State::RolledBack, reason, now);
+        }
+    }
+
+    let strategy = d.plan.strategy.clone();
+    match d.state {
+        State::Preparing => {
+            let step_hosts = step_host_names(d);
+            // Observe hosts in preparation.
+            for name in &step_hosts {
+                let v = view(name);
+                let Some(h) = d.hosts.get_mut(name) else {
+                    continue;
+                };
+                if h.phase != HostPhase::Preparing {
+                    continue;
+                }
+                let svc_error = v.observed.map(|o| o.error.as_str()).unwrap_or_default();
+                if let Some(st) = new_status(&v, h)
+                    && st.release == d.release
+                {
+                    match SlotPhase::try_from(st.phase).unwrap_or(SlotPhase::Empty) {
+                        SlotPhase::Healthy => h.phase = HostPhase::Ready,
+                        SlotPhase::Failed if is_current(&v) => {
+                            h.phase = HostPhase::Failed;
+                            h.error = Some(if st.error.is_empty() {
+                                "slot failed".into()
+                            } else {
+                                st.error.clone()
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                if h.phase == HostPhase::Preparing && !svc_error.is_empty() && is_current(&v) {
+                    h.phase = HostPhase::Failed;
+                    h.error = Some(svc_error.to_string());
+                }
+            }
+            let failed: Vec<(&String, &DeployHost)> = d
+                .hosts
+                .iter()
+                .filter(|(_, h)| h.phase == HostPhase::Failed)
+                .collect();
+            if failed.len() > strategy.max_failed_hosts as usize {
+                let (name, h) = failed[0];
+                let reason = format!(
+                    "host {name}: {}",
+                    h.error.as_deref().unwrap_or("preparation failed")
+                );
+                begin_rollback(d, State::RolledBack, reason, now);
+                return;
+            }
+            // Start more hosts, max_parallel at a time.
+            let limit = strategy.max_parallel.of(d.hosts.len()).max(1);
+            let mut in_flight = d
+                .hosts
+                .values()
+                .filter(|h| h.phase == HostPhase::Preparing)
+                .count();
+            for name in &step_hosts {
+                if in_flight >= limit {
+                    break;
+                }
+                if let Some(h) = d.hosts.get_mut(name)
+                    && h.phase == HostPhase::Waiting
+                {
+                    h.phase = HostPhase::Preparing;
+                    in_flight += 1;
+                }
+            }
+            let done = step_hosts.iter().all(|n| {
+                d.hosts.get(n).is_some_and(|h| {
+                    matches!(
+                        h.phase,
+                        HostPhase::Ready | HostPhase::Switched | HostPhase::Failed
+                    )
+                })
+            });
+            if done {
+                let traffic = strategy.steps[d.step as usize].traffic;
+                d.traffic = traffic;
+                for name in &step_hosts {
+                    if let Some(h) = d.hosts.get_mut(name)
+                        && !h.untouched
+                        && matches!(h.phase, HostPhase::Ready | HostPhase::Switched)
+                    {
+                        h.phase = HostPhase::Ready;
+                        h.weight = traffic;
+                    }
+                }
+                d.state = State::Progressing;
+                d.phase_started_unix_ms = now;
+                d.step_switched_unix_ms = None;
+            } else if now.saturating_sub(d.phase_started_unix_ms)
+                > strategy.progress_deadline.as_millis()
+            {
+                let slow: Vec<String> = step_hosts
+                    .iter()
+                    .filter(|n| {
+                        d.hosts.get(*n).is_some_and(|h| {
+                            matches!(h.phase, HostPhase::Preparing | HostPhase::Waiting)
+                        })
+                    })
+                    .take(5)
+                    .cloned()
+                    .collect();
+                let reason = format!(
+                    "progress deadline {} passed while preparing hosts {}",
+                    strategy.progress_deadline,
+                    slow.join(", ")
+                );
+                begin_rollback(d, State::RolledBack, reason, now);
+            }
+        }
+        State::Progressing => {
+            for (name, h) in d.hosts.iter_mut() {
+                if h.phase == HostPhase::Ready && weights_confirmed(&view(name), h) {
+                    h.phase = HostPhase::Switched;
+                }
+            }
+            let step_hosts = step_host_names(d);
+            let all_switched = step_hosts.iter().all(|n| {
+                d.hosts
+                    .get(n)
+                    .is_some_and(|h| matches!(h.phase, HostPhase::Switched | HostPhase::Failed))
+            });
+            if d.step_switched_unix_ms.is_none() {
+                if all_switched {
+                    d.step_switched_unix_ms = Some(now);
+                } else if now.saturating_sub(d.phase_started_unix_ms)
+                    > strategy.progress_deadline.as_millis()
+                {
+                    begin_rollback(
+                        d,
+                        State::RolledBack,
+                        format!(
+                            "progress deadline {} passed while switching traffic",
+                            strategy.progress_deadline
+                        ),
+                        now,
+                    );
+                    return;
+                }
+            }
+            let Some(switched_at) = d.step_switched_unix_ms else {
+                return;
+            };
+            let step = &strategy.steps[d.step as usize];
+            let last = d.step as usize + 1 == strategy.steps.len();
+            if step.pause && !d.promoted {
+                d.ending = Some(State::Progressing);
+                d.state = State::Paused;
+                return;
+            }
+            let mut wait = step.hold.as_millis();
+            if last {
+                wait += strategy.bake.as_millis();
+            }
+            if !d.promoted && now.saturating_sub(switched_at) < wait {
+                return;
+            }
+            d.promoted = false;
+            if last {
+                d.state = State::Succeeded;
+                d.ended_unix_ms = Some(now);
+                d.reason = None;
+                return;
+            }
+            d.step += 1;
+            d.step_switched_unix_ms = None;
+            d.phase_started_unix_ms = now;
+            d.state = State::Preparing;
+        }
+        State::RollingBack => {
+            let converged = d.hosts.iter().all(|(name, h)| {
+                let v = view(name);
+                h.untouched
+                    || h.phase == HostPhase::Waiting
+                    || !v.connected
+                    || weights_confirmed(&v, h)
+            });
+            if converged {
+                d.state = d.ending.take().unwrap_or(State::RolledBack);
+                d.ended_unix_ms = Some(now);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

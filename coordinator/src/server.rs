@@ -1,0 +1,458 @@
+//! The coordinator's gRPC services: `Enroll` (no client certificate needed; the join
+//! token is the credential), `AgentLink` (agent certificates only) and `Control` (admin
+//! certificates only). Domain errors become `tonic::Status` here and nowhere else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_proto::v1::{
+    self as pb, AgentMessage, CoordinatorMessage, agent_link_server::AgentLink, agent_message,
+    control_server::Control, coordinator_message, enroll_server::Enroll,
+};
+use cutover_shared::names::check_name;
+use cutover_shared::plan::Plan;
+use futures_util::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{self, Handle};
+use crate::fleet::Fleet;
+use crate::model::{DeploymentRecord, HostRecord, Identity};
+use crate::pki::Ca;
+use crate::rollout::{self, Command};
+use crate::store::Store;
+use crate::{now_ms, tokens};
+
+/// A host whose stream has been silent this long is dropped as disconnected.
+const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub fleet: Arc<Fleet>,
+    pub ca: Ca,
+    pub engine: Handle,
+    pub cancel: CancellationToken,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error");
+    Status::internal(e.to_string())
+}
+
+impl From<engine::Error> for Status {
+    fn from(e: engine::Error) -> Status {
+        match e {
+            engine::Error::Refused(m) => Status::failed_precondition(m),
+            engine::Error::NotFound(m) => Status::not_found(m),
+            engine::Error::Store(e) => internal(e),
+            engine::Error::Stopped => Status::unavailable("the coordinator is shutting down"),
+        }
+    }
+}
+
+impl Shared {
+    /// Who presented the client certificate of `req`, from the store.
+    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let fp = cutover_proto::tls::fingerprint(leaf);
+        self.store.identity(&fp).map_err(internal)?.ok_or_else(|| {
+            Status::permission_denied("certificate revoked or unknown to this coordinator")
+        })
+    }
+
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.identity(req)? {
+            Identity::Admin => Ok(()),
+            Identity::Agent { .. } => Err(Status::permission_denied(
+                "the control API requires admin credentials",
+            )),
+        }
+    }
+
+    fn agent<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        match self.identity(req)? {
+            Identity::Agent { host } => Ok(host),
+            Identity::Admin => Err(Status::permission_denied(
+                "the agent stream requires an agent certificate",
+            )),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Api(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl Enroll for Api {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let s = &self.0;
+        let r = req.into_inner();
+        let token =
+            tokens::Token::parse(&r.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if token.ca_fingerprint != s.ca.fingerprint {
+            return Err(Status::unauthenticated(
+                "join token was issued by another coordinator",
+            ));
+        }
+        check_name("host", &r.name).map_err(Status::invalid_argument)?;
+        let (cert_pem, der) =
+            s.ca.sign_agent_csr(&r.csr_pem, &r.name)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let fp = cutover_proto::tls::fingerprint(&der);
+        let now = now_ms();
+        let host = s
+            .store
+            .enroll(
+                &token.id,
+                |rec| tokens::spend(rec, &token, now),
+                |rec| {
+                    // The token's labels, then the agent's own --labels on top.
+                    let mut labels = rec.labels.clone();
+                    labels.extend(r.labels.clone());
+                    HostRecord {
+                        name: r.name.clone(),
+                        labels,
+                        cert_fingerprint: fp.clone(),
+                        joined_unix_ms: now,
+                    }
+                },
+            )
+            .map_err(internal)?
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        tracing::info!(host = r.name, "host joined");
+        Ok(Response::new(pb::JoinResponse {
+            certificate_pem: cert_pem,
+            ca_pem: s.ca.cert_pem.clone(),
+            name: r.name,
+            labels: host.labels.into_iter().collect(),
+        }))
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentLink for Api {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let s = self.0.clone();
+        let host = s.agent(&req)?;
+        if s.store.host(&host).map_err(internal)?.is_none() {
+            return Err(Status::permission_denied(format!(
+                "host {host} was removed"
+            )));
+        }
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel::<CoordinatorMessage>(256);
+
+        // The host's whole desired state first.
+        let services = s
+            .store
+            .desired_for_host(&host)
+            .map_err(internal)?
+            .into_iter()
+            .filter_map(|raw| pb::DesiredService::decode(raw.as_slice()).ok())
+            .collect();
+        let first = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Desired(pb::DesiredState {
+                services,
+            })),
+        };
+        tx.try_send(first).map_err(internal)?;
+        let session = s.fleet.attach(&host, tx.clone(), now_ms());
+        tracing::info!(host, session, "agent connected");
+
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            let mut last_heard = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = s.cancel.cancelled() => break,
+                    _ = tx.closed() => break,
+                    _ = beat.tick() => {
+                        if last_heard.elapsed() > SILENCE_LIMIT {
+                            tracing::warn!(host, "agent silent; dropping its session");
+                            break;
+                        }
+                        let hb = CoordinatorMessage { msg: Some(coordinator_message::Msg::Heartbeat(pb::Heartbeat { unix_ms: now_ms() })) };
+                        if tx.try_send(hb).is_err() && tx.is_closed() {
+                            break;
+                        }
+                    }
+                    msg = inbound.message() => match msg {
+                        Ok(Some(m)) => {
+                            last_heard = tokio::time::Instant::now();
+                            match m.msg {
+                                Some(agent_message::Msg::Observed(o)) => s.fleet.observe(&host, o.services, now_ms()),
+                                Some(agent_message::Msg::Heartbeat(_)) => s.fleet.seen(&host, now_ms()),
+                                None => {}
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(host, error = %e, "agent stream ended");
+                            break;
+                        }
+                    },
+                }
+            }
+            s.fleet.detach(&host, session);
+            tracing::info!(host, session, "agent disconnected");
+        });
+
+        let out = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(futures_util::StreamExt::map(
+            out, Ok,
+        ))))
+    }
+}
+
+pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id.clone(),
+        service: d.service.clone(),
+        release: d.release.clone(),
+        state: d.state.as_str().into(),
+        step: d.step,
+        traffic: d.traffic,
+        reason: d.reason.clone().unwrap_or_default(),
+        hosts: d
+            .hosts
+            .iter()
+            .map(|(name, h)| pb::DeploymentHost {
+                name: name.clone(),
+                phase: h.phase.as_str().into(),
+                weight: h.weight,
+                error: h.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        created_unix_ms: d.created_unix_ms,
+        ended_unix_ms: d.ended_unix_ms.unwrap_or(0),
+        previous_release: d.previous_release.clone().unwrap_or_default(),
+        steps: d.plan.strategy.steps.len() as u32,
+    }
+}
+
+fn slot_pb(
+    d: Option<&pb::DesiredService>,
+    o: Option<&pb::ObservedService>,
+    slot: crate::model::Slot,
+) -> pb::HostSlot {
+    let observed = o.and_then(|o| rollout::observed_slot(o, slot));
+    let release = observed
+        .map(|s| s.release.clone())
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            rollout::release_key(d.and_then(|d| rollout::slot_of(d, slot)))
+                .map(|(v, _)| v.to_string())
+        })
+        .unwrap_or_default();
+    let state = observed
+        .map(|s| crate::phase_name(s.phase).to_string())
+        .unwrap_or_else(|| {
+            if release.is_empty() {
+                "empty".into()
+            } else {
+                "unknown".into()
+            }
+        });
+    let weight = match (o, d) {
+        (Some(o), _) => match slot {
+            crate::model::Slot::Blue => o.blue_weight,
+            crate::model::Slot::Green => o.green_weight,
+        },
+        (None, Some(d)) => rollout::weight_of(d, slot),
+        _ => 0,
+    };
+    pb::HostSlot {
+        release,
+        state,
+        weight,
+    }
+}
+
+#[tonic::async_trait]
+impl Control for Api {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let r = req.into_inner();
+        let ttl = if r.ttl_ms == 0 { 3_600_000 } else { r.ttl_ms };
+        let uses = if r.uses == 0 { 1 } else { r.uses };
+        let (tok, rec) = tokens::issue(
+            &s.ca.fingerprint,
+            r.labels.into_iter().collect(),
+            ttl,
+            uses,
+            now_ms(),
+        );
+        s.store.put_token(&rec).map_err(internal)?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: tok.encode(),
+            id: rec.id,
+            expires_unix_ms: rec.expires_unix_ms,
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let mut hosts = Vec::new();
+        for h in s.store.hosts().map_err(internal)? {
+            let observed = s.fleet.observed_all(&h.name);
+            let mut names: Vec<String> = observed.iter().map(|o| o.service.clone()).collect();
+            let desired: Vec<pb::DesiredService> = s
+                .store
+                .desired_for_host(&h.name)
+                .map_err(internal)?
+                .into_iter()
+                .filter_map(|raw| pb::DesiredService::decode(raw.as_slice()).ok())
+                .collect();
+            names.extend(desired.iter().map(|d| d.service.clone()));
+            names.sort();
+            names.dedup();
+            let services = names
+                .into_iter()
+                .map(|name| {
+                    let d = desired.iter().find(|d| d.service == name);
+                    let o = observed.iter().find(|o| o.service == name);
+                    let blue = slot_pb(d, o, crate::model::Slot::Blue);
+                    let green = slot_pb(d, o, crate::model::Slot::Green);
+                    let live = d
+                        .and_then(rollout::live_slot)
+                        .and_then(|l| {
+                            rollout::release_key(rollout::slot_of(d?, l))
+                                .map(|(v, _)| v.to_string())
+                        })
+                        .unwrap_or_default();
+                    pb::HostService {
+                        service: name,
+                        live_release: live,
+                        blue: Some(blue),
+                        green: Some(green),
+                    }
+                })
+                .collect();
+            hosts.push(pb::Host {
+                connected: s.fleet.is_connected(&h.name),
+                last_seen_unix_ms: s.fleet.last_seen(&h.name).unwrap_or(0),
+                name: h.name,
+                labels: h.labels.into_iter().collect(),
+                services,
+            });
+        }
+        Ok(Response::new(pb::ListHostsResponse { hosts }))
+    }
+
+    async fn remove_host(
+        &self,
+        req: Request<pb::RemoveHostRequest>,
+    ) -> Result<Response<pb::RemoveHostResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let name = req.into_inner().name;
+        if !s.store.remove_host(&name).map_err(internal)? {
+            return Err(Status::not_found(format!("unknown host {name:?}")));
+        }
+        s.fleet.forget(&name);
+        tracing::info!(host = name, "host removed; its certificate is revoked");
+        Ok(Response::new(pb::RemoveHostResponse {}))
+    }
+
+    async fn deploy(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let r = req.into_inner();
+        let path = if r.plan_path.is_empty() {
+            "plan".to_string()
+        } else {
+            r.plan_path
+        };
+        let plan = Plan::parse(&r.plan_toml, &path)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let created = s.engine.deploy(plan, path).await?;
+        Ok(Response::new(pb::DeployResponse {
+            id: created.id,
+            noop: created.noop,
+        }))
+    }
+
+    async fn get_deployment(
+        &self,
+        req: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let id = req.into_inner().id;
+        let dep = if id.is_empty() {
+            s.store.deployments().map_err(internal)?.pop()
+        } else {
+            s.store.deployment(&id).map_err(internal)?
+        };
+        let dep = dep.ok_or_else(|| {
+            if id.is_empty() {
+                Status::not_found("no deployment yet")
+            } else {
+                Status::not_found(format!("unknown deployment {id:?}"))
+            }
+        })?;
+        Ok(Response::new(deployment_to_pb(&dep)))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let created = s.engine.rollback(req.into_inner().service).await?;
+        Ok(Response::new(pb::DeployResponse {
+            id: created.id,
+            noop: created.noop,
+        }))
+    }
+
+    async fn command(
+        &self,
+        req: Request<pb::CommandRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let r = req.into_inner();
+        let command = match pb::DeploymentCommand::try_from(r.command) {
+            Ok(pb::DeploymentCommand::Pause) => Command::Pause,
+            Ok(pb::DeploymentCommand::Resume) => Command::Resume,
+            Ok(pb::DeploymentCommand::Promote) => Command::Promote,
+            Ok(pb::DeploymentCommand::Abort) => Command::Abort,
+            Err(_) => return Err(Status::invalid_argument("unknown command")),
+        };
+        let dep = s.engine.command(r.id, command).await?;
+        Ok(Response::new(deployment_to_pb(&dep)))
+    }
+}

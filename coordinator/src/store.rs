@@ -1,0 +1,370 @@
+//! The coordinator's durable state: one redb file, `DATA/cutover.redb`. Only this module
+//! touches the database. Values are JSON (records) or protobuf (desired host state);
+//! every write is one transaction, so a crash never leaves half a decision on disk.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::model::{DeploymentRecord, HostRecord, Identity, ServiceRecord, TokenRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("decode {table}/{key}: {source}")]
+    Decode {
+        table: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl From<redb::DatabaseError> for Error {
+    fn from(e: redb::DatabaseError) -> Self {
+        Error::Db(e.into())
+    }
+}
+impl From<redb::TransactionError> for Error {
+    fn from(e: redb::TransactionError) -> Self {
+        Error::Db(e.into())
+    }
+}
+impl From<redb::TableError> for Error {
+    fn from(e: redb::TableError) -> Self {
+        Error::Db(e.into())
+    }
+}
+impl From<redb::StorageError> for Error {
+    fn from(e: redb::StorageError) -> Self {
+        Error::Db(e.into())
+    }
+}
+impl From<redb::CommitError> for Error {
+    fn from(e: redb::CommitError) -> Self {
+        Error::Db(e.into())
+    }
+}
+
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+const META: Table = TableDefinition::new("meta");
+const IDENTITIES: Table = TableDefinition::new("identities");
+const TOKENS: Table = TableDefinition::new("tokens");
+const HOSTS: Table = TableDefinition::new("hosts");
+const SERVICES: Table = TableDefinition::new("services");
+const DEPLOYMENTS: Table = TableDefinition::new("deployments");
+/// Key `host/service`, value: protobuf `DesiredService`.
+const DESIRED: Table = TableDefinition::new("desired");
+
+const ALL: [Table; 7] = [
+    META,
+    IDENTITIES,
+    TOKENS,
+    HOSTS,
+    SERVICES,
+    DEPLOYMENTS,
+    DESIRED,
+];
+
+pub struct Store {
+    db: Database,
+}
+
+/// A set of writes committed together.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(Table, String, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    fn put_json<T: Serialize>(&mut self, t: Table, key: &str, v: &T) {
+        // Serialising these plain records cannot fail (no maps with non-string keys).
+        let bytes = serde_json::to_vec(v).unwrap_or_default();
+        self.ops.push((t, key.to_string(), Some(bytes)));
+    }
+    pub fn deployment(&mut self, d: &DeploymentRecord) -> &mut Self {
+        self.put_json(DEPLOYMENTS, &d.id, d);
+        self
+    }
+    pub fn service(&mut self, s: &ServiceRecord) -> &mut Self {
+        self.put_json(SERVICES, &s.name, s);
+        self
+    }
+    pub fn host(&mut self, h: &HostRecord) -> &mut Self {
+        self.put_json(HOSTS, &h.name, h);
+        self
+    }
+    pub fn desired(&mut self, host: &str, service: &str, proto: Vec<u8>) -> &mut Self {
+        self.ops
+            .push((DESIRED, format!("{host}/{service}"), Some(proto)));
+        self
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        let db = Database::create(path)?;
+        let w = db.begin_write()?;
+        for t in ALL {
+            w.open_table(t)?;
+        }
+        w.commit()?;
+        Ok(Store { db })
+    }
+
+    pub fn commit(&self, batch: Batch) -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let w = self.db.begin_write()?;
+        for (t, key, value) in batch.ops {
+            let mut table = w.open_table(t)?;
+            match value {
+                Some(v) => table.insert(key.as_str(), v.as_slice())?,
+                None => table.remove(key.as_str())?,
+            };
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    fn get_raw(&self, t: Table, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let r = self.db.begin_read()?;
+        let table = r.open_table(t)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn get<T: DeserializeOwned>(&self, t: Table, key: &str) -> Result<Option<T>, Error> {
+        self.get_raw(t, key)?
+            .map(|b| decode(t, key, &b))
+            .transpose()
+    }
+
+    fn list<T: DeserializeOwned>(&self, t: Table, prefix: &str) -> Result<Vec<T>, Error> {
+        let r = self.db.begin_read()?;
+        let table = r.open_table(t)?;
+        let mut out = Vec::new();
+        for item in table.range(prefix..)? {
+            let (k, v) = item?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push(decode(t, k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn put<T: Serialize>(&self, t: Table, key: &str, v: &T) -> Result<(), Error> {
+        let mut b = Batch::default();
+        b.put_json(t, key, v);
+        self.commit(b)
+    }
+
+    // ---- identities: certificate fingerprint -> who
+
+    pub fn identity(&self, fingerprint: &str) -> Result<Option<Identity>, Error> {
+        self.get(IDENTITIES, fingerprint)
+    }
+
+    pub fn put_identity(&self, fingerprint: &str, id: &Identity) -> Result<(), Error> {
+        self.put(IDENTITIES, fingerprint, id)
+    }
+
+    // ---- join tokens
+
+    pub fn put_token(&self, t: &TokenRecord) -> Result<(), Error> {
+        self.put(TOKENS, &t.id, t)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, Error> {
+        self.list(TOKENS, "")
+    }
+
+    /// Enrols a host in one transaction: spends one use of the token (checked by
+    /// `check`), records the host made by `host` from the token, and its certificate's
+    /// identity. Returns the host record, or the check's refusal.
+    pub fn enroll<E>(
+        &self,
+        token_id: &str,
+        check: impl FnOnce(&mut TokenRecord) -> Result<(), E>,
+        host: impl FnOnce(&TokenRecord) -> HostRecord,
+    ) -> Result<Result<HostRecord, E>, Error> {
+        let w = self.db.begin_write()?;
+        let record;
+        {
+            let mut tokens = w.open_table(TOKENS)?;
+            let raw = tokens.get(token_id)?.map(|v| v.value().to_vec());
+            let mut tok = match raw {
+                Some(raw) => decode(TOKENS, token_id, &raw)?,
+                None => TokenRecord::unknown(),
+            };
+            if let Err(e) = check(&mut tok) {
+                drop(tokens);
+                w.abort()?;
+                return Ok(Err(e));
+            }
+            let bytes = serde_json::to_vec(&tok).unwrap_or_default();
+            tokens.insert(token_id, bytes.as_slice())?;
+            record = host(&tok);
+
+            let mut hosts = w.open_table(HOSTS)?;
+            let mut ids = w.open_table(IDENTITIES)?;
+            // A host joining again replaces its old certificate.
+            if let Some(old) = hosts.get(record.name.as_str())?.map(|v| v.value().to_vec())
+                && let Ok(old) = serde_json::from_slice::<HostRecord>(&old)
+            {
+                ids.remove(old.cert_fingerprint.as_str())?;
+            }
+            let hb = serde_json::to_vec(&record).unwrap_or_default();
+            hosts.insert(record.name.as_str(), hb.as_slice())?;
+            let ib = serde_json::to_vec(&Identity::Agent {
+                host: record.name.clone(),
+            })
+            .unwrap_or_default();
+            ids.insert(record.cert_fingerprint.as_str(), ib.as_slice())?;
+        }
+        w.commit()?;
+        Ok(Ok(record))
+    }
+
+    // ---- hosts
+
+    pub fn host(&self, name: &str) -> Result<Option<HostRecord>, Error> {
+        self.get(HOSTS, name)
+    }
+
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, Error> {
+        self.list(HOSTS, "")
+    }
+
+    /// Forgets a host and revokes its certificate. Returns false if it was unknown.
+    pub fn remove_host(&self, name: &str) -> Result<bool, Error> {
+        let w = self.db.begin_write()?;
+        let found;
+        {
+            let mut hosts = w.open_table(HOSTS)?;
+            let old = hosts.remove(name)?.map(|v| v.value().to_vec());
+            found = old.is_some();
+            if let Some(old) = old {
+                let old: HostRecord = decode(HOSTS, name, &old)?;
+                w.open_table(IDENTITIES)?
+                    .remove(old.cert_fingerprint.as_str())?;
+            }
+            let mut desired = w.open_table(DESIRED)?;
+            let prefix = format!("{name}/");
+            let keys: Vec<String> = desired
+                .range(prefix.as_str()..)?
+                .filter_map(Result::ok)
+                .map(|(k, _)| k.value().to_string())
+                .take_while(|k| k.starts_with(&prefix))
+                .collect();
+            for k in keys {
+                desired.remove(k.as_str())?;
+            }
+        }
+        w.commit()?;
+        Ok(found)
+    }
+
+    // ---- desired state per host and service (protobuf bytes)
+
+    pub fn desired_for_host(&self, host: &str) -> Result<Vec<Vec<u8>>, Error> {
+        let r = self.db.begin_read()?;
+        let table = r.open_table(DESIRED)?;
+        let prefix = format!("{host}/");
+        let mut out = Vec::new();
+        for item in table.range(prefix.as_str()..)? {
+            let (k, v) = item?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            out.push(v.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    pub fn desired(&self, host: &str, service: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.get_raw(DESIRED, &format!("{host}/{service}"))
+    }
+
+    // ---- services and deployments
+
+    pub fn service(&self, name: &str) -> Result<Option<ServiceRecord>, Error> {
+        self.get(SERVICES, name)
+    }
+
+    pub fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, Error> {
+        self.get(DEPLOYMENTS, id)
+    }
+
+    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>, Error> {
+        self.list(DEPLOYMENTS, "")
+    }
+
+    /// Next number in a named sequence (deployment ids), persisted.
+    pub fn next_seq(&self, name: &str) -> Result<u64, Error> {
+        let w = self.db.begin_write()?;
+        let n;
+        {
+            let mut meta = w.open_table(META)?;
+            let cur = meta
+                .get(name)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            n = cur + 1;
+            meta.insert(name, n.to_be_bytes().as_slice())?;
+        }
+        w.commit()?;
+        Ok(n)
+    }
+}
+
+fn decode<T: DeserializeOwned>(t: Table, key: &str, b: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(b).map_err(|source| Error::Decode {
+        table: t.name().to_string(),
+        key: key.to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::HostRecord;
+
+    #[test]
+    fn batch_commits_together_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            let h = HostRecord {
+                name: "web-1".into(),
+                labels: Default::default(),
+                cert_fingerprint: "aa".into(),
+                joined_unix_ms: 1,
+            };
+            let mut b = Batch::default();
+            b.host(&h).desired("web-1", "web", vec![1, 2, 3]);
+            s.commit(b).unwrap();
+            assert_eq!(s.next_seq("d").unwrap(), 1);
+            assert_eq!(s.next_seq("d").unwrap(), 2);
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.host("web-1").unwrap().unwrap().cert_fingerprint, "aa");
+        assert_eq!(s.desired_for_host("web-1").unwrap(), vec![vec![1, 2, 3]]);
+        assert!(s.desired_for_host("web-").unwrap().is_empty());
+        assert_eq!(s.next_seq("d").unwrap(), 3);
+        assert!(s.remove_host("web-1").unwrap());
+        assert!(s.desired_for_host("web-1").unwrap().is_empty());
+        assert!(!s.remove_host("web-1").unwrap());
+    }
+}

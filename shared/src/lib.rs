@@ -1,0 +1,9 @@
+//! Domain types shared by the cutover coordinator and agent: the plan file's model and
+//! its validation, durations and names. No IO beyond parsing text, no async runtime.
+
+pub mod duration;
+pub mod names;
+pub mod plan;
+pub mod token;
+
+pub use duration::Duration;

@@ -1,0 +1,824 @@
+//! The plan file: its model, its parsing and its validation.
+//!
+//! Every error names the file, line and column, and an unknown key gets the nearest known
+//! key as a suggestion. Parsing happens in two passes: serde builds the typed model
+//! (catching unknown keys and wrong types with toml's own spans), then [`Plan::validate`]
+//! checks values; its errors carry a key path that is located in the document afterwards.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+use crate::names::check_name;
+
+/// A deployment plan, as written in the plan file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub service: String,
+    pub release: Release,
+    #[serde(default)]
+    pub targets: Targets,
+    pub run: Run,
+    pub health: Health,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub analysis: Option<Analysis>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub version: String,
+    pub artifact: String,
+    pub sha256: String,
+    /// When the release's commit was made (RFC 3339), for lead-time figures.
+    #[serde(default)]
+    pub committed_at: Option<String>,
+    /// Base64 ed25519 signature of the artifact, checked against the agent's trusted keys.
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Every connected host whose labels include all of these.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub listen: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default = "defaults::stop_timeout")]
+    pub stop_timeout: Duration,
+    #[serde(default = "defaults::drain")]
+    pub drain: Duration,
+    /// Unprivileged user to run the slot process as.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default)]
+    pub tcp: Option<bool>,
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+    #[serde(default = "defaults::interval")]
+    pub interval: Duration,
+    #[serde(default = "defaults::timeout")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::healthy_after")]
+    pub healthy_after: u32,
+    #[serde(default = "defaults::unhealthy_after")]
+    pub unhealthy_after: u32,
+    #[serde(default = "defaults::start_timeout")]
+    pub start_timeout: Duration,
+}
+
+/// The one health check a plan names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    Http(String),
+    Tcp,
+    Exec(Vec<String>),
+}
+
+impl Health {
+    /// The check this section names; `None` until [`Plan::validate`] has passed.
+    pub fn check(&self) -> Option<Check> {
+        match (&self.http, self.tcp, &self.exec) {
+            (Some(p), None | Some(false), None) => Some(Check::Http(p.clone())),
+            (None, Some(true), None) => Some(Check::Tcp),
+            (None, None | Some(false), Some(c)) => Some(Check::Exec(c.clone())),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    #[serde(default = "defaults::max_parallel")]
+    pub max_parallel: Count,
+    #[serde(default)]
+    pub max_failed_hosts: u32,
+    #[serde(default = "defaults::keep_previous")]
+    pub keep_previous: Duration,
+    #[serde(default)]
+    pub bake: Duration,
+    #[serde(default = "defaults::steps")]
+    pub steps: Vec<Step>,
+    #[serde(default)]
+    pub on_host_lost: OnHostLost,
+    #[serde(default = "defaults::host_lost_after")]
+    pub host_lost_after: Duration,
+    #[serde(default = "defaults::progress_deadline")]
+    pub progress_deadline: Duration,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy {
+            max_parallel: defaults::max_parallel(),
+            max_failed_hosts: 0,
+            keep_previous: defaults::keep_previous(),
+            bake: Duration::ZERO,
+            steps: defaults::steps(),
+            on_host_lost: OnHostLost::default(),
+            host_lost_after: defaults::host_lost_after(),
+            progress_deadline: defaults::progress_deadline(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnHostLost {
+    #[default]
+    Pause,
+    Rollback,
+    Continue,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub traffic: u32,
+    #[serde(default)]
+    pub hold: Duration,
+    #[serde(default)]
+    pub pause: bool,
+    #[serde(default)]
+    pub hosts: Option<Count>,
+}
+
+/// A number of hosts: absolute (`3`) or a share of the targets (`"25%"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Hosts(u32),
+    Percent(u32),
+}
+
+impl Count {
+    /// How many of `total` hosts this is: at least 1 when `total` > 0, at most `total`.
+    pub fn of(&self, total: usize) -> usize {
+        if total == 0 {
+            return 0;
+        }
+        let n = match *self {
+            Count::Hosts(n) => n as usize,
+            Count::Percent(p) => (total * p as usize).div_ceil(100),
+        };
+        n.clamp(1, total)
+    }
+}
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Count::Hosts(n) => write!(f, "{n}"),
+            Count::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a host count like 2 or a share like \"25%\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
+                u32::try_from(v)
+                    .map(Count::Hosts)
+                    .map_err(|_| E::custom(format!("host count {v} is out of range")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Count, E> {
+                let t = v.trim();
+                if let Some(p) = t.strip_suffix('%') {
+                    p.trim()
+                        .parse()
+                        .map(Count::Percent)
+                        .map_err(|_| E::custom(format!("{v:?} is not a share like \"25%\"")))
+                } else {
+                    t.parse().map(Count::Hosts).map_err(|_| {
+                        E::custom(format!(
+                            "{v:?} is not a host count like 2 or a share like \"25%\""
+                        ))
+                    })
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Count {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Count::Hosts(n) => s.serialize_u32(*n),
+            Count::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    #[serde(default = "defaults::analysis_interval")]
+    pub interval: Duration,
+    #[serde(default = "defaults::failure_limit")]
+    pub failure_limit: u32,
+    #[serde(default = "defaults::min_requests")]
+    pub min_requests: u64,
+    #[serde(default)]
+    pub metric: Vec<Metric>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Metric {
+    pub name: MetricName,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max_vs_baseline: Option<f64>,
+    /// `"mann-whitney"`: judge new against old with a statistical test.
+    #[serde(default)]
+    pub judge: Option<Judge>,
+    #[serde(default)]
+    pub confidence: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricName {
+    ErrorRate,
+    LatencyP50,
+    LatencyP90,
+    LatencyP99,
+    RequestRate,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum Judge {
+    #[serde(rename = "mann-whitney")]
+    MannWhitney,
+}
+
+mod defaults {
+    use super::{Count, Duration, Step};
+    pub fn stop_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn drain() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn healthy_after() -> u32 {
+        2
+    }
+    pub fn unhealthy_after() -> u32 {
+        3
+    }
+    pub fn start_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_parallel() -> Count {
+        Count::Percent(25)
+    }
+    pub fn keep_previous() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn steps() -> Vec<Step> {
+        vec![Step {
+            traffic: 100,
+            hold: Duration::ZERO,
+            pause: false,
+            hosts: None,
+        }]
+    }
+    pub fn host_lost_after() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn progress_deadline() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn analysis_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn failure_limit() -> u32 {
+        2
+    }
+    pub fn min_requests() -> u64 {
+        50
+    }
+}
+
+/// A plan that could not be read: `file:line:col: message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PlanError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// A value problem found by [`Plan::validate`], located by key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Keys and array indices from the document root, e.g. `strategy.steps.2.traffic`.
+    pub path: Vec<PathPart>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPart {
+    Key(&'static str),
+    Index(usize),
+}
+
+fn invalid(path: &[PathPart], message: impl Into<String>) -> Invalid {
+    Invalid {
+        path: path.to_vec(),
+        message: message.into(),
+    }
+}
+
+use PathPart::{Index as I, Key as K};
+
+impl Plan {
+    /// Parses and validates plan text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Plan, PlanError> {
+        let plan: Plan = toml::from_str(text).map_err(|e| from_toml(&e, text, file))?;
+        if let Err(inv) = plan.validate() {
+            let offset = locate(text, &inv.path);
+            let (line, column) = line_col(text, offset);
+            let key = inv
+                .path
+                .iter()
+                .map(|p| match p {
+                    K(k) => k.to_string(),
+                    I(i) => format!("[{i}]"),
+                })
+                .collect::<Vec<_>>()
+                .join(".")
+                .replace(".[", "[");
+            let message = if key.is_empty() {
+                inv.message
+            } else {
+                format!("{key}: {}", inv.message)
+            };
+            return Err(PlanError {
+                file: file.to_string(),
+                line,
+                column,
+                message,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Checks values that the types alone do not rule out.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_name("service", &self.service).map_err(|m| invalid(&[K("service")], m))?;
+
+        let r = &self.release;
+        if r.version.trim().is_empty() {
+            return Err(invalid(&[K("release"), K("version")], "must not be empty"));
+        }
+        if r.version.len() > 128 || r.version.contains(['/', '\\', '\0']) || r.version == ".." {
+            return Err(invalid(
+                &[K("release"), K("version")],
+                "must be at most 128 characters with no '/' or '\\'",
+            ));
+        }
+        check_artifact_url(&r.artifact).map_err(|m| invalid(&[K("release"), K("artifact")], m))?;
+        check_sha256(&r.sha256).map_err(|m| invalid(&[K("release"), K("sha256")], m))?;
+
+        let run = &self.run;
+        if run.command.is_empty() || run.command[0].trim().is_empty() {
+            return Err(invalid(
+                &[K("run"), K("command")],
+                "must name the program to run, e.g. [\"./bin/web\", \"--port\", \"${PORT}\"]",
+            ));
+        }
+        if run.listen < 1024 {
+            return Err(invalid(
+                &[K("run"), K("listen")],
+                format!(
+                    "port {} is below 1024; cutover's proxy binds unprivileged ports only",
+                    run.listen
+                ),
+            ));
+        }
+        if run.stop_timeout.is_zero() {
+            return Err(invalid(
+                &[K("run"), K("stop_timeout")],
+                "must be more than 0s",
+            ));
+        }
+        for k in run.env.keys() {
+            if k.is_empty() || k.contains(['=', '\0']) {
+                return Err(invalid(
+                    &[K("run"), K("env")],
+                    format!("invalid variable name {k:?}"),
+                ));
+            }
+        }
+        if let Some(u) = &run.user
+            && u.trim().is_empty()
+        {
+            return Err(invalid(&[K("run"), K("user")], "must not be empty"));
+        }
+
+        let h = &self.health;
+        let named = [h.http.is_some(), h.tcp == Some(true), h.exec.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
+        if named == 0 {
+            return Err(invalid(
+                &[K("health")],
+                "no health check: set one of http = \"/healthz\", tcp = true or exec = [\"./check\"]",
+            ));
+        }
+        if named > 1 {
+            return Err(invalid(
+                &[K("health")],
+                "set only one of http, tcp and exec",
+            ));
+        }
+        if let Some(p) = &h.http
+            && !p.starts_with('/')
+        {
+            return Err(invalid(
+                &[K("health"), K("http")],
+                "must be a path starting with '/'",
+            ));
+        }
+        if let Some(c) = &h.exec
+            && (c.is_empty() || c[0].trim().is_empty())
+        {
+            return Err(invalid(
+                &[K("health"), K("exec")],
+                "must name a program to run",
+            ));
+        }
+        for (key, d) in [
+            ("interval", h.interval),
+            ("timeout", h.timeout),
+            ("start_timeout", h.start_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(&[K("health"), K(key)], "must be more than 0s"));
+            }
+        }
+        if h.healthy_after == 0 {
+            return Err(invalid(
+                &[K("health"), K("healthy_after")],
+                "must be at least 1",
+            ));
+        }
+        if h.unhealthy_after == 0 {
+            return Err(invalid(
+                &[K("health"), K("unhealthy_after")],
+                "must be at least 1",
+            ));
+        }
+
+        let s = &self.strategy;
+        check_count(&s.max_parallel, false)
+            .map_err(|m| invalid(&[K("strategy"), K("max_parallel")], m))?;
+        if s.steps.is_empty() {
+            return Err(invalid(
+                &[K("strategy"), K("steps")],
+                "no steps: add at least { traffic = 100 }",
+            ));
+        }
+        let mut prev_traffic = 0;
+        let mut prev_hosts: Option<Count> = None;
+        for (i, step) in s.steps.iter().enumerate() {
+            let at = |k: &'static str| vec![K("strategy"), K("steps"), I(i), K(k)];
+            if step.traffic == 0 || step.traffic > 100 {
+                return Err(invalid(
+                    &at("traffic"),
+                    format!("traffic {} is not a percentage from 1 to 100", step.traffic),
+                ));
+            }
+            if step.traffic < prev_traffic {
+                return Err(invalid(
+                    &at("traffic"),
+                    format!(
+                        "traffic goes down from {prev_traffic} to {}; steps must not lower traffic",
+                        step.traffic
+                    ),
+                ));
+            }
+            if let Some(c) = &step.hosts {
+                check_count(c, false).map_err(|m| invalid(&at("hosts"), m))?;
+                if let Some(p) = prev_hosts
+                    && same_kind_smaller(c, &p)
+                {
+                    return Err(invalid(
+                        &at("hosts"),
+                        format!("hosts goes down from {p} to {c}; later steps must not drop hosts"),
+                    ));
+                }
+                prev_hosts = Some(*c);
+            } else if prev_hosts.is_some() {
+                // A step without `hosts` takes every target host: always a superset.
+                prev_hosts = Some(Count::Percent(100));
+            }
+            if step.traffic == prev_traffic && step.hosts.is_none() && i > 0 && !step.pause {
+                let same_hosts = s.steps[i - 1].hosts.is_none();
+                if same_hosts && step.hold.is_zero() {
+                    return Err(invalid(
+                        &at("traffic"),
+                        format!("step repeats traffic {} and changes nothing", step.traffic),
+                    ));
+                }
+            }
+            prev_traffic = step.traffic;
+        }
+        let last = s.steps.len() - 1;
+        if s.steps[last].traffic != 100 {
+            return Err(invalid(
+                &[K("strategy"), K("steps"), I(last), K("traffic")],
+                format!(
+                    "the last step sends {}% to the new release; it must end at 100",
+                    s.steps[last].traffic
+                ),
+            ));
+        }
+        if let Some(c) = &s.steps[last].hosts
+            && *c != Count::Percent(100)
+        {
+            return Err(invalid(
+                &[K("strategy"), K("steps"), I(last), K("hosts")],
+                "the last step must cover every target host: leave hosts out or write \"100%\"",
+            ));
+        }
+        if s.host_lost_after.is_zero() {
+            return Err(invalid(
+                &[K("strategy"), K("host_lost_after")],
+                "must be more than 0s",
+            ));
+        }
+        if s.progress_deadline.is_zero() {
+            return Err(invalid(
+                &[K("strategy"), K("progress_deadline")],
+                "must be more than 0s",
+            ));
+        }
+
+        if let Some(a) = &self.analysis {
+            if a.interval.is_zero() {
+                return Err(invalid(
+                    &[K("analysis"), K("interval")],
+                    "must be more than 0s",
+                ));
+            }
+            if a.failure_limit == 0 {
+                return Err(invalid(
+                    &[K("analysis"), K("failure_limit")],
+                    "must be at least 1",
+                ));
+            }
+            for (i, m) in a.metric.iter().enumerate() {
+                let at = |k: &'static str| vec![K("analysis"), K("metric"), I(i), K(k)];
+                if m.max.is_none()
+                    && m.min.is_none()
+                    && m.max_vs_baseline.is_none()
+                    && m.judge.is_none()
+                {
+                    return Err(invalid(
+                        &[K("analysis"), K("metric"), I(i)],
+                        "metric has no bound: set max, min, max_vs_baseline or judge",
+                    ));
+                }
+                for (k, v) in [("max", m.max), ("min", m.min)] {
+                    if let Some(v) = v
+                        && (!v.is_finite() || v < 0.0)
+                    {
+                        return Err(invalid(&at(k), "must be a number of 0 or more"));
+                    }
+                }
+                if let (Some(lo), Some(hi)) = (m.min, m.max)
+                    && lo > hi
+                {
+                    return Err(invalid(&at("min"), format!("min {lo} is above max {hi}")));
+                }
+                if m.name == MetricName::ErrorRate
+                    && let Some(v) = m.max
+                    && v > 1.0
+                {
+                    return Err(invalid(
+                        &at("max"),
+                        format!("error_rate is a fraction from 0 to 1; {v} is above 1"),
+                    ));
+                }
+                if let Some(v) = m.max_vs_baseline
+                    && (!v.is_finite() || v <= 0.0)
+                {
+                    return Err(invalid(
+                        &at("max_vs_baseline"),
+                        "must be a ratio above 0, e.g. 1.5",
+                    ));
+                }
+                if let Some(c) = m.confidence {
+                    if m.judge.is_none() {
+                        return Err(invalid(&at("confidence"), "needs judge = \"mann-whitney\""));
+                    }
+                    if !(c > 0.0 && c < 1.0) {
+                        return Err(invalid(
+                            &at("confidence"),
+                            "must be between 0 and 1, e.g. 0.95",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn same_kind_smaller(now: &Count, before: &Count) -> bool {
+    match (now, before) {
+        (Count::Hosts(a), Count::Hosts(b)) | (Count::Percent(a), Count::Percent(b)) => a < b,
+        _ => false,
+    }
+}
+
+fn check_count(c: &Count, zero_ok: bool) -> Result<(), String> {
+    match *c {
+        Count::Hosts(0) if !zero_ok => Err("must be at least 1 host".into()),
+        Count::Percent(p) if p == 0 || p > 100 => {
+            Err(format!("{p}% is not a share from 1% to 100%"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks an artifact URL's scheme.
+pub fn check_artifact_url(url: &str) -> Result<(), String> {
+    let ok = ["file:///", "http://", "https://"]
+        .iter()
+        .any(|p| url.starts_with(p) && url.len() > p.len());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url:?} is not a file:///, http:// or https:// URL"
+        ))
+    }
+}
+
+/// Checks that `hex` is a SHA-256 digest: 64 hexadecimal digits.
+pub fn check_sha256(hex: &str) -> Result<(), String> {
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{hex:?} is not a SHA-256 digest (64 hexadecimal digits; `sha256sum FILE` prints it)"
+        ))
+    }
+}
+
+/// Turns a toml/serde error into a located, one-line error with a suggestion for typos.
+fn from_toml(e: &toml::de::Error, text: &str, file: &str) -> PlanError {
+    let offset = e.span().map(|s| s.start).unwrap_or(0);
+    let (line, column) = line_col(text, offset);
+    let raw = e.message().trim().replace('\n', " ");
+    let message = improve_message(&raw, e.span().map(|s| &text[s.clone()]));
+    PlanError {
+        file: file.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+fn improve_message(raw: &str, _at: Option<&str>) -> String {
+    // serde: "unknown field `heath`, expected one of `a`, `b`" or "expected `a` or `b`"
+    if let Some(rest) = raw.strip_prefix("unknown field `") {
+        let name = rest.split('`').next().unwrap_or_default();
+        let expected: Vec<&str> = rest
+            .split_once("expected")
+            .map(|(_, tail)| tail.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default();
+        let mut msg = format!("unknown key `{name}`");
+        if let Some(best) = nearest(name, &expected) {
+            msg.push_str(&format!(": did you mean `{best}`?"));
+        } else if !expected.is_empty() {
+            msg.push_str(&format!("; known keys here: {}", expected.join(", ")));
+        }
+        return msg;
+    }
+    if let Some(rest) = raw.strip_prefix("unknown variant `") {
+        let name = rest.split('`').next().unwrap_or_default();
+        let expected: Vec<&str> = rest
+            .split_once("expected")
+            .map(|(_, tail)| tail.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default();
+        let mut msg = format!("unknown value {name:?}");
+        if let Some(best) = nearest(name, &expected) {
+            msg.push_str(&format!(": did you mean {best:?}?"));
+        } else if !expected.is_empty() {
+            msg.push_str(&format!("; expected one of {}", expected.join(", ")));
+        }
+        return msg;
+    }
+    if let Some(rest) = raw.strip_prefix("missing field `") {
+        let name = rest.split('`').next().unwrap_or_default();
+        return match name {
+            "health" => "missing [health] section: a health check is required".to_string(),
+            "release" | "run" => format!("missing [{name}] section"),
+            _ => format!("missing key `{name}`"),
+        };
+    }
+    raw.to_string()
+}
+
+/// The known word closest to `word`, if it is close enough to be a typo of it.
+pub fn nearest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(word, k), *k))
+        .filter(|(d, k)| *d <= (k.len().max(word.len()) / 3).max(1) + usize::from(k.len() > 5))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, col)
+}
+
+/// Byte offset of the value at `path`, or of the deepest part of it that exists.
+fn locate(text: &str, path: &[PathPart]) -> usize {
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return 0;
+    };
+    let mut best = 0;
+    let mut table = Some(root.get_ref());
+    let mut value: Option<&toml::Spanned<toml::de::DeValue<'_>>> = None;
+    for part in path {
+        let next = match (part, table, value) {
+            (K(k), Some(t), _) => t.get(*k),
+            (K(k), None, Some(v)) => v.get_ref().get(*k),
+            (I(i), _, Some(v)) => v.get_ref().get(*i),
+            _ => None,
+        };
+        let Some(next) = next else { break };
+        best = next.span().start;
+        value = Some(next);
+        table = None;
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests;

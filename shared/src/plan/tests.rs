@@ -1,0 +1,270 @@
+use super::*;
+
+const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn spec_example() -> String {
+    format!(
+        r#"service = "web"
+
+[release]
+version = "1.4.2"
+artifact = "https://artifacts.example/web-1.4.2.tar.gz"
+sha256 = "{SHA}"
+
+[targets]
+labels = {{ env = "prod", role = "web" }}
+
+[run]
+command = ["./bin/web", "--port", "${{PORT}}"]
+env = {{ RUST_LOG = "info" }}
+listen = 8080
+protocol = "http"
+stop_timeout = "30s"
+drain = "5s"
+
+[health]
+http = "/healthz"
+interval = "1s"
+timeout = "2s"
+healthy_after = 2
+unhealthy_after = 3
+start_timeout = "60s"
+
+[strategy]
+max_parallel = "25%"
+max_failed_hosts = 0
+keep_previous = "1h"
+bake = "5m"
+steps = [
+  {{ traffic = 1,   hold = "2m" }},
+  {{ traffic = 10,  hold = "5m", hosts = "50%", pause = true }},
+  {{ traffic = 100, hold = "0s" }},
+]
+
+[analysis]
+interval = "10s"
+failure_limit = 2
+min_requests = 50
+
+[[analysis.metric]]
+name = "error_rate"
+max = 0.01
+
+[[analysis.metric]]
+name = "latency_p99"
+max = 500
+max_vs_baseline = 1.5
+"#
+    )
+}
+
+fn err(text: &str) -> PlanError {
+    Plan::parse(text, "plan.toml").expect_err("plan should be refused")
+}
+
+#[test]
+fn spec_example_parses_every_key() {
+    let p = Plan::parse(&spec_example(), "plan.toml").unwrap();
+    assert_eq!(p.service, "web");
+    assert_eq!(p.release.version, "1.4.2");
+    assert_eq!(
+        p.targets.labels.get("role").map(String::as_str),
+        Some("web")
+    );
+    assert_eq!(p.run.command, ["./bin/web", "--port", "${PORT}"]);
+    assert_eq!(p.run.listen, 8080);
+    assert_eq!(p.run.protocol, Protocol::Http);
+    assert_eq!(p.run.drain, Duration::from_secs(5));
+    assert_eq!(p.health.check(), Some(Check::Http("/healthz".into())));
+    assert_eq!(p.health.start_timeout, Duration::from_secs(60));
+    assert_eq!(p.strategy.max_parallel, Count::Percent(25));
+    assert_eq!(p.strategy.bake, Duration::from_secs(300));
+    assert_eq!(p.strategy.steps.len(), 3);
+    assert_eq!(p.strategy.steps[1].hosts, Some(Count::Percent(50)));
+    assert!(p.strategy.steps[1].pause);
+    let a = p.analysis.unwrap();
+    assert_eq!(a.metric.len(), 2);
+    assert_eq!(a.metric[1].name, MetricName::LatencyP99);
+    assert_eq!(a.metric[1].max_vs_baseline, Some(1.5));
+}
+
+#[test]
+fn minimal_plan_gets_defaults() {
+    let text = format!(
+        "service = \"api\"\n[release]\nversion = \"1\"\nartifact = \"file:///tmp/a.tar.gz\"\nsha256 = \"{SHA}\"\n[run]\ncommand = [\"./api\"]\nlisten = 9000\nprotocol = \"tcp\"\n[health]\ntcp = true\n"
+    );
+    let p = Plan::parse(&text, "p.toml").unwrap();
+    assert_eq!(p.strategy.steps.len(), 1);
+    assert_eq!(p.strategy.steps[0].traffic, 100);
+    assert_eq!(p.health.check(), Some(Check::Tcp));
+    assert_eq!(p.run.stop_timeout, Duration::from_secs(30));
+    assert_eq!(p.strategy.on_host_lost, OnHostLost::Pause);
+    assert!(p.analysis.is_none());
+}
+
+#[test]
+fn typo_in_section_suggests_nearest_key_with_location() {
+    let text = spec_example().replace("[health]", "[heath]");
+    let e = err(&text);
+    assert!(e.message.contains("did you mean `health`"), "{e}");
+    assert_eq!(e.file, "plan.toml");
+    let line = text.lines().position(|l| l == "[heath]").unwrap() + 1;
+    assert_eq!(e.line, line, "{e}");
+}
+
+#[test]
+fn typo_in_nested_key_is_located() {
+    let text = spec_example().replace("healthy_after = 2", "healty_after = 2");
+    let e = err(&text);
+    assert!(e.message.contains("did you mean `healthy_after`"), "{e}");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("healty_after"))
+        .unwrap()
+        + 1;
+    assert_eq!((e.line, e.column), (line, 1), "{e}");
+}
+
+#[test]
+fn wrong_type_is_located() {
+    let text = spec_example().replace("listen = 8080", "listen = \"8080\"");
+    let e = err(&text);
+    let line = text.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+    assert_eq!(e.line, line, "{e}");
+}
+
+#[test]
+fn traffic_over_100_names_the_step() {
+    let text = spec_example().replace("traffic = 100,", "traffic = 101,");
+    let e = err(&text);
+    assert!(e.message.contains("strategy.steps[2].traffic"), "{e}");
+    let line = text
+        .lines()
+        .position(|l| l.contains("traffic = 101"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.line, line, "{e}");
+    assert!(
+        e.to_string().starts_with(&format!("plan.toml:{line}:")),
+        "{e}"
+    );
+}
+
+#[test]
+fn refusals() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("traffic = 10, ", "traffic = 0, ", "not a percentage"),
+        ("{ traffic = 10, ", "{ traffic = 0, ", "not a percentage"),
+        ("traffic = 1,   hold", "traffic = 50,   hold", "goes down"),
+        (
+            "traffic = 100, hold = \"0s\"",
+            "traffic = 90, hold = \"0s\"",
+            "must end at 100",
+        ),
+        ("http = \"/healthz\"", "", "no health check"),
+        (
+            "http = \"/healthz\"",
+            "http = \"healthz\"",
+            "starting with '/'",
+        ),
+        (
+            "http = \"/healthz\"",
+            "http = \"/h\"\ntcp = true",
+            "only one",
+        ),
+        ("listen = 8080", "listen = 80", "below 1024"),
+        ("listen = 8080", "listen = 70000", ""),
+        ("sha256 = \"", "sha256 = \"abc", "SHA-256"),
+        (
+            "https://artifacts.example",
+            "ftp://artifacts.example",
+            "file:///",
+        ),
+        (
+            "service = \"web\"",
+            "service = \"Web Site\"",
+            "service name",
+        ),
+        (
+            "interval = \"1s\"",
+            "interval = \"1 second\"",
+            "invalid duration",
+        ),
+        ("interval = \"1s\"", "interval = 5", "needs a unit"),
+        (
+            "protocol = \"http\"",
+            "protocol = \"htp\"",
+            "did you mean \"http\"",
+        ),
+        (
+            "name = \"error_rate\"",
+            "name = \"eror_rate\"",
+            "did you mean \"error_rate\"",
+        ),
+        ("max = 0.01", "max = 2.0", "fraction"),
+        ("max_parallel = \"25%\"", "max_parallel = \"0%\"", "share"),
+        ("max_parallel = \"25%\"", "max_parallel = 0", "at least 1"),
+        ("failure_limit = 2", "failure_limit = 0", "at least 1"),
+        ("healthy_after = 2", "healthy_after = -1", ""),
+        (
+            "command = [\"./bin/web\", \"--port\", \"${PORT}\"]",
+            "command = []",
+            "program",
+        ),
+        ("hosts = \"50%\"", "hosts = \"150%\"", "share"),
+    ];
+    for (from, to, want) in cases {
+        let base = spec_example();
+        assert!(base.contains(from), "test case does not apply: {from}");
+        let text = base.replacen(from, to, 1);
+        let e = err(&text);
+        assert!(e.message.contains(want), "{from} -> {to}: got {e}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+}
+
+#[test]
+fn empty_steps_and_missing_sections() {
+    let text = spec_example();
+    let start = text.find("steps = [").unwrap();
+    let end = text[start..].find("]\n").unwrap() + start + 2;
+    let mut t = text.clone();
+    t.replace_range(start..end, "steps = []\n");
+    assert!(err(&t).message.contains("no steps"));
+
+    let start = text.find("[health]").unwrap();
+    let end = text.find("[strategy]").unwrap();
+    let mut t = text.clone();
+    t.replace_range(start..end, "");
+    assert!(err(&t).message.contains("[health]"), "{}", err(&t));
+}
+
+#[test]
+fn garbage_never_panics() {
+    for text in [
+        "",
+        "\0",
+        "[[[",
+        "service = ",
+        "a = 1\n[a]",
+        "service = 1",
+        "\u{feff}x=1",
+    ] {
+        let _ = Plan::parse(text, "p.toml");
+    }
+}
+
+#[test]
+fn count_of_hosts() {
+    assert_eq!(Count::Percent(25).of(3), 1);
+    assert_eq!(Count::Percent(50).of(3), 2);
+    assert_eq!(Count::Percent(100).of(3), 3);
+    assert_eq!(Count::Hosts(5).of(3), 3);
+    assert_eq!(Count::Hosts(1).of(0), 0);
+}
+
+#[test]
+fn nearest_word() {
+    assert_eq!(nearest("heath", &["health", "run"]), Some("health"));
+    assert_eq!(nearest("zzzzzz", &["health", "run"]), None);
+}

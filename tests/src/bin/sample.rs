@@ -1,0 +1,213 @@
+//! `cutover-sample`: the small HTTP service that cutover's demo and end-to-end tests
+//! deploy, and the tool that packs it into release artifacts.
+//!
+//! `cutover-sample serve --port P` answers `GET /` with `release <version>` and `GET
+//! /healthz` with 200. Its behaviour comes from `behaviour.env` in its working directory
+//! (the release), so a "bad release" is bad because of what it ships:
+//! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
+//! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
+//! `unhealthy=1` fails its health check.
+//!
+//! `cutover-sample pack --out FILE --version V [key=value ...]` writes a `.tar.gz` holding
+//! this binary and a `behaviour.env`, and prints its SHA-256.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+struct Behaviour {
+    version: String,
+    error_rate: f64,
+    delay: Duration,
+    unhealthy: bool,
+    counter: AtomicU64,
+}
+
+fn read_behaviour() -> HashMap<String, String> {
+    std::fs::read_to_string("behaviour.env")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let code = match args.get(1).map(String::as_str) {
+        Some("serve") => serve(&args[2..]),
+        Some("pack") => pack(&args[2..]),
+        _ => {
+            eprintln!(
+                "usage: cutover-sample serve --port P | pack --out FILE --version V [key=value ...]"
+            );
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn serve(args: &[String]) -> i32 {
+    let port: u16 = match flag(args, "--port")
+        .map(str::to_string)
+        .or_else(|| std::env::var("PORT").ok())
+        .and_then(|p| p.parse().ok())
+    {
+        Some(p) => p,
+        None => {
+            eprintln!("serve: --port or PORT is required");
+            return 2;
+        }
+    };
+    let b = read_behaviour();
+    let get = |k: &str| b.get(k).cloned().unwrap_or_default();
+    if get("exit_on_start") == "1" {
+        eprintln!("sample: exiting on start as this release is built to");
+        return 1;
+    }
+    let behaviour = Arc::new(Behaviour {
+        version: std::env::var("CUTOVER_RELEASE")
+            .ok()
+            .or_else(|| b.get("version").cloned())
+            .unwrap_or_else(|| "unknown".into()),
+        error_rate: get("error_rate").parse().unwrap_or(0.0),
+        delay: Duration::from_millis(get("delay_ms").parse().unwrap_or(0)),
+        unhealthy: get("unhealthy") == "1",
+        counter: AtomicU64::new(0),
+    });
+    let crash_after: Option<u64> = get("crash_after_ms").parse().ok();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bind 127.0.0.1:{port}: {e}");
+                return 1;
+            }
+        };
+        eprintln!("sample {} listening on 127.0.0.1:{port}", behaviour.version);
+        if let Some(ms) = crash_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                eprintln!("sample: crashing as this release is built to");
+                std::process::exit(3);
+            });
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                    eprintln!("sample: SIGTERM, stopping");
+                    return 0;
+                }
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let b = behaviour.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(req, b.clone()));
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    })
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    b: Arc<Behaviour>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: u16, body: String| {
+        Ok(Response::builder()
+            .status(status)
+            .header("content-type", "text/plain")
+            .header("x-release", b.version.as_str())
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default())
+    };
+    if req.uri().path() == "/healthz" {
+        return if b.unhealthy {
+            reply(500, "unhealthy\n".into())
+        } else {
+            reply(200, "ok\n".into())
+        };
+    }
+    if !b.delay.is_zero() {
+        tokio::time::sleep(b.delay).await;
+    }
+    let n = b.counter.fetch_add(1, Ordering::Relaxed);
+    // Deterministic error spreading: request n fails when its position in a 1000-cycle
+    // falls below the error share.
+    if b.error_rate > 0.0 && ((n * 617) % 1000) as f64 / 1000.0 < b.error_rate {
+        return reply(500, format!("release {} failed this request\n", b.version));
+    }
+    reply(200, format!("release {}\n", b.version))
+}
+
+fn pack(args: &[String]) -> i32 {
+    let (Some(out), Some(version)) = (flag(args, "--out"), flag(args, "--version")) else {
+        eprintln!("pack: --out FILE and --version V are required");
+        return 2;
+    };
+    let extra: Vec<&String> = args
+        .iter()
+        .filter(|a| a.contains('=') && !a.starts_with("--"))
+        .collect();
+    match pack_to(out, version, &extra) {
+        Ok(sha) => {
+            println!("{sha}");
+            0
+        }
+        Err(e) => {
+            eprintln!("pack: {e}");
+            1
+        }
+    }
+}
+
+/// Writes the artifact and returns its SHA-256.
+pub fn pack_to(out: &str, version: &str, extra: &[&String]) -> std::io::Result<String> {
+    use sha2::Digest;
+    let exe = std::env::current_exe()?;
+    let mut behaviour = format!("version={version}\n");
+    for kv in extra {
+        behaviour.push_str(kv);
+        behaviour.push('\n');
+    }
+    let file = std::fs::File::create(out)?;
+    let enc = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(enc);
+    tar.append_path_with_name(&exe, "bin/cutover-sample")?;
+    let mut h = tar::Header::new_gnu();
+    h.set_size(behaviour.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "behaviour.env", behaviour.as_bytes())?;
+    tar.into_inner()?.finish()?.flush()?;
+    let data = std::fs::read(out)?;
+    Ok(hex::encode(sha2::Sha256::digest(&data)))
+}

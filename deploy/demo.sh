@@ -113,9 +113,9 @@ for i in 2 3 4; do echo "    web-$i: $(curl -s "http://127.0.0.$i:$LISTEN/")"; d
 
 echo
 echo "==> what happened"
-printf '    deploy 2.0.0 took %.1fs (including a 2s hold at 10%%)\n' "$(echo "$t1 - $t0" | bc)"
+awk -v a="$t0" -v b="$t1" 'BEGIN { printf "    deploy 2.0.0 took %.1fs (including a 2s hold at 10%%)\n", b - a }'
 echo "    client requests during the deployment: $ok served, $bad failed"
-printf '    demo wall time: %.1fs\n' "$(echo "$(date +%s.%N) - $started" | bc)"
+awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "    demo wall time: %.1fs\n", b - a }'
 echo "    where to look: $WORK (coordinator.log, agent-*.log, agent-*/logs/ for slot output)"
 echo "    try: CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin $CUTOVER status --output json"
 [ "$bad" = 0 ]

@@ -102,7 +102,7 @@ pub fn prune_releases(data_dir: &Path, service: &str, keep: usize, in_use: &[Pat
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
     for (_, d) in dirs.into_iter().skip(keep) {
         if !in_use.contains(&d) {
             tracing::info!(dir = %d.display(), "removing old release");

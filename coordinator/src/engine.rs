@@ -380,9 +380,7 @@ impl Engine {
             }
             if next.state == State::Succeeded {
                 let replaced = svc.live.replace(next.plan.clone());
-                if next.is_rollback {
-                    svc.previous = replaced;
-                } else if replaced.is_some() {
+                if replaced.is_some() {
                     svc.previous = replaced;
                 }
                 let keep = next.plan.strategy.keep_previous.as_millis();

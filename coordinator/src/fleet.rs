@@ -8,10 +8,13 @@ use cutover_proto::v1::{
     CoordinatorMessage, DesiredService, DesiredState, ObservedService, coordinator_message,
 };
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
 struct Session {
     id: u64,
     tx: mpsc::Sender<CoordinatorMessage>,
+    /// Ends the session's task (host removed, or replaced by a newer session).
+    end: CancellationToken,
 }
 
 #[derive(Default)]
@@ -36,21 +39,31 @@ impl Fleet {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new session for `host`, replacing (and so closing) any older one.
-    pub fn attach(&self, host: &str, tx: mpsc::Sender<CoordinatorMessage>, now_ms: u64) -> u64 {
+    /// Registers a new session for `host`, replacing (and so ending) any older one.
+    /// Returns the session id and a token cancelled when the session must end.
+    pub fn attach(
+        &self,
+        host: &str,
+        tx: mpsc::Sender<CoordinatorMessage>,
+        now_ms: u64,
+    ) -> (u64, CancellationToken) {
         let mut g = self.lock();
         g.next_id += 1;
         let id = g.next_id;
-        if g.sessions
-            .insert(host.to_string(), Session { id, tx })
-            .is_some()
-        {
+        let end = CancellationToken::new();
+        let session = Session {
+            id,
+            tx,
+            end: end.clone(),
+        };
+        if let Some(old) = g.sessions.insert(host.to_string(), session) {
+            old.end.cancel();
             g.reconnects += 1;
         }
         g.last_seen.insert(host.to_string(), now_ms);
         drop(g);
         self.changed.notify_one();
-        id
+        (id, end)
     }
 
     /// Ends `host`'s session if it is still `session`.
@@ -66,7 +79,9 @@ impl Fleet {
     /// Drops a host entirely (it was removed).
     pub fn forget(&self, host: &str) {
         let mut g = self.lock();
-        g.sessions.remove(host);
+        if let Some(s) = g.sessions.remove(host) {
+            s.end.cancel();
+        }
         g.observed.remove(host);
         drop(g);
         self.changed.notify_one();
@@ -138,7 +153,9 @@ impl Fleet {
         });
         if full {
             // Closing the session makes the agent reconnect and receive its whole state.
-            g.sessions.remove(host);
+            if let Some(s) = g.sessions.remove(host) {
+                s.end.cancel();
+            }
             tracing::warn!(host, "session queue full; closing it so the agent resyncs");
         }
     }

@@ -176,7 +176,7 @@ impl AgentLink for Api {
             })),
         };
         tx.try_send(first).map_err(internal)?;
-        let session = s.fleet.attach(&host, tx.clone(), now_ms());
+        let (session, end) = s.fleet.attach(&host, tx.clone(), now_ms());
         tracing::info!(host, session, "agent connected");
 
         tokio::spawn(async move {
@@ -185,6 +185,7 @@ impl AgentLink for Api {
             loop {
                 tokio::select! {
                     _ = s.cancel.cancelled() => break,
+                    _ = end.cancelled() => break,
                     _ = tx.closed() => break,
                     _ = beat.tick() => {
                         if last_heard.elapsed() > SILENCE_LIMIT {

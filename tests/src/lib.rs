@@ -1,1 +1,573 @@
-//! placeholder
+//! Harness for cutover's end-to-end tests: it runs the real `cutover` and `cutover-agent`
+//! binaries as separate processes, each with its own data dir and log file, on
+//! 127.0.0.x addresses; waits for conditions by polling with deadlines; stops processes
+//! with SIGTERM then SIGKILL; and keeps the logs of a failed test.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// Directory holding the workspace's binaries.
+pub fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps; the binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    for b in ["cutover", "cutover-agent", "cutover-sample"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo build --workspace --bins` before the tests",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// Polls `cond` every 50ms until it holds or `timeout` passes (then panics with `what`).
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).expect("log file");
+        let f2 = f.try_clone().expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`. Returns true if it stopped on SIGTERM.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(10));
+    }
+}
+
+pub struct Agent {
+    pub name: String,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    pub proc: Proc,
+}
+
+/// A coordinator and its agents, all real processes.
+pub struct Cluster {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub bin: PathBuf,
+    pub coord_addr: String,
+    pub http_addr: String,
+    pub coordinator: Option<Proc>,
+    pub agents: Vec<Agent>,
+    /// The public port the test's services listen on.
+    pub listen: u16,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `n` agents named web-1.. on 127.`net`.0.2, .3, ...
+    pub fn start(net: u8, n: usize) -> Cluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("cutover-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut c = Cluster {
+            dir,
+            _tmp: Some(tmp),
+            bin: bin_dir(),
+            coord_addr: format!("127.0.0.1:{}", free_port()),
+            http_addr: format!("127.0.0.1:{}", free_port()),
+            coordinator: None,
+            agents: Vec::new(),
+            listen: free_port(),
+        };
+        c.start_coordinator();
+        for i in 0..n {
+            c.add_agent(
+                &format!("web-{}", i + 1),
+                &format!("127.{net}.0.{}", i + 2),
+                "env=test",
+            );
+        }
+        c
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let mut cmd = Command::new(self.bin.join("cutover"));
+        cmd.args(["serve", "--data-dir"])
+            .arg(self.dir.join("coordinator"))
+            .args(["--listen", &self.coord_addr, "--http", &self.http_addr]);
+        self.coordinator = Some(Proc::spawn(
+            "coordinator",
+            &mut cmd,
+            self.dir.join("coordinator.log"),
+        ));
+        wait_until(Duration::from_secs(20), "the coordinator to answer", || {
+            self.cli(&["hosts"]).status.success()
+        });
+    }
+
+    pub fn credentials(&self) -> PathBuf {
+        self.dir.join("coordinator").join("admin")
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(self.bin.join("cutover"))
+            .args(args)
+            .env("CUTOVER_COORDINATOR", &self.coord_addr)
+            .env("CUTOVER_CREDENTIALS", self.credentials())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run cutover")
+    }
+
+    /// Runs the CLI and returns stdout, panicking with stderr on failure.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "cutover {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn token(&self, labels: &str) -> String {
+        self.cli_ok(&["token", "create", "--labels", labels])
+            .trim()
+            .to_string()
+    }
+
+    pub fn join(&self, name: &str, data_dir: &Path, token: &str) -> Output {
+        Command::new(self.bin.join("cutover-agent"))
+            .args([
+                "join",
+                "--coordinator",
+                &self.coord_addr,
+                "--token",
+                token,
+                "--name",
+                name,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .output()
+            .expect("run cutover-agent join")
+    }
+
+    pub fn add_agent(&mut self, name: &str, ip: &str, labels: &str) {
+        let data_dir = self.dir.join(name);
+        let token = self.token(labels);
+        let out = self.join(name, &data_dir, &token);
+        assert!(
+            out.status.success(),
+            "join {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let proc = self.spawn_agent(name, ip, &data_dir);
+        self.agents.push(Agent {
+            name: name.to_string(),
+            ip: ip.to_string(),
+            data_dir,
+            proc,
+        });
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{name} to connect"),
+            || self.connected(name),
+        );
+    }
+
+    pub fn spawn_agent(&self, name: &str, ip: &str, data_dir: &Path) -> Proc {
+        let mut cmd = Command::new(self.bin.join("cutover-agent"));
+        cmd.args(["run", "--data-dir"])
+            .arg(data_dir)
+            .args(["--service-address", ip]);
+        Proc::spawn(name, &mut cmd, self.dir.join(format!("{name}.log")))
+    }
+
+    pub fn hosts(&self) -> Value {
+        serde_json::from_str(&self.cli_ok(&["hosts", "--output", "json"])).expect("hosts json")
+    }
+
+    pub fn connected(&self, name: &str) -> bool {
+        let out = self.cli(&["hosts", "--output", "json"]);
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+            return false;
+        };
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| h["name"] == name && h["connected"] == true)
+    }
+
+    pub fn status(&self, id: &str) -> Value {
+        serde_json::from_str(&self.cli_ok(&["status", id, "--output", "json"]))
+            .expect("status json")
+    }
+
+    /// Packs a sample release; returns (file:// URL, sha256).
+    pub fn pack(&self, version: &str, behaviour: &[&str]) -> (String, String) {
+        let out_file = self.dir.join(format!(
+            "web-{version}-{}.tar.gz",
+            behaviour.join("_").replace(['=', '.'], "")
+        ));
+        let out = Command::new(self.bin.join("cutover-sample"))
+            .args(["pack", "--out"])
+            .arg(&out_file)
+            .args(["--version", version])
+            .args(behaviour)
+            .output()
+            .expect("pack");
+        assert!(
+            out.status.success(),
+            "pack: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            format!("file://{}", out_file.display()),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    }
+
+    /// Writes a plan for the sample service; `strategy` is the `[strategy]` body.
+    pub fn plan(
+        &self,
+        name: &str,
+        version: &str,
+        artifact: &str,
+        sha: &str,
+        strategy: &str,
+        health_extra: &str,
+    ) -> PathBuf {
+        let text = format!(
+            r#"service = "web"
+
+[release]
+version = "{version}"
+artifact = "{artifact}"
+sha256 = "{sha}"
+
+[targets]
+labels = {{ env = "test" }}
+
+[run]
+command = ["./bin/cutover-sample", "serve", "--port", "${{PORT}}"]
+listen = {listen}
+drain = "2s"
+stop_timeout = "5s"
+
+[health]
+http = "/healthz"
+interval = "200ms"
+timeout = "1s"
+healthy_after = 2
+unhealthy_after = 2
+{health_extra}
+
+[strategy]
+max_parallel = "100%"
+{strategy}
+"#,
+            listen = self.listen
+        );
+        let p = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&p, text).expect("write plan");
+        p
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.agents
+            .iter()
+            .map(|a| format!("{}:{}", a.ip, self.listen).parse().expect("addr"))
+            .collect()
+    }
+
+    /// The body each host's public port answers with (`release X` or an error).
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.agents
+            .iter()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    get(&format!("{}:{}", a.ip, self.listen), "/").unwrap_or_else(|e| e),
+                )
+            })
+            .collect()
+    }
+
+    /// Deploys and waits; returns (exit code, id, stderr).
+    pub fn deploy_wait(&self, plan: &Path, extra: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["deploy", plan.to_str().expect("utf-8 path"), "--wait"];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        let id = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        (
+            out.status.code().unwrap_or(-1),
+            id,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.proc.stop(Duration::from_secs(15));
+        }
+        if let Some(c) = &mut self.coordinator {
+            c.stop(Duration::from_secs(10));
+        }
+        if std::thread::panicking()
+            && let Some(tmp) = self._tmp.take()
+        {
+            let kept = tmp.keep();
+            eprintln!("test failed; logs kept in {}", kept.display());
+            for f in ["coordinator.log", "web-1.log", "web-2.log", "web-3.log"] {
+                if let Ok(t) = std::fs::read_to_string(kept.join(f)) {
+                    let tail: Vec<&str> = t.lines().rev().take(25).collect();
+                    eprintln!("--- {f} (last lines) ---");
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 GET; returns the body trimmed, or an error string.
+pub fn get(addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &addr.parse().map_err(|e| format!("{e}"))?,
+        Duration::from_secs(2),
+    )
+    .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let (head, body) = buf.split_once("\r\n\r\n").ok_or("no response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    Ok(body.trim().to_string())
+}
+
+/// Client load: keep-alive HTTP requests against every address, counting outcomes.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub report: Arc<LoadReport>,
+}
+
+#[derive(Default)]
+pub struct LoadReport {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub versions: Mutex<BTreeMap<String, u64>>,
+    pub errors: Mutex<Vec<String>>,
+}
+
+impl LoadReport {
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+    pub fn versions(&self) -> BTreeMap<String, u64> {
+        self.versions.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Load {
+    /// `per_addr` concurrent keep-alive clients per address.
+    pub fn start(addrs: Vec<SocketAddr>, per_addr: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(LoadReport::default());
+        let (s, r) = (stop.clone(), report.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for addr in addrs {
+                    for _ in 0..per_addr {
+                        tasks.push(tokio::spawn(client(addr, s.clone(), r.clone())));
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+            report,
+        }
+    }
+
+    pub fn stop(mut self) -> Arc<LoadReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.report.clone()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, report: Arc<LoadReport>) {
+    use http_body_util::{BodyExt, Empty};
+    let fail = |report: &LoadReport, e: String| {
+        report.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut v) = report.errors.lock()
+            && v.len() < 20
+        {
+            v.push(e);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                fail(&report, format!("connect {addr}: {e}"));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+        else {
+            fail(&report, format!("handshake {addr}"));
+            continue;
+        };
+        tokio::spawn(conn);
+        // Reuse the connection for many requests (keep-alive), like a real client pool.
+        for _ in 0..200 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let req = hyper::Request::get("/")
+                .header("host", addr.to_string())
+                .body(Empty::<bytes::Bytes>::new())
+                .expect("request");
+            match sender.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                    match body {
+                        Ok(b) if status.is_success() => {
+                            report.ok.fetch_add(1, Ordering::Relaxed);
+                            let v = String::from_utf8_lossy(&b).trim().to_string();
+                            if let Ok(mut m) = report.versions.lock() {
+                                *m.entry(v).or_default() += 1;
+                            }
+                        }
+                        Ok(_) => fail(&report, format!("{addr}: HTTP {status}")),
+                        Err(e) => fail(&report, format!("{addr}: body: {e}")),
+                    }
+                }
+                Err(e) => {
+                    fail(&report, format!("{addr}: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,264 @@
+use super::*;
+use cutover_proto::v1::SlotStatus;
+use std::collections::BTreeMap;
 
+const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const SHA2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+fn plan(version: &str, sha: &str, steps: &str) -> Plan {
+    let text = format!(
+        "service = \"web\"\n[release]\nversion = \"{version}\"\nartifact = \"file:///a.tar.gz\"\nsha256 = \"{sha}\"\n[run]\ncommand = [\"./web\"]\nlisten = 8080\n[health]\nhttp = \"/\"\n[strategy]\nmax_parallel = 1\n{steps}\n"
+    );
+    Plan::parse(&text, "p.toml").unwrap()
+}
+
+/// A simulated fleet: desired state per host, and agents that apply it perfectly.
+struct Sim {
+    desired: BTreeMap<String, DesiredService>,
+    observed: BTreeMap<String, ObservedService>,
+    /// Releases that fail on this host: version -> error.
+    failing: BTreeMap<(String, String), String>,
+}
+
+impl Sim {
+    fn new(hosts: &[&str]) -> Sim {
+        Sim {
+            desired: BTreeMap::new(),
+            observed: hosts.iter().map(|h| (h.to_string(), ObservedService::default())).collect(),
+            failing: BTreeMap::new(),
+        }
+    }
+
+    fn views(&self) -> BTreeMap<String, HostView<'_>> {
+        self.observed
+            .keys()
+            .map(|h| {
+                (
+                    h.clone(),
+                    HostView {
+                        connected: true,
+                        desired: self.desired.get(h),
+                        observed: self.observed.get(h),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Writes targets (bumping generations) like the engine does.
+    fn apply(&mut self, targets: BTreeMap<String, DesiredService>) {
+        for (h, mut t) in targets {
+            t.generation = self.desired.get(&h).map_or(0, |d| d.generation) + 1;
+            self.desired.insert(h, t);
+        }
+    }
+
+    /// Agents converge: every slot's release runs healthy (or fails), weights applied.
+    fn converge(&mut self) {
+        for (h, d) in &self.desired {
+            let status = |spec: &Option<SlotSpec>| {
+                spec.as_ref().map(|s| {
+                    let v = s.release.as_ref().unwrap().version.clone();
+                    match self.failing.get(&(h.clone(), v.clone())) {
+                        Some(e) => SlotStatus { release: v, phase: SlotPhase::Failed as i32, error: e.clone(), ..Default::default() },
+                        None => SlotStatus { release: v, phase: SlotPhase::Healthy as i32, ..Default::default() },
+                    }
+                })
+            };
+            let o = ObservedService {
+                service: d.service.clone(),
+                generation: d.generation,
+                blue: status(&d.blue),
+                green: status(&d.green),
+                blue_weight: if d.blue.is_some() { d.blue_weight } else { 0 },
+                green_weight: if d.green.is_some() { d.green_weight } else { 0 },
+                error: String::new(),
+            };
+            self.observed.insert(h.clone(), o);
+        }
+    }
+
+    fn start(&self, p: &Plan) -> DeploymentRecord {
+        let hosts = self
+            .observed
+            .keys()
+            .map(|h| (h.clone(), plan_host(p, self.desired.get(h))))
+            .collect();
+        DeploymentRecord {
+            id: "d-1".into(),
+            service: "web".into(),
+            release: p.release.version.clone(),
+            plan: p.clone(),
+            plan_path: "p.toml".into(),
+            previous_release: None,
+            is_rollback: false,
+            state: State::Pending,
+            ending: None,
+            step: 0,
+            traffic: 0,
+            reason: None,
+            created_unix_ms: 0,
+            ended_unix_ms: None,
+            phase_started_unix_ms: 0,
+            step_switched_unix_ms: None,
+            promoted: false,
+            hosts,
+        }
+    }
+
+    /// Runs decide/apply/converge until the deployment ends or `max` rounds pass.
+    fn run(&mut self, mut dep: DeploymentRecord, mut now: u64, step_ms: u64, max: usize) -> (DeploymentRecord, u64) {
+        for _ in 0..max {
+            let d = decide(&dep, &self.views(), None, now);
+            dep = d.deployment;
+            self.apply(d.targets);
+            self.converge();
+            if dep.state.is_final() {
+                break;
+            }
+            now += step_ms;
+        }
+        (dep, now)
+    }
+
+    fn live(&self, h: &str) -> Option<String> {
+        let d = self.desired.get(h)?;
+        let s = live_slot(d)?;
+        release_key(slot_of(d, s)).map(|(v, _)| v.to_string())
+    }
+}
+
+#[test]
+fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
+    let mut sim = Sim::new(&["a", "b", "c"]);
+    let v1 = plan("1", SHA1, "steps = [{ traffic = 100 }]");
+    let (dep, now) = sim.run(sim.start(&v1), 0, 100, 50);
+    assert_eq!(dep.state, State::Succeeded);
+    for h in ["a", "b", "c"] {
+        assert_eq!(sim.live(h).as_deref(), Some("1"));
+    }
+
+    let v2 = plan("2", SHA2, "steps = [{ traffic = 100 }]");
+    let mut dep = sim.start(&v2);
+    // max_parallel = 1: one host prepares at a time, and no weight moves until all are ready.
+    let mut now = now;
+    loop {
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        let preparing = dep.hosts.values().filter(|h| h.phase == HostPhase::Preparing).count();
+        assert!(preparing <= 1, "max_parallel respected");
+        if dep.state == State::Preparing {
+            for t in d.targets.values() {
+                let live = live_slot(t).unwrap();
+                assert_eq!(release_key(slot_of(t, live)).unwrap().0, "1", "old release keeps all traffic while preparing");
+            }
+        }
+        sim.apply(d.targets);
+        sim.converge();
+        if dep.state.is_final() {
+            break;
+        }
+        now += 100;
+        assert!(now < 100_000, "deployment did not end");
+    }
+    assert_eq!(dep.state, State::Succeeded);
+    for h in ["a", "b", "c"] {
+        assert_eq!(sim.live(h).as_deref(), Some("2"));
+        let d = &sim.desired[h];
+        let old = live_slot(d).unwrap().other();
+        assert_eq!(release_key(slot_of(d, old)).unwrap().0, "1", "v1 stays warm");
+    }
+}
+
+#[test]
+fn deciding_again_on_the_same_inputs_changes_nothing() {
+    let mut sim = Sim::new(&["a", "b"]);
+    let v1 = plan("1", SHA1, "steps = [{ traffic = 100 }]");
+    let mut dep = sim.start(&v1);
+    for round in 0..20 {
+        let d = decide(&dep, &sim.views(), None, round * 100);
+        sim.apply(d.targets);
+        let again = decide(&d.deployment, &sim.views(), None, round * 100);
+        assert!(again.targets.is_empty(), "round {round}: {:?}", again.targets.keys());
+        dep = d.deployment;
+        sim.converge();
+    }
+}
+
+#[test]
+fn a_host_failing_preparation_rolls_back_with_its_reason() {
+    let mut sim = Sim::new(&["a", "b", "c"]);
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    sim.failing.insert(("b".into(), "2".into()), "sha256 mismatch: expected 2222…, got 9999…".into());
+    let (dep, _) = sim.run(sim.start(&plan("2", SHA2, "")), now, 100, 100);
+    assert_eq!(dep.state, State::RolledBack);
+    assert_eq!(dep.reason.as_deref(), Some("host b: sha256 mismatch: expected 2222…, got 9999…"));
+    for h in ["a", "b", "c"] {
+        assert_eq!(sim.live(h).as_deref(), Some("1"), "{h} back on v1");
+        let d = &sim.desired[h];
+        let idle = live_slot(d).unwrap().other();
+        assert!(slot_of(d, idle).is_none(), "new slot stopped on {h}");
+    }
+}
+
+#[test]
+fn failures_within_max_failed_hosts_go_on() {
+    let mut sim = Sim::new(&["a", "b", "c"]);
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    sim.failing.insert(("c".into(), "2".into()), "disk full".into());
+    let mut p = plan("2", SHA2, "");
+    p.strategy.max_failed_hosts = 1;
+    let (dep, _) = sim.run(sim.start(&p), now, 100, 100);
+    assert_eq!(dep.state, State::Succeeded);
+    assert_eq!(sim.live("a").as_deref(), Some("2"));
+    assert_eq!(sim.live("c").as_deref(), Some("1"), "the failed host keeps the old release");
+    assert_eq!(dep.hosts["c"].phase, HostPhase::Failed);
+}
+
+#[test]
+fn first_deployment_failure_ends_failed() {
+    let mut sim = Sim::new(&["a"]);
+    sim.failing.insert(("a".into(), "1".into()), "command ./web: not found in the release".into());
+    let (dep, _) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    assert_eq!(dep.state, State::Failed);
+    assert!(dep.reason.unwrap().contains("not found"));
+}
+
+#[test]
+fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
+    let mut sim = Sim::new(&["a", "b"]);
+    let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    let p = plan("2", SHA2, "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]");
+    let mut dep = sim.start(&p);
+    for _ in 0..30 {
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        for t in d.targets.values() {
+            let new = dep.hosts.values().next().unwrap().new_slot;
+            assert!(weight_of(t, new) <= 10, "weights never exceed the step's traffic");
+        }
+        sim.apply(d.targets);
+        sim.converge();
+        now += 100;
+    }
+    assert_eq!(dep.state, State::Progressing);
+    assert!(dep.step_switched_unix_ms.is_some(), "holding at 10%");
+    let d = decide(&dep, &sim.views(), Some(Command::Abort), now);
+    let (dep, _) = {
+        sim.apply(d.targets);
+        sim.converge();
+        sim.run(d.deployment, now, 100, 20)
+    };
+    assert_eq!(dep.state, State::Aborted);
+    assert_eq!(sim.live("a").as_deref(), Some("1"));
+    assert_eq!(weight_of(&sim.desired["a"], live_slot(&sim.desired["a"]).unwrap()), 100);
+}
+
+#[test]
+fn same_release_live_everywhere_is_untouched() {
+    let mut sim = Sim::new(&["a", "b"]);
+    let v1 = plan("1", SHA1, "");
+    sim.run(sim.start(&v1), 0, 100, 50);
+    let dep = sim.start(&v1);
+    assert!(dep.hosts.values().all(|h| h.untouched));
+}

@@ -1,0 +1,251 @@
+//! End-to-end deployments against real `cutover` and `cutover-agent` processes.
+
+use std::time::Duration;
+
+use tests::{Cluster, Load, wait_until};
+
+const STEPS_100: &str = "steps = [{ traffic = 100 }]";
+
+fn all_serving(c: &Cluster, version: &str) -> bool {
+    c.versions()
+        .values()
+        .all(|v| v == &format!("release {version}"))
+}
+
+fn deploy_v1(c: &Cluster) {
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &url, &sha, STEPS_100, "");
+    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "v1 deploy failed: {err}");
+    assert!(id.starts_with("d-"), "first stdout line is the id: {id:?}");
+    assert!(all_serving(c, "1.0.0"), "{:?}", c.versions());
+}
+
+#[test]
+fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
+    let c = Cluster::start(11, 3);
+    deploy_v1(&c);
+
+    let load = Load::start(c.addrs(), 4);
+    wait_until(Duration::from_secs(10), "load to flow", || {
+        load.report.ok() > 300
+    });
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let plan = c.plan("v2", "2.0.0", &url, &sha, STEPS_100, "");
+    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "v2 deploy: {err}");
+    // Keep the load on past the switch so requests on both sides of it are counted.
+    let served_at_switch = load.report.ok();
+    wait_until(Duration::from_secs(10), "load after the switch", || {
+        load.report.ok() > served_at_switch + 300
+    });
+    let report = load.stop();
+    let errors = report.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    assert_eq!(
+        report.failed(),
+        0,
+        "failed requests during the switch: {errors:?}"
+    );
+    let versions = report.versions();
+    assert!(
+        versions.get("release 1.0.0").copied().unwrap_or(0) > 0,
+        "{versions:?}"
+    );
+    assert!(
+        versions.get("release 2.0.0").copied().unwrap_or(0) > 0,
+        "{versions:?}"
+    );
+    assert!(all_serving(&c, "2.0.0"), "{:?}", c.versions());
+
+    let status = c.status(&id);
+    assert_eq!(status["state"], "succeeded");
+    assert_eq!(status["traffic"], 100);
+    assert_eq!(status["reason"], serde_json::Value::Null);
+    assert_eq!(status["hosts"].as_array().map(Vec::len), Some(3));
+
+    // v1 stays warm in the other slot with no weight.
+    let hosts = c.hosts();
+    for h in hosts.as_array().expect("array") {
+        let svc = &h["services"][0];
+        assert_eq!(svc["live_release"], "2.0.0", "{h}");
+        let slots = [&svc["slots"]["blue"], &svc["slots"]["green"]];
+        let old = slots
+            .iter()
+            .find(|s| s["release"] == "1.0.0")
+            .expect("v1 slot");
+        let new = slots
+            .iter()
+            .find(|s| s["release"] == "2.0.0")
+            .expect("v2 slot");
+        assert_eq!(old["state"], "healthy", "{h}");
+        assert_eq!(old["weight"], 0, "{h}");
+        assert_eq!(new["weight"], 100, "{h}");
+    }
+
+    // The same release again is a no-op that succeeds.
+    let (code, id2, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(id, id2);
+    let s2 = c.status(&id2);
+    assert_eq!(s2["state"], "succeeded");
+    assert!(err.contains("already live"), "{err}");
+
+    // rollback returns every host to v1, instantly from the warm slot.
+    let out = c.cli(&["rollback", "web", "--wait"]);
+    assert!(
+        out.status.success(),
+        "rollback: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all_serving(&c, "1.0.0"), "{:?}", c.versions());
+}
+
+fn assert_bad_release_rolls_back(
+    c: &Cluster,
+    plan: &std::path::Path,
+    extra: &[&str],
+    want_reason: &str,
+) {
+    let load = Load::start(c.addrs(), 1);
+    let (code, id, err) = c.deploy_wait(plan, extra);
+    let report = load.stop();
+    assert_eq!(code, 3, "a bad release ends rolled_back (exit 3): {err}");
+    let s = c.status(&id);
+    assert_eq!(s["state"], "rolled_back");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("host web-"),
+        "reason names the host: {reason}"
+    );
+    assert!(
+        reason.contains(want_reason),
+        "want {want_reason:?} in {reason:?}"
+    );
+    assert!(
+        all_serving(c, "1.0.0"),
+        "v1 keeps serving: {:?}",
+        c.versions()
+    );
+    assert_eq!(
+        report.failed(),
+        0,
+        "clients saw failures: {:?}",
+        report.errors.lock().map(|e| e.clone())
+    );
+}
+
+#[test]
+fn bad_releases_leave_v1_serving_with_a_clear_reason() {
+    let c = Cluster::start(12, 3);
+    deploy_v1(&c);
+    let (url, sha) = c.pack("2.0.0", &[]);
+
+    // Checksum mismatch: nothing from the artifact runs.
+    let wrong = "0".repeat(64);
+    let plan = c.plan("bad-sha", "2.0.0", &url, &wrong, STEPS_100, "");
+    assert_bad_release_rolls_back(
+        &c,
+        &plan,
+        &[],
+        "sha256 mismatch: expected 000000000000…, got ",
+    );
+
+    // Missing artifact.
+    let plan = c.plan(
+        "missing",
+        "2.0.1",
+        "file:///nonexistent/web.tar.gz",
+        &sha,
+        STEPS_100,
+        "",
+    );
+    assert_bad_release_rolls_back(&c, &plan, &[], "No such file");
+
+    // Never turns healthy.
+    let (url_u, sha_u) = c.pack("2.0.2", &["unhealthy=1"]);
+    let plan = c.plan(
+        "unhealthy",
+        "2.0.2",
+        &url_u,
+        &sha_u,
+        STEPS_100,
+        "start_timeout = \"3s\"",
+    );
+    assert_bad_release_rolls_back(&c, &plan, &[], "not healthy within 3s");
+
+    // Crashes on start.
+    let (url_c, sha_c) = c.pack("2.0.3", &["exit_on_start=1"]);
+    let plan = c.plan("crash", "2.0.3", &url_c, &sha_c, STEPS_100, "");
+    assert_bad_release_rolls_back(&c, &plan, &[], "exiting on start");
+
+    // After all that, a good release still goes out.
+    let plan = c.plan("good", "2.0.0", &url, &sha, STEPS_100, "");
+    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(all_serving(&c, "2.0.0"), "{:?}", c.versions());
+}
+
+#[test]
+fn http_artifact_404_is_a_clear_failure_and_first_deploy_ends_failed() {
+    let c = Cluster::start(13, 2);
+    // A tiny HTTP server that answers 404 to everything.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = server.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for s in server.incoming().flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    let (_, sha) = c.pack("1.0.0", &[]);
+    let url = format!("http://{addr}/web-1.0.0.tar.gz");
+    let plan = c.plan("first", "1.0.0", &url, &sha, STEPS_100, "");
+    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(
+        code, 4,
+        "a first deployment that fails ends failed (exit 4): {err}"
+    );
+    let s = c.status(&id);
+    assert_eq!(s["state"], "failed");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("404"), "{reason}");
+    assert!(reason.contains(&url), "the reason names the URL: {reason}");
+}
+
+#[test]
+fn one_deployment_at_a_time_per_service() {
+    let c = Cluster::start(14, 1);
+    deploy_v1(&c);
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let plan = c.plan(
+        "held",
+        "2.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 50, pause = true }, { traffic = 100 }]",
+        "",
+    );
+    let first = c.cli_ok(&["deploy", plan.to_str().expect("path")]);
+    let id = first.lines().next().expect("id").to_string();
+    wait_until(Duration::from_secs(20), "the deployment to pause", || {
+        c.status(&id)["state"] == "paused"
+    });
+    let second = c.cli(&["deploy", plan.to_str().expect("path")]);
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&id),
+        "the refusal names the active deployment: {err}"
+    );
+    assert!(!err.contains("panicked"));
+    c.cli_ok(&["promote", &id]);
+    wait_until(Duration::from_secs(20), "the deployment to finish", || {
+        c.status(&id)["state"] == "succeeded"
+    });
+    assert!(all_serving(&c, "2.0.0"));
+}

@@ -24,7 +24,10 @@ impl Sim {
     fn new(hosts: &[&str]) -> Sim {
         Sim {
             desired: BTreeMap::new(),
-            observed: hosts.iter().map(|h| (h.to_string(), ObservedService::default())).collect(),
+            observed: hosts
+                .iter()
+                .map(|h| (h.to_string(), ObservedService::default()))
+                .collect(),
             failing: BTreeMap::new(),
         }
     }
@@ -60,8 +63,17 @@ impl Sim {
                 spec.as_ref().map(|s| {
                     let v = s.release.as_ref().unwrap().version.clone();
                     match self.failing.get(&(h.clone(), v.clone())) {
-                        Some(e) => SlotStatus { release: v, phase: SlotPhase::Failed as i32, error: e.clone(), ..Default::default() },
-                        None => SlotStatus { release: v, phase: SlotPhase::Healthy as i32, ..Default::default() },
+                        Some(e) => SlotStatus {
+                            release: v,
+                            phase: SlotPhase::Failed as i32,
+                            error: e.clone(),
+                            ..Default::default()
+                        },
+                        None => SlotStatus {
+                            release: v,
+                            phase: SlotPhase::Healthy as i32,
+                            ..Default::default()
+                        },
                     }
                 })
             };
@@ -107,7 +119,13 @@ impl Sim {
     }
 
     /// Runs decide/apply/converge until the deployment ends or `max` rounds pass.
-    fn run(&mut self, mut dep: DeploymentRecord, mut now: u64, step_ms: u64, max: usize) -> (DeploymentRecord, u64) {
+    fn run(
+        &mut self,
+        mut dep: DeploymentRecord,
+        mut now: u64,
+        step_ms: u64,
+        max: usize,
+    ) -> (DeploymentRecord, u64) {
         for _ in 0..max {
             let d = decide(&dep, &self.views(), None, now);
             dep = d.deployment;
@@ -145,12 +163,20 @@ fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
     loop {
         let d = decide(&dep, &sim.views(), None, now);
         dep = d.deployment;
-        let preparing = dep.hosts.values().filter(|h| h.phase == HostPhase::Preparing).count();
+        let preparing = dep
+            .hosts
+            .values()
+            .filter(|h| h.phase == HostPhase::Preparing)
+            .count();
         assert!(preparing <= 1, "max_parallel respected");
         if dep.state == State::Preparing {
             for t in d.targets.values() {
                 let live = live_slot(t).unwrap();
-                assert_eq!(release_key(slot_of(t, live)).unwrap().0, "1", "old release keeps all traffic while preparing");
+                assert_eq!(
+                    release_key(slot_of(t, live)).unwrap().0,
+                    "1",
+                    "old release keeps all traffic while preparing"
+                );
             }
         }
         sim.apply(d.targets);
@@ -166,7 +192,11 @@ fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
         assert_eq!(sim.live(h).as_deref(), Some("2"));
         let d = &sim.desired[h];
         let old = live_slot(d).unwrap().other();
-        assert_eq!(release_key(slot_of(d, old)).unwrap().0, "1", "v1 stays warm");
+        assert_eq!(
+            release_key(slot_of(d, old)).unwrap().0,
+            "1",
+            "v1 stays warm"
+        );
     }
 }
 
@@ -179,7 +209,11 @@ fn deciding_again_on_the_same_inputs_changes_nothing() {
         let d = decide(&dep, &sim.views(), None, round * 100);
         sim.apply(d.targets);
         let again = decide(&d.deployment, &sim.views(), None, round * 100);
-        assert!(again.targets.is_empty(), "round {round}: {:?}", again.targets.keys());
+        assert!(
+            again.targets.is_empty(),
+            "round {round}: {:?}",
+            again.targets.keys()
+        );
         dep = d.deployment;
         sim.converge();
     }
@@ -189,10 +223,16 @@ fn deciding_again_on_the_same_inputs_changes_nothing() {
 fn a_host_failing_preparation_rolls_back_with_its_reason() {
     let mut sim = Sim::new(&["a", "b", "c"]);
     let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    sim.failing.insert(("b".into(), "2".into()), "sha256 mismatch: expected 2222…, got 9999…".into());
+    sim.failing.insert(
+        ("b".into(), "2".into()),
+        "sha256 mismatch: expected 2222…, got 9999…".into(),
+    );
     let (dep, _) = sim.run(sim.start(&plan("2", SHA2, "")), now, 100, 100);
     assert_eq!(dep.state, State::RolledBack);
-    assert_eq!(dep.reason.as_deref(), Some("host b: sha256 mismatch: expected 2222…, got 9999…"));
+    assert_eq!(
+        dep.reason.as_deref(),
+        Some("host b: sha256 mismatch: expected 2222…, got 9999…")
+    );
     for h in ["a", "b", "c"] {
         assert_eq!(sim.live(h).as_deref(), Some("1"), "{h} back on v1");
         let d = &sim.desired[h];
@@ -205,20 +245,28 @@ fn a_host_failing_preparation_rolls_back_with_its_reason() {
 fn failures_within_max_failed_hosts_go_on() {
     let mut sim = Sim::new(&["a", "b", "c"]);
     let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    sim.failing.insert(("c".into(), "2".into()), "disk full".into());
+    sim.failing
+        .insert(("c".into(), "2".into()), "disk full".into());
     let mut p = plan("2", SHA2, "");
     p.strategy.max_failed_hosts = 1;
     let (dep, _) = sim.run(sim.start(&p), now, 100, 100);
     assert_eq!(dep.state, State::Succeeded);
     assert_eq!(sim.live("a").as_deref(), Some("2"));
-    assert_eq!(sim.live("c").as_deref(), Some("1"), "the failed host keeps the old release");
+    assert_eq!(
+        sim.live("c").as_deref(),
+        Some("1"),
+        "the failed host keeps the old release"
+    );
     assert_eq!(dep.hosts["c"].phase, HostPhase::Failed);
 }
 
 #[test]
 fn first_deployment_failure_ends_failed() {
     let mut sim = Sim::new(&["a"]);
-    sim.failing.insert(("a".into(), "1".into()), "command ./web: not found in the release".into());
+    sim.failing.insert(
+        ("a".into(), "1".into()),
+        "command ./web: not found in the release".into(),
+    );
     let (dep, _) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
     assert_eq!(dep.state, State::Failed);
     assert!(dep.reason.unwrap().contains("not found"));
@@ -228,14 +276,21 @@ fn first_deployment_failure_ends_failed() {
 fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     let mut sim = Sim::new(&["a", "b"]);
     let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let p = plan("2", SHA2, "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]");
+    let p = plan(
+        "2",
+        SHA2,
+        "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]",
+    );
     let mut dep = sim.start(&p);
     for _ in 0..30 {
         let d = decide(&dep, &sim.views(), None, now);
         dep = d.deployment;
         for t in d.targets.values() {
             let new = dep.hosts.values().next().unwrap().new_slot;
-            assert!(weight_of(t, new) <= 10, "weights never exceed the step's traffic");
+            assert!(
+                weight_of(t, new) <= 10,
+                "weights never exceed the step's traffic"
+            );
         }
         sim.apply(d.targets);
         sim.converge();
@@ -251,7 +306,10 @@ fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     };
     assert_eq!(dep.state, State::Aborted);
     assert_eq!(sim.live("a").as_deref(), Some("1"));
-    assert_eq!(weight_of(&sim.desired["a"], live_slot(&sim.desired["a"]).unwrap()), 100);
+    assert_eq!(
+        weight_of(&sim.desired["a"], live_slot(&sim.desired["a"]).unwrap()),
+        100
+    );
 }
 
 #[test]

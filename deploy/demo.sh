@@ -116,6 +116,8 @@ echo "==> what happened"
 awk -v a="$t0" -v b="$t1" 'BEGIN { printf "    deploy 2.0.0 took %.1fs (including a 2s hold at 10%%)\n", b - a }'
 echo "    client requests during the deployment: $ok served, $bad failed"
 awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "    demo wall time: %.1fs\n", b - a }'
+rss() { awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status"; }
+echo "    resident memory: coordinator $(rss "${pids[0]}"), agent web-2 $(rss "${pids[1]}")"
 echo "    where to look: $WORK (coordinator.log, agent-*.log, agent-*/logs/ for slot output)"
 echo "    try: CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin $CUTOVER status --output json"
 [ "$bad" = 0 ]

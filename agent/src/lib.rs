@@ -181,6 +181,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
         tasks.clone(),
     ));
+    tasks.spawn(services.clone().run_rerouter(shutdown.clone()));
     let restored = services.restore().await?;
     tracing::info!(
         host = identity.name,

@@ -40,6 +40,8 @@ pub struct SlotCtx {
     pub status: Arc<Mutex<SlotState>>,
     pub metrics: Arc<SlotMetrics>,
     pub changed: Arc<Notify>,
+    /// Told the service's name whenever this slot's phase changes, so routes follow health.
+    pub phase_changed: tokio::sync::mpsc::UnboundedSender<String>,
     /// Largest size of a slot's log file before it is rotated.
     pub log_cap: u64,
 }
@@ -55,10 +57,15 @@ impl SlotCtx {
 
     fn phase(&self, phase: SlotPhase, error: impl Into<String>) {
         let error = error.into();
+        let mut changed = false;
         self.set(|s| {
+            changed = s.phase != phase;
             s.phase = phase;
             s.error = error;
         });
+        if changed {
+            let _ = self.phase_changed.send(self.service.clone());
+        }
     }
 }
 

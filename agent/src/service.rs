@@ -11,7 +11,7 @@ use std::time::Duration;
 use cutover_proto::v1::{
     DesiredService, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,6 +44,11 @@ struct Runtime {
     proxy: Option<Proxy>,
     error: String,
     slots: [Option<SlotRun>; 2],
+    /// Weights in effect (blue, green): the desired ones unless the agent is routing
+    /// around a slot that is not healthy.
+    effective: [u32; 2],
+    /// Why the effective weights differ from the desired ones.
+    healing: String,
 }
 
 pub struct Services {
@@ -54,6 +59,9 @@ pub struct Services {
     runtimes: tokio::sync::Mutex<HashMap<String, Runtime>>,
     /// Signalled whenever something worth reporting changed.
     pub changed: Arc<Notify>,
+    /// Names of services whose slots changed phase, for [`Services::run_rerouter`].
+    phase_tx: mpsc::UnboundedSender<String>,
+    phase_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -73,6 +81,19 @@ fn spec_of(d: &DesiredService, i: usize) -> Option<&SlotSpec> {
     }
 }
 
+fn phase_word(p: SlotPhase) -> &'static str {
+    match p {
+        SlotPhase::Empty => "empty",
+        SlotPhase::Fetching => "fetching",
+        SlotPhase::Unpacking => "unpacking",
+        SlotPhase::Starting => "restarting",
+        SlotPhase::Healthy => "healthy",
+        SlotPhase::Unhealthy => "unhealthy",
+        SlotPhase::Failed => "failed",
+        SlotPhase::Stopped => "stopped",
+    }
+}
+
 fn weight_of(d: &DesiredService, i: usize) -> u32 {
     if i == 0 {
         d.blue_weight
@@ -89,7 +110,10 @@ impl Services {
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Services {
+        let (phase_tx, phase_rx) = mpsc::unbounded_channel();
         Services {
+            phase_tx,
+            phase_rx: Mutex::new(Some(phase_rx)),
             data_dir,
             service_ip,
             limits: Limits::default(),
@@ -138,6 +162,8 @@ impl Services {
             proxy: None,
             error: String::new(),
             slots: [None, None],
+            effective: [0, 0],
+            healing: String::new(),
         });
         let mode = if d.protocol == Protocol::Tcp as i32 {
             Mode::Tcp
@@ -200,14 +226,60 @@ impl Services {
         self.changed.notify_one();
     }
 
-    /// Points the proxy at the slots by their desired weights, in one atomic swap.
-    fn route(rt: &Runtime) {
+    /// Points the proxy at the slots, in one atomic swap. Weights are the desired ones,
+    /// except that traffic never stays on a slot that is not healthy while the other
+    /// slot is: the agent moves it at once, without waiting for the coordinator, and
+    /// says so in its report (the coordinator then rolls the fleet back).
+    fn route(rt: &mut Runtime) {
+        let state = |i: usize| rt.slots[i].as_ref().map(SlotRun::state);
+        let mut w = [0u32; 2];
+        for (i, wi) in w.iter_mut().enumerate() {
+            if rt.slots[i].is_some() {
+                *wi = weight_of(&rt.desired, i);
+            }
+        }
+        rt.healing.clear();
+        for i in 0..2 {
+            let other = 1 - i;
+            let (Some(me), Some(them)) = (state(i), state(other)) else {
+                continue;
+            };
+            // A slot still starting up is not routed around (it has not failed); one
+            // that crashed or turned unhealthy after serving is.
+            let broken = matches!(
+                me.phase,
+                SlotPhase::Unhealthy | SlotPhase::Failed | SlotPhase::Stopped
+            );
+            if w[i] > 0 && broken && them.phase == SlotPhase::Healthy {
+                let why = if me.error.is_empty() {
+                    format!("{:?}", me.phase).to_lowercase()
+                } else {
+                    me.error.clone()
+                };
+                rt.healing = format!(
+                    "{} slot ({}) is {}: {why}",
+                    SLOTS[i],
+                    me.release,
+                    phase_word(me.phase)
+                );
+                w[other] += w[i];
+                w[i] = 0;
+            }
+        }
+        if !rt.healing.is_empty() && rt.effective != w {
+            tracing::warn!(
+                service = rt.desired.service,
+                healing = rt.healing,
+                "routing around a slot that is not healthy"
+            );
+        }
+        rt.effective = w;
         let Some(proxy) = &rt.proxy else { return };
         let entries = (0..2)
             .filter_map(|i| {
                 let run = rt.slots[i].as_ref()?;
                 Some((
-                    weight_of(&rt.desired, i),
+                    w[i],
                     Upstream {
                         port: run.port,
                         metrics: run.metrics.clone(),
@@ -216,6 +288,30 @@ impl Services {
             })
             .collect();
         proxy.set_routes(Routes::new(entries));
+    }
+
+    /// Re-routes a service whenever one of its slots changes phase.
+    pub async fn run_rerouter(self: Arc<Self>, cancel: CancellationToken) {
+        let Some(mut rx) = self
+            .phase_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        loop {
+            let service = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = rx.recv() => match s { Some(s) => s, None => return },
+            };
+            let mut rts = self.runtimes.lock().await;
+            if let Some(rt) = rts.get_mut(&service) {
+                Self::route(rt);
+            }
+            drop(rts);
+            self.changed.notify_one();
+        }
     }
 
     fn start_slot(
@@ -239,6 +335,7 @@ impl Services {
             status: status.clone(),
             metrics: metrics.clone(),
             changed: self.changed.clone(),
+            phase_changed: self.phase_tx.clone(),
             log_cap: 10 << 20,
         };
         self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
@@ -286,22 +383,16 @@ impl Services {
                     })
                 };
                 let serving = rt.proxy.is_some();
+                let [bw, gw] = rt.effective;
                 ObservedService {
                     service: name.clone(),
                     generation: rt.desired.generation,
                     blue: slot(0),
                     green: slot(1),
-                    blue_weight: if serving && rt.slots[0].is_some() {
-                        rt.desired.blue_weight
-                    } else {
-                        0
-                    },
-                    green_weight: if serving && rt.slots[1].is_some() {
-                        rt.desired.green_weight
-                    } else {
-                        0
-                    },
+                    blue_weight: if serving { bw } else { 0 },
+                    green_weight: if serving { gw } else { 0 },
                     error: rt.error.clone(),
+                    healing: rt.healing.clone(),
                 }
             })
             .collect();

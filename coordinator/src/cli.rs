@@ -145,6 +145,32 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
             "weight": h.weight,
             "error": opt(&h.error),
         })).collect::<Vec<_>>(),
+        "rollback": if d.rollback_decided_unix_ms == 0 { Value::Null } else { json!({
+            "first_bad_at": ms_to_rfc3339(d.first_bad_unix_ms),
+            "decided_at": ms_to_rfc3339(d.rollback_decided_unix_ms),
+            "done_at": ms_to_rfc3339(d.rollback_done_unix_ms),
+            "first_bad_unix_ms": d.first_bad_unix_ms,
+            "done_unix_ms": if d.rollback_done_unix_ms == 0 { Value::Null } else { json!(d.rollback_done_unix_ms) },
+            "seconds_to_restore": if d.rollback_done_unix_ms == 0 { Value::Null } else {
+                json!((d.rollback_done_unix_ms.saturating_sub(d.first_bad_unix_ms)) as f64 / 1000.0)
+            },
+        })},
+        "intervals": d.intervals.iter().map(|i| json!({
+            "step": i.step,
+            "traffic": i.traffic,
+            "started_at": ms_to_rfc3339(i.started_unix_ms),
+            "ended_at": ms_to_rfc3339(i.ended_unix_ms),
+            "new_requests": i.new_requests,
+            "old_requests": i.old_requests,
+            "verdict": i.verdict,
+            "why": opt(&i.why),
+            "metrics": i.metrics.iter().map(|m| json!({
+                "name": m.name,
+                "new": if m.new.is_finite() { json!(m.new) } else { Value::Null },
+                "old": if m.old.is_finite() { json!(m.old) } else { Value::Null },
+                "verdict": m.verdict,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -296,6 +322,19 @@ fn progress_line(d: &pb::Deployment) -> String {
         count("failed"),
         total
     );
+    if let Some(i) = d.intervals.last() {
+        line.push_str(&format!(
+            " | last interval: {} ({} req new, {} old){}",
+            i.verdict,
+            i.new_requests,
+            i.old_requests,
+            if i.why.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", i.why)
+            }
+        ));
+    }
     for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
         line.push_str(&format!(" | {}: {}", h.name, h.error));
     }

@@ -100,6 +100,8 @@ pub struct Engine {
     active: BTreeMap<String, DeploymentRecord>,
     /// Desired state per (host, service), mirrored from the store.
     desired: HashMap<(String, String), DesiredService>,
+    /// When to look for previous releases to retire next (unix ms).
+    next_retire_check: u64,
 }
 
 /// How often the engine re-decides without being woken (holds, deadlines).
@@ -121,6 +123,7 @@ impl Engine {
                 rx,
                 active,
                 desired: HashMap::new(),
+                next_retire_check: 0,
             },
             Handle { tx },
         ))
@@ -278,6 +281,8 @@ impl Engine {
             phase_started_unix_ms: now,
             step_switched_unix_ms: None,
             promoted: false,
+            analysis: Default::default(),
+            rollback: None,
             hosts,
         };
         if !noop {
@@ -420,8 +425,13 @@ impl Engine {
     /// Stops the previous release's idle slots once `keep_previous` has passed.
     fn retire_previous(&mut self) -> Result<(), Error> {
         let now = now_ms();
+        if now < self.next_retire_check {
+            return Ok(());
+        }
+        self.next_retire_check = now + 1_000;
         let services: Vec<ServiceRecord> = self
-            .active_services()?
+            .store
+            .services()?
             .into_iter()
             .filter(|s| {
                 s.active.is_none() && s.retire_previous_at_unix_ms.is_some_and(|t| t <= now)
@@ -464,23 +474,5 @@ impl Engine {
             tracing::info!(service = svc.name, "previous release retired");
         }
         Ok(())
-    }
-
-    fn active_services(&self) -> Result<Vec<ServiceRecord>, Error> {
-        let mut names: Vec<String> = self
-            .store
-            .deployments()?
-            .into_iter()
-            .map(|d| d.service)
-            .collect();
-        names.sort();
-        names.dedup();
-        let mut out = Vec::new();
-        for n in names {
-            if let Some(s) = self.store.service(&n)? {
-                out.push(s);
-            }
-        }
-        Ok(out)
     }
 }

@@ -2,6 +2,7 @@
 //! over mutual TLS. `cutover serve` runs [`serve`]; the rest of the `cutover` binary is
 //! the release manager's CLI in [`cli`].
 
+pub mod analysis;
 pub mod cli;
 pub mod engine;
 pub mod fleet;

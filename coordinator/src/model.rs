@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::{Counters, MetricResult, Verdict};
+
 /// Who a client certificate belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "role", rename_all = "snake_case")]
@@ -194,4 +196,46 @@ pub struct DeploymentRecord {
     #[serde(default)]
     pub promoted: bool,
     pub hosts: BTreeMap<String, DeployHost>,
+    #[serde(default)]
+    pub analysis: AnalysisState,
+    /// When a rollback's first bad signal was seen, decided and confirmed everywhere.
+    #[serde(default)]
+    pub rollback: Option<RollbackTiming>,
+}
+
+/// Analysis of the current step: a baseline snapshot of every host's counters, and the
+/// verdicts so far.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AnalysisState {
+    /// Start of the interval being measured (unix ms); `None` until the step's weights
+    /// are confirmed.
+    pub interval_started_unix_ms: Option<u64>,
+    /// Counters per host at the interval's start: (new slot, old slot).
+    pub snapshot: BTreeMap<String, (Counters, Counters)>,
+    pub consecutive_failures: u32,
+    /// When the current run of failing intervals began.
+    pub first_failure_unix_ms: Option<u64>,
+    /// Conclusive passing intervals in the current step.
+    pub passes_in_step: u32,
+    /// Every judged interval of the deployment (the newest 500).
+    pub intervals: Vec<IntervalRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IntervalRecord {
+    pub step: u32,
+    pub traffic: u32,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: u64,
+    pub new_requests: u64,
+    pub old_requests: u64,
+    pub verdict: Verdict,
+    pub metrics: Vec<MetricResult>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RollbackTiming {
+    pub first_bad_unix_ms: u64,
+    pub decided_unix_ms: u64,
+    pub done_unix_ms: Option<u64>,
 }

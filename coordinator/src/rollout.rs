@@ -15,7 +15,10 @@ use cutover_proto::v1::{
 };
 use cutover_shared::plan::{Check, Plan, Protocol};
 
-use crate::model::{DeployHost, DeploymentRecord, HostPhase, Slot, State};
+use crate::analysis::{self, Counters, Sample, Verdict};
+use crate::model::{
+    DeployHost, DeploymentRecord, HostPhase, IntervalRecord, RollbackTiming, Slot, State,
+};
 
 /// What the coordinator knows of one target host.
 #[derive(Clone, Copy, Debug, Default)]
@@ -286,7 +289,13 @@ pub fn decide(
     }
 }
 
-fn begin_rollback(d: &mut DeploymentRecord, ending: State, reason: String, now: u64) {
+fn begin_rollback(
+    d: &mut DeploymentRecord,
+    ending: State,
+    reason: String,
+    first_bad: u64,
+    now: u64,
+) {
     let first_deployment = d
         .hosts
         .values()
@@ -297,6 +306,11 @@ fn begin_rollback(d: &mut DeploymentRecord, ending: State, reason: String, now: 
         ending
     });
     d.reason.get_or_insert(reason);
+    d.rollback.get_or_insert(RollbackTiming {
+        first_bad_unix_ms: first_bad.min(now),
+        decided_unix_ms: now,
+        done_unix_ms: None,
+    });
     d.state = State::RollingBack;
     d.phase_started_unix_ms = now;
     d.traffic = 0;
@@ -319,7 +333,7 @@ fn advance(
 
     match command {
         Some(Command::Abort) if d.state != State::RollingBack => {
-            begin_rollback(d, State::Aborted, "aborted by operator".into(), now);
+            begin_rollback(d, State::Aborted, "aborted by operator".into(), now, now);
         }
         Some(Command::Pause) if matches!(d.state, State::Preparing | State::Progressing) => {
             d.ending = Some(d.state);
@@ -347,7 +361,16 @@ fn advance(
             {
                 return None;
             }
-            let st = new_status(&view(name), h)?;
+            let v = view(name);
+            if let Some(o) = v.observed
+                && !o.healing.is_empty()
+            {
+                return Some(format!(
+                    "host {name}: {} while serving {}%; the agent moved its traffic back",
+                    o.healing, h.weight
+                ));
+            }
+            let st = new_status(&v, h)?;
             let phase = SlotPhase::try_from(st.phase).unwrap_or(SlotPhase::Empty);
             (st.release == d.release && matches!(phase, SlotPhase::Unhealthy | SlotPhase::Failed))
                 .then(|| {
@@ -364,11 +387,14 @@ fn advance(
                 })
         });
         if let Some(reason) = bad {
-            begin_rollback(d, State::RolledBack, reason, now);
+            begin_rollback(d, State::RolledBack, reason, now, now);
         }
     }
 
     let strategy = d.plan.strategy.clone();
+    if d.state == State::Paused && d.step_switched_unix_ms.is_some() && analyse(d, views, now) {
+        return;
+    }
     match d.state {
         State::Preparing => {
             let step_hosts = step_host_names(d);
@@ -414,7 +440,7 @@ fn advance(
                     "host {name}: {}",
                     h.error.as_deref().unwrap_or("preparation failed")
                 );
-                begin_rollback(d, State::RolledBack, reason, now);
+                begin_rollback(d, State::RolledBack, reason, now, now);
                 return;
             }
             // Start more hosts, max_parallel at a time.
@@ -476,7 +502,7 @@ fn advance(
                     strategy.progress_deadline,
                     slow.join(", ")
                 );
-                begin_rollback(d, State::RolledBack, reason, now);
+                begin_rollback(d, State::RolledBack, reason, now, now);
             }
         }
         State::Progressing => {
@@ -494,6 +520,8 @@ fn advance(
             if d.step_switched_unix_ms.is_none() {
                 if all_switched {
                     d.step_switched_unix_ms = Some(now);
+                    d.analysis.interval_started_unix_ms = None;
+                    d.analysis.passes_in_step = 0;
                 } else if now.saturating_sub(d.phase_started_unix_ms)
                     > strategy.progress_deadline.as_millis()
                 {
@@ -505,6 +533,7 @@ fn advance(
                             strategy.progress_deadline
                         ),
                         now,
+                        now,
                     );
                     return;
                 }
@@ -512,6 +541,9 @@ fn advance(
             let Some(switched_at) = d.step_switched_unix_ms else {
                 return;
             };
+            if analyse(d, views, now) {
+                return;
+            }
             let step = &strategy.steps[d.step as usize];
             let last = d.step as usize + 1 == strategy.steps.len();
             if step.pause && !d.promoted {
@@ -524,6 +556,17 @@ fn advance(
                 wait += strategy.bake.as_millis();
             }
             if !d.promoted && now.saturating_sub(switched_at) < wait {
+                return;
+            }
+            // A step is proven only by at least one conclusive passing interval.
+            if !d.promoted && d.plan.analysis.is_some() && d.analysis.passes_in_step == 0 {
+                if now.saturating_sub(switched_at) > wait + strategy.progress_deadline.as_millis() {
+                    let reason = format!(
+                        "no conclusive analysis interval within progress deadline {} at {}%",
+                        strategy.progress_deadline, d.traffic
+                    );
+                    begin_rollback(d, State::RolledBack, reason, now, now);
+                }
                 return;
             }
             d.promoted = false;
@@ -549,10 +592,99 @@ fn advance(
             if converged {
                 d.state = d.ending.take().unwrap_or(State::RolledBack);
                 d.ended_unix_ms = Some(now);
+                if let Some(r) = d.rollback.as_mut() {
+                    r.done_unix_ms = Some(now);
+                }
             }
         }
         _ => {}
     }
+}
+
+/// Newest intervals kept in a deployment record.
+const KEEP_INTERVALS: usize = 500;
+
+/// Runs the analysis interval that is due, if any. Returns true when it started a
+/// rollback.
+fn analyse(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now: u64) -> bool {
+    let Some(plan) = d.plan.analysis.clone() else {
+        return false;
+    };
+    // Counters of the hosts that carry the new release next to the old one.
+    let mut current = BTreeMap::new();
+    for (name, h) in &d.hosts {
+        if h.untouched || h.phase != HostPhase::Switched || h.weight == 0 {
+            continue;
+        }
+        let Some(o) = views.get(name).and_then(|v| v.observed) else {
+            continue;
+        };
+        let counters = |s: Option<Slot>| {
+            s.and_then(|s| observed_slot(o, s))
+                .and_then(|st| st.metrics.as_ref())
+                .map(Counters::from_pb)
+                .unwrap_or_default()
+        };
+        current.insert(
+            name.clone(),
+            (counters(Some(h.new_slot)), counters(h.old_slot)),
+        );
+    }
+    let Some(started) = d.analysis.interval_started_unix_ms else {
+        d.analysis.interval_started_unix_ms = Some(now);
+        d.analysis.snapshot = current;
+        return false;
+    };
+    if now.saturating_sub(started) < plan.interval.as_millis() {
+        return false;
+    }
+    let mut sample = Sample {
+        seconds: now.saturating_sub(started) as f64 / 1000.0,
+        ..Sample::default()
+    };
+    for (name, (new, old)) in &current {
+        let (snap_new, snap_old) = d.analysis.snapshot.get(name).cloned().unwrap_or_default();
+        sample.new.add(&new.since(&snap_new));
+        sample.old.add(&old.since(&snap_old));
+    }
+    let (verdict, metrics) = analysis::judge(&plan, &sample);
+    d.analysis.snapshot = current;
+    d.analysis.interval_started_unix_ms = Some(now);
+    d.analysis.intervals.push(IntervalRecord {
+        step: d.step,
+        traffic: d.traffic,
+        started_unix_ms: started,
+        ended_unix_ms: now,
+        new_requests: sample.new.requests,
+        old_requests: sample.old.requests,
+        verdict: verdict.clone(),
+        metrics,
+    });
+    if d.analysis.intervals.len() > KEEP_INTERVALS {
+        let extra = d.analysis.intervals.len() - KEEP_INTERVALS;
+        d.analysis.intervals.drain(..extra);
+    }
+    match verdict {
+        Verdict::Pass => {
+            d.analysis.consecutive_failures = 0;
+            d.analysis.first_failure_unix_ms = None;
+            d.analysis.passes_in_step += 1;
+        }
+        Verdict::Inconclusive(_) => {}
+        Verdict::Fail(why) => {
+            d.analysis.consecutive_failures += 1;
+            let first = *d.analysis.first_failure_unix_ms.get_or_insert(now);
+            if d.analysis.consecutive_failures >= plan.failure_limit {
+                let reason = format!(
+                    "analysis failed {} interval(s) in a row at {}%: {why}",
+                    d.analysis.consecutive_failures, d.traffic
+                );
+                begin_rollback(d, State::RolledBack, reason, first, now);
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[cfg(test)]

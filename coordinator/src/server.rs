@@ -248,6 +248,49 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
         ended_unix_ms: d.ended_unix_ms.unwrap_or(0),
         previous_release: d.previous_release.clone().unwrap_or_default(),
         steps: d.plan.strategy.steps.len() as u32,
+        intervals: d
+            .analysis
+            .intervals
+            .iter()
+            .map(|i| {
+                let (verdict, why) = verdict_parts(&i.verdict);
+                pb::AnalysisInterval {
+                    step: i.step,
+                    traffic: i.traffic,
+                    started_unix_ms: i.started_unix_ms,
+                    ended_unix_ms: i.ended_unix_ms,
+                    new_requests: i.new_requests,
+                    old_requests: i.old_requests,
+                    verdict: verdict.into(),
+                    why,
+                    metrics: i
+                        .metrics
+                        .iter()
+                        .map(|m| pb::MetricValue {
+                            name: crate::analysis::metric_name(m.name).into(),
+                            new: m.new.unwrap_or(f64::NAN),
+                            old: m.old.unwrap_or(f64::NAN),
+                            verdict: verdict_parts(&m.verdict).0.into(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+        first_bad_unix_ms: d.rollback.as_ref().map_or(0, |r| r.first_bad_unix_ms),
+        rollback_decided_unix_ms: d.rollback.as_ref().map_or(0, |r| r.decided_unix_ms),
+        rollback_done_unix_ms: d
+            .rollback
+            .as_ref()
+            .and_then(|r| r.done_unix_ms)
+            .unwrap_or(0),
+    }
+}
+
+fn verdict_parts(v: &crate::analysis::Verdict) -> (&'static str, String) {
+    match v {
+        crate::analysis::Verdict::Pass => ("pass", String::new()),
+        crate::analysis::Verdict::Fail(w) => ("fail", w.clone()),
+        crate::analysis::Verdict::Inconclusive(w) => ("inconclusive", w.clone()),
     }
 }
 

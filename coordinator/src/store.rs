@@ -300,6 +300,10 @@ impl Store {
         self.get(SERVICES, name)
     }
 
+    pub fn services(&self) -> Result<Vec<ServiceRecord>, Error> {
+        self.list(SERVICES, "")
+    }
+
     pub fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, Error> {
         self.get(DEPLOYMENTS, id)
     }

@@ -314,6 +314,21 @@ impl Cluster {
         strategy: &str,
         health_extra: &str,
     ) -> PathBuf {
+        self.plan_with(name, version, artifact, sha, strategy, health_extra, "")
+    }
+
+    /// Like [`Cluster::plan`], with more sections (e.g. `[analysis]`) appended.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_with(
+        &self,
+        name: &str,
+        version: &str,
+        artifact: &str,
+        sha: &str,
+        strategy: &str,
+        health_extra: &str,
+        more: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"service = "web"
 
@@ -342,6 +357,8 @@ unhealthy_after = 2
 [strategy]
 max_parallel = "100%"
 {strategy}
+
+{more}
 "#,
             listen = self.listen
         );

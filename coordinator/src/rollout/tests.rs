@@ -85,6 +85,7 @@ impl Sim {
                 blue_weight: if d.blue.is_some() { d.blue_weight } else { 0 },
                 green_weight: if d.green.is_some() { d.green_weight } else { 0 },
                 error: String::new(),
+                healing: String::new(),
             };
             self.observed.insert(h.clone(), o);
         }
@@ -114,6 +115,8 @@ impl Sim {
             phase_started_unix_ms: 0,
             step_switched_unix_ms: None,
             promoted: false,
+            analysis: Default::default(),
+            rollback: None,
             hosts,
         }
     }

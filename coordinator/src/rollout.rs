@@ -347,6 +347,19 @@ fn advance(
         _ => {}
     }
 
+    // Settle: a transition (next step, say) may enable another at the same instant, and
+    // taking them all now keeps deciding idempotent.
+    for _ in 0..8 {
+        let before = (d.state, d.step, d.step_switched_unix_ms);
+        settle(d, views, now);
+        if d.state.is_final() || (d.state, d.step, d.step_switched_unix_ms) == before {
+            break;
+        }
+    }
+}
+
+fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now: u64) {
+    let view = |name: &str| views.get(name).copied().unwrap_or_default();
     if d.state == State::Pending {
         d.state = State::Preparing;
         d.phase_started_unix_ms = now;

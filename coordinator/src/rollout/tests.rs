@@ -323,3 +323,155 @@ fn same_release_live_everywhere_is_untouched() {
     let dep = sim.start(&v1);
     assert!(dep.hosts.values().all(|h| h.untouched));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ladder(traffic: &[u32]) -> String {
+        let mut t: Vec<u32> = traffic.iter().map(|x| x.clamp(&1, &99)).copied().collect();
+        t.sort_unstable();
+        t.dedup();
+        let mut steps: Vec<String> = t
+            .iter()
+            .map(|x| format!("{{ traffic = {x}, hold = \"1s\" }}"))
+            .collect();
+        steps.push("{ traffic = 100 }".into());
+        format!("steps = [{}]", steps.join(", "))
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        hosts: usize,
+        traffic: Vec<u32>,
+        failing: Vec<bool>,
+        /// (round, command)
+        commands: Vec<(usize, u8)>,
+        tick_ms: u64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            1usize..5,
+            proptest::collection::vec(1u32..100, 0..4),
+            proptest::collection::vec(any::<bool>(), 5),
+            proptest::collection::vec((0usize..60, 0u8..4), 0..4),
+            prop_oneof![Just(100u64), Just(400), Just(1500)],
+        )
+            .prop_map(|(hosts, traffic, failing, commands, tick_ms)| Case {
+                hosts,
+                traffic,
+                failing,
+                commands,
+                tick_ms,
+            })
+    }
+
+    fn command(c: u8) -> Command {
+        match c {
+            0 => Command::Pause,
+            1 => Command::Resume,
+            2 => Command::Promote,
+            _ => Command::Abort,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn rollouts_are_idempotent_bounded_and_abort_restores_the_old_release(case in case()) {
+            let names: Vec<String> = (0..case.hosts).map(|i| format!("h{i}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut sim = Sim::new(&refs);
+            let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+            for (i, n) in names.iter().enumerate() {
+                if case.failing[i] {
+                    sim.failing.insert((n.clone(), "2".into()), "broken".into());
+                }
+            }
+            let mut p = plan("2", SHA2, &ladder(&case.traffic));
+            p.strategy.max_failed_hosts = 1;
+            let mut dep = sim.start(&p);
+            for round in 0..80 {
+                let cmd = case.commands.iter().find(|(r, _)| *r == round).map(|(_, c)| command(*c));
+                let d = decide(&dep, &sim.views(), cmd, now);
+                dep = d.deployment;
+                // Weights never exceed the current step's traffic.
+                let cap = if dep.state == State::RollingBack { 0 } else { dep.traffic.max(p.strategy.steps[dep.step as usize].traffic) };
+                for (h, t) in &d.targets {
+                    let host = &dep.hosts[h];
+                    prop_assert!(weight_of(t, host.new_slot) <= cap, "{h}: weight {} over {cap}", weight_of(t, host.new_slot));
+                }
+                sim.apply(d.targets);
+                // Deciding again on what was just written changes nothing.
+                let again = decide(&dep, &sim.views(), None, now);
+                prop_assert!(again.targets.is_empty());
+                sim.converge();
+                if dep.state.is_final() {
+                    break;
+                }
+                now += case.tick_ms;
+            }
+            // From wherever it stands, an abort ends with every host on the old release.
+            if !dep.state.is_final() {
+                let d = decide(&dep, &sim.views(), Some(Command::Abort), now);
+                sim.apply(d.targets);
+                sim.converge();
+                let (end, _) = sim.run(d.deployment, now, 100, 20);
+                dep = end;
+            }
+            prop_assert!(dep.state.is_final());
+            if dep.state != State::Succeeded {
+                for n in &names {
+                    let live = sim.live(n);
+                    prop_assert_eq!(live.as_deref(), Some("1"), "{} not back on 1 ({:?})", n, dep.state);
+                    let d = &sim.desired[n];
+                    prop_assert_eq!(weight_of(d, live_slot(d).unwrap()), 100);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn host_waves_touch_only_the_hosts_a_step_needs() {
+    let mut sim = Sim::new(&["a", "b", "c", "d"]);
+    let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    let p = plan(
+        "2",
+        SHA2,
+        "steps = [{ traffic = 100, hosts = 1, pause = true }, { traffic = 100, hosts = \"50%\", pause = true }, { traffic = 100 }]",
+    );
+    let mut dep = sim.start(&p);
+    for _ in 0..40 {
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        sim.apply(d.targets);
+        sim.converge();
+        now += 100;
+    }
+    assert_eq!(dep.state, State::Paused);
+    assert_eq!(sim.live("a").as_deref(), Some("2"));
+    for h in ["b", "c", "d"] {
+        assert_eq!(sim.live(h).as_deref(), Some("1"));
+        assert!(
+            slot_of(&sim.desired[h], live_slot(&sim.desired[h]).unwrap().other()).is_none(),
+            "{h} untouched until a later step needs it"
+        );
+    }
+    let d = decide(&dep, &sim.views(), Some(Command::Promote), now);
+    dep = d.deployment;
+    sim.apply(d.targets);
+    sim.converge();
+    for _ in 0..40 {
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        sim.apply(d.targets);
+        sim.converge();
+        now += 100;
+    }
+    assert_eq!(dep.state, State::Paused);
+    assert_eq!(sim.live("b").as_deref(), Some("2"));
+    assert_eq!(sim.live("c").as_deref(), Some("1"));
+}

@@ -236,11 +236,19 @@ fn is_current(view: &HostView<'_>) -> bool {
     }
 }
 
-/// True when the host's agent reports the weights of its current desired state.
-fn weights_confirmed(view: &HostView<'_>, host: &DeployHost) -> bool {
+/// True when the host's desired state already is what the deployment wants of it and
+/// its agent reports that state's weights in effect.
+fn weights_confirmed(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployHost) -> bool {
     let (Some(o), Some(d)) = (view.observed, view.desired) else {
         return false;
     };
+    if let Some(want) = target(dep, host, Some(d)) {
+        let mut have = d.clone();
+        have.generation = 0;
+        if have != want {
+            return false;
+        }
+    }
     is_current(view)
         && observed_weight(o, host.new_slot) == weight_of(d, host.new_slot)
         && host
@@ -329,8 +337,6 @@ fn advance(
     command: Option<Command>,
     now: u64,
 ) {
-    let view = |name: &str| views.get(name).copied().unwrap_or_default();
-
     match command {
         Some(Command::Abort) if d.state != State::RollingBack => {
             begin_rollback(d, State::Aborted, "aborted by operator".into(), now, now);
@@ -447,7 +453,10 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 .iter()
                 .filter(|(_, h)| h.phase == HostPhase::Failed)
                 .collect();
-            if failed.len() > strategy.max_failed_hosts as usize {
+            let candidates = d.hosts.values().filter(|h| !h.untouched).count();
+            if failed.len() > strategy.max_failed_hosts as usize
+                || (!failed.is_empty() && failed.len() == candidates)
+            {
                 let (name, h) = failed[0];
                 let reason = format!(
                     "host {name}: {}",
@@ -519,8 +528,16 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
             }
         }
         State::Progressing => {
-            for (name, h) in d.hosts.iter_mut() {
-                if h.phase == HostPhase::Ready && weights_confirmed(&view(name), h) {
+            let confirmed: Vec<String> = d
+                .hosts
+                .iter()
+                .filter(|(name, h)| {
+                    h.phase == HostPhase::Ready && weights_confirmed(d, &view(name), h)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in confirmed {
+                if let Some(h) = d.hosts.get_mut(&name) {
                     h.phase = HostPhase::Switched;
                 }
             }
@@ -600,7 +617,7 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 h.untouched
                     || h.phase == HostPhase::Waiting
                     || !v.connected
-                    || weights_confirmed(&v, h)
+                    || weights_confirmed(d, &v, h)
             });
             if converged {
                 d.state = d.ending.take().unwrap_or(State::RolledBack);

@@ -397,6 +397,11 @@ mod properties {
                 let cmd = case.commands.iter().find(|(r, _)| *r == round).map(|(_, c)| command(*c));
                 let d = decide(&dep, &sim.views(), cmd, now);
                 dep = d.deployment;
+                // An end is only reached once every host has what it needs.
+                if dep.state.is_final() {
+                    let pending = d.targets.keys().filter(|h| dep.hosts[*h].phase != HostPhase::Failed).count();
+                    prop_assert_eq!(pending, 0, "ended {:?} with changes still to send", dep.state);
+                }
                 // Weights never exceed the current step's traffic.
                 let cap = if dep.state == State::RollingBack { 0 } else { dep.traffic.max(p.strategy.steps[dep.step as usize].traffic) };
                 for (h, t) in &d.targets {

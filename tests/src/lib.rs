@@ -16,13 +16,15 @@ pub use serde_json::Value;
 
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
-    // Test executables live in target/<profile>/deps; the binaries one level up.
+    // Test executables live in target/<profile>/deps, the binaries one level up; a
+    // binary using this harness lives next to them.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let here = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if here.join("cutover").exists() {
+        here
+    } else {
+        here.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
     for b in ["cutover", "cutover-agent", "cutover-sample"] {
         assert!(
             dir.join(b).exists(),

@@ -272,3 +272,55 @@ fn abort_during_a_hold_rolls_back() {
     assert_eq!(s["reason"], "aborted by operator");
     assert!(serving(&c, "1.0.0"));
 }
+
+#[test]
+fn rollback_after_the_old_slot_was_retired_prepares_it_again_from_disk() {
+    let c = Cluster::start(27, 2);
+    deploy_v1(&c, &[]);
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let plan = c.plan(
+        "v2",
+        "2.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 100 }]\nkeep_previous = \"1s\"",
+        "",
+    );
+    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    // keep_previous passes: v1's slot is stopped on every host.
+    wait_until(Duration::from_secs(20), "v1's slots to be retired", || {
+        c.hosts().as_array().is_some_and(|hosts| {
+            hosts.iter().all(|h| {
+                let s = &h["services"][0]["slots"];
+                s["blue"]["release"] != "1.0.0" && s["green"]["release"] != "1.0.0"
+            })
+        })
+    });
+    // The artifact is gone too: the rollback must come from the kept release directory.
+    std::fs::remove_file(url.trim_start_matches("file://")).ok();
+    let v1 = c.dir.join(
+        std::fs::read_dir(&c.dir)
+            .expect("dir")
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with("web-1.0.0"))
+            .expect("v1 artifact")
+            .file_name(),
+    );
+    std::fs::remove_file(v1).expect("remove v1 artifact");
+    let load = Load::start(c.addrs(), 2);
+    let out = c.cli(&["rollback", "web", "--wait"]);
+    let report = load.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(serving(&c, "1.0.0"), "{:?}", c.versions());
+    assert_eq!(
+        report.failed(),
+        0,
+        "{:?}",
+        report.errors.lock().map(|e| e.clone())
+    );
+}

@@ -1,0 +1,143 @@
+//! `cutover-measure`: runs real deployments on this machine and prints the figures that
+//! cutover's progressive delivery is judged by. Not a test; run it and read.
+//!
+//!   cargo build --workspace --bins && target/debug/cutover-measure [runs]
+//!
+//! It prints: time from the first bad analysis interval to the last host back on the old
+//! slot, and the client requests that failed, for rollbacks at 1 %, 10 % and 50 %; false
+//! rollbacks of a healthy release over `runs` deployments (default 20); and how long a
+//! good 3-step deployment spends beyond its configured holds.
+
+use std::time::{Duration, Instant};
+
+use tests::{Cluster, Load, wait_until};
+
+const ANALYSIS: &str = r#"[analysis]
+interval = "1s"
+failure_limit = 1
+min_requests = 10
+
+[[analysis.metric]]
+name = "error_rate"
+max = 0.05
+
+[[analysis.metric]]
+name = "latency_p99"
+max_vs_baseline = 3.0
+judge = "mann-whitney"
+confidence = 0.99
+"#;
+
+fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    let c = Cluster::start(31, 3);
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let v1 = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
+    let (code, _, err) = c.deploy_wait(&v1, &[]);
+    assert_eq!(code, 0, "{err}");
+
+    println!(
+        "rollback of a release answering 30% of requests with 500, 3 hosts, 4 keep-alive clients per host:"
+    );
+    println!(
+        "{:>8} {:>22} {:>18} {:>16}",
+        "traffic", "first bad -> all back", "failed requests", "of requests"
+    );
+    let (bad_url, bad_sha) = c.pack("9.9.9", &["error_rate=0.3"]);
+    for traffic in [1, 10, 50] {
+        let strategy =
+            format!("steps = [{{ traffic = {traffic}, hold = \"60s\" }}, {{ traffic = 100 }}]");
+        let plan = c.plan_with(
+            &format!("bad{traffic}"),
+            "9.9.9",
+            &bad_url,
+            &bad_sha,
+            &strategy,
+            "",
+            ANALYSIS,
+        );
+        let load = Load::start(c.addrs(), 4);
+        wait_until(Duration::from_secs(10), "load", || load.report.ok() > 500);
+        let (base_ok, base_failed) = (load.report.ok(), load.report.failed());
+        let (code, id, err) = c.deploy_wait(&plan, &[]);
+        let report = load.stop();
+        assert_eq!(code, 3, "{err}");
+        let s = c.status(&id);
+        let restore = s["rollback"]["seconds_to_restore"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let failed = report.failed() - base_failed;
+        let total = report.ok() - base_ok + failed;
+        println!(
+            "{:>7}% {:>21.3}s {:>18} {:>16}",
+            traffic,
+            restore,
+            failed,
+            format!(
+                "{total} ({:.3}%)",
+                100.0 * failed as f64 / total.max(1) as f64
+            )
+        );
+    }
+
+    println!();
+    println!(
+        "false rollbacks of a healthy release, {runs} deployments at 10% then 100% under load:"
+    );
+    let mut false_rollbacks = 0;
+    let load = Load::start(c.addrs(), 2);
+    for i in 0..runs {
+        let version = format!("2.0.{i}");
+        let (u, s) = c.pack(&version, &[]);
+        let plan = c.plan_with(
+            &format!("good{i}"),
+            &version,
+            &u,
+            &s,
+            r#"steps = [{ traffic = 10, hold = "2s" }, { traffic = 100, hold = "1s" }]"#,
+            "",
+            ANALYSIS,
+        );
+        let (code, id, _) = c.deploy_wait(&plan, &[]);
+        if code != 0 {
+            false_rollbacks += 1;
+            println!(
+                "  run {i}: {} — {}",
+                c.status(&id)["state"],
+                c.status(&id)["reason"]
+            );
+        }
+    }
+    let report = load.stop();
+    println!(
+        "  {false_rollbacks} of {runs} rolled back; client requests failed: {} of {}",
+        report.failed(),
+        report.ok() + report.failed()
+    );
+
+    println!();
+    println!("a good 3-step deployment (1% 2s, 10% 2s, 100% 2s; analysis every 1s):");
+    let load = Load::start(c.addrs(), 2);
+    let (u, s) = c.pack("3.0.0", &[]);
+    let plan = c.plan_with(
+        "three",
+        "3.0.0",
+        &u,
+        &s,
+        r#"steps = [{ traffic = 1, hold = "2s" }, { traffic = 10, hold = "2s" }, { traffic = 100, hold = "2s" }]"#,
+        "",
+        ANALYSIS,
+    );
+    let t = Instant::now();
+    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let took = t.elapsed().as_secs_f64();
+    load.stop();
+    assert_eq!(code, 0, "{err}");
+    println!(
+        "  took {took:.2}s for 6s of holds: {:.2}s beyond them (preparation, switches, waiting for conclusive intervals, CLI polling)",
+        took - 6.0
+    );
+}

@@ -3,7 +3,8 @@
 //!
 //!   cargo build --workspace --bins && target/debug/cutover-measure [runs]
 //!
-//! It prints: time from the first bad analysis interval to the last host back on the old
+//! It prints: the time a blue/green switch of 3 hosts takes and the requests it costs;
+//! time from the first bad analysis interval to the last host back on the old
 //! slot, and the client requests that failed, for rollbacks at 1 %, 10 % and 50 %; false
 //! rollbacks of a healthy release over `runs` deployments (default 20); and how long a
 //! good 3-step deployment spends beyond its configured holds.
@@ -38,6 +39,28 @@ fn main() {
     let v1 = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
     let (code, _, err) = c.deploy_wait(&v1, &[]);
     assert_eq!(code, 0, "{err}");
+
+    println!(
+        "blue/green switch of 3 hosts to a new release at 100%, under load (4 keep-alive clients per host):"
+    );
+    let (u, s) = c.pack("1.0.1", &[]);
+    let plan = c.plan("switch", "1.0.1", &u, &s, "steps = [{ traffic = 100 }]", "");
+    let load = Load::start(c.addrs(), 4);
+    wait_until(Duration::from_secs(10), "load", || load.report.ok() > 500);
+    let t = Instant::now();
+    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let took = t.elapsed().as_secs_f64();
+    let (ok, failed) = (load.report.ok(), load.report.failed());
+    load.stop();
+    assert_eq!(code, 0, "{err}");
+    println!(
+        "  `cutover deploy --wait` to every host switched: {took:.2}s (fetch, verify, unpack, start, 2 passing health checks at 200ms, switch)"
+    );
+    println!(
+        "  client requests while it ran: {} served, {failed} failed",
+        ok + failed
+    );
+    println!();
 
     println!(
         "rollback of a release answering 30% of requests with 500, 3 hosts, 4 keep-alive clients per host:"

@@ -173,6 +173,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
     let store = Arc::new(
         store::Store::open(&cfg.data_dir.join("agent.redb")).context("open the agent store")?,
     );
+    let reaped = process::reap_orphans(&store, std::time::Duration::from_secs(10)).await;
+    if reaped > 0 {
+        tracing::warn!(
+            reaped,
+            "stopped slot processes left by an earlier agent run"
+        );
+    }
     let tasks = tokio_util::task::TaskTracker::new();
     let services = Arc::new(service::Services::new(
         cfg.data_dir.clone(),

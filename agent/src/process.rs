@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifact::{self, Limits};
 use crate::health::{Check, Checker, Tally};
 use crate::proxy::SlotMetrics;
+use crate::store::ProcessRecord;
 
 /// What a slot reports.
 #[derive(Clone, Debug, Default)]
@@ -44,6 +45,8 @@ pub struct SlotCtx {
     pub phase_changed: tokio::sync::mpsc::UnboundedSender<String>,
     /// Largest size of a slot's log file before it is rotated.
     pub log_cap: u64,
+    /// Where started processes are recorded (for cleanup after an agent crash).
+    pub store: Arc<crate::store::Store>,
 }
 
 impl SlotCtx {
@@ -156,6 +159,53 @@ fn substitute(s: &str, port: u16) -> String {
 struct Running {
     child: Child,
     pid: Option<i32>,
+    record: Option<ProcessRecord>,
+}
+
+/// Start time of a process in clock ticks since boot, from /proc/PID/stat.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Stops slot processes that a previous run of the agent started and could not stop
+/// (it was killed): each recorded process that still runs with the recorded start time
+/// gets SIGTERM, then SIGKILL after `grace`. Returns how many were stopped.
+pub async fn reap_orphans(store: &crate::store::Store, grace: Duration) -> usize {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let records = match store.processes() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "read recorded slot processes");
+            return 0;
+        }
+    };
+    let mut stopped = 0;
+    for r in records {
+        if start_ticks(r.pid) == Some(r.start_ticks) {
+            tracing::warn!(
+                service = r.service,
+                slot = r.slot,
+                pid = r.pid,
+                release = r.release,
+                "stopping a slot process left by an earlier agent run"
+            );
+            let _ = killpg(Pid::from_raw(r.pid), Signal::SIGTERM);
+            let until = Instant::now() + grace;
+            while start_ticks(r.pid) == Some(r.start_ticks) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = killpg(Pid::from_raw(r.pid), Signal::SIGKILL);
+            stopped += 1;
+        }
+        if let Err(e) = store.remove_process(&r) {
+            tracing::error!(error = %e, "forget recorded slot process");
+        }
+    }
+    stopped
 }
 
 fn spawn(
@@ -191,17 +241,49 @@ fn spawn(
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| format!("start {prog}: {e}"))?;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
+    let record = pid.and_then(|pid| {
+        let r = ProcessRecord {
+            service: ctx.service.clone(),
+            slot: ctx.slot.to_string(),
+            pid,
+            start_ticks: start_ticks(pid)?,
+            release: ctx
+                .spec
+                .release
+                .as_ref()
+                .map(|r| r.version.clone())
+                .unwrap_or_default(),
+        };
+        if let Err(e) = ctx.store.put_process(&r) {
+            tracing::error!(error = %e, "record slot process");
+        }
+        Some(r)
+    });
     if let Some(out) = child.stdout.take() {
         tokio::spawn(log.clone().pump(out));
     }
     if let Some(err) = child.stderr.take() {
         tokio::spawn(log.clone().pump(err));
     }
-    Ok(Running { child, pid })
+    Ok(Running { child, pid, record })
 }
 
 /// Sends SIGTERM to the process group, then SIGKILL after `timeout`.
-async fn stop(mut r: Running, timeout: Duration) {
+async fn stop(r: Running, timeout: Duration, store: &crate::store::Store) {
+    let record = r.record.clone();
+    stop_group(r, timeout).await;
+    forget(store, record.as_ref());
+}
+
+fn forget(store: &crate::store::Store, record: Option<&ProcessRecord>) {
+    if let Some(rec) = record
+        && let Err(e) = store.remove_process(rec)
+    {
+        tracing::error!(error = %e, "forget slot process");
+    }
+}
+
+async fn stop_group(mut r: Running, timeout: Duration) {
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
     if let Some(pid) = r.pid {
@@ -402,17 +484,24 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
             tokio::select! {
                 _ = cancel.cancelled() => {
                     drain(&ctx).await;
-                    stop(running, stop_timeout).await;
+                    stop(running, stop_timeout, &ctx.store).await;
                     ctx.phase(SlotPhase::Stopped, "");
                     tracing::info!(service = ctx.service, slot = ctx.slot, release = version, "slot stopped");
                     return;
                 }
-                status = running.child.wait() => break status,
+                status = running.child.wait() => {
+                    // The leader exited; take its group down with it so nothing keeps the port.
+                    if let Some(pid) = running.pid {
+                        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                    forget(&ctx.store, running.record.as_ref());
+                    break status;
+                }
                 _ = tokio::time::sleep_until(deadline), if !ever_healthy => {
                     let why = if last_check_error.is_empty() { "no check passed".to_string() } else { format!("last check: {last_check_error}") };
                     let msg = format!("not healthy within {}s of start ({why})", start_timeout.as_secs());
                     tracing::warn!(service = ctx.service, slot = ctx.slot, release = version, "{msg}");
-                    stop(running, stop_timeout).await;
+                    stop(running, stop_timeout, &ctx.store).await;
                     ctx.phase(SlotPhase::Failed, msg);
                     return;
                 }

@@ -337,6 +337,7 @@ impl Services {
             changed: self.changed.clone(),
             phase_changed: self.phase_tx.clone(),
             log_cap: 10 << 20,
+            store: self.store.clone(),
         };
         self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
         Ok(SlotRun {

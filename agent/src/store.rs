@@ -10,6 +10,28 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const DESIRED: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("desired");
+/// Slot processes this agent started, keyed `service/slot/pid`, so that a restarted
+/// agent can find and stop the ones a crash left behind.
+const PROCESSES: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("processes");
+
+/// A slot process as recorded when it started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessRecord {
+    pub service: String,
+    pub slot: String,
+    pub pid: i32,
+    /// The process's start time in clock ticks since boot (/proc/PID/stat field 22), so
+    /// a recycled pid is never mistaken for ours.
+    pub start_ticks: u64,
+    pub release: String,
+}
+
+impl ProcessRecord {
+    fn key(&self) -> String {
+        format!("{}/{}/{}", self.service, self.slot, self.pid)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("agent store: {0}")]
@@ -35,6 +57,7 @@ impl Store {
         let db = Database::create(path)?;
         let w = db.begin_write()?;
         w.open_table(DESIRED)?;
+        w.open_table(PROCESSES)?;
         w.commit()?;
         Ok(Store { db })
     }
@@ -45,6 +68,35 @@ impl Store {
             .insert(d.service.as_str(), d.encode_to_vec().as_slice())?;
         w.commit()?;
         Ok(())
+    }
+
+    pub fn put_process(&self, p: &ProcessRecord) -> Result<(), Error> {
+        let w = self.db.begin_write()?;
+        let v = serde_json::to_vec(p).unwrap_or_default();
+        w.open_table(PROCESSES)?
+            .insert(p.key().as_str(), v.as_slice())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_process(&self, p: &ProcessRecord) -> Result<(), Error> {
+        let w = self.db.begin_write()?;
+        w.open_table(PROCESSES)?.remove(p.key().as_str())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    pub fn processes(&self) -> Result<Vec<ProcessRecord>, Error> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(PROCESSES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            if let Ok(p) = serde_json::from_slice(v.value()) {
+                out.push(p);
+            }
+        }
+        Ok(out)
     }
 
     pub fn desired(&self) -> Result<Vec<DesiredService>, Error> {

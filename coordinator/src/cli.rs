@@ -544,6 +544,87 @@ pub async fn token_create(
     Ok(0)
 }
 
+pub async fn token_list(conn: &Conn, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let tokens = client
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .map_err(status_failure)?
+        .into_inner()
+        .tokens;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let state = |t: &pb::TokenInfo| {
+        if t.revoked {
+            "revoked"
+        } else if t.expires_unix_ms <= now {
+            "expired"
+        } else if t.uses_left == 0 {
+            "used"
+        } else {
+            "valid"
+        }
+    };
+    match output {
+        Output::Json => print_json(&Value::Array(
+            tokens
+                .iter()
+                .map(|t| {
+                    let labels: std::collections::BTreeMap<_, _> = t.labels.iter().collect();
+                    json!({
+                        "id": t.id,
+                        "labels": labels,
+                        "created_at": ms_to_rfc3339(t.created_unix_ms),
+                        "expires_at": ms_to_rfc3339(t.expires_unix_ms),
+                        "uses_left": t.uses_left,
+                        "state": state(t),
+                    })
+                })
+                .collect(),
+        )),
+        Output::Text => {
+            println!(
+                "{:<18} {:<8} {:>9} {:<26} LABELS",
+                "ID", "STATE", "USES LEFT", "EXPIRES"
+            );
+            for t in &tokens {
+                let mut labels: Vec<String> =
+                    t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                let expires = ms_to_rfc3339(t.expires_unix_ms);
+                println!(
+                    "{:<18} {:<8} {:>9} {:<26} {}",
+                    t.id,
+                    state(t),
+                    t.uses_left,
+                    expires.as_str().unwrap_or("-"),
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels.join(",")
+                    }
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn token_revoke(conn: &Conn, id: String, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    client
+        .revoke_token(pb::RevokeTokenRequest { id: id.clone() })
+        .await
+        .map_err(status_failure)?;
+    match output {
+        Output::Json => print_json(&json!({"revoked": id})),
+        Output::Text => eprintln!("token {id} revoked"),
+    }
+    Ok(0)
+}
+
 pub fn plan_validate(path: &Path, output: Output) -> Result<i32> {
     let plan = load_plan(path, None, None, None)?;
     match output {

@@ -107,6 +107,10 @@ enum TokenCmd {
         #[arg(long, default_value_t = 1)]
         uses: u32,
     },
+    /// List join tokens (never their secrets).
+    List,
+    /// Revoke a join token by id.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +202,12 @@ async fn run(args: Args) -> cli::Result<i32> {
                 .map_err(|m| Failure::new(2, format!("--labels: {m}")))?;
             cli::token_create(&conn, labels, ttl, uses, out).await
         }
+        Cmd::Token {
+            command: TokenCmd::List,
+        } => cli::token_list(&conn, out).await,
+        Cmd::Token {
+            command: TokenCmd::Revoke { id },
+        } => cli::token_revoke(&conn, id, out).await,
         Cmd::Hosts { command: None } => cli::hosts(&conn, out).await,
         Cmd::Hosts {
             command: Some(HostsCmd::Remove { name }),

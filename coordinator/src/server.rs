@@ -358,6 +358,45 @@ impl Control for Api {
         }))
     }
 
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let tokens = s
+            .store
+            .tokens()
+            .map_err(internal)?
+            .into_iter()
+            .map(|t| pb::TokenInfo {
+                id: t.id,
+                labels: t.labels.into_iter().collect(),
+                created_unix_ms: t.created_unix_ms,
+                expires_unix_ms: t.expires_unix_ms,
+                uses_left: t.uses_left,
+                revoked: t.revoked,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let id = req.into_inner().id.to_ascii_lowercase();
+        if !s.store.revoke_token(&id).map_err(internal)? {
+            return Err(Status::not_found(format!(
+                "unknown token {id:?} (see `cutover token list`)"
+            )));
+        }
+        tracing::info!(token = id, "join token revoked");
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
     async fn list_hosts(
         &self,
         req: Request<pb::ListHostsRequest>,

@@ -187,6 +187,16 @@ impl Store {
         self.list(TOKENS, "")
     }
 
+    /// Marks a token revoked. Returns false if it is unknown.
+    pub fn revoke_token(&self, id: &str) -> Result<bool, Error> {
+        let Some(mut t) = self.get::<TokenRecord>(TOKENS, id)? else {
+            return Ok(false);
+        };
+        t.revoked = true;
+        self.put(TOKENS, id, &t)?;
+        Ok(true)
+    }
+
     /// Enrols a host in one transaction: spends one use of the token (checked by
     /// `check`), records the host made by `host` from the token, and its certificate's
     /// identity. Returns the host record, or the check's refusal.

@@ -590,3 +590,19 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, report: Arc<LoadReport>
         }
     }
 }
+
+/// Processes whose working directory is inside `dir` (slot processes of an agent).
+pub fn processes_under(dir: &Path) -> Vec<i32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+        })
+        .collect()
+}

@@ -78,6 +78,28 @@ fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
     forged.replace_range(forged.len() - 4.., "0000");
     let out = c.join("h3", &c.dir.join("h3"), &forged);
     assert!(!out.status.success());
+    // Revoked tokens are refused; `token list` shows states but never secrets.
+    let revoked = c.token("env=test");
+    let revoked_id = revoked.split('.').nth(2).expect("id").to_string();
+    c.cli_ok(&["token", "revoke", &revoked_id]);
+    let out = c.join("h5", &c.dir.join("h5"), &revoked);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+    let list = c.cli_ok(&["token", "list", "--output", "json"]);
+    let secret = token.rsplit('.').next().expect("secret");
+    assert!(!list.contains(secret), "secrets never listed");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+    let state = |id: &str| {
+        list.as_array()
+            .and_then(|a| a.iter().find(|t| t["id"] == id))
+            .map(|t| t["state"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(state(&revoked_id).as_deref(), Some("revoked"));
+    assert_eq!(
+        state(token.split('.').nth(2).expect("id")).as_deref(),
+        Some("used")
+    );
+
     // A token pinned to another CA is refused before anything is sent.
     let other = format!(
         "cutover1.{}.{}",

@@ -1,0 +1,118 @@
+//! Faults: processes killed hard, and what survives them.
+
+use std::time::{Duration, Instant};
+
+use tests::{Cluster, Load, processes_under, wait_until};
+
+fn serving(c: &Cluster, version: &str) -> bool {
+    c.versions()
+        .values()
+        .all(|v| v == &format!("release {version}"))
+}
+
+#[test]
+fn an_agent_killed_hard_comes_back_serving_from_its_own_store_without_orphans() {
+    let mut c = Cluster::start(41, 1);
+    for v in ["1.0.0", "2.0.0"] {
+        let (url, sha) = c.pack(v, &[]);
+        let plan = c.plan(v, v, &url, &sha, "steps = [{ traffic = 100 }]", "");
+        let (code, _, err) = c.deploy_wait(&plan, &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let data = c.agents[0].data_dir.clone();
+    let before = processes_under(&data);
+    assert_eq!(before.len(), 2, "blue and green slot processes: {before:?}");
+
+    // No coordinator either: the agent must not need one to serve again.
+    if let Some(mut coord) = c.coordinator.take() {
+        coord.kill();
+    }
+    let ip = c.agents[0].ip.clone();
+    c.agents[0].proc.kill();
+    let t = Instant::now();
+    c.agents[0].proc = c.spawn_agent("web-1", &ip, &data);
+    wait_until(Duration::from_secs(30), "web-1 serving 2.0.0 again", || {
+        serving(&c, "2.0.0")
+    });
+    let back_in = t.elapsed();
+    eprintln!("agent killed and restarted: serving again after {back_in:?}");
+
+    // Every process the dead agent left was stopped, and exactly one copy per slot runs.
+    wait_until(Duration::from_secs(15), "orphans stopped", || {
+        before
+            .iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    });
+    wait_until(Duration::from_secs(15), "two slot processes", || {
+        processes_under(&data).len() == 2
+    });
+    let load = Load::start(c.addrs(), 2);
+    wait_until(Duration::from_secs(10), "load", || load.report.ok() > 200);
+    let report = load.stop();
+    assert_eq!(report.failed(), 0);
+    assert_eq!(
+        report.versions().keys().cloned().collect::<Vec<_>>(),
+        vec!["release 2.0.0".to_string()]
+    );
+}
+
+#[test]
+fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
+    let mut c = Cluster::start(42, 2);
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
+    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let plan = c.plan(
+        "v2",
+        "2.0.0",
+        &url,
+        &sha,
+        r#"steps = [{ traffic = 50, hold = "4s" }, { traffic = 100 }]"#,
+        "",
+    );
+    let id = c
+        .cli_ok(&["deploy", plan.to_str().expect("path")])
+        .trim()
+        .to_string();
+    wait_until(Duration::from_secs(30), "the hold at 50%", || {
+        let s = c.status(&id);
+        s["state"] == "progressing"
+            && s["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
+    });
+    let load = Load::start(c.addrs(), 2);
+    if let Some(mut coord) = c.coordinator.take() {
+        coord.kill();
+    }
+    // Fail static: the hosts keep their weights while the coordinator is away.
+    let served = load.report.ok();
+    wait_until(
+        Duration::from_secs(10),
+        "requests without a coordinator",
+        || load.report.ok() > served + 500,
+    );
+    let v = load.report.versions();
+    assert!(
+        v.contains_key("release 1.0.0") && v.contains_key("release 2.0.0"),
+        "{v:?}"
+    );
+    c.start_coordinator();
+    let out = c.cli(&["watch", &id]);
+    let report = load.stop();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.status(&id)["state"], "succeeded");
+    assert!(serving(&c, "2.0.0"));
+    assert_eq!(
+        report.failed(),
+        0,
+        "{:?}",
+        report.errors.lock().map(|e| e.clone())
+    );
+}

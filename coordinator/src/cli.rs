@@ -298,6 +298,35 @@ async fn follow_up(
         return Ok(0);
     }
     let d = watch(client, &resp.id).await?;
+    let left: Vec<String> = d
+        .hosts
+        .iter()
+        .filter(|h| h.phase == "failed")
+        .map(|h| {
+            format!(
+                "{} ({})",
+                h.name,
+                if h.error.is_empty() {
+                    "failed"
+                } else {
+                    &h.error
+                }
+            )
+        })
+        .collect();
+    if d.state == "succeeded" && !left.is_empty() {
+        let old = if d.previous_release.is_empty() {
+            "no release".to_string()
+        } else {
+            d.previous_release.clone()
+        };
+        eprintln!(
+            "warning: the fleet is mixed: {} of {} host(s) still run {old}: {}",
+            left.len(),
+            d.hosts.len(),
+            left.join(", ")
+        );
+    }
     if output == Output::Json {
         print_json(&deployment_json(&d));
     }

@@ -102,6 +102,8 @@ pub struct Engine {
     desired: HashMap<(String, String), DesiredService>,
     /// When to look for previous releases to retire next (unix ms).
     next_retire_check: u64,
+    /// When this engine started (unix ms).
+    started_ms: u64,
 }
 
 /// How often the engine re-decides without being woken (holds, deadlines).
@@ -124,6 +126,7 @@ impl Engine {
                 active,
                 desired: HashMap::new(),
                 next_retire_check: 0,
+                started_ms: now_ms(),
             },
             Handle { tx },
         ))
@@ -350,6 +353,13 @@ impl Engine {
                     h.clone(),
                     HostView {
                         connected: self.fleet.is_connected(h),
+                        lost_ms: if self.fleet.is_connected(h) {
+                            0
+                        } else {
+                            // Never seen since this coordinator started: count from now,
+                            // so a restart does not declare every host lost at once.
+                            now.saturating_sub(self.fleet.last_seen(h).unwrap_or(self.started_ms))
+                        },
                         desired: desired.get(h).and_then(Option::as_ref),
                         observed: observed.get(h).and_then(Option::as_ref),
                     },

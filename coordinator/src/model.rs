@@ -166,6 +166,10 @@ pub struct DeployHost {
     /// The host already ran this release when the deployment started: it is left alone.
     #[serde(default)]
     pub untouched: bool,
+    /// The host became unreachable during the deployment and was set aside (its phase
+    /// is `Failed`); it is not counted against `max_failed_hosts`.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

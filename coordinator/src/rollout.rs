@@ -13,7 +13,7 @@ use cutover_proto::v1::{
     DesiredService, ExecCheck, HealthSpec, ObservedService, Protocol as WireProtocol, Release,
     RunSpec, SlotPhase, SlotSpec, SlotStatus, health_spec,
 };
-use cutover_shared::plan::{Check, Plan, Protocol};
+use cutover_shared::plan::{Check, OnHostLost, Plan, Protocol};
 
 use crate::analysis::{self, Counters, Sample, Verdict};
 use crate::model::{
@@ -24,6 +24,8 @@ use crate::model::{
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostView<'a> {
     pub connected: bool,
+    /// How long the host has been unreachable (0 while connected), in milliseconds.
+    pub lost_ms: u64,
     /// The desired state last written for this service on this host.
     pub desired: Option<&'a DesiredService>,
     /// The host's latest report for this service.
@@ -145,6 +147,7 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
         weight: 0,
         error: None,
         untouched: false,
+        lost: false,
     };
     let Some(cur) = current else { return host };
     let live = live_slot(cur);
@@ -370,6 +373,9 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
         d.state = State::Preparing;
         d.phase_started_unix_ms = now;
     }
+    if matches!(d.state, State::Preparing | State::Progressing) && hosts_lost(d, views, now) {
+        return;
+    }
 
     // Health watch: a new slot that carries traffic and turns unhealthy rolls back.
     if matches!(d.state, State::Progressing | State::Paused) {
@@ -451,7 +457,7 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
             let failed: Vec<(&String, &DeployHost)> = d
                 .hosts
                 .iter()
-                .filter(|(_, h)| h.phase == HostPhase::Failed)
+                .filter(|(_, h)| h.phase == HostPhase::Failed && !h.lost)
                 .collect();
             let candidates = d.hosts.values().filter(|h| !h.untouched).count();
             if failed.len() > strategy.max_failed_hosts as usize
@@ -628,6 +634,55 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
             }
         }
         _ => {}
+    }
+}
+
+/// Applies `on_host_lost` to hosts unreachable for `host_lost_after`. A lost host is
+/// never counted as healthy: it is set aside (it converges on the fleet's state when it
+/// comes back). Returns true when the deployment stopped or paused because of it.
+fn hosts_lost(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now: u64) -> bool {
+    let after = d.plan.strategy.host_lost_after;
+    let lost: Vec<String> = d
+        .hosts
+        .iter()
+        .filter(|(name, h)| {
+            !h.untouched
+                && matches!(
+                    h.phase,
+                    HostPhase::Preparing | HostPhase::Ready | HostPhase::Switched
+                )
+                && views
+                    .get(*name)
+                    .is_some_and(|v| !v.connected && v.lost_ms >= after.as_millis())
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    if lost.is_empty() {
+        return false;
+    }
+    let names = lost.join(", ");
+    for name in &lost {
+        if let Some(h) = d.hosts.get_mut(name) {
+            h.phase = HostPhase::Failed;
+            h.lost = true;
+            h.weight = 0;
+            h.error = Some(format!("unreachable for more than {after}"));
+        }
+    }
+    match d.plan.strategy.on_host_lost {
+        OnHostLost::Rollback => {
+            let reason = format!(
+                "host {names} unreachable for more than {after} (on_host_lost = \"rollback\")"
+            );
+            begin_rollback(d, State::RolledBack, reason, now, now);
+            true
+        }
+        OnHostLost::Pause => {
+            d.ending = Some(d.state);
+            d.state = State::Paused;
+            true
+        }
+        OnHostLost::Continue => false,
     }
 }
 

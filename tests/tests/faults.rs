@@ -116,3 +116,57 @@ fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
         report.errors.lock().map(|e| e.clone())
     );
 }
+
+fn signal(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[test]
+fn a_host_lost_mid_deployment_rolls_the_fleet_back_and_follows_when_it_returns() {
+    let c = Cluster::start(43, 3);
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
+    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]
+on_host_lost = "rollback"
+host_lost_after = "2s""#;
+    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
+    let id = c
+        .cli_ok(&["deploy", plan.to_str().expect("path")])
+        .trim()
+        .to_string();
+    wait_until(Duration::from_secs(30), "the hold at 50%", || {
+        let s = c.status(&id);
+        s["state"] == "progressing"
+            && s["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
+    });
+    // web-2 freezes: its stream goes silent, as in a partition.
+    let frozen = c.agents[1].proc.pid();
+    signal(frozen, "STOP");
+    wait_until(Duration::from_secs(30), "the deployment to end", || {
+        let st = c.status(&id)["state"].clone();
+        st == "rolled_back" || st == "failed" || st == "succeeded"
+    });
+    let s = c.status(&id);
+    assert_eq!(s["state"], "rolled_back");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("host web-2 unreachable"), "{reason}");
+    let host = |n: &str| c.versions().get(n).cloned().unwrap_or_default();
+    assert_eq!(host("web-1"), "release 1.0.0");
+    assert_eq!(host("web-3"), "release 1.0.0");
+    // Back again: it converges on the fleet's state, the old release.
+    signal(frozen, "CONT");
+    wait_until(Duration::from_secs(30), "web-2 back on 1.0.0", || {
+        host("web-2") == "release 1.0.0"
+    });
+    wait_until(Duration::from_secs(30), "web-2 connected", || {
+        c.connected("web-2")
+    });
+}

@@ -18,6 +18,8 @@ struct Sim {
     observed: BTreeMap<String, ObservedService>,
     /// Releases that fail on this host: version -> error.
     failing: BTreeMap<(String, String), String>,
+    /// Hosts unreachable, and for how long (ms).
+    lost: BTreeMap<String, u64>,
 }
 
 impl Sim {
@@ -29,6 +31,7 @@ impl Sim {
                 .map(|h| (h.to_string(), ObservedService::default()))
                 .collect(),
             failing: BTreeMap::new(),
+            lost: BTreeMap::new(),
         }
     }
 
@@ -39,7 +42,8 @@ impl Sim {
                 (
                     h.clone(),
                     HostView {
-                        connected: true,
+                        connected: !self.lost.contains_key(h),
+                        lost_ms: self.lost.get(h).copied().unwrap_or(0),
                         desired: self.desired.get(h),
                         observed: self.observed.get(h),
                     },
@@ -57,8 +61,12 @@ impl Sim {
     }
 
     /// Agents converge: every slot's release runs healthy (or fails), weights applied.
+    /// Unreachable hosts report nothing.
     fn converge(&mut self) {
         for (h, d) in &self.desired {
+            if self.lost.contains_key(h) {
+                continue;
+            }
             let status = |spec: &Option<SlotSpec>| {
                 spec.as_ref().map(|s| {
                     let v = s.release.as_ref().unwrap().version.clone();
@@ -479,4 +487,73 @@ fn host_waves_touch_only_the_hosts_a_step_needs() {
     assert_eq!(dep.state, State::Paused);
     assert_eq!(sim.live("b").as_deref(), Some("2"));
     assert_eq!(sim.live("c").as_deref(), Some("1"));
+}
+
+#[test]
+fn a_lost_host_is_handled_as_the_plan_says() {
+    for (policy, want) in [
+        ("pause", State::Paused),
+        ("rollback", State::RolledBack),
+        ("continue", State::Succeeded),
+    ] {
+        let mut sim = Sim::new(&["a", "b", "c"]);
+        let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+        let mut p = plan(
+            "2",
+            SHA2,
+            "steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]",
+        );
+        p.strategy.on_host_lost = match policy {
+            "pause" => OnHostLost::Pause,
+            "rollback" => OnHostLost::Rollback,
+            _ => OnHostLost::Continue,
+        };
+        p.strategy.host_lost_after = cutover_shared::Duration::from_secs(30);
+        let mut dep = sim.start(&p);
+        for round in 0..200 {
+            if round == 10 {
+                sim.lost.insert("b".into(), 0);
+            }
+            if let Some(ms) = sim.lost.get_mut("b") {
+                *ms += 500;
+            }
+            let d = decide(&dep, &sim.views(), None, now);
+            dep = d.deployment;
+            sim.apply(d.targets);
+            sim.converge();
+            if dep.state.is_final() || dep.state == State::Paused {
+                break;
+            }
+            now += 500;
+        }
+        assert_eq!(dep.state, want, "{policy}");
+        assert!(
+            matches!(
+                dep.hosts["b"].phase,
+                HostPhase::Failed | HostPhase::RolledBack
+            ),
+            "{policy}: the lost host is never counted healthy"
+        );
+        assert!(
+            dep.hosts["b"]
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("unreachable")
+        );
+        if want == State::RolledBack {
+            assert!(
+                dep.reason
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("host b unreachable")
+            );
+            assert_eq!(sim.live("a").as_deref(), Some("1"));
+        }
+        if want == State::Succeeded {
+            assert_eq!(sim.live("a").as_deref(), Some("2"));
+            // What b is told for when it comes back: the old release, all traffic.
+            assert_eq!(sim.live("b").as_deref(), Some("1"));
+        }
+    }
 }

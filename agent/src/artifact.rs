@@ -232,7 +232,7 @@ fn link_stays_inside(link: &Path, target: &Path) -> bool {
     true
 }
 
-/// Unpacks a `.tar.gz` into `dest`, which must not exist yet. Work happens in a
+/// Unpacks a `.tar.gz` or `.tar.zst` into `dest`, which must not exist yet. Work happens in a
 /// temporary sibling that is renamed into place, so `dest` is either complete or absent.
 /// Blocking: call from `spawn_blocking`.
 pub fn unpack(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), Error> {
@@ -257,15 +257,21 @@ pub fn unpack(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), Error>
 
 fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error> {
     let mut f = std::fs::File::open(archive).map_err(io("open", archive))?;
-    let mut magic = [0u8; 2];
+    let mut magic = [0u8; 4];
     let n = f.read(&mut magic).map_err(io("read", archive))?;
-    if n < 2 || magic != [0x1f, 0x8b] {
-        return Err(Error::Unpack(
-            "not a gzip-compressed tar archive (.tar.gz)".into(),
-        ));
-    }
     let f = std::fs::File::open(archive).map_err(io("open", archive))?;
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    let reader: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+        let d = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
+            .map_err(|e| Error::Unpack(format!("zstd: {e}")))?;
+        Box::new(d)
+    } else {
+        return Err(Error::Unpack(
+            "not a compressed tar archive (.tar.gz or .tar.zst)".into(),
+        ));
+    };
+    let mut ar = tar::Archive::new(reader);
     ar.set_preserve_permissions(true);
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(false);

@@ -111,7 +111,7 @@ fn refuses_unsafe_archives_and_leaves_nothing() {
             "outside",
         ),
         (build(&[E::Fifo("f")]), "special file"),
-        (b"not gzip at all".to_vec(), "gzip"),
+        (b"not gzip at all".to_vec(), ".tar.gz or .tar.zst"),
         (build(&[]), "empty"),
     ];
     for (bytes, want) in cases {
@@ -178,4 +178,23 @@ async fn fetch_file_checks_digest() {
     .await
     .unwrap_err();
     assert!(e.to_string().contains("No such file"), "{e}");
+}
+
+#[test]
+fn unpacks_tar_zst() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o755);
+    h.set_cksum();
+    b.append_data(&mut h, "bin/run", &b"hi\n"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let zst =
+        ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+    let (dir, r) = try_unpack(&zst);
+    r.unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("rel/bin/run")).unwrap(),
+        b"hi\n"
+    );
 }

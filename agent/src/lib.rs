@@ -157,6 +157,34 @@ fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
 pub struct RunConfig {
     pub data_dir: PathBuf,
     pub service_address: IpAddr,
+    /// ed25519 public keys (hex) from `--trusted-key`; `DATA/trusted_keys` adds more.
+    pub trusted_keys: Vec<String>,
+}
+
+/// The trusted artifact-signing keys: the command line's plus one hex key per line of
+/// `DATA/trusted_keys` (blank lines and `#` comments ignored).
+fn trusted_keys(cfg: &RunConfig) -> anyhow::Result<Vec<Vec<u8>>> {
+    let file = cfg.data_dir.join("trusted_keys");
+    let mut texts: Vec<(String, String)> = cfg
+        .trusted_keys
+        .iter()
+        .map(|k| ("--trusted-key".to_string(), k.clone()))
+        .collect();
+    if let Ok(body) = std::fs::read_to_string(&file) {
+        for (i, line) in body.lines().enumerate() {
+            let line = line.trim();
+            if !line.is_empty() && !line.starts_with('#') {
+                texts.push((format!("{}:{}", file.display(), i + 1), line.to_string()));
+            }
+        }
+    }
+    texts
+        .into_iter()
+        .map(|(at, k)| match hex::decode(k.trim()) {
+            Ok(b) if b.len() == 32 => Ok(b),
+            _ => Err(anyhow::anyhow!("{at}: not an ed25519 public key (64 hex digits, as `cutover artifact keygen` prints)")),
+        })
+        .collect()
 }
 
 /// Runs the agent until `shutdown`: restores the services it ran before, then follows
@@ -180,11 +208,19 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
             "stopped slot processes left by an earlier agent run"
         );
     }
+    let keys = trusted_keys(&cfg)?;
+    if !keys.is_empty() {
+        tracing::info!(
+            keys = keys.len(),
+            "only artifacts signed by a trusted key will run"
+        );
+    }
     let tasks = tokio_util::task::TaskTracker::new();
     let services = Arc::new(service::Services::new(
         cfg.data_dir.clone(),
         cfg.service_address,
         store,
+        keys,
         shutdown.clone(),
         tasks.clone(),
     ));

@@ -38,6 +38,10 @@ enum Cmd {
         /// IP on which the services' public ports are bound.
         #[arg(long, default_value = "0.0.0.0")]
         service_address: IpAddr,
+        /// ed25519 public key (hex) whose signatures artifacts must carry (repeatable;
+        /// DATA/trusted_keys adds more). Without any, signatures are not required.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<String>,
     },
 }
 
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
             Cmd::Run {
                 data_dir,
                 service_address,
+                trusted_keys,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
                     agent::RunConfig {
                         data_dir,
                         service_address,
+                        trusted_keys,
                     },
                     shutdown,
                 )

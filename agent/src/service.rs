@@ -64,6 +64,7 @@ pub struct Services {
     phase_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    trusted_keys: Arc<Vec<Vec<u8>>>,
 }
 
 const SLOTS: [&str; 2] = ["blue", "green"];
@@ -107,6 +108,7 @@ impl Services {
         data_dir: PathBuf,
         service_ip: IpAddr,
         store: Arc<Store>,
+        trusted_keys: Vec<Vec<u8>>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Services {
@@ -122,6 +124,7 @@ impl Services {
             changed: Arc::new(Notify::new()),
             cancel,
             tasks,
+            trusted_keys: Arc::new(trusted_keys),
         }
     }
 
@@ -338,6 +341,7 @@ impl Services {
             phase_changed: self.phase_tx.clone(),
             log_cap: 10 << 20,
             store: self.store.clone(),
+            trusted_keys: self.trusted_keys.clone(),
         };
         self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
         Ok(SlotRun {

@@ -670,3 +670,77 @@ pub fn plan_validate(path: &Path, output: Output) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `cutover artifact keygen`: a new ed25519 signing key, written to `out` (hex PKCS#8,
+/// mode 0600); prints the public key (hex) for the agents' trusted keys.
+pub fn artifact_keygen(out: &Path, output: Output) -> Result<i32> {
+    use ring::signature::KeyPair;
+    if out.exists() {
+        return Err(Failure::new(
+            2,
+            format!("{}: already exists; not overwriting a key", out.display()),
+        ));
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| Failure::other("generate key: the system's random source failed"))?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref())
+        .map_err(|_| Failure::other("generate key: invalid key"))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .map_err(|e| Failure::other(format!("write {}: {e}", out.display())))?;
+        f.write_all(hex::encode(doc.as_ref()).as_bytes())
+            .and_then(|()| f.write_all(b"\n"))
+            .map_err(|e| Failure::other(format!("write {}: {e}", out.display())))?;
+    }
+    let public = hex::encode(pair.public_key().as_ref());
+    match output {
+        Output::Json => {
+            print_json(&json!({"key_file": out.display().to_string(), "public_key": public}))
+        }
+        Output::Text => println!("{public}"),
+    }
+    Ok(0)
+}
+
+/// `cutover artifact sign FILE --key KEY`: prints the signature for `[release] signature`.
+pub fn artifact_sign(file: &Path, key: &Path, output: Output) -> Result<i32> {
+    use sha2::Digest;
+    let key_hex = std::fs::read_to_string(key)
+        .map_err(|e| Failure::new(2, format!("{}: {e}", key.display())))?;
+    let der = hex::decode(key_hex.trim()).map_err(|_| {
+        Failure::new(
+            2,
+            format!(
+                "{}: not a key written by `cutover artifact keygen`",
+                key.display()
+            ),
+        )
+    })?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&der)
+        .map_err(|_| Failure::new(2, format!("{}: not an ed25519 key", key.display())))?;
+    let mut f = std::fs::File::open(file)
+        .map_err(|e| Failure::new(2, format!("{}: {e}", file.display())))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut hasher)
+        .map_err(|e| Failure::other(format!("read {}: {e}", file.display())))?;
+    let sha = hex::encode(hasher.finalize());
+    let sig = hex::encode(
+        pair.sign(&cutover_shared::signing::signed_message(&sha))
+            .as_ref(),
+    );
+    match output {
+        Output::Json => print_json(&json!({"sha256": sha, "signature": sig})),
+        Output::Text => {
+            eprintln!("sha256 {sha}");
+            println!("{sig}");
+        }
+    }
+    Ok(0)
+}

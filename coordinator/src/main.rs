@@ -89,6 +89,11 @@ enum Cmd {
     },
     /// Follow a deployment until it ends.
     Watch { id: String },
+    /// Signing keys and artifact signatures.
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCmd,
+    },
     /// Plans.
     Plan {
         #[command(subcommand)]
@@ -117,6 +122,21 @@ enum TokenCmd {
 enum HostsCmd {
     /// Remove a host and revoke its certificate.
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum ArtifactCmd {
+    /// Make a signing key; prints its public key for the agents' --trusted-key.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an artifact; prints the signature for `[release] signature`.
+    Sign {
+        file: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -239,6 +259,12 @@ async fn run(args: Args) -> cli::Result<i32> {
             }
             Ok(cli::exit_code_for_state(&d.state))
         }
+        Cmd::Artifact {
+            command: ArtifactCmd::Keygen { out: path },
+        } => cli::artifact_keygen(&path, out),
+        Cmd::Artifact {
+            command: ArtifactCmd::Sign { file, key },
+        } => cli::artifact_sign(&file, &key, out),
         Cmd::Plan {
             command: PlanCmd::Validate { plan },
         } => cli::plan_validate(&plan, out),

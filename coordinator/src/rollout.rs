@@ -61,6 +61,7 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             version: plan.release.version.clone(),
             artifact: plan.release.artifact.clone(),
             sha256: plan.release.sha256.to_ascii_lowercase(),
+            signature: plan.release.signature.clone().unwrap_or_default(),
         }),
         run: Some(RunSpec {
             command: plan.run.command.clone(),

@@ -4,6 +4,7 @@
 pub mod duration;
 pub mod names;
 pub mod plan;
+pub mod signing;
 pub mod token;
 
 pub use duration::Duration;

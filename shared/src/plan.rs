@@ -38,7 +38,8 @@ pub struct Release {
     /// When the release's commit was made (RFC 3339), for lead-time figures.
     #[serde(default)]
     pub committed_at: Option<String>,
-    /// Base64 ed25519 signature of the artifact, checked against the agent's trusted keys.
+    /// ed25519 signature (hex) made by `cutover artifact sign`, checked against the
+    /// agents' trusted keys.
     #[serde(default)]
     pub signature: Option<String>,
 }
@@ -428,6 +429,14 @@ impl Plan {
         }
         check_artifact_url(&r.artifact).map_err(|m| invalid(&[K("release"), K("artifact")], m))?;
         check_sha256(&r.sha256).map_err(|m| invalid(&[K("release"), K("sha256")], m))?;
+        if let Some(sig) = &r.signature
+            && !(sig.len() == 128 && sig.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(invalid(
+                &[K("release"), K("signature")],
+                "not an ed25519 signature (128 hexadecimal digits, as `cutover artifact sign` prints)",
+            ));
+        }
 
         let run = &self.run;
         if run.command.is_empty() || run.command[0].trim().is_empty() {

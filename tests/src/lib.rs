@@ -232,6 +232,18 @@ impl Cluster {
     }
 
     pub fn add_agent(&mut self, name: &str, ip: &str, labels: &str) {
+        self.add_agent_with(name, ip, labels, |_| {});
+    }
+
+    /// Like [`Cluster::add_agent`]; `before_run` may write into the data dir after the
+    /// join and before the agent starts.
+    pub fn add_agent_with(
+        &mut self,
+        name: &str,
+        ip: &str,
+        labels: &str,
+        before_run: impl FnOnce(&Path),
+    ) {
         let data_dir = self.dir.join(name);
         let token = self.token(labels);
         let out = self.join(name, &data_dir, &token);
@@ -240,6 +252,7 @@ impl Cluster {
             "join {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        before_run(&data_dir);
         let proc = self.spawn_agent(name, ip, &data_dir);
         self.agents.push(Agent {
             name: name.to_string(),

@@ -1,0 +1,108 @@
+//! Artifact signatures: an agent with trusted keys runs only artifacts signed by one.
+
+use tests::Cluster;
+
+#[test]
+fn only_signed_artifacts_run_where_keys_are_trusted() {
+    let mut c = Cluster::start(44, 0);
+    let key = c.dir.join("release.key");
+    let public = c
+        .cli_ok(&["artifact", "keygen", "--out", key.to_str().expect("path")])
+        .trim()
+        .to_string();
+    assert_eq!(public.len(), 64, "{public}");
+    // A second keygen never overwrites a key.
+    assert_eq!(
+        c.cli(&["artifact", "keygen", "--out", key.to_str().expect("path")])
+            .status
+            .code(),
+        Some(2)
+    );
+    c.add_agent_with("web-1", "127.44.0.2", "env=test", |dir| {
+        std::fs::write(
+            dir.join("trusted_keys"),
+            format!("# release signing key\n{public}\n"),
+        )
+        .expect("write trusted_keys");
+    });
+
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let file = url.trim_start_matches("file://");
+    let out = c.cli(&[
+        "artifact",
+        "sign",
+        file,
+        "--key",
+        key.to_str().expect("path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signature = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    // Unsigned: the host fails preparation with a clear reason; nothing runs.
+    let plan = c.plan(
+        "unsigned",
+        "1.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 100 }]",
+        "",
+    );
+    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 4, "{err}");
+    let reason = c.status(&id)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("host web-1: artifact signature missing"),
+        "{reason}"
+    );
+
+    // Signed by another key: refused too.
+    let other = c.dir.join("other.key");
+    c.cli_ok(&["artifact", "keygen", "--out", other.to_str().expect("path")]);
+    let forged = c
+        .cli_ok(&[
+            "artifact",
+            "sign",
+            file,
+            "--key",
+            other.to_str().expect("path"),
+        ])
+        .trim()
+        .to_string();
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        &format!("sha256 = \"{sha}\""),
+        &format!("sha256 = \"{sha}\"\nsignature = \"{forged}\""),
+    );
+    let forged_plan = c.dir.join("forged.toml");
+    std::fs::write(&forged_plan, text).expect("write");
+    let (code, id, _) = c.deploy_wait(&forged_plan, &[]);
+    assert_eq!(code, 4);
+    let reason = c.status(&id)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("does not verify with any trusted key"),
+        "{reason}"
+    );
+
+    // Signed with the trusted key: it runs.
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        &format!("sha256 = \"{sha}\""),
+        &format!("sha256 = \"{sha}\"\nsignature = \"{signature}\""),
+    );
+    let signed_plan = c.dir.join("signed.toml");
+    std::fs::write(&signed_plan, text).expect("write");
+    let (code, _, err) = c.deploy_wait(&signed_plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        c.versions().get("web-1").map(String::as_str),
+        Some("release 1.0.0")
+    );
+}

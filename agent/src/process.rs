@@ -261,6 +261,21 @@ fn spawn(
         }
     }
     let mut cmd = tokio::process::Command::new(&program);
+    if !run.user.is_empty() {
+        let user = nix::unistd::User::from_name(&run.user)
+            .map_err(|e| format!("look up user {}: {e}", run.user))?
+            .ok_or_else(|| format!("user {} does not exist on this host", run.user))?;
+        if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid() != user.uid {
+            return Err(format!(
+                "running as user {} needs an agent running as root",
+                run.user
+            ));
+        }
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        cmd.env("HOME", &user.dir)
+            .env("USER", &run.user)
+            .env("LOGNAME", &run.user);
+    }
     cmd.args(args.iter().map(|a| substitute(a, ctx.port)))
         .current_dir(dir)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

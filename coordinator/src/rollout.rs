@@ -67,6 +67,7 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             command: plan.run.command.clone(),
             env: plan.run.env.clone().into_iter().collect(),
             stop_timeout_ms: plan.run.stop_timeout.as_millis(),
+            user: plan.run.user.clone().unwrap_or_default(),
         }),
         health: Some(HealthSpec {
             check,

@@ -1,8 +1,8 @@
 //! `cutover-sample`: the small HTTP service that cutover's demo and end-to-end tests
 //! deploy, and the tool that packs it into release artifacts.
 //!
-//! `cutover-sample serve --port P` answers `GET /` with `release <version>` and `GET
-//! /healthz` with 200. Its behaviour comes from `behaviour.env` in its working directory
+//! `cutover-sample serve --port P` answers `GET /` with `release <version>`, `GET
+//! /healthz` with 200 and `GET /uid` with the user id it runs as. Its behaviour comes from `behaviour.env` in its working directory
 //! (the release), so a "bad release" is bad because of what it ships:
 //! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
 //! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
@@ -149,6 +149,16 @@ async fn handle(
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_default())
     };
+    if req.uri().path() == "/uid" {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        return reply(200, format!("{uid}\n"));
+    }
     if req.uri().path() == "/healthz" {
         return if b.unhealthy {
             reply(500, "unhealthy\n".into())

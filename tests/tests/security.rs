@@ -1,4 +1,4 @@
-//! Artifact signatures: an agent with trusted keys runs only artifacts signed by one.
+//! Locked doors on the host: artifact signatures and the user slot processes run as.
 
 use tests::Cluster;
 
@@ -104,5 +104,64 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
     assert_eq!(
         c.versions().get("web-1").map(String::as_str),
         Some("release 1.0.0")
+    );
+}
+
+#[test]
+fn run_user_runs_the_slot_process_as_that_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(45, 0);
+    // The unprivileged user must be able to reach the release directory.
+    std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    c.add_agent("web-1", "127.45.0.2", "env=test");
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan(
+        "nobody",
+        "1.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 100 }]",
+        "",
+    );
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        "stop_timeout = \"5s\"",
+        "stop_timeout = \"5s\"\nuser = \"nobody\"",
+    );
+    std::fs::write(&plan, text).expect("write");
+    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    let addr = format!("127.45.0.2:{}", c.listen);
+    let uid = tests::get(&addr, "/uid").expect("uid");
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .expect("id");
+    assert_eq!(uid, String::from_utf8_lossy(&nobody.stdout).trim());
+    assert_ne!(uid, "0");
+
+    // A user that does not exist fails preparation with a clear reason.
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let plan = c.plan(
+        "ghost",
+        "2.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 100 }]",
+        "",
+    );
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        "stop_timeout = \"5s\"",
+        "stop_timeout = \"5s\"\nuser = \"no-such-user-here\"",
+    );
+    std::fs::write(&plan, text).expect("write");
+    let (code, id, _) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 3);
+    let reason = c.status(&id)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("user no-such-user-here does not exist"),
+        "{reason}"
     );
 }

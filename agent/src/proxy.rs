@@ -444,6 +444,130 @@ mod tests {
         assert!(Routes::new(vec![(0, up(1)), (0, up(2))]).pick().is_none());
     }
 
+    /// A minimal upstream: answers every request on a connection with `200 ok`.
+    async fn upstream() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut seen = Vec::new();
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// Sends `bytes`, optionally half-closes, and reads what comes back for a while.
+    async fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool, wait: Duration) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            return Vec::new();
+        };
+        let _ = s.write_all(bytes).await;
+        if half_close {
+            let _ = s.shutdown().await;
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+        out
+    }
+
+    const GOOD: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+
+    #[tokio::test]
+    async fn garbage_never_takes_the_proxy_down() {
+        let port = upstream().await;
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let proxy = Proxy::bind(free, Mode::Http, &cancel, &tasks)
+            .await
+            .unwrap();
+        let metrics = Arc::new(SlotMetrics::default());
+        proxy.set_routes(Routes::new(vec![(
+            100,
+            Upstream {
+                port,
+                metrics: metrics.clone(),
+            },
+        )]));
+
+        let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
+        assert!(
+            ok.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&ok)
+        );
+
+        let mut cases: Vec<Vec<u8>> = vec![
+            b"\r\n\r\n".to_vec(),
+            b"GET".to_vec(),
+            b"GET / HTTP/1.1\r\n".to_vec(),
+            b"BREW /pot HTCPCP/1.0\r\n\r\n".to_vec(),
+            b"GET / HTTP/9.9\r\n\r\n".to_vec(),
+            b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n".to_vec(),
+            b"POST / HTTP/1.1\r\ncontent-length: 10\r\n\r\nab".to_vec(),
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+            [
+                b"GET / HTTP/1.1\r\nx: ".as_slice(),
+                &vec![b'a'; 200_000],
+                b"\r\n\r\n",
+            ]
+            .concat(),
+            [
+                b"GET /".as_slice(),
+                &vec![b'a'; 100_000],
+                b" HTTP/1.1\r\n\r\n",
+            ]
+            .concat(),
+        ];
+        // Deterministic noise: xorshift bytes of varying length.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for i in 0..200 {
+            let len = (i * 37) % 3000;
+            let mut v = Vec::with_capacity(len);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.push((x & 0xff) as u8);
+            }
+            cases.push(v);
+        }
+        for (i, c) in cases.iter().enumerate() {
+            let _ = exchange(free, c, i % 2 == 0, Duration::from_millis(50)).await;
+        }
+
+        let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
+        assert!(
+            ok.starts_with(b"HTTP/1.1 200"),
+            "still serving: {}",
+            String::from_utf8_lossy(&ok)
+        );
+        cancel.cancel();
+    }
+
     #[test]
     fn histogram_buckets() {
         let m = SlotMetrics::default();

@@ -268,3 +268,51 @@ fn nearest_word() {
     assert_eq!(nearest("heath", &["health", "run"]), Some("health"));
     assert_eq!(nearest("zzzzzz", &["health", "run"]), None);
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        match Plan::parse(text, "p.toml") {
+            Ok(_) => {}
+            Err(e) => {
+                let line = e.to_string();
+                prop_assert!(!line.contains('\n'), "one line: {line:?}");
+                prop_assert!(line.starts_with("p.toml:"), "names the file: {line:?}");
+                prop_assert!(e.line >= 1 && e.column >= 1);
+                prop_assert!(
+                    e.line <= text.lines().count().max(1) + 1,
+                    "line in range: {line:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Arbitrary text never panics and errors are one located line.
+        #[test]
+        fn arbitrary_text(text in "\\PC{0,400}") {
+            check(&text)?;
+        }
+
+        /// The SPEC example with one slice cut out, or one byte changed.
+        #[test]
+        fn mutated_spec_plan(cut_at in 0usize..2000, cut_len in 0usize..40, byte in any::<u8>(), at in 0usize..2000) {
+            let base = spec_example();
+            let mut bytes = base.clone().into_bytes();
+            let start = cut_at.min(bytes.len());
+            let end = (start + cut_len).min(bytes.len());
+            bytes.drain(start..end);
+            if !bytes.is_empty() {
+                let i = at % bytes.len();
+                bytes[i] = byte;
+            }
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            check(&text)?;
+        }
+    }
+}

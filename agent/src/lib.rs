@@ -27,6 +27,11 @@ struct AgentFile {
     name: String,
     coordinator: String,
     labels: BTreeMap<String, String>,
+    /// Validity of the current certificate (unix ms); 0 when unknown.
+    #[serde(default)]
+    cert_issued_unix_ms: u64,
+    #[serde(default)]
+    cert_not_after_unix_ms: u64,
 }
 
 /// The host's enrolment: who it is and how to reach the coordinator.
@@ -36,6 +41,82 @@ pub struct Identity {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    pub cert_issued_unix_ms: u64,
+    pub cert_not_after_unix_ms: u64,
+}
+
+impl Identity {
+    /// True when less than a third of the certificate's lifetime is left.
+    pub fn renewal_due(&self, now_ms: u64) -> bool {
+        let (from, to) = (self.cert_issued_unix_ms, self.cert_not_after_unix_ms);
+        to > from && now_ms >= to - (to - from) / 3
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh key and a certificate request for `name`: (key PEM, CSR PEM).
+fn key_and_csr(name: &str) -> anyhow::Result<(String, String)> {
+    let key = rcgen::KeyPair::generate().context("generate key")?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string()]).context("certificate request")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_string());
+    let csr = params
+        .serialize_request(&key)
+        .context("certificate request")?;
+    Ok((
+        key.serialize_pem(),
+        csr.pem().context("encode certificate request")?,
+    ))
+}
+
+/// Replaces the stored key and certificate after a renewal.
+pub fn store_renewal(
+    data_dir: &Path,
+    key_pem: &str,
+    cert_pem: &str,
+    not_after_unix_ms: u64,
+) -> anyhow::Result<()> {
+    let agent = data_dir.join("agent.json");
+    let mut file: AgentFile = serde_json::from_slice(&std::fs::read(&agent)?)?;
+    let id = data_dir.join("identity");
+    // Key first: a crash between the two writes leaves a key whose certificate is still
+    // the old one, which the next renewal replaces; never a certificate without its key.
+    write_private(&id.join("key.pem.next"), key_pem.as_bytes())?;
+    write_private(&id.join("cert.pem.next"), cert_pem.as_bytes())?;
+    std::fs::rename(id.join("key.pem.next"), id.join("key.pem"))?;
+    std::fs::rename(id.join("cert.pem.next"), id.join("cert.pem"))?;
+    file.cert_issued_unix_ms = now_ms();
+    file.cert_not_after_unix_ms = not_after_unix_ms;
+    write_private(&agent, &serde_json::to_vec_pretty(&file)?)?;
+    Ok(())
+}
+
+/// Renews the certificate over an open channel.
+pub async fn renew(
+    data_dir: &Path,
+    identity: &Identity,
+    channel: tonic::transport::Channel,
+) -> anyhow::Result<()> {
+    let (key_pem, csr_pem) = key_and_csr(&identity.name)?;
+    let resp = cutover_proto::v1::agent_link_client::AgentLinkClient::new(channel)
+        .renew(cutover_proto::v1::RenewRequest { csr_pem })
+        .await
+        .map_err(|s| anyhow::anyhow!("renew certificate: {}", s.message()))?
+        .into_inner();
+    store_renewal(
+        data_dir,
+        &key_pem,
+        &resp.certificate_pem,
+        resp.not_after_unix_ms,
+    )
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -79,15 +160,7 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
 
-    let key = rcgen::KeyPair::generate().context("generate key")?;
-    let mut params =
-        rcgen::CertificateParams::new(vec![name.clone()]).context("certificate request")?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name.clone());
-    let csr = params
-        .serialize_request(&key)
-        .context("certificate request")?;
+    let (key_pem, csr_pem) = key_and_csr(&name)?;
 
     let tls = cutover_proto::tls::pinned_config(&token.ca_fingerprint)?;
     let channel = cutover_proto::tls::connect(&cfg.coordinator, tls)
@@ -98,7 +171,7 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
             token: token.encode(),
             name: name.clone(),
             labels: cfg.labels.into_iter().collect(),
-            csr_pem: csr.pem().context("encode certificate request")?,
+            csr_pem,
         })
         .await
         .map_err(|s| anyhow::anyhow!("coordinator refused to enroll this host: {}", s.message()))?
@@ -106,13 +179,15 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
 
     let id = cfg.data_dir.join("identity");
     std::fs::create_dir_all(&id).with_context(|| format!("create {}", id.display()))?;
-    write_private(&id.join("key.pem"), key.serialize_pem().as_bytes())?;
+    write_private(&id.join("key.pem"), key_pem.as_bytes())?;
     write_private(&id.join("cert.pem"), resp.certificate_pem.as_bytes())?;
     write_private(&id.join("ca.pem"), resp.ca_pem.as_bytes())?;
     let file = AgentFile {
         name: resp.name.clone(),
         coordinator: cfg.coordinator,
         labels: resp.labels.into_iter().collect(),
+        cert_issued_unix_ms: now_ms(),
+        cert_not_after_unix_ms: resp.not_after_unix_ms,
     };
     write_private(
         &cfg.data_dir.join("agent.json"),
@@ -135,7 +210,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
+pub fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
     let agent = data_dir.join("agent.json");
     let raw = std::fs::read(&agent)
         .with_context(|| format!("read {} (run `cutover-agent join` first)", agent.display()))?;
@@ -151,6 +226,8 @@ fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {
         ca_pem: read("ca.pem")?,
         cert_pem: read("cert.pem")?,
         key_pem: read("key.pem")?,
+        cert_issued_unix_ms: file.cert_issued_unix_ms,
+        cert_not_after_unix_ms: file.cert_not_after_unix_ms,
     })
 }
 
@@ -191,7 +268,7 @@ fn trusted_keys(cfg: &RunConfig) -> anyhow::Result<Vec<Vec<u8>>> {
 /// the coordinator. On shutdown the slot processes are stopped.
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     cutover_proto::tls::install_default_provider();
-    let identity = Arc::new(load_identity(&cfg.data_dir)?);
+    let identity = load_identity(&cfg.data_dir)?;
     if cfg.service_address.is_ipv6() {
         bail!(
             "--service-address {}: only IPv4 addresses are supported",
@@ -232,7 +309,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
         restored,
         "agent running"
     );
-    link::run(identity, services, shutdown.clone()).await;
+    link::run(cfg.data_dir.clone(), services, shutdown.clone()).await;
     tasks.close();
     if tokio::time::timeout(std::time::Duration::from_secs(60), tasks.wait())
         .await

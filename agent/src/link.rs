@@ -3,6 +3,7 @@
 //! the desired state it receives. It reconnects for ever with exponential backoff and
 //! jitter; a reconnect resends both sides' whole state, so nothing is lost or doubled.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use crate::service::Services;
 
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often the certificate's remaining lifetime is checked.
+const RENEWAL_CHECK: Duration = Duration::from_secs(1);
 /// The coordinator is considered gone after this long without a message.
 const SILENCE_LIMIT: Duration = Duration::from_secs(6);
 
@@ -31,7 +34,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub async fn run(identity: Arc<Identity>, services: Arc<Services>, cancel: CancellationToken) {
+/// Runs the link until `cancel`. The identity is read from `data_dir` before every
+/// connection, so a renewed certificate is used from the next connection on.
+pub async fn run(data_dir: PathBuf, services: Arc<Services>, cancel: CancellationToken) {
     let builder = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(30))
@@ -40,11 +45,14 @@ pub async fn run(identity: Arc<Identity>, services: Arc<Services>, cancel: Cance
     let mut delays = builder.build();
     loop {
         let started = Instant::now();
-        match session(&identity, &services, &cancel).await {
-            Ok(()) => tracing::info!("coordinator stream closed"),
-            Err(e) => {
-                tracing::warn!(coordinator = identity.coordinator, error = %e, "coordinator stream")
-            }
+        match crate::load_identity(&data_dir) {
+            Ok(identity) => match session(&data_dir, &identity, &services, &cancel).await {
+                Ok(()) => tracing::info!("coordinator stream closed"),
+                Err(e) => {
+                    tracing::warn!(coordinator = identity.coordinator, error = %e, "coordinator stream")
+                }
+            },
+            Err(e) => tracing::error!(error = format!("{e:#}"), "read the agent's identity"),
         }
         if cancel.is_cancelled() {
             return;
@@ -75,6 +83,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 async fn session(
+    data_dir: &Path,
     identity: &Identity,
     services: &Services,
     cancel: &CancellationToken,
@@ -85,7 +94,7 @@ async fn session(
     let channel = cutover_proto::tls::connect(&identity.coordinator, cfg)
         .await
         .map_err(|e| error_chain(&e))?;
-    let mut client = AgentLinkClient::new(channel);
+    let mut client = AgentLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     let observed = |services| AgentMessage {
         msg: Some(agent_message::Msg::Observed(Observed { services })),
@@ -105,6 +114,8 @@ async fn session(
     );
 
     let mut report = tokio::time::interval(REPORT_EVERY);
+    let mut renewal = tokio::time::interval(RENEWAL_CHECK);
+    let mut renewed = false;
     let mut beat = tokio::time::interval(HEARTBEAT);
     let mut last_heard = Instant::now();
     loop {
@@ -121,6 +132,15 @@ async fn session(
                 services.maintain().await;
                 if tx.try_send(observed(services.observe().await)).is_err() {
                     return Err("outgoing queue full".into());
+                }
+            }
+            _ = renewal.tick(), if !renewed && identity.renewal_due(now_ms()) => {
+                match crate::renew(data_dir, identity, channel.clone()).await {
+                    Ok(()) => {
+                        renewed = true;
+                        tracing::info!("certificate renewed; the next connection uses it");
+                    }
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "certificate renewal failed; will retry"),
                 }
             }
             _ = beat.tick() => {

@@ -53,6 +53,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub http: SocketAddr,
     pub server_names: Vec<String>,
+    /// Validity of agent certificates; agents renew when a third of it is left.
+    pub cert_ttl: std::time::Duration,
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
@@ -112,6 +114,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         ca: pki.ca,
         engine: handle,
         cancel: shutdown.clone(),
+        cert_ttl: cfg.cert_ttl,
     });
     let api = server::Api(shared);
 

@@ -47,6 +47,9 @@ enum Cmd {
         /// Extra DNS names or IPs for the server certificate (repeatable).
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        /// Validity of agent certificates; agents renew them when a third is left.
+        #[arg(long, default_value = "90d")]
+        cert_ttl: cutover_shared::Duration,
     },
     /// Join tokens for new hosts.
     Token {
@@ -194,7 +197,11 @@ async fn run(args: Args) -> cli::Result<i32> {
             listen,
             http,
             server_names,
+            cert_ttl,
         } => {
+            if cert_ttl.is_zero() {
+                return Err(Failure::new(2, "--cert-ttl: must be more than 0s"));
+            }
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
@@ -208,6 +215,7 @@ async fn run(args: Args) -> cli::Result<i32> {
                     listen,
                     http,
                     server_names,
+                    cert_ttl: cert_ttl.std(),
                 },
                 shutdown,
             )

@@ -50,6 +50,9 @@ pub struct HostRecord {
     pub labels: BTreeMap<String, String>,
     pub cert_fingerprint: String,
     pub joined_unix_ms: u64,
+    /// The certificate replaced by the last renewal, still valid until it expires.
+    #[serde(default)]
+    pub previous_fingerprint: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

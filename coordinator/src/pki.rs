@@ -31,8 +31,8 @@ pub enum Error {
     BadCsr(String),
 }
 
-/// Validity of agent and admin certificates.
-const LEAF_DAYS: i64 = 365;
+/// Validity of admin certificates.
+const ADMIN_DAYS: i64 = 365;
 
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -98,7 +98,7 @@ fn mkdir(path: &Path) -> Result<(), Error> {
     })
 }
 
-fn leaf_params(cn: &str, sans: Vec<SanType>, days: i64) -> CertificateParams {
+fn leaf_params(cn: &str, sans: Vec<SanType>, valid: TimeDuration) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "cutover");
@@ -107,7 +107,7 @@ fn leaf_params(cn: &str, sans: Vec<SanType>, days: i64) -> CertificateParams {
     p.subject_alt_names = sans;
     let now = OffsetDateTime::now_utc();
     p.not_before = now - TimeDuration::hours(1);
-    p.not_after = now + TimeDuration::days(days);
+    p.not_after = now + valid;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.use_authority_key_identifier_extension = true;
     p
@@ -167,7 +167,7 @@ impl Ca {
     fn server_cert(&self, names: &[String]) -> Result<(String, String), Error> {
         let key = KeyPair::generate()?;
         let sans = names.iter().filter_map(|n| dns(n)).collect();
-        let mut p = leaf_params("cutover coordinator", sans, 3650);
+        let mut p = leaf_params("cutover coordinator", sans, TimeDuration::days(3650));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -176,18 +176,24 @@ impl Ca {
     /// Issues a client certificate with a fresh key (admin credentials).
     pub fn client_cert(&self, cn: &str) -> Result<(String, Vec<u8>, String), Error> {
         let key = KeyPair::generate()?;
-        let mut p = leaf_params(cn, vec![], LEAF_DAYS);
+        let mut p = leaf_params(cn, vec![], TimeDuration::days(ADMIN_DAYS));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), cert.der().to_vec(), key.serialize_pem()))
     }
 
-    /// Signs an agent's CSR. Only the CSR's public key is used: the identity (`host`) and
-    /// usages come from the coordinator, never from what the agent asked for.
-    pub fn sign_agent_csr(&self, csr_pem: &str, host: &str) -> Result<(String, Vec<u8>), Error> {
+    /// Signs an agent's CSR for `valid`. Only the CSR's public key is used: the identity
+    /// (`host`) and usages come from the coordinator, never from what the agent asked for.
+    pub fn sign_agent_csr(
+        &self,
+        csr_pem: &str,
+        host: &str,
+        valid: std::time::Duration,
+    ) -> Result<(String, Vec<u8>), Error> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| Error::BadCsr(e.to_string()))?;
-        let mut p = leaf_params(host, dns(host).into_iter().collect(), LEAF_DAYS);
+        let valid = TimeDuration::try_from(valid).unwrap_or(TimeDuration::days(365));
+        let mut p = leaf_params(host, dns(host).into_iter().collect(), valid);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&csr.public_key, &self.issuer)?;
         Ok((cert.pem(), cert.der().to_vec()))

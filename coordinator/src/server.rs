@@ -37,6 +37,8 @@ pub struct Shared {
     pub ca: Ca,
     pub engine: Handle,
     pub cancel: CancellationToken,
+    /// How long agent certificates are valid.
+    pub cert_ttl: Duration,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -109,7 +111,7 @@ impl Enroll for Api {
         }
         check_name("host", &r.name).map_err(Status::invalid_argument)?;
         let (cert_pem, der) =
-            s.ca.sign_agent_csr(&r.csr_pem, &r.name)
+            s.ca.sign_agent_csr(&r.csr_pem, &r.name, s.cert_ttl)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let fp = cutover_proto::tls::fingerprint(&der);
         let now = now_ms();
@@ -127,6 +129,7 @@ impl Enroll for Api {
                         labels,
                         cert_fingerprint: fp.clone(),
                         joined_unix_ms: now,
+                        previous_fingerprint: None,
                     }
                 },
             )
@@ -138,6 +141,7 @@ impl Enroll for Api {
             ca_pem: s.ca.cert_pem.clone(),
             name: r.name,
             labels: host.labels.into_iter().collect(),
+            not_after_unix_ms: now.saturating_add(s.cert_ttl.as_millis() as u64),
         }))
     }
 }
@@ -147,6 +151,29 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status
 #[tonic::async_trait]
 impl AgentLink for Api {
     type SessionStream = SessionStream;
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let s = &self.0;
+        let host = s.agent(&req)?;
+        let r = req.into_inner();
+        let (cert_pem, der) =
+            s.ca.sign_agent_csr(&r.csr_pem, &host, s.cert_ttl)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let fp = cutover_proto::tls::fingerprint(&der);
+        if !s.store.renew(&host, &fp).map_err(internal)? {
+            return Err(Status::permission_denied(format!(
+                "host {host} was removed"
+            )));
+        }
+        tracing::info!(host, "agent certificate renewed");
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem: cert_pem,
+            not_after_unix_ms: now_ms().saturating_add(s.cert_ttl.as_millis() as u64),
+        }))
+    }
 
     async fn session(
         &self,

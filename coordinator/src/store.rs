@@ -231,6 +231,9 @@ impl Store {
                 && let Ok(old) = serde_json::from_slice::<HostRecord>(&old)
             {
                 ids.remove(old.cert_fingerprint.as_str())?;
+                if let Some(prev) = &old.previous_fingerprint {
+                    ids.remove(prev.as_str())?;
+                }
             }
             let hb = serde_json::to_vec(&record).unwrap_or_default();
             hosts.insert(record.name.as_str(), hb.as_slice())?;
@@ -242,6 +245,38 @@ impl Store {
         }
         w.commit()?;
         Ok(Ok(record))
+    }
+
+    /// Records a renewed certificate for `host`: the new one becomes current, the current
+    /// one stays valid (until it expires) and the one before it is revoked.
+    pub fn renew(&self, host: &str, new_fingerprint: &str) -> Result<bool, Error> {
+        let w = self.db.begin_write()?;
+        {
+            let mut hosts = w.open_table(HOSTS)?;
+            let Some(raw) = hosts.get(host)?.map(|v| v.value().to_vec()) else {
+                drop(hosts);
+                w.abort()?;
+                return Ok(false);
+            };
+            let mut rec: HostRecord = decode(HOSTS, host, &raw)?;
+            let mut ids = w.open_table(IDENTITIES)?;
+            if let Some(prev) = rec.previous_fingerprint.take() {
+                ids.remove(prev.as_str())?;
+            }
+            rec.previous_fingerprint = Some(std::mem::replace(
+                &mut rec.cert_fingerprint,
+                new_fingerprint.to_string(),
+            ));
+            let ib = serde_json::to_vec(&Identity::Agent {
+                host: host.to_string(),
+            })
+            .unwrap_or_default();
+            ids.insert(new_fingerprint, ib.as_slice())?;
+            let hb = serde_json::to_vec(&rec).unwrap_or_default();
+            hosts.insert(host, hb.as_slice())?;
+        }
+        w.commit()?;
+        Ok(true)
     }
 
     // ---- hosts
@@ -264,8 +299,11 @@ impl Store {
             found = old.is_some();
             if let Some(old) = old {
                 let old: HostRecord = decode(HOSTS, name, &old)?;
-                w.open_table(IDENTITIES)?
-                    .remove(old.cert_fingerprint.as_str())?;
+                let mut ids = w.open_table(IDENTITIES)?;
+                ids.remove(old.cert_fingerprint.as_str())?;
+                if let Some(prev) = &old.previous_fingerprint {
+                    ids.remove(prev.as_str())?;
+                }
             }
             let mut desired = w.open_table(DESIRED)?;
             let prefix = format!("{name}/");
@@ -365,6 +403,7 @@ mod tests {
                 labels: Default::default(),
                 cert_fingerprint: "aa".into(),
                 joined_unix_ms: 1,
+                previous_fingerprint: None,
             };
             let mut b = Batch::default();
             b.host(&h).desired("web-1", "web", vec![1, 2, 3]);

@@ -135,11 +135,18 @@ pub struct Cluster {
     pub agents: Vec<Agent>,
     /// The public port the test's services listen on.
     pub listen: u16,
+    /// Extra arguments for `cutover serve`.
+    pub serve_args: Vec<String>,
 }
 
 impl Cluster {
     /// Starts a coordinator and `n` agents named web-1.. on 127.`net`.0.2, .3, ...
     pub fn start(net: u8, n: usize) -> Cluster {
+        Cluster::start_with(net, n, &[])
+    }
+
+    /// Like [`Cluster::start`], with more `cutover serve` arguments.
+    pub fn start_with(net: u8, n: usize, serve_args: &[&str]) -> Cluster {
         let tmp = tempfile::Builder::new()
             .prefix("cutover-e2e-")
             .tempdir()
@@ -154,6 +161,7 @@ impl Cluster {
             coordinator: None,
             agents: Vec::new(),
             listen: free_port(),
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start_coordinator();
         for i in 0..n {
@@ -170,7 +178,8 @@ impl Cluster {
         let mut cmd = Command::new(self.bin.join("cutover"));
         cmd.args(["serve", "--data-dir"])
             .arg(self.dir.join("coordinator"))
-            .args(["--listen", &self.coord_addr, "--http", &self.http_addr]);
+            .args(["--listen", &self.coord_addr, "--http", &self.http_addr])
+            .args(&self.serve_args);
         self.coordinator = Some(Proc::spawn(
             "coordinator",
             &mut cmd,

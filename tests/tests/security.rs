@@ -165,3 +165,37 @@ fn run_user_runs_the_slot_process_as_that_user() {
         "{reason}"
     );
 }
+
+#[test]
+fn agent_certificates_renew_themselves_over_the_live_connection() {
+    use std::time::Duration;
+    use tests::wait_until;
+    // 9s certificates: renewed once 6s have passed.
+    let joined = std::time::Instant::now();
+    let mut c = Cluster::start_with(46, 1, &["--cert-ttl", "9s"]);
+    let cert = c.agents[0].data_dir.join("identity/cert.pem");
+    let first = std::fs::read_to_string(&cert).expect("cert");
+    wait_until(
+        Duration::from_secs(20),
+        "the certificate to be renewed",
+        || std::fs::read_to_string(&cert).is_ok_and(|c| c != first),
+    );
+    assert!(c.connected("web-1"), "renewal keeps the connection");
+    // Past the first certificate's expiry, a restarted agent connects with the new one.
+    wait_until(
+        Duration::from_secs(15),
+        "the first certificate to expire",
+        || joined.elapsed() > Duration::from_secs(10),
+    );
+    let (ip, data) = (c.agents[0].ip.clone(), c.agents[0].data_dir.clone());
+    c.agents[0].proc.kill();
+    wait_until(Duration::from_secs(15), "web-1 to drop", || {
+        !c.connected("web-1")
+    });
+    c.agents[0].proc = c.spawn_agent("web-1", &ip, &data);
+    wait_until(
+        Duration::from_secs(15),
+        "web-1 back with its renewed certificate",
+        || c.connected("web-1"),
+    );
+}

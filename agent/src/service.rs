@@ -203,18 +203,27 @@ impl Services {
             }
         }
 
-        let rebind = rt
+        // The public port: bind a new address before letting go of the old one, so a
+        // port that cannot be bound leaves the service where it was.
+        let bound = rt
             .proxy
             .as_ref()
-            .is_none_or(|p| p.addr != addr || p.mode != mode);
-        if rebind && d.listen != 0 {
-            if let Some(old) = rt.proxy.take() {
+            .is_some_and(|p| p.addr == addr && p.mode == mode);
+        if bound {
+            rt.error.clear();
+        } else if d.listen != 0 {
+            if rt.proxy.as_ref().is_some_and(|p| p.addr == addr)
+                && let Some(old) = rt.proxy.take()
+            {
+                // Same port, other protocol: it must be released first.
                 old.stop();
             }
             match Proxy::bind(addr, mode, &self.cancel, &self.tasks).await {
                 Ok(p) => {
                     tracing::info!(service = d.service, %addr, "proxy listening");
-                    rt.proxy = Some(p);
+                    if let Some(old) = rt.proxy.replace(p) {
+                        old.stop();
+                    }
                     rt.error.clear();
                 }
                 Err(e) => {
@@ -359,7 +368,7 @@ impl Services {
         let pending: Vec<DesiredService> = {
             let rts = self.runtimes.lock().await;
             rts.values()
-                .filter(|rt| rt.proxy.is_none() && rt.desired.listen != 0)
+                .filter(|rt| !rt.error.is_empty() && rt.desired.listen != 0)
                 .map(|rt| rt.desired.clone())
                 .collect()
         };
@@ -387,7 +396,8 @@ impl Services {
                         }
                     })
                 };
-                let serving = rt.proxy.is_some();
+                // Weights are in effect only where the proxy is bound as desired.
+                let serving = rt.proxy.is_some() && rt.error.is_empty();
                 let [bw, gw] = rt.effective;
                 ObservedService {
                     service: name.clone(),

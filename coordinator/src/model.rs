@@ -173,6 +173,18 @@ pub struct DeployHost {
     /// is `Failed`); it is not counted against `max_failed_hosts`.
     #[serde(default)]
     pub lost: bool,
+    /// The service's public side (listen, protocol, drain) before the deployment, kept
+    /// until the new release takes traffic and restored by a rollback.
+    #[serde(default)]
+    pub old_front: Option<Front>,
+}
+
+/// A service's public side on a host.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Front {
+    pub listen: u32,
+    pub protocol: i32,
+    pub drain_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -17,7 +17,7 @@ use cutover_shared::plan::{Check, OnHostLost, Plan, Protocol};
 
 use crate::analysis::{self, Counters, Sample, Verdict};
 use crate::model::{
-    DeployHost, DeploymentRecord, HostPhase, IntervalRecord, RollbackTiming, Slot, State,
+    DeployHost, DeploymentRecord, Front, HostPhase, IntervalRecord, RollbackTiming, Slot, State,
 };
 
 /// What the coordinator knows of one target host.
@@ -150,8 +150,16 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
         error: None,
         untouched: false,
         lost: false,
+        old_front: None,
     };
     let Some(cur) = current else { return host };
+    if cur.listen != 0 {
+        host.old_front = Some(Front {
+            listen: cur.listen,
+            protocol: cur.protocol,
+            drain_ms: cur.drain_ms,
+        });
+    }
     let live = live_slot(cur);
     let holds = |s: Slot| {
         release_key(slot_of(cur, s))
@@ -215,6 +223,16 @@ pub fn target(
         }
         HostPhase::Failed | HostPhase::RolledBack => (None, 0),
     };
+    // The public side follows the release that takes traffic: the new plan's once the
+    // new slot has weight (or nothing else serves), the old one's before and after.
+    if new_weight == 0
+        && has_old
+        && let Some(front) = host.old_front
+    {
+        d.listen = front.listen;
+        d.protocol = front.protocol;
+        d.drain_ms = front.drain_ms;
+    }
     set_slot(&mut d, new, spec);
     set_weight(&mut d, new, new_weight);
     if let Some(old) = host.old_slot {
@@ -389,6 +407,12 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 return None;
             }
             let v = view(name);
+            if let Some(o) = v.observed
+                && !o.error.is_empty()
+                && is_current(&v)
+            {
+                return Some(format!("host {name}: {}", o.error));
+            }
             if let Some(o) = v.observed
                 && !o.healing.is_empty()
             {

@@ -1,0 +1,181 @@
+//! Bad input and hostile peers: one clear error, nothing changed, the old release serving.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tests::{Cluster, wait_until};
+
+fn serving(c: &Cluster, version: &str) -> bool {
+    c.versions()
+        .values()
+        .all(|v| v == &format!("release {version}"))
+}
+
+fn v1(c: &Cluster) {
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
+    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+}
+
+/// Serves `respond` to every connection on a local port; returns the address.
+fn tiny_server(respond: &'static [u8]) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(respond);
+        }
+    });
+    addr
+}
+
+fn reason_of(c: &Cluster, plan: &std::path::Path) -> (i32, String) {
+    let (code, id, err) = c.deploy_wait(plan, &[]);
+    assert!(!err.contains("panicked"), "{err}");
+    (
+        code,
+        c.status(&id)["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[test]
+fn broken_commands_ports_and_artifact_servers_fail_preparation_clearly() {
+    let c = Cluster::start(51, 2);
+    v1(&c);
+    let steps = "steps = [{ traffic = 100 }]";
+    let (url, sha) = c.pack("2.0.0", &[]);
+
+    // A command that is not in the release.
+    let plan = c.plan("missing-cmd", "2.0.0", &url, &sha, steps, "");
+    let text = std::fs::read_to_string(&plan)
+        .expect("plan")
+        .replace("./bin/cutover-sample", "./bin/nope");
+    std::fs::write(&plan, text).expect("write");
+    let (code, reason) = reason_of(&c, &plan);
+    assert_eq!(code, 3);
+    assert!(
+        reason.contains("command ./bin/nope: not found in the release"),
+        "{reason}"
+    );
+
+    // A command that is not executable.
+    let plan = c.plan("not-exec", "2.0.0", &url, &sha, steps, "");
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        "./bin/cutover-sample\", \"serve\"",
+        "./behaviour.env\", \"serve\"",
+    );
+    std::fs::write(&plan, text).expect("write");
+    let (code, reason) = reason_of(&c, &plan);
+    assert_eq!(code, 3);
+    assert!(reason.contains("not executable"), "{reason}");
+
+    // The public port is taken on one host: that host fails, nothing moves.
+    let busy = std::net::TcpListener::bind("127.51.0.3:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let plan = c.plan("busy", "2.0.0", &url, &sha, steps, "");
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        &format!("listen = {}", c.listen),
+        &format!("listen = {port}"),
+    );
+    std::fs::write(&plan, text).expect("write");
+    let (code, reason) = reason_of(&c, &plan);
+    assert_eq!(code, 3);
+    assert!(
+        reason.contains("host web-2: bind 127.51.0.3:") && reason.contains("in use"),
+        "{reason}"
+    );
+    drop(busy);
+
+    // An artifact server that answers 500 (retried, then given up) or closes early. (A
+    // release already on disk would not be downloaded again: use new ones.)
+    let (_, sha) = c.pack("2.0.5", &[]);
+    let e500 = tiny_server(
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    let plan = c.plan(
+        "e500",
+        "2.0.5",
+        &format!("http://{e500}/a.tar.gz"),
+        &sha,
+        steps,
+        "",
+    );
+    let (code, reason) = reason_of(&c, &plan);
+    assert_eq!(code, 3);
+    assert!(reason.contains("HTTP 500"), "{reason}");
+    let early = tiny_server(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\nconnection: close\r\n\r\npartial",
+    );
+    let plan = c.plan(
+        "early",
+        "2.0.5",
+        &format!("http://{early}/a.tar.gz"),
+        &sha,
+        steps,
+        "",
+    );
+    let (code, reason) = reason_of(&c, &plan);
+    assert_eq!(code, 3);
+    assert!(reason.contains("download http://"), "{reason}");
+
+    assert!(serving(&c, "1.0.0"), "{:?}", c.versions());
+}
+
+#[test]
+fn garbage_on_the_grpc_port_changes_nothing() {
+    let c = Cluster::start(52, 1);
+    v1(&c);
+    let junk: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x00\x05hello",
+        &[0u8; 70_000],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04",
+    ];
+    for j in junk {
+        if let Ok(mut s) = std::net::TcpStream::connect(&c.coord_addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = s.write_all(j);
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+        }
+    }
+    // A TLS client without a certificate is refused by the control API.
+    let hosts = c.cli(&["hosts"]);
+    assert!(
+        hosts.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hosts.stderr)
+    );
+    assert!(c.connected("web-1"));
+    assert!(serving(&c, "1.0.0"));
+}
+
+#[test]
+fn sigterm_stops_both_daemons_cleanly_and_leaves_no_slot_process() {
+    let mut c = Cluster::start(53, 1);
+    v1(&c);
+    let data = c.agents[0].data_dir.clone();
+    assert_eq!(tests::processes_under(&data).len(), 1);
+    assert!(
+        c.agents[0].proc.stop(Duration::from_secs(20)),
+        "agent stops on SIGTERM"
+    );
+    let status = c.agents[0].proc.child.wait().expect("status");
+    assert!(status.success(), "agent exit status {status}");
+    wait_until(Duration::from_secs(5), "slot processes gone", || {
+        tests::processes_under(&data).is_empty()
+    });
+    let coord = c.coordinator.as_mut().expect("coordinator");
+    assert!(
+        coord.stop(Duration::from_secs(10)),
+        "coordinator stops on SIGTERM"
+    );
+    let status = coord.child.wait().expect("status");
+    assert!(status.success(), "coordinator exit status {status}");
+    c.agents.clear();
+}

@@ -161,6 +161,30 @@ fn bad_releases_leave_v1_serving_with_a_clear_reason() {
     );
     assert_bad_release_rolls_back(&c, &plan, &[], "No such file");
 
+    // An artifact server that answers 404.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = server.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in server.incoming().flatten() {
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    let (_, sha404) = c.pack("2.0.4", &[]);
+    let plan = c.plan(
+        "404",
+        "2.0.4",
+        &format!("http://{addr}/web.tar.gz"),
+        &sha404,
+        STEPS_100,
+        "",
+    );
+    assert_bad_release_rolls_back(&c, &plan, &[], "HTTP 404 Not Found");
+
     // Never turns healthy.
     let (url_u, sha_u) = c.pack("2.0.2", &["unhealthy=1"]);
     let plan = c.plan(

@@ -276,6 +276,21 @@ impl Services {
                 );
                 w[other] += w[i];
                 w[i] = 0;
+            } else if w[i] > 0
+                && them.phase == SlotPhase::Healthy
+                && matches!(
+                    me.phase,
+                    SlotPhase::Fetching
+                        | SlotPhase::Unpacking
+                        | SlotPhase::Starting
+                        | SlotPhase::Empty
+                )
+            {
+                // Not ready yet (an agent restart, or a host catching up with its fleet):
+                // the healthy slot serves until this one turns healthy. Nothing failed,
+                // so nothing is reported.
+                w[other] += w[i];
+                w[i] = 0;
             }
         }
         if !rt.healing.is_empty() && rt.effective != w {

@@ -301,7 +301,7 @@ async fn follow_up(
     let left: Vec<String> = d
         .hosts
         .iter()
-        .filter(|h| h.phase == "failed")
+        .filter(|h| h.phase == "failed" || (h.phase == "switched" && !h.error.is_empty()))
         .map(|h| {
             format!(
                 "{} ({})",
@@ -321,7 +321,7 @@ async fn follow_up(
             d.previous_release.clone()
         };
         eprintln!(
-            "warning: the fleet is mixed: {} of {} host(s) still run {old}: {}",
+            "warning: the fleet is mixed: {} of {} host(s) may still run {old}: {}",
             left.len(),
             d.hosts.len(),
             left.join(", ")

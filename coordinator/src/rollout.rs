@@ -636,6 +636,16 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 d.state = State::Succeeded;
                 d.ended_unix_ms = Some(now);
                 d.reason = None;
+                // Hosts set aside while unreachable follow the fleet: they are told to
+                // run the new release, and their agent moves traffic to it once it is
+                // healthy there.
+                for h in d.hosts.values_mut() {
+                    if h.lost && h.old_slot.is_some() {
+                        h.phase = HostPhase::Switched;
+                        h.weight = 100;
+                        h.error = Some("was unreachable; takes the release when it returns".into());
+                    }
+                }
                 return;
             }
             d.step += 1;

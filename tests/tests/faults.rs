@@ -170,3 +170,59 @@ host_lost_after = "2s""#;
         c.connected("web-2")
     });
 }
+
+#[test]
+fn with_continue_a_lost_host_is_set_aside_and_follows_the_fleet_when_it_returns() {
+    let c = Cluster::start(44, 3);
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
+    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let strategy = r#"steps = [{ traffic = 50, hold = "10s" }, { traffic = 100 }]
+max_failed_hosts = 0
+on_host_lost = "continue"
+host_lost_after = "2s""#;
+    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
+    let id = c
+        .cli_ok(&["deploy", plan.to_str().expect("path")])
+        .trim()
+        .to_string();
+    wait_until(Duration::from_secs(30), "the hold at 50%", || {
+        let s = c.status(&id);
+        s["state"] == "progressing"
+            && s["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
+    });
+    let frozen = c.agents[1].proc.pid();
+    signal(frozen, "STOP");
+    let out = c.cli(&["watch", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = c.status(&id);
+    let web2 = s["hosts"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["name"] == "web-2"))
+        .cloned()
+        .expect("web-2");
+    assert!(
+        web2["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{web2}"
+    );
+    let host = |n: &str| c.versions().get(n).cloned().unwrap_or_default();
+    assert_eq!(host("web-1"), "release 2.0.0");
+    assert_eq!(host("web-3"), "release 2.0.0");
+    signal(frozen, "CONT");
+    wait_until(
+        Duration::from_secs(30),
+        "web-2 on 2.0.0 like the fleet",
+        || host("web-2") == "release 2.0.0",
+    );
+}

@@ -119,5 +119,6 @@ awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "    demo wall time: %
 rss() { awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status"; }
 echo "    resident memory: coordinator $(rss "${pids[0]}"), agent web-2 $(rss "${pids[1]}")"
 echo "    where to look: $WORK (coordinator.log, agent-*.log, agent-*/logs/ for slot output)"
-echo "    try: CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin $CUTOVER status --output json"
+echo "    run it with KEEP=1 to leave the fleet up, then try:"
+echo "      CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin $CUTOVER status --output json"
 [ "$bad" = 0 ]

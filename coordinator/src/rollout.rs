@@ -497,6 +497,27 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 begin_rollback(d, State::RolledBack, reason, now, now);
                 return;
             }
+            // The same error on several hosts is the release's fault, not the hosts':
+            // no tolerance for it. One host's own error is quarantined within
+            // max_failed_hosts.
+            let mut by_error: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+            for (name, h) in &failed {
+                by_error
+                    .entry(h.error.as_deref().unwrap_or(""))
+                    .or_default()
+                    .push(name);
+            }
+            let shared = by_error.iter().find(|(_, hosts)| hosts.len() >= 2);
+            if let Some((error, hosts)) = shared {
+                let names: Vec<&str> = hosts.iter().map(|s| s.as_str()).collect();
+                let reason = format!(
+                    "hosts {}: {error} (the same failure on {} hosts: a release fault, not a host fault)",
+                    names.join(", "),
+                    names.len()
+                );
+                begin_rollback(d, State::RolledBack, reason, now, now);
+                return;
+            }
             // Start more hosts, max_parallel at a time.
             let limit = strategy.max_parallel.of(d.hosts.len()).max(1);
             let mut in_flight = d

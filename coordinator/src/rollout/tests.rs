@@ -560,3 +560,24 @@ fn a_lost_host_is_handled_as_the_plan_says() {
         }
     }
 }
+
+#[test]
+fn the_same_error_on_two_hosts_is_a_release_fault_even_within_tolerance() {
+    let mut sim = Sim::new(&["a", "b", "c", "d"]);
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    for h in ["b", "c"] {
+        sim.failing.insert(
+            (h.into(), "2".into()),
+            "process exited (exit status: 1): config missing".into(),
+        );
+    }
+    let mut p = plan("2", SHA2, "");
+    p.strategy.max_failed_hosts = 2;
+    let (dep, _) = sim.run(sim.start(&p), now, 100, 100);
+    assert_eq!(dep.state, State::RolledBack);
+    let reason = dep.reason.unwrap();
+    assert!(
+        reason.starts_with("hosts b, c: process exited") && reason.contains("release fault"),
+        "{reason}"
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod health;
+pub mod http;
 pub mod link;
 pub mod process;
 pub mod proxy;
@@ -236,6 +237,8 @@ pub struct RunConfig {
     pub service_address: IpAddr,
     /// ed25519 public keys (hex) from `--trusted-key`; `DATA/trusted_keys` adds more.
     pub trusted_keys: Vec<String>,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// The trusted artifact-signing keys: the command line's plus one hex key per line of
@@ -302,6 +305,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
         tasks.clone(),
     ));
     tasks.spawn(services.clone().run_rerouter(shutdown.clone()));
+    if let Some(addr) = cfg.http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind --http {addr}"))?;
+        tracing::info!(%addr, "serving /metrics");
+        tasks.spawn(http::serve(listener, services.clone(), shutdown.clone()));
+    }
     let restored = services.restore().await?;
     tracing::info!(
         host = identity.name,

@@ -42,6 +42,9 @@ enum Cmd {
         /// DATA/trusted_keys adds more). Without any, signatures are not required.
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<String>,
+        /// Serve /metrics (Prometheus text) and /healthz on this address.
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
     },
 }
 
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
                 data_dir,
                 service_address,
                 trusted_keys,
+                http,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
                         data_dir,
                         service_address,
                         trusted_keys,
+                        http,
                     },
                     shutdown,
                 )

@@ -137,6 +137,8 @@ pub struct Cluster {
     pub listen: u16,
     /// Extra arguments for `cutover serve`.
     pub serve_args: Vec<String>,
+    /// Extra arguments for `cutover-agent run`; `{name}` is replaced by the host's name.
+    pub agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -162,6 +164,7 @@ impl Cluster {
             agents: Vec::new(),
             listen: free_port(),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            agent_args: Vec::new(),
         };
         c.start_coordinator();
         for i in 0..n {
@@ -280,7 +283,8 @@ impl Cluster {
         let mut cmd = Command::new(self.bin.join("cutover-agent"));
         cmd.args(["run", "--data-dir"])
             .arg(data_dir)
-            .args(["--service-address", ip]);
+            .args(["--service-address", ip])
+            .args(self.agent_args.iter().map(|a| a.replace("{name}", name)));
         Proc::spawn(name, &mut cmd, self.dir.join(format!("{name}.log")))
     }
 

@@ -273,3 +273,38 @@ fn one_deployment_at_a_time_per_service() {
     });
     assert!(all_serving(&c, "2.0.0"));
 }
+
+#[test]
+fn agent_metrics_count_what_the_proxy_served() {
+    let mut c = Cluster::start(16, 0);
+    let port = tests::free_port();
+    c.agent_args = vec!["--http".into(), format!("127.0.0.1:{port}")];
+    c.add_agent("web-1", "127.16.0.2", "env=test");
+    deploy_v1(&c);
+    let load = Load::start(c.addrs(), 1);
+    wait_until(Duration::from_secs(10), "some requests", || {
+        load.report.ok() >= 100
+    });
+    let served = load.stop().ok();
+    let metrics = tests::get(&format!("127.0.0.1:{port}"), "/metrics").expect("metrics");
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("cutover_agent_requests_total{service=\"web\"")
+                && l.contains("release=\"1.0.0\"")
+        })
+        .expect("requests line");
+    let counted: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!(counted >= served, "{counted} counted, {served} served");
+    assert!(metrics.contains("cutover_agent_slot_healthy{service=\"web\""));
+    let coord = tests::get(&c.http_addr, "/metrics").expect("coordinator metrics");
+    assert!(coord.contains("cutover_hosts_connected 1"), "{coord}");
+    assert!(
+        coord.contains("cutover_deployments{state=\"succeeded\"} 1"),
+        "{coord}"
+    );
+}

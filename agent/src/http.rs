@@ -1,0 +1,245 @@
+//! The agent's optional plain-HTTP side (`--http ADDR`): `/healthz` and `/metrics` in
+//! Prometheus text format, per service and slot, from the same counters the agent
+//! reports to the coordinator.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cutover_proto::v1::{ObservedService, SlotPhase, SlotStatus};
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::Services;
+
+pub async fn serve(listener: TcpListener, services: Arc<Services>, cancel: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on --http");
+                    continue;
+                }
+            },
+        };
+        let services = services.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let services = services.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/healthz" => (200, "ok\n".to_string()),
+                        "/metrics" => (200, render(&services.observe().await)),
+                        _ => (404, "not found\n".to_string()),
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap_or_default(),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text for the observed services.
+pub fn render(services: &[ObservedService]) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn FnMut(&mut String)| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        rows(&mut out);
+    };
+    let slots = |s: &ObservedService| -> Vec<(&'static str, u32, SlotStatus)> {
+        [
+            ("blue", s.blue_weight, s.blue.clone()),
+            ("green", s.green_weight, s.green.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(n, w, st)| st.map(|st| (n, w, st)))
+        .collect()
+    };
+    let labels = |svc: &str, slot: &str, st: &SlotStatus| {
+        format!(
+            "service=\"{}\",slot=\"{slot}\",release=\"{}\"",
+            escape(svc),
+            escape(&st.release)
+        )
+    };
+    type Pick = fn(&cutover_proto::v1::SlotMetrics) -> u64;
+    let counters: [(&str, &str, Pick); 3] = [
+        (
+            "cutover_agent_requests_total",
+            "Requests (or connections) proxied to the slot.",
+            |m| m.requests,
+        ),
+        (
+            "cutover_agent_responses_5xx_total",
+            "5xx responses from the slot.",
+            |m| m.responses_5xx,
+        ),
+        (
+            "cutover_agent_upstream_failures_total",
+            "Requests that could not reach the slot.",
+            |m| m.upstream_failures,
+        ),
+    ];
+    for (name, help, pick) in counters {
+        family(name, "counter", help, &mut |o| {
+            for s in services {
+                for (slot, _, st) in slots(s) {
+                    let v = st.metrics.as_ref().map_or(0, pick);
+                    let _ = writeln!(o, "{name}{{{}}} {v}", labels(&s.service, slot, &st));
+                }
+            }
+        });
+    }
+    family(
+        "cutover_agent_request_duration_seconds",
+        "histogram",
+        "Time to the slot's response headers.",
+        &mut |o| {
+            for s in services {
+                for (slot, _, st) in slots(s) {
+                    let Some(m) = &st.metrics else { continue };
+                    let l = labels(&s.service, slot, &st);
+                    let mut cumulative = 0u64;
+                    for (le, n) in m.latency_bucket_le_us.iter().zip(&m.latency_counts) {
+                        cumulative += n;
+                        let le = if *le == u64::MAX {
+                            "+Inf".to_string()
+                        } else {
+                            format!("{}", *le as f64 / 1e6)
+                        };
+                        let _ = writeln!(
+                            o,
+                            "cutover_agent_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}"
+                        );
+                    }
+                    let _ = writeln!(
+                        o,
+                        "cutover_agent_request_duration_seconds_sum{{{l}}} {}",
+                        m.latency_sum_us as f64 / 1e6
+                    );
+                    let _ = writeln!(
+                        o,
+                        "cutover_agent_request_duration_seconds_count{{{l}}} {cumulative}"
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "cutover_agent_slot_healthy",
+        "gauge",
+        "1 when the slot passes its health check.",
+        &mut |o| {
+            for s in services {
+                for (slot, _, st) in slots(s) {
+                    let v = u8::from(st.phase == SlotPhase::Healthy as i32);
+                    let _ = writeln!(
+                        o,
+                        "cutover_agent_slot_healthy{{{}}} {v}",
+                        labels(&s.service, slot, &st)
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "cutover_agent_slot_restarts_total",
+        "counter",
+        "Restarts of the slot's process.",
+        &mut |o| {
+            for s in services {
+                for (slot, _, st) in slots(s) {
+                    let _ = writeln!(
+                        o,
+                        "cutover_agent_slot_restarts_total{{{}}} {}",
+                        labels(&s.service, slot, &st),
+                        st.restarts
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "cutover_agent_slot_weight_percent",
+        "gauge",
+        "Share of the service's traffic the slot gets now.",
+        &mut |o| {
+            for s in services {
+                for (slot, w, st) in slots(s) {
+                    let _ = writeln!(
+                        o,
+                        "cutover_agent_slot_weight_percent{{{}}} {w}",
+                        labels(&s.service, slot, &st)
+                    );
+                }
+            }
+        },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cutover_proto::v1::SlotMetrics;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let s = ObservedService {
+            service: "web".into(),
+            blue: Some(SlotStatus {
+                release: "1.0".into(),
+                phase: SlotPhase::Healthy as i32,
+                restarts: 2,
+                metrics: Some(SlotMetrics {
+                    requests: 10,
+                    responses_5xx: 1,
+                    upstream_failures: 0,
+                    latency_bucket_le_us: vec![1000, u64::MAX],
+                    latency_counts: vec![7, 3],
+                    latency_sum_us: 50_000,
+                }),
+                ..Default::default()
+            }),
+            blue_weight: 100,
+            ..Default::default()
+        };
+        let text = render(&[s]);
+        assert!(
+            text.contains(
+                "cutover_agent_requests_total{service=\"web\",slot=\"blue\",release=\"1.0\"} 10"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("le=\"0.001\"} 7"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 10"), "{text}");
+        assert!(text.contains(
+            "cutover_agent_slot_healthy{service=\"web\",slot=\"blue\",release=\"1.0\"} 1"
+        ));
+        assert!(text.contains(
+            "cutover_agent_slot_weight_percent{service=\"web\",slot=\"blue\",release=\"1.0\"} 100"
+        ));
+        assert!(text.contains("# TYPE cutover_agent_request_duration_seconds histogram"));
+    }
+}

@@ -69,7 +69,24 @@ pub struct Services {
 
 const SLOTS: [&str; 2] = ["blue", "green"];
 
+/// A free port on 127.0.0.1 for a slot process. It is taken from below the kernel's
+/// ephemeral range, where outgoing connections and other programs' port-0 listeners
+/// take theirs: a port found free there could be taken again before the slot process
+/// binds it.
 fn free_port() -> std::io::Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_low);
+    if hi > lo + 1000 {
+        for _ in 0..256 {
+            let p = rand::random_range(lo..hi);
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return Ok(p);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

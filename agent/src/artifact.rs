@@ -132,7 +132,7 @@ async fn fetch_once(url: &str, sha256: &str, dest: &Path, limits: &Limits) -> Re
             })?;
         let resp = client.get(url).send().await.map_err(|e| Error::Download {
             url: url.into(),
-            reason: error_chain(&e),
+            reason: cutover_shared::errors::chain(&e),
             transient: true,
         })?;
         let status = resp.status();
@@ -154,7 +154,7 @@ async fn fetch_once(url: &str, sha256: &str, dest: &Path, limits: &Limits) -> Re
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| Error::Download {
                 url: url.into(),
-                reason: error_chain(&e),
+                reason: cutover_shared::errors::chain(&e),
                 transient: true,
             })?;
             add(&chunk, &mut hasher)?;
@@ -172,20 +172,6 @@ async fn fetch_once(url: &str, sha256: &str, dest: &Path, limits: &Limits) -> Re
         });
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 /// Checks that a path inside an archive stays inside the release directory.

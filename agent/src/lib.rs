@@ -166,7 +166,7 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
     let tls = cutover_proto::tls::pinned_config(&token.ca_fingerprint)?;
     let channel = cutover_proto::tls::connect(&cfg.coordinator, tls)
         .await
-        .map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!("{}", cutover_shared::errors::chain(&e)))?;
     let resp = EnrollClient::new(channel)
         .join(JoinRequest {
             token: token.encode(),
@@ -195,20 +195,6 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
         &serde_json::to_vec_pretty(&file)?,
     )?;
     Ok(resp.name)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 pub fn load_identity(data_dir: &Path) -> anyhow::Result<Identity> {

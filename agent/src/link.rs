@@ -68,20 +68,6 @@ pub async fn run(data_dir: PathBuf, services: Arc<Services>, cancel: Cancellatio
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
-}
-
 async fn session(
     data_dir: &Path,
     identity: &Identity,
@@ -93,7 +79,7 @@ async fn session(
             .map_err(|e| e.to_string())?;
     let channel = cutover_proto::tls::connect(&identity.coordinator, cfg)
         .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| cutover_shared::errors::chain(&e))?;
     let mut client = AgentLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     let observed = |services| AgentMessage {

@@ -84,26 +84,11 @@ impl Conn {
             .map_err(|e| {
                 Failure::other(format!(
                     "cannot reach the coordinator: {}",
-                    describe_connect(&e)
+                    cutover_shared::errors::chain(&e)
                 ))
             })?;
         Ok(ControlClient::new(channel))
     }
-}
-
-fn describe_connect(e: &cutover_proto::tls::Error) -> String {
-    use std::error::Error as _;
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 fn print_json(v: &Value) {

@@ -2,6 +2,7 @@
 //! its validation, durations and names. No IO beyond parsing text, no async runtime.
 
 pub mod duration;
+pub mod errors;
 pub mod names;
 pub mod plan;
 pub mod signing;

@@ -415,6 +415,12 @@ max_parallel = "100%"
             .collect()
     }
 
+    /// True when every host's public port answers `release {version}`.
+    pub fn all_serving(&self, version: &str) -> bool {
+        let want = format!("release {version}");
+        self.versions().values().all(|v| *v == want)
+    }
+
     /// Deploys and waits; returns (exit code, id, stderr).
     pub fn deploy_wait(&self, plan: &Path, extra: &[&str]) -> (i32, String, String) {
         let mut args = vec!["deploy", plan.to_str().expect("utf-8 path"), "--wait"];

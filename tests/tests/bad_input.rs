@@ -5,12 +5,6 @@ use std::time::Duration;
 
 use tests::{Cluster, wait_until};
 
-fn serving(c: &Cluster, version: &str) -> bool {
-    c.versions()
-        .values()
-        .all(|v| v == &format!("release {version}"))
-}
-
 fn v1(c: &Cluster) {
     let (url, sha) = c.pack("1.0.0", &[]);
     let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
@@ -123,7 +117,7 @@ fn broken_commands_ports_and_artifact_servers_fail_preparation_clearly() {
     assert_eq!(code, 3);
     assert!(reason.contains("download http://"), "{reason}");
 
-    assert!(serving(&c, "1.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
 }
 
 #[test]
@@ -152,7 +146,7 @@ fn garbage_on_the_grpc_port_changes_nothing() {
         String::from_utf8_lossy(&hosts.stderr)
     );
     assert!(c.connected("web-1"));
-    assert!(serving(&c, "1.0.0"));
+    assert!(c.all_serving("1.0.0"));
 }
 
 #[test]

@@ -6,19 +6,13 @@ use tests::{Cluster, Load, wait_until};
 
 const STEPS_100: &str = "steps = [{ traffic = 100 }]";
 
-fn all_serving(c: &Cluster, version: &str) -> bool {
-    c.versions()
-        .values()
-        .all(|v| v == &format!("release {version}"))
-}
-
 fn deploy_v1(c: &Cluster) {
     let (url, sha) = c.pack("1.0.0", &[]);
     let plan = c.plan("v1", "1.0.0", &url, &sha, STEPS_100, "");
     let (code, id, err) = c.deploy_wait(&plan, &[]);
     assert_eq!(code, 0, "v1 deploy failed: {err}");
     assert!(id.starts_with("d-"), "first stdout line is the id: {id:?}");
-    assert!(all_serving(c, "1.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
 }
 
 #[test]
@@ -55,7 +49,7 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
         versions.get("release 2.0.0").copied().unwrap_or(0) > 0,
         "{versions:?}"
     );
-    assert!(all_serving(&c, "2.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("2.0.0"), "{:?}", c.versions());
 
     let status = c.status(&id);
     assert_eq!(status["state"], "succeeded");
@@ -97,7 +91,7 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
         "rollback: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(all_serving(&c, "1.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
 }
 
 fn assert_bad_release_rolls_back(
@@ -122,7 +116,7 @@ fn assert_bad_release_rolls_back(
         "want {want_reason:?} in {reason:?}"
     );
     assert!(
-        all_serving(c, "1.0.0"),
+        c.all_serving("1.0.0"),
         "v1 keeps serving: {:?}",
         c.versions()
     );
@@ -206,7 +200,7 @@ fn bad_releases_leave_v1_serving_with_a_clear_reason() {
     let plan = c.plan("good", "2.0.0", &url, &sha, STEPS_100, "");
     let (code, _, err) = c.deploy_wait(&plan, &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(all_serving(&c, "2.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("2.0.0"), "{:?}", c.versions());
 }
 
 #[test]
@@ -271,7 +265,7 @@ fn one_deployment_at_a_time_per_service() {
     wait_until(Duration::from_secs(20), "the deployment to finish", || {
         c.status(&id)["state"] == "succeeded"
     });
-    assert!(all_serving(&c, "2.0.0"));
+    assert!(c.all_serving("2.0.0"));
 }
 
 #[test]

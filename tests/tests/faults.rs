@@ -4,12 +4,6 @@ use std::time::{Duration, Instant};
 
 use tests::{Cluster, Load, processes_under, wait_until};
 
-fn serving(c: &Cluster, version: &str) -> bool {
-    c.versions()
-        .values()
-        .all(|v| v == &format!("release {version}"))
-}
-
 #[test]
 fn an_agent_killed_hard_comes_back_serving_from_its_own_store_without_orphans() {
     let mut c = Cluster::start(41, 1);
@@ -32,7 +26,7 @@ fn an_agent_killed_hard_comes_back_serving_from_its_own_store_without_orphans() 
     let t = Instant::now();
     c.agents[0].proc = c.spawn_agent("web-1", &ip, &data);
     wait_until(Duration::from_secs(30), "web-1 serving 2.0.0 again", || {
-        serving(&c, "2.0.0")
+        c.all_serving("2.0.0")
     });
     let back_in = t.elapsed();
     eprintln!("agent killed and restarted: serving again after {back_in:?}");
@@ -108,7 +102,7 @@ fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(c.status(&id)["state"], "succeeded");
-    assert!(serving(&c, "2.0.0"));
+    assert!(c.all_serving("2.0.0"));
     assert_eq!(
         report.failed(),
         0,

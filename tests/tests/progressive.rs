@@ -15,18 +15,12 @@ name = "error_rate"
 max = 0.05
 "#;
 
-fn serving(c: &Cluster, version: &str) -> bool {
-    c.versions()
-        .values()
-        .all(|v| v == &format!("release {version}"))
-}
-
 fn deploy_v1(c: &Cluster, behaviour: &[&str]) {
     let (url, sha) = c.pack("1.0.0", behaviour);
     let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
     let (code, _, err) = c.deploy_wait(&plan, &[]);
     assert_eq!(code, 0, "v1: {err}");
-    assert!(serving(c, "1.0.0"));
+    assert!(c.all_serving("1.0.0"));
 }
 
 fn seconds(v: &Value) -> f64 {
@@ -87,7 +81,7 @@ max = 1000
         err.contains("step 1/3 traffic 1%") && err.contains("step 2/3 traffic 10%"),
         "{err}"
     );
-    assert!(serving(&c, "2.0.0"));
+    assert!(c.all_serving("2.0.0"));
 }
 
 #[test]
@@ -130,7 +124,7 @@ fn a_paused_10_percent_step_sends_about_10_percent_of_requests_to_the_new_releas
     wait_until(Duration::from_secs(30), "success", || {
         c.status(&id)["state"] == "succeeded"
     });
-    assert!(serving(&c, "2.0.0"));
+    assert!(c.all_serving("2.0.0"));
 }
 
 #[test]
@@ -155,7 +149,7 @@ fn a_release_failing_30_percent_of_requests_is_rolled_back_at_its_first_step() {
         reason.contains("error_rate") && reason.contains("above max"),
         "{reason}"
     );
-    assert!(serving(&c, "1.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
     let restore = seconds(&s["rollback"]["seconds_to_restore"]);
     assert!(
         restore < 2.0,
@@ -198,7 +192,7 @@ max_vs_baseline = 2.0
         reason.contains("latency_p99") && reason.contains("baseline"),
         "{reason}"
     );
-    assert!(serving(&c, "1.0.0"));
+    assert!(c.all_serving("1.0.0"));
     assert_eq!(
         report.failed(),
         0,
@@ -230,7 +224,7 @@ fn a_release_that_crashes_while_serving_is_routed_around_by_the_agent_and_rolled
         restore < 1.0,
         "agent-reported crash to fleet rolled back: {restore}s"
     );
-    assert!(serving(&c, "1.0.0"));
+    assert!(c.all_serving("1.0.0"));
     // Requests in flight on the crashing process can fail; nothing else should.
     assert!(
         report.failed() < 20,
@@ -270,7 +264,7 @@ fn abort_during_a_hold_rolls_back() {
     let s = c.status(&id);
     assert_eq!(s["state"], "aborted");
     assert_eq!(s["reason"], "aborted by operator");
-    assert!(serving(&c, "1.0.0"));
+    assert!(c.all_serving("1.0.0"));
 }
 
 #[test]
@@ -316,7 +310,7 @@ fn rollback_after_the_old_slot_was_retired_prepares_it_again_from_disk() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(serving(&c, "1.0.0"), "{:?}", c.versions());
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
     assert_eq!(
         report.failed(),
         0,

@@ -421,6 +421,23 @@ max_parallel = "100%"
         self.versions().values().all(|v| *v == want)
     }
 
+    /// Starts a deployment without waiting and polls until its first step holds: every
+    /// host switched and the deployment progressing. Returns its id.
+    pub fn deploy_until_holding(&self, plan: &Path) -> String {
+        let id = self
+            .cli_ok(&["deploy", plan.to_str().expect("utf-8 path")])
+            .trim()
+            .to_string();
+        wait_until(Duration::from_secs(30), "the first step to hold", || {
+            let s = self.status(&id);
+            s["state"] == "progressing"
+                && s["hosts"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
+        });
+        id
+    }
+
     /// Deploys and waits; returns (exit code, id, stderr).
     pub fn deploy_wait(&self, plan: &Path, extra: &[&str]) -> (i32, String, String) {
         let mut args = vec!["deploy", plan.to_str().expect("utf-8 path"), "--wait"];

@@ -65,17 +65,7 @@ fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
         r#"steps = [{ traffic = 50, hold = "4s" }, { traffic = 100 }]"#,
         "",
     );
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
-    wait_until(Duration::from_secs(30), "the hold at 50%", || {
-        let s = c.status(&id);
-        s["state"] == "progressing"
-            && s["hosts"]
-                .as_array()
-                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
-    });
+    let id = c.deploy_until_holding(&plan);
     let load = Load::start(c.addrs(), 2);
     if let Some(mut coord) = c.coordinator.take() {
         coord.kill();
@@ -130,17 +120,7 @@ fn a_host_lost_mid_deployment_rolls_the_fleet_back_and_follows_when_it_returns()
 on_host_lost = "rollback"
 host_lost_after = "2s""#;
     let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
-    wait_until(Duration::from_secs(30), "the hold at 50%", || {
-        let s = c.status(&id);
-        s["state"] == "progressing"
-            && s["hosts"]
-                .as_array()
-                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
-    });
+    let id = c.deploy_until_holding(&plan);
     // web-2 freezes: its stream goes silent, as in a partition.
     let frozen = c.agents[1].proc.pid();
     signal(frozen, "STOP");
@@ -177,17 +157,7 @@ max_failed_hosts = 0
 on_host_lost = "continue"
 host_lost_after = "2s""#;
     let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
-    wait_until(Duration::from_secs(30), "the hold at 50%", || {
-        let s = c.status(&id);
-        s["state"] == "progressing"
-            && s["hosts"]
-                .as_array()
-                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
-    });
+    let id = c.deploy_until_holding(&plan);
     let frozen = c.agents[1].proc.pid();
     signal(frozen, "STOP");
     let out = c.cli(&["watch", &id]);

@@ -247,17 +247,7 @@ fn abort_during_a_hold_rolls_back() {
         r#"steps = [{ traffic = 10, hold = "1h" }, { traffic = 100 }]"#,
         "",
     );
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
-    wait_until(Duration::from_secs(30), "the hold at 10%", || {
-        let s = c.status(&id);
-        s["state"] == "progressing"
-            && s["hosts"]
-                .as_array()
-                .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
-    });
+    let id = c.deploy_until_holding(&plan);
     c.cli_ok(&["abort", &id]);
     let out = c.cli(&["watch", &id]);
     assert_eq!(out.status.code(), Some(4), "aborted ends with exit 4");

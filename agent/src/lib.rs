@@ -3,6 +3,7 @@
 //! checks, and the proxy that splits traffic between them.
 
 pub mod artifact;
+pub mod handover;
 pub mod health;
 pub mod http;
 pub mod link;
@@ -225,6 +226,10 @@ pub struct RunConfig {
     pub trusted_keys: Vec<String>,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub http: Option<std::net::SocketAddr>,
+    /// Public ports handed over by the previous run ([`handover::take_inherited`]).
+    pub inherited: Vec<handover::Inherited>,
+    /// How long a restart (SIGHUP) waits for client connections to end.
+    pub handover_drain: std::time::Duration,
 }
 
 /// The trusted artifact-signing keys: the command line's plus one hex key per line of
@@ -253,10 +258,14 @@ fn trusted_keys(cfg: &RunConfig) -> anyhow::Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// Runs the agent until `shutdown`: restores the services it ran before, then follows
-/// the coordinator. On shutdown the slot processes are stopped.
-pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the agent until `shutdown`: restores the services it ran before (adopting the
+/// slot processes and public ports a previous run left), then follows the coordinator.
+/// On shutdown the slot processes are stopped; on SIGHUP the agent re-executes itself
+/// and keeps them ([`handover`]).
+pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     cutover_proto::tls::install_default_provider();
+    let exe = handover::Exe::current().context("find the agent's own executable")?;
+    let inherited = std::mem::take(&mut cfg.inherited);
     let identity = load_identity(&cfg.data_dir)?;
     if cfg.service_address.is_ipv6() {
         bail!(
@@ -267,7 +276,35 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
     let store = Arc::new(
         store::Store::open(&cfg.data_dir.join("agent.redb")).context("open the agent store")?,
     );
-    let reaped = process::reap_orphans(&store, std::time::Duration::from_secs(10)).await;
+    // Slot processes of an earlier run that still run a desired spec are adopted by
+    // their slots below; any other leftover is stopped, so no orphan keeps a port.
+    let wanted: Vec<(String, String, String)> = store
+        .desired()
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|d| {
+            [("blue", d.blue.as_ref()), ("green", d.green.as_ref())]
+                .into_iter()
+                .filter_map(|(slot, spec)| {
+                    Some((
+                        d.service.clone(),
+                        slot.to_string(),
+                        process::spec_digest(spec?),
+                    ))
+                })
+        })
+        .collect();
+    let reaped = process::reap_orphans(
+        &store,
+        |r| {
+            r.port != 0
+                && wanted
+                    .iter()
+                    .any(|(s, sl, dg)| *s == r.service && *sl == r.slot && *dg == r.spec_digest)
+        },
+        std::time::Duration::from_secs(10),
+    )
+    .await;
     if reaped > 0 {
         tracing::warn!(
             reaped,
@@ -290,6 +327,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
         tasks.clone(),
     ));
+    services.inherit(inherited);
     tasks.spawn(services.clone().run_rerouter(shutdown.clone()));
     if let Some(addr) = cfg.http {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -299,6 +337,19 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
         tasks.spawn(http::serve(listener, services.clone(), shutdown.clone()));
     }
     let restored = services.restore().await?;
+    {
+        let (services, drain) = (services.clone(), cfg.handover_drain);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listen for SIGHUP")?;
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            while tokio::select! { _ = stop.cancelled() => None, s = hup.recv() => s }.is_some() {
+                tracing::info!("SIGHUP: restarting in place, keeping ports and slots");
+                let e = services.hand_over(&exe, drain).await;
+                tracing::error!(error = e, "restart failed; this agent keeps running");
+            }
+        });
+    }
     tracing::info!(
         host = identity.name,
         coordinator = identity.coordinator,

@@ -45,10 +45,20 @@ enum Cmd {
         /// Serve /metrics (Prometheus text) and /healthz on this address.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// On SIGHUP the agent re-executes its binary, keeping its ports and slot
+        /// processes; this long at most it waits for client connections to end first.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        handover_drain: std::time::Duration,
     },
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    cutover_shared::duration::parse(s).map(|d| d.std())
+}
+
 fn main() -> ExitCode {
+    // First, before anything opens a file: sockets handed over by a previous run.
+    let inherited = agent::handover::take_inherited();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -94,6 +104,7 @@ fn main() -> ExitCode {
                 service_address,
                 trusted_keys,
                 http,
+                handover_drain,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -114,6 +125,8 @@ fn main() -> ExitCode {
                         service_address,
                         trusted_keys,
                         http,
+                        inherited,
+                        handover_drain,
                     },
                     shutdown,
                 )

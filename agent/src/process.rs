@@ -1,15 +1,21 @@
-//! One slot's lifecycle: fetch and unpack its release, start the process with `${PORT}`,
-//! capture its output to a capped log file, health-check it for as long as it runs,
-//! restart it with backoff when it crashes, and stop it (drain, SIGTERM, then SIGKILL
-//! after `stop_timeout`) when the slot is emptied.
+//! One slot's lifecycle: fetch and unpack its release, start the process with `${PORT}`
+//! (or adopt the one a previous agent run left serving the same spec), send its output
+//! to a capped log file, health-check it for as long as it runs, restart it with backoff
+//! when it crashes, and stop it (drain, SIGTERM, then SIGKILL after `stop_timeout`) when
+//! the slot is emptied.
+//!
+//! Slot processes write their output straight to the log file, not through the agent,
+//! so they outlive the agent: a restarted agent (re-executed for an upgrade, or started
+//! again after a crash) adopts them instead of starting second copies.
 
-use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_proto::v1::{SlotPhase, SlotSpec, health_spec};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use prost::Message;
+use sha2::Digest;
 use tokio::process::Child;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -49,6 +55,43 @@ pub struct SlotCtx {
     pub store: Arc<crate::store::Store>,
     /// ed25519 public keys; when any are set, only artifacts signed by one of them run.
     pub trusted_keys: Arc<Vec<Vec<u8>>>,
+    /// A live process from an earlier agent run that already runs this spec on `port`.
+    pub adopt: Option<ProcessRecord>,
+}
+
+/// A digest of everything in a slot spec, stable across runs (the environment map is
+/// sorted first), so a process is adopted only for exactly the spec it was started with.
+pub fn spec_digest(spec: &SlotSpec) -> String {
+    let mut s = spec.clone();
+    let mut env: Vec<(String, String)> = s
+        .run
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.env).into_iter().collect())
+        .unwrap_or_default();
+    env.sort();
+    let mut h = sha2::Sha256::new();
+    h.update(s.encode_to_vec());
+    for (k, v) in env {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k);
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v);
+    }
+    hex::encode(h.finalize())
+}
+
+/// True while the recorded process runs: same pid, same start time, not a zombie.
+pub fn alive(pid: i32, ticks: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = after.split_whitespace();
+    let state = fields.next();
+    let start = fields.nth(18).and_then(|t| t.parse::<u64>().ok());
+    state != Some("Z") && start == Some(ticks)
 }
 
 /// Checks the release's signature against the trusted keys (when there are any).
@@ -187,9 +230,51 @@ fn substitute(s: &str, port: u16) -> String {
 }
 
 struct Running {
-    child: Child,
+    /// The process handle when this agent run started it; `None` for an adopted one.
+    child: Option<Child>,
     pid: Option<i32>,
     record: Option<ProcessRecord>,
+}
+
+impl Running {
+    fn adopted(record: ProcessRecord) -> Running {
+        Running {
+            child: None,
+            pid: Some(record.pid),
+            record: Some(record),
+        }
+    }
+
+    /// Waits for the process to exit and describes how it ended.
+    async fn wait(&mut self) -> String {
+        if let Some(child) = self.child.as_mut() {
+            return match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+        }
+        let (Some(pid), Some(rec)) = (self.pid, self.record.as_ref()) else {
+            return "no process".into();
+        };
+        // An adopted process: still this process's child after a re-exec (reap it and
+        // learn its status), or nobody's after an agent crash (watch /proc).
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        loop {
+            match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return format!("exit status: {code}"),
+                Ok(WaitStatus::Signaled(_, sig, _)) => {
+                    return format!("signal: {} ({})", sig as i32, sig.as_str());
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if !alive(pid, rec.start_ticks) {
+                        return "exited".into();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// Start time of a process in clock ticks since boot, from /proc/PID/stat.
@@ -200,10 +285,15 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Stops slot processes that a previous run of the agent started and could not stop
-/// (it was killed): each recorded process that still runs with the recorded start time
-/// gets SIGTERM, then SIGKILL after `grace`. Returns how many were stopped.
-pub async fn reap_orphans(store: &crate::store::Store, grace: Duration) -> usize {
+/// Stops slot processes that a previous run of the agent left behind and that are not
+/// to be adopted (`adopt` says no): each recorded process that still runs with the
+/// recorded start time gets SIGTERM, then SIGKILL after `grace`. Returns how many were
+/// stopped.
+pub async fn reap_orphans(
+    store: &crate::store::Store,
+    adopt: impl Fn(&ProcessRecord) -> bool,
+    grace: Duration,
+) -> usize {
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
     let records = match store.processes() {
@@ -215,7 +305,11 @@ pub async fn reap_orphans(store: &crate::store::Store, grace: Duration) -> usize
     };
     let mut stopped = 0;
     for r in records {
-        if start_ticks(r.pid) == Some(r.start_ticks) {
+        let live = alive(r.pid, r.start_ticks);
+        if live && adopt(&r) {
+            continue;
+        }
+        if live {
             tracing::warn!(
                 service = r.service,
                 slot = r.slot,
@@ -225,7 +319,7 @@ pub async fn reap_orphans(store: &crate::store::Store, grace: Duration) -> usize
             );
             let _ = killpg(Pid::from_raw(r.pid), Signal::SIGTERM);
             let until = Instant::now() + grace;
-            while start_ticks(r.pid) == Some(r.start_ticks) && Instant::now() < until {
+            while alive(r.pid, r.start_ticks) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let _ = killpg(Pid::from_raw(r.pid), Signal::SIGKILL);
@@ -242,7 +336,7 @@ fn spawn(
     ctx: &SlotCtx,
     dir: &Path,
     env: &[(String, String)],
-    log: &Arc<LogSink>,
+    log: &SlotLog,
 ) -> Result<Running, String> {
     let run = ctx.spec.run.clone().unwrap_or_default();
     let Some((prog, args)) = run.command.split_first() else {
@@ -279,12 +373,16 @@ fn spawn(
     cmd.args(args.iter().map(|a| substitute(a, ctx.port)))
         .current_dir(dir)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove(crate::handover::ENV)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("start {prog}: {e}"))?;
+    let out = log.open()?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("log file {}: {e}", log.path.display()))?;
+    cmd.stdout(out).stderr(err);
+    let child = cmd.spawn().map_err(|e| format!("start {prog}: {e}"))?;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     let record = pid.and_then(|pid| {
         let r = ProcessRecord {
@@ -298,19 +396,19 @@ fn spawn(
                 .as_ref()
                 .map(|r| r.version.clone())
                 .unwrap_or_default(),
+            port: ctx.port,
+            spec_digest: spec_digest(&ctx.spec),
         };
         if let Err(e) = ctx.store.put_process(&r) {
             tracing::error!(error = %e, "record slot process");
         }
         Some(r)
     });
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(log.clone().pump(out));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(log.clone().pump(err));
-    }
-    Ok(Running { child, pid, record })
+    Ok(Running {
+        child: Some(child),
+        pid,
+        record,
+    })
 }
 
 /// Sends SIGTERM to the process group, then SIGKILL after `timeout`.
@@ -333,7 +431,7 @@ async fn stop_group(mut r: Running, timeout: Duration) {
     use nix::unistd::Pid;
     if let Some(pid) = r.pid {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-        if tokio::time::timeout(timeout, r.child.wait()).await.is_ok() {
+        if tokio::time::timeout(timeout, r.wait()).await.is_ok() {
             // The leader is gone; make sure no child of it keeps a port.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             return;
@@ -341,77 +439,61 @@ async fn stop_group(mut r: Running, timeout: Duration) {
         tracing::warn!(pid, "slot process ignored SIGTERM; sending SIGKILL");
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
-    let _ = r.child.kill().await;
-    let _ = r.child.wait().await;
+    if let Some(child) = r.child.as_mut() {
+        let _ = child.kill().await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), r.wait()).await;
 }
 
-/// Appends a process's output to the slot's log file, rotating at the cap, and keeps the
-/// last lines for error messages.
-pub struct LogSink {
+/// A slot's log file. The process appends to it directly; the agent rotates it when it
+/// passes the cap (copy to `.log.1`, then truncate: the process's appending descriptor
+/// carries on at the new end) and reads its last line for error messages.
+pub struct SlotLog {
     path: PathBuf,
     cap: u64,
-    file: tokio::sync::Mutex<Option<(tokio::fs::File, u64)>>,
-    tail: Mutex<VecDeque<String>>,
 }
 
-impl LogSink {
-    fn new(path: PathBuf, cap: u64) -> LogSink {
-        LogSink {
-            path,
-            cap,
-            file: tokio::sync::Mutex::new(None),
-            tail: Mutex::new(VecDeque::new()),
-        }
+impl SlotLog {
+    fn new(path: PathBuf, cap: u64) -> SlotLog {
+        SlotLog { path, cap }
     }
 
-    async fn write(&self, line: &str) {
+    fn open(&self) -> Result<std::fs::File, String> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| format!("open log file {}: {e}", self.path.display()))
+    }
+
+    fn rotate_if_full(&self) {
+        let Ok(meta) = std::fs::metadata(&self.path) else {
+            return;
+        };
+        if meta.len() < self.cap {
+            return;
+        }
+        let old = self.path.with_extension("log.1");
+        if std::fs::copy(&self.path, &old).is_ok()
+            && let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.path)
         {
-            let mut t = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-            if t.len() == 5 {
-                t.pop_front();
-            }
-            t.push_back(line.chars().take(300).collect());
-        }
-        let mut g = self.file.lock().await;
-        if g.as_ref().is_some_and(|(_, n)| *n >= self.cap) {
-            *g = None;
-            let _ = tokio::fs::rename(&self.path, self.path.with_extension("log.1")).await;
-        }
-        if g.is_none() {
-            if let Some(p) = self.path.parent() {
-                let _ = tokio::fs::create_dir_all(p).await;
-            }
-            let f = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .await;
-            if let Ok(f) = f {
-                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-                *g = Some((f, len));
-            }
-        }
-        if let Some((f, n)) = g.as_mut() {
-            let data = format!("{line}\n");
-            if f.write_all(data.as_bytes()).await.is_ok() {
-                *n += data.len() as u64;
-            }
+            let _ = f.set_len(0);
         }
     }
 
-    async fn pump(self: Arc<Self>, r: impl tokio::io::AsyncRead + Unpin) {
-        let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            self.write(&line).await;
-        }
-    }
-
+    /// The last non-empty line the process wrote, cut to 300 characters.
     fn last_line(&self) -> Option<String> {
-        self.tail
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .back()
-            .cloned()
+        let mut f = std::fs::File::open(&self.path).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+        Some(line.chars().take(300).collect())
     }
 }
 
@@ -484,12 +566,13 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
     let (check, interval, timeout, healthy_after, unhealthy_after, start_timeout) =
         check_of(&ctx.spec);
     let checker = Checker::new(check, timeout);
-    let log = Arc::new(LogSink::new(
+    let log = SlotLog::new(
         ctx.data_dir
             .join("logs")
             .join(format!("{}-{}.log", ctx.service, ctx.slot)),
         ctx.log_cap,
-    ));
+    );
+    let mut adopt = ctx.adopt.clone();
     let first_start = Instant::now();
     let mut ever_healthy = false;
     let mut early_exits = 0u32;
@@ -503,24 +586,46 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                 SlotPhase::Starting
             };
         });
-        let mut running = match spawn(&ctx, &dir, &env, &log) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(service = ctx.service, slot = ctx.slot, error = %e, "slot process did not start");
-                ctx.phase(SlotPhase::Failed, e);
-                return;
+        let mut tally = Tally::new(healthy_after, unhealthy_after);
+        let adopted = adopt.take().filter(|r| alive(r.pid, r.start_ticks));
+        let mut running = if let Some(rec) = adopted {
+            tracing::info!(
+                service = ctx.service,
+                slot = ctx.slot,
+                release = version,
+                port = ctx.port,
+                pid = rec.pid,
+                "adopted the slot process an earlier agent run started"
+            );
+            // It served before the agent restarted; one passing check confirms it still
+            // does, so traffic is not held back while the usual thresholds fill up.
+            if checker.run(ctx.port, &dir, &env).await.is_ok() {
+                tally.healthy = Some(true);
+                ever_healthy = true;
+                ctx.phase(SlotPhase::Healthy, "");
+            }
+            Running::adopted(rec)
+        } else {
+            match spawn(&ctx, &dir, &env, &log) {
+                Ok(r) => {
+                    tracing::info!(
+                        service = ctx.service,
+                        slot = ctx.slot,
+                        release = version,
+                        port = ctx.port,
+                        pid = r.pid,
+                        "slot process started"
+                    );
+                    r
+                }
+                Err(e) => {
+                    tracing::warn!(service = ctx.service, slot = ctx.slot, error = %e, "slot process did not start");
+                    ctx.phase(SlotPhase::Failed, e);
+                    return;
+                }
             }
         };
-        tracing::info!(
-            service = ctx.service,
-            slot = ctx.slot,
-            release = version,
-            port = ctx.port,
-            pid = running.pid,
-            "slot process started"
-        );
         let started = Instant::now();
-        let mut tally = Tally::new(healthy_after, unhealthy_after);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_check_error = String::new();
@@ -534,7 +639,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                     tracing::info!(service = ctx.service, slot = ctx.slot, release = version, "slot stopped");
                     return;
                 }
-                status = running.child.wait() => {
+                status = running.wait() => {
                     // The leader exited; take its group down with it so nothing keeps the port.
                     if let Some(pid) = running.pid {
                         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
@@ -551,6 +656,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                     return;
                 }
                 _ = tick.tick() => {
+                    log.rotate_if_full();
                     let r = checker.run(ctx.port, &dir, &env).await;
                     if let Err(e) = &r {
                         last_check_error.clone_from(e);
@@ -571,9 +677,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                 }
             }
         };
-        let status = exit
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string());
+        let status = exit;
         let tail = log
             .last_line()
             .map(|l| format!(": {l}"))
@@ -620,5 +724,96 @@ async fn drain(ctx: &SlotCtx) {
     let until = Instant::now() + ctx.drain;
     while ctx.metrics.in_flight() > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cutover_proto::v1::{Release, RunSpec};
+
+    fn spec(env: &[(&str, &str)]) -> SlotSpec {
+        SlotSpec {
+            release: Some(Release {
+                version: "1.0.0".into(),
+                ..Default::default()
+            }),
+            run: Some(RunSpec {
+                command: vec!["./web".into()],
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spec_digest_ignores_map_order_but_not_content() {
+        let pairs: Vec<(String, String)> = (0..30)
+            .map(|i| (format!("K{i}"), format!("v{i}")))
+            .collect();
+        let a: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut b = a.clone();
+        b.reverse();
+        assert_eq!(spec_digest(&spec(&a)), spec_digest(&spec(&b)));
+        let mut c = a.clone();
+        c[3].1 = "changed";
+        assert_ne!(spec_digest(&spec(&a)), spec_digest(&spec(&c)));
+        let mut other = spec(&a);
+        other.release.as_mut().unwrap().version = "1.0.1".into();
+        assert_ne!(spec_digest(&spec(&a)), spec_digest(&other));
+    }
+
+    fn sleeper() -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .expect("start sleep")
+    }
+
+    #[tokio::test]
+    async fn leftovers_are_stopped_unless_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("a.redb")).unwrap();
+        let (mut keep, mut stop) = (sleeper(), sleeper());
+        let record = |c: &std::process::Child, slot: &str| {
+            let pid = c.id() as i32;
+            let r = ProcessRecord {
+                service: "web".into(),
+                slot: slot.into(),
+                pid,
+                start_ticks: start_ticks(pid).expect("start time"),
+                release: "1.0.0".into(),
+                port: 10_001,
+                spec_digest: "d".into(),
+            };
+            store.put_process(&r).unwrap();
+            r
+        };
+        let (k, s) = (record(&keep, "blue"), record(&stop, "green"));
+        // A record whose process is gone is just forgotten.
+        let gone = ProcessRecord {
+            pid: i32::MAX - 1,
+            slot: "blue".into(),
+            ..k.clone()
+        };
+        store.put_process(&gone).unwrap();
+
+        let stopped = reap_orphans(&store, |r| r.slot == "blue", Duration::from_secs(5)).await;
+        assert_eq!(stopped, 1);
+        assert!(!alive(s.pid, s.start_ticks), "the leftover was stopped");
+        assert!(alive(k.pid, k.start_ticks), "the adoptable one runs on");
+        assert_eq!(store.processes().unwrap(), vec![k]);
+        let _ = keep.kill();
+        let _ = keep.wait();
+        let _ = stop.wait();
     }
 }

@@ -5,8 +5,9 @@
 //! per slot: requests, 5xx responses, upstream failures and a latency histogram.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -153,7 +154,7 @@ impl Routes {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
     Http,
     Tcp,
@@ -173,58 +174,181 @@ fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
     r
 }
 
+/// State shared by a proxy's accept loop and its connections.
+#[derive(Default)]
+struct Shared {
+    routes: ArcSwap<Routes>,
+    /// Client connections open now.
+    connections: AtomicUsize,
+    /// Set during a handover: every response asks its client to close the connection,
+    /// so keep-alive clients reconnect, to the next agent, between two requests.
+    draining: AtomicBool,
+}
+
+/// Counts a client connection while it is open.
+struct Open(Arc<Shared>);
+
+impl Open {
+    fn new(s: &Arc<Shared>) -> Open {
+        s.connections.fetch_add(1, Ordering::Relaxed);
+        Open(s.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Tokens of the current accept loop: one stops accepting, one closes idle connections.
+#[derive(Default)]
+struct Phase {
+    accepting: CancellationToken,
+    close_idle: CancellationToken,
+}
+
 /// A running listener for one service.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub mode: Mode,
-    routes: Arc<ArcSwap<Routes>>,
+    shared: Arc<Shared>,
+    /// Ends everything: accept loop and connections.
     cancel: CancellationToken,
+    phase: std::sync::Mutex<Phase>,
+    /// The listening socket, kept apart from the accept loop so that it stays open (and
+    /// keeps queueing connections) while it is handed to a re-executed agent.
+    listener: OwnedFd,
+    tasks: TaskTracker,
 }
 
 impl Proxy {
     /// Binds `addr` and starts serving. Fails if the port cannot be bound.
-    pub async fn bind(
+    pub fn bind(
         addr: SocketAddr,
         mode: Mode,
         parent: &CancellationToken,
         tasks: &TaskTracker,
     ) -> std::io::Result<Proxy> {
-        let socket =
-            tokio::net::TcpSocket::new_v4().or_else(|_| tokio::net::TcpSocket::new_v6())?;
         if addr.is_ipv6() {
             return Err(std::io::Error::other(
                 "IPv6 service addresses are not supported yet",
             ));
         }
+        let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
-        let listener = socket.listen(1024)?;
-        let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
-        let cancel = parent.child_token();
-        let r = routes.clone();
-        let c = cancel.clone();
-        let t = tasks.clone();
-        tasks.spawn(async move {
-            match mode {
-                Mode::Http => serve_http(listener, r, c, t).await,
-                Mode::Tcp => serve_tcp(listener, r, c, t).await,
-            }
-        });
-        Ok(Proxy {
+        let listener = socket.listen(1024)?.into_std()?;
+        Self::serve(OwnedFd::from(listener), addr, mode, parent, tasks)
+    }
+
+    /// Serves on a listening socket inherited from the agent run before this one. The
+    /// socket must be listening on `addr`.
+    pub fn adopt(
+        fd: OwnedFd,
+        addr: SocketAddr,
+        mode: Mode,
+        parent: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> std::io::Result<Proxy> {
+        let l = std::net::TcpListener::from(fd);
+        let at = l.local_addr()?;
+        if at != addr {
+            return Err(std::io::Error::other(format!(
+                "inherited socket listens on {at}, not {addr}"
+            )));
+        }
+        Self::serve(OwnedFd::from(l), addr, mode, parent, tasks)
+    }
+
+    fn serve(
+        listener: OwnedFd,
+        addr: SocketAddr,
+        mode: Mode,
+        parent: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> std::io::Result<Proxy> {
+        let p = Proxy {
             addr,
             mode,
-            routes,
-            cancel,
-        })
+            shared: Arc::default(),
+            cancel: parent.child_token(),
+            phase: std::sync::Mutex::new(Phase::default()),
+            listener,
+            tasks: tasks.clone(),
+        };
+        p.start_accepting()?;
+        Ok(p)
+    }
+
+    fn start_accepting(&self) -> std::io::Result<()> {
+        let l = std::net::TcpListener::from(self.listener.try_clone()?);
+        l.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(l)?;
+        let phase = Phase {
+            accepting: self.cancel.child_token(),
+            close_idle: self.cancel.child_token(),
+        };
+        let (shared, stop, close_idle) = (
+            self.shared.clone(),
+            phase.accepting.clone(),
+            phase.close_idle.clone(),
+        );
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        self.shared.draining.store(false, Ordering::Relaxed);
+        let (mode, cancel, tasks) = (self.mode, self.cancel.clone(), self.tasks.clone());
+        self.tasks.spawn(async move {
+            match mode {
+                Mode::Http => serve_http(listener, shared, stop, close_idle, cancel, tasks).await,
+                Mode::Tcp => serve_tcp(listener, shared, stop, cancel, tasks).await,
+            }
+        });
+        Ok(())
     }
 
     /// Replaces the routing table in one atomic store.
     pub fn set_routes(&self, routes: Routes) {
-        self.routes.store(Arc::new(routes));
+        self.shared.routes.store(Arc::new(routes));
     }
 
     pub fn stop(&self) {
         self.cancel.cancel();
+    }
+
+    /// Starts handing the port over: stops accepting (the socket stays open and the
+    /// kernel queues new connections) and asks every client to close its connection
+    /// after its next response.
+    pub fn begin_handover(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.phase
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accepting
+            .cancel();
+    }
+
+    /// Closes the connections that stay idle during a handover.
+    pub fn close_idle(&self) {
+        self.phase
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close_idle
+            .cancel();
+    }
+
+    /// Serves again after a handover that did not happen.
+    pub fn resume(&self) -> std::io::Result<()> {
+        self.start_accepting()
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// The listening socket, for a handover.
+    pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
     }
 }
 
@@ -236,7 +360,9 @@ impl Drop for Proxy {
 
 async fn serve_http(
     listener: TcpListener,
-    routes: Arc<ArcSwap<Routes>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    close_idle: CancellationToken,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -250,7 +376,7 @@ async fn serve_http(
         .build(connector);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -261,15 +387,17 @@ async fn serve_http(
             },
         };
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
+        let open = Open::new(&shared);
+        let shared = shared.clone();
         let client = client.clone();
-        let cancel = cancel.clone();
+        let (cancel, close_idle) = (cancel.clone(), close_idle.clone());
         tasks.spawn(async move {
+            let _open = open;
             let svc = hyper::service::service_fn(move |req| {
-                let routes = routes.clone();
+                let shared = shared.clone();
                 let client = client.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(forward(req, peer, &routes, &client).await)
+                    Ok::<_, std::convert::Infallible>(forward(req, peer, &shared, &client).await)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -282,6 +410,10 @@ async fn serve_http(
             tokio::select! {
                 _ = conn.as_mut() => {},
                 _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                }
+                _ = close_idle.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
                 }
@@ -301,13 +433,27 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 async fn forward(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+    client: &Client<HttpConnector, Incoming>,
+) -> Response<Body> {
+    let mut resp = route(req, peer, shared, client).await;
+    if shared.draining.load(Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn route(
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    routes: &ArcSwap<Routes>,
+    shared: &Shared,
     client: &Client<HttpConnector, Incoming>,
 ) -> Response<Body> {
     let upstream = {
-        let table = routes.load();
+        let table = shared.routes.load();
         match table.pick() {
             Some(u) => u.clone(),
             None => {
@@ -357,13 +503,14 @@ async fn forward(
 
 async fn serve_tcp(
     listener: TcpListener,
-    routes: Arc<ArcSwap<Routes>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
         let (mut inbound, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -374,12 +521,14 @@ async fn serve_tcp(
             },
         };
         let _ = inbound.set_nodelay(true);
-        let Some(upstream) = routes.load().pick().cloned() else {
+        let Some(upstream) = shared.routes.load().pick().cloned() else {
             drop(inbound);
             continue;
         };
+        let open = Open::new(&shared);
         let cancel = cancel.clone();
         tasks.spawn(async move {
+            let _open = open;
             let _in_flight = InFlight::new(&upstream.metrics);
             let started = Instant::now();
             let out = tokio::time::timeout(
@@ -501,9 +650,7 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let proxy = Proxy::bind(free, Mode::Http, &cancel, &tasks)
-            .await
-            .unwrap();
+        let proxy = Proxy::bind(free, Mode::Http, &cancel, &tasks).unwrap();
         let metrics = Arc::new(SlotMetrics::default());
         proxy.set_routes(Routes::new(vec![(
             100,

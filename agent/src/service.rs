@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
+use crate::handover::{Exe, Inherited};
 use crate::process::{self, SlotCtx, SlotState};
 use crate::proxy::{Mode, Proxy, Routes, SlotMetrics, Upstream};
-use crate::store::Store;
+use crate::store::{ProcessRecord, Store};
 
 struct SlotRun {
     spec: SlotSpec,
@@ -65,6 +66,8 @@ pub struct Services {
     cancel: CancellationToken,
     tasks: TaskTracker,
     trusted_keys: Arc<Vec<Vec<u8>>>,
+    /// Listening sockets from the agent run before this one, until a service claims its own.
+    inherited: Mutex<Vec<Inherited>>,
 }
 
 const SLOTS: [&str; 2] = ["blue", "green"];
@@ -142,7 +145,33 @@ impl Services {
             cancel,
             tasks,
             trusted_keys: Arc::new(trusted_keys),
+            inherited: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Listening sockets inherited from the previous run; [`Services::restore`] hands
+    /// each to its service and closes the ones no service wants any more.
+    pub fn inherit(&self, sockets: Vec<Inherited>) {
+        *self.inherited.lock().unwrap_or_else(|p| p.into_inner()) = sockets;
+    }
+
+    /// Binds the public port, or takes it over from the previous run.
+    fn listen(&self, addr: SocketAddr, mode: Mode) -> std::io::Result<Proxy> {
+        let taken = {
+            let mut inh = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
+            inh.iter()
+                .position(|i| i.addr == addr && i.mode == mode)
+                .map(|at| inh.swap_remove(at))
+        };
+        if let Some(i) = taken {
+            match Proxy::adopt(i.fd, addr, mode, &self.cancel, &self.tasks) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "inherited socket not usable; binding anew")
+                }
+            }
+        }
+        Proxy::bind(addr, mode, &self.cancel, &self.tasks)
     }
 
     /// Applies every desired state kept in the store (start-up, before any coordinator).
@@ -151,6 +180,11 @@ impl Services {
         let n = all.len();
         for d in all {
             self.converge(d).await;
+        }
+        let unclaimed =
+            std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|p| p.into_inner()));
+        for i in unclaimed {
+            tracing::info!(addr = %i.addr, "closing an inherited port no service uses");
         }
         Ok(n)
     }
@@ -235,7 +269,7 @@ impl Services {
                 // Same port, other protocol: it must be released first.
                 old.stop();
             }
-            match Proxy::bind(addr, mode, &self.cancel, &self.tasks).await {
+            match self.listen(addr, mode) {
                 Ok(p) => {
                     tracing::info!(service = d.service, %addr, "proxy listening");
                     if let Some(old) = rt.proxy.replace(p) {
@@ -364,7 +398,11 @@ impl Services {
         slot: &'static str,
         spec: SlotSpec,
     ) -> std::io::Result<SlotRun> {
-        let port = free_port()?;
+        let adopt = self.adoptable(&d.service, slot, &spec);
+        let port = match &adopt {
+            Some(rec) => rec.port,
+            None => free_port()?,
+        };
         let metrics = Arc::new(SlotMetrics::default());
         let status = Arc::new(Mutex::new(SlotState::default()));
         let cancel = self.cancel.child_token();
@@ -383,6 +421,7 @@ impl Services {
             log_cap: 10 << 20,
             store: self.store.clone(),
             trusted_keys: self.trusted_keys.clone(),
+            adopt,
         };
         self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
         Ok(SlotRun {
@@ -392,6 +431,19 @@ impl Services {
             metrics,
             status,
             cancel,
+        })
+    }
+
+    /// A live process that an earlier agent run started for exactly this slot and spec.
+    fn adoptable(&self, service: &str, slot: &str, spec: &SlotSpec) -> Option<ProcessRecord> {
+        let digest = process::spec_digest(spec);
+        let records = self.store.processes().ok()?;
+        records.into_iter().find(|r| {
+            r.service == service
+                && r.slot == slot
+                && r.port != 0
+                && r.spec_digest == digest
+                && process::alive(r.pid, r.start_ticks)
         })
     }
 
@@ -407,6 +459,51 @@ impl Services {
         for d in pending {
             self.converge(d).await;
         }
+    }
+
+    /// Re-executes the agent with its public ports open and its slot processes running
+    /// (see [`crate::handover`]): stops accepting, waits up to `drain` for client
+    /// connections to end (idle ones are closed after a second), then execs. Returns only
+    /// if the agent could not be re-executed, serving again as before.
+    pub async fn hand_over(&self, exe: &Exe, drain: Duration) -> String {
+        if let Err(e) = exe.check() {
+            return e;
+        }
+        // Held until the exec: nothing converges meanwhile.
+        let rts = self.runtimes.lock().await;
+        let proxies: Vec<&Proxy> = rts.values().filter_map(|rt| rt.proxy.as_ref()).collect();
+        for p in &proxies {
+            p.begin_handover();
+        }
+        let start = std::time::Instant::now();
+        let mut idle_closed = false;
+        while proxies.iter().any(|p| p.connections() > 0) && start.elapsed() < drain {
+            if !idle_closed && start.elapsed() >= Duration::from_secs(1) {
+                for p in &proxies {
+                    p.close_idle();
+                }
+                idle_closed = true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let open: usize = proxies.iter().map(|p| p.connections()).sum();
+        tracing::info!(
+            drained_ms = start.elapsed().as_millis() as u64,
+            connections_cut = open,
+            exe = %exe.path.display(),
+            "re-executing the agent"
+        );
+        let fds: Vec<_> = proxies
+            .iter()
+            .map(|p| (p.addr, p.mode, p.listener_fd()))
+            .collect();
+        let err = exe.exec(&fds);
+        for p in &proxies {
+            if let Err(e) = p.resume() {
+                tracing::error!(addr = %p.addr, error = %e, "accept again after a failed restart");
+            }
+        }
+        err.to_string()
     }
 
     /// What runs now, per service.

@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 const DESIRED: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("desired");
 /// Slot processes this agent started, keyed `service/slot/pid`, so that a restarted
-/// agent can find and stop the ones a crash left behind.
+/// agent can adopt the ones still running its desired specs and stop the others.
 const PROCESSES: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("processes");
 
@@ -25,6 +25,13 @@ pub struct ProcessRecord {
     /// a recycled pid is never mistaken for ours.
     pub start_ticks: u64,
     pub release: String,
+    /// The port the process was given (`${PORT}`); 0 in records from older agents.
+    #[serde(default)]
+    pub port: u16,
+    /// Digest of the slot spec it runs ([`crate::process::spec_digest`]), so a restarted
+    /// agent adopts it only for the very same spec.
+    #[serde(default)]
+    pub spec_digest: String,
 }
 
 impl ProcessRecord {

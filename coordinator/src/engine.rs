@@ -31,6 +31,9 @@ pub enum Error {
     Stopped,
 }
 
+/// A connected host not heard from for this long counts as unreachable in decisions.
+const STALE_AFTER_MS: u64 = 3_000;
+
 pub struct Created {
     pub id: String,
     pub noop: bool,
@@ -349,21 +352,20 @@ impl Engine {
             .hosts
             .keys()
             .map(|h| {
-                (
-                    h.clone(),
-                    HostView {
-                        connected: self.fleet.is_connected(h),
-                        lost_ms: if self.fleet.is_connected(h) {
-                            0
-                        } else {
-                            // Never seen since this coordinator started: count from now,
-                            // so a restart does not declare every host lost at once.
-                            now.saturating_sub(self.fleet.last_seen(h).unwrap_or(self.started_ms))
-                        },
-                        desired: desired.get(h).and_then(Option::as_ref),
-                        observed: observed.get(h).and_then(Option::as_ref),
-                    },
-                )
+                // Never seen since this coordinator started: count from the start,
+                // so a restart does not declare every host lost at once.
+                let silent = now.saturating_sub(self.fleet.last_seen(h).unwrap_or(self.started_ms));
+                // A host reports every second; one silent for longer than
+                // STALE_AFTER is not vouching for anything, even if its stream has
+                // not been dropped yet (a partition closes nothing).
+                let connected = self.fleet.is_connected(h) && silent < STALE_AFTER_MS;
+                let view = HostView {
+                    connected,
+                    lost_ms: if connected { 0 } else { silent },
+                    desired: desired.get(h).and_then(Option::as_ref),
+                    observed: observed.get(h).and_then(Option::as_ref),
+                };
+                (h.clone(), view)
             })
             .collect();
         let decision = rollout::decide(&dep, &views, command, now);

@@ -370,6 +370,12 @@ fn advance(
         }
         Some(Command::Resume | Command::Promote) if d.state == State::Paused => {
             d.state = d.ending.take().unwrap_or(State::Progressing);
+            if d.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("paused:"))
+            {
+                d.reason = None;
+            }
             d.promoted = command == Some(Command::Promote) || d.step_switched_unix_ms.is_some();
         }
         Some(Command::Promote) if d.state == State::Progressing => d.promoted = true,
@@ -652,6 +658,15 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 }
                 return;
             }
+            // A host that is not reporting cannot vouch for this step: wait for it, or
+            // for `host_lost_after` to set it aside, before going further.
+            let silent = d
+                .hosts
+                .iter()
+                .any(|(n, h)| !h.untouched && h.phase == HostPhase::Switched && !view(n).connected);
+            if silent {
+                return;
+            }
             d.promoted = false;
             if last {
                 d.state = State::Succeeded;
@@ -737,6 +752,9 @@ fn hosts_lost(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, 
         OnHostLost::Pause => {
             d.ending = Some(d.state);
             d.state = State::Paused;
+            d.reason = Some(format!(
+                "paused: host {names} unreachable for more than {after} (on_host_lost = \"pause\"); `resume` goes on without it, `abort` rolls back"
+            ));
             true
         }
         OnHostLost::Continue => false,

@@ -3,6 +3,8 @@
 //! 127.0.0.x addresses; waits for conditions by polling with deadlines; stops processes
 //! with SIGTERM then SIGKILL; and keeps the logs of a failed test.
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -139,6 +141,10 @@ pub struct Cluster {
     pub serve_args: Vec<String>,
     /// Extra arguments for `cutover-agent run`; `{name}` is replaced by the host's name.
     pub agent_args: Vec<String>,
+    /// The agent binary that [`Cluster::spawn_agent`] runs.
+    pub agent_exe: PathBuf,
+    /// Hosts that run in a network namespace: host name → namespace.
+    pub netns: BTreeMap<String, String>,
 }
 
 impl Cluster {
@@ -149,23 +155,7 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with more `cutover serve` arguments.
     pub fn start_with(net: u8, n: usize, serve_args: &[&str]) -> Cluster {
-        let tmp = tempfile::Builder::new()
-            .prefix("cutover-e2e-")
-            .tempdir()
-            .expect("tempdir");
-        let dir = tmp.path().to_path_buf();
-        let mut c = Cluster {
-            dir,
-            _tmp: Some(tmp),
-            bin: bin_dir(),
-            coord_addr: format!("127.0.0.1:{}", free_port()),
-            http_addr: format!("127.0.0.1:{}", free_port()),
-            coordinator: None,
-            agents: Vec::new(),
-            listen: free_port(),
-            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
-            agent_args: Vec::new(),
-        };
+        let mut c = Cluster::new("127.0.0.1", serve_args);
         c.start_coordinator();
         for i in 0..n {
             c.add_agent(
@@ -175,6 +165,52 @@ impl Cluster {
             );
         }
         c
+    }
+
+    /// A cluster with nothing started yet; the coordinator will listen on `coord_ip`.
+    fn new(coord_ip: &str, serve_args: &[&str]) -> Cluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("cutover-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        Cluster {
+            dir,
+            _tmp: Some(tmp),
+            bin: bin_dir(),
+            coord_addr: format!("{coord_ip}:{}", free_port()),
+            http_addr: format!("127.0.0.1:{}", free_port()),
+            coordinator: None,
+            agents: Vec::new(),
+            listen: free_port(),
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            agent_args: Vec::new(),
+            agent_exe: bin_dir().join("cutover-agent"),
+            netns: BTreeMap::new(),
+        }
+    }
+
+    /// A coordinator on `fabric`'s bridge address and one agent per namespace, named
+    /// web-1.. and serving on the namespace's address.
+    pub fn start_on(fabric: &netns::Fabric, n: usize, serve_args: &[&str]) -> Cluster {
+        let gateway = fabric.gateway();
+        let mut args = vec!["--server-name", &gateway];
+        args.extend(serve_args);
+        let mut c = Cluster::new(&gateway, &args);
+        c.start_coordinator();
+        for i in 0..n {
+            let name = format!("web-{}", i + 1);
+            c.netns.insert(name.clone(), fabric.namespace(i));
+            c.add_agent(&name, &fabric.addr(i), "env=test");
+        }
+        c
+    }
+
+    /// Stops the coordinator (SIGTERM).
+    pub fn stop_coordinator(&mut self) {
+        if let Some(mut p) = self.coordinator.take() {
+            p.stop(Duration::from_secs(10));
+        }
     }
 
     pub fn start_coordinator(&mut self) {
@@ -280,7 +316,14 @@ impl Cluster {
     }
 
     pub fn spawn_agent(&self, name: &str, ip: &str, data_dir: &Path) -> Proc {
-        let mut cmd = Command::new(self.bin.join("cutover-agent"));
+        let mut cmd = match self.netns.get(name) {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.agent_exe);
+                c
+            }
+            None => Command::new(&self.agent_exe),
+        };
         cmd.args(["run", "--data-dir"])
             .arg(data_dir)
             .args(["--service-address", ip])
@@ -518,6 +561,8 @@ pub struct LoadReport {
     pub failed: AtomicU64,
     pub versions: Mutex<BTreeMap<String, u64>>,
     pub errors: Mutex<Vec<String>>,
+    /// The slowest request seen, in microseconds.
+    pub max_latency_us: AtomicU64,
 }
 
 impl LoadReport {
@@ -529,6 +574,9 @@ impl LoadReport {
     }
     pub fn versions(&self) -> BTreeMap<String, u64> {
         self.versions.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+    pub fn max_latency(&self) -> Duration {
+        Duration::from_micros(self.max_latency_us.load(Ordering::Relaxed))
     }
 }
 
@@ -615,10 +663,19 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, report: Arc<LoadReport>
                 .header("host", addr.to_string())
                 .body(Empty::<bytes::Bytes>::new())
                 .expect("request");
+            let started = Instant::now();
             match sender.send_request(req).await {
                 Ok(resp) => {
                     let status = resp.status();
+                    // A server that says `Connection: close` gets no further request on
+                    // this connection (RFC 9112, 9.6): reconnect, like any HTTP client.
+                    let close = resp
+                        .headers()
+                        .get(hyper::header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
                     let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    report.max_latency_us.fetch_max(us, Ordering::Relaxed);
                     match body {
                         Ok(b) if status.is_success() => {
                             report.ok.fetch_add(1, Ordering::Relaxed);
@@ -629,6 +686,9 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, report: Arc<LoadReport>
                         }
                         Ok(_) => fail(&report, format!("{addr}: HTTP {status}")),
                         Err(e) => fail(&report, format!("{addr}: body: {e}")),
+                    }
+                    if close {
+                        break;
                     }
                 }
                 Err(e) => {

@@ -2,10 +2,13 @@
 
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+
+use tests::netns::Fabric;
 use tests::{Cluster, Load, processes_under, wait_until};
 
 #[test]
-fn an_agent_killed_hard_comes_back_serving_from_its_own_store_without_orphans() {
+fn an_agent_killed_hard_comes_back_serving_from_its_own_store_adopting_its_slots() {
     let mut c = Cluster::start(41, 1);
     for v in ["1.0.0", "2.0.0"] {
         let (url, sha) = c.pack(v, &[]);
@@ -14,7 +17,8 @@ fn an_agent_killed_hard_comes_back_serving_from_its_own_store_without_orphans() 
         assert_eq!(code, 0, "{err}");
     }
     let data = c.agents[0].data_dir.clone();
-    let before = processes_under(&data);
+    let mut before = processes_under(&data);
+    before.sort();
     assert_eq!(before.len(), 2, "blue and green slot processes: {before:?}");
 
     // No coordinator either: the agent must not need one to serve again.
@@ -31,23 +35,131 @@ fn an_agent_killed_hard_comes_back_serving_from_its_own_store_without_orphans() 
     let back_in = t.elapsed();
     eprintln!("agent killed and restarted: serving again after {back_in:?}");
 
-    // Every process the dead agent left was stopped, and exactly one copy per slot runs.
-    wait_until(Duration::from_secs(15), "orphans stopped", || {
-        before
-            .iter()
-            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-    });
-    wait_until(Duration::from_secs(15), "two slot processes", || {
-        processes_under(&data).len() == 2
-    });
+    // The slot processes outlived the agent and were adopted: the same two, no copies.
+    let mut after = processes_under(&data);
+    after.sort();
+    assert_eq!(after, before, "slot processes after the restart");
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 200);
     let report = load.stop();
-    assert_eq!(report.failed(), 0);
+    assert_eq!(
+        report.failed(),
+        0,
+        "{:?}",
+        report.errors.lock().map(|e| e.clone())
+    );
     assert_eq!(
         report.versions().keys().cloned().collect::<Vec<_>>(),
         vec!["release 2.0.0".to_string()]
     );
+    // And they are still supervised: one that dies is started again.
+    signal(after[0], "KILL");
+    wait_until(
+        Duration::from_secs(20),
+        "the killed slot process replaced",
+        || {
+            let now = processes_under(&data);
+            now.len() == 2 && !now.contains(&after[0])
+        },
+    );
+}
+
+#[test]
+fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
+    let mut c = Cluster::start(47, 0);
+    // The agent runs from its own copy of the binary, which the upgrade replaces.
+    let install = c.dir.join("bin");
+    std::fs::create_dir_all(&install).expect("bin dir");
+    let exe = install.join("cutover-agent");
+    std::fs::copy(c.bin.join("cutover-agent"), &exe).expect("install agent");
+    c.agent_exe = exe.clone();
+    c.add_agent("web-1", "127.47.0.2", "env=test");
+    c.add_agent("web-2", "127.47.0.3", "env=test");
+    for v in ["1.0.0", "2.0.0"] {
+        let (url, sha) = c.pack(v, &[]);
+        let plan = c.plan(v, v, &url, &sha, "steps = [{ traffic = 100 }]", "");
+        let (code, _, err) = c.deploy_wait(&plan, &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let data = c.agents[0].data_dir.clone();
+    let mut slots = processes_under(&data);
+    slots.sort();
+    assert_eq!(slots.len(), 2, "{slots:?}");
+    let pid = c.agents[0].proc.pid();
+
+    let load = Load::start(c.addrs(), 6);
+    wait_until(Duration::from_secs(10), "load flowing", || {
+        load.report.ok() > 1000
+    });
+
+    // Upgrade: a new binary takes the old one's path, then SIGHUP.
+    let staged = install.join("cutover-agent.new");
+    std::fs::copy(c.bin.join("cutover-agent"), &staged).expect("stage new agent");
+    std::fs::rename(&staged, &exe).expect("replace agent binary");
+    let exe_link = format!("/proc/{pid}/exe");
+    assert!(
+        std::fs::read_link(&exe_link)
+            .expect("exe link")
+            .to_string_lossy()
+            .ends_with("(deleted)"),
+        "the running agent's binary was replaced"
+    );
+    let served_before = load.report.ok();
+    let t = Instant::now();
+    signal(pid, "HUP");
+    wait_until(Duration::from_secs(30), "the agent re-executed", || {
+        std::fs::read_link(&exe_link).is_ok_and(|p| p == exe)
+    });
+    let exec_after = t.elapsed();
+    wait_until(
+        Duration::from_secs(30),
+        "web-1 back with the coordinator",
+        || c.connected("web-1"),
+    );
+    let linked_after = t.elapsed();
+    let served_at_exec = load.report.ok();
+    wait_until(
+        Duration::from_secs(10),
+        "load served by the new run",
+        || load.report.ok() > served_at_exec + 2000,
+    );
+    let report = load.stop();
+    eprintln!(
+        "upgrade restart: exec after {exec_after:?}, coordinator link after {linked_after:?}; \
+         {} requests served ({} during the restart window), {} failed, slowest {:?}",
+        report.ok(),
+        served_at_exec - served_before,
+        report.failed(),
+        report.max_latency()
+    );
+    assert_eq!(
+        report.failed(),
+        0,
+        "{:?}",
+        report.errors.lock().map(|e| e.clone())
+    );
+    // Same process, same slot processes: nothing was started twice or left behind.
+    assert_eq!(c.agents[0].proc.pid(), pid);
+    let mut after = processes_under(&data);
+    after.sort();
+    assert_eq!(after, slots, "slot processes after the restart");
+    assert!(c.all_serving("2.0.0"));
+    let log = std::fs::read_to_string(&c.agents[0].proc.log).unwrap_or_default();
+    assert_eq!(log.matches("adopted the slot process").count(), 2, "{log}");
+
+    // The restarted agent still deploys: the slots it adopted are stopped and replaced.
+    let (url, sha) = c.pack("3.0.0", &[]);
+    let plan = c.plan(
+        "3.0.0",
+        "3.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 100 }]",
+        "",
+    );
+    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(c.all_serving("3.0.0"));
 }
 
 #[test]
@@ -109,25 +221,34 @@ fn signal(pid: i32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-#[test]
-fn a_host_lost_mid_deployment_rolls_the_fleet_back_and_follows_when_it_returns() {
-    let c = Cluster::start(43, 3);
+/// The fleet's v1 and a v2 plan with `strategy`, on three hosts in their own network
+/// namespaces.
+fn partitioned_fleet(fabric: &Fabric, strategy: &str) -> (Cluster, PathBuf) {
+    let c = Cluster::start_on(fabric, 3, &[]);
     let (url, sha) = c.pack("1.0.0", &[]);
     let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
     assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
     let (url, sha) = c.pack("2.0.0", &[]);
+    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
+    (c, plan)
+}
+
+#[test]
+fn a_host_cut_off_mid_deployment_rolls_the_fleet_back_and_follows_when_it_returns() {
+    let fabric = Fabric::new(43, 3);
     let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]
 on_host_lost = "rollback"
 host_lost_after = "2s""#;
-    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
+    let (c, plan) = partitioned_fleet(&fabric, strategy);
     let id = c.deploy_until_holding(&plan);
-    // web-2 freezes: its stream goes silent, as in a partition.
-    let frozen = c.agents[1].proc.pid();
-    signal(frozen, "STOP");
+    // web-2's link goes down: no packet in or out, no connection closed.
+    fabric.cut(1);
+    let cut_at = Instant::now();
     wait_until(Duration::from_secs(30), "the deployment to end", || {
         let st = c.status(&id)["state"].clone();
         st == "rolled_back" || st == "failed" || st == "succeeded"
     });
+    eprintln!("partition to fleet rolled back: {:?}", cut_at.elapsed());
     let s = c.status(&id);
     assert_eq!(s["state"], "rolled_back");
     let reason = s["reason"].as_str().unwrap_or_default();
@@ -135,13 +256,64 @@ host_lost_after = "2s""#;
     let host = |n: &str| c.versions().get(n).cloned().unwrap_or_default();
     assert_eq!(host("web-1"), "release 1.0.0");
     assert_eq!(host("web-3"), "release 1.0.0");
+    // Cut off, web-2 keeps serving what it had: both releases, half each.
+    let url = format!("http://{}:{}/", fabric.addr(1), c.listen);
+    let seen: std::collections::BTreeSet<String> = (0..10)
+        .map(|_| {
+            fabric
+                .get_inside(1, &url)
+                .expect("web-2 serves while cut off")
+        })
+        .collect();
+    assert_eq!(seen.len(), 2, "web-2 still splits traffic: {seen:?}");
+    assert!(!c.connected("web-2"));
     // Back again: it converges on the fleet's state, the old release.
-    signal(frozen, "CONT");
+    fabric.heal(1);
     wait_until(Duration::from_secs(30), "web-2 back on 1.0.0", || {
         host("web-2") == "release 1.0.0"
     });
     wait_until(Duration::from_secs(30), "web-2 connected", || {
         c.connected("web-2")
+    });
+}
+
+#[test]
+fn by_default_a_host_cut_off_pauses_the_deployment_until_an_operator_decides() {
+    let fabric = Fabric::new(48, 3);
+    let strategy = r#"steps = [{ traffic = 50, hold = "3s" }, { traffic = 100 }]
+host_lost_after = "2s""#;
+    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let id = c.deploy_until_holding(&plan);
+    fabric.cut(2);
+    wait_until(Duration::from_secs(30), "the deployment to pause", || {
+        c.status(&id)["state"] == "paused"
+    });
+    // Paused, it stays at its step well past the hold: nothing moves by itself.
+    let s = c.status(&id);
+    let reason = s["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("web-3"), "{s}");
+    let paused = Instant::now();
+    wait_until(Duration::from_secs(10), "4s paused", || {
+        paused.elapsed() > Duration::from_secs(4)
+    });
+    assert_eq!(c.status(&id)["state"], "paused");
+    assert_eq!(c.status(&id)["step"], s["step"]);
+    // The link comes back and the operator resumes: the deployment finishes everywhere.
+    fabric.heal(2);
+    wait_until(Duration::from_secs(30), "web-3 connected", || {
+        c.connected("web-3")
+    });
+    c.cli_ok(&["resume", &id]);
+    let out = c.cli(&["watch", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.status(&id)["state"], "succeeded");
+    wait_until(Duration::from_secs(20), "all on 2.0.0", || {
+        c.all_serving("2.0.0")
     });
 }
 

@@ -21,8 +21,10 @@ pub enum Error {
         reason: String,
         transient: bool,
     },
-    #[error("artifact is larger than the {limit}-byte limit")]
+    #[error("artifact is larger than this agent's limit of {} (--max-artifact-size)", cutover_shared::size::human(*.limit))]
     TooLarge { limit: u64 },
+    #[error("artifact unpacks to more than this agent's limit of {} (--max-unpacked-size)", cutover_shared::size::human(*.limit))]
+    UnpackedTooLarge { limit: u64 },
     #[error("unsafe artifact: {0}")]
     Unsafe(String),
     #[error("unpack artifact: {0}")]
@@ -34,6 +36,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The root cause of an error (e.g. "No space left on device" under tar's "failed to
+/// unpack `…`"), which is what an operator needs to read.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 fn short(hex: &str) -> &str {
@@ -151,12 +163,22 @@ async fn fetch_once(url: &str, sha256: &str, dest: &Path, limits: &Limits) -> Re
             });
         }
         let mut body = resp.bytes_stream();
+        let mut received: u64 = 0;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| Error::Download {
                 url: url.into(),
-                reason: cutover_shared::errors::chain(&e),
+                reason: if e.is_timeout() {
+                    format!(
+                        "stalled: no data for {:?} after {} (--fetch-stall-timeout)",
+                        limits.read_timeout,
+                        cutover_shared::size::human(received)
+                    )
+                } else {
+                    cutover_shared::errors::chain(&e)
+                },
                 transient: true,
             })?;
+            received += chunk.len() as u64;
             add(&chunk, &mut hasher)?;
             out.write_all(&chunk).await.map_err(io("write", dest))?;
         }
@@ -278,7 +300,7 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
         let kind = entry.header().entry_type();
         total = total.saturating_add(entry.size());
         if total > limits.max_unpacked_bytes {
-            return Err(Error::TooLarge {
+            return Err(Error::UnpackedTooLarge {
                 limit: limits.max_unpacked_bytes,
             });
         }
@@ -331,7 +353,7 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
         }
         let done = entry
             .unpack_in(root)
-            .map_err(|e| Error::Unpack(format!("{}: {e}", rel.display())))?;
+            .map_err(|e| Error::Unpack(format!("{}: {}", rel.display(), innermost(&e))))?;
         if !done {
             return Err(Error::Unsafe(format!(
                 "{} would land outside the release",

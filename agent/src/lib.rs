@@ -230,6 +230,8 @@ pub struct RunConfig {
     pub inherited: Vec<handover::Inherited>,
     /// How long a restart (SIGHUP) waits for client connections to end.
     pub handover_drain: std::time::Duration,
+    /// Artifact size limits and download timeouts.
+    pub limits: artifact::Limits,
 }
 
 /// The trusted artifact-signing keys: the command line's plus one hex key per line of
@@ -324,6 +326,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
         cfg.service_address,
         store,
         keys,
+        cfg.limits.clone(),
         shutdown.clone(),
         tasks.clone(),
     ));

@@ -49,6 +49,16 @@ enum Cmd {
         /// processes; this long at most it waits for client connections to end first.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         handover_drain: std::time::Duration,
+        /// Largest artifact this host downloads.
+        #[arg(long, default_value = "4GiB", value_parser = cutover_shared::size::parse)]
+        max_artifact_size: u64,
+        /// Largest total size an artifact may unpack to.
+        #[arg(long, default_value = "16GiB", value_parser = cutover_shared::size::parse)]
+        max_unpacked_size: u64,
+        /// A download that receives nothing for this long is abandoned (and retried,
+        /// a few times, with backoff).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        fetch_stall_timeout: std::time::Duration,
     },
 }
 
@@ -105,6 +115,9 @@ fn main() -> ExitCode {
                 trusted_keys,
                 http,
                 handover_drain,
+                max_artifact_size,
+                max_unpacked_size,
+                fetch_stall_timeout,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -127,6 +140,12 @@ fn main() -> ExitCode {
                         http,
                         inherited,
                         handover_drain,
+                        limits: agent::artifact::Limits {
+                            max_artifact_bytes: max_artifact_size,
+                            max_unpacked_bytes: max_unpacked_size,
+                            read_timeout: fetch_stall_timeout,
+                            ..Default::default()
+                        },
                     },
                     shutdown,
                 )

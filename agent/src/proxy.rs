@@ -702,9 +702,63 @@ mod tests {
             }
             cases.push(v);
         }
+        // Structure-aware mutations of valid requests: bytes flipped, inserted, removed,
+        // lines duplicated, cut short. CUTOVER_FUZZ_CASES sets how many (default 300);
+        // CI runs the default, longer campaigns set more.
+        let seeds: [&[u8]; 3] = [
+            GOOD,
+            b"POST /a?b=c HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello",
+            b"PUT / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ];
+        let n: usize = std::env::var("CUTOVER_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..n {
+            let mut v = seeds[i % seeds.len()].to_vec();
+            for _ in 0..=(rnd() % 4) {
+                let at = (rnd() as usize) % (v.len() + 1);
+                match rnd() % 5 {
+                    0 if at < v.len() => v[at] = rnd() as u8,
+                    1 => v.insert(at, rnd() as u8),
+                    2 if at < v.len() => {
+                        v.remove(at);
+                    }
+                    3 => {
+                        let line = b"x-dup: 1\r\n".repeat((rnd() % 50) as usize);
+                        let head = v.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
+                        v.splice(head..head, line);
+                    }
+                    _ => v.truncate(at),
+                }
+            }
+            cases.push(v);
+        }
+        // A panic in a connection task would be caught by the runtime and go unseen:
+        // count the ones raised on this test's thread.
+        let me = std::thread::current().name().map(String::from);
+        static PANICS: AtomicUsize = AtomicUsize::new(0);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name().map(String::from) == me {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+            previous(info);
+        }));
         for (i, c) in cases.iter().enumerate() {
             let _ = exchange(free, c, i % 2 == 0, Duration::from_millis(50)).await;
         }
+        assert_eq!(
+            PANICS.load(Ordering::Relaxed),
+            0,
+            "panics while serving garbage"
+        );
 
         let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
         assert!(

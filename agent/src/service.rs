@@ -129,6 +129,7 @@ impl Services {
         service_ip: IpAddr,
         store: Arc<Store>,
         trusted_keys: Vec<Vec<u8>>,
+        limits: Limits,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Services {
@@ -138,7 +139,7 @@ impl Services {
             phase_rx: Mutex::new(Some(phase_rx)),
             data_dir,
             service_ip,
-            limits: Limits::default(),
+            limits,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),

@@ -3,6 +3,7 @@
 //! the product contract (0 ok, 2 usage or plan, 3 rolled back, 4 failed or aborted,
 //! 1 anything else).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -283,39 +284,24 @@ async fn follow_up(
         return Ok(0);
     }
     let d = watch(client, &resp.id).await?;
-    let left: Vec<String> = d
-        .hosts
-        .iter()
-        .filter(|h| h.phase == "failed" || (h.phase == "switched" && !h.error.is_empty()))
-        .map(|h| {
-            format!(
-                "{} ({})",
-                h.name,
-                if h.error.is_empty() {
-                    "failed"
-                } else {
-                    &h.error
-                }
-            )
-        })
-        .collect();
-    if d.state == "succeeded" && !left.is_empty() {
-        let old = if d.previous_release.is_empty() {
-            "no release".to_string()
-        } else {
-            d.previous_release.clone()
-        };
-        eprintln!(
-            "warning: the fleet is mixed: {} of {} host(s) may still run {old}: {}",
-            left.len(),
-            d.hosts.len(),
-            left.join(", ")
-        );
-    }
+    Ok(finish(client, &d, output).await)
+}
+
+/// The end of `--wait` and `watch`: which host serves which release, the final record
+/// in JSON (with `serving`), and the exit code for the final state.
+pub async fn finish(
+    client: &mut ControlClient<Channel>,
+    d: &pb::Deployment,
+    output: Output,
+) -> i32 {
+    let serving = serving(client, d).await;
+    report_serving(d, &serving);
     if output == Output::Json {
-        print_json(&deployment_json(&d));
+        let mut v = deployment_json(d);
+        v["serving"] = json!(serving);
+        print_json(&v);
     }
-    Ok(exit_code_for_state(&d.state))
+    exit_code_for_state(&d.state)
 }
 
 fn progress_line(d: &pb::Deployment) -> String {
@@ -359,6 +345,66 @@ fn progress_line(d: &pb::Deployment) -> String {
 }
 
 /// Follows a deployment on stderr until it ends; returns its final state.
+/// What the deployment's hosts serve now, from their latest reports: release → hosts.
+/// A host splitting traffic is listed under each release that carries weight; a host
+/// that is not connected is listed as `unknown (unreachable)`.
+pub async fn serving(
+    client: &mut ControlClient<Channel>,
+    d: &pb::Deployment,
+) -> BTreeMap<String, Vec<String>> {
+    let hosts = match client.list_hosts(pb::ListHostsRequest {}).await {
+        Ok(r) => r.into_inner().hosts,
+        Err(_) => return BTreeMap::new(),
+    };
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for dh in &d.hosts {
+        let Some(h) = hosts.iter().find(|h| h.name == dh.name) else {
+            continue;
+        };
+        let mut releases: Vec<String> = h
+            .services
+            .iter()
+            .filter(|s| s.service == d.service)
+            .flat_map(|s| [s.blue.as_ref(), s.green.as_ref()])
+            .flatten()
+            .filter(|slot| slot.weight > 0 && !slot.release.is_empty())
+            .map(|slot| slot.release.clone())
+            .collect();
+        if !h.connected {
+            releases = vec!["unknown (unreachable)".into()];
+        } else if releases.is_empty() {
+            releases = vec!["nothing".into()];
+        }
+        for r in releases {
+            out.entry(r).or_default().push(h.name.clone());
+        }
+    }
+    out
+}
+
+/// Says on stderr which release each host serves, and warns when the fleet is mixed.
+fn report_serving(d: &pb::Deployment, serving: &BTreeMap<String, Vec<String>>) {
+    if serving.is_empty() {
+        return;
+    }
+    let parts: Vec<String> = serving
+        .iter()
+        .map(|(release, hosts)| format!("{release} on {}", hosts.join(", ")))
+        .collect();
+    if serving.len() == 1 {
+        eprintln!("{}: every host serves {}", d.service, parts.join(""));
+    } else {
+        eprintln!(
+            "warning: the fleet is mixed: {} serves {}",
+            d.service,
+            parts.join("; ")
+        );
+        for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
+            eprintln!("  {}: {}", h.name, h.error);
+        }
+    }
+}
+
 pub async fn watch(client: &mut ControlClient<Channel>, id: &str) -> Result<pb::Deployment> {
     let mut last = String::new();
     let mut failures = 0;

@@ -259,13 +259,7 @@ async fn run(args: Args) -> cli::Result<i32> {
         Cmd::Watch { id } => {
             let mut client = conn.client().await?;
             let d = cli::watch(&mut client, &id).await?;
-            if out == Output::Json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&cli::deployment_json(&d)).unwrap_or_default()
-                );
-            }
-            Ok(cli::exit_code_for_state(&d.state))
+            Ok(cli::finish(&mut client, &d, out).await)
         }
         Cmd::Artifact {
             command: ArtifactCmd::Keygen { out: path },

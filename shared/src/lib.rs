@@ -6,6 +6,7 @@ pub mod errors;
 pub mod names;
 pub mod plan;
 pub mod signing;
+pub mod size;
 pub mod token;
 
 pub use duration::Duration;

@@ -173,3 +173,166 @@ fn sigterm_stops_both_daemons_cleanly_and_leaves_no_slot_process() {
     assert!(status.success(), "coordinator exit status {status}");
     c.agents.clear();
 }
+
+/// Answers every request with headers promising `len` bytes, sends the first 1000 and
+/// then nothing, holding the connection open.
+fn stalling_server(len: usize) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&[b'x'; 1000]);
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clearly() {
+    let mut c = Cluster::start(54, 0);
+    c.agent_args = ["--fetch-stall-timeout", "1s", "--max-artifact-size", "8MiB"]
+        .map(String::from)
+        .to_vec();
+    c.add_agent("web-1", "127.54.0.2", "env=test");
+    v1(&c);
+    let steps = "steps = [{ traffic = 100 }]";
+
+    // A server that sends a little, then nothing: bounded by the stall timeout, retried
+    // a few times, then the host fails preparation and v1 keeps serving.
+    let addr = stalling_server(50_000);
+    let sha = "ab".repeat(32);
+    let url = format!("http://{addr}/web.tar.gz");
+    let plan = c.plan("stall", "2.0.0", &url, &sha, steps, "");
+    let started = std::time::Instant::now();
+    let (code, reason) = reason_of(&c, &plan);
+    eprintln!(
+        "stalled download ended the deployment after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, 3, "{reason}");
+    assert!(
+        reason.contains("host web-1: download")
+            && reason.contains("stalled: no data for 1s after 1000 B"),
+        "{reason}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(c.all_serving("1.0.0"));
+
+    // An artifact larger than the agent's --max-artifact-size.
+    let big = c.dir.join("big.tar.gz");
+    let data: Vec<u8> = (0..9u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&big, &data).expect("write big artifact");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&data))
+    };
+    let url = format!("file://{}", big.display());
+    let plan = c.plan("big", "3.0.0", &url, &sha, steps, "");
+    let (code, reason) = reason_of(&c, &plan);
+    assert_eq!(code, 3, "{reason}");
+    assert!(
+        reason.contains(
+            "host web-1: artifact is larger than this agent's limit of 8 MiB (--max-artifact-size)"
+        ),
+        "{reason}"
+    );
+    assert!(c.all_serving("1.0.0"));
+}
+
+/// A tmpfs of `size` mounted on `dir` until dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mount a tmpfs on {} (this test needs root)",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_host_with_a_full_disk_is_quarantined_and_the_fleet_report_names_it() {
+    let mut c = Cluster::start(55, 0);
+    c.add_agent("web-1", "127.55.0.2", "env=test");
+    // web-2's data directory is a 4 MiB disk: enough to enrol and run, too small for a
+    // release.
+    let _disk = Tmpfs::mount(&c.dir.join("web-2"), "4m");
+    c.add_agent("web-2", "127.55.0.3", "env=test");
+    c.add_agent("web-3", "127.55.0.4", "env=test");
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan(
+        "v1",
+        "1.0.0",
+        &url,
+        &sha,
+        "steps = [{ traffic = 100 }]\nmax_failed_hosts = 1",
+        "",
+    );
+    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    let s = c.status(&id);
+    assert_eq!(s["state"], "succeeded");
+    let web2 = s["hosts"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["name"] == "web-2"))
+        .cloned()
+        .expect("web-2");
+    assert_eq!(web2["phase"], "failed", "{web2}");
+    assert!(
+        web2["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No space left on device"),
+        "{web2}"
+    );
+    // The end of --wait says which host serves what, so a mixed fleet is never silent.
+    assert!(
+        err.contains(
+            "warning: the fleet is mixed: web serves 1.0.0 on web-1, web-3; nothing on web-2"
+        ),
+        "{err}"
+    );
+    let versions = c.versions();
+    assert_eq!(
+        versions.get("web-1").map(String::as_str),
+        Some("release 1.0.0")
+    );
+    assert_eq!(
+        versions.get("web-3").map(String::as_str),
+        Some("release 1.0.0")
+    );
+    // The agent itself is fine: still connected, and no partial download left behind.
+    assert!(c.connected("web-2"));
+    let cache = c.dir.join("web-2").join("cache");
+    let leftovers = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(leftovers, 0, "partial downloads in {}", cache.display());
+    let releases = c.dir.join("web-2").join("releases").join("web");
+    let leftovers = std::fs::read_dir(&releases).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(leftovers, 0, "partial releases in {}", releases.display());
+}

@@ -144,7 +144,7 @@ fn refuses_oversized_unpack() {
         ..Limits::default()
     };
     let e = unpack(&ar, &dir.path().join("rel"), &limits).unwrap_err();
-    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+    assert!(matches!(e, Error::UnpackedTooLarge { .. }), "{e}");
 }
 
 #[tokio::test]

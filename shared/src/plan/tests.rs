@@ -291,7 +291,11 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        // CUTOVER_FUZZ_CASES sets the number of cases (default 2000) for long campaigns.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("CUTOVER_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000),
+            ..ProptestConfig::default()
+        })]
 
         /// Arbitrary text never panics and errors are one located line.
         #[test]

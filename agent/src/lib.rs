@@ -232,6 +232,8 @@ pub struct RunConfig {
     pub handover_drain: std::time::Duration,
     /// Artifact size limits and download timeouts.
     pub limits: artifact::Limits,
+    /// The user slot processes run as when the plan names none (agent running as root).
+    pub service_user: Option<String>,
 }
 
 /// The trusted artifact-signing keys: the command line's plus one hex key per line of
@@ -313,6 +315,13 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             "stopped slot processes left by an earlier agent run"
         );
     }
+    if let Some(name) = &cfg.service_user {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(_)) => {}
+            Ok(None) => bail!("--service-user {name}: no such user on this host"),
+            Err(e) => bail!("--service-user {name}: {e}"),
+        }
+    }
     let keys = trusted_keys(&cfg)?;
     if !keys.is_empty() {
         tracing::info!(
@@ -327,6 +336,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
         store,
         keys,
         cfg.limits.clone(),
+        cfg.service_user.clone(),
         shutdown.clone(),
         tasks.clone(),
     ));

@@ -59,6 +59,10 @@ enum Cmd {
         /// a few times, with backoff).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         fetch_stall_timeout: std::time::Duration,
+        /// Run slot processes as this user when the plan's `[run] user` is empty (an
+        /// agent running as root); a plan says `user = "root"` to run as root.
+        #[arg(long)]
+        service_user: Option<String>,
     },
 }
 
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
                 max_artifact_size,
                 max_unpacked_size,
                 fetch_stall_timeout,
+                service_user,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
                             read_timeout: fetch_stall_timeout,
                             ..Default::default()
                         },
+                        service_user,
                     },
                     shutdown,
                 )

@@ -57,6 +57,8 @@ pub struct SlotCtx {
     pub trusted_keys: Arc<Vec<Vec<u8>>>,
     /// A live process from an earlier agent run that already runs this spec on `port`.
     pub adopt: Option<ProcessRecord>,
+    /// Whom to run the process as when the plan names no user (agent running as root).
+    pub service_user: Option<String>,
 }
 
 /// A digest of everything in a slot spec, stable across runs (the environment map is
@@ -355,20 +357,38 @@ fn spawn(
         }
     }
     let mut cmd = tokio::process::Command::new(&program);
-    if !run.user.is_empty() {
-        let user = nix::unistd::User::from_name(&run.user)
-            .map_err(|e| format!("look up user {}: {e}", run.user))?
-            .ok_or_else(|| format!("user {} does not exist on this host", run.user))?;
-        if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid() != user.uid {
-            return Err(format!(
-                "running as user {} needs an agent running as root",
-                run.user
-            ));
+    let root = nix::unistd::geteuid().is_root();
+    // The plan's user; else, for an agent running as root, its --service-user. A plan
+    // says `user = "root"` to run as root on purpose.
+    let name = if !run.user.is_empty() {
+        Some(run.user.as_str())
+    } else if root {
+        ctx.service_user.as_deref()
+    } else {
+        None
+    };
+    match name {
+        Some(name) if name != "root" || !root => {
+            let user = nix::unistd::User::from_name(name)
+                .map_err(|e| format!("look up user {name}: {e}"))?
+                .ok_or_else(|| format!("user {name} does not exist on this host"))?;
+            if !root && nix::unistd::geteuid() != user.uid {
+                return Err(format!(
+                    "running as user {name} needs an agent running as root"
+                ));
+            }
+            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+            cmd.env("HOME", &user.dir)
+                .env("USER", name)
+                .env("LOGNAME", name);
         }
-        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
-        cmd.env("HOME", &user.dir)
-            .env("USER", &run.user)
-            .env("LOGNAME", &run.user);
+        Some(_) => {}
+        None if root => tracing::warn!(
+            service = ctx.service,
+            slot = ctx.slot,
+            "running the service as root: set [run] user in the plan, or start the agent with --service-user"
+        ),
+        None => {}
     }
     cmd.args(args.iter().map(|a| substitute(a, ctx.port)))
         .current_dir(dir)

@@ -66,6 +66,7 @@ pub struct Services {
     cancel: CancellationToken,
     tasks: TaskTracker,
     trusted_keys: Arc<Vec<Vec<u8>>>,
+    service_user: Option<String>,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
 }
@@ -130,6 +131,7 @@ impl Services {
         store: Arc<Store>,
         trusted_keys: Vec<Vec<u8>>,
         limits: Limits,
+        service_user: Option<String>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Services {
@@ -140,6 +142,7 @@ impl Services {
             data_dir,
             service_ip,
             limits,
+            service_user,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -423,6 +426,7 @@ impl Services {
             store: self.store.clone(),
             trusted_keys: self.trusted_keys.clone(),
             adopt,
+            service_user: self.service_user.clone(),
         };
         self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
         Ok(SlotRun {

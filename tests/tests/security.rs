@@ -107,54 +107,53 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
     );
 }
 
+/// Deploys the sample with `run_extra` added to its `[run]` section; returns the exit
+/// code and the deployment id.
+fn deploy_with_run(c: &Cluster, name: &str, version: &str, run_extra: &str) -> (i32, String) {
+    let (url, sha) = c.pack(version, &[]);
+    let plan = c.plan(name, version, &url, &sha, "steps = [{ traffic = 100 }]", "");
+    let text = std::fs::read_to_string(&plan).expect("plan").replace(
+        "stop_timeout = \"5s\"",
+        &format!("stop_timeout = \"5s\"\n{run_extra}"),
+    );
+    std::fs::write(&plan, text).expect("write");
+    let (code, id, _) = c.deploy_wait(&plan, &[]);
+    (code, id)
+}
+
 #[test]
-fn run_user_runs_the_slot_process_as_that_user() {
+fn services_run_unprivileged_unless_the_plan_says_root() {
     use std::os::unix::fs::PermissionsExt;
     let mut c = Cluster::start(45, 0);
     // The unprivileged user must be able to reach the release directory.
     std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    c.agent_args = vec!["--service-user".into(), "nobody".into()];
     c.add_agent("web-1", "127.45.0.2", "env=test");
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan(
-        "nobody",
-        "1.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        "stop_timeout = \"5s\"",
-        "stop_timeout = \"5s\"\nuser = \"nobody\"",
-    );
-    std::fs::write(&plan, text).expect("write");
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
-    assert_eq!(code, 0, "{err}");
     let addr = format!("127.45.0.2:{}", c.listen);
-    let uid = tests::get(&addr, "/uid").expect("uid");
     let nobody = std::process::Command::new("id")
         .args(["-u", "nobody"])
         .output()
         .expect("id");
-    assert_eq!(uid, String::from_utf8_lossy(&nobody.stdout).trim());
-    assert_ne!(uid, "0");
+    let nobody = String::from_utf8_lossy(&nobody.stdout).trim().to_string();
+    assert_ne!(nobody, "0");
+
+    // No user in the plan: the agent's --service-user.
+    assert_eq!(deploy_with_run(&c, "default", "1.0.0", "").0, 0);
+    assert_eq!(tests::get(&addr, "/uid").expect("uid"), nobody);
+
+    // Root only when the plan says so.
+    assert_eq!(deploy_with_run(&c, "root", "2.0.0", "user = \"root\"").0, 0);
+    assert_eq!(tests::get(&addr, "/uid").expect("uid"), "0");
+
+    // A named user.
+    assert_eq!(
+        deploy_with_run(&c, "named", "3.0.0", "user = \"nobody\"").0,
+        0
+    );
+    assert_eq!(tests::get(&addr, "/uid").expect("uid"), nobody);
 
     // A user that does not exist fails preparation with a clear reason.
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "ghost",
-        "2.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        "stop_timeout = \"5s\"",
-        "stop_timeout = \"5s\"\nuser = \"no-such-user-here\"",
-    );
-    std::fs::write(&plan, text).expect("write");
-    let (code, id, _) = c.deploy_wait(&plan, &[]);
+    let (code, id) = deploy_with_run(&c, "ghost", "4.0.0", "user = \"no-such-user-here\"");
     assert_eq!(code, 3);
     let reason = c.status(&id)["reason"]
         .as_str()
@@ -164,6 +163,7 @@ fn run_user_runs_the_slot_process_as_that_user() {
         reason.contains("user no-such-user-here does not exist"),
         "{reason}"
     );
+    assert_eq!(tests::get(&addr, "/uid").expect("uid"), nobody);
 }
 
 #[test]

@@ -331,12 +331,14 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     let tasks = tokio_util::task::TaskTracker::new();
     let services = Arc::new(service::Services::new(
-        cfg.data_dir.clone(),
-        cfg.service_address,
+        service::Settings {
+            data_dir: cfg.data_dir.clone(),
+            service_ip: cfg.service_address,
+            trusted_keys: keys,
+            limits: cfg.limits.clone(),
+            service_user: cfg.service_user.clone(),
+        },
         store,
-        keys,
-        cfg.limits.clone(),
-        cfg.service_user.clone(),
         shutdown.clone(),
         tasks.clone(),
     ));

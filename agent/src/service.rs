@@ -124,17 +124,32 @@ fn weight_of(d: &DesiredService, i: usize) -> u32 {
     }
 }
 
+/// How this host runs services: from the agent's configuration.
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// The address public ports are bound on.
+    pub service_ip: IpAddr,
+    /// ed25519 public keys; when any are set, only artifacts signed by one of them run.
+    pub trusted_keys: Vec<Vec<u8>>,
+    pub limits: Limits,
+    /// Whom slot processes run as when the plan names no user (agent running as root).
+    pub service_user: Option<String>,
+}
+
 impl Services {
     pub fn new(
-        data_dir: PathBuf,
-        service_ip: IpAddr,
+        settings: Settings,
         store: Arc<Store>,
-        trusted_keys: Vec<Vec<u8>>,
-        limits: Limits,
-        service_user: Option<String>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Services {
+        let Settings {
+            data_dir,
+            service_ip,
+            trusted_keys,
+            limits,
+            service_user,
+        } = settings;
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
         Services {
             phase_tx,

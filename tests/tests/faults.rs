@@ -362,3 +362,153 @@ host_lost_after = "2s""#;
         || host("web-2") == "release 2.0.0",
     );
 }
+
+/// Serves the file at `path` over HTTP, slowly: about `per_sec` bytes a second.
+fn slow_server(path: PathBuf, per_sec: usize) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let body = std::fs::read(path).expect("artifact");
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes());
+                for chunk in body.chunks(per_sec / 10) {
+                    if s.write_all(chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Kills the coordinator hard and starts it again on the same store; returns how long
+/// it took to answer again.
+fn kill_and_restart_coordinator(c: &mut Cluster) -> Duration {
+    if let Some(mut coord) = c.coordinator.take() {
+        coord.kill();
+    }
+    let t = Instant::now();
+    c.start_coordinator();
+    t.elapsed()
+}
+
+#[test]
+fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resumes_each() {
+    let mut c = Cluster::start(49, 2);
+    let (url, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
+    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let load = Load::start(c.addrs(), 2);
+
+    // 1. While the hosts prepare: v2 downloads at ~1 MiB/s, so preparing takes seconds.
+    let (url, sha) = c.pack("2.0.0", &[]);
+    let file = PathBuf::from(url.trim_start_matches("file://"));
+    let slow = format!("http://{}/web-2.0.0.tar.gz", slow_server(file, 1 << 20));
+    let plan = c.plan(
+        "v2",
+        "2.0.0",
+        &slow,
+        &sha,
+        "steps = [{ traffic = 100 }]",
+        "",
+    );
+    let id = c
+        .cli_ok(&["deploy", plan.to_str().expect("path")])
+        .trim()
+        .to_string();
+    wait_until(Duration::from_secs(10), "hosts downloading", || {
+        let s = c.status(&id);
+        s["state"] == "preparing" && s["hosts"][0]["phase"] == "preparing"
+    });
+    let answered = kill_and_restart_coordinator(&mut c);
+    let t = Instant::now();
+    assert_eq!(c.status(&id)["state"], "preparing", "resumed where it was");
+    let out = c.cli(&["watch", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "killed while preparing: answering again after {answered:?}, succeeded {:?} later",
+        t.elapsed()
+    );
+    assert!(c.all_serving("2.0.0"));
+
+    // 2. In a pause: it stays paused across the restart, at the same step, until resumed.
+    let (url, sha) = c.pack("3.0.0", &[]);
+    let strategy = "steps = [{ traffic = 50, pause = true }, { traffic = 100 }]";
+    let plan = c.plan("v3", "3.0.0", &url, &sha, strategy, "");
+    let id = c
+        .cli_ok(&["deploy", plan.to_str().expect("path")])
+        .trim()
+        .to_string();
+    wait_until(Duration::from_secs(20), "paused at 50%", || {
+        c.status(&id)["state"] == "paused"
+    });
+    kill_and_restart_coordinator(&mut c);
+    let s = c.status(&id);
+    assert_eq!(
+        (s["state"].clone(), s["step"].clone()),
+        ("paused".into(), 0.into()),
+        "{s}"
+    );
+    let v = c.versions();
+    assert!(
+        v.values()
+            .all(|r| r == "release 2.0.0" || r == "release 3.0.0"),
+        "{v:?}"
+    );
+    c.cli_ok(&["resume", &id]);
+    let out = c.cli(&["watch", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.all_serving("3.0.0"));
+
+    // 3. Mid-rollback: web-2 is frozen, so the abort waits for its confirmation; the
+    // coordinator dies meanwhile. Started again, it finishes the rollback.
+    let (url, sha) = c.pack("4.0.0", &[]);
+    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#;
+    let plan = c.plan("v4", "4.0.0", &url, &sha, strategy, "");
+    let id = c.deploy_until_holding(&plan);
+    let frozen = c.agents[1].proc.pid();
+    signal(frozen, "STOP");
+    c.cli_ok(&["abort", &id]);
+    assert_eq!(c.status(&id)["state"], "rolling_back");
+    kill_and_restart_coordinator(&mut c);
+    signal(frozen, "CONT");
+    let out = c.cli(&["watch", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = c.status(&id);
+    assert_eq!(s["state"], "aborted", "{s}");
+    wait_until(Duration::from_secs(20), "every host back on 3.0.0", || {
+        c.all_serving("3.0.0")
+    });
+
+    // No client request failed because of the coordinator's absences, in any phase.
+    let report = load.stop();
+    assert_eq!(
+        report.failed(),
+        0,
+        "{:?}",
+        report.errors.lock().map(|e| e.clone())
+    );
+}

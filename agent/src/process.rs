@@ -33,6 +33,10 @@ pub struct SlotState {
     pub phase: SlotPhase,
     pub error: String,
     pub restarts: u32,
+    /// Preparation times in ms: download (with sha256), unpack, start to healthy.
+    pub fetch_ms: u64,
+    pub unpack_ms: u64,
+    pub start_ms: u64,
 }
 
 /// Everything a slot task needs.
@@ -207,6 +211,7 @@ async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
         return Ok(dir);
     }
     ctx.phase(SlotPhase::Fetching, "");
+    let fetch_started = Instant::now();
     let cache = ctx.data_dir.join("cache");
     tokio::fs::create_dir_all(&cache)
         .await
@@ -217,13 +222,18 @@ async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
         let _ = tokio::fs::remove_file(&download).await;
         return Err(e.to_string());
     }
+    let fetch_ms = fetch_started.elapsed().as_millis() as u64;
+    ctx.set(|s| s.fetch_ms = fetch_ms);
     ctx.phase(SlotPhase::Unpacking, "");
+    let unpack_started = Instant::now();
     let (d, dest, limits) = (download.clone(), dir.clone(), ctx.limits.clone());
     let unpacked = tokio::task::spawn_blocking(move || artifact::unpack(&d, &dest, &limits))
         .await
         .map_err(|e| format!("unpack: {e}"))
         .and_then(|r| r.map_err(|e| e.to_string()));
     let _ = tokio::fs::remove_file(&download).await;
+    let unpack_ms = unpack_started.elapsed().as_millis() as u64;
+    ctx.set(|s| s.unpack_ms = unpack_ms);
     unpacked.map(|()| dir)
 }
 
@@ -683,6 +693,10 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                     }
                     match tally.record(r.is_ok()) {
                         Some(true) => {
+                            if !ever_healthy {
+                                let ms = first_start.elapsed().as_millis() as u64;
+                                ctx.set(|s| s.start_ms = ms);
+                            }
                             ever_healthy = true;
                             backoff = Duration::from_millis(500);
                             ctx.phase(SlotPhase::Healthy, "");

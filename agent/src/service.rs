@@ -542,6 +542,9 @@ impl Services {
                             restarts: st.restarts,
                             port: u32::from(run.port),
                             metrics: Some(run.metrics.snapshot()),
+                            fetch_ms: st.fetch_ms,
+                            unpack_ms: st.unpack_ms,
+                            start_ms: st.start_ms,
                         }
                     })
                 };

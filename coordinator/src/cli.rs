@@ -242,6 +242,7 @@ pub async fn deploy(
     let text = toml::to_string(&plan).map_err(|e| Failure::other(format!("encode plan: {e}")))?;
     let resp = client
         .deploy(pb::DeployRequest {
+            actor: actor(),
             plan_toml: text,
             plan_path: path.display().to_string(),
         })
@@ -254,7 +255,10 @@ pub async fn deploy(
 pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) -> Result<i32> {
     let mut client = conn.client().await?;
     let resp = client
-        .rollback(pb::RollbackRequest { service })
+        .rollback(pb::RollbackRequest {
+            service,
+            actor: actor(),
+        })
         .await
         .map_err(status_failure)?
         .into_inner();
@@ -406,20 +410,53 @@ fn report_serving(d: &pb::Deployment, serving: &BTreeMap<String, Vec<String>>) {
 }
 
 pub async fn watch(client: &mut ControlClient<Channel>, id: &str) -> Result<pb::Deployment> {
+    use std::io::IsTerminal;
+    let live = std::io::stderr().is_terminal() && std::env::var_os("CUTOVER_PLAIN").is_none();
+    let mut view = LiveView::default();
     let mut last = String::new();
+    let mut printed_events = 0usize;
     let mut failures = 0;
     loop {
-        match client
-            .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
-            .await
-        {
-            Ok(r) => {
+        let polled = async {
+            let d = client
+                .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
+                .await?
+                .into_inner();
+            let shown = client
+                .show(pb::ShowRequest { id: d.id.clone() })
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>((
+                d,
+                serde_json::from_str::<Value>(&shown.json).unwrap_or_default(),
+            ))
+        }
+        .await;
+        match polled {
+            Ok((d, shown)) => {
                 failures = 0;
-                let d = r.into_inner();
-                let line = progress_line(&d);
-                if line != last {
-                    eprintln!("{line}");
-                    last = line;
+                if live {
+                    view.draw(&live_lines(&shown));
+                } else {
+                    // Plain lines for logs: each new timeline event, and the progress
+                    // line when it changes.
+                    let events = shown["timeline"].as_array().cloned().unwrap_or_default();
+                    for e in events.iter().skip(printed_events) {
+                        eprintln!(
+                            "  +{:.1}s {}",
+                            e["offset_s"].as_f64().unwrap_or(0.0),
+                            e["text"].as_str().unwrap_or("")
+                        );
+                    }
+                    printed_events = printed_events.max(events.len());
+                    let mut line = progress_line(&d);
+                    if let Some(eta) = shown["eta_s"].as_f64() {
+                        line.push_str(&format!(" | ETA {}", human_s(eta)));
+                    }
+                    if line != last {
+                        eprintln!("{line}");
+                        last = line;
+                    }
                 }
                 if is_final(&d.state) {
                     return Ok(d);
@@ -431,8 +468,185 @@ pub async fn watch(client: &mut ControlClient<Channel>, id: &str) -> Result<pb::
             }
             Err(e) => return Err(status_failure(e)),
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(if live { 500 } else { 250 })).await;
     }
+}
+
+fn human_s(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+/// A block of lines redrawn in place on a terminal.
+#[derive(Default)]
+struct LiveView {
+    drawn: usize,
+}
+
+impl LiveView {
+    fn draw(&mut self, lines: &[String]) {
+        use std::io::Write;
+        let mut out = String::new();
+        if self.drawn > 0 {
+            out.push_str(&format!("\x1b[{}A", self.drawn));
+        }
+        for l in lines {
+            out.push_str("\x1b[2K");
+            out.push_str(l);
+            out.push('\n');
+        }
+        // Clear what a longer previous block left below.
+        for _ in lines.len()..self.drawn {
+            out.push_str("\x1b[2K\n");
+        }
+        let extra = self.drawn.saturating_sub(lines.len());
+        if extra > 0 {
+            out.push_str(&format!("\x1b[{extra}A"));
+        }
+        self.drawn = lines.len();
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(out.as_bytes());
+        let _ = err.flush();
+    }
+}
+
+/// The live view of `watch` on a terminal, from the `show` document.
+fn live_lines(v: &Value) -> Vec<String> {
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let mut lines = Vec::new();
+    let eta = v["eta_s"]
+        .as_f64()
+        .map(|e| format!("  ETA ~{}", human_s(e)))
+        .unwrap_or_default();
+    lines.push(format!(
+        "{}  {} {} (from {})  {}  step {}/{} at {}%  elapsed {}{eta}",
+        s("id"),
+        s("service"),
+        s("release"),
+        v["previous_release"].as_str().unwrap_or("nothing"),
+        s("state").to_uppercase(),
+        v["step"].as_u64().unwrap_or(0) + 1,
+        v["steps"].as_u64().unwrap_or(1),
+        v["traffic"].as_u64().unwrap_or(0),
+        human_s(f("elapsed_s")),
+    ));
+    let t = &v["typical"];
+    let typ = |k: &str| {
+        t[k]["median_s"].as_f64().map_or("-".to_string(), |m| {
+            format!(
+                "{} (p90 {})",
+                human_s(m),
+                human_s(t[k]["p90_s"].as_f64().unwrap_or(m))
+            )
+        })
+    };
+    let phase = if v["holding"].as_bool().unwrap_or(false) {
+        format!(
+            "holding {} of {}",
+            human_s(f("phase_elapsed_s")),
+            human_s(v["hold_s"].as_f64().unwrap_or(0.0))
+        )
+    } else if s("state") == "preparing" {
+        format!(
+            "preparing for {} (typical {})",
+            human_s(f("phase_elapsed_s")),
+            typ("prepare")
+        )
+    } else {
+        format!("{} for {}", s("state"), human_s(f("phase_elapsed_s")))
+    };
+    lines.push(format!(
+        "  phase   {phase}  | typical switch {}, total {} over {} past deployment(s)",
+        typ("switch"),
+        typ("total"),
+        t["deployments"].as_u64().unwrap_or(0)
+    ));
+    let hosts = v["hosts"].as_array().cloned().unwrap_or_default();
+    let count = |p: &str| hosts.iter().filter(|h| h["phase"] == p).count();
+    lines.push(format!(
+        "  hosts   {} preparing · {} ready · {} switched · {} failed · {} rolled back (of {})",
+        count("preparing"),
+        count("ready"),
+        count("switched"),
+        count("failed"),
+        count("rolled_back"),
+        hosts.len()
+    ));
+    if let Some(prep) = v["host_prepare_s"].as_object()
+        && !prep.is_empty()
+    {
+        let mut p: Vec<(&String, f64)> = prep
+            .iter()
+            .map(|(h, s)| (h, s.as_f64().unwrap_or(0.0)))
+            .collect();
+        p.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let slow: Vec<String> = p
+            .iter()
+            .take(3)
+            .map(|(h, s)| format!("{h} {}", human_s(*s)))
+            .collect();
+        lines.push(format!("  slowest prepared  {}", slow.join(" · ")));
+    }
+    for st in v["stragglers"].as_array().cloned().unwrap_or_default() {
+        lines.push(format!(
+            "  STRAGGLER  {} still preparing after {}",
+            st["host"].as_str().unwrap_or(""),
+            human_s(st["preparing_s"].as_f64().unwrap_or(0.0))
+        ));
+    }
+    if let Some(i) = v["last_interval"].as_object() {
+        let metrics: Vec<String> = i["metrics"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                let n = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+                format!(
+                    "{} {} vs {}",
+                    m["name"].as_str().unwrap_or(""),
+                    n(&m["new"]),
+                    n(&m["old"])
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "  signals new vs old at {}%: {} · {} ({} vs {} req)",
+            i["traffic"],
+            i["verdict"].as_str().unwrap_or(""),
+            metrics.join(" · "),
+            i["new_requests"],
+            i["old_requests"]
+        ));
+    }
+    for h in hosts.iter().filter(|h| h["error"].is_string()) {
+        lines.push(format!(
+            "  {}: {}",
+            h["name"].as_str().unwrap_or(""),
+            h["error"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(e) = v["timeline"].as_array().and_then(|t| t.last()) {
+        lines.push(format!(
+            "  last    +{:.1}s {}",
+            e["offset_s"].as_f64().unwrap_or(0.0),
+            e["text"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(r) = v["reason"].as_str() {
+        lines.push(format!("  reason  {r}"));
+    }
+    lines
 }
 
 pub async fn status(conn: &Conn, id: Option<String>, output: Output) -> Result<i32> {
@@ -487,6 +701,7 @@ pub async fn command(
     let mut client = conn.client().await?;
     let d = client
         .command(pb::CommandRequest {
+            actor: actor(),
             id,
             command: cmd as i32,
         })
@@ -773,5 +988,225 @@ pub fn artifact_sign(file: &Path, key: &Path, output: Output) -> Result<i32> {
             println!("{sig}");
         }
     }
+    Ok(0)
+}
+
+/// `user@host` of whoever runs the CLI, for the deployment's timeline.
+fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| "unknown".into());
+    match nix::unistd::gethostname() {
+        Ok(h) => format!("{user}@{}", h.to_string_lossy()),
+        Err(_) => user,
+    }
+}
+
+/// `--since 30d` as unix ms.
+fn since_ms(flag: &str, text: &str) -> Result<u64> {
+    let d = cutover_shared::duration::parse(text)
+        .map_err(|m| Failure::new(2, format!("{flag} {text}: {m}")))?;
+    Ok(crate::now_ms().saturating_sub(d.as_millis()))
+}
+
+fn json_of(doc: pb::JsonDocument) -> Value {
+    serde_json::from_str(&doc.json).unwrap_or_default()
+}
+
+pub async fn history(
+    conn: &Conn,
+    service: Option<String>,
+    limit: u32,
+    since: Option<&str>,
+    output: Output,
+) -> Result<i32> {
+    let since_unix_ms = match since {
+        Some(s) => since_ms("--since", s)?,
+        None => 0,
+    };
+    let mut client = conn.client().await?;
+    let v = json_of(
+        client
+            .history(pb::HistoryRequest {
+                service: service.unwrap_or_default(),
+                limit,
+                since_unix_ms,
+            })
+            .await
+            .map_err(status_failure)?
+            .into_inner(),
+    );
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(0);
+    }
+    println!(
+        "{:<10} {:<14} {:<12} {:<12} {:<25} {:>9}  REASON",
+        "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION"
+    );
+    for d in v.as_array().cloned().unwrap_or_default() {
+        let state = if d["rollback"].as_bool().unwrap_or(false) {
+            format!("{} (rb)", d["state"].as_str().unwrap_or(""))
+        } else {
+            d["state"].as_str().unwrap_or("").to_string()
+        };
+        println!(
+            "{:<10} {:<14} {:<12} {:<12} {:<25} {:>9}  {}",
+            d["id"].as_str().unwrap_or(""),
+            d["service"].as_str().unwrap_or(""),
+            d["release"].as_str().unwrap_or(""),
+            state,
+            d["created_at"].as_str().unwrap_or(""),
+            d["duration_s"].as_f64().map_or("-".into(), human_s),
+            d["reason"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(0)
+}
+
+pub async fn show(conn: &Conn, id: Option<String>, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let v = json_of(
+        client
+            .show(pb::ShowRequest {
+                id: id.unwrap_or_default(),
+            })
+            .await
+            .map_err(status_failure)?
+            .into_inner(),
+    );
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(0);
+    }
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    if let Some(f) = v["failure"].as_object() {
+        println!(
+            "{} {} {}: {}",
+            s("state").to_uppercase(),
+            s("id"),
+            f.get("phase").and_then(Value::as_str).unwrap_or("?"),
+            f.get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason recorded")
+        );
+        for h in f
+            .get("hosts")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            println!(
+                "  {}: {}",
+                h["name"].as_str().unwrap_or(""),
+                h["error"].as_str().unwrap_or("failed")
+            );
+        }
+        println!();
+    }
+    println!(
+        "{} {} {} (from {}): {} after {}",
+        s("id"),
+        s("service"),
+        s("release"),
+        v["previous_release"].as_str().unwrap_or("nothing"),
+        s("state"),
+        human_s(v["elapsed_s"].as_f64().unwrap_or(0.0))
+    );
+    for e in v["timeline"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  {:>8}  {}",
+            format!("+{:.1}s", e["offset_s"].as_f64().unwrap_or(0.0)),
+            e["text"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
+}
+
+pub async fn stats(
+    conn: &Conn,
+    service: Option<String>,
+    since: &str,
+    output: Output,
+) -> Result<i32> {
+    let since_unix_ms = since_ms("--since", since)?;
+    let mut client = conn.client().await?;
+    let v = json_of(
+        client
+            .stats(pb::StatsRequest {
+                service: service.clone().unwrap_or_default(),
+                since_unix_ms,
+            })
+            .await
+            .map_err(status_failure)?
+            .into_inner(),
+    );
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(0);
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let spread = |k: &str| {
+        let x = &v[k];
+        match x["median_s"].as_f64() {
+            None => "-".to_string(),
+            Some(m) => format!(
+                "median {}, mean {}, p90 {} (n={})",
+                human_s(m),
+                human_s(x["mean_s"].as_f64().unwrap_or(m)),
+                human_s(x["p90_s"].as_f64().unwrap_or(m)),
+                x["count"]
+            ),
+        }
+    };
+    let tally = |k: &str| {
+        let m = v[k].as_object().cloned().unwrap_or_default();
+        if m.is_empty() {
+            return "-".to_string();
+        }
+        let mut items: Vec<(String, u64)> = m
+            .into_iter()
+            .map(|(a, b)| (a, b.as_u64().unwrap_or(0)))
+            .collect();
+        items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        items
+            .iter()
+            .map(|(a, b)| format!("{a}: {b}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "{} over the last {since} (since {}):",
+        service.as_deref().unwrap_or("every service"),
+        v["since"].as_str().unwrap_or("")
+    );
+    println!(
+        "  deployments          {} ({}/day): {} succeeded, {} rolled back, {} failed, {} aborted, {} rolled back manually",
+        n("deployments"),
+        v["deployments_per_day"],
+        n("succeeded"),
+        n("rolled_back"),
+        n("failed"),
+        n("aborted"),
+        n("rolled_back_manually")
+    );
+    println!(
+        "  change failure rate  {}",
+        v["change_failure_rate"]
+            .as_f64()
+            .map_or("-".into(), |r| format!("{:.1}%", r * 100.0))
+    );
+    println!("  time to restore      {}", spread("time_to_restore"));
+    println!("  deployment duration  {}", spread("deployment_duration"));
+    println!("  lead time            {}", spread("lead_time"));
+    println!("  failures by phase    {}", tally("failures_by_phase"));
+    println!("  failures by host     {}", tally("failures_by_host"));
     Ok(0)
 }

@@ -18,6 +18,7 @@ use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
 use crate::now_ms;
 use crate::rollout::{self, Command, HostView};
 use crate::store::{Batch, Store};
+use crate::timeline;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,15 +44,18 @@ enum Request {
     Deploy {
         plan: Box<Plan>,
         path: String,
+        actor: String,
         reply: oneshot::Sender<Result<Created, Error>>,
     },
     Rollback {
         service: String,
+        actor: String,
         reply: oneshot::Sender<Result<Created, Error>>,
     },
     Command {
         id: String,
         command: Command,
+        actor: String,
         reply: oneshot::Sender<Result<DeploymentRecord, Error>>,
     },
 }
@@ -75,23 +79,39 @@ impl Handle {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    pub async fn deploy(&self, plan: Plan, path: String) -> Result<Created, Error> {
+    /// `actor` says who asked (the CLI sends `user@host`), for the timeline.
+    pub async fn deploy(&self, plan: Plan, path: String, actor: String) -> Result<Created, Error> {
         self.call(|reply| Request::Deploy {
             plan: Box::new(plan),
             path,
+            actor,
             reply,
         })
         .await
     }
 
-    pub async fn rollback(&self, service: String) -> Result<Created, Error> {
-        self.call(|reply| Request::Rollback { service, reply })
-            .await
+    pub async fn rollback(&self, service: String, actor: String) -> Result<Created, Error> {
+        self.call(|reply| Request::Rollback {
+            service,
+            actor,
+            reply,
+        })
+        .await
     }
 
-    pub async fn command(&self, id: String, command: Command) -> Result<DeploymentRecord, Error> {
-        self.call(|reply| Request::Command { id, command, reply })
-            .await
+    pub async fn command(
+        &self,
+        id: String,
+        command: Command,
+        actor: String,
+    ) -> Result<DeploymentRecord, Error> {
+        self.call(|reply| Request::Command {
+            id,
+            command,
+            actor,
+            reply,
+        })
+        .await
     }
 }
 
@@ -107,6 +127,10 @@ pub struct Engine {
     next_retire_check: u64,
     /// When this engine started (unix ms).
     started_ms: u64,
+    /// Next timeline sequence number per active deployment.
+    event_seq: HashMap<String, u64>,
+    /// Last new-slot phase recorded per active deployment and host.
+    seen_phase: HashMap<String, HashMap<String, String>>,
 }
 
 /// How often the engine re-decides without being woken (holds, deadlines).
@@ -115,12 +139,27 @@ const TICK: Duration = Duration::from_millis(200);
 impl Engine {
     pub fn new(store: Arc<Store>, fleet: Arc<Fleet>) -> Result<(Engine, Handle), Error> {
         let (tx, rx) = mpsc::channel(64);
-        let active = store
+        let active: BTreeMap<String, DeploymentRecord> = store
             .deployments()?
             .into_iter()
             .filter(|d| !d.state.is_final())
             .map(|d| (d.id.clone(), d))
             .collect();
+        // Pick up each active deployment's timeline where it stopped.
+        let mut event_seq = HashMap::new();
+        let mut seen_phase: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for id in active.keys() {
+            let events = store.events(id)?;
+            event_seq.insert(id.clone(), events.len() as u64);
+            for e in events {
+                if let timeline::Kind::HostPhase { host, phase } = e.kind {
+                    seen_phase
+                        .entry(id.clone())
+                        .or_default()
+                        .insert(host, phase);
+                }
+            }
+        }
         Ok((
             Engine {
                 store,
@@ -130,6 +169,8 @@ impl Engine {
                 desired: HashMap::new(),
                 next_retire_check: 0,
                 started_ms: now_ms(),
+                event_seq,
+                seen_phase,
             },
             Handle { tx },
         ))
@@ -176,22 +217,45 @@ impl Engine {
 
     fn handle(&mut self, req: Request) {
         match req {
-            Request::Deploy { plan, path, reply } => {
-                let r = self.create(*plan, path, false);
+            Request::Deploy {
+                plan,
+                path,
+                actor,
+                reply,
+            } => {
+                let r = self.create(*plan, path, false, &actor);
                 let _ = reply.send(r);
             }
-            Request::Rollback { service, reply } => {
-                let r = self.rollback(&service);
+            Request::Rollback {
+                service,
+                actor,
+                reply,
+            } => {
+                let r = self.rollback(&service, &actor);
                 let _ = reply.send(r);
             }
-            Request::Command { id, command, reply } => {
-                let r = self.command(&id, command);
+            Request::Command {
+                id,
+                command,
+                actor,
+                reply,
+            } => {
+                let r = self.command(&id, command, &actor);
                 let _ = reply.send(r);
             }
         }
     }
 
-    fn rollback(&mut self, service: &str) -> Result<Created, Error> {
+    /// Adds `events` to `batch` under the deployment's next sequence numbers.
+    fn record(&mut self, batch: &mut Batch, id: &str, events: Vec<timeline::Event>) {
+        let seq = self.event_seq.entry(id.to_string()).or_insert(0);
+        for e in events {
+            batch.event(id, *seq, &e);
+            *seq += 1;
+        }
+    }
+
+    fn rollback(&mut self, service: &str, actor: &str) -> Result<Created, Error> {
         let rec = self.store.service(service)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "unknown service {service:?}: nothing was ever deployed under that name"
@@ -210,10 +274,16 @@ impl Engine {
         }];
         prev.strategy.bake = cutover_shared::Duration::ZERO;
         prev.strategy.max_parallel = cutover_shared::plan::Count::Percent(100);
-        self.create(prev, "(rollback)".into(), true)
+        self.create(prev, "(rollback)".into(), true, actor)
     }
 
-    fn create(&mut self, plan: Plan, path: String, is_rollback: bool) -> Result<Created, Error> {
+    fn create(
+        &mut self,
+        plan: Plan,
+        path: String,
+        is_rollback: bool,
+        actor: &str,
+    ) -> Result<Created, Error> {
         let mut service = self
             .store
             .service(&plan.service)?
@@ -296,7 +366,26 @@ impl Engine {
         }
         let mut batch = Batch::default();
         batch.deployment(&dep).service(&service);
+        let mut events = timeline::diff(None, &dep, now);
+        for e in &mut events {
+            if let timeline::Kind::Submitted { actor: a, .. } = &mut e.kind {
+                *a = actor.to_string();
+            }
+        }
+        if noop {
+            events.push(timeline::Event {
+                at_unix_ms: now,
+                kind: timeline::Kind::Ended {
+                    state: "succeeded".into(),
+                    reason: Some("the release was already live on every target host".into()),
+                },
+            });
+        }
+        self.record(&mut batch, &id, events);
         self.store.commit(batch)?;
+        if noop {
+            self.event_seq.remove(&id);
+        }
         tracing::info!(
             id,
             service = dep.service,
@@ -311,7 +400,12 @@ impl Engine {
         Ok(Created { id, noop })
     }
 
-    fn command(&mut self, id: &str, command: Command) -> Result<DeploymentRecord, Error> {
+    fn command(
+        &mut self,
+        id: &str,
+        command: Command,
+        actor: &str,
+    ) -> Result<DeploymentRecord, Error> {
         let Some(dep) = self.active.get(id).cloned() else {
             return match self.store.deployment(id)? {
                 Some(d) => Err(Error::Refused(format!(
@@ -321,7 +415,7 @@ impl Engine {
                 None => Err(Error::NotFound(format!("unknown deployment {id:?}"))),
             };
         };
-        self.step(dep, Some(command))
+        self.step(dep, Some((command, actor)))
     }
 
     /// Decides every active deployment once.
@@ -339,7 +433,7 @@ impl Engine {
     fn step(
         &mut self,
         dep: DeploymentRecord,
-        command: Option<Command>,
+        command: Option<(Command, &str)>,
     ) -> Result<DeploymentRecord, Error> {
         let now = now_ms();
         let mut desired: BTreeMap<String, Option<DesiredService>> = BTreeMap::new();
@@ -368,13 +462,32 @@ impl Engine {
                 (h.clone(), view)
             })
             .collect();
-        let decision = rollout::decide(&dep, &views, command, now);
+        let decision = rollout::decide(&dep, &views, command.map(|c| c.0), now);
+        let mut events = timeline::host_progress(
+            &dep,
+            &views,
+            self.seen_phase.entry(dep.id.clone()).or_default(),
+            now,
+        );
+        if let Some((c, actor)) = command {
+            events.push(timeline::Event {
+                at_unix_ms: now,
+                kind: timeline::Kind::Command {
+                    command: c.as_str().to_string(),
+                    actor: actor.to_string(),
+                },
+            });
+        }
+        let mut changes = timeline::diff(Some(&dep), &decision.deployment, now);
+        timeline::add_timings(&mut changes, &decision.deployment, &views);
+        events.extend(changes);
         drop(views);
         let mut next = decision.deployment;
-        if next == dep && decision.targets.is_empty() {
+        if next == dep && decision.targets.is_empty() && events.is_empty() {
             return Ok(next);
         }
         let mut batch = Batch::default();
+        self.record(&mut batch, &dep.id, events);
         let mut sends = Vec::new();
         for (host, mut t) in decision.targets {
             let prev_gen = desired
@@ -428,6 +541,8 @@ impl Engine {
         }
         if next.state.is_final() {
             self.active.remove(&next.id);
+            self.event_seq.remove(&next.id);
+            self.seen_phase.remove(&next.id);
         } else {
             self.active.insert(next.id.clone(), next.clone());
         }

@@ -9,9 +9,11 @@ pub mod fleet;
 pub mod http;
 pub mod model;
 pub mod pki;
+pub mod report;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod timeline;
 pub mod tokens;
 
 use std::net::SocketAddr;

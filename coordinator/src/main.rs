@@ -90,8 +90,29 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Follow a deployment until it ends.
+    /// Follow a deployment until it ends: a live view on a terminal, plain lines
+    /// otherwise (or with CUTOVER_PLAIN=1).
     Watch { id: String },
+    /// Past deployments, newest first.
+    History {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only deployments started within this long, e.g. 7d.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// One deployment's timeline; where it failed and why, first.
+    Show { id: Option<String> },
+    /// Deployment frequency, change failure rate, time to restore, durations, lead
+    /// time, and where failures happen.
+    Stats {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value = "30d")]
+        since: String,
+    },
     /// Signing keys and artifact signatures.
     Artifact {
         #[command(subcommand)]
@@ -256,6 +277,13 @@ async fn run(args: Args) -> cli::Result<i32> {
         Cmd::Promote { id } => cli::command(&conn, id, DeploymentCommand::Promote, out).await,
         Cmd::Abort { id } => cli::command(&conn, id, DeploymentCommand::Abort, out).await,
         Cmd::Rollback { service, wait } => cli::rollback(&conn, service, wait, out).await,
+        Cmd::History {
+            service,
+            limit,
+            since,
+        } => cli::history(&conn, service, limit, since.as_deref(), out).await,
+        Cmd::Show { id } => cli::show(&conn, id, out).await,
+        Cmd::Stats { service, since } => cli::stats(&conn, service, &since, out).await,
         Cmd::Watch { id } => {
             let mut client = conn.client().await?;
             let d = cli::watch(&mut client, &id).await?;

@@ -40,6 +40,17 @@ pub enum Command {
     Abort,
 }
 
+impl Command {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Promote => "promote",
+            Command::Abort => "abort",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Decision {
     pub deployment: DeploymentRecord,

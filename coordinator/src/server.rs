@@ -23,6 +23,7 @@ use crate::engine::{self, Handle};
 use crate::fleet::Fleet;
 use crate::model::{DeploymentRecord, HostRecord, Identity};
 use crate::pki::Ca;
+use crate::report;
 use crate::rollout::{self, Command};
 use crate::store::Store;
 use crate::{now_ms, tokens};
@@ -506,7 +507,7 @@ impl Control for Api {
         };
         let plan = Plan::parse(&r.plan_toml, &path)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let created = s.engine.deploy(plan, path).await?;
+        let created = s.engine.deploy(plan, path, actor(&r.actor)).await?;
         Ok(Response::new(pb::DeployResponse {
             id: created.id,
             noop: created.noop,
@@ -541,11 +542,49 @@ impl Control for Api {
     ) -> Result<Response<pb::DeployResponse>, Status> {
         let s = &self.0;
         s.admin(&req)?;
-        let created = s.engine.rollback(req.into_inner().service).await?;
+        let r = req.into_inner();
+        let created = s.engine.rollback(r.service, actor(&r.actor)).await?;
         Ok(Response::new(pb::DeployResponse {
             id: created.id,
             noop: created.noop,
         }))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let r = req.into_inner();
+        let records = s.store.deployments().map_err(internal)?;
+        let service = (!r.service.is_empty()).then_some(r.service.as_str());
+        let limit = if r.limit == 0 { 20 } else { r.limit as usize };
+        json_doc(&report::history(&records, service, r.since_unix_ms, limit))
+    }
+
+    async fn show(
+        &self,
+        req: Request<pb::ShowRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let id = req.into_inner().id;
+        json_doc(&show_json(&s.store, &id)?)
+    }
+
+    async fn stats(
+        &self,
+        req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let r = req.into_inner();
+        let records = s.store.deployments().map_err(internal)?;
+        let events = s.store.all_events().map_err(internal)?;
+        let service = (!r.service.is_empty()).then_some(r.service.as_str());
+        let stats = report::stats(&records, &events, service, r.since_unix_ms, crate::now_ms());
+        json_doc(&serde_json::to_value(stats).unwrap_or_default())
     }
 
     async fn command(
@@ -562,7 +601,50 @@ impl Control for Api {
             Ok(pb::DeploymentCommand::Abort) => Command::Abort,
             Err(_) => return Err(Status::invalid_argument("unknown command")),
         };
-        let dep = s.engine.command(r.id, command).await?;
+        let dep = s.engine.command(r.id, command, actor(&r.actor)).await?;
         Ok(Response::new(deployment_to_pb(&dep)))
     }
+}
+
+/// Who a request says asked for it, as the timeline shows it: printable, at most 100
+/// characters. It is what the client claims, next to the admin credentials it used.
+fn actor(claimed: &str) -> String {
+    claimed
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(100)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+fn json_doc(v: &serde_json::Value) -> Result<Response<pb::JsonDocument>, Status> {
+    Ok(Response::new(pb::JsonDocument {
+        json: serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+/// `show` for deployment `id` (empty: the newest), with typical times from the service's
+/// past successful deployments.
+pub fn show_json(store: &Store, id: &str) -> Result<serde_json::Value, Status> {
+    let records = store.deployments().map_err(internal)?;
+    let d = if id.is_empty() {
+        records
+            .iter()
+            .max_by_key(|d| (d.created_unix_ms, d.id.clone()))
+    } else {
+        records.iter().find(|d| d.id == id)
+    };
+    let d = d.ok_or_else(|| {
+        if id.is_empty() {
+            Status::not_found("no deployment yet")
+        } else {
+            Status::not_found(format!("unknown deployment {id:?}"))
+        }
+    })?;
+    let events = store.all_events().map_err(internal)?;
+    let past: Vec<_> = records.iter().filter(|r| r.id != d.id).cloned().collect();
+    let typical = report::typical(&past, &events, &d.service);
+    let mine = events.get(&d.id).map_or(&[][..], Vec::as_slice);
+    Ok(report::show(d, mine, &typical, crate::now_ms()))
 }

@@ -2,6 +2,7 @@
 //! touches the database. Values are JSON (records) or protobuf (desired host state);
 //! every write is one transaction, so a crash never leaves half a decision on disk.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
@@ -60,7 +61,10 @@ const DEPLOYMENTS: Table = TableDefinition::new("deployments");
 /// Key `host/service`, value: protobuf `DesiredService`.
 const DESIRED: Table = TableDefinition::new("desired");
 
-const ALL: [Table; 7] = [
+/// Key `deployment id/sequence` (zero-padded), value: JSON timeline event. Kept forever.
+const EVENTS: Table = TableDefinition::new("events");
+
+const ALL: [Table; 8] = [
     META,
     IDENTITIES,
     TOKENS,
@@ -68,6 +72,7 @@ const ALL: [Table; 7] = [
     SERVICES,
     DEPLOYMENTS,
     DESIRED,
+    EVENTS,
 ];
 
 pub struct Store {
@@ -101,6 +106,10 @@ impl Batch {
     pub fn desired(&mut self, host: &str, service: &str, proto: Vec<u8>) -> &mut Self {
         self.ops
             .push((DESIRED, format!("{host}/{service}"), Some(proto)));
+        self
+    }
+    pub fn event(&mut self, id: &str, seq: u64, e: &crate::timeline::Event) -> &mut Self {
+        self.put_json(EVENTS, &format!("{id}/{seq:08}"), e);
         self
     }
     pub fn is_empty(&self) -> bool {
@@ -358,6 +367,27 @@ impl Store {
 
     pub fn deployments(&self) -> Result<Vec<DeploymentRecord>, Error> {
         self.list(DEPLOYMENTS, "")
+    }
+
+    /// A deployment's timeline, oldest first.
+    pub fn events(&self, id: &str) -> Result<Vec<crate::timeline::Event>, Error> {
+        self.list(EVENTS, &format!("{id}/"))
+    }
+
+    /// Every timeline event of every deployment, by deployment id.
+    pub fn all_events(&self) -> Result<BTreeMap<String, Vec<crate::timeline::Event>>, Error> {
+        let r = self.db.begin_read()?;
+        let table = r.open_table(EVENTS)?;
+        let mut out: BTreeMap<String, Vec<crate::timeline::Event>> = BTreeMap::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let key = k.value();
+            let id = key.split_once('/').map_or(key, |(id, _)| id);
+            out.entry(id.to_string())
+                .or_default()
+                .push(decode(EVENTS, key, v.value())?);
+        }
+        Ok(out)
     }
 
     /// Next number in a named sequence (deployment ids), persisted.

@@ -14,11 +14,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
+use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
 use crate::now_ms;
 use crate::rollout::{self, Command, HostView};
 use crate::store::{Batch, Store};
 use crate::timeline;
+use crate::webhooks::Webhooks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -131,13 +133,23 @@ pub struct Engine {
     event_seq: HashMap<String, u64>,
     /// Last new-slot phase recorded per active deployment and host.
     seen_phase: HashMap<String, HashMap<String, String>>,
+    /// Where committed events go out.
+    hooks: Webhooks,
+    metrics: Arc<Metrics>,
+    /// When the current step of each active deployment started (for its duration).
+    step_started: HashMap<String, u64>,
 }
 
 /// How often the engine re-decides without being woken (holds, deadlines).
 const TICK: Duration = Duration::from_millis(200);
 
 impl Engine {
-    pub fn new(store: Arc<Store>, fleet: Arc<Fleet>) -> Result<(Engine, Handle), Error> {
+    pub fn new(
+        store: Arc<Store>,
+        fleet: Arc<Fleet>,
+        hooks: Webhooks,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Engine, Handle), Error> {
         let (tx, rx) = mpsc::channel(64);
         let active: BTreeMap<String, DeploymentRecord> = store
             .deployments()?
@@ -171,6 +183,9 @@ impl Engine {
                 started_ms: now_ms(),
                 event_seq,
                 seen_phase,
+                hooks,
+                metrics,
+                step_started: HashMap::new(),
             },
             Handle { tx },
         ))
@@ -242,6 +257,34 @@ impl Engine {
             } => {
                 let r = self.command(&id, command, &actor);
                 let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Feeds the duration histograms from committed events.
+    fn measure(&mut self, d: &DeploymentRecord, events: &[timeline::Event]) {
+        for e in events {
+            match &e.kind {
+                timeline::Kind::StepStarted { .. } | timeline::Kind::Ended { .. } => {
+                    if let Some(t) = self.step_started.remove(&d.id) {
+                        self.metrics.step.observe_ms(e.at_unix_ms.saturating_sub(t));
+                    }
+                    if matches!(e.kind, timeline::Kind::StepStarted { .. }) {
+                        self.step_started.insert(d.id.clone(), e.at_unix_ms);
+                    } else {
+                        self.metrics
+                            .deployment
+                            .observe_ms(e.at_unix_ms.saturating_sub(d.created_unix_ms));
+                    }
+                }
+                timeline::Kind::RollbackDone => {
+                    if let Some(r) = &d.rollback {
+                        self.metrics
+                            .rollback
+                            .observe_ms(e.at_unix_ms.saturating_sub(r.first_bad_unix_ms));
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -381,8 +424,9 @@ impl Engine {
                 },
             });
         }
-        self.record(&mut batch, &id, events);
+        self.record(&mut batch, &id, events.clone());
         self.store.commit(batch)?;
+        self.hooks.send(&dep, &events);
         if noop {
             self.event_seq.remove(&id);
         }
@@ -487,7 +531,7 @@ impl Engine {
             return Ok(next);
         }
         let mut batch = Batch::default();
-        self.record(&mut batch, &dep.id, events);
+        self.record(&mut batch, &dep.id, events.clone());
         let mut sends = Vec::new();
         for (host, mut t) in decision.targets {
             let prev_gen = desired
@@ -534,6 +578,8 @@ impl Engine {
         }
         // Write what was decided before acting on it.
         self.store.commit(batch)?;
+        self.hooks.send(&next, &events);
+        self.measure(&next, &events);
         for (host, t) in sends {
             self.desired
                 .insert((host.clone(), dep.service.clone()), t.clone());

@@ -1,5 +1,6 @@
-//! The coordinator's plain-HTTP side (`--http`): `/healthz` and `/metrics` in Prometheus
-//! text format.
+//! The coordinator's plain-HTTP side (`--http`): `/healthz`, `/metrics` in Prometheus
+//! text format, and the read-only dashboard (`/`) with the JSON it reads (`/api/…`).
+//! Nothing here changes anything; bind it where only operators can reach it.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -12,13 +13,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
+use crate::metrics::Metrics;
 use crate::model::State;
+use crate::report;
 use crate::store::Store;
 
 pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
     fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -32,11 +36,20 @@ pub async fn serve(
                 }
             },
         };
-        let (store, fleet) = (store.clone(), fleet.clone());
+        let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let (store, fleet) = (store.clone(), fleet.clone());
-                async move { Ok::<_, std::convert::Infallible>(route(&req, &store, &fleet)) }
+                let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
+                async move {
+                    // Reports read the store; keep that off the async workers.
+                    let resp =
+                        tokio::task::spawn_blocking(move || route(&req, &store, &fleet, &metrics))
+                            .await
+                            .unwrap_or_else(|_| {
+                                plain(500, "text/plain", "internal error\n".into())
+                            });
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -45,22 +58,140 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, store: &Store, fleet: &Fleet) -> Response<Full<Bytes>> {
-    let text = |status: u16, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
-    match req.uri().path() {
-        "/healthz" => text(200, "ok\n".into()),
-        "/metrics" => match metrics(store, fleet) {
-            Ok(body) => text(200, body),
-            Err(e) => text(500, format!("metrics unavailable: {e}\n")),
-        },
-        _ => text(404, "not found\n".into()),
+/// The dashboard: one static page that reads the JSON below.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn plain(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn json_response(v: Result<serde_json::Value, String>) -> Response<Full<Bytes>> {
+    match v {
+        Ok(v) => plain(200, "application/json", v.to_string()),
+        Err(e) => plain(
+            500,
+            "application/json",
+            serde_json::json!({ "error": e }).to_string(),
+        ),
     }
+}
+
+/// `?k=v&…` of a request, undecoded beyond `+` and `%XX`.
+fn query(req: &Request<Incoming>) -> std::collections::BTreeMap<String, String> {
+    let decode = |s: &str| {
+        let b = s.replace('+', " ").into_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%'
+                && i + 2 < b.len()
+                && let Ok(v) = u8::from_str_radix(&String::from_utf8_lossy(&b[i + 1..i + 3]), 16)
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (!k.is_empty()).then(|| (decode(k), decode(v)))
+        })
+        .collect()
+}
+
+fn route(
+    req: &Request<Incoming>,
+    store: &Store,
+    fleet: &Fleet,
+    hist: &Metrics,
+) -> Response<Full<Bytes>> {
+    let q = query(req);
+    let service = q
+        .get("service")
+        .filter(|s| !s.is_empty())
+        .map(String::as_str);
+    let path = req.uri().path();
+    match path {
+        "/healthz" => plain(200, "text/plain", "ok\n".into()),
+        "/metrics" => match metrics(store, fleet) {
+            Ok(mut body) => {
+                hist.render(&mut body);
+                plain(200, "text/plain; version=0.0.4", body)
+            }
+            Err(e) => plain(500, "text/plain", format!("metrics unavailable: {e}\n")),
+        },
+        "/" | "/index.html" => plain(200, "text/html; charset=utf-8", DASHBOARD.into()),
+        "/api/fleet" => json_response(
+            crate::server::hosts_pb(store, fleet)
+                .map(|h| crate::cli::hosts_json(&h))
+                .map_err(|s| s.message().to_string()),
+        ),
+        "/api/deployments" => json_response(
+            store
+                .deployments()
+                .map(|records| {
+                    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
+                    report::history(&records, service, 0, limit)
+                })
+                .map_err(|e| e.to_string()),
+        ),
+        "/api/live" => json_response(live(store)),
+        "/api/stats" => json_response((|| {
+            let since = q.get("since").map_or("30d", String::as_str);
+            let since = cutover_shared::duration::parse(since)?;
+            let now = crate::now_ms();
+            let records = store.deployments().map_err(|e| e.to_string())?;
+            let events = store.all_events().map_err(|e| e.to_string())?;
+            let stats = report::stats(
+                &records,
+                &events,
+                service,
+                now.saturating_sub(since.as_millis()),
+                now,
+            );
+            serde_json::to_value(stats).map_err(|e| e.to_string())
+        })()),
+        _ => match path.strip_prefix("/api/deployments/") {
+            Some(id) if !id.is_empty() => match crate::server::show_json(store, id) {
+                Ok(v) => plain(200, "application/json", v.to_string()),
+                Err(s) if s.code() == tonic::Code::NotFound => plain(
+                    404,
+                    "application/json",
+                    serde_json::json!({ "error": s.message() }).to_string(),
+                ),
+                Err(s) => json_response(Err(s.message().to_string())),
+            },
+            _ => plain(404, "text/plain", "not found\n".into()),
+        },
+    }
+}
+
+/// The deployments still running, each as `show` presents it.
+fn live(store: &Store) -> Result<serde_json::Value, String> {
+    let records = store.deployments().map_err(|e| e.to_string())?;
+    let ids: Vec<String> = records
+        .iter()
+        .filter(|d| !d.state.is_final())
+        .map(|d| d.id.clone())
+        .collect();
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(crate::server::show_json(store, &id).map_err(|s| s.message().to_string())?);
+    }
+    Ok(serde_json::Value::Array(out))
 }
 
 fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod engine;
 pub mod fleet;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod report;
@@ -15,6 +16,7 @@ pub mod server;
 pub mod store;
 pub mod timeline;
 pub mod tokens;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +59,8 @@ pub struct ServeConfig {
     pub server_names: Vec<String>,
     /// Validity of agent certificates; agents renew when a third of it is left.
     pub cert_ttl: std::time::Duration,
+    /// URLs that receive deployment events (JSON, with retries).
+    pub webhooks: Vec<String>,
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
@@ -93,7 +97,15 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(fingerprint = pki.ca.fingerprint, "CA ready");
 
     let fleet = Arc::new(fleet::Fleet::default());
-    let (engine, handle) = engine::Engine::new(store.clone(), fleet.clone())?;
+    for url in &cfg.webhooks {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            anyhow::bail!("--webhook {url}: not an http:// or https:// URL");
+        }
+    }
+    let hooks = webhooks::Webhooks::start(&cfg.webhooks, &shutdown);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (engine, handle) =
+        engine::Engine::new(store.clone(), fleet.clone(), hooks, metrics.clone())?;
     let tls = ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(
             &pki.server_chain_pem,
@@ -126,6 +138,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         http_listener,
         store.clone(),
         fleet.clone(),
+        metrics,
         shutdown.clone(),
     ));
 

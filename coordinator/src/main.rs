@@ -50,6 +50,10 @@ enum Cmd {
         /// Validity of agent certificates; agents renew them when a third is left.
         #[arg(long, default_value = "90d")]
         cert_ttl: cutover_shared::Duration,
+        /// POST a JSON event (with a Slack-compatible `text`) to this URL for every
+        /// deployment start, step, pause, rollback and end (repeatable).
+        #[arg(long = "webhook")]
+        webhooks: Vec<String>,
     },
     /// Join tokens for new hosts.
     Token {
@@ -219,6 +223,7 @@ async fn run(args: Args) -> cli::Result<i32> {
             http,
             server_names,
             cert_ttl,
+            webhooks,
         } => {
             if cert_ttl.is_zero() {
                 return Err(Failure::new(2, "--cert-ttl: must be more than 0s"));
@@ -237,6 +242,7 @@ async fn run(args: Args) -> cli::Result<i32> {
                     http,
                     server_names,
                     cert_ttl: cert_ttl.std(),
+                    webhooks,
                 },
                 shutdown,
             )

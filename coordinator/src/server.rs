@@ -431,50 +431,7 @@ impl Control for Api {
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
         let s = &self.0;
         s.admin(&req)?;
-        let mut hosts = Vec::new();
-        for h in s.store.hosts().map_err(internal)? {
-            let observed = s.fleet.observed_all(&h.name);
-            let mut names: Vec<String> = observed.iter().map(|o| o.service.clone()).collect();
-            let desired: Vec<pb::DesiredService> = s
-                .store
-                .desired_for_host(&h.name)
-                .map_err(internal)?
-                .into_iter()
-                .filter_map(|raw| pb::DesiredService::decode(raw.as_slice()).ok())
-                .collect();
-            names.extend(desired.iter().map(|d| d.service.clone()));
-            names.sort();
-            names.dedup();
-            let services = names
-                .into_iter()
-                .map(|name| {
-                    let d = desired.iter().find(|d| d.service == name);
-                    let o = observed.iter().find(|o| o.service == name);
-                    let blue = slot_pb(d, o, crate::model::Slot::Blue);
-                    let green = slot_pb(d, o, crate::model::Slot::Green);
-                    let live = d
-                        .and_then(rollout::live_slot)
-                        .and_then(|l| {
-                            rollout::release_key(rollout::slot_of(d?, l))
-                                .map(|(v, _)| v.to_string())
-                        })
-                        .unwrap_or_default();
-                    pb::HostService {
-                        service: name,
-                        live_release: live,
-                        blue: Some(blue),
-                        green: Some(green),
-                    }
-                })
-                .collect();
-            hosts.push(pb::Host {
-                connected: s.fleet.is_connected(&h.name),
-                last_seen_unix_ms: s.fleet.last_seen(&h.name).unwrap_or(0),
-                name: h.name,
-                labels: h.labels.into_iter().collect(),
-                services,
-            });
-        }
+        let hosts = hosts_pb(&s.store, &s.fleet)?;
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
 
@@ -647,4 +604,52 @@ pub fn show_json(store: &Store, id: &str) -> Result<serde_json::Value, Status> {
     let typical = report::typical(&past, &events, &d.service);
     let mine = events.get(&d.id).map_or(&[][..], Vec::as_slice);
     Ok(report::show(d, mine, &typical, crate::now_ms()))
+}
+
+/// Every enrolled host with what it runs: desired slots and weights next to what its
+/// agent last reported.
+pub fn hosts_pb(store: &Store, fleet: &Fleet) -> Result<Vec<pb::Host>, Status> {
+    let mut hosts = Vec::new();
+    for h in store.hosts().map_err(internal)? {
+        let observed = fleet.observed_all(&h.name);
+        let mut names: Vec<String> = observed.iter().map(|o| o.service.clone()).collect();
+        let desired: Vec<pb::DesiredService> = store
+            .desired_for_host(&h.name)
+            .map_err(internal)?
+            .into_iter()
+            .filter_map(|raw| pb::DesiredService::decode(raw.as_slice()).ok())
+            .collect();
+        names.extend(desired.iter().map(|d| d.service.clone()));
+        names.sort();
+        names.dedup();
+        let services = names
+            .into_iter()
+            .map(|name| {
+                let d = desired.iter().find(|d| d.service == name);
+                let o = observed.iter().find(|o| o.service == name);
+                let blue = slot_pb(d, o, crate::model::Slot::Blue);
+                let green = slot_pb(d, o, crate::model::Slot::Green);
+                let live = d
+                    .and_then(rollout::live_slot)
+                    .and_then(|l| {
+                        rollout::release_key(rollout::slot_of(d?, l)).map(|(v, _)| v.to_string())
+                    })
+                    .unwrap_or_default();
+                pb::HostService {
+                    service: name,
+                    live_release: live,
+                    blue: Some(blue),
+                    green: Some(green),
+                }
+            })
+            .collect();
+        hosts.push(pb::Host {
+            connected: fleet.is_connected(&h.name),
+            last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(0),
+            name: h.name,
+            labels: h.labels.into_iter().collect(),
+            services,
+        });
+    }
+    Ok(hosts)
 }

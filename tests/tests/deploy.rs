@@ -301,4 +301,62 @@ fn agent_metrics_count_what_the_proxy_served() {
         coord.contains("cutover_deployments{state=\"succeeded\"} 1"),
         "{coord}"
     );
+    assert!(
+        coord.contains("cutover_deployment_duration_seconds_count 1"),
+        "{coord}"
+    );
+    assert!(
+        coord.contains("cutover_step_duration_seconds_count 1"),
+        "{coord}"
+    );
+    // Both parse, and pass the linter, of Prometheus's own promtool.
+    promtool_check("agent", &metrics);
+    promtool_check("coordinator", &coord);
+
+    // The counters move with traffic.
+    let load = Load::start(c.addrs(), 1);
+    wait_until(Duration::from_secs(10), "more requests", || {
+        load.report.ok() >= 100
+    });
+    let more = load.stop().ok();
+    let again = tests::get(&format!("127.0.0.1:{port}"), "/metrics").expect("metrics");
+    let line = again
+        .lines()
+        .find(|l| {
+            l.starts_with("cutover_agent_requests_total{service=\"web\"")
+                && l.contains("release=\"1.0.0\"")
+        })
+        .expect("requests line");
+    let now: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!(now >= counted + more, "{now} after {counted} + {more}");
+}
+
+/// `promtool check metrics`: the exposition parses and follows the naming conventions.
+fn promtool_check(what: &str, body: &str) {
+    use std::io::Write;
+    let mut p = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (Debian package prometheus; .ci/run installs it)");
+    p.stdin
+        .take()
+        .expect("stdin")
+        // tests::get trims the body; the endpoints end it with a newline, as the text
+        // format requires.
+        .write_all(format!("{body}\n").as_bytes())
+        .expect("write metrics");
+    let out = p.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "{what} metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

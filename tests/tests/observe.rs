@@ -209,3 +209,247 @@ fn watch_shows_the_steps_live_on_a_terminal_and_as_plain_lines_in_logs() {
         assert!(tty.contains(want), "{want:?} in {tty}");
     }
 }
+
+/// An HTTP receiver that keeps every POSTed JSON body it accepts; it answers 500 to the
+/// first `refuse` requests (those bodies are not kept).
+fn receiver(refuse: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/hook", l.local_addr().expect("addr"));
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for s in l.incoming().flatten() {
+            let mut r = BufReader::new(s);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            if r.read_exact(&mut body).is_err() {
+                continue;
+            }
+            seen += 1;
+            let status = if seen <= refuse {
+                "500 Internal Server Error"
+            } else {
+                if let Ok(v) = serde_json::from_slice::<Value>(&body)
+                    && let Ok(mut g) = keep.lock()
+                {
+                    g.push(v);
+                }
+                "200 OK"
+            };
+            let _ = r.get_mut().write_all(
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn webhooks_receive_every_event_in_order_with_retries() {
+    let (url, got) = receiver(2);
+    let c = Cluster::start_with(63, 2, &["--webhook", &url]);
+    let steps = r#"steps = [{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
+    let (u, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &u, &sha, steps, "");
+    let (code, good, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 0, "{err}");
+    let load = Load::start(c.addrs(), 2);
+    wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
+    let (u, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
+    let strategy = r#"steps = [{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#;
+    let plan = c.plan_with("bad", "2.0.0", &u, &sha, strategy, "", ANALYSIS_ERRORS);
+    let (code, bad, err) = c.deploy_wait(&plan, &[]);
+    assert_eq!(code, 3, "{err}");
+    drop(load);
+
+    let events_of = |id: &str| -> Vec<String> {
+        got.lock()
+            .map(|g| {
+                g.iter()
+                    .filter(|e| e["deployment"] == id)
+                    .map(|e| e["event"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let want_good = [
+        "deployment_started",
+        "step_started",
+        "step_holding",
+        "step_started",
+        "step_holding",
+        "deployment_ended",
+    ];
+    wait_until(Duration::from_secs(20), "every event delivered", || {
+        events_of(&good).len() == want_good.len()
+            && events_of(&bad).last().map(String::as_str) == Some("deployment_ended")
+    });
+    assert_eq!(events_of(&good), want_good);
+    assert_eq!(
+        events_of(&bad),
+        [
+            "deployment_started",
+            "step_started",
+            "step_holding",
+            "rollback_started",
+            "rollback_done",
+            "deployment_ended"
+        ]
+    );
+    let all = got.lock().map(|g| g.clone()).unwrap_or_default();
+    // Ordered in time, readable in chat, and complete enough to act on.
+    let times: Vec<String> = all
+        .iter()
+        .map(|e| e["at"].as_str().unwrap_or("").to_string())
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted);
+    let end = all.last().expect("events");
+    assert_eq!(end["state"], "rolled_back");
+    let text = end["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with(&format!("cutover {bad} web 2.0.0: ended rolled_back: "))
+            && text.contains("error_rate"),
+        "{text}"
+    );
+}
+
+/// Headless Chromium on `url`, with its DevTools HTTP endpoint on a free port; the
+/// whole process group is killed on drop.
+struct Browser {
+    child: std::process::Child,
+    devtools: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        use std::os::unix::process::CommandExt;
+        let profile = tempfile::tempdir().expect("profile dir");
+        let port = tests::free_port();
+        let child = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                &format!("--remote-debugging-port={port}"),
+                &format!("--user-data-dir={}", profile.path().display()),
+                url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start chromium (Debian package chromium; .ci/run installs it)");
+        Browser {
+            child,
+            devtools: format!("127.0.0.1:{port}"),
+            _profile: profile,
+        }
+    }
+
+    /// (target id, title) of the page showing `url_part`.
+    fn page(&self, url_part: &str) -> Option<(String, String)> {
+        let list: Value =
+            serde_json::from_str(&tests::get(&self.devtools, "/json/list").ok()?).ok()?;
+        list.as_array()?
+            .iter()
+            .find(|t| {
+                t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.contains(url_part))
+            })
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap_or("").to_string(),
+                    t["title"].as_str().unwrap_or("").to_string(),
+                )
+            })
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_dashboard_in_a_real_browser_follows_a_deployment_live() {
+    let c = Cluster::start(64, 2);
+    let (u, sha) = c.pack("1.0.0", &[]);
+    let plan = c.plan("v1", "1.0.0", &u, &sha, "steps = [{ traffic = 100 }]", "");
+    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+
+    let browser = Browser::open(&format!("http://{}/", c.http_addr));
+    wait_until(Duration::from_secs(30), "the dashboard loaded", || {
+        browser
+            .page(&c.http_addr)
+            .is_some_and(|(_, t)| t == "cutover · 2 hosts")
+    });
+    let (page, _) = browser.page(&c.http_addr).expect("page");
+
+    let (u, sha) = c.pack("2.0.0", &[]);
+    let steps = r#"steps = [{ traffic = 10, hold = "3s" }, { traffic = 50, hold = "3s" }, { traffic = 100 }]"#;
+    let plan = c.plan("v2", "2.0.0", &u, &sha, steps, "");
+    let id = c
+        .cli_ok(&["deploy", plan.to_str().expect("path")])
+        .trim()
+        .to_string();
+    // The same page, never reloaded, follows the deployment from step to step.
+    for want in [
+        format!("cutover · {id} step 1/3 at 10%"),
+        format!("cutover · {id} step 2/3 at 50%"),
+        "cutover · 2 hosts".to_string(),
+    ] {
+        wait_until(Duration::from_secs(30), &want, || {
+            browser
+                .page(&c.http_addr)
+                .is_some_and(|(p, t)| p == page && t == want)
+        });
+    }
+    assert_eq!(c.status(&id)["state"], "succeeded");
+
+    // What the page shows at the end, as the browser rendered it.
+    let dom = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("http://{}/", c.http_addr))
+        .output()
+        .expect("chromium --dump-dom");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for want in [
+        "web-1",
+        "web-2",
+        "2.0.0",
+        "change failure rate",
+        "<rect",
+        &id,
+    ] {
+        assert!(dom.contains(want), "{want:?} in the rendered page: {dom}");
+    }
+}

@@ -55,7 +55,8 @@ pub struct SlotMetrics {
 }
 
 impl SlotMetrics {
-    fn observe(&self, elapsed: Duration, status: Option<StatusCode>) {
+    /// Counts one request: `None` for an upstream failure (no response).
+    pub fn observe(&self, elapsed: Duration, status: Option<StatusCode>) {
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.requests.fetch_add(1, Ordering::Relaxed);
         match status {

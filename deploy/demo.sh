@@ -120,5 +120,6 @@ rss() { awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status"; }
 echo "    resident memory: coordinator $(rss "${pids[0]}"), agent web-2 $(rss "${pids[1]}")"
 echo "    where to look: $WORK (coordinator.log, agent-*.log, agent-*/logs/ for slot output)"
 echo "    run it with KEEP=1 to leave the fleet up, then try:"
-echo "      CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin $CUTOVER status --output json"
+echo "      CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin $CUTOVER show"
+echo "      (also: status, history, stats, hosts) and the dashboard at http://$HTTP/"
 [ "$bad" = 0 ]

@@ -13,7 +13,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, STALE_AFTER_MS};
 use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
 use crate::now_ms;
@@ -33,9 +33,6 @@ pub enum Error {
     #[error("the coordinator is shutting down")]
     Stopped,
 }
-
-/// A connected host not heard from for this long counts as unreachable in decisions.
-const STALE_AFTER_MS: u64 = 3_000;
 
 pub struct Created {
     pub id: String,

@@ -26,6 +26,11 @@ struct Inner {
     reconnects: u64,
 }
 
+/// A host reports at least every second; one not heard from for this long counts as
+/// unreachable (in decisions and in what `hosts` shows), even while its stream is open:
+/// a partition closes nothing.
+pub const STALE_AFTER_MS: u64 = 3_000;
+
 #[derive(Default)]
 pub struct Fleet {
     inner: Mutex<Inner>,

@@ -643,8 +643,11 @@ pub fn hosts_pb(store: &Store, fleet: &Fleet) -> Result<Vec<pb::Host>, Status> {
                 }
             })
             .collect();
+        let heard = fleet
+            .last_seen(&h.name)
+            .is_some_and(|t| crate::now_ms().saturating_sub(t) < crate::fleet::STALE_AFTER_MS);
         hosts.push(pb::Host {
-            connected: fleet.is_connected(&h.name),
+            connected: fleet.is_connected(&h.name) && heard,
             last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(0),
             name: h.name,
             labels: h.labels.into_iter().collect(),

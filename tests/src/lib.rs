@@ -16,6 +16,18 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+/// An `[analysis]` section that fails a release whose error rate is above 5 % in one
+/// 1 s interval of at least 20 requests.
+pub const ANALYSIS_ERRORS: &str = r#"[analysis]
+interval = "1s"
+failure_limit = 1
+min_requests = 20
+
+[[analysis.metric]]
+name = "error_rate"
+max = 0.05
+"#;
+
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps, the binaries one level up; a
@@ -462,6 +474,16 @@ max_parallel = "100%"
     pub fn all_serving(&self, version: &str) -> bool {
         let want = format!("release {version}");
         self.versions().values().all(|v| *v == want)
+    }
+
+    /// Deploys each version in turn straight to 100 % and waits for success.
+    pub fn deploy_versions(&self, versions: &[&str]) {
+        for v in versions {
+            let (url, sha) = self.pack(v, &[]);
+            let plan = self.plan(v, v, &url, &sha, "steps = [{ traffic = 100 }]", "");
+            let (code, _, err) = self.deploy_wait(&plan, &[]);
+            assert_eq!(code, 0, "deploy {v}: {err}");
+        }
     }
 
     /// Starts a deployment without waiting and polls until its first step holds: every

@@ -110,9 +110,10 @@ impl Fabric {
         }
     }
 
-    /// Removes what an earlier, interrupted run with this id left.
-    fn clean(&self) {
-        for i in 0..8 {
+    /// Removes namespaces 0..`hosts`, their links and the bridge, ignoring what is not
+    /// there.
+    fn remove(&self, hosts: usize) {
+        for i in 0..hosts {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.namespace(i)])
                 .output();
@@ -124,20 +125,15 @@ impl Fabric {
             .args(["link", "del", &self.bridge()])
             .output();
     }
+
+    /// Removes what an earlier, interrupted run with this id left.
+    fn clean(&self) {
+        self.remove(8);
+    }
 }
 
 impl Drop for Fabric {
     fn drop(&mut self) {
-        for i in 0..self.hosts {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.namespace(i)])
-                .output();
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.host_end(i)])
-                .output();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge()])
-            .output();
+        self.remove(self.hosts);
     }
 }

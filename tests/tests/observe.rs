@@ -3,17 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{Cluster, Load, wait_until};
-
-const ANALYSIS_ERRORS: &str = r#"[analysis]
-interval = "1s"
-failure_limit = 1
-min_requests = 20
-
-[[analysis.metric]]
-name = "error_rate"
-max = 0.05
-"#;
+use tests::{ANALYSIS_ERRORS, Cluster, Load, wait_until};
 
 fn json(c: &Cluster, args: &[&str]) -> Value {
     let mut a = args.to_vec();

@@ -3,17 +3,7 @@
 
 use std::time::Duration;
 
-use tests::{Cluster, Load, Value, wait_until};
-
-const ANALYSIS_ERRORS: &str = r#"[analysis]
-interval = "1s"
-failure_limit = 1
-min_requests = 20
-
-[[analysis.metric]]
-name = "error_rate"
-max = 0.05
-"#;
+use tests::{ANALYSIS_ERRORS, Cluster, Load, Value, wait_until};
 
 fn deploy_v1(c: &Cluster, behaviour: &[&str]) {
     let (url, sha) = c.pack("1.0.0", behaviour);

@@ -19,16 +19,6 @@ use coordinator::model::HostRecord;
 use coordinator::store::{Batch, Store};
 use tests::{Cluster, Load, get, wait_until};
 
-const ANALYSIS: &str = r#"[analysis]
-interval = "1s"
-failure_limit = 1
-min_requests = 20
-
-[[analysis.metric]]
-name = "error_rate"
-max = 0.05
-"#;
-
 fn size(path: &std::path::Path) -> f64 {
     std::fs::metadata(path).map_or(0.0, |m| m.len() as f64 / (1024.0 * 1024.0))
 }
@@ -79,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
     let (u, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
-    let plan = c.plan_with("bad", "2.0.0", &u, &sha, steps, "", ANALYSIS);
+    let plan = c.plan_with("bad", "2.0.0", &u, &sha, steps, "", tests::ANALYSIS_ERRORS);
     anyhow::ensure!(c.deploy_wait(&plan, &[]).0 == 3, "v2 was not rolled back");
     drop(load);
     c.stop_coordinator();

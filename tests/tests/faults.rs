@@ -310,20 +310,15 @@ host_lost_after = "2s""#;
 }
 
 #[test]
-fn with_continue_a_lost_host_is_set_aside_and_follows_the_fleet_when_it_returns() {
-    let c = Cluster::start(44, 3);
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
-    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
-    let (url, sha) = c.pack("2.0.0", &[]);
+fn with_continue_a_host_cut_off_is_set_aside_and_follows_the_fleet_when_it_returns() {
+    let fabric = Fabric::new(44, 3);
     let strategy = r#"steps = [{ traffic = 50, hold = "10s" }, { traffic = 100 }]
 max_failed_hosts = 0
 on_host_lost = "continue"
 host_lost_after = "2s""#;
-    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
+    let (c, plan) = partitioned_fleet(&fabric, strategy);
     let id = c.deploy_until_holding(&plan);
-    let frozen = c.agents[1].proc.pid();
-    signal(frozen, "STOP");
+    fabric.cut(1);
     let out = c.cli(&["watch", &id]);
     assert_eq!(
         out.status.code(),
@@ -347,7 +342,7 @@ host_lost_after = "2s""#;
     let host = |n: &str| c.versions().get(n).cloned().unwrap_or_default();
     assert_eq!(host("web-1"), "release 2.0.0");
     assert_eq!(host("web-3"), "release 2.0.0");
-    signal(frozen, "CONT");
+    fabric.heal(1);
     wait_until(
         Duration::from_secs(30),
         "web-2 on 2.0.0 like the fleet",

@@ -20,7 +20,7 @@ pub fn rfc3339(ms: u64) -> Value {
 }
 
 fn secs(ms: u64) -> f64 {
-    (ms as f64 / 1000.0 * 1000.0).round() / 1000.0
+    ms as f64 / 1000.0
 }
 
 /// Count, mean, median and 90th percentile (nearest rank) of durations, in seconds.
@@ -284,10 +284,9 @@ fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
     let mut held_last = false;
     for e in &events[..end] {
         match e.kind {
-            Kind::StepStarted { traffic: t, step } => {
+            Kind::StepStarted { traffic: t, .. } => {
                 traffic = Some(t);
                 held_last = false;
-                let _ = step;
             }
             Kind::StepHolding { step, .. } => {
                 held_last = step as usize + 1 == d.plan.strategy.steps.len();

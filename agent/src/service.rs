@@ -281,7 +281,14 @@ impl Services {
             .is_some_and(|p| p.addr == addr && p.mode == mode);
         if bound {
             rt.error.clear();
-        } else if d.listen != 0 {
+        } else if d.listen == 0 {
+            // Nothing to serve here (a first release that failed): no port is kept.
+            if let Some(old) = rt.proxy.take() {
+                tracing::info!(service = d.service, addr = %old.addr, "proxy stopped");
+                old.stop();
+            }
+            rt.error.clear();
+        } else {
             if rt.proxy.as_ref().is_some_and(|p| p.addr == addr)
                 && let Some(old) = rt.proxy.take()
             {

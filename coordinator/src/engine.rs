@@ -397,6 +397,8 @@ impl Engine {
             phase_started_unix_ms: now,
             step_switched_unix_ms: None,
             promoted: false,
+            gate_passed: false,
+            pause: None,
             analysis: Default::default(),
             rollback: None,
             hosts,

@@ -214,12 +214,47 @@ pub struct DeploymentRecord {
     /// `promote` skips the rest of the current hold or pause.
     #[serde(default)]
     pub promoted: bool,
+    /// `resume` passed the current step's `pause = true` gate.
+    #[serde(default)]
+    pub gate_passed: bool,
+    /// Set while the deployment is paused: why, and since when. The hold clock stands
+    /// still meanwhile; `resume` moves the step's start forward by the time paused.
+    #[serde(default)]
+    pub pause: Option<Pause>,
     pub hosts: BTreeMap<String, DeployHost>,
     #[serde(default)]
     pub analysis: AnalysisState,
     /// When a rollback's first bad signal was seen, decided and confirmed everywhere.
     #[serde(default)]
     pub rollback: Option<RollbackTiming>,
+}
+
+/// Why a deployment is paused.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseCause {
+    /// `cutover pause`.
+    Operator,
+    /// The step says `pause = true`: it waits for `resume` or `promote`.
+    StepGate,
+    /// A host was unreachable for `host_lost_after` and `on_host_lost = "pause"`.
+    HostLost,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pause {
+    pub cause: PauseCause,
+    pub since_unix_ms: u64,
+}
+
+impl DeploymentRecord {
+    /// How long the current step has held so far, in ms: from the moment its weights
+    /// were confirmed to `now`, not counting the time paused. `None` until confirmed.
+    pub fn held_ms(&self, now: u64) -> Option<u64> {
+        let until = self.pause.map_or(now, |p| p.since_unix_ms.min(now));
+        self.step_switched_unix_ms
+            .map(|at| until.saturating_sub(at))
+    }
 }
 
 /// Analysis of the current step: a baseline snapshot of every host's counters, and the

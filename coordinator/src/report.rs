@@ -176,8 +176,8 @@ pub fn eta_ms(d: &DeploymentRecord, events: &[Event], t: &Typical, now: u64) -> 
     for (i, s) in steps.iter().enumerate().skip(current) {
         let hold = s.hold.as_millis();
         if i == current {
-            match d.step_switched_unix_ms {
-                Some(at) => left += hold.saturating_sub(now.saturating_sub(at)),
+            match d.held_ms(now) {
+                Some(held) => left += hold.saturating_sub(held),
                 None => left += switch + hold,
             }
         } else {
@@ -337,7 +337,7 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
         "created_at": rfc3339(d.created_unix_ms),
         "ended_at": d.ended_unix_ms.map_or(Value::Null, rfc3339),
         "elapsed_s": secs(elapsed),
-        "phase_elapsed_s": secs(now.saturating_sub(d.step_switched_unix_ms.unwrap_or(d.phase_started_unix_ms))),
+        "phase_elapsed_s": secs(d.held_ms(now).unwrap_or_else(|| now.saturating_sub(d.phase_started_unix_ms))),
         "holding": d.step_switched_unix_ms.is_some(),
         "hold_s": d.plan.strategy.steps.get(d.step as usize).map(|s| secs(s.hold.as_millis())),
         "hosts": d.hosts.iter().map(|(n, h)| json!({

@@ -17,7 +17,8 @@ use cutover_shared::plan::{Check, OnHostLost, Plan, Protocol};
 
 use crate::analysis::{self, Counters, Sample, Verdict};
 use crate::model::{
-    DeployHost, DeploymentRecord, Front, HostPhase, IntervalRecord, RollbackTiming, Slot, State,
+    DeployHost, DeploymentRecord, Front, HostPhase, IntervalRecord, Pause, PauseCause,
+    RollbackTiming, Slot, State,
 };
 
 /// What the coordinator knows of one target host.
@@ -176,8 +177,12 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
         release_key(slot_of(cur, s))
             .is_some_and(|(v, sha)| v == want.0 && sha.eq_ignore_ascii_case(want.1))
     };
+    // Untouched only when the live slot runs exactly what the plan asks for: the same
+    // release with the same run and health spec. A changed command, env, user or health
+    // check is a change to deploy, even for the same release.
+    let spec = slot_spec(plan);
     if let Some(l) = live
-        && holds(l)
+        && slot_of(cur, l) == Some(&spec)
         && weight_of(cur, l) == 100
     {
         host.new_slot = l;
@@ -235,14 +240,20 @@ pub fn target(
         HostPhase::Failed | HostPhase::RolledBack => (None, 0),
     };
     // The public side follows the release that takes traffic: the new plan's once the
-    // new slot has weight (or nothing else serves), the old one's before and after.
-    if new_weight == 0
-        && has_old
-        && let Some(front) = host.old_front
-    {
-        d.listen = front.listen;
-        d.protocol = front.protocol;
-        d.drain_ms = front.drain_ms;
+    // new slot has weight (or nothing else serves), the old one's before and after. A
+    // host that had no release and failed keeps no port: the failed attempt's `listen`
+    // must not outlive it.
+    let ended = matches!(host.phase, HostPhase::Failed | HostPhase::RolledBack);
+    if new_weight == 0 {
+        match host.old_front {
+            Some(front) if has_old => {
+                d.listen = front.listen;
+                d.protocol = front.protocol;
+                d.drain_ms = front.drain_ms;
+            }
+            _ if !has_old && ended => d.listen = 0,
+            _ => {}
+        }
     }
     set_slot(&mut d, new, spec);
     set_weight(&mut d, new, new_weight);
@@ -270,10 +281,13 @@ fn is_current(view: &HostView<'_>) -> bool {
     }
 }
 
-/// True when the host's desired state already is what the deployment wants of it and
-/// its agent reports that state's weights in effect.
-fn weights_confirmed(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployHost) -> bool {
-    let (Some(o), Some(d)) = (view.observed, view.desired) else {
+/// True when the host's latest report answers the desired state this deployment wants
+/// of it now: that state has been written (it is the host's desired state) and the
+/// agent has seen it. An older report may describe the host as it was before — a warm
+/// slot holding the same release with another spec, or a port error of an earlier
+/// attempt — and vouches for nothing in this deployment.
+fn answers(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployHost) -> bool {
+    let Some(d) = view.desired else {
         return false;
     };
     if let Some(want) = target(dep, host, Some(d)) {
@@ -284,6 +298,15 @@ fn weights_confirmed(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployH
         }
     }
     is_current(view)
+}
+
+/// True when the host answers what the deployment wants of it (see [`answers`]) with
+/// that state's weights in effect.
+fn weights_confirmed(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployHost) -> bool {
+    let (Some(o), Some(d)) = (view.observed, view.desired) else {
+        return false;
+    };
+    answers(dep, view, host)
         && observed_weight(o, host.new_slot) == weight_of(d, host.new_slot)
         && host
             .old_slot
@@ -354,6 +377,7 @@ fn begin_rollback(
         done_unix_ms: None,
     });
     d.state = State::RollingBack;
+    d.pause = None;
     d.phase_started_unix_ms = now;
     d.traffic = 0;
     for h in d.hosts.values_mut() {
@@ -362,6 +386,38 @@ fn begin_rollback(
         }
         h.phase = HostPhase::RolledBack;
         h.weight = 0;
+    }
+}
+
+/// Pauses the deployment: it will come back to the state it is in now.
+fn pause(d: &mut DeploymentRecord, cause: PauseCause, now: u64) {
+    d.ending = Some(d.state);
+    d.state = State::Paused;
+    d.pause = Some(Pause {
+        cause,
+        since_unix_ms: now,
+    });
+}
+
+/// Ends a pause. The time paused does not count against the step's hold or the
+/// progress deadline: both clocks move forward by it.
+fn resume(d: &mut DeploymentRecord, now: u64) {
+    d.state = d.ending.take().unwrap_or(State::Progressing);
+    match d.pause.take() {
+        Some(p) => {
+            let paused = now.saturating_sub(p.since_unix_ms);
+            if let Some(at) = d.step_switched_unix_ms.as_mut() {
+                *at = at.saturating_add(paused);
+            }
+            d.phase_started_unix_ms = d.phase_started_unix_ms.saturating_add(paused);
+            match p.cause {
+                PauseCause::StepGate => d.gate_passed = true,
+                PauseCause::HostLost => d.reason = None,
+                PauseCause::Operator => {}
+            }
+        }
+        // A record written before pauses were timed: take it as the step's gate.
+        None => d.gate_passed = d.step_switched_unix_ms.is_some(),
     }
 }
 
@@ -376,18 +432,13 @@ fn advance(
             begin_rollback(d, State::Aborted, "aborted by operator".into(), now, now);
         }
         Some(Command::Pause) if matches!(d.state, State::Preparing | State::Progressing) => {
-            d.ending = Some(d.state);
-            d.state = State::Paused;
+            pause(d, PauseCause::Operator, now);
         }
-        Some(Command::Resume | Command::Promote) if d.state == State::Paused => {
-            d.state = d.ending.take().unwrap_or(State::Progressing);
-            if d.reason
-                .as_deref()
-                .is_some_and(|r| r.starts_with("paused:"))
-            {
-                d.reason = None;
+        Some(c @ (Command::Resume | Command::Promote)) if d.state == State::Paused => {
+            resume(d, now);
+            if c == Command::Promote {
+                d.promoted = true;
             }
-            d.promoted = command == Some(Command::Promote) || d.step_switched_unix_ms.is_some();
         }
         Some(Command::Promote) if d.state == State::Progressing => d.promoted = true,
         _ => {}
@@ -469,10 +520,11 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
             // Observe hosts in preparation.
             for name in &step_hosts {
                 let v = view(name);
+                let answered = d.hosts.get(name).is_some_and(|h| answers(d, &v, h));
                 let Some(h) = d.hosts.get_mut(name) else {
                     continue;
                 };
-                if h.phase != HostPhase::Preparing {
+                if h.phase != HostPhase::Preparing || !answered {
                     continue;
                 }
                 let svc_error = v.observed.map(|o| o.error.as_str()).unwrap_or_default();
@@ -481,7 +533,7 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 {
                     match SlotPhase::try_from(st.phase).unwrap_or(SlotPhase::Empty) {
                         SlotPhase::Healthy => h.phase = HostPhase::Ready,
-                        SlotPhase::Failed if is_current(&v) => {
+                        SlotPhase::Failed => {
                             h.phase = HostPhase::Failed;
                             h.error = Some(if st.error.is_empty() {
                                 "slot failed".into()
@@ -492,7 +544,7 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                         _ => {}
                     }
                 }
-                if h.phase == HostPhase::Preparing && !svc_error.is_empty() && is_current(&v) {
+                if h.phase == HostPhase::Preparing && !svc_error.is_empty() {
                     h.phase = HostPhase::Failed;
                     h.error = Some(svc_error.to_string());
                 }
@@ -638,7 +690,7 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                     return;
                 }
             }
-            let Some(switched_at) = d.step_switched_unix_ms else {
+            let Some(held) = d.held_ms(now) else {
                 return;
             };
             if analyse(d, views, now) {
@@ -646,21 +698,20 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
             }
             let step = &strategy.steps[d.step as usize];
             let last = d.step as usize + 1 == strategy.steps.len();
-            if step.pause && !d.promoted {
-                d.ending = Some(State::Progressing);
-                d.state = State::Paused;
+            if step.pause && !d.promoted && !d.gate_passed {
+                pause(d, PauseCause::StepGate, now);
                 return;
             }
             let mut wait = step.hold.as_millis();
             if last {
                 wait += strategy.bake.as_millis();
             }
-            if !d.promoted && now.saturating_sub(switched_at) < wait {
+            if !d.promoted && held < wait {
                 return;
             }
             // A step is proven only by at least one conclusive passing interval.
             if !d.promoted && d.plan.analysis.is_some() && d.analysis.passes_in_step == 0 {
-                if now.saturating_sub(switched_at) > wait + strategy.progress_deadline.as_millis() {
+                if held > wait + strategy.progress_deadline.as_millis() {
                     let reason = format!(
                         "no conclusive analysis interval within progress deadline {} at {}%",
                         strategy.progress_deadline, d.traffic
@@ -679,6 +730,7 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
                 return;
             }
             d.promoted = false;
+            d.gate_passed = false;
             if last {
                 d.state = State::Succeeded;
                 d.ended_unix_ms = Some(now);
@@ -761,8 +813,7 @@ fn hosts_lost(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, 
             true
         }
         OnHostLost::Pause => {
-            d.ending = Some(d.state);
-            d.state = State::Paused;
+            pause(d, PauseCause::HostLost, now);
             d.reason = Some(format!(
                 "paused: host {names} unreachable for more than {after} (on_host_lost = \"pause\"); `resume` goes on without it, `abort` rolls back"
             ));

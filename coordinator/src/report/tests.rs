@@ -50,6 +50,8 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         phase_started_unix_ms: start,
         step_switched_unix_ms: None,
         promoted: false,
+        gate_passed: false,
+        pause: None,
         hosts: [("web-1".to_string(), host(HostPhase::Switched))].into(),
         analysis: Default::default(),
         rollback: None,

@@ -123,6 +123,8 @@ impl Sim {
             phase_started_unix_ms: 0,
             step_switched_unix_ms: None,
             promoted: false,
+            gate_passed: false,
+            pause: None,
             analysis: Default::default(),
             rollback: None,
             hosts,
@@ -580,4 +582,208 @@ fn the_same_error_on_two_hosts_is_a_release_fault_even_within_tolerance() {
         reason.starts_with("hosts b, c: process exited") && reason.contains("release fault"),
         "{reason}"
     );
+}
+
+/// Decides, applies and converges until `done` holds (at most 100 simulated seconds).
+fn run_until(
+    sim: &mut Sim,
+    mut dep: DeploymentRecord,
+    mut now: u64,
+    done: impl Fn(&DeploymentRecord) -> bool,
+) -> (DeploymentRecord, u64) {
+    let limit = now + 100_000;
+    while !done(&dep) {
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        sim.apply(d.targets);
+        sim.converge();
+        now += 100;
+        assert!(now < limit, "condition not reached: {dep:?}");
+    }
+    (dep, now)
+}
+
+fn holding_v2(sim: &mut Sim) -> (DeploymentRecord, u64) {
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    let v2 = plan(
+        "2",
+        SHA2,
+        "steps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100 }]",
+    );
+    let dep = sim.start(&v2);
+    run_until(sim, dep, now, |d| d.step_switched_unix_ms.is_some())
+}
+
+#[test]
+fn pause_freezes_the_hold_and_resume_continues_the_rest_of_it() {
+    let mut sim = Sim::new(&["a", "b"]);
+    let (dep, _) = holding_v2(&mut sim);
+    let switched = dep.step_switched_unix_ms.unwrap();
+    let mut now = switched + 4_000;
+    let mut dep = decide(&dep, &sim.views(), Some(Command::Pause), now).deployment;
+    assert_eq!(dep.state, State::Paused);
+    // A minute paused: nothing moves and the hold clock stands still.
+    for _ in 0..600 {
+        now += 100;
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        sim.apply(d.targets);
+        sim.converge();
+        assert_eq!((dep.state, dep.step), (State::Paused, 0));
+        assert_eq!(dep.held_ms(now), Some(4_000));
+    }
+    dep = decide(&dep, &sim.views(), Some(Command::Resume), now).deployment;
+    assert_eq!(dep.state, State::Progressing);
+    assert_eq!(
+        dep.held_ms(now),
+        Some(4_000),
+        "the hold goes on where it stood"
+    );
+    let resumed = now;
+    let (dep, now) = run_until(&mut sim, dep, now, |d| d.step == 1 || d.state.is_final());
+    let rest = now - resumed;
+    assert!(
+        (6_000..=6_300).contains(&rest),
+        "the rest of the hold (6 s) passed after resume, not {rest} ms"
+    );
+    let (dep, _) = run_until(&mut sim, dep, now, |d| d.state.is_final());
+    assert_eq!(dep.state, State::Succeeded);
+}
+
+#[test]
+fn promote_during_a_pause_skips_the_rest_of_the_hold() {
+    let mut sim = Sim::new(&["a", "b"]);
+    let (dep, _) = holding_v2(&mut sim);
+    let now = dep.step_switched_unix_ms.unwrap() + 1_000;
+    let dep = decide(&dep, &sim.views(), Some(Command::Pause), now).deployment;
+    let dep = decide(&dep, &sim.views(), Some(Command::Promote), now + 5_000).deployment;
+    let (_, end) = run_until(&mut sim, dep, now + 5_000, |d| d.step == 1);
+    assert!(end - (now + 5_000) < 1_000, "promote went on at once");
+}
+
+#[test]
+fn a_step_gate_waits_for_resume_and_then_holds() {
+    let mut sim = Sim::new(&["a"]);
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    let v2 = plan(
+        "2",
+        SHA2,
+        "steps = [{ traffic = 10, pause = true, hold = \"3s\" }, { traffic = 100 }]",
+    );
+    let dep = sim.start(&v2);
+    let (dep, now) = run_until(&mut sim, dep, now, |d| d.state == State::Paused);
+    assert_eq!(dep.pause.map(|p| p.cause), Some(PauseCause::StepGate));
+    let later = now + 60_000;
+    let dep = decide(&dep, &sim.views(), Some(Command::Resume), later).deployment;
+    assert_eq!(dep.state, State::Progressing);
+    let (dep, end) = run_until(&mut sim, dep, later, |d| d.step == 1 || d.state.is_final());
+    assert!(
+        (3_000..=3_300).contains(&(end - later)),
+        "the step holds 3 s after its gate: {}",
+        end - later
+    );
+    assert_ne!(dep.state, State::Paused);
+}
+
+fn with_command(p: &Plan, command: &[&str]) -> Plan {
+    let mut p = p.clone();
+    p.run.command = command.iter().map(|s| s.to_string()).collect();
+    p
+}
+
+#[test]
+fn the_live_release_with_another_spec_is_a_change_not_a_no_op() {
+    let mut sim = Sim::new(&["a"]);
+    let v1 = plan("1", SHA1, "");
+    sim.run(sim.start(&v1), 0, 100, 50);
+    assert!(
+        sim.start(&v1).hosts["a"].untouched,
+        "the same plan is a no-op"
+    );
+    let changed = with_command(&v1, &["./web", "--workers", "4"]);
+    assert!(!sim.start(&changed).hosts["a"].untouched);
+}
+
+#[test]
+fn a_warm_slot_with_the_same_release_and_another_spec_is_prepared_anew() {
+    let mut sim = Sim::new(&["a", "b"]);
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    let (_, now) = sim.run(sim.start(&plan("2", SHA2, "")), now, 100, 50);
+    // v1 is warm in the idle slot; deploy it again with a broken command.
+    let broken = with_command(&plan("1", SHA1, ""), &["./web", "--bogus"]);
+    let dep = sim.start(&broken);
+    let d = decide(&dep, &sim.views(), None, now);
+    assert!(
+        d.deployment
+            .hosts
+            .values()
+            .all(|h| matches!(h.phase, HostPhase::Preparing | HostPhase::Waiting)),
+        "the warm slot's old report does not make a host ready: {:?}",
+        d.deployment.hosts
+    );
+    assert_eq!(d.deployment.state, State::Preparing);
+    // The agents start it with the new spec, and it fails: a preparation failure.
+    sim.failing.insert(
+        ("a".into(), "1".into()),
+        "process exited (exit status: 2)".into(),
+    );
+    sim.failing.insert(
+        ("b".into(), "1".into()),
+        "process exited (exit status: 2)".into(),
+    );
+    let mut dep = d.deployment;
+    sim.apply(d.targets);
+    sim.converge();
+    let (end, _) = sim.run(dep.clone(), now + 100, 100, 50);
+    dep = end;
+    assert_eq!(dep.state, State::RolledBack);
+    let reason = dep.reason.clone().unwrap_or_default();
+    assert!(reason.contains("process exited"), "{reason}");
+    assert!(!reason.contains("while serving"), "{reason}");
+    assert!(
+        dep.hosts["a"]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("process exited"))
+    );
+    assert_eq!(dep.traffic, 0, "no step ever moved traffic");
+    for h in ["a", "b"] {
+        assert_eq!(sim.live(h).as_deref(), Some("2"), "{h} still serves v2");
+    }
+}
+
+#[test]
+fn a_failed_first_release_keeps_no_port_and_its_error_does_not_fail_the_next() {
+    let mut sim = Sim::new(&["a"]);
+    let v1 = plan("1", SHA1, "");
+    let mut dep = sim.start(&v1);
+    let d = decide(&dep, &sim.views(), None, 0);
+    dep = d.deployment;
+    sim.apply(d.targets);
+    // The agent cannot bind the public port.
+    sim.converge();
+    let o = sim.observed.get_mut("a").unwrap();
+    o.error = "bind 0.0.0.0:8080: Address already in use".into();
+    let (dep, now) = sim.run(dep, 100, 100, 20);
+    assert_eq!(dep.state, State::Failed);
+    assert_eq!(
+        sim.desired["a"].listen, 0,
+        "the failed attempt keeps no port"
+    );
+    // The agent still reports the old error until it sees the next desired state.
+    sim.observed.get_mut("a").unwrap().error = "bind 0.0.0.0:8080: Address already in use".into();
+    let mut other = plan("1", SHA1, "");
+    other.run.listen = 9090;
+    let next = sim.start(&other);
+    let d = decide(&next, &sim.views(), None, now);
+    assert!(
+        d.deployment.hosts["a"].phase != HostPhase::Failed,
+        "an error from before this deployment fails nothing: {:?}",
+        d.deployment.hosts["a"]
+    );
+    sim.apply(d.targets);
+    sim.converge();
+    let (dep, _) = sim.run(d.deployment, now + 100, 100, 50);
+    assert_eq!(dep.state, State::Succeeded, "{:?}", dep.reason);
+    assert_eq!(sim.desired["a"].listen, 9090);
 }

@@ -33,6 +33,11 @@ pub async fn serve(listener: TcpListener, services: Arc<Services>, cancel: Cance
                 let services = services.clone();
                 async move {
                     let (status, body) = match req.uri().path() {
+                        "/healthz" if !services.store_writable() => (
+                            503,
+                            "unhealthy: the agent's store cannot be written (see its log)\n"
+                                .to_string(),
+                        ),
                         "/healthz" => (200, "ok\n".to_string()),
                         "/metrics" => (200, render(&services.observe().await)),
                         _ => (404, "not found\n".to_string()),

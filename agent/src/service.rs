@@ -168,6 +168,11 @@ impl Services {
         }
     }
 
+    /// False while the agent's store cannot be written (e.g. a full disk).
+    pub fn store_writable(&self) -> bool {
+        self.store.writable()
+    }
+
     /// Listening sockets inherited from the previous run; [`Services::restore`] hands
     /// each to its service and closes the ones no service wants any more.
     pub fn inherit(&self, sockets: Vec<Inherited>) {

@@ -3,6 +3,8 @@
 //! weights before it reaches the coordinator. Only this module touches the database.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use cutover_proto::v1::DesiredService;
 use prost::Message;
@@ -41,11 +43,23 @@ impl ProcessRecord {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("agent store: {0}")]
-pub struct Error(#[from] redb::Error);
+pub enum Error {
+    #[error("agent store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("agent store: disk full at {}", .0.display())]
+    DiskFull(std::path::PathBuf),
+    #[error("another agent is running with data dir {} ({} is locked)", .0.parent().unwrap_or(Path::new(".")).display(), .0.display())]
+    Locked(std::path::PathBuf),
+    #[error("agent store {}: {source}", .path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 macro_rules! from_redb {
-    ($($t:ty),*) => {$(impl From<$t> for Error { fn from(e: $t) -> Self { Error(e.into()) } })*};
+    ($($t:ty),*) => {$(impl From<$t> for Error { fn from(e: $t) -> Self { Error::Db(e.into()) } })*};
 }
 from_redb!(
     redb::DatabaseError,
@@ -55,46 +69,129 @@ from_redb!(
     redb::CommitError
 );
 
+/// The agent's database. After one I/O error (a full disk) redb refuses every later
+/// write until the file is opened again; [`Store`] does that on the next write, so the
+/// agent keeps recording desired state once space is freed, without a restart.
 pub struct Store {
-    db: Database,
+    path: std::path::PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+    /// The last write failed.
+    failing: AtomicBool,
+}
+
+/// Opens (or creates) the file, readable by its owner only from the first byte: desired
+/// state holds the plans' environment.
+fn open_file(path: &Path) -> Result<Database, Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file_err = |source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(file_err)?;
+    match Database::create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(Error::Locked(path.to_path_buf())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, Error> {
-        let db = Database::create(path)?;
-        let w = db.begin_write()?;
-        w.open_table(DESIRED)?;
-        w.open_table(PROCESSES)?;
-        w.commit()?;
-        Ok(Store { db })
+        let s = Store {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(open_file(path)?))),
+            failing: AtomicBool::new(false),
+        };
+        s.write(|w| {
+            w.open_table(DESIRED)?;
+            w.open_table(PROCESSES)?;
+            Ok(())
+        })?;
+        Ok(s)
+    }
+
+    /// False while writes fail (the last one did).
+    pub fn writable(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
+    fn db(&self) -> Result<Arc<Database>, Error> {
+        if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(db.clone());
+        }
+        self.reopen()
+    }
+
+    fn reopen(&self) -> Result<Arc<Database>, Error> {
+        let mut cur = self.db.write().unwrap_or_else(|p| p.into_inner());
+        drop(cur.take());
+        let db = Arc::new(open_file(&self.path)?);
+        *cur = Some(db.clone());
+        tracing::warn!(path = %self.path.display(), "agent store opened again after an I/O error");
+        Ok(db)
+    }
+
+    /// One write transaction: `f` fills it, then it commits. A database poisoned by an
+    /// earlier I/O error is opened again first.
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let r = (|| {
+            // Bound first: a temporary handle alive in the match would keep the old
+            // database open (and its file locked) while it is opened again.
+            let first = self.db()?.begin_write();
+            let w = match first {
+                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                    self.reopen()?.begin_write()?
+                }
+                r => r?,
+            };
+            f(&w)?;
+            w.commit()?;
+            Ok(())
+        })();
+        self.failing.store(r.is_err(), Ordering::Relaxed);
+        r.map_err(|e| match &e {
+            Error::Db(redb::Error::Io(io)) if io.kind() == std::io::ErrorKind::StorageFull => {
+                Error::DiskFull(self.path.parent().unwrap_or(Path::new(".")).to_path_buf())
+            }
+            _ => e,
+        })
     }
 
     pub fn put_desired(&self, d: &DesiredService) -> Result<(), Error> {
-        let w = self.db.begin_write()?;
-        w.open_table(DESIRED)?
-            .insert(d.service.as_str(), d.encode_to_vec().as_slice())?;
-        w.commit()?;
-        Ok(())
+        self.write(|w| {
+            w.open_table(DESIRED)?
+                .insert(d.service.as_str(), d.encode_to_vec().as_slice())?;
+            Ok(())
+        })
     }
 
     pub fn put_process(&self, p: &ProcessRecord) -> Result<(), Error> {
-        let w = self.db.begin_write()?;
         let v = serde_json::to_vec(p).unwrap_or_default();
-        w.open_table(PROCESSES)?
-            .insert(p.key().as_str(), v.as_slice())?;
-        w.commit()?;
-        Ok(())
+        self.write(|w| {
+            w.open_table(PROCESSES)?
+                .insert(p.key().as_str(), v.as_slice())?;
+            Ok(())
+        })
     }
 
     pub fn remove_process(&self, p: &ProcessRecord) -> Result<(), Error> {
-        let w = self.db.begin_write()?;
-        w.open_table(PROCESSES)?.remove(p.key().as_str())?;
-        w.commit()?;
-        Ok(())
+        self.write(|w| {
+            w.open_table(PROCESSES)?.remove(p.key().as_str())?;
+            Ok(())
+        })
     }
 
     pub fn processes(&self) -> Result<Vec<ProcessRecord>, Error> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(PROCESSES)?;
         let mut out = Vec::new();
         for item in t.iter()? {
@@ -107,7 +204,7 @@ impl Store {
     }
 
     pub fn desired(&self) -> Result<Vec<DesiredService>, Error> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(DESIRED)?;
         let mut out = Vec::new();
         for item in t.iter()? {

@@ -125,6 +125,11 @@ fn route(
         .map(String::as_str);
     let path = req.uri().path();
     match path {
+        "/healthz" if !store.writable() => plain(
+            503,
+            "text/plain",
+            "unhealthy: the store cannot be written (see the coordinator's log)\n".into(),
+        ),
         "/healthz" => plain(200, "text/plain", "ok\n".into()),
         "/metrics" => match metrics(store, fleet) {
             Ok(mut body) => {

@@ -52,6 +52,29 @@ pub fn phase_name(phase: i32) -> &'static str {
     }
 }
 
+/// Creates the data dir readable by its owner only (it holds the CA key and plans with
+/// their secrets), or warns when an existing one is open to others.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create data dir {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("read data dir {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data dir is open to other users; it holds the CA key and secrets: chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
@@ -66,8 +89,7 @@ pub struct ServeConfig {
 /// Runs the coordinator until `shutdown` is cancelled.
 pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     cutover_proto::tls::install_default_provider();
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+    private_dir(&cfg.data_dir)?;
 
     let mut names = cfg.server_names.clone();
     names.push("localhost".into());

@@ -3,9 +3,14 @@
 //! every write is one transaction, so a crash never leaves half a decision on disk.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -15,6 +20,16 @@ use crate::model::{DeploymentRecord, HostRecord, Identity, ServiceRecord, TokenR
 pub enum Error {
     #[error("database: {0}")]
     Db(#[from] redb::Error),
+    #[error("disk full at {}: the coordinator cannot record anything until space is freed", .0.display())]
+    DiskFull(PathBuf),
+    #[error("another coordinator is running with data dir {} ({} is locked)", .0.parent().unwrap_or(Path::new(".")).display(), .0.display())]
+    Locked(PathBuf),
+    #[error("{}: {source}", .path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("decode {table}/{key}: {source}")]
     Decode {
         table: String,
@@ -50,6 +65,140 @@ impl From<redb::CommitError> for Error {
     }
 }
 
+/// The open database, and what it takes to keep it usable. After one I/O error (a full
+/// disk, say) redb refuses every later write ("Previous I/O error occurred") until the
+/// database is opened again; this handle does that itself on the next write, so freeing
+/// space is enough and no restart is needed. Nothing half-written survives: the failed
+/// transaction never committed.
+struct Db {
+    path: PathBuf,
+    /// `None` after a reopen failed; the next use tries again.
+    current: RwLock<Option<Arc<Database>>>,
+    /// The last commit failed: `/healthz` says so until one succeeds.
+    failing: AtomicBool,
+}
+
+/// A write transaction that reports its commit's outcome to the handle.
+struct Write<'a> {
+    tx: WriteTransaction,
+    db: &'a Db,
+}
+
+impl std::ops::Deref for Write<'_> {
+    type Target = WriteTransaction;
+    fn deref(&self) -> &WriteTransaction {
+        &self.tx
+    }
+}
+
+impl Write<'_> {
+    fn commit(self) -> Result<(), Error> {
+        let r = self.tx.commit().map_err(|e| self.db.explain(e.into()));
+        self.db.failing.store(r.is_err(), Ordering::Relaxed);
+        r
+    }
+
+    fn abort(self) -> Result<(), Error> {
+        self.tx.abort().map_err(Error::from)
+    }
+}
+
+impl Db {
+    fn open(path: &Path) -> Result<Db, Error> {
+        Ok(Db {
+            path: path.to_path_buf(),
+            current: RwLock::new(Some(Arc::new(open_file(path)?))),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// The open database; opened again first if an earlier reopen did not succeed.
+    fn get(&self) -> Result<Arc<Database>, Error> {
+        if let Some(db) = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(db.clone());
+        }
+        self.reopen()
+    }
+
+    fn begin_write(&self) -> Result<Write<'_>, Error> {
+        // Bound first: a temporary handle alive in the match would keep the old
+        // database open (and its file locked) while it is opened again.
+        let first = self.get()?.begin_write();
+        match first {
+            Ok(tx) => Ok(Write { tx, db: self }),
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                let tx = self.reopen()?.begin_write()?;
+                Ok(Write { tx, db: self })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, Error> {
+        Ok(self.get()?.begin_read()?)
+    }
+
+    /// Opens the database again after an I/O error; redb recovers it to its last good
+    /// commit.
+    fn reopen(&self) -> Result<Arc<Database>, Error> {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        // The old handle must be gone before the file can be opened again.
+        drop(cur.take());
+        match open_file(&self.path) {
+            Ok(db) => {
+                let db = Arc::new(db);
+                *cur = Some(db.clone());
+                tracing::warn!(path = %self.path.display(), "store opened again after an I/O error");
+                Ok(db)
+            }
+            Err(e) => {
+                self.failing.store(true, Ordering::Relaxed);
+                Err(self.explain(e))
+            }
+        }
+    }
+
+    /// A full disk is said as such, naming the directory.
+    fn explain(&self, e: Error) -> Error {
+        let full = match &e {
+            Error::Db(redb::Error::Io(io)) => io.kind() == std::io::ErrorKind::StorageFull,
+            Error::File { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        };
+        if full {
+            Error::DiskFull(self.path.parent().unwrap_or(Path::new(".")).to_path_buf())
+        } else {
+            e
+        }
+    }
+}
+
+/// Opens (or creates) the database file, readable by its owner only from the first byte.
+fn open_file(path: &Path) -> Result<Database, Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file_err = |source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(file_err)?;
+    match Database::create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(Error::Locked(path.to_path_buf())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
 const META: Table = TableDefinition::new("meta");
@@ -76,7 +225,7 @@ const ALL: [Table; 8] = [
 ];
 
 pub struct Store {
-    db: Database,
+    db: Db,
 }
 
 /// A set of writes committed together.
@@ -119,13 +268,18 @@ impl Batch {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, Error> {
-        let db = Database::create(path)?;
+        let db = Db::open(path)?;
         let w = db.begin_write()?;
         for t in ALL {
             w.open_table(t)?;
         }
         w.commit()?;
         Ok(Store { db })
+    }
+
+    /// False while writes fail (the last commit failed, e.g. on a full disk).
+    pub fn writable(&self) -> bool {
+        !self.db.failing.load(Ordering::Relaxed)
     }
 
     pub fn commit(&self, batch: Batch) -> Result<(), Error> {

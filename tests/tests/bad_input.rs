@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use tests::{Cluster, wait_until};
+use tests::{Cluster, Tmpfs, wait_until};
 
 fn v1(c: &Cluster) {
     let (url, sha) = c.pack("1.0.0", &[]);
@@ -245,35 +245,6 @@ fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clear
         "{reason}"
     );
     assert!(c.all_serving("1.0.0"));
-}
-
-/// A tmpfs of `size` mounted on `dir` until dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "mount a tmpfs on {} (this test needs root)",
-            dir.display()
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]

@@ -1,8 +1,17 @@
 //! Release artifacts: fetched from `file://` or `http(s)://` with bounded retries,
 //! verified against their SHA-256 while streaming, and unpacked safely into an immutable
 //! per-release directory. Nothing from an artifact runs unless its digest matched.
+//!
+//! Unpacking never writes outside the release directory: every path and link target is
+//! resolved against the links unpacked before it, as the kernel will resolve it. Release
+//! files belong to the agent's user and keep their packed modes without setuid, setgid,
+//! sticky or group/other write bits, so a service can neither change its own release
+//! nor gain another user's rights through it.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -59,6 +68,16 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
         source,
     }
 }
+
+/// Names a download in progress ends with (in the agent's cache directory).
+pub const PARTIAL_SUFFIX: &str = ".part";
+/// Names a release being unpacked starts with (next to the release directories).
+const UNPACK_PREFIX: &str = ".unpack-";
+/// Mode bits an unpacked file or directory never keeps: setuid, setgid, sticky, and
+/// write for group and others.
+const STRIPPED_MODE_BITS: u32 = 0o7022;
+/// Links followed while resolving one path, as the kernel's limit.
+const MAX_LINK_HOPS: u32 = 40;
 
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -217,27 +236,94 @@ fn safe_relative(path: &Path) -> Result<PathBuf, Error> {
     Ok(out)
 }
 
-/// True when `target`, a link at `link` (both relative to the release root), resolves
-/// inside the root.
-fn link_stays_inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return false;
-    }
-    let mut depth: i64 = link.parent().map_or(0, |p| p.components().count() as i64);
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
+/// The symbolic links unpacked so far (path → target, both relative to the release
+/// root), to resolve paths the way the kernel will once they are on disk.
+#[derive(Default)]
+struct Links(HashMap<PathBuf, PathBuf>);
+
+/// Why a path does not resolve inside the release.
+enum Escape {
+    Outside,
+    Loop,
+}
+
+impl Links {
+    /// Resolves `path`, relative to the directory `from` (already resolved), following
+    /// every link it passes through; the result is relative to the release root.
+    fn resolve(
+        &self,
+        from: &[OsString],
+        path: &Path,
+        hops: &mut u32,
+    ) -> Result<Vec<OsString>, Escape> {
+        let mut at = from.to_vec();
+        for c in path.components() {
+            match c {
+                Component::Normal(name) => {
+                    at.push(name.to_os_string());
+                    let here: PathBuf = at.iter().collect();
+                    if let Some(target) = self.0.get(&here) {
+                        *hops += 1;
+                        if *hops > MAX_LINK_HOPS {
+                            return Err(Escape::Loop);
+                        }
+                        at.pop();
+                        if target.is_absolute() {
+                            return Err(Escape::Outside);
+                        }
+                        at = self.resolve(&at, target, hops)?;
+                    }
                 }
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if at.pop().is_none() {
+                        return Err(Escape::Outside);
+                    }
+                }
+                Component::RootDir | Component::Prefix(_) => return Err(Escape::Outside),
             }
-            Component::RootDir | Component::Prefix(_) => return false,
+        }
+        Ok(at)
+    }
+
+    /// The real location (relative to the root) of the directory holding `entry`.
+    fn parent_of(&self, entry: &Path) -> Result<Vec<OsString>, Escape> {
+        let parent = entry.parent().unwrap_or(Path::new(""));
+        self.resolve(&[], parent, &mut 0)
+    }
+
+    /// Checks that the link at `link` with `target` resolves inside the release.
+    fn check_target(&self, link: &Path, target: &Path) -> Result<(), Error> {
+        let outside = || {
+            Error::Unsafe(format!(
+                "link {} points outside the release ({})",
+                link.display(),
+                target.display()
+            ))
+        };
+        let parent = self.parent_of(link).map_err(|_| outside())?;
+        match self.resolve(&parent, target, &mut 0) {
+            Ok(_) => Ok(()),
+            Err(Escape::Outside) => Err(outside()),
+            Err(Escape::Loop) => Err(Error::Unsafe(format!(
+                "link {} is part of a loop of links",
+                link.display()
+            ))),
         }
     }
-    true
+
+    /// The first link that a path (relative to the root, as hard link targets are)
+    /// passes through, itself included.
+    fn first_link_in(&self, path: &Path) -> Option<PathBuf> {
+        let mut at = PathBuf::new();
+        for c in path.components() {
+            at.push(c);
+            if self.0.contains_key(&at) {
+                return Some(at);
+            }
+        }
+        None
+    }
 }
 
 /// Unpacks a `.tar.gz` or `.tar.zst` into `dest`, which must not exist yet. Work happens in a
@@ -247,20 +333,57 @@ pub fn unpack(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), Error>
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io("create", parent))?;
     let tmp = parent.join(format!(
-        ".unpack-{}-{}",
+        "{UNPACK_PREFIX}{}-{}",
         dest.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("release"),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
-    let result = unpack_into(archive, &tmp, limits);
+    // Closed to everyone else while it fills: no service can open a file in it before
+    // its final mode is set.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(io("create", &tmp))?;
+    let result = unpack_into(archive, &tmp, limits).and_then(|()| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("set permissions of", &tmp))
+    });
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
     std::fs::rename(&tmp, dest).map_err(io("rename", dest))
+}
+
+/// Removes what interrupted work left behind: partial downloads in `cache` and
+/// half-unpacked releases under `releases/<service>/`. Called at start, before any
+/// slot prepares. Returns how many were removed.
+pub fn remove_leftovers(cache: &Path, releases: &Path) -> usize {
+    let entries = |dir: &Path| -> Vec<std::fs::DirEntry> {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().collect())
+            .unwrap_or_default()
+    };
+    let named =
+        |e: &std::fs::DirEntry, f: &dyn Fn(&str) -> bool| e.file_name().to_str().is_some_and(f);
+    let mut removed = 0;
+    for e in entries(cache) {
+        if named(&e, &|n| n.ends_with(PARTIAL_SUFFIX)) && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    for service in entries(releases) {
+        for e in entries(&service.path()) {
+            if named(&e, &|n| n.starts_with(UNPACK_PREFIX))
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error> {
@@ -281,10 +404,12 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
     };
     let mut ar = tar::Archive::new(reader);
     ar.set_preserve_permissions(true);
+    ar.set_mask(STRIPPED_MODE_BITS);
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(false);
     let mut total: u64 = 0;
     let mut count = 0usize;
+    let mut links = Links::default();
     let entries = ar.entries().map_err(|e| Error::Unpack(e.to_string()))?;
     for entry in entries {
         let mut entry =
@@ -304,6 +429,20 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
                 limit: limits.max_unpacked_bytes,
             });
         }
+        check_kind(&rel, kind)?;
+        // Where the entry really lands, once the links before it are followed.
+        let parent = links.parent_of(&rel).map_err(|_| {
+            Error::Unsafe(format!(
+                "{} is reached through a link outside the release",
+                rel.display()
+            ))
+        })?;
+        if links.resolve(&[], &rel, &mut 0).is_err() {
+            return Err(Error::Unsafe(format!(
+                "{} is reached through a link outside the release",
+                rel.display()
+            )));
+        }
         if kind.is_symlink() || kind.is_hard_link() {
             let target = entry
                 .link_name()
@@ -312,45 +451,19 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
                     Error::Unsafe(format!("{} is a link without a target", rel.display()))
                 })?
                 .into_owned();
-            let inside = if kind.is_symlink() {
-                link_stays_inside(&rel, &target)
+            if kind.is_symlink() {
+                links.check_target(&rel, &target)?;
             } else {
-                safe_relative(&target).is_ok()
-            };
-            if !inside {
-                return Err(Error::Unsafe(format!(
-                    "link {} points outside the release ({})",
-                    rel.display(),
-                    target.display()
-                )));
-            }
-        } else if !(kind.is_file()
-            || kind.is_dir()
-            || kind.is_gnu_sparse()
-            || kind == tar::EntryType::Continuous
-            || kind.is_pax_global_extensions()
-            || kind.is_pax_local_extensions()
-            || kind.is_gnu_longname()
-            || kind.is_gnu_longlink())
-        {
-            return Err(Error::Unsafe(format!(
-                "{} is a special file ({kind:?}); only files, directories and links are allowed",
-                rel.display()
-            )));
-        }
-        let out = root.join(&rel);
-        // Never write through a link created by an earlier entry that leads outside.
-        if let Some(p) = out.parent() {
-            std::fs::create_dir_all(p).map_err(io("create", p))?;
-            let real = p.canonicalize().map_err(io("resolve", p))?;
-            let real_root = root.canonicalize().map_err(io("resolve", root))?;
-            if !real.starts_with(&real_root) {
-                return Err(Error::Unsafe(format!(
-                    "{} is reached through a link outside the release",
-                    rel.display()
-                )));
+                check_hard_link(root, &links, &rel, &target)?;
             }
         }
+        let real_parent: PathBuf = parent.iter().collect();
+        let dir = root.join(&real_parent);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .map_err(io("create", &dir))?;
         let done = entry
             .unpack_in(root)
             .map_err(|e| Error::Unpack(format!("{}: {}", rel.display(), innermost(&e))))?;
@@ -360,12 +473,75 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
                 rel.display()
             )));
         }
+        // Keep the map of links true to the disk: a link made, or a link replaced.
+        if let Some(name) = rel.file_name() {
+            let at = real_parent.join(name);
+            match std::fs::read_link(root.join(&at)) {
+                Ok(target) => links.0.insert(at, target),
+                Err(_) => links.0.remove(&at),
+            };
+        }
         count += 1;
     }
     if count == 0 {
         return Err(Error::Unpack("the archive is empty".into()));
     }
+    // A link may point through a link unpacked after it: check them all as they stand.
+    for (link, target) in &links.0 {
+        links.check_target(link, target)?;
+    }
     Ok(())
+}
+
+/// Refuses devices, FIFOs and other special files.
+fn check_kind(rel: &Path, kind: tar::EntryType) -> Result<(), Error> {
+    let allowed = kind.is_file()
+        || kind.is_dir()
+        || kind.is_symlink()
+        || kind.is_hard_link()
+        || kind.is_gnu_sparse()
+        || kind == tar::EntryType::Continuous
+        || kind.is_pax_global_extensions()
+        || kind.is_pax_local_extensions()
+        || kind.is_gnu_longname()
+        || kind.is_gnu_longlink();
+    if allowed {
+        Ok(())
+    } else {
+        Err(Error::Unsafe(format!(
+            "{} is a special file ({kind:?}); only files, directories and links are allowed",
+            rel.display()
+        )))
+    }
+}
+
+/// A hard link must name, directly, a regular file unpacked before it: not a path
+/// through a symbolic link, not a link itself (which would be re-read from the hard
+/// link's own directory), not a directory.
+fn check_hard_link(root: &Path, links: &Links, rel: &Path, target: &Path) -> Result<(), Error> {
+    let t = safe_relative(target).map_err(|_| {
+        Error::Unsafe(format!(
+            "hard link {} points outside the release ({})",
+            rel.display(),
+            target.display()
+        ))
+    })?;
+    if let Some(link) = links.first_link_in(&t) {
+        return Err(Error::Unsafe(format!(
+            "hard link {} names {} through the symbolic link {}; a hard link must name a file unpacked before it",
+            rel.display(),
+            target.display(),
+            link.display()
+        )));
+    }
+    match std::fs::symlink_metadata(root.join(&t)) {
+        Ok(m) if m.is_file() => Ok(()),
+        _ => Err(Error::Unpack(format!(
+            "hard link {}: its target {} is not a file unpacked before it",
+            rel.display(),
+            target.display()
+        ))),
+    }
 }
 
 /// Computes the digest of a local file (used by tests and the sign/verify tooling).

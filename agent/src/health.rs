@@ -1,14 +1,20 @@
 //! Health checks of a slot process: HTTP (2xx or 3xx passes), TCP connect, or a command
-//! that exits 0, each bounded by the plan's timeout. The supervisor turns results into
-//! healthy/unhealthy only after the plan's consecutive thresholds.
+//! that exits 0, each bounded by the plan's timeout. A command runs through
+//! [`crate::spawn`] like the slot process itself: as the slot's user, with the slot's
+//! clean environment, its whole process group stopped when it overruns. The supervisor
+//! turns results into healthy/unhealthy only after the plan's consecutive thresholds.
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
+
+use crate::spawn::{Exit, Launcher, RunOptions};
+
+/// Between SIGTERM and SIGKILL for a check command that overruns its timeout.
+const EXEC_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub enum Check {
@@ -40,23 +46,48 @@ impl Checker {
         }
     }
 
-    /// One check; `Err` carries a short reason.
-    pub async fn run(&self, port: u16, dir: &Path, env: &[(String, String)]) -> Result<(), String> {
-        match tokio::time::timeout(self.timeout, self.run_inner(port, dir, env)).await {
+    /// One check of the slot listening on `port`, whose processes `launcher` starts;
+    /// `Err` carries a short reason.
+    pub async fn run(&self, port: u16, launcher: &Launcher) -> Result<(), String> {
+        if let Check::Exec(cmd) = &self.check {
+            // Bounded by the command's own timeout, which stops its whole group.
+            return self.exec(cmd, launcher).await;
+        }
+        match tokio::time::timeout(self.timeout, self.probe(port)).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "health check timed out after {}ms",
-                self.timeout.as_millis()
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> String {
+        format!(
+            "health check timed out after {}ms",
+            self.timeout.as_millis()
+        )
+    }
+
+    async fn exec(&self, cmd: &[String], launcher: &Launcher) -> Result<(), String> {
+        let opts = RunOptions {
+            grace: EXEC_GRACE,
+            tail_lines: 1,
+            ..RunOptions::new(self.timeout)
+        };
+        let out = launcher.run(cmd, &opts).await.map_err(|e| e.to_string())?;
+        match out.exit {
+            Exit::Code(0) => Ok(()),
+            Exit::TimedOut(_) => Err(self.timed_out()),
+            exit => Err(format!(
+                "{} exited with {exit}{}",
+                cmd[0],
+                out.tail
+                    .last()
+                    .map(|l| format!(": {}", l.trim()))
+                    .unwrap_or_default()
             )),
         }
     }
 
-    async fn run_inner(
-        &self,
-        port: u16,
-        dir: &Path,
-        env: &[(String, String)],
-    ) -> Result<(), String> {
+    async fn probe(&self, port: u16) -> Result<(), String> {
         match &self.check {
             Check::Http(path) => {
                 let uri = format!("http://127.0.0.1:{port}{path}")
@@ -80,43 +111,10 @@ impl Checker {
                     Err(format!("GET {path}: HTTP {s}"))
                 }
             }
-            Check::Tcp => tokio::net::TcpStream::connect(("127.0.0.1", port))
+            Check::Tcp | Check::Exec(_) => tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .map(drop)
                 .map_err(|e| format!("connect 127.0.0.1:{port}: {e}")),
-            Check::Exec(cmd) => {
-                let Some((prog, args)) = cmd.split_first() else {
-                    return Err("empty health command".into());
-                };
-                let prog = crate::process::resolve_program(prog, dir);
-                let out = tokio::process::Command::new(&prog)
-                    .args(args)
-                    .current_dir(dir)
-                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .kill_on_drop(true)
-                    .output()
-                    .await
-                    .map_err(|e| format!("run {}: {e}", prog.display()))?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    let err = String::from_utf8_lossy(&out.stderr);
-                    let last = err.lines().last().unwrap_or("").trim();
-                    Err(format!(
-                        "{} exited with {}{}",
-                        cmd[0],
-                        out.status,
-                        if last.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {last}")
-                        }
-                    ))
-                }
-            }
         }
     }
 }
@@ -192,18 +190,27 @@ mod tests {
         assert_eq!(t.record(true), Some(true));
     }
 
+    fn launcher(dir: &std::path::Path) -> Launcher {
+        Launcher {
+            dir: dir.to_path_buf(),
+            user: crate::spawn::RunAs::resolve("", None).unwrap(),
+            env: Vec::new(),
+        }
+    }
+
     #[tokio::test]
     async fn tcp_and_exec_checks() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
+        let run = launcher(dir.path());
         let c = Checker::new(Check::Tcp, Duration::from_secs(1));
-        assert!(c.run(port, dir.path(), &[]).await.is_ok());
+        assert!(c.run(port, &run).await.is_ok());
         drop(l);
-        assert!(c.run(port, dir.path(), &[]).await.is_err());
+        assert!(c.run(port, &run).await.is_err());
 
         let ok = Checker::new(Check::Exec(vec!["true".into()]), Duration::from_secs(2));
-        assert!(ok.run(port, dir.path(), &[]).await.is_ok());
+        assert!(ok.run(port, &run).await.is_ok());
         let bad = Checker::new(
             Check::Exec(vec![
                 "sh".into(),
@@ -212,17 +219,23 @@ mod tests {
             ]),
             Duration::from_secs(2),
         );
-        let e = bad.run(port, dir.path(), &[]).await.unwrap_err();
-        assert!(e.contains("nope"), "{e}");
+        let e = bad.run(port, &run).await.unwrap_err();
+        assert_eq!(e, "sh exited with exit status: 3: nope");
         let slow = Checker::new(
             Check::Exec(vec!["sleep".into(), "5".into()]),
             Duration::from_millis(200),
         );
-        assert!(
-            slow.run(port, dir.path(), &[])
-                .await
-                .unwrap_err()
-                .contains("timed out")
+        assert_eq!(
+            slow.run(port, &run).await.unwrap_err(),
+            "health check timed out after 200ms"
+        );
+        let missing = Checker::new(
+            Check::Exec(vec!["./bin/check".into()]),
+            Duration::from_secs(2),
+        );
+        assert_eq!(
+            missing.run(port, &run).await.unwrap_err(),
+            "command ./bin/check: not found in the release"
         );
     }
 }

@@ -7,9 +7,11 @@ pub mod handover;
 pub mod health;
 pub mod http;
 pub mod link;
+pub mod ports;
 pub mod process;
 pub mod proxy;
 pub mod service;
+pub mod spawn;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -258,6 +260,33 @@ pub struct RunConfig {
     pub limits: artifact::Limits,
     /// The user slot processes run as when the plan names none (agent running as root).
     pub service_user: Option<String>,
+    /// Where slot processes' private ports come from (`--slot-ports`).
+    pub slot_ports: ports::PortRange,
+}
+
+/// Who may read what in the data dir. Service processes run as other users and must
+/// reach their release (`releases/`) and state (`state/<service>`) directories, and
+/// nothing else: the data dir and `releases/` let them through without listing, while
+/// the database, identity, logs and download cache are the agent's alone.
+fn secure_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (dir, mode) in [
+        (data_dir.to_path_buf(), 0o711),
+        (data_dir.join("releases"), 0o711),
+        (data_dir.join("identity"), 0o700),
+        (data_dir.join("logs"), 0o700),
+        (data_dir.join("cache"), 0o700),
+    ] {
+        spawn::ensure_dir(&dir, mode)?;
+    }
+    for file in ["agent.redb", "agent.json"] {
+        let path = data_dir.join(file);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("set permissions of {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The trusted artifact-signing keys: the command line's plus one hex key per line of
@@ -305,6 +334,17 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
     let store = Arc::new(
         store::Store::open(&cfg.data_dir.join("agent.redb")).context("open the agent store")?,
     );
+    secure_data_dir(&cfg.data_dir)?;
+    // Work an earlier run did not finish (killed mid-download or mid-unpack) is not
+    // resumed: its leftovers only take space.
+    let leftovers =
+        artifact::remove_leftovers(&cfg.data_dir.join("cache"), &cfg.data_dir.join("releases"));
+    if leftovers > 0 {
+        tracing::info!(
+            leftovers,
+            "removed partial downloads and unpacks left by an earlier run"
+        );
+    }
     // Slot processes of an earlier run that still run a desired spec are adopted by
     // their slots below; any other leftover is stopped, so no orphan keeps a port.
     let wanted: Vec<(String, String, String)> = store
@@ -362,6 +402,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             trusted_keys: keys,
             limits: cfg.limits.clone(),
             service_user: cfg.service_user.clone(),
+            slot_ports: cfg.slot_ports,
         },
         store,
         shutdown.clone(),

@@ -63,6 +63,10 @@ enum Cmd {
         /// agent running as root); a plan says `user = "root"` to run as root.
         #[arg(long)]
         service_user: Option<String>,
+        /// Private ports of slot processes on 127.0.0.1 come from this range, e.g.
+        /// 20000-29999 [default: 10000 to just below the kernel's ephemeral ports].
+        #[arg(long, value_name = "FIRST-LAST")]
+        slot_ports: Option<agent::ports::PortRange>,
     },
 }
 
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
                 max_unpacked_size,
                 fetch_stall_timeout,
                 service_user,
+                slot_ports,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -152,6 +157,8 @@ fn main() -> ExitCode {
                             ..Default::default()
                         },
                         service_user,
+                        slot_ports: slot_ports
+                            .unwrap_or_else(agent::ports::PortRange::default_for_host),
                     },
                     shutdown,
                 )

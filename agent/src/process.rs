@@ -1,8 +1,9 @@
-//! One slot's lifecycle: fetch and unpack its release, start the process with `${PORT}`
-//! (or adopt the one a previous agent run left serving the same spec), send its output
-//! to a capped log file, health-check it for as long as it runs, restart it with backoff
-//! when it crashes, and stop it (drain, SIGTERM, then SIGKILL after `stop_timeout`) when
-//! the slot is emptied.
+//! One slot's lifecycle: fetch and unpack its release, start the process through
+//! [`crate::spawn`] (as the slot's user, with a clean environment) on a port picked right
+//! before each start, or adopt the one a previous agent run left serving the same spec;
+//! send its output to a capped log file, health-check it for as long as it runs, restart
+//! it with backoff (on another port) when it crashes, and stop it (drain, SIGTERM, then
+//! SIGKILL after `stop_timeout`) when the slot is emptied.
 //!
 //! Slot processes write their output straight to the log file, not through the agent,
 //! so they outlive the agent: a restarted agent (re-executed for an upgrade, or started
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cutover_proto::v1::{SlotPhase, SlotSpec, health_spec};
+use cutover_proto::v1::{RunSpec, SlotPhase, SlotSpec, health_spec};
 use prost::Message;
 use sha2::Digest;
 use tokio::process::Child;
@@ -23,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::artifact::{self, Limits};
 use crate::health::{Check, Checker, Tally};
+use crate::ports::PortRange;
 use crate::proxy::SlotMetrics;
+use crate::spawn::{Launcher, RunAs};
 use crate::store::ProcessRecord;
 
 /// What a slot reports.
@@ -33,6 +36,9 @@ pub struct SlotState {
     pub phase: SlotPhase,
     pub error: String,
     pub restarts: u32,
+    /// The private port the slot's process listens on; 0 before its first start. It
+    /// changes when a start fails, so routes are taken from here.
+    pub port: u16,
     /// Preparation times in ms: download (with sha256), unpack, start to healthy.
     pub fetch_ms: u64,
     pub unpack_ms: u64,
@@ -44,14 +50,16 @@ pub struct SlotCtx {
     pub service: String,
     pub slot: &'static str,
     pub spec: SlotSpec,
-    pub port: u16,
+    /// Where the slot's private port is picked from.
+    pub ports: PortRange,
     pub drain: Duration,
     pub data_dir: PathBuf,
     pub limits: Limits,
     pub status: Arc<Mutex<SlotState>>,
     pub metrics: Arc<SlotMetrics>,
     pub changed: Arc<Notify>,
-    /// Told the service's name whenever this slot's phase changes, so routes follow health.
+    /// Told the service's name whenever this slot's phase or port changes, so routes
+    /// follow health and the process.
     pub phase_changed: tokio::sync::mpsc::UnboundedSender<String>,
     /// Largest size of a slot's log file before it is rotated.
     pub log_cap: u64,
@@ -148,16 +156,17 @@ impl SlotCtx {
             let _ = self.phase_changed.send(self.service.clone());
         }
     }
-}
 
-/// Resolves a relative program path containing `/` against the release directory, so
-/// `./bin/web` means the release's file; bare names are looked up on `PATH`.
-pub fn resolve_program(prog: &str, dir: &Path) -> PathBuf {
-    let p = Path::new(prog);
-    if p.is_relative() && prog.contains('/') {
-        dir.join(p)
-    } else {
-        p.to_path_buf()
+    /// Records the port the process gets and has the routes follow it.
+    fn set_port(&self, port: u16) {
+        let mut changed = false;
+        self.set(|s| {
+            changed = s.port != port;
+            s.port = port;
+        });
+        if changed {
+            let _ = self.phase_changed.send(self.service.clone());
+        }
     }
 }
 
@@ -199,6 +208,20 @@ pub fn prune_releases(data_dir: &Path, service: &str, keep: usize, in_use: &[Pat
     }
 }
 
+/// A partial download, removed when dropped: after unpacking, after a failure, and when
+/// preparation is cancelled midway.
+struct Partial(PathBuf);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %self.0.display(), error = %e, "remove partial download");
+        }
+    }
+}
+
 /// Fetches and unpacks the slot's release unless it is already on disk.
 async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
     let rel = ctx.spec.release.clone().unwrap_or_default();
@@ -213,25 +236,26 @@ async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
     ctx.phase(SlotPhase::Fetching, "");
     let fetch_started = Instant::now();
     let cache = ctx.data_dir.join("cache");
-    tokio::fs::create_dir_all(&cache)
+    crate::spawn::ensure_dir(&cache, 0o700).map_err(|e| e.to_string())?;
+    let download = Partial(cache.join(format!(
+        "{}-{}{}",
+        rel.sha256,
+        rand::random::<u32>(),
+        artifact::PARTIAL_SUFFIX
+    )));
+    artifact::fetch(&rel.artifact, &rel.sha256, &download.0, &ctx.limits)
         .await
-        .map_err(|e| format!("create {}: {e}", cache.display()))?;
-    let download = cache.join(format!("{}-{}.part", rel.sha256, rand::random::<u32>()));
-    let fetched = artifact::fetch(&rel.artifact, &rel.sha256, &download, &ctx.limits).await;
-    if let Err(e) = fetched {
-        let _ = tokio::fs::remove_file(&download).await;
-        return Err(e.to_string());
-    }
+        .map_err(|e| e.to_string())?;
     let fetch_ms = fetch_started.elapsed().as_millis() as u64;
     ctx.set(|s| s.fetch_ms = fetch_ms);
     ctx.phase(SlotPhase::Unpacking, "");
     let unpack_started = Instant::now();
-    let (d, dest, limits) = (download.clone(), dir.clone(), ctx.limits.clone());
+    let (d, dest, limits) = (download.0.clone(), dir.clone(), ctx.limits.clone());
     let unpacked = tokio::task::spawn_blocking(move || artifact::unpack(&d, &dest, &limits))
         .await
         .map_err(|e| format!("unpack: {e}"))
         .and_then(|r| r.map_err(|e| e.to_string()));
-    let _ = tokio::fs::remove_file(&download).await;
+    drop(download);
     let unpack_ms = unpack_started.elapsed().as_millis() as u64;
     ctx.set(|s| s.unpack_ms = unpack_ms);
     unpacked.map(|()| dir)
@@ -344,75 +368,13 @@ pub async fn reap_orphans(
     stopped
 }
 
-fn spawn(
-    ctx: &SlotCtx,
-    dir: &Path,
-    env: &[(String, String)],
-    log: &SlotLog,
-) -> Result<Running, String> {
+/// Starts the slot's process on `port` through [`crate::spawn`] and records it.
+fn spawn(ctx: &SlotCtx, launcher: &Launcher, port: u16, log: &SlotLog) -> Result<Running, String> {
     let run = ctx.spec.run.clone().unwrap_or_default();
-    let Some((prog, args)) = run.command.split_first() else {
-        return Err("no command to run".into());
-    };
-    let program = resolve_program(prog, dir);
-    if program.is_absolute() || prog.contains('/') {
-        use std::os::unix::fs::PermissionsExt;
-        match std::fs::metadata(&program) {
-            Err(_) => return Err(format!("command {prog}: not found in the release")),
-            Ok(m) if m.is_dir() => return Err(format!("command {prog}: is a directory")),
-            Ok(m) if m.permissions().mode() & 0o111 == 0 => {
-                return Err(format!("command {prog}: not executable"));
-            }
-            Ok(_) => {}
-        }
-    }
-    let mut cmd = tokio::process::Command::new(&program);
-    let root = nix::unistd::geteuid().is_root();
-    // The plan's user; else, for an agent running as root, its --service-user. A plan
-    // says `user = "root"` to run as root on purpose.
-    let name = if !run.user.is_empty() {
-        Some(run.user.as_str())
-    } else if root {
-        ctx.service_user.as_deref()
-    } else {
-        None
-    };
-    match name {
-        Some(name) if name != "root" || !root => {
-            let user = nix::unistd::User::from_name(name)
-                .map_err(|e| format!("look up user {name}: {e}"))?
-                .ok_or_else(|| format!("user {name} does not exist on this host"))?;
-            if !root && nix::unistd::geteuid() != user.uid {
-                return Err(format!(
-                    "running as user {name} needs an agent running as root"
-                ));
-            }
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
-            cmd.env("HOME", &user.dir)
-                .env("USER", name)
-                .env("LOGNAME", name);
-        }
-        Some(_) => {}
-        None if root => tracing::warn!(
-            service = ctx.service,
-            slot = ctx.slot,
-            "running the service as root: set [run] user in the plan, or start the agent with --service-user"
-        ),
-        None => {}
-    }
-    cmd.args(args.iter().map(|a| substitute(a, ctx.port)))
-        .current_dir(dir)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env_remove(crate::handover::ENV)
-        .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
-    let out = log.open()?;
-    let err = out
-        .try_clone()
-        .map_err(|e| format!("log file {}: {e}", log.path.display()))?;
-    cmd.stdout(out).stderr(err);
-    let child = cmd.spawn().map_err(|e| format!("start {prog}: {e}"))?;
+    let argv: Vec<String> = run.command.iter().map(|a| substitute(a, port)).collect();
+    let child = launcher
+        .start(&argv, &log.path)
+        .map_err(|e| e.to_string())?;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     let record = pid.and_then(|pid| {
         let r = ProcessRecord {
@@ -426,7 +388,7 @@ fn spawn(
                 .as_ref()
                 .map(|r| r.version.clone())
                 .unwrap_or_default(),
-            port: ctx.port,
+            port,
             spec_digest: spec_digest(&ctx.spec),
         };
         if let Err(e) = ctx.store.put_process(&r) {
@@ -488,17 +450,6 @@ impl SlotLog {
         SlotLog { path, cap }
     }
 
-    fn open(&self) -> Result<std::fs::File, String> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| format!("open log file {}: {e}", self.path.display()))
-    }
-
     fn rotate_if_full(&self) {
         let Ok(meta) = std::fs::metadata(&self.path) else {
             return;
@@ -525,6 +476,50 @@ impl SlotLog {
         let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
         Some(line.chars().take(300).collect())
     }
+}
+
+/// Who the slot's processes run as, and the service's state directory (created owned by
+/// that user); an error names what is wrong (an unknown user...).
+fn user_and_state(ctx: &SlotCtx, run: &RunSpec) -> Result<(RunAs, PathBuf), String> {
+    let user = RunAs::resolve(&run.user, ctx.service_user.as_deref()).map_err(|e| e.to_string())?;
+    if run.user.is_empty() && user.is_root() && ctx.service_user.is_none() {
+        tracing::warn!(
+            service = ctx.service,
+            slot = ctx.slot,
+            "running the service as root: set [run] user in the plan, or start the agent with --service-user"
+        );
+    }
+    let state =
+        crate::spawn::state_dir(&ctx.data_dir, &ctx.service, &user).map_err(|e| e.to_string())?;
+    Ok((user, state))
+}
+
+/// The variables a slot's processes (and its check commands) get on top of the clean
+/// base: the plan's `[run] env` with `${PORT}` filled in, then `PORT` and `CUTOVER_*`.
+fn slot_env(
+    ctx: &SlotCtx,
+    run: &RunSpec,
+    version: &str,
+    port: u16,
+    state_dir: &Path,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = run
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), substitute(v, port)))
+        .collect();
+    env.sort();
+    env.extend([
+        ("PORT".to_string(), port.to_string()),
+        ("CUTOVER_SERVICE".to_string(), ctx.service.clone()),
+        ("CUTOVER_RELEASE".to_string(), version.to_string()),
+        ("CUTOVER_SLOT".to_string(), ctx.slot.to_string()),
+        (
+            "CUTOVER_STATE_DIR".to_string(),
+            state_dir.to_string_lossy().into_owned(),
+        ),
+    ]);
+    env
 }
 
 fn check_of(spec: &SlotSpec) -> (Check, Duration, Duration, u32, u32, Duration) {
@@ -582,16 +577,19 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
     } else {
         run.stop_timeout_ms
     });
-    let mut env: Vec<(String, String)> = run
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), substitute(v, ctx.port)))
-        .collect();
-    env.sort();
-    env.push(("PORT".into(), ctx.port.to_string()));
-    env.push(("CUTOVER_SERVICE".into(), ctx.service.clone()));
-    env.push(("CUTOVER_RELEASE".into(), version.clone()));
-    env.push(("CUTOVER_SLOT".into(), ctx.slot.to_string()));
+    let (user, state_dir) = match user_and_state(&ctx, &run) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(service = ctx.service, slot = ctx.slot, release = version, error = %e, "slot process cannot run");
+            ctx.phase(SlotPhase::Failed, e);
+            return;
+        }
+    };
+    let launcher = |port: u16| Launcher {
+        dir: dir.clone(),
+        user: user.clone(),
+        env: slot_env(&ctx, &run, &version, port, &state_dir),
+    };
 
     let (check, interval, timeout, healthy_after, unhealthy_after, start_timeout) =
         check_of(&ctx.spec);
@@ -607,6 +605,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
     let mut ever_healthy = false;
     let mut early_exits = 0u32;
     let mut backoff = Duration::from_millis(500);
+    let mut last_port = None;
 
     loop {
         ctx.set(|s| {
@@ -618,35 +617,50 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
         });
         let mut tally = Tally::new(healthy_after, unhealthy_after);
         let adopted = adopt.take().filter(|r| alive(r.pid, r.start_ticks));
-        let mut running = if let Some(rec) = adopted {
+        let (mut running, launcher, port) = if let Some(rec) = adopted {
+            let launcher = launcher(rec.port);
+            ctx.set_port(rec.port);
             tracing::info!(
                 service = ctx.service,
                 slot = ctx.slot,
                 release = version,
-                port = ctx.port,
+                port = rec.port,
                 pid = rec.pid,
                 "adopted the slot process an earlier agent run started"
             );
             // It served before the agent restarted; one passing check confirms it still
             // does, so traffic is not held back while the usual thresholds fill up.
-            if checker.run(ctx.port, &dir, &env).await.is_ok() {
+            if checker.run(rec.port, &launcher).await.is_ok() {
                 tally.healthy = Some(true);
                 ever_healthy = true;
                 ctx.phase(SlotPhase::Healthy, "");
             }
-            Running::adopted(rec)
+            let port = rec.port;
+            (Running::adopted(rec), launcher, port)
         } else {
-            match spawn(&ctx, &dir, &env, &log) {
-                Ok(r) => {
+            // Picked right before the start, and another one after a failed start: a
+            // port taken meanwhile by someone else costs one restart, not the slot.
+            let started = ctx
+                .ports
+                .pick(last_port)
+                .map_err(|e| e.to_string())
+                .and_then(|port| {
+                    let launcher = launcher(port);
+                    spawn(&ctx, &launcher, port, &log).map(|r| (r, launcher, port))
+                });
+            match started {
+                Ok((r, launcher, port)) => {
+                    ctx.set_port(port);
                     tracing::info!(
                         service = ctx.service,
                         slot = ctx.slot,
                         release = version,
-                        port = ctx.port,
+                        port,
                         pid = r.pid,
+                        user = launcher.user.name,
                         "slot process started"
                     );
-                    r
+                    (r, launcher, port)
                 }
                 Err(e) => {
                     tracing::warn!(service = ctx.service, slot = ctx.slot, error = %e, "slot process did not start");
@@ -655,6 +669,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                 }
             }
         };
+        last_port = Some(port);
         let started = Instant::now();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -687,7 +702,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                 }
                 _ = tick.tick() => {
                     log.rotate_if_full();
-                    let r = checker.run(ctx.port, &dir, &env).await;
+                    let r = checker.run(port, &launcher).await;
                     if let Err(e) = &r {
                         last_check_error.clone_from(e);
                     }

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
+use crate::ports::PortRange;
 use crate::process::{self, SlotCtx, SlotState};
 use crate::proxy::{Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::store::{ProcessRecord, Store};
@@ -25,7 +26,6 @@ struct SlotRun {
     spec: SlotSpec,
     /// The desired generation that started this run.
     generation: u64,
-    port: u16,
     metrics: Arc<SlotMetrics>,
     status: Arc<Mutex<SlotState>>,
     cancel: CancellationToken,
@@ -67,33 +67,12 @@ pub struct Services {
     tasks: TaskTracker,
     trusted_keys: Arc<Vec<Vec<u8>>>,
     service_user: Option<String>,
+    slot_ports: PortRange,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
 }
 
 const SLOTS: [&str; 2] = ["blue", "green"];
-
-/// A free port on 127.0.0.1 for a slot process. It is taken from below the kernel's
-/// ephemeral range, where outgoing connections and other programs' port-0 listeners
-/// take theirs: a port found free there could be taken again before the slot process
-/// binds it.
-fn free_port() -> std::io::Result<u16> {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (lo, hi) = (10_000u16, ephemeral_low);
-    if hi > lo + 1000 {
-        for _ in 0..256 {
-            let p = rand::random_range(lo..hi);
-            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                return Ok(p);
-            }
-        }
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
 
 fn spec_of(d: &DesiredService, i: usize) -> Option<&SlotSpec> {
     if i == 0 {
@@ -134,6 +113,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Whom slot processes run as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
+    /// Where slot processes' private ports come from.
+    pub slot_ports: PortRange,
 }
 
 impl Services {
@@ -149,6 +130,7 @@ impl Services {
             trusted_keys,
             limits,
             service_user,
+            slot_ports,
         } = settings;
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
         Services {
@@ -158,6 +140,7 @@ impl Services {
             service_ip,
             limits,
             service_user,
+            slot_ports,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -269,12 +252,7 @@ impl Services {
                 old.cancel.cancel();
             }
             if let Some(spec) = want {
-                match self.start_slot(&d, name, spec.clone()) {
-                    Ok(run) => rt.slots[i] = Some(run),
-                    Err(e) => {
-                        tracing::error!(service = d.service, slot = name, error = %e, "start slot")
-                    }
-                }
+                rt.slots[i] = Some(self.start_slot(&d, name, spec.clone()));
             }
         }
 
@@ -390,7 +368,8 @@ impl Services {
                 Some((
                     w[i],
                     Upstream {
-                        port: run.port,
+                        // Where the process runs now: a failed start moves it.
+                        port: run.state().port,
                         metrics: run.metrics.clone(),
                     },
                 ))
@@ -423,25 +402,20 @@ impl Services {
         }
     }
 
-    fn start_slot(
-        &self,
-        d: &DesiredService,
-        slot: &'static str,
-        spec: SlotSpec,
-    ) -> std::io::Result<SlotRun> {
+    fn start_slot(&self, d: &DesiredService, slot: &'static str, spec: SlotSpec) -> SlotRun {
         let adopt = self.adoptable(&d.service, slot, &spec);
-        let port = match &adopt {
-            Some(rec) => rec.port,
-            None => free_port()?,
-        };
         let metrics = Arc::new(SlotMetrics::default());
-        let status = Arc::new(Mutex::new(SlotState::default()));
+        // An adopted process already listens: routes point at it from the start.
+        let status = Arc::new(Mutex::new(SlotState {
+            port: adopt.as_ref().map_or(0, |r| r.port),
+            ..SlotState::default()
+        }));
         let cancel = self.cancel.child_token();
         let ctx = SlotCtx {
             service: d.service.clone(),
             slot,
             spec: spec.clone(),
-            port,
+            ports: self.slot_ports,
             drain: Duration::from_millis(d.drain_ms),
             data_dir: self.data_dir.clone(),
             limits: self.limits.clone(),
@@ -456,14 +430,13 @@ impl Services {
             service_user: self.service_user.clone(),
         };
         self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
-        Ok(SlotRun {
+        SlotRun {
             spec,
             generation: d.generation,
-            port,
             metrics,
             status,
             cancel,
-        })
+        }
     }
 
     /// A live process that an earlier agent run started for exactly this slot and spec.
@@ -552,7 +525,7 @@ impl Services {
                             phase: st.phase as i32,
                             error: st.error,
                             restarts: st.restarts,
-                            port: u32::from(run.port),
+                            port: u32::from(st.port),
                             metrics: Some(run.metrics.snapshot()),
                             fetch_ms: st.fetch_ms,
                             unpack_ms: st.unpack_ms,

@@ -153,6 +153,8 @@ pub struct Cluster {
     pub serve_args: Vec<String>,
     /// Extra arguments for `cutover-agent run`; `{name}` is replaced by the host's name.
     pub agent_args: Vec<String>,
+    /// Extra environment variables for `cutover-agent run`.
+    pub agent_env: Vec<(String, String)>,
     /// The agent binary that [`Cluster::spawn_agent`] runs.
     pub agent_exe: PathBuf,
     /// Hosts that run in a network namespace: host name → namespace.
@@ -198,6 +200,7 @@ impl Cluster {
             listen: free_port(),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             agent_exe: bin_dir().join("cutover-agent"),
             netns: BTreeMap::new(),
         }
@@ -340,7 +343,8 @@ impl Cluster {
         cmd.args(["run", "--data-dir"])
             .arg(data_dir)
             .args(["--service-address", ip])
-            .args(self.agent_args.iter().map(|a| a.replace("{name}", name)));
+            .args(self.agent_args.iter().map(|a| a.replace("{name}", name)))
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         Proc::spawn(name, &mut cmd, self.dir.join(format!("{name}.log")))
     }
 

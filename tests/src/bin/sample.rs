@@ -2,7 +2,12 @@
 //! deploy, and the tool that packs it into release artifacts.
 //!
 //! `cutover-sample serve --port P` answers `GET /` with `release <version>`, `GET
-//! /healthz` with 200 and `GET /uid` with the user id it runs as. Its behaviour comes from `behaviour.env` in its working directory
+//! /healthz` with 200 and `GET /uid` with the user id it runs as. For tests of what a
+//! service may see and do on its host: `GET /env` lists its environment (`NAME=value`
+//! lines, sorted); `GET /state/write/NAME` writes `release <version>` to the file NAME in
+//! `$CUTOVER_STATE_DIR` and `GET /state/read/NAME` reads it back; `GET /write/PATH` tries
+//! to write to PATH, relative to its working directory, and answers 403 with the reason
+//! when it may not. Its behaviour comes from `behaviour.env` in its working directory
 //! (the release), so a "bad release" is bad because of what it ships:
 //! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
 //! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
@@ -159,6 +164,9 @@ async fn handle(
             .to_string();
         return reply(200, format!("{uid}\n"));
     }
+    if let Some(r) = host_request(req.uri().path(), &b.version) {
+        return reply(r.0, r.1);
+    }
     if req.uri().path() == "/healthz" {
         return if b.unhealthy {
             reply(500, "unhealthy\n".into())
@@ -176,6 +184,60 @@ async fn handle(
         return reply(500, format!("release {} failed this request\n", b.version));
     }
     reply(200, format!("release {}\n", b.version))
+}
+
+/// The endpoints about the host: environment, state directory, writing files.
+fn host_request(path: &str, version: &str) -> Option<(u16, String)> {
+    if path == "/env" {
+        let mut vars: Vec<String> = std::env::vars_os()
+            .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+            .collect();
+        vars.sort();
+        return Some((200, vars.join("\n") + "\n"));
+    }
+    if let Some(name) = path.strip_prefix("/state/") {
+        let (op, name) = name.split_once('/')?;
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        let Some(dir) = std::env::var_os("CUTOVER_STATE_DIR").filter(|_| plain) else {
+            return Some((
+                400,
+                "no CUTOVER_STATE_DIR, or not a plain file name\n".into(),
+            ));
+        };
+        let file = std::path::Path::new(&dir).join(name);
+        return Some(match op {
+            "write" => match std::fs::write(&file, format!("release {version}\n")) {
+                Ok(()) => (200, "written\n".into()),
+                Err(e) => (403, format!("{e}\n")),
+            },
+            "read" => match std::fs::read_to_string(&file) {
+                Ok(text) => (200, text),
+                Err(e) => (404, format!("{e}\n")),
+            },
+            _ => (404, "no such operation\n".into()),
+        });
+    }
+    let target = path.strip_prefix("/write/")?;
+    let rel = std::path::Path::new(target);
+    if !rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Some((400, "only paths inside the working directory\n".into()));
+    }
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rel)
+        .and_then(|mut f| f.write_all(b"written by the service\n"));
+    Some(match written {
+        Ok(()) => (200, "written\n".into()),
+        Err(e) => (403, format!("{e}\n")),
+    })
 }
 
 fn pack(args: &[String]) -> i32 {

@@ -140,31 +140,6 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the data dir so that other users can pass through it but not list or read it
-/// (mode 0711): a service user must reach its release under `releases/`, while the
-/// store, identity and logs stay the agent's. An existing dir open to others gets a
-/// warning.
-fn data_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(dir)
-        .with_context(|| format!("create data dir {}", dir.display()))?;
-    let mode = std::fs::metadata(dir)
-        .with_context(|| format!("read data dir {}", dir.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o066 != 0 {
-        tracing::warn!(
-            dir = %dir.display(),
-            mode = format!("{:o}", mode & 0o777),
-            "the data dir is readable or writable by other users; it holds the plans' secrets: chmod 711 it"
-        );
-    }
-    Ok(())
-}
-
 pub struct JoinConfig {
     pub coordinator: String,
     pub token: String,
@@ -186,7 +161,8 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
             .to_lowercase(),
     };
     cutover_shared::names::check_name("host", &name).map_err(anyhow::Error::msg)?;
-    data_dir(&cfg.data_dir)?;
+    // Other users may pass through the data dir to their release, never list it.
+    spawn::ensure_dir(&cfg.data_dir, 0o711)?;
 
     let (key_pem, csr_pem) = key_and_csr(&name)?;
 
@@ -330,7 +306,6 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             cfg.service_address
         );
     }
-    data_dir(&cfg.data_dir)?;
     let store = Arc::new(
         store::Store::open(&cfg.data_dir.join("agent.redb")).context("open the agent store")?,
     );

@@ -46,7 +46,7 @@ wait_for 20 "the coordinator" "$CUTOVER" hosts
 
 for i in 2 3 4; do
   token=$("$CUTOVER" token create --labels env=demo,role=web)
-  "$AGENT" join --coordinator "$COORD" --token "$token" --data-dir "$WORK/agent-$i" --name "web-$i" 2>/dev/null
+  CUTOVER_JOIN_TOKEN="$token" "$AGENT" join --coordinator "$COORD" --data-dir "$WORK/agent-$i" --name "web-$i" 2>/dev/null
   "$AGENT" run --data-dir "$WORK/agent-$i" --service-address "127.0.0.$i" >"$WORK/agent-$i.log" 2>&1 &
   pids+=($!)
 done

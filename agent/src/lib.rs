@@ -25,6 +25,57 @@ use cutover_shared::token::Token;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+/// The exit status of an agent whose host was removed from the coordinator (or enrolled
+/// again elsewhere): EX_CONFIG. The systemd unit does not restart on it
+/// (`RestartPreventExitStatus=78`); only a new join brings the host back.
+pub const EXIT_REVOKED: u8 = 78;
+
+/// The coordinator revoked this host's certificate; its words say why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HostRevoked(pub String);
+
+/// Where `join` may find the token besides `--token` (which `ps` shows to everyone).
+pub const JOIN_TOKEN_ENV: &str = "CUTOVER_JOIN_TOKEN";
+
+/// The join token from exactly one of `--token`, `--token-file` and the environment
+/// variable [`JOIN_TOKEN_ENV`] (an empty value counts as unset), checked for form.
+pub fn join_token(
+    flag: Option<String>,
+    file: Option<&Path>,
+    env: Option<String>,
+) -> anyhow::Result<String> {
+    let env = env.filter(|v| !v.trim().is_empty());
+    let given: Vec<&str> = [
+        flag.is_some().then_some("--token"),
+        file.is_some().then_some("--token-file"),
+        env.is_some().then_some(JOIN_TOKEN_ENV),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if given.len() > 1 {
+        bail!(
+            "the join token is given more than once ({}): give exactly one of --token-file, {JOIN_TOKEN_ENV} and --token",
+            given.join(", ")
+        );
+    }
+    let (source, text) = match (flag, file, env) {
+        (Some(t), _, _) => ("--token".to_string(), t),
+        (_, Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read --token-file {}", path.display()))?;
+            (format!("--token-file {}", path.display()), text)
+        }
+        (_, _, Some(t)) => (JOIN_TOKEN_ENV.to_string(), t),
+        _ => bail!(
+            "no join token: pass --token-file PATH or set {JOIN_TOKEN_ENV} (or pass --token, which other users see in `ps`)"
+        ),
+    };
+    Token::parse(&text).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+    Ok(text.trim().to_string())
+}
+
 /// What `join` stores in `DATA/agent.json`.
 #[derive(Debug, Serialize, Deserialize)]
 struct AgentFile {
@@ -412,7 +463,13 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
         restored,
         "agent running"
     );
-    link::run(cfg.data_dir.clone(), services, shutdown.clone()).await;
+    let linked = link::run(cfg.data_dir.clone(), services, shutdown.clone()).await;
+    if let Err(revoked) = &linked {
+        // A host the coordinator no longer knows must not keep serving releases nobody
+        // can roll back: stop the slots as on SIGTERM, and exit for good.
+        tracing::error!(host = identity.name, "{revoked}");
+        shutdown.cancel();
+    }
     tasks.close();
     if tokio::time::timeout(std::time::Duration::from_secs(60), tasks.wait())
         .await
@@ -421,5 +478,5 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
         tracing::warn!("some slots did not stop within 60s");
     }
     tracing::info!("agent stopped");
-    Ok(())
+    linked.map_err(anyhow::Error::from)
 }

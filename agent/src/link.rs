@@ -2,6 +2,8 @@
 //! state (at once, on every change, and every second with fresh counters) and applies
 //! the desired state it receives. It reconnects for ever with exponential backoff and
 //! jitter; a reconnect resends both sides' whole state, so nothing is lost or doubled.
+//! The one refusal it does not retry is a revoked certificate: the host was removed, or
+//! enrolled again elsewhere, and only a new join can bring it back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,8 +19,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::Identity;
 use crate::service::Services;
+use crate::{HostRevoked, Identity};
 
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -34,9 +36,37 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the link until `cancel`. The identity is read from `data_dir` before every
-/// connection, so a renewed certificate is used from the next connection on.
-pub async fn run(data_dir: PathBuf, services: Arc<Services>, cancel: CancellationToken) {
+/// How a session ended.
+enum Ended {
+    /// The coordinator revoked this host's certificate: retrying cannot help.
+    Revoked(String),
+    Failed(String),
+}
+
+impl From<String> for Ended {
+    fn from(e: String) -> Ended {
+        Ended::Failed(e)
+    }
+}
+
+impl From<tonic::Status> for Ended {
+    fn from(s: tonic::Status) -> Ended {
+        if s.metadata().get(cutover_proto::REVOKED_METADATA).is_some() {
+            Ended::Revoked(s.message().to_string())
+        } else {
+            Ended::Failed(format!("{}: {}", s.code(), s.message()))
+        }
+    }
+}
+
+/// Runs the link until `cancel`, or until the coordinator says this host's certificate
+/// is revoked. The identity is read from `data_dir` before every connection, so a
+/// renewed certificate is used from the next connection on.
+pub async fn run(
+    data_dir: PathBuf,
+    services: Arc<Services>,
+    cancel: CancellationToken,
+) -> Result<(), HostRevoked> {
     let builder = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(30))
@@ -48,21 +78,22 @@ pub async fn run(data_dir: PathBuf, services: Arc<Services>, cancel: Cancellatio
         match crate::load_identity(&data_dir) {
             Ok(identity) => match session(&data_dir, &identity, &services, &cancel).await {
                 Ok(()) => tracing::info!("coordinator stream closed"),
-                Err(e) => {
+                Err(Ended::Revoked(why)) => return Err(HostRevoked(why)),
+                Err(Ended::Failed(e)) => {
                     tracing::warn!(coordinator = identity.coordinator, error = %e, "coordinator stream")
                 }
             },
             Err(e) => tracing::error!(error = format!("{e:#}"), "read the agent's identity"),
         }
         if cancel.is_cancelled() {
-            return;
+            return Ok(());
         }
         if started.elapsed() > Duration::from_secs(10) {
             delays = builder.build();
         }
         let wait = delays.next().unwrap_or(Duration::from_secs(30));
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -73,7 +104,7 @@ async fn session(
     identity: &Identity,
     services: &Services,
     cancel: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Ended> {
     let cfg =
         cutover_proto::tls::client_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
             .map_err(|e| e.to_string())?;
@@ -88,11 +119,7 @@ async fn session(
     tx.send(observed(services.observe().await))
         .await
         .map_err(|e| e.to_string())?;
-    let mut inbound = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(
         coordinator = identity.coordinator,
         host = identity.name,
@@ -111,13 +138,13 @@ async fn session(
                 // Coalesce bursts of changes into one report.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 if tx.try_send(observed(services.observe().await)).is_err() {
-                    return Err("outgoing queue full".into());
+                    return Err(Ended::Failed("outgoing queue full".into()));
                 }
             }
             _ = report.tick() => {
                 services.maintain().await;
                 if tx.try_send(observed(services.observe().await)).is_err() {
-                    return Err("outgoing queue full".into());
+                    return Err(Ended::Failed("outgoing queue full".into()));
                 }
             }
             _ = renewal.tick(), if !renewed && identity.renewal_due(now_ms()) => {
@@ -131,7 +158,7 @@ async fn session(
             }
             _ = beat.tick() => {
                 if last_heard.elapsed() > SILENCE_LIMIT {
-                    return Err(format!("no word from the coordinator for {}s", SILENCE_LIMIT.as_secs()));
+                    return Err(Ended::Failed(format!("no word from the coordinator for {}s", SILENCE_LIMIT.as_secs())));
                 }
                 let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { unix_ms: now_ms() })) };
                 let _ = tx.try_send(hb);
@@ -149,7 +176,7 @@ async fn session(
                     }
                 }
                 Ok(None) => return Ok(()),
-                Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+                Err(s) => return Err(s.into()),
             },
         }
     }

@@ -20,14 +20,20 @@ enum Cmd {
     Join {
         #[arg(long)]
         coordinator: String,
+        /// The join token. Every user sees it in `ps`: prefer --token-file or the
+        /// environment variable CUTOVER_JOIN_TOKEN (exactly one of the three).
         #[arg(long)]
-        token: String,
+        token: Option<String>,
+        /// A file holding the join token.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         #[arg(long)]
         data_dir: PathBuf,
         /// Host name [default: the machine's hostname]
         #[arg(long)]
         name: Option<String>,
-        /// Labels added to the token's, as k=v,k2=v2
+        /// Labels added to the token's, as k=v,k2=v2: only keys the token allows
+        /// (`cutover token create --allow-labels`), never one the token sets.
         #[arg(long, default_value = "")]
         labels: String,
     },
@@ -100,10 +106,16 @@ fn main() -> ExitCode {
             Cmd::Join {
                 coordinator,
                 token,
+                token_file,
                 data_dir,
                 name,
                 labels,
             } => {
+                let token = agent::join_token(
+                    token,
+                    token_file.as_deref(),
+                    std::env::var(agent::JOIN_TOKEN_ENV).ok(),
+                )?;
                 let labels = cutover_shared::names::parse_labels(&labels)
                     .map_err(|m| anyhow::anyhow!("--labels: {m}"))?;
                 let name = agent::join(agent::JoinConfig {
@@ -168,6 +180,10 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Already logged, as the one line that says why.
+        Err(e) if e.downcast_ref::<agent::HostRevoked>().is_some() => {
+            ExitCode::from(agent::EXIT_REVOKED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

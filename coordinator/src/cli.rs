@@ -787,25 +787,40 @@ pub async fn remove_host(conn: &Conn, name: String, output: Output) -> Result<i3
     Ok(0)
 }
 
-pub async fn token_create(
-    conn: &Conn,
-    labels: std::collections::BTreeMap<String, String>,
-    ttl: cutover_shared::Duration,
-    uses: u32,
-    output: Output,
-) -> Result<i32> {
-    if ttl.is_zero() {
+/// What `cutover token create` asks for, parsed.
+pub struct NewToken {
+    pub labels: BTreeMap<String, String>,
+    pub allow_labels: Vec<String>,
+    pub name: Option<String>,
+    pub replace: Option<String>,
+    pub ttl: cutover_shared::Duration,
+    pub uses: u32,
+}
+
+pub async fn token_create(conn: &Conn, t: NewToken, output: Output) -> Result<i32> {
+    if t.ttl.is_zero() {
         return Err(Failure::new(2, "--ttl: must be more than 0s"));
     }
-    if uses == 0 {
+    if t.uses == 0 {
         return Err(Failure::new(2, "--uses: must be at least 1"));
+    }
+    if let (Some(n), Some(r)) = (&t.name, &t.replace)
+        && n != r
+    {
+        return Err(Failure::new(
+            2,
+            format!("--name {n} and --replace {r} name different hosts"),
+        ));
     }
     let mut client = conn.client().await?;
     let r = client
         .create_token(pb::CreateTokenRequest {
-            labels: labels.into_iter().collect(),
-            ttl_ms: ttl.as_millis(),
-            uses,
+            labels: t.labels.into_iter().collect(),
+            ttl_ms: t.ttl.as_millis(),
+            uses: t.uses,
+            name: t.name.unwrap_or_default(),
+            replace: t.replace.unwrap_or_default(),
+            allow_labels: t.allow_labels,
         })
         .await
         .map_err(status_failure)?
@@ -851,6 +866,9 @@ pub async fn token_list(conn: &Conn, output: Output) -> Result<i32> {
                     json!({
                         "id": t.id,
                         "labels": labels,
+                        "name": opt(&t.name),
+                        "replace": t.replace,
+                        "allow_labels": t.allow_labels,
                         "created_at": ms_to_rfc3339(t.created_unix_ms),
                         "expires_at": ms_to_rfc3339(t.expires_unix_ms),
                         "uses_left": t.uses_left,
@@ -861,25 +879,29 @@ pub async fn token_list(conn: &Conn, output: Output) -> Result<i32> {
         )),
         Output::Text => {
             println!(
-                "{:<18} {:<8} {:>9} {:<26} LABELS",
-                "ID", "STATE", "USES LEFT", "EXPIRES"
+                "{:<18} {:<8} {:>9} {:<26} {:<24} {:<16} LABELS",
+                "ID", "STATE", "USES LEFT", "EXPIRES", "HOST", "ALLOW LABELS"
             );
+            let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
             for t in &tokens {
                 let mut labels: Vec<String> =
                     t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 labels.sort();
                 let expires = ms_to_rfc3339(t.expires_unix_ms);
+                let host = match (t.name.as_str(), t.replace) {
+                    ("", _) => String::new(),
+                    (name, true) => format!("{name} (replace)"),
+                    (name, false) => name.to_string(),
+                };
                 println!(
-                    "{:<18} {:<8} {:>9} {:<26} {}",
+                    "{:<18} {:<8} {:>9} {:<26} {:<24} {:<16} {}",
                     t.id,
                     state(t),
                     t.uses_left,
                     expires.as_str().unwrap_or("-"),
-                    if labels.is_empty() {
-                        "-".into()
-                    } else {
-                        labels.join(",")
-                    }
+                    or_dash(host),
+                    or_dash(t.allow_labels.join(",")),
+                    or_dash(labels.join(","))
                 );
             }
         }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod engine;
 pub mod fleet;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod pki;
@@ -28,7 +29,7 @@ use cutover_proto::v1::{
     enroll_server::EnrollServer,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 /// Milliseconds since the Unix epoch, the coordinator's one clock for records.
 pub fn now_ms() -> u64 {
@@ -91,21 +92,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     cutover_proto::tls::install_default_provider();
     private_dir(&cfg.data_dir)?;
 
-    let mut names = cfg.server_names.clone();
-    names.push("localhost".into());
-    names.push("127.0.0.1".into());
-    if !cfg.listen.ip().is_unspecified() {
-        names.push(cfg.listen.ip().to_string());
-    }
-    if let Ok(h) = nix::unistd::gethostname()
-        && let Some(h) = h.to_str()
-    {
-        names.push(h.to_string());
-    }
-    names.sort();
-    names.dedup();
-    let pki =
-        pki::init_or_load(&cfg.data_dir, &names).context("set up the certificate authority")?;
+    let pki = pki::init_or_load(&cfg.data_dir).context("set up the certificate authority")?;
     let store =
         Arc::new(store::Store::open(&cfg.data_dir.join("cutover.redb")).context("open the store")?);
     let admin_der = pki::admin_cert_der(&cfg.data_dir)?;
@@ -117,6 +104,15 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         tracing::info!(path = %cfg.data_dir.join("admin").display(), "admin credentials created");
     }
     tracing::info!(fingerprint = pki.ca.fingerprint, "CA ready");
+    let ca = Arc::new(pki.ca);
+    let tls = listener::Tls::new(
+        ca.clone(),
+        cfg.data_dir.clone(),
+        cfg.server_names.clone(),
+        cfg.listen,
+    )
+    .context("issue the server certificate")?;
+    let clients = listener::ClientCheck::new(&ca).context("set up client certificate checks")?;
 
     let fleet = Arc::new(fleet::Fleet::default());
     for url in &cfg.webhooks {
@@ -128,14 +124,6 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     let metrics = Arc::new(metrics::Metrics::default());
     let (engine, handle) =
         engine::Engine::new(store.clone(), fleet.clone(), hooks, metrics.clone())?;
-    let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(
-            &pki.server_chain_pem,
-            &pki.server_key_pem,
-        ))
-        .client_ca_root(Certificate::from_pem(&pki.ca.cert_pem))
-        .client_auth_optional(true)
-        .timeout(std::time::Duration::from_secs(10));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("bind --listen {}", cfg.listen))?;
@@ -147,7 +135,8 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     let shared = Arc::new(server::Shared {
         store: store.clone(),
         fleet: fleet.clone(),
-        ca: pki.ca,
+        ca,
+        clients,
         engine: handle,
         cancel: shutdown.clone(),
         cert_ttl: cfg.cert_ttl,
@@ -164,18 +153,14 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
 
+    let incoming = tls.serve(listener, shutdown.clone(), &tasks);
     let grpc = Server::builder()
-        .tls_config(tls)
-        .context("configure TLS")?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(EnrollServer::new(api.clone()))
         .add_service(AgentLinkServer::new(api.clone()))
         .add_service(ControlServer::new(api))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let result = grpc.await.context("serve gRPC");
     shutdown.cancel();
     tasks.close();

@@ -131,14 +131,25 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
-    /// Create a join token; prints it alone on stdout.
+    /// Create a join token; prints it alone on stdout. A join under a name already
+    /// enrolled is refused unless the token was made with --replace NAME.
     Create {
+        /// The enrolled host's labels, as k=v,k2=v2; a join cannot change them.
         #[arg(long, default_value = "")]
         labels: String,
         #[arg(long, default_value = "1h")]
         ttl: cutover_shared::Duration,
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// Enrol only a host of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Enrol a new machine as this enrolled host; the old one's certificate is revoked.
+        #[arg(long, value_name = "NAME")]
+        replace: Option<String>,
+        /// Label keys `cutover-agent join --labels` may add, as k1,k2.
+        #[arg(long, default_value = "")]
+        allow_labels: String,
     },
     /// List join tokens (never their secrets).
     List,
@@ -251,11 +262,36 @@ async fn run(args: Args) -> cli::Result<i32> {
             Ok(0)
         }
         Cmd::Token {
-            command: TokenCmd::Create { labels, ttl, uses },
+            command:
+                TokenCmd::Create {
+                    labels,
+                    ttl,
+                    uses,
+                    name,
+                    replace,
+                    allow_labels,
+                },
         } => {
-            let labels = cutover_shared::names::parse_labels(&labels)
-                .map_err(|m| Failure::new(2, format!("--labels: {m}")))?;
-            cli::token_create(&conn, labels, ttl, uses, out).await
+            fn usage(flag: &'static str) -> impl Fn(String) -> Failure {
+                move |m| Failure::new(2, format!("{flag}: {m}"))
+            }
+            let names = cutover_shared::names::check_name;
+            let request = cli::NewToken {
+                labels: cutover_shared::names::parse_labels(&labels).map_err(usage("--labels"))?,
+                allow_labels: cutover_shared::names::parse_label_keys(&allow_labels)
+                    .map_err(usage("--allow-labels"))?,
+                name: name
+                    .map(|n| names("host", &n).map(|()| n))
+                    .transpose()
+                    .map_err(usage("--name"))?,
+                replace: replace
+                    .map(|n| names("host", &n).map(|()| n))
+                    .transpose()
+                    .map_err(usage("--replace"))?,
+                ttl,
+                uses,
+            };
+            cli::token_create(&conn, request, out).await
         }
         Cmd::Token {
             command: TokenCmd::List,

@@ -13,7 +13,56 @@ use crate::analysis::{Counters, MetricResult, Verdict};
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Identity {
     Admin,
-    Agent { host: String },
+    Agent {
+        host: String,
+    },
+    /// An agent certificate that no longer opens anything. It is kept so that its holder
+    /// learns why and stops, rather than retrying for ever.
+    Revoked {
+        host: String,
+        reason: Revocation,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocation {
+    /// `cutover hosts remove`.
+    Removed,
+    /// Another machine joined under the host's name with a `--replace` token.
+    Replaced,
+}
+
+impl Revocation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Revocation::Removed => "removed",
+            Revocation::Replaced => "replaced",
+        }
+    }
+}
+
+/// Which host names a join token enrols.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenHost {
+    /// Any name that is not enrolled yet.
+    #[default]
+    Any,
+    /// Only this name, and only while it is not enrolled (`token create --name`).
+    Named(String),
+    /// Only this name, replacing the host enrolled under it (`token create --replace`).
+    Replaces(String),
+}
+
+impl TokenHost {
+    /// The name the token is pinned to, if any.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            TokenHost::Any => None,
+            TokenHost::Named(n) | TokenHost::Replaces(n) => Some(n),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -21,12 +70,18 @@ pub struct TokenRecord {
     pub id: String,
     /// Hex SHA-256 of the token's secret; the secret itself is never stored.
     pub secret_sha256: String,
+    /// The enrolled host's labels; a join cannot change them.
     pub labels: BTreeMap<String, String>,
     pub created_unix_ms: u64,
     pub expires_unix_ms: u64,
     pub uses_left: u32,
     #[serde(default)]
     pub revoked: bool,
+    #[serde(default)]
+    pub host: TokenHost,
+    /// Label keys a join may add (`join --labels`), sorted.
+    #[serde(default)]
+    pub allow_labels: Vec<String>,
 }
 
 impl TokenRecord {
@@ -40,6 +95,8 @@ impl TokenRecord {
             expires_unix_ms: 0,
             uses_left: 0,
             revoked: true,
+            host: TokenHost::Any,
+            allow_labels: Vec::new(),
         }
     }
 }
@@ -292,4 +349,46 @@ pub struct RollbackTiming {
     pub first_bad_unix_ms: u64,
     pub decided_unix_ms: u64,
     pub done_unix_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before tokens could pin names and allow labels, and before
+    /// revoked certificates were remembered, still load.
+    #[test]
+    fn records_from_before_an_upgrade_still_load() {
+        let token: TokenRecord = serde_json::from_str(
+            r#"{"id":"ab12","secret_sha256":"00","labels":{"env":"dev"},
+                "created_unix_ms":1,"expires_unix_ms":2,"uses_left":1}"#,
+        )
+        .unwrap();
+        assert_eq!(token.host, TokenHost::Any);
+        assert!(token.allow_labels.is_empty() && !token.revoked);
+        let host: HostRecord = serde_json::from_str(
+            r#"{"name":"web-1","labels":{},"cert_fingerprint":"aa","joined_unix_ms":1}"#,
+        )
+        .unwrap();
+        assert_eq!(host.previous_fingerprint, None);
+        let id: Identity = serde_json::from_str(r#"{"role":"agent","host":"web-1"}"#).unwrap();
+        assert_eq!(
+            id,
+            Identity::Agent {
+                host: "web-1".into()
+            }
+        );
+        let round = |i: &Identity| {
+            serde_json::from_str::<Identity>(&serde_json::to_string(i).unwrap()).unwrap()
+        };
+        let revoked = Identity::Revoked {
+            host: "web-1".into(),
+            reason: Revocation::Replaced,
+        };
+        assert_eq!(round(&revoked), revoked);
+        let mut t = token.clone();
+        t.host = TokenHost::Replaces("web-1".into());
+        let back: TokenRecord = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back.host, t.host);
+    }
 }

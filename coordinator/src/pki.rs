@@ -41,13 +41,18 @@ pub struct Ca {
     pub fingerprint: String,
 }
 
-/// What `init_or_load` returns: the CA plus the server's own chain and key.
+/// What `init_or_load` returns: the CA, and whether this start made the admin
+/// credentials.
 pub struct Pki {
     pub ca: Ca,
-    pub server_chain_pem: String,
-    pub server_key_pem: String,
     /// Set when the admin credentials were created by this start.
     pub admin_created: Option<Vec<u8>>,
+}
+
+/// The server certificate's file, `DATA/pki/server.crt`: public, rewritten whenever the
+/// certificate is issued (its key stays in memory), so operators can see its names.
+pub fn server_cert_path(dir: &Path) -> PathBuf {
+    dir.join("pki").join("server.crt")
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
@@ -163,8 +168,9 @@ impl Ca {
         })
     }
 
-    /// Signs a server certificate for `names` (DNS names or IPs).
-    fn server_cert(&self, names: &[String]) -> Result<(String, String), Error> {
+    /// Signs a server certificate for `names` (DNS names or IPs): (certificate PEM, key
+    /// PEM).
+    pub fn server_cert(&self, names: &[String]) -> Result<(String, String), Error> {
         let key = KeyPair::generate()?;
         let sans = names.iter().filter_map(|n| dns(n)).collect();
         let mut p = leaf_params("cutover coordinator", sans, TimeDuration::days(3650));
@@ -200,9 +206,9 @@ impl Ca {
     }
 }
 
-/// Creates the PKI in `dir` on first start, or loads it. The server certificate is
-/// issued again on every start so that new `--server-name`s take effect.
-pub fn init_or_load(dir: &Path, server_names: &[String]) -> Result<Pki, Error> {
+/// Creates the PKI in `dir` on first start, or loads it. The server certificate is not
+/// kept: `listener` issues it on every start, and again when its names change.
+pub fn init_or_load(dir: &Path) -> Result<Pki, Error> {
     let pki = dir.join("pki");
     mkdir(&pki)?;
     let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
@@ -215,9 +221,6 @@ pub fn init_or_load(dir: &Path, server_names: &[String]) -> Result<Pki, Error> {
         ca
     };
 
-    let (server_pem, server_key) = ca.server_cert(server_names)?;
-    let server_chain_pem = format!("{server_pem}{}", ca.cert_pem);
-
     let admin = dir.join("admin");
     mkdir(&admin)?;
     let admin_created = if admin.join("client.crt").exists() && admin.join("client.key").exists() {
@@ -229,12 +232,20 @@ pub fn init_or_load(dir: &Path, server_names: &[String]) -> Result<Pki, Error> {
         Some(cert_der)
     };
     write_private(&admin.join("ca.crt"), ca.cert_pem.as_bytes())?;
-    Ok(Pki {
-        ca,
-        server_chain_pem,
-        server_key_pem: server_key,
-        admin_created,
-    })
+    Ok(Pki { ca, admin_created })
+}
+
+/// Writes the server certificate in use to [`server_cert_path`].
+pub fn write_server_cert(dir: &Path, cert_pem: &str) -> Result<(), Error> {
+    let path = server_cert_path(dir);
+    let tmp = path.with_extension("tmp");
+    let io = |source| Error::Io {
+        action: "write",
+        path: path.clone(),
+        source,
+    };
+    fs::write(&tmp, cert_pem).map_err(io)?;
+    fs::rename(&tmp, &path).map_err(io)
 }
 
 /// The admin certificate's DER as stored in `dir/admin/client.crt`.

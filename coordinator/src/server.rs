@@ -2,6 +2,7 @@
 //! token is the credential), `AgentLink` (agent certificates only) and `Control` (admin
 //! certificates only). Domain errors become `tonic::Status` here and nowhere else.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use cutover_proto::v1::{
     self as pb, AgentMessage, CoordinatorMessage, agent_link_server::AgentLink, agent_message,
     control_server::Control, coordinator_message, enroll_server::Enroll,
 };
-use cutover_shared::names::check_name;
+use cutover_shared::names::{check_label, check_label_key, check_name};
 use cutover_shared::plan::Plan;
 use futures_util::Stream;
 use prost::Message;
@@ -21,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{self, Handle};
 use crate::fleet::Fleet;
-use crate::model::{DeploymentRecord, HostRecord, Identity};
+use crate::model::{DeploymentRecord, HostRecord, Identity, Revocation, TokenHost};
 use crate::pki::Ca;
 use crate::report;
 use crate::rollout::{self, Command};
@@ -35,7 +36,10 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 pub struct Shared {
     pub store: Arc<Store>,
     pub fleet: Arc<Fleet>,
-    pub ca: Ca,
+    pub ca: Arc<Ca>,
+    /// Checks client certificates against the CA (the TLS layer leaves that to us, so
+    /// that a refusal can say why).
+    pub clients: crate::listener::ClientCheck,
     pub engine: Handle,
     pub cancel: CancellationToken,
     /// How long agent certificates are valid.
@@ -58,17 +62,57 @@ impl From<engine::Error> for Status {
     }
 }
 
+impl From<tokens::Error> for Status {
+    fn from(e: tokens::Error) -> Status {
+        use tokens::Error as E;
+        let message = e.to_string();
+        match e {
+            E::Unknown | E::Expired | E::UsedUp => Status::unauthenticated(message),
+            E::Enrolled(_) => Status::already_exists(message),
+            E::WrongName { .. } | E::LabelFixed { .. } | E::LabelNotAllowed { .. } => {
+                Status::permission_denied(message)
+            }
+        }
+    }
+}
+
+/// The refusal of a revoked agent certificate: it says why, and carries
+/// [`cutover_proto::REVOKED_METADATA`] so that the agent stops for good.
+fn revoked(host: &str, reason: Revocation) -> Status {
+    let message = match reason {
+        Revocation::Removed => {
+            format!("host {host} was removed from the coordinator; join again with a new token")
+        }
+        Revocation::Replaced => format!(
+            "host {host} was enrolled again by a join with a --replace token, which revoked this certificate; join again with a new token"
+        ),
+    };
+    let mut status = Status::permission_denied(message);
+    status.metadata_mut().insert(
+        cutover_proto::REVOKED_METADATA,
+        tonic::metadata::MetadataValue::from_static(reason.as_str()),
+    );
+    status
+}
+
 impl Shared {
     /// Who presented the client certificate of `req`, from the store.
     fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
         let certs = req
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let leaf = certs
-            .first()
+        let (leaf, chain) = certs
+            .split_first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let fp = cutover_proto::tls::fingerprint(leaf);
-        self.store.identity(&fp).map_err(internal)?.ok_or_else(|| {
+        let found = self.store.identity(&fp).map_err(internal)?;
+        if let Some(Identity::Revoked { host, reason }) = &found {
+            return Err(revoked(host, *reason));
+        }
+        self.clients
+            .check(leaf, chain)
+            .map_err(Status::unauthenticated)?;
+        found.ok_or_else(|| {
             Status::permission_denied("certificate revoked or unknown to this coordinator")
         })
     }
@@ -76,7 +120,7 @@ impl Shared {
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
         match self.identity(req)? {
             Identity::Admin => Ok(()),
-            Identity::Agent { .. } => Err(Status::permission_denied(
+            Identity::Agent { .. } | Identity::Revoked { .. } => Err(Status::permission_denied(
                 "the control API requires admin credentials",
             )),
         }
@@ -85,7 +129,7 @@ impl Shared {
     fn agent<T>(&self, req: &Request<T>) -> Result<String, Status> {
         match self.identity(req)? {
             Identity::Agent { host } => Ok(host),
-            Identity::Admin => Err(Status::permission_denied(
+            Identity::Admin | Identity::Revoked { .. } => Err(Status::permission_denied(
                 "the agent stream requires an agent certificate",
             )),
         }
@@ -111,37 +155,51 @@ impl Enroll for Api {
             ));
         }
         check_name("host", &r.name).map_err(Status::invalid_argument)?;
+        let asked: BTreeMap<String, String> = r.labels.into_iter().collect();
+        for (k, v) in &asked {
+            check_label(k, v).map_err(|m| Status::invalid_argument(format!("--labels: {m}")))?;
+        }
         let (cert_pem, der) =
             s.ca.sign_agent_csr(&r.csr_pem, &r.name, s.cert_ttl)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let fp = cutover_proto::tls::fingerprint(&der);
         let now = now_ms();
-        let host = s
+        let join = tokens::Join {
+            name: &r.name,
+            labels: &asked,
+        };
+        let done = s
             .store
-            .enroll(
-                &token.id,
-                |rec| tokens::spend(rec, &token, now),
-                |rec| {
-                    // The token's labels, then the agent's own --labels on top.
-                    let mut labels = rec.labels.clone();
-                    labels.extend(r.labels.clone());
-                    HostRecord {
-                        name: r.name.clone(),
-                        labels,
-                        cert_fingerprint: fp.clone(),
-                        joined_unix_ms: now,
-                        previous_fingerprint: None,
-                    }
-                },
-            )
+            .enroll(&token.id, &r.name, |rec, enrolled| {
+                let labels = tokens::admit(rec, &token, &join, enrolled.is_some(), now)?;
+                Ok::<_, tokens::Error>(HostRecord {
+                    name: r.name.clone(),
+                    labels,
+                    cert_fingerprint: fp.clone(),
+                    joined_unix_ms: now,
+                    previous_fingerprint: None,
+                })
+            })
             .map_err(internal)?
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        tracing::info!(host = r.name, "host joined");
+            .map_err(|e| {
+                tracing::warn!(host = r.name, token = token.id, error = %e, "join refused");
+                Status::from(e)
+            })?;
+        if done.replaced.is_some() {
+            // The replaced machine's stream ends; its reconnect is refused as revoked.
+            s.fleet.forget(&r.name);
+            tracing::warn!(
+                host = r.name,
+                token = token.id,
+                "host replaced by a new join; its old certificate is revoked"
+            );
+        }
+        tracing::info!(host = r.name, token = token.id, "host joined");
         Ok(Response::new(pb::JoinResponse {
             certificate_pem: cert_pem,
             ca_pem: s.ca.cert_pem.clone(),
             name: r.name,
-            labels: host.labels.into_iter().collect(),
+            labels: done.host.labels.into_iter().collect(),
             not_after_unix_ms: now.saturating_add(s.cert_ttl.as_millis() as u64),
         }))
     }
@@ -165,9 +223,7 @@ impl AgentLink for Api {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let fp = cutover_proto::tls::fingerprint(&der);
         if !s.store.renew(&host, &fp).map_err(internal)? {
-            return Err(Status::permission_denied(format!(
-                "host {host} was removed"
-            )));
+            return Err(revoked(&host, Revocation::Removed));
         }
         tracing::info!(host, "agent certificate renewed");
         Ok(Response::new(pb::RenewResponse {
@@ -183,9 +239,7 @@ impl AgentLink for Api {
         let s = self.0.clone();
         let host = s.agent(&req)?;
         if s.store.host(&host).map_err(internal)?.is_none() {
-            return Err(Status::permission_denied(format!(
-                "host {host} was removed"
-            )));
+            return Err(revoked(&host, Revocation::Removed));
         }
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<CoordinatorMessage>(256);
@@ -371,14 +425,10 @@ impl Control for Api {
         let r = req.into_inner();
         let ttl = if r.ttl_ms == 0 { 3_600_000 } else { r.ttl_ms };
         let uses = if r.uses == 0 { 1 } else { r.uses };
-        let (tok, rec) = tokens::issue(
-            &s.ca.fingerprint,
-            r.labels.into_iter().collect(),
-            ttl,
-            uses,
-            now_ms(),
-        );
+        let grant = grant(&s.store, r)?;
+        let (tok, rec) = tokens::issue(&s.ca.fingerprint, grant, ttl, uses, now_ms());
         s.store.put_token(&rec).map_err(internal)?;
+        tracing::info!(token = rec.id, host = ?rec.host, "join token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token: tok.encode(),
             id: rec.id,
@@ -398,12 +448,15 @@ impl Control for Api {
             .map_err(internal)?
             .into_iter()
             .map(|t| pb::TokenInfo {
+                name: t.host.name().unwrap_or_default().to_string(),
+                replace: matches!(t.host, TokenHost::Replaces(_)),
                 id: t.id,
                 labels: t.labels.into_iter().collect(),
                 created_unix_ms: t.created_unix_ms,
                 expires_unix_ms: t.expires_unix_ms,
                 uses_left: t.uses_left,
                 revoked: t.revoked,
+                allow_labels: t.allow_labels,
             })
             .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
@@ -561,6 +614,54 @@ impl Control for Api {
         let dep = s.engine.command(r.id, command, actor(&r.actor)).await?;
         Ok(Response::new(deployment_to_pb(&dep)))
     }
+}
+
+/// What a `token create` request grants, checked: label syntax, the host name it pins
+/// or replaces (which must be enrolled), and the label keys a join may add.
+fn grant(store: &Store, r: pb::CreateTokenRequest) -> Result<tokens::Grant, Status> {
+    let bad = |flag: &str, m: String| Status::invalid_argument(format!("{flag}: {m}"));
+    let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+    for (k, v) in &labels {
+        check_label(k, v).map_err(|m| bad("--labels", m))?;
+    }
+    let mut allow_labels = r.allow_labels;
+    allow_labels.sort();
+    allow_labels.dedup();
+    for k in &allow_labels {
+        check_label_key(k).map_err(|m| bad("--allow-labels", m))?;
+        if labels.contains_key(k) {
+            return Err(bad(
+                "--allow-labels",
+                format!("label {k} is set by the token's --labels, which a join cannot change"),
+            ));
+        }
+    }
+    let host = match (r.name.as_str(), r.replace.as_str()) {
+        ("", "") => TokenHost::Any,
+        (name, "") => {
+            check_name("host", name).map_err(|m| bad("--name", m))?;
+            TokenHost::Named(name.to_string())
+        }
+        (name, replace) if name.is_empty() || name == replace => {
+            check_name("host", replace).map_err(|m| bad("--replace", m))?;
+            if store.host(replace).map_err(internal)?.is_none() {
+                return Err(Status::not_found(format!(
+                    "--replace {replace}: no host of that name is enrolled (see `cutover hosts`); --name pins the name of a new host"
+                )));
+            }
+            TokenHost::Replaces(replace.to_string())
+        }
+        (name, replace) => {
+            return Err(Status::invalid_argument(format!(
+                "--name {name} and --replace {replace} name different hosts"
+            )));
+        }
+    };
+    Ok(tokens::Grant {
+        labels,
+        host,
+        allow_labels,
+    })
 }
 
 /// Who a request says asked for it, as the timeline shows it: printable, at most 100

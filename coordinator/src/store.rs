@@ -14,7 +14,9 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::model::{DeploymentRecord, HostRecord, Identity, ServiceRecord, TokenRecord};
+use crate::model::{
+    DeploymentRecord, HostRecord, Identity, Revocation, ServiceRecord, TokenRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -228,6 +230,13 @@ pub struct Store {
     db: Db,
 }
 
+/// What [`Store::enroll`] did.
+pub struct Enrolled {
+    pub host: HostRecord,
+    /// The host record it replaced (a `--replace` token); its certificates are revoked.
+    pub replaced: Option<HostRecord>,
+}
+
 /// A set of writes committed together.
 #[derive(Default)]
 pub struct Batch {
@@ -360,43 +369,41 @@ impl Store {
         Ok(true)
     }
 
-    /// Enrols a host in one transaction: spends one use of the token (checked by
-    /// `check`), records the host made by `host` from the token, and its certificate's
-    /// identity. Returns the host record, or the check's refusal.
+    /// Enrols host `name` in one transaction: `admit` sees the token's record and the host
+    /// already enrolled under `name` (if any), and either refuses (nothing is written, the
+    /// token is not spent) or spends a use and returns the new host record. A host it
+    /// replaces has its certificates revoked.
     pub fn enroll<E>(
         &self,
         token_id: &str,
-        check: impl FnOnce(&mut TokenRecord) -> Result<(), E>,
-        host: impl FnOnce(&TokenRecord) -> HostRecord,
-    ) -> Result<Result<HostRecord, E>, Error> {
+        name: &str,
+        admit: impl FnOnce(&mut TokenRecord, Option<&HostRecord>) -> Result<HostRecord, E>,
+    ) -> Result<Result<Enrolled, E>, Error> {
         let w = self.db.begin_write()?;
-        let record;
+        let enrolled;
         {
             let mut tokens = w.open_table(TOKENS)?;
+            let mut hosts = w.open_table(HOSTS)?;
             let raw = tokens.get(token_id)?.map(|v| v.value().to_vec());
             let mut tok = match raw {
                 Some(raw) => decode(TOKENS, token_id, &raw)?,
                 None => TokenRecord::unknown(),
             };
-            if let Err(e) = check(&mut tok) {
-                drop(tokens);
-                w.abort()?;
-                return Ok(Err(e));
-            }
+            let old = hosts.get(name)?.map(|v| v.value().to_vec());
+            let old: Option<HostRecord> = old.map(|b| decode(HOSTS, name, &b)).transpose()?;
+            let record = match admit(&mut tok, old.as_ref()) {
+                Ok(record) => record,
+                Err(e) => {
+                    drop((tokens, hosts));
+                    w.abort()?;
+                    return Ok(Err(e));
+                }
+            };
             let bytes = serde_json::to_vec(&tok).unwrap_or_default();
             tokens.insert(token_id, bytes.as_slice())?;
-            record = host(&tok);
-
-            let mut hosts = w.open_table(HOSTS)?;
             let mut ids = w.open_table(IDENTITIES)?;
-            // A host joining again replaces its old certificate.
-            if let Some(old) = hosts.get(record.name.as_str())?.map(|v| v.value().to_vec())
-                && let Ok(old) = serde_json::from_slice::<HostRecord>(&old)
-            {
-                ids.remove(old.cert_fingerprint.as_str())?;
-                if let Some(prev) = &old.previous_fingerprint {
-                    ids.remove(prev.as_str())?;
-                }
+            if let Some(old) = &old {
+                revoke(&mut ids, old, Revocation::Replaced)?;
             }
             let hb = serde_json::to_vec(&record).unwrap_or_default();
             hosts.insert(record.name.as_str(), hb.as_slice())?;
@@ -405,9 +412,13 @@ impl Store {
             })
             .unwrap_or_default();
             ids.insert(record.cert_fingerprint.as_str(), ib.as_slice())?;
+            enrolled = Enrolled {
+                host: record,
+                replaced: old,
+            };
         }
         w.commit()?;
-        Ok(Ok(record))
+        Ok(Ok(enrolled))
     }
 
     /// Records a renewed certificate for `host`: the new one becomes current, the current
@@ -452,7 +463,8 @@ impl Store {
         self.list(HOSTS, "")
     }
 
-    /// Forgets a host and revokes its certificate. Returns false if it was unknown.
+    /// Forgets a host and revokes its certificates: they are remembered as revoked, so
+    /// that its agent is told the host was removed. Returns false if it was unknown.
     pub fn remove_host(&self, name: &str) -> Result<bool, Error> {
         let w = self.db.begin_write()?;
         let found;
@@ -463,10 +475,7 @@ impl Store {
             if let Some(old) = old {
                 let old: HostRecord = decode(HOSTS, name, &old)?;
                 let mut ids = w.open_table(IDENTITIES)?;
-                ids.remove(old.cert_fingerprint.as_str())?;
-                if let Some(prev) = &old.previous_fingerprint {
-                    ids.remove(prev.as_str())?;
-                }
+                revoke(&mut ids, &old, Revocation::Removed)?;
             }
             let mut desired = w.open_table(DESIRED)?;
             let prefix = format!("{name}/");
@@ -563,6 +572,23 @@ impl Store {
     }
 }
 
+/// Marks every certificate of `host` revoked for `reason`.
+fn revoke(
+    ids: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    host: &HostRecord,
+    reason: Revocation,
+) -> Result<(), Error> {
+    let tombstone = serde_json::to_vec(&Identity::Revoked {
+        host: host.name.clone(),
+        reason,
+    })
+    .unwrap_or_default();
+    for fp in std::iter::once(&host.cert_fingerprint).chain(&host.previous_fingerprint) {
+        ids.insert(fp.as_str(), tombstone.as_slice())?;
+    }
+    Ok(())
+}
+
 fn decode<T: DeserializeOwned>(t: Table, key: &str, b: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(b).map_err(|source| Error::Decode {
         table: t.name().to_string(),
@@ -603,5 +629,73 @@ mod tests {
         assert!(s.remove_host("web-1").unwrap());
         assert!(s.desired_for_host("web-1").unwrap().is_empty());
         assert!(!s.remove_host("web-1").unwrap());
+    }
+
+    fn host(name: &str, fp: &str) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            labels: Default::default(),
+            cert_fingerprint: fp.into(),
+            joined_unix_ms: 1,
+            previous_fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn enroll_refuses_atomically_and_revokes_what_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let mut tok = TokenRecord::unknown();
+        tok.id = "t1".into();
+        tok.uses_left = 3;
+        s.put_token(&tok).unwrap();
+        let spend = |t: &mut TokenRecord| t.uses_left -= 1;
+
+        let first = s
+            .enroll("t1", "web-1", |t, old| {
+                assert!(old.is_none());
+                spend(t);
+                Ok::<_, ()>(host("web-1", "aa"))
+            })
+            .unwrap()
+            .unwrap();
+        assert!(first.replaced.is_none());
+
+        // A refusal changes nothing, even after the closure touched the token.
+        let refused = s
+            .enroll("t1", "web-1", |t, old| {
+                assert_eq!(old.map(|h| h.cert_fingerprint.as_str()), Some("aa"));
+                spend(t);
+                Err("taken")
+            })
+            .unwrap();
+        assert!(matches!(refused, Err("taken")));
+        assert_eq!(s.tokens().unwrap()[0].uses_left, 2);
+        assert_eq!(s.host("web-1").unwrap().unwrap().cert_fingerprint, "aa");
+
+        // Replacing revokes the old certificate and says why.
+        let done = s
+            .enroll("t1", "web-1", |t, _| {
+                spend(t);
+                Ok::<_, ()>(host("web-1", "bb"))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.replaced.map(|h| h.cert_fingerprint), Some("aa".into()));
+        let revoked = |reason| {
+            Some(Identity::Revoked {
+                host: "web-1".into(),
+                reason,
+            })
+        };
+        assert_eq!(s.identity("aa").unwrap(), revoked(Revocation::Replaced));
+        assert_eq!(
+            s.identity("bb").unwrap(),
+            Some(Identity::Agent {
+                host: "web-1".into()
+            })
+        );
+        assert!(s.remove_host("web-1").unwrap());
+        assert_eq!(s.identity("bb").unwrap(), revoked(Revocation::Removed));
     }
 }

@@ -9,3 +9,7 @@ pub mod v1 {
 pub mod tls;
 
 pub use v1::*;
+
+/// Metadata key on the refusal of a revoked agent certificate; its value says why
+/// (`removed` or `replaced`). Agents stop for good when they see it.
+pub const REVOKED_METADATA: &str = "cutover-revoked";

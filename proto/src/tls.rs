@@ -182,6 +182,23 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), Error> {
     Ok((host.to_string(), port))
 }
 
+/// Adds the cure to a handshake failure that has a known one.
+fn explain(e: std::io::Error, host: &str) -> std::io::Error {
+    use rustls::CertificateError as C;
+    let hint = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => format!(
+            "the coordinator's certificate does not name {host}: start it with `cutover serve --server-name {host}` (it then issues itself a new certificate from the same CA), or connect through a name it has"
+        ),
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+            "the coordinator's certificate is not from the CA trusted here (check which credentials are used)".to_string()
+        }
+        _ => return e,
+    };
+    std::io::Error::new(e.kind(), format!("{e}; {hint}"))
+}
+
 /// Opens a gRPC channel to `addr` over TLS with `config`.
 pub async fn connect(addr: &str, config: ClientConfig) -> Result<Channel, Error> {
     let (host, port) = split_host_port(addr)?;
@@ -198,7 +215,10 @@ pub async fn connect(addr: &str, config: ClientConfig) -> Result<Channel, Error>
         async move {
             let tcp = TcpStream::connect((target.0.as_str(), target.1)).await?;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            let tls = connector
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| explain(e, &target.0))?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });

@@ -1,4 +1,5 @@
-//! Names of services and hosts, and `k=v` label lists as the command line writes them.
+//! Names of services and hosts, and labels: the one rule each must follow, and `k=v`
+//! label lists as the command line writes them.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +21,42 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `k=v,k2=v2` (as `--labels` takes it). An empty string is no labels.
+/// The rule for label keys and values alike: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 63
+/// characters. Returns what is wrong with `text`.
+fn label_rule(text: &str) -> Result<(), &'static str> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if text.is_empty() {
+        Err("is empty")
+    } else if text.len() > 63 {
+        Err("is longer than 63 characters")
+    } else if !text.chars().all(ok_char) || !text.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        Err("may only hold A-Z, a-z, 0-9, '.', '_' and '-', and must start with a letter or digit")
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks a label key alone (as `--allow-labels` lists them).
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    label_rule(key).map_err(|why| format!("label key {key:?} {why}"))
+}
+
+/// Checks one label wherever labels enter: token labels, `join --labels`, a plan's
+/// `[targets] labels`. The error names the bad key or value.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    check_label_key(key)?;
+    label_rule(value).map_err(|why| {
+        let hint = if value.contains(['=', ' ']) {
+            " (separate labels with commas: k=v,k2=v2)"
+        } else {
+            ""
+        };
+        format!("label {key}: value {value:?} {why}{hint}")
+    })
+}
+
+/// Parses `k=v,k2=v2` (as `--labels` takes it) and checks every key and value. An empty
+/// string is no labels.
 pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -31,8 +67,24 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
         if k.is_empty() {
             return Err(format!("label {part:?} has an empty key"));
         }
-        out.insert(k.to_string(), v.to_string());
+        check_label(k, v)?;
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("label {k} is given twice"));
+        }
     }
+    Ok(out)
+}
+
+/// Parses `k1,k2` (as `--allow-labels` takes it): label keys, each checked.
+pub fn parse_label_keys(text: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for key in text.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        check_label_key(key)?;
+        if !out.iter().any(|k| k == key) {
+            out.push(key.to_string());
+        }
+    }
+    out.sort();
     Ok(out)
 }
 
@@ -68,5 +120,43 @@ mod tests {
         let sel = parse_labels("env=prod").unwrap();
         assert!(labels_match(&sel, &l));
         assert!(!labels_match(&parse_labels("env=dev").unwrap(), &l));
+    }
+
+    #[test]
+    fn label_syntax_is_one_rule_for_keys_and_values() {
+        assert!(check_label("Env.1", "eu-west_2").is_ok());
+        assert!(check_label(&"k".repeat(63), &"v".repeat(63)).is_ok());
+        // A space where a comma belongs: the value is named, with the hint.
+        let e = parse_labels("env=prod role=web").unwrap_err();
+        assert!(e.contains("label env: value \"prod role=web\""), "{e}");
+        assert!(e.contains("separate labels with commas"), "{e}");
+        let e = parse_labels("my key=x").unwrap_err();
+        assert!(e.contains("label key \"my key\""), "{e}");
+        for (k, v) in [
+            ("env", ""),
+            ("-env", "x"),
+            ("env", ".x"),
+            ("env", "a/b"),
+            ("é", "x"),
+            ("env", "x\n"),
+        ] {
+            assert!(check_label(k, v).is_err(), "{k}={v:?}");
+        }
+        let e = check_label(&"k".repeat(64), "x").unwrap_err();
+        assert!(e.contains("longer than 63"), "{e}");
+        let e = check_label("env", &"v".repeat(64)).unwrap_err();
+        assert!(e.starts_with("label env: value"), "{e}");
+        assert!(parse_labels("env=a,env=b").unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn label_keys() {
+        assert_eq!(
+            parse_label_keys("role, zone,role").unwrap(),
+            vec!["role".to_string(), "zone".to_string()]
+        );
+        assert!(parse_label_keys("").unwrap().is_empty());
+        let e = parse_label_keys("role,bad key").unwrap_err();
+        assert!(e.contains("label key \"bad key\""), "{e}");
     }
 }

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
-use crate::names::check_name;
+use crate::names::{check_label, check_name};
 
 /// A deployment plan, as written in the plan file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -416,6 +416,9 @@ impl Plan {
     /// Checks values that the types alone do not rule out.
     pub fn validate(&self) -> Result<(), Invalid> {
         check_name("service", &self.service).map_err(|m| invalid(&[K("service")], m))?;
+        for (k, v) in &self.targets.labels {
+            check_label(k, v).map_err(|m| invalid(&[K("targets"), K("labels")], m))?;
+        }
 
         let r = &self.release;
         if r.version.trim().is_empty() {

@@ -144,6 +144,8 @@ pub struct Cluster {
     _tmp: Option<tempfile::TempDir>,
     pub bin: PathBuf,
     pub coord_addr: String,
+    /// What the coordinator binds (`--listen`) when not `coord_addr`, e.g. `0.0.0.0:PORT`.
+    pub coord_listen: Option<String>,
     pub http_addr: String,
     pub coordinator: Option<Proc>,
     pub agents: Vec<Agent>,
@@ -194,6 +196,7 @@ impl Cluster {
             _tmp: Some(tmp),
             bin: bin_dir(),
             coord_addr: format!("{coord_ip}:{}", free_port()),
+            coord_listen: None,
             http_addr: format!("127.0.0.1:{}", free_port()),
             coordinator: None,
             agents: Vec::new(),
@@ -204,6 +207,12 @@ impl Cluster {
             agent_exe: bin_dir().join("cutover-agent"),
             netns: BTreeMap::new(),
         }
+    }
+
+    /// A cluster with nothing started: the CLI talks to 127.0.0.1 and `serve_args` go to
+    /// `cutover serve`. Set `coord_listen` before `start_coordinator` to bind elsewhere.
+    pub fn unstarted(serve_args: &[&str]) -> Cluster {
+        Cluster::new("127.0.0.1", serve_args)
     }
 
     /// A coordinator on `fabric`'s bridge address and one agent per namespace, named
@@ -233,7 +242,11 @@ impl Cluster {
         let mut cmd = Command::new(self.bin.join("cutover"));
         cmd.args(["serve", "--data-dir"])
             .arg(self.dir.join("coordinator"))
-            .args(["--listen", &self.coord_addr, "--http", &self.http_addr])
+            .args([
+                "--listen",
+                self.coord_listen.as_ref().unwrap_or(&self.coord_addr),
+            ])
+            .args(["--http", &self.http_addr])
             .args(&self.serve_args);
         self.coordinator = Some(Proc::spawn(
             "coordinator",

@@ -212,6 +212,21 @@ fn refusals() {
             "program",
         ),
         ("hosts = \"50%\"", "hosts = \"150%\"", "share"),
+        (
+            "role = \"web\"",
+            "role = \"web server\"",
+            "targets.labels: label role: value \"web server\"",
+        ),
+        (
+            "env = \"prod\"",
+            "\"my env\" = \"prod\"",
+            "targets.labels: label key \"my env\"",
+        ),
+        (
+            "role = \"web\"",
+            "role = \"\"",
+            "label role: value \"\" is empty",
+        ),
     ];
     for (from, to, want) in cases {
         let base = spec_example();

@@ -184,8 +184,7 @@ impl Cluster {
     }
 
     /// A cluster with nothing started yet; the coordinator will listen on `coord_ip`.
-    /// Start it with [`Cluster::start_coordinator`] and add agents.
-    pub fn new(coord_ip: &str, serve_args: &[&str]) -> Cluster {
+    fn new(coord_ip: &str, serve_args: &[&str]) -> Cluster {
         let tmp = tempfile::Builder::new()
             .prefix("cutover-e2e-")
             .tempdir()

@@ -19,7 +19,7 @@ fn healthz(c: &Cluster) -> String {
 
 #[test]
 fn a_full_disk_stops_the_coordinator_writing_and_freeing_space_is_enough() {
-    let mut c = Cluster::new("127.0.0.1", &[]);
+    let mut c = Cluster::unstarted(&[]);
     let disk = Tmpfs::mount(&c.dir.join("coordinator"), "8m");
     c.start_coordinator();
     c.add_agent("web-1", "127.68.0.2", "env=test");

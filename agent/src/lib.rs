@@ -234,6 +234,8 @@ pub struct RunConfig {
     pub limits: artifact::Limits,
     /// The user slot processes run as when the plan names none (agent running as root).
     pub service_user: Option<String>,
+    /// Connection cap and idle timeouts of every listener: the public ports and `--http`.
+    pub listen_limits: proxy::Limits,
 }
 
 /// The trusted artifact-signing keys: the command line's plus one hex key per line of
@@ -337,6 +339,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             trusted_keys: keys,
             limits: cfg.limits.clone(),
             service_user: cfg.service_user.clone(),
+            proxy_limits: cfg.listen_limits,
         },
         store,
         shutdown.clone(),
@@ -349,7 +352,13 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             .await
             .with_context(|| format!("bind --http {addr}"))?;
         tracing::info!(%addr, "serving /metrics");
-        tasks.spawn(http::serve(listener, services.clone(), shutdown.clone()));
+        let limits = cfg.listen_limits.listen;
+        tasks.spawn(http::serve(
+            listener,
+            limits,
+            services.clone(),
+            shutdown.clone(),
+        ));
     }
     let restored = services.restore().await?;
     {

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
 use crate::process::{self, SlotCtx, SlotState};
-use crate::proxy::{Mode, Proxy, Routes, SlotMetrics, Upstream};
+use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::store::{ProcessRecord, Store};
 
 struct SlotRun {
@@ -56,6 +56,7 @@ pub struct Services {
     data_dir: PathBuf,
     service_ip: IpAddr,
     limits: Limits,
+    proxy_limits: proxy::Limits,
     store: Arc<Store>,
     runtimes: tokio::sync::Mutex<HashMap<String, Runtime>>,
     /// Signalled whenever something worth reporting changed.
@@ -134,6 +135,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Whom slot processes run as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
+    /// Connection cap and idle timeouts of the public ports.
+    pub proxy_limits: proxy::Limits,
 }
 
 impl Services {
@@ -149,6 +152,7 @@ impl Services {
             trusted_keys,
             limits,
             service_user,
+            proxy_limits,
         } = settings;
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
         Services {
@@ -158,6 +162,7 @@ impl Services {
             service_ip,
             limits,
             service_user,
+            proxy_limits,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -183,14 +188,15 @@ impl Services {
                 .map(|at| inh.swap_remove(at))
         };
         if let Some(i) = taken {
-            match Proxy::adopt(i.fd, addr, mode, &self.cancel, &self.tasks) {
+            let limits = self.proxy_limits;
+            match Proxy::adopt(i.fd, addr, mode, limits, &self.cancel, &self.tasks) {
                 Ok(p) => return Ok(p),
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "inherited socket not usable; binding anew")
                 }
             }
         }
-        Proxy::bind(addr, mode, &self.cancel, &self.tasks)
+        Proxy::bind(addr, mode, self.proxy_limits, &self.cancel, &self.tasks)
     }
 
     /// Applies every desired state kept in the store (start-up, before any coordinator).

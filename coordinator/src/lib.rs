@@ -61,6 +61,26 @@ pub struct ServeConfig {
     pub cert_ttl: std::time::Duration,
     /// URLs that receive deployment events (JSON, with retries).
     pub webhooks: Vec<String>,
+    /// Connection cap and idle timeout of both listeners.
+    pub limits: cutover_proto::listen::Limits,
+}
+
+/// The gRPC port's connections, accepted under the cap with backoff: tonic's own accept
+/// loop retries a failing `accept` at once, spinning while descriptors run out.
+fn incoming(
+    listener: tokio::net::TcpListener,
+    limits: cutover_proto::listen::Limits,
+) -> impl futures_util::Stream<Item = std::io::Result<cutover_proto::listen::Conn>> {
+    let acceptor = cutover_proto::listen::Acceptor::new(
+        listener,
+        cutover_proto::listen::Cap::new(limits.max_connections),
+        "--listen",
+    );
+    futures_util::stream::unfold(acceptor, |mut acceptor| async move {
+        let conn = acceptor.accept().await;
+        let _ = conn.stream().set_nodelay(true);
+        Some((Ok(conn), acceptor))
+    })
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
@@ -113,7 +133,13 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         ))
         .client_ca_root(Certificate::from_pem(&pki.ca.cert_pem))
         .client_auth_optional(true)
-        .timeout(std::time::Duration::from_secs(10));
+        // A connection that never finishes its handshake holds a descriptor and a place
+        // under the cap until this ends it.
+        .timeout(
+            cfg.limits
+                .idle_timeout
+                .min(std::time::Duration::from_secs(10)),
+        );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("bind --listen {}", cfg.listen))?;
@@ -136,6 +162,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     tasks.spawn(engine.run(shutdown.clone()));
     tasks.spawn(http::serve(
         http_listener,
+        cfg.limits,
         store.clone(),
         fleet.clone(),
         metrics,
@@ -151,7 +178,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         .add_service(AgentLinkServer::new(api.clone()))
         .add_service(ControlServer::new(api))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            incoming(listener, cfg.limits),
             shutdown.clone().cancelled_owned(),
         );
     let result = grpc.await.context("serve gRPC");

@@ -1163,6 +1163,30 @@ mod tests {
         );
     }
 
+    #[test]
+    fn only_the_hosts_own_shortages_spare_the_slot() {
+        use nix::errno::Errno;
+        for mine in [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::EADDRNOTAVAIL,
+        ] {
+            assert!(host_short(&std::io::Error::from_raw_os_error(mine as i32)));
+        }
+        for slots in [
+            Errno::ECONNREFUSED,
+            Errno::ECONNRESET,
+            Errno::ETIMEDOUT,
+            Errno::EPIPE,
+        ] {
+            assert!(!host_short(&std::io::Error::from_raw_os_error(
+                slots as i32
+            )));
+        }
+        assert!(!host_short(&std::io::Error::other("no code")));
+    }
+
     /// Polls `cond` every 10 ms, for 5 s at most.
     async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);

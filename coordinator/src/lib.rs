@@ -169,6 +169,10 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
 
+    // A connection costs a place under the cap from accept on: until its TLS handshake
+    // ends (or times out), then for as long as it answers the keep-alive pings, which
+    // close a dead peer's within 10 s (so TCP keepalive adds nothing). An agent's stream
+    // lives as long as the agent, so established connections have no idle timeout.
     let grpc = Server::builder()
         .tls_config(tls)
         .context("configure TLS")?

@@ -1,31 +1,33 @@
 //! The agent's optional plain-HTTP side (`--http ADDR`): `/healthz` and `/metrics` in
 //! Prometheus text format, per service and slot, from the same counters the agent
-//! reports to the coordinator.
+//! reports to the coordinator. Its connections are capped and time out like every
+//! listener's ([`cutover_proto::listen`]).
 
 use std::fmt::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cutover_proto::listen::{Acceptor, Cap, Limits};
 use cutover_proto::v1::{ObservedService, SlotPhase, SlotStatus};
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::service::Services;
 
-pub async fn serve(listener: TcpListener, services: Arc<Services>, cancel: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    limits: Limits,
+    services: Arc<Services>,
+    cancel: CancellationToken,
+) {
+    let mut listener = Acceptor::new(listener, Cap::new(limits.max_connections), "--http");
     loop {
-        let (stream, _) = tokio::select! {
+        let conn = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on --http");
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
         };
         let services = services.clone();
         tokio::spawn(async move {
@@ -51,8 +53,12 @@ pub async fn serve(listener: TcpListener, services: Arc<Services>, cancel: Cance
                     )
                 }
             });
+            // The header-read timer also runs while a kept-alive connection waits for its
+            // next request: it is the idle timeout too.
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.idle_timeout)
+                .serve_connection(TokioIo::new(conn), svc)
                 .await;
         });
     }

@@ -289,6 +289,8 @@ pub struct RunConfig {
     pub service_user: Option<String>,
     /// Where slot processes' private ports come from (`--slot-ports`).
     pub slot_ports: ports::PortRange,
+    /// Connection cap and idle timeouts of every listener: the public ports and `--http`.
+    pub listen_limits: proxy::Limits,
 }
 
 /// Who may read what in the data dir. Service processes run as other users and must
@@ -429,6 +431,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             limits: cfg.limits.clone(),
             service_user: cfg.service_user.clone(),
             slot_ports: cfg.slot_ports,
+            proxy_limits: cfg.listen_limits,
         },
         store,
         shutdown.clone(),
@@ -441,7 +444,13 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             .await
             .with_context(|| format!("bind --http {addr}"))?;
         tracing::info!(%addr, "serving /metrics");
-        tasks.spawn(http::serve(listener, services.clone(), shutdown.clone()));
+        let limits = cfg.listen_limits.listen;
+        tasks.spawn(http::serve(
+            listener,
+            limits,
+            services.clone(),
+            shutdown.clone(),
+        ));
     }
     let restored = services.restore().await?;
     {

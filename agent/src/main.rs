@@ -73,6 +73,19 @@ enum Cmd {
         /// 20000-29999 [default: 10000 to just below the kernel's ephemeral ports].
         #[arg(long, value_name = "FIRST-LAST")]
         slot_ports: Option<agent::ports::PortRange>,
+        /// Connections each listener (every public port, --http) keeps open at once;
+        /// more wait in the kernel's accept queue.
+        #[arg(long, default_value_t = cutover_proto::listen::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// An HTTP connection that has not sent a complete request head this long after
+        /// it was opened, or after its previous response, is closed (header-read and
+        /// keep-alive idle timeout).
+        #[arg(long, default_value = "75s", value_parser = parse_duration)]
+        idle_timeout: std::time::Duration,
+        /// A connection to a TCP-mode public port that carries no byte either way for
+        /// this long is closed.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        tcp_idle_timeout: std::time::Duration,
     },
 }
 
@@ -140,7 +153,16 @@ fn main() -> ExitCode {
                 fetch_stall_timeout,
                 service_user,
                 slot_ports,
+                max_connections,
+                idle_timeout,
+                tcp_idle_timeout,
             } => {
+                if idle_timeout.is_zero() || tcp_idle_timeout.is_zero() {
+                    anyhow::bail!("--idle-timeout and --tcp-idle-timeout: must be more than 0s");
+                }
+                if max_connections == 0 {
+                    anyhow::bail!("--max-connections: must be at least 1");
+                }
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
                 tokio::spawn(async move {
@@ -171,6 +193,13 @@ fn main() -> ExitCode {
                         service_user,
                         slot_ports: slot_ports
                             .unwrap_or_else(agent::ports::PortRange::default_for_host),
+                        listen_limits: agent::proxy::Limits {
+                            listen: cutover_proto::listen::Limits {
+                                max_connections,
+                                idle_timeout,
+                            },
+                            tcp_idle_timeout,
+                        },
                     },
                     shutdown,
                 )

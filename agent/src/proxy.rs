@@ -2,7 +2,10 @@
 //! and green slots by weight — per request for HTTP (HTTP/1.1 keep-alive to clients,
 //! pooled connections to the slots), per connection for TCP. The routing table is one
 //! `ArcSwap<Routes>`, replaced whole, so a switch is atomic. Every request is counted
-//! per slot: requests, 5xx responses, upstream failures and a latency histogram.
+//! per slot: requests, 5xx responses, upstream failures and a latency histogram — and
+//! only what the slot did counts: a request the client broke (a malformed or aborted
+//! body, a missing `Host`) is answered 400 and counted nowhere, so clients cannot make a
+//! good release look bad. Connections are capped and time out when idle ([`Limits`]).
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -12,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use cutover_proto::listen::{self, Acceptor, Cap, Watched};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -161,6 +165,27 @@ pub enum Mode {
     Tcp,
 }
 
+/// Limits of a public listener.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The connection cap, and the HTTP header-read and keep-alive idle timeout.
+    pub listen: listen::Limits,
+    /// TCP mode: a connection that carries no byte either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            listen: listen::Limits::default(),
+            tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How long a TCP-mode connection may carry nothing, unless configured otherwise.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
@@ -213,6 +238,9 @@ struct Phase {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub mode: Mode,
+    limits: Limits,
+    /// Places under the connection cap, kept across restarts of the accept loop.
+    cap: Cap,
     shared: Arc<Shared>,
     /// Ends everything: accept loop and connections.
     cancel: CancellationToken,
@@ -228,6 +256,7 @@ impl Proxy {
     pub fn bind(
         addr: SocketAddr,
         mode: Mode,
+        limits: Limits,
         parent: &CancellationToken,
         tasks: &TaskTracker,
     ) -> std::io::Result<Proxy> {
@@ -240,7 +269,7 @@ impl Proxy {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?.into_std()?;
-        Self::serve(OwnedFd::from(listener), addr, mode, parent, tasks)
+        Self::serve(OwnedFd::from(listener), addr, mode, limits, parent, tasks)
     }
 
     /// Serves on a listening socket inherited from the agent run before this one. The
@@ -249,6 +278,7 @@ impl Proxy {
         fd: OwnedFd,
         addr: SocketAddr,
         mode: Mode,
+        limits: Limits,
         parent: &CancellationToken,
         tasks: &TaskTracker,
     ) -> std::io::Result<Proxy> {
@@ -259,19 +289,22 @@ impl Proxy {
                 "inherited socket listens on {at}, not {addr}"
             )));
         }
-        Self::serve(OwnedFd::from(l), addr, mode, parent, tasks)
+        Self::serve(OwnedFd::from(l), addr, mode, limits, parent, tasks)
     }
 
     fn serve(
         listener: OwnedFd,
         addr: SocketAddr,
         mode: Mode,
+        limits: Limits,
         parent: &CancellationToken,
         tasks: &TaskTracker,
     ) -> std::io::Result<Proxy> {
         let p = Proxy {
             addr,
             mode,
+            limits,
+            cap: Cap::new(limits.listen.max_connections),
             shared: Arc::default(),
             cancel: parent.child_token(),
             phase: std::sync::Mutex::new(Phase::default()),
@@ -285,7 +318,7 @@ impl Proxy {
     fn start_accepting(&self) -> std::io::Result<()> {
         let l = std::net::TcpListener::from(self.listener.try_clone()?);
         l.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(l)?;
+        let listener = Acceptor::new(TcpListener::from_std(l)?, self.cap.clone(), "proxy");
         let phase = Phase {
             accepting: self.cancel.child_token(),
             close_idle: self.cancel.child_token(),
@@ -298,10 +331,17 @@ impl Proxy {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
         self.shared.draining.store(false, Ordering::Relaxed);
         let (mode, cancel, tasks) = (self.mode, self.cancel.clone(), self.tasks.clone());
+        let limits = self.limits;
         self.tasks.spawn(async move {
             match mode {
-                Mode::Http => serve_http(listener, shared, stop, close_idle, cancel, tasks).await,
-                Mode::Tcp => serve_tcp(listener, shared, stop, cancel, tasks).await,
+                Mode::Http => {
+                    let idle = limits.listen.idle_timeout;
+                    serve_http(listener, idle, shared, stop, close_idle, cancel, tasks).await
+                }
+                Mode::Tcp => {
+                    let idle = limits.tcp_idle_timeout;
+                    serve_tcp(listener, idle, shared, stop, cancel, tasks).await
+                }
             }
         });
         Ok(())
@@ -360,7 +400,8 @@ impl Drop for Proxy {
 }
 
 async fn serve_http(
-    listener: TcpListener,
+    mut listener: Acceptor,
+    idle_timeout: Duration,
     shared: Arc<Shared>,
     stop: CancellationToken,
     close_idle: CancellationToken,
@@ -376,18 +417,12 @@ async fn serve_http(
         .pool_timer(TokioTimer::new())
         .build(connector);
     loop {
-        let (stream, peer) = tokio::select! {
+        let conn = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "proxy accept");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
         };
-        let _ = stream.set_nodelay(true);
+        let _ = conn.stream().set_nodelay(true);
+        let peer = conn.peer();
         let open = Open::new(&shared);
         let shared = shared.clone();
         let client = client.clone();
@@ -401,12 +436,14 @@ async fn serve_http(
                     Ok::<_, std::convert::Infallible>(forward(req, peer, &shared, &client).await)
                 }
             });
+            // The header-read timer also runs while a kept-alive connection waits for its
+            // next request: it is the idle timeout too.
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(idle_timeout)
                 .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(conn), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {},
@@ -423,6 +460,8 @@ async fn serve_http(
     }
 }
 
+/// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded; nor are those that
+/// `Connection` names.
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
@@ -453,6 +492,12 @@ async fn route(
     shared: &Shared,
     client: &Client<HttpConnector, Incoming>,
 ) -> Response<Body> {
+    if !one_host(&req) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "exactly one Host header is required\n",
+        );
+    }
     let upstream = {
         let table = shared.routes.load();
         match table.pick() {
@@ -473,9 +518,7 @@ async fn route(
     };
     *req.uri_mut() = uri;
     let h = req.headers_mut();
-    for name in HOP_BY_HOP {
-        h.remove(name);
-    }
+    strip_hop_by_hop(h);
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", peer.ip()),
         None => peer.ip().to_string(),
@@ -489,39 +532,128 @@ async fn route(
             upstream
                 .metrics
                 .observe(started.elapsed(), Some(resp.status()));
-            for name in HOP_BY_HOP {
-                resp.headers_mut().remove(name);
-            }
+            strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
-        Err(e) => {
-            upstream.metrics.observe(started.elapsed(), None);
-            tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
-            text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
-        }
+        Err(e) => match fault(&e) {
+            Fault::Slot => {
+                upstream.metrics.observe(started.elapsed(), None);
+                tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
+                text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+            }
+            Fault::Client => {
+                tracing::debug!(port = upstream.port, error = %e, "client request body failed");
+                text(
+                    StatusCode::BAD_REQUEST,
+                    "malformed or incomplete request body\n",
+                )
+            }
+            Fault::Host => {
+                tracing::debug!(port = upstream.port, error = %e, "no socket for the slot");
+                text(StatusCode::SERVICE_UNAVAILABLE, "proxy out of resources\n")
+            }
+        },
     }
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`; HTTP/1.0 may omit it.
+fn one_host(req: &Request<Incoming>) -> bool {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => req.version() < Version::HTTP_11,
+        (Some(_), None) => true,
+        (Some(_), Some(_)) => false,
+    }
+}
+
+/// Removes the hop-by-hop fields and those `Connection` names. Allocates only when
+/// `Connection` names more than `close` or `keep-alive`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in h.get_all(header::CONNECTION) {
+        for option in value.as_bytes().split(|b| *b == b',') {
+            let option = option.trim_ascii();
+            if option.is_empty()
+                || option.eq_ignore_ascii_case(b"close")
+                || option.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(option) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        h.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+}
+
+/// Whose doing a failed forward is; only the slot's counts against it.
+#[derive(Debug, PartialEq, Eq)]
+enum Fault {
+    /// The client's request body failed: malformed chunking, a body cut short, a client
+    /// gone mid-upload.
+    Client,
+    /// This host had no socket to reach the slot with: out of file descriptors, memory
+    /// or local ports.
+    Host,
+    /// The slot refused, reset or closed the connection, or did not answer in time.
+    Slot,
+}
+
+/// Classifies a failed forward. The body forwarded is the client's own `Incoming`, so
+/// hyper reports its failure as a user-body error caused by a `hyper::Error` of the
+/// client's connection; the host's own shortages are the OS errors of `socket`/`connect`.
+fn fault(e: &hyper_util::client::legacy::Error) -> Fault {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_user()
+            && std::error::Error::source(h).is_some_and(|c| c.is::<hyper::Error>())
+        {
+            return Fault::Client;
+        }
+        if err.downcast_ref::<std::io::Error>().is_some_and(host_short) {
+            return Fault::Host;
+        }
+        source = err.source();
+    }
+    Fault::Slot
+}
+
+/// Whether this host, not the slot, lacked what a connection to the slot needs.
+fn host_short(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::ENOMEM,
+            Errno::EADDRNOTAVAIL,
+        ]
+        .contains(&Errno::from_raw(code))
+    })
+}
+
 async fn serve_tcp(
-    listener: TcpListener,
+    mut listener: Acceptor,
+    idle_timeout: Duration,
     shared: Arc<Shared>,
     stop: CancellationToken,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
-        let (mut inbound, _) = tokio::select! {
+        let mut inbound = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "proxy accept");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
         };
-        let _ = inbound.set_nodelay(true);
+        let _ = inbound.stream().set_nodelay(true);
         let Some(upstream) = shared.routes.load().pick().cloned() else {
             drop(inbound);
             continue;
@@ -539,6 +671,7 @@ async fn serve_tcp(
             .await;
             let mut out = match out {
                 Ok(Ok(s)) => s,
+                Ok(Err(e)) if host_short(&e) => return,
                 _ => {
                     upstream.metrics.observe(started.elapsed(), None);
                     return;
@@ -548,8 +681,15 @@ async fn serve_tcp(
             upstream
                 .metrics
                 .observe(started.elapsed(), Some(StatusCode::OK));
+            // Every byte either way passes through `inbound`: counting there is enough.
+            let seen = AtomicU64::new(0);
+            let mut watched = Watched {
+                inner: &mut inbound,
+                seen: &seen,
+            };
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {},
+                _ = tokio::io::copy_bidirectional(&mut watched, &mut out) => {},
+                _ = listen::until_idle(&seen, idle_timeout) => {},
                 _ = cancel.cancelled() => {},
             }
         });
@@ -594,13 +734,35 @@ mod tests {
         assert!(Routes::new(vec![(0, up(1)), (0, up(2))]).pick().is_none());
     }
 
+    /// What a test upstream does with each request head it reads.
+    #[derive(Clone, Copy)]
+    enum Reply {
+        /// Writes these bytes.
+        Raw(&'static [u8]),
+        /// Closes the connection without answering.
+        Close,
+        /// Never answers.
+        Hold,
+    }
+
+    const OK: Reply = Reply::Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+
     /// A minimal upstream: answers every request on a connection with `200 ok`.
     async fn upstream() -> u16 {
+        upstream_with(OK).await.0
+    }
+
+    /// An upstream that does `reply` to every request head it reads; returns its port
+    /// and the heads it read.
+    async fn upstream_with(reply: Reply) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen_heads = heads.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
+                let heads = seen_heads.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     let mut seen = Vec::new();
@@ -610,19 +772,26 @@ mod tests {
                         }
                         seen.extend_from_slice(&buf[..n]);
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .await
-                                .is_err()
-                            {
-                                return;
+                            let head: Vec<u8> = seen.drain(..end + 4).collect();
+                            heads
+                                .lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&head).into_owned());
+                            match reply {
+                                Reply::Raw(r) => {
+                                    if s.write_all(r).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Reply::Close => return,
+                                Reply::Hold => {}
                             }
                         }
                     }
                 });
             }
         });
-        port
+        (port, heads)
     }
 
     /// Sends `bytes`, optionally half-closes, and reads what comes back for a while.
@@ -651,7 +820,7 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let proxy = Proxy::bind(free, Mode::Http, &cancel, &tasks).unwrap();
+        let proxy = Proxy::bind(free, Mode::Http, Limits::default(), &cancel, &tasks).unwrap();
         let metrics = Arc::new(SlotMetrics::default());
         proxy.set_routes(Routes::new(vec![(
             100,
@@ -768,6 +937,263 @@ mod tests {
             String::from_utf8_lossy(&ok)
         );
         cancel.cancel();
+    }
+
+    /// A proxy on a free port sending everything to the upstream on `port`; returns its
+    /// address, the proxy (serving until dropped) and the slot's counters.
+    fn proxy_to(port: u16, mode: Mode, limits: Limits) -> (SocketAddr, Proxy, Arc<SlotMetrics>) {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let proxy = Proxy::bind(
+            free,
+            mode,
+            limits,
+            &CancellationToken::new(),
+            &TaskTracker::new(),
+        )
+        .unwrap();
+        let metrics = Arc::new(SlotMetrics::default());
+        proxy.set_routes(Routes::new(vec![(
+            100,
+            Upstream {
+                port,
+                metrics: metrics.clone(),
+            },
+        )]));
+        (free, proxy, metrics)
+    }
+
+    fn counted(m: &SlotMetrics) -> (u64, u64, u64) {
+        let s = m.snapshot();
+        (s.requests, s.responses_5xx, s.upstream_failures)
+    }
+
+    /// Sends `bytes` on a fresh connection and reads one response (head and
+    /// content-length body), or whatever came before the connection closed.
+    async fn one_response(addr: SocketAddr, bytes: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let complete = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            body.len() >= len
+        };
+        let read = async {
+            while !complete(&got) {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn what_clients_break_never_counts_against_the_slot() {
+        // The slot reads and never answers: any failure can only be the client's.
+        let (port, heads) = upstream_with(Reply::Hold).await;
+        let (addr, _proxy, metrics) = proxy_to(port, Mode::Http, Limits::default());
+
+        // A chunked body that is not chunked.
+        let r = one_response(
+            addr,
+            b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        )
+        .await;
+        assert!(r.is_empty() || r.starts_with("HTTP/1.1 400"), "{r}");
+
+        // A body cut short: the client stops sending and closes its side.
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+                .await
+                .unwrap();
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest),
+            )
+            .await;
+        }
+
+        // No Host, or two: 400 from the proxy itself, and the slot never sees them.
+        let r = one_response(addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        let r = one_response(addr, b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+
+        wait_for(
+            || heads.lock().unwrap().len() >= 2,
+            "the two bodies to reach the slot",
+        )
+        .await;
+        assert_eq!(
+            heads.lock().unwrap().len(),
+            2,
+            "{:?}",
+            heads.lock().unwrap()
+        );
+        // Both forwards ended with the client's failure, and neither counted.
+        wait_for(|| metrics.in_flight() == 0, "the forwards to end").await;
+        assert_eq!(counted(&metrics), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn what_the_slot_does_counts_against_it() {
+        // Refused: nothing listens on the slot's port.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (addr, _proxy, metrics) = proxy_to(closed, Mode::Http, Limits::default());
+        let r = one_response(addr, GOOD).await;
+        assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+        assert_eq!(counted(&metrics), (1, 0, 1));
+
+        // Closed without an answer.
+        let (port, _) = upstream_with(Reply::Close).await;
+        let (addr, _proxy, metrics) = proxy_to(port, Mode::Http, Limits::default());
+        let r = one_response(addr, GOOD).await;
+        assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+        assert_eq!(counted(&metrics), (1, 0, 1));
+
+        // A 5xx answer, passed on as it is.
+        let (port, _) = upstream_with(Reply::Raw(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+        ))
+        .await;
+        let (addr, _proxy, metrics) = proxy_to(port, Mode::Http, Limits::default());
+        let r = one_response(addr, GOOD).await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert_eq!(counted(&metrics), (1, 1, 0));
+
+        // HTTP/1.0 may omit Host.
+        let port = upstream().await;
+        let (addr, _proxy, metrics) = proxy_to(port, Mode::Http, Limits::default());
+        let r = one_response(addr, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.0 200"), "{r}");
+        assert_eq!(counted(&metrics), (1, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_fields_stop_at_the_proxy_both_ways() {
+        let (port, heads) = upstream_with(Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\n\r\nok",
+        ))
+        .await;
+        let (addr, _proxy, _) = proxy_to(port, Mode::Http, Limits::default());
+        let r = one_response(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: x\r\nConnection: keep-alive, X-Internal\r\nconnection: x-also\r\nX-Internal: 1\r\nx-also: 1\r\nte: trailers\r\nx-end-to-end: 1\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let r = r.to_ascii_lowercase();
+        assert!(r.contains("x-kept: 1"), "{r}");
+        for gone in ["x-secret", "keep-alive: timeout"] {
+            assert!(!r.contains(gone), "{gone} reached the client: {r}");
+        }
+        let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(head.contains("x-end-to-end: 1"), "{head}");
+        for gone in [
+            "x-internal",
+            "x-also",
+            "te: trailers",
+            "connection: keep-alive",
+        ] {
+            assert!(!head.contains(gone), "{gone} reached the slot: {head}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_close_once_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // An echo server as the slot.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let limits = Limits {
+            tcp_idle_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        let (addr, _proxy, _) = proxy_to(port, Mode::Tcp, limits);
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // Busy for twice the idle timeout: the connection stays.
+        let mut b = [0u8; 1];
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(b"x").await.unwrap();
+            s.read_exact(&mut b).await.unwrap();
+        }
+        // Then quiet: closed after the timeout, not before.
+        let quiet = Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("closed once idle")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(
+            quiet.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            quiet.elapsed()
+        );
+    }
+
+    #[test]
+    fn only_the_hosts_own_shortages_spare_the_slot() {
+        use nix::errno::Errno;
+        for mine in [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::EADDRNOTAVAIL,
+        ] {
+            assert!(host_short(&std::io::Error::from_raw_os_error(mine as i32)));
+        }
+        for slots in [
+            Errno::ECONNREFUSED,
+            Errno::ECONNRESET,
+            Errno::ETIMEDOUT,
+            Errno::EPIPE,
+        ] {
+            assert!(!host_short(&std::io::Error::from_raw_os_error(
+                slots as i32
+            )));
+        }
+        assert!(!host_short(&std::io::Error::other("no code")));
+    }
+
+    /// Polls `cond` every 10 ms, for 5 s at most.
+    async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
 use crate::ports::PortRange;
 use crate::process::{self, SlotCtx, SlotState};
-use crate::proxy::{Mode, Proxy, Routes, SlotMetrics, Upstream};
+use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::store::{ProcessRecord, Store};
 
 struct SlotRun {
@@ -56,6 +56,7 @@ pub struct Services {
     data_dir: PathBuf,
     service_ip: IpAddr,
     limits: Limits,
+    proxy_limits: proxy::Limits,
     store: Arc<Store>,
     runtimes: tokio::sync::Mutex<HashMap<String, Runtime>>,
     /// Signalled whenever something worth reporting changed.
@@ -115,6 +116,8 @@ pub struct Settings {
     pub service_user: Option<String>,
     /// Where slot processes' private ports come from.
     pub slot_ports: PortRange,
+    /// Connection cap and idle timeouts of the public ports.
+    pub proxy_limits: proxy::Limits,
 }
 
 impl Services {
@@ -131,6 +134,7 @@ impl Services {
             limits,
             service_user,
             slot_ports,
+            proxy_limits,
         } = settings;
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
         Services {
@@ -141,6 +145,7 @@ impl Services {
             limits,
             service_user,
             slot_ports,
+            proxy_limits,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -171,14 +176,15 @@ impl Services {
                 .map(|at| inh.swap_remove(at))
         };
         if let Some(i) = taken {
-            match Proxy::adopt(i.fd, addr, mode, &self.cancel, &self.tasks) {
+            let limits = self.proxy_limits;
+            match Proxy::adopt(i.fd, addr, mode, limits, &self.cancel, &self.tasks) {
                 Ok(p) => return Ok(p),
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "inherited socket not usable; binding anew")
                 }
             }
         }
-        Proxy::bind(addr, mode, &self.cancel, &self.tasks)
+        Proxy::bind(addr, mode, self.proxy_limits, &self.cancel, &self.tasks)
     }
 
     /// Applies every desired state kept in the store (start-up, before any coordinator).

@@ -1,14 +1,16 @@
 //! The coordinator's plain-HTTP side (`--http`): `/healthz`, `/metrics` in Prometheus
 //! text format, and the read-only dashboard (`/`) with the JSON it reads (`/api/…`).
-//! Nothing here changes anything; bind it where only operators can reach it.
+//! Nothing here changes anything; bind it where only operators can reach it. Its
+//! connections are capped and time out like every listener's ([`cutover_proto::listen`]).
 
 use std::fmt::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cutover_proto::listen::{Acceptor, Cap, Limits};
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -20,21 +22,17 @@ use crate::store::Store;
 
 pub async fn serve(
     listener: TcpListener,
+    limits: Limits,
     store: Arc<Store>,
     fleet: Arc<Fleet>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
+    let mut listener = Acceptor::new(listener, Cap::new(limits.max_connections), "--http");
     loop {
-        let (stream, _) = tokio::select! {
+        let conn = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on --http");
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
         };
         let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
         tokio::spawn(async move {
@@ -51,8 +49,12 @@ pub async fn serve(
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
+            // The header-read timer also runs while a kept-alive connection waits for its
+            // next request: it is the idle timeout too.
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.idle_timeout)
+                .serve_connection(TokioIo::new(conn), svc)
                 .await;
         });
     }

@@ -85,6 +85,8 @@ pub struct ServeConfig {
     pub cert_ttl: std::time::Duration,
     /// URLs that receive deployment events (JSON, with retries).
     pub webhooks: Vec<String>,
+    /// Connection cap and idle timeout of both listeners.
+    pub limits: cutover_proto::listen::Limits,
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
@@ -147,13 +149,18 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     tasks.spawn(engine.run(shutdown.clone()));
     tasks.spawn(http::serve(
         http_listener,
+        cfg.limits,
         store.clone(),
         fleet.clone(),
         metrics,
         shutdown.clone(),
     ));
 
-    let incoming = tls.serve(listener, shutdown.clone(), &tasks);
+    // A connection costs a place under the cap from accept on: until its TLS handshake
+    // ends (or times out), then for as long as it answers the keep-alive pings, which
+    // close a dead peer's within 10 s (so TCP keepalive adds nothing). An agent's stream
+    // lives as long as the agent, so established connections have no idle timeout.
+    let incoming = tls.serve(listener, cfg.limits, shutdown.clone(), &tasks);
     let grpc = Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use cutover_proto::listen::{Acceptor, Cap, Conn, Limits};
 use cutover_proto::tls::provider;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
@@ -29,7 +30,7 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
     SignatureScheme,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -38,7 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pki::{self, Ca};
 
-/// A client that has not finished its handshake by then is dropped.
+/// A client that has not finished its handshake by then (or by `--idle-timeout`, if
+/// shorter) is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the interface addresses are read again, so that a new one is named soon.
 const NAMES_CHECK: Duration = Duration::from_secs(10);
@@ -54,7 +56,7 @@ pub enum Error {
 }
 
 /// Connections whose handshake is done, for `tonic`'s `serve_with_incoming`.
-pub type Incoming = ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
+pub type Incoming = ReceiverStream<std::io::Result<TlsStream<Conn>>>;
 
 /// The names the server certificate carries when listening on `listen`.
 pub fn server_names(extra: &[String], listen: SocketAddr) -> Vec<String> {
@@ -284,24 +286,30 @@ impl Tls {
         }
     }
 
-    /// Accepts connections on `listener` until `cancel`. Each handshake runs in its own
-    /// task, so a slow client holds up no one; finished ones come out of the returned
-    /// stream.
+    /// Accepts connections on `listener` until `cancel`, at most `limits.max_connections`
+    /// at once and backing off when accepting fails (descriptors run out). Each
+    /// handshake runs in its own task, so a slow client holds up no one, and must end
+    /// within `limits.idle_timeout` (at most 10 s); finished ones come out of the
+    /// returned stream. A connection keeps its place under the cap until it closes.
     pub fn serve(
         self,
         listener: TcpListener,
+        limits: Limits,
         cancel: CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Incoming {
         let (tx, rx) = mpsc::channel(64);
-        tasks.spawn(self.accept_loop(listener, tx, cancel));
+        let acceptor = Acceptor::new(listener, Cap::new(limits.max_connections), "--listen");
+        let handshake = limits.idle_timeout.min(HANDSHAKE_TIMEOUT);
+        tasks.spawn(self.accept_loop(acceptor, handshake, tx, cancel));
         ReceiverStream::new(rx)
     }
 
     async fn accept_loop(
         self,
-        listener: TcpListener,
-        tx: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
+        mut acceptor: Acceptor,
+        handshake: Duration,
+        tx: mpsc::Sender<std::io::Result<TlsStream<Conn>>>,
         cancel: CancellationToken,
     ) {
         let mut names_check = tokio::time::interval(NAMES_CHECK);
@@ -310,26 +318,20 @@ impl Tls {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = names_check.tick() => self.refresh(),
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let (acceptor, tx) = (self.acceptor.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => {
-                                    let _ = tx.send(Ok(tls)).await;
-                                }
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                conn = acceptor.accept() => {
+                    let _ = conn.stream().set_nodelay(true);
+                    let peer = conn.peer();
+                    let (tls, tx) = (self.acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(handshake, tls.accept(conn)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok(tls)).await;
                             }
-                        });
-                    }
-                    Err(e) => {
-                        // Out of file descriptors, most likely: wait rather than spin.
-                        tracing::warn!(error = %e, "accept a connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
             }
         }
     }

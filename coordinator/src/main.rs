@@ -54,6 +54,16 @@ enum Cmd {
         /// deployment start, step, pause, rollback and end (repeatable).
         #[arg(long = "webhook")]
         webhooks: Vec<String>,
+        /// Connections each listener (--listen, --http) keeps open at once; more wait
+        /// in the kernel's accept queue.
+        #[arg(long, default_value_t = cutover_proto::listen::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// An --http connection that has not sent a complete request head this long
+        /// after it was opened, or after its previous response, is closed (header-read
+        /// and keep-alive idle timeout); a --listen connection gets this long, 10s at
+        /// most, to finish its TLS handshake.
+        #[arg(long, default_value = "75s")]
+        idle_timeout: cutover_shared::Duration,
     },
     /// Join tokens for new hosts.
     Token {
@@ -235,9 +245,17 @@ async fn run(args: Args) -> cli::Result<i32> {
             server_names,
             cert_ttl,
             webhooks,
+            max_connections,
+            idle_timeout,
         } => {
             if cert_ttl.is_zero() {
                 return Err(Failure::new(2, "--cert-ttl: must be more than 0s"));
+            }
+            if idle_timeout.is_zero() {
+                return Err(Failure::new(2, "--idle-timeout: must be more than 0s"));
+            }
+            if max_connections == 0 {
+                return Err(Failure::new(2, "--max-connections: must be at least 1"));
             }
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
@@ -254,6 +272,10 @@ async fn run(args: Args) -> cli::Result<i32> {
                     server_names,
                     cert_ttl: cert_ttl.std(),
                     webhooks,
+                    limits: cutover_proto::listen::Limits {
+                        max_connections,
+                        idle_timeout: idle_timeout.std(),
+                    },
                 },
                 shutdown,
             )

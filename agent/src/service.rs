@@ -239,7 +239,10 @@ impl Services {
         };
         let addr = SocketAddr::new(self.service_ip, u16::try_from(d.listen).unwrap_or(0));
 
-        // Slots first, so the routes below point at the right processes.
+        // Slots first, so the routes below point at the right processes. A slot being
+        // replaced or emptied is stopped only once the routes no longer name it, so no
+        // request is sent to a process that is already stopping.
+        let mut retired = Vec::new();
         for (i, name) in SLOTS.iter().enumerate() {
             let want = spec_of(&d, i);
             let keep = match (&rt.slots[i], want) {
@@ -255,7 +258,7 @@ impl Services {
             }
             if let Some(old) = rt.slots[i].take() {
                 tracing::info!(service = d.service, slot = name, "stopping slot");
-                old.cancel.cancel();
+                retired.push(old);
             }
             if let Some(spec) = want {
                 rt.slots[i] = Some(self.start_slot(&d, name, spec.clone()));
@@ -300,6 +303,9 @@ impl Services {
         }
         rt.desired = d;
         Self::route(rt);
+        for old in retired {
+            old.cancel.cancel();
+        }
         drop(rts);
         self.changed.notify_one();
     }

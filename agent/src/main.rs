@@ -18,11 +18,14 @@ struct Args {
 enum Cmd {
     /// Enroll this host with a coordinator.
     Join {
-        #[arg(long)]
+        /// The coordinator's gRPC address (its --listen), HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
         coordinator: String,
+        /// The join token `cutover token create` printed.
         #[arg(long)]
         token: String,
-        #[arg(long)]
+        /// Folder for the agent's identity and state (created).
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
         /// Host name [default: the machine's hostname]
         #[arg(long)]
@@ -33,7 +36,8 @@ enum Cmd {
     },
     /// Run the agent.
     Run {
-        #[arg(long)]
+        /// The folder `cutover-agent join` filled: identity, state and releases.
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
         /// IP on which the services' public ports are bound.
         #[arg(long, default_value = "0.0.0.0")]
@@ -63,7 +67,32 @@ enum Cmd {
         /// agent running as root); a plan says `user = "root"` to run as root.
         #[arg(long)]
         service_user: Option<String>,
+        /// How log lines are written to stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for people; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -74,13 +103,11 @@ fn main() -> ExitCode {
     // First, before anything opens a file: sockets handed over by a previous run.
     let inherited = agent::handover::take_inherited();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let log_format = match args.command {
+        Cmd::Run { log_format, .. } => log_format,
+        Cmd::Join { .. } => LogFormat::Text,
+    };
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -123,6 +150,7 @@ fn main() -> ExitCode {
                 max_unpacked_size,
                 fetch_stall_timeout,
                 service_user,
+                log_format: _,
             } => {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -162,8 +190,39 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let line = cutover_shared::errors::shorten(&format!("{e:#}"));
+            if log_format == LogFormat::Json {
+                tracing::error!(error = %line, "agent stopped");
+            } else {
+                eprintln!("error: {line}");
+            }
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for a in cmd.get_arguments() {
+                assert!(
+                    a.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{path} --{} has no help",
+                    a.get_id()
+                );
+            }
+            for s in cmd.get_subcommands() {
+                check(s, &format!("{path} {}", s.get_name()));
+            }
+        }
+        let mut cmd = Args::command();
+        cmd.build();
+        check(&cmd, "cutover-agent");
     }
 }

@@ -18,7 +18,8 @@ struct Args {
 enum Cmd {
     /// Enroll this host with a coordinator.
     Join {
-        #[arg(long)]
+        /// The coordinator's gRPC address (its --listen), HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
         coordinator: String,
         /// The join token. Every user sees it in `ps`: prefer --token-file or the
         /// environment variable CUTOVER_JOIN_TOKEN (exactly one of the three).
@@ -27,7 +28,8 @@ enum Cmd {
         /// A file holding the join token.
         #[arg(long, value_name = "PATH")]
         token_file: Option<PathBuf>,
-        #[arg(long)]
+        /// Folder for the agent's identity and state (created).
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
         /// Host name [default: the machine's hostname]
         #[arg(long)]
@@ -39,7 +41,8 @@ enum Cmd {
     },
     /// Run the agent.
     Run {
-        #[arg(long)]
+        /// The folder `cutover-agent join` filled: identity, state and releases.
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
         /// IP on which the services' public ports are bound.
         #[arg(long, default_value = "0.0.0.0")]
@@ -86,7 +89,32 @@ enum Cmd {
         /// this long is closed.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         tcp_idle_timeout: std::time::Duration,
+        /// How log lines are written to stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for people; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -97,13 +125,11 @@ fn main() -> ExitCode {
     // First, before anything opens a file: sockets handed over by a previous run.
     let inherited = agent::handover::take_inherited();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let log_format = match args.command {
+        Cmd::Run { log_format, .. } => log_format,
+        Cmd::Join { .. } => LogFormat::Text,
+    };
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,6 +182,7 @@ fn main() -> ExitCode {
                 max_connections,
                 idle_timeout,
                 tcp_idle_timeout,
+                log_format: _,
             } => {
                 if idle_timeout.is_zero() || tcp_idle_timeout.is_zero() {
                     anyhow::bail!("--idle-timeout and --tcp-idle-timeout: must be more than 0s");
@@ -214,8 +241,39 @@ fn main() -> ExitCode {
             ExitCode::from(agent::EXIT_REVOKED)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let line = cutover_shared::errors::shorten(&format!("{e:#}"));
+            if log_format == LogFormat::Json {
+                tracing::error!(error = %line, "agent stopped");
+            } else {
+                eprintln!("error: {line}");
+            }
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for a in cmd.get_arguments() {
+                assert!(
+                    a.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{path} --{} has no help",
+                    a.get_id()
+                );
+            }
+            for s in cmd.get_subcommands() {
+                check(s, &format!("{path} {}", s.get_name()));
+            }
+        }
+        let mut cmd = Args::command();
+        cmd.build();
+        check(&cmd, "cutover-agent");
     }
 }

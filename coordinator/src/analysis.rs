@@ -151,6 +151,21 @@ fn fmt(m: MetricName, v: f64) -> String {
     }
 }
 
+/// The unit of a metric's values: `ratio` (0 to 1), `ms` or `per_second`.
+pub fn unit(m: MetricName) -> &'static str {
+    match m {
+        MetricName::ErrorRate => "ratio",
+        MetricName::RequestRate => "per_second",
+        MetricName::LatencyP50 | MetricName::LatencyP90 | MetricName::LatencyP99 => "ms",
+    }
+}
+
+/// `latency_p99 212.0ms vs 180.5ms`: one judged metric, new against old, with units.
+pub fn figure(m: &MetricResult) -> String {
+    let v = |x: Option<f64>| x.map_or("-".to_string(), |x| fmt(m.name, x));
+    format!("{} {} vs {}", metric_name(m.name), v(m.new), v(m.old))
+}
+
 /// Judges one interval against the plan's metrics.
 pub fn judge(analysis: &Analysis, sample: &Sample) -> (Verdict, Vec<MetricResult>) {
     if sample.new.requests < analysis.min_requests {

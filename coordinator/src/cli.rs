@@ -1,7 +1,11 @@
 //! The release manager's CLI: every `cutover` subcommand except `serve`. Data goes to
 //! stdout (text or `--output json`), progress and errors to stderr; exit codes follow
 //! the product contract (0 ok, 2 usage or plan, 3 rolled back, 4 failed or aborted,
-//! 1 anything else).
+//! 130 when Ctrl-C stops following a deployment, 1 anything else).
+
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod out;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +15,8 @@ use cutover_proto::v1::{self as pb, control_client::ControlClient};
 use cutover_shared::plan::{Plan, check_artifact_url, check_sha256};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
+
+use crate::{errln, outln};
 
 /// A CLI failure: the message for stderr and the exit code.
 #[derive(Debug)]
@@ -93,7 +99,7 @@ impl Conn {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn opt(s: &str) -> Value {
@@ -210,7 +216,11 @@ pub fn load_plan(
     sha256: Option<String>,
 ) -> Result<Plan> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Failure::plan(format!("{shown}: {e}")))?;
+    let read = |e: std::io::Error| Failure::plan(format!("{shown}: {e}"));
+    // A file over the size limit is refused without reading it.
+    let size = std::fs::metadata(path).map_err(read)?.len();
+    Plan::check_size(size, &shown).map_err(|e| Failure::plan(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(read)?;
     let mut plan = Plan::parse(&text, &shown).map_err(|e| Failure::plan(e.to_string()))?;
     if let Some(v) = release {
         if v.trim().is_empty() {
@@ -273,13 +283,13 @@ async fn follow_up(
 ) -> Result<i32> {
     if output == Output::Text || !wait {
         if output == Output::Text {
-            println!("{}", resp.id);
+            outln!("{}", resp.id);
         } else {
             print_json(&json!({"id": resp.id, "noop": resp.noop}));
         }
     }
     if resp.noop {
-        eprintln!(
+        errln!(
             "{}: release already live on every target host; nothing to do",
             resp.id
         );
@@ -308,7 +318,10 @@ pub async fn finish(
     exit_code_for_state(&d.state)
 }
 
-fn progress_line(d: &pb::Deployment) -> String {
+/// The plain progress line in two parts: what it says about the deployment's state
+/// (printed when it changes), and the figures that move on their own (the last
+/// analysis interval, the ETA), shown along with it.
+fn progress_line(d: &pb::Deployment) -> (String, String) {
     let count = |p: &str| d.hosts.iter().filter(|h| h.phase == p).count();
     let total = d.hosts.len();
     let mut line = format!(
@@ -326,8 +339,15 @@ fn progress_line(d: &pb::Deployment) -> String {
         count("failed"),
         total
     );
+    for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
+        line.push_str(&format!(" | {}: {}", h.name, h.error));
+    }
+    if !d.reason.is_empty() {
+        line.push_str(&format!(" | reason: {}", d.reason));
+    }
+    let mut figures = String::new();
     if let Some(i) = d.intervals.last() {
-        line.push_str(&format!(
+        figures.push_str(&format!(
             " | last interval: {} ({} req new, {} old){}",
             i.verdict,
             i.new_requests,
@@ -339,16 +359,89 @@ fn progress_line(d: &pb::Deployment) -> String {
             }
         ));
     }
-    for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
-        line.push_str(&format!(" | {}: {}", h.name, h.error));
-    }
-    if !d.reason.is_empty() {
-        line.push_str(&format!(" | reason: {}", d.reason));
-    }
-    line
+    (line, figures)
 }
 
-/// Follows a deployment on stderr until it ends; returns its final state.
+/// Without a change, the progress line is repeated this often in plain output, so a
+/// log shows the follower is alive.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Plain lines for logs: each new timeline event, the progress line when what it says
+/// changes, and the progress line again after [`HEARTBEAT`] without any line.
+#[derive(Default)]
+struct PlainLog {
+    printed_events: usize,
+    last_progress: String,
+    last_line_at: Option<Duration>,
+}
+
+impl PlainLog {
+    /// The lines to print now; `at` is the time since following began.
+    fn lines(
+        &mut self,
+        events: &[Value],
+        (progress, figures): (String, String),
+        eta: Option<f64>,
+        at: Duration,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = events
+            .iter()
+            .skip(self.printed_events)
+            .map(|e| {
+                format!(
+                    "  +{:.1}s {}",
+                    e["offset_s"].as_f64().unwrap_or(0.0),
+                    e["text"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        self.printed_events = self.printed_events.max(events.len());
+        let quiet = self
+            .last_line_at
+            .is_none_or(|last| at.saturating_sub(last) >= HEARTBEAT);
+        if progress != self.last_progress || (out.is_empty() && quiet) {
+            let eta = eta.map_or(String::new(), |e| format!(" | ETA {}", human_s(e)));
+            out.push(format!("{progress}{figures}{eta}"));
+            self.last_progress = progress;
+        }
+        if !out.is_empty() {
+            self.last_line_at = Some(at);
+        }
+        out
+    }
+}
+
+/// Exit code of `watch` and `--wait` interrupted by Ctrl-C; the deployment goes on.
+pub const INTERRUPTED: i32 = 130;
+
+fn interrupted(id: &str) -> Failure {
+    Failure::new(
+        INTERRUPTED,
+        format!(
+            "{id} goes on; follow it with `cutover watch {id}`, stop it with `cutover abort {id}`"
+        ),
+    )
+}
+
+/// Ctrl-C while following a deployment: resolves on SIGINT (never, if the signal cannot
+/// be watched).
+struct Interrupt(Option<tokio::signal::unix::Signal>);
+
+impl Interrupt {
+    fn new() -> Interrupt {
+        use tokio::signal::unix::{SignalKind, signal};
+        Interrupt(signal(SignalKind::interrupt()).ok())
+    }
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// What the deployment's hosts serve now, from their latest reports: release → hosts.
 /// A host splitting traffic is listed under each release that carries weight; a host
 /// that is not connected is listed as `unknown (unreachable)`.
@@ -396,66 +489,109 @@ fn report_serving(d: &pb::Deployment, serving: &BTreeMap<String, Vec<String>>) {
         .map(|(release, hosts)| format!("{release} on {}", hosts.join(", ")))
         .collect();
     if serving.len() == 1 {
-        eprintln!("{}: every host serves {}", d.service, parts.join(""));
+        errln!("{}: every host serves {}", d.service, parts.join(""));
     } else {
-        eprintln!(
+        errln!(
             "warning: the fleet is mixed: {} serves {}",
             d.service,
             parts.join("; ")
         );
         for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
-            eprintln!("  {}: {}", h.name, h.error);
+            errln!("  {}: {}", h.name, h.error);
         }
     }
 }
 
+/// `cutover watch [ID]`: follows deployment `id`, or the latest one in progress.
+pub async fn watch_command(conn: &Conn, id: Option<String>, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let id = match id {
+        Some(id) => id,
+        None => latest_active(&mut client).await?,
+    };
+    let d = watch(&mut client, &id).await?;
+    Ok(finish(&mut client, &d, output).await)
+}
+
+/// How far back in the history `watch` looks for a deployment in progress.
+const ACTIVE_SEARCH: u32 = 1000;
+
+/// The id of the newest deployment still in progress, or why there is none.
+async fn latest_active(client: &mut ControlClient<Channel>) -> Result<String> {
+    let history = json_of(
+        client
+            .history(pb::HistoryRequest {
+                service: String::new(),
+                limit: ACTIVE_SEARCH,
+                since_unix_ms: 0,
+            })
+            .await
+            .map_err(status_failure)?
+            .into_inner(),
+    );
+    let rows = history.as_array().cloned().unwrap_or_default();
+    let state = |r: &Value| r["state"].as_str().unwrap_or("").to_string();
+    if let Some(active) = rows.iter().find(|r| !is_final(&state(r))) {
+        return Ok(active["id"].as_str().unwrap_or_default().to_string());
+    }
+    Err(Failure::other(match rows.first() {
+        Some(latest) => format!(
+            "no deployment in progress: the latest, {} ({} {}), ended {}; `cutover show` tells its story",
+            latest["id"].as_str().unwrap_or(""),
+            latest["service"].as_str().unwrap_or(""),
+            latest["release"].as_str().unwrap_or(""),
+            state(latest)
+        ),
+        None => "no deployment in progress: there is no deployment yet".to_string(),
+    }))
+}
+
+/// One poll of a deployment: its record and its `show` document.
+async fn poll(
+    client: &mut ControlClient<Channel>,
+    id: &str,
+) -> std::result::Result<(pb::Deployment, Value), tonic::Status> {
+    let d = client
+        .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
+        .await?
+        .into_inner();
+    let shown = client
+        .show(pb::ShowRequest { id: d.id.clone() })
+        .await?
+        .into_inner();
+    Ok((d, serde_json::from_str(&shown.json).unwrap_or_default()))
+}
+
+/// Follows a deployment on stderr until it ends; returns its final state. Ctrl-C stops
+/// following (exit [`INTERRUPTED`]) and leaves the deployment going.
 pub async fn watch(client: &mut ControlClient<Channel>, id: &str) -> Result<pb::Deployment> {
     use std::io::IsTerminal;
     let live = std::io::stderr().is_terminal() && std::env::var_os("CUTOVER_PLAIN").is_none();
     let mut view = LiveView::default();
-    let mut last = String::new();
-    let mut printed_events = 0usize;
+    let mut plain = PlainLog::default();
+    let mut interrupt = Interrupt::new();
+    let started = std::time::Instant::now();
     let mut failures = 0;
     loop {
-        let polled = async {
-            let d = client
-                .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
-                .await?
-                .into_inner();
-            let shown = client
-                .show(pb::ShowRequest { id: d.id.clone() })
-                .await?
-                .into_inner();
-            Ok::<_, tonic::Status>((
-                d,
-                serde_json::from_str::<Value>(&shown.json).unwrap_or_default(),
-            ))
-        }
-        .await;
+        let polled = tokio::select! {
+            _ = interrupt.recv() => return Err(interrupted(id)),
+            p = poll(client, id) => p,
+        };
         match polled {
             Ok((d, shown)) => {
                 failures = 0;
                 if live {
                     view.draw(&live_lines(&shown));
                 } else {
-                    // Plain lines for logs: each new timeline event, and the progress
-                    // line when it changes.
                     let events = shown["timeline"].as_array().cloned().unwrap_or_default();
-                    for e in events.iter().skip(printed_events) {
-                        eprintln!(
-                            "  +{:.1}s {}",
-                            e["offset_s"].as_f64().unwrap_or(0.0),
-                            e["text"].as_str().unwrap_or("")
-                        );
-                    }
-                    printed_events = printed_events.max(events.len());
-                    let mut line = progress_line(&d);
-                    if let Some(eta) = shown["eta_s"].as_f64() {
-                        line.push_str(&format!(" | ETA {}", human_s(eta)));
-                    }
-                    if line != last {
-                        eprintln!("{line}");
-                        last = line;
+                    let lines = plain.lines(
+                        &events,
+                        progress_line(&d),
+                        shown["eta_s"].as_f64(),
+                        started.elapsed(),
+                    );
+                    for line in lines {
+                        errln!("{line}");
                     }
                 }
                 if is_final(&d.state) {
@@ -468,7 +604,11 @@ pub async fn watch(client: &mut ControlClient<Channel>, id: &str) -> Result<pb::
             }
             Err(e) => return Err(status_failure(e)),
         }
-        tokio::time::sleep(Duration::from_millis(if live { 500 } else { 250 })).await;
+        let pause = Duration::from_millis(if live { 500 } else { 250 });
+        tokio::select! {
+            _ = interrupt.recv() => return Err(interrupted(id)),
+            _ = tokio::time::sleep(pause) => {}
+        }
     }
 }
 
@@ -494,7 +634,6 @@ struct LiveView {
 
 impl LiveView {
     fn draw(&mut self, lines: &[String]) {
-        use std::io::Write;
         let mut out = String::new();
         if self.drawn > 0 {
             out.push_str(&format!("\x1b[{}A", self.drawn));
@@ -513,9 +652,7 @@ impl LiveView {
             out.push_str(&format!("\x1b[{extra}A"));
         }
         self.drawn = lines.len();
-        let mut err = std::io::stderr().lock();
-        let _ = err.write_all(out.as_bytes());
-        let _ = err.flush();
+        out::stderr_raw(out.as_bytes());
     }
 }
 
@@ -551,8 +688,11 @@ fn live_lines(v: &Value) -> Vec<String> {
         })
     };
     let phase = if v["holding"].as_bool().unwrap_or(false) {
+        let bake = v["bake_s"].as_f64().map_or(String::new(), |b| {
+            format!(" (bake {} included)", human_s(b))
+        });
         format!(
-            "holding {} of {}",
+            "holding {} of {}{bake}",
             human_s(f("phase_elapsed_s")),
             human_s(v["hold_s"].as_f64().unwrap_or(0.0))
         )
@@ -610,15 +750,7 @@ fn live_lines(v: &Value) -> Vec<String> {
             .cloned()
             .unwrap_or_default()
             .iter()
-            .map(|m| {
-                let n = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
-                format!(
-                    "{} {} vs {}",
-                    m["name"].as_str().unwrap_or(""),
-                    n(&m["new"]),
-                    n(&m["old"])
-                )
-            })
+            .map(|m| m["text"].as_str().unwrap_or("").to_string())
             .collect();
         lines.push(format!(
             "  signals new vs old at {}%: {} · {} ({} vs {} req)",
@@ -661,9 +793,9 @@ pub async fn status(conn: &Conn, id: Option<String>, output: Output) -> Result<i
     match output {
         Output::Json => print_json(&deployment_json(&d)),
         Output::Text => {
-            println!("id:        {}", d.id);
-            println!("service:   {}", d.service);
-            println!(
+            outln!("id:        {}", d.id);
+            outln!("service:   {}", d.service);
+            outln!(
                 "release:   {}{}",
                 d.release,
                 if d.previous_release.is_empty() {
@@ -672,20 +804,20 @@ pub async fn status(conn: &Conn, id: Option<String>, output: Output) -> Result<i
                     format!(" (was {})", d.previous_release)
                 }
             );
-            println!("state:     {}", d.state);
-            println!("step:      {}/{}", d.step + 1, d.steps.max(1));
-            println!("traffic:   {}%", d.traffic);
+            outln!("state:     {}", d.state);
+            outln!("step:      {}/{}", d.step + 1, d.steps.max(1));
+            outln!("traffic:   {}%", d.traffic);
             if !d.reason.is_empty() {
-                println!("reason:    {}", d.reason);
+                outln!("reason:    {}", d.reason);
             }
-            println!("hosts:");
+            outln!("hosts:");
             for h in &d.hosts {
                 let err = if h.error.is_empty() {
                     String::new()
                 } else {
                     format!("  {}", h.error)
                 };
-                println!("  {:<20} {:<12} {:>3}%{}", h.name, h.phase, h.weight, err);
+                outln!("  {:<20} {:<12} {:>3}%{}", h.name, h.phase, h.weight, err);
             }
         }
     }
@@ -710,7 +842,7 @@ pub async fn command(
         .into_inner();
     match output {
         Output::Json => print_json(&deployment_json(&d)),
-        Output::Text => println!("{} {}", d.id, d.state),
+        Output::Text => outln!("{} {}", d.id, d.state),
     }
     Ok(0)
 }
@@ -726,10 +858,7 @@ pub async fn hosts(conn: &Conn, output: Output) -> Result<i32> {
     match output {
         Output::Json => print_json(&hosts_json(&hosts)),
         Output::Text => {
-            println!(
-                "{:<20} {:<12} {:<24} SERVICES",
-                "NAME", "CONNECTED", "LABELS"
-            );
+            let mut rows = vec![["NAME", "CONNECTED", "LABELS", "SERVICES"].map(String::from)];
             for h in &hosts {
                 let mut labels: Vec<String> =
                     h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -757,18 +886,18 @@ pub async fn hosts(conn: &Conn, output: Output) -> Result<i32> {
                         )
                     })
                     .collect();
-                println!(
-                    "{:<20} {:<12} {:<24} {}",
-                    h.name,
-                    if h.connected { "yes" } else { "no" },
+                rows.push([
+                    h.name.clone(),
+                    if h.connected { "yes" } else { "no" }.to_string(),
                     if labels.is_empty() {
                         "-".to_string()
                     } else {
                         labels.join(",")
                     },
-                    services.join("; ")
-                );
+                    services.join("; "),
+                ]);
             }
+            print_table(&rows, &[]);
         }
     }
     Ok(0)
@@ -782,7 +911,7 @@ pub async fn remove_host(conn: &Conn, name: String, output: Output) -> Result<i3
         .map_err(status_failure)?;
     match output {
         Output::Json => print_json(&json!({"removed": name})),
-        Output::Text => eprintln!("host {name} removed; its certificate is revoked"),
+        Output::Text => errln!("host {name} removed; its certificate is revoked"),
     }
     Ok(0)
 }
@@ -829,7 +958,7 @@ pub async fn token_create(conn: &Conn, t: NewToken, output: Output) -> Result<i3
         Output::Json => print_json(
             &json!({"token": r.token, "id": r.id, "expires_at": ms_to_rfc3339(r.expires_unix_ms)}),
         ),
-        Output::Text => println!("{}", r.token),
+        Output::Text => outln!("{}", r.token),
     }
     Ok(0)
 }
@@ -878,10 +1007,18 @@ pub async fn token_list(conn: &Conn, output: Output) -> Result<i32> {
                 .collect(),
         )),
         Output::Text => {
-            println!(
-                "{:<18} {:<8} {:>9} {:<26} {:<24} {:<16} LABELS",
-                "ID", "STATE", "USES LEFT", "EXPIRES", "HOST", "ALLOW LABELS"
-            );
+            let mut rows = vec![
+                [
+                    "ID",
+                    "STATE",
+                    "USES LEFT",
+                    "EXPIRES",
+                    "HOST",
+                    "ALLOW LABELS",
+                    "LABELS",
+                ]
+                .map(String::from),
+            ];
             let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
             for t in &tokens {
                 let mut labels: Vec<String> =
@@ -893,17 +1030,17 @@ pub async fn token_list(conn: &Conn, output: Output) -> Result<i32> {
                     (name, true) => format!("{name} (replace)"),
                     (name, false) => name.to_string(),
                 };
-                println!(
-                    "{:<18} {:<8} {:>9} {:<26} {:<24} {:<16} {}",
-                    t.id,
-                    state(t),
-                    t.uses_left,
-                    expires.as_str().unwrap_or("-"),
+                rows.push([
+                    t.id.clone(),
+                    state(t).to_string(),
+                    t.uses_left.to_string(),
+                    expires.as_str().unwrap_or("-").to_string(),
                     or_dash(host),
                     or_dash(t.allow_labels.join(",")),
-                    or_dash(labels.join(","))
-                );
+                    or_dash(labels.join(",")),
+                ]);
             }
+            print_table(&rows, &[2]);
         }
     }
     Ok(0)
@@ -917,7 +1054,7 @@ pub async fn token_revoke(conn: &Conn, id: String, output: Output) -> Result<i32
         .map_err(status_failure)?;
     match output {
         Output::Json => print_json(&json!({"revoked": id})),
-        Output::Text => eprintln!("token {id} revoked"),
+        Output::Text => errln!("token {id} revoked"),
     }
     Ok(0)
 }
@@ -928,7 +1065,7 @@ pub fn plan_validate(path: &Path, output: Output) -> Result<i32> {
         Output::Json => print_json(
             &json!({"valid": true, "service": plan.service, "release": plan.release.version, "steps": plan.strategy.steps.len()}),
         ),
-        Output::Text => println!(
+        Output::Text => outln!(
             "{}: ok (service {}, release {}, {} step(s))",
             path.display(),
             plan.service,
@@ -972,7 +1109,7 @@ pub fn artifact_keygen(out: &Path, output: Output) -> Result<i32> {
         Output::Json => {
             print_json(&json!({"key_file": out.display().to_string(), "public_key": public}))
         }
-        Output::Text => println!("{public}"),
+        Output::Text => outln!("{public}"),
     }
     Ok(0)
 }
@@ -1006,8 +1143,8 @@ pub fn artifact_sign(file: &Path, key: &Path, output: Output) -> Result<i32> {
     match output {
         Output::Json => print_json(&json!({"sha256": sha, "signature": sig})),
         Output::Text => {
-            eprintln!("sha256 {sha}");
-            println!("{sig}");
+            errln!("sha256 {sha}");
+            outln!("{sig}");
         }
     }
     Ok(0)
@@ -1069,28 +1206,67 @@ pub async fn history(
         print_json(&v);
         return Ok(0);
     }
-    println!(
-        "{:<10} {:<14} {:<12} {:<12} {:<25} {:>9}  REASON",
-        "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION"
-    );
+    let mut rows = vec![
+        [
+            "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION", "REASON",
+        ]
+        .map(String::from),
+    ];
     for d in v.as_array().cloned().unwrap_or_default() {
+        let text = |k: &str| d[k].as_str().unwrap_or("").to_string();
         let state = if d["rollback"].as_bool().unwrap_or(false) {
-            format!("{} (rb)", d["state"].as_str().unwrap_or(""))
+            format!("{} (rollback)", text("state"))
         } else {
-            d["state"].as_str().unwrap_or("").to_string()
+            text("state")
         };
-        println!(
-            "{:<10} {:<14} {:<12} {:<12} {:<25} {:>9}  {}",
-            d["id"].as_str().unwrap_or(""),
-            d["service"].as_str().unwrap_or(""),
-            d["release"].as_str().unwrap_or(""),
+        rows.push([
+            text("id"),
+            text("service"),
+            text("release"),
             state,
-            d["created_at"].as_str().unwrap_or(""),
+            text("created_at"),
             d["duration_s"].as_f64().map_or("-".into(), human_s),
-            d["reason"].as_str().unwrap_or(""),
-        );
+            text("reason"),
+        ]);
     }
+    print_table(&rows, &[5]);
     Ok(0)
+}
+
+fn print_table<const N: usize>(rows: &[[String; N]], right: &[usize]) {
+    for line in table_lines(rows, right) {
+        outln!("{line}");
+    }
+}
+
+/// Rows in columns as wide as their widest cell, two spaces apart; columns in `right`
+/// are right-aligned, and the last column is not padded.
+fn table_lines<const N: usize>(rows: &[[String; N]], right: &[usize]) -> Vec<String> {
+    let mut widths = [0; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                let pad = " ".repeat(widths[c] - cell.chars().count());
+                if c > 0 {
+                    line.push_str("  ");
+                }
+                if right.contains(&c) {
+                    line.push_str(&pad);
+                }
+                line.push_str(cell);
+                if !right.contains(&c) {
+                    line.push_str(&pad);
+                }
+            }
+            line.trim_end().to_string()
+        })
+        .collect()
 }
 
 pub async fn show(conn: &Conn, id: Option<String>, output: Output) -> Result<i32> {
@@ -1110,7 +1286,7 @@ pub async fn show(conn: &Conn, id: Option<String>, output: Output) -> Result<i32
     }
     let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
     if let Some(f) = v["failure"].as_object() {
-        println!(
+        outln!(
             "{} {} {}: {}",
             s("state").to_uppercase(),
             s("id"),
@@ -1125,15 +1301,15 @@ pub async fn show(conn: &Conn, id: Option<String>, output: Output) -> Result<i32
             .cloned()
             .unwrap_or_default()
         {
-            println!(
+            outln!(
                 "  {}: {}",
                 h["name"].as_str().unwrap_or(""),
                 h["error"].as_str().unwrap_or("failed")
             );
         }
-        println!();
+        outln!();
     }
-    println!(
+    outln!(
         "{} {} {} (from {}): {} after {}",
         s("id"),
         s("service"),
@@ -1143,7 +1319,7 @@ pub async fn show(conn: &Conn, id: Option<String>, output: Output) -> Result<i32
         human_s(v["elapsed_s"].as_f64().unwrap_or(0.0))
     );
     for e in v["timeline"].as_array().cloned().unwrap_or_default() {
-        println!(
+        outln!(
             "  {:>8}  {}",
             format!("+{:.1}s", e["offset_s"].as_f64().unwrap_or(0.0)),
             e["text"].as_str().unwrap_or("")
@@ -1204,13 +1380,13 @@ pub async fn stats(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!(
+    outln!(
         "{} over the last {since} (since {}):",
         service.as_deref().unwrap_or("every service"),
         v["since"].as_str().unwrap_or("")
     );
-    println!(
-        "  deployments          {} ({}/day): {} succeeded, {} rolled back, {} failed, {} aborted, {} rolled back manually",
+    outln!(
+        "  deployments            {} ({}/day): {} succeeded, {} rolled back, {} failed, {} aborted, {} rolled back manually",
         n("deployments"),
         v["deployments_per_day"],
         n("succeeded"),
@@ -1219,16 +1395,28 @@ pub async fn stats(
         n("aborted"),
         n("rolled_back_manually")
     );
-    println!(
-        "  change failure rate  {}",
+    outln!(
+        "  change failure rate    {}",
         v["change_failure_rate"]
             .as_f64()
-            .map_or("-".into(), |r| format!("{:.1}%", r * 100.0))
+            .map_or("-".into(), |r| format!(
+                "{:.1}% ({} of {} degraded service)",
+                r * 100.0,
+                n("change_failures"),
+                n("deployments")
+            ))
     );
-    println!("  time to restore      {}", spread("time_to_restore"));
-    println!("  deployment duration  {}", spread("deployment_duration"));
-    println!("  lead time            {}", spread("lead_time"));
-    println!("  failures by phase    {}", tally("failures_by_phase"));
-    println!("  failures by host     {}", tally("failures_by_host"));
+    outln!(
+        "  failed before traffic  {} (never served a request; not change failures)",
+        n("failed_before_traffic")
+    );
+    outln!("  time to restore        {}", spread("time_to_restore"));
+    outln!("  deployment duration    {}", spread("deployment_duration"));
+    outln!("  lead time              {}", spread("lead_time"));
+    outln!("  failures by phase      {}", tally("failures_by_phase"));
+    outln!("  failures by host       {}", tally("failures_by_host"));
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests;

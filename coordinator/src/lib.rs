@@ -90,6 +90,11 @@ pub struct ServeConfig {
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
+/// The largest control request the coordinator reads: a deployment carries its whole
+/// plan, which parsing caps at [`cutover_shared::plan::MAX_PLAN_BYTES`]; the room above
+/// is for its re-encoding and the other fields.
+const MAX_CONTROL_REQUEST: usize = 4 * cutover_shared::plan::MAX_PLAN_BYTES;
+
 pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     cutover_proto::tls::install_default_provider();
     private_dir(&cfg.data_dir)?;
@@ -133,6 +138,14 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         .await
         .with_context(|| format!("bind --http {}", cfg.http))?;
     tracing::info!(listen = %cfg.listen, http = %cfg.http, "coordinator listening");
+    if !cfg.http.ip().is_loopback() {
+        tracing::warn!(
+            http = %cfg.http,
+            "the dashboard and /api have no login: anyone who reaches this address reads \
+             the fleet and every deployment; keep --http on 127.0.0.1 or put a proxy that \
+             authenticates in front"
+        );
+    }
 
     let shared = Arc::new(server::Shared {
         store: store.clone(),
@@ -166,7 +179,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(EnrollServer::new(api.clone()))
         .add_service(AgentLinkServer::new(api.clone()))
-        .add_service(ControlServer::new(api))
+        .add_service(ControlServer::new(api).max_decoding_message_size(MAX_CONTROL_REQUEST))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let result = grpc.await.context("serve gRPC");
     shutdown.cancel();

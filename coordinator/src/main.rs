@@ -1,13 +1,26 @@
 //! `cutover`: the coordinator (`cutover serve`) and the release manager's CLI.
+//!
+//! The CLI's connection and output flags (`--coordinator`, `--credentials`, `--output`)
+//! are accepted before the subcommand (`cutover --output json status`) and anywhere
+//! after it (`cutover status --output json`), on every command except `serve`, which
+//! has flags of its own only.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args as _, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coordinator::cli::{self, Conn, Failure, Output};
+use coordinator::errln;
 use cutover_proto::v1::DeploymentCommand;
 use tokio_util::sync::CancellationToken;
+
+const COORDINATOR_HELP: &str = "The coordinator's gRPC address (its --listen), HOST:PORT; env \
+                                CUTOVER_COORDINATOR [default: 127.0.0.1:7400]";
+const CREDENTIALS_HELP: &str = "Folder with ca.crt, client.crt and client.key (the coordinator's \
+                                DATA/admin); env CUTOVER_CREDENTIALS [default: ~/.config/cutover]";
+const OUTPUT_HELP: &str = "Format of the data on stdout [default: text]";
+const DEFAULT_COORDINATOR: &str = "127.0.0.1:7400";
 
 #[derive(Parser)]
 #[command(
@@ -16,43 +29,67 @@ use tokio_util::sync::CancellationToken;
     about = "Progressive, self-healing deployments for fleets of plain hosts"
 )]
 struct Args {
-    /// Coordinator address for CLI commands.
-    #[arg(
-        long,
-        global = true,
-        env = "CUTOVER_COORDINATOR",
-        default_value = "127.0.0.1:7400"
-    )]
-    coordinator: String,
-    /// Folder with ca.crt, client.crt and client.key [default: ~/.config/cutover]
-    #[arg(long, global = true, env = "CUTOVER_CREDENTIALS")]
-    credentials: Option<PathBuf>,
-    /// Output format for data on stdout.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    output: Output,
+    #[command(flatten)]
+    flags: TopFlags,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The CLI flags written before the subcommand; the environment fills them in.
+#[derive(clap::Args)]
+struct TopFlags {
+    #[arg(long, env = "CUTOVER_COORDINATOR", hide_env = true, value_name = "HOST:PORT", help = COORDINATOR_HELP)]
+    coordinator: Option<String>,
+    #[arg(long, env = "CUTOVER_CREDENTIALS", hide_env = true, value_name = "DIR", help = CREDENTIALS_HELP)]
+    credentials: Option<PathBuf>,
+    #[arg(long, value_enum, help = OUTPUT_HELP)]
+    output: Option<Output>,
+}
+
+/// The same flags written after a CLI subcommand; they win over [`TopFlags`]. Added to
+/// every subcommand but `serve` by [`command`].
+#[derive(clap::Args, Default)]
+struct CliFlags {
+    #[arg(long, global = true, value_name = "HOST:PORT", help = COORDINATOR_HELP)]
+    coordinator: Option<String>,
+    #[arg(long, global = true, value_name = "DIR", help = CREDENTIALS_HELP)]
+    credentials: Option<PathBuf>,
+    #[arg(long, global = true, value_enum, help = OUTPUT_HELP)]
+    output: Option<Output>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for people; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the coordinator.
     Serve {
-        #[arg(long)]
+        /// Folder holding all of the coordinator's state: its database, its CA and the
+        /// admin credentials (DIR/admin), made on first start.
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
-        #[arg(long, default_value = "0.0.0.0:7400")]
+        /// gRPC over mutual TLS, for agents and the CLI.
+        #[arg(long, default_value = "0.0.0.0:7400", value_name = "ADDR")]
         listen: SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:7480")]
+        /// Plain HTTP for /healthz, /metrics, the dashboard and its /api. They have no
+        /// login: keep this on loopback, or behind a proxy that authenticates.
+        #[arg(long, default_value = "127.0.0.1:7480", value_name = "ADDR")]
         http: SocketAddr,
         /// Extra DNS names or IPs for the server certificate (repeatable).
-        #[arg(long = "server-name")]
+        #[arg(long = "server-name", value_name = "NAME")]
         server_names: Vec<String>,
         /// Validity of agent certificates; agents renew them when a third is left.
-        #[arg(long, default_value = "90d")]
+        #[arg(long, default_value = "90d", value_name = "DURATION")]
         cert_ttl: cutover_shared::Duration,
         /// POST a JSON event (with a Slack-compatible `text`) to this URL for every
         /// deployment start, step, pause, rollback and end (repeatable).
-        #[arg(long = "webhook")]
+        #[arg(long = "webhook", value_name = "URL")]
         webhooks: Vec<String>,
         /// Connections each listener (--listen, --http) keeps open at once; more wait
         /// in the kernel's accept queue.
@@ -64,6 +101,9 @@ enum Cmd {
         /// most, to finish its TLS handshake.
         #[arg(long, default_value = "75s")]
         idle_timeout: cutover_shared::Duration,
+        /// How log lines are written to stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Join tokens for new hosts.
     Token {
@@ -77,54 +117,86 @@ enum Cmd {
     },
     /// Start a deployment; prints its id on the first stdout line.
     Deploy {
+        /// The plan file (TOML).
         plan: PathBuf,
-        #[arg(long)]
+        /// Deploy this version instead of the plan's `[release] version`.
+        #[arg(long, value_name = "VERSION")]
         release: Option<String>,
-        #[arg(long)]
+        /// Fetch this artifact instead of the plan's `[release] artifact`.
+        #[arg(long, value_name = "URL")]
         artifact: Option<String>,
-        #[arg(long)]
+        /// The artifact's SHA-256 instead of the plan's `[release] sha256`.
+        #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
-        /// Follow progress on stderr until the deployment ends.
+        /// Follow progress on stderr until the deployment ends; the exit code says how
+        /// it ended.
         #[arg(long)]
         wait: bool,
     },
     /// Show one deployment (default: the latest).
-    Status { id: Option<String> },
+    Status {
+        /// Deployment id, e.g. d-000123 [default: the latest]
+        id: Option<String>,
+    },
     /// Pause a deployment.
-    Pause { id: String },
+    Pause {
+        /// Deployment id, e.g. d-000123
+        id: String,
+    },
     /// Resume a paused deployment.
-    Resume { id: String },
+    Resume {
+        /// Deployment id, e.g. d-000123
+        id: String,
+    },
     /// End a pause or skip the rest of the current hold.
-    Promote { id: String },
+    Promote {
+        /// Deployment id, e.g. d-000123
+        id: String,
+    },
     /// Stop a deployment and roll it back.
-    Abort { id: String },
+    Abort {
+        /// Deployment id, e.g. d-000123
+        id: String,
+    },
     /// Go back to the previous release on every host.
     Rollback {
+        /// The service to roll back.
         service: String,
+        /// Follow progress on stderr until the rollback ends.
         #[arg(long)]
         wait: bool,
     },
     /// Follow a deployment until it ends: a live view on a terminal, plain lines
     /// otherwise (or with CUTOVER_PLAIN=1).
-    Watch { id: String },
+    Watch {
+        /// Deployment id, e.g. d-000123 [default: the latest deployment in progress]
+        id: Option<String>,
+    },
     /// Past deployments, newest first.
     History {
+        /// Only this service's deployments.
         #[arg(long)]
         service: Option<String>,
+        /// Show at most this many deployments.
         #[arg(long, default_value_t = 20)]
         limit: u32,
         /// Only deployments started within this long, e.g. 7d.
-        #[arg(long)]
+        #[arg(long, value_name = "DURATION")]
         since: Option<String>,
     },
     /// One deployment's timeline; where it failed and why, first.
-    Show { id: Option<String> },
+    Show {
+        /// Deployment id, e.g. d-000123 [default: the latest]
+        id: Option<String>,
+    },
     /// Deployment frequency, change failure rate, time to restore, durations, lead
     /// time, and where failures happen.
     Stats {
+        /// Only this service's deployments.
         #[arg(long)]
         service: Option<String>,
-        #[arg(long, default_value = "30d")]
+        /// Deployments started within this long, e.g. 7d.
+        #[arg(long, default_value = "30d", value_name = "DURATION")]
         since: String,
     },
     /// Signing keys and artifact signatures.
@@ -147,8 +219,10 @@ enum TokenCmd {
         /// The enrolled host's labels, as k=v,k2=v2; a join cannot change them.
         #[arg(long, default_value = "")]
         labels: String,
-        #[arg(long, default_value = "1h")]
+        /// How long the token can be used.
+        #[arg(long, default_value = "1h", value_name = "DURATION")]
         ttl: cutover_shared::Duration,
+        /// How many hosts can join with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
         /// Enrol only a host of this name.
@@ -164,26 +238,35 @@ enum TokenCmd {
     /// List join tokens (never their secrets).
     List,
     /// Revoke a join token by id.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id, as `token list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum HostsCmd {
     /// Remove a host and revoke its certificate.
-    Remove { name: String },
+    Remove {
+        /// The host's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum ArtifactCmd {
     /// Make a signing key; prints its public key for the agents' --trusted-key.
     Keygen {
-        #[arg(long)]
+        /// Where to write the private key (an existing file is never overwritten).
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Sign an artifact; prints the signature for `[release] signature`.
     Sign {
+        /// The artifact to sign.
         file: PathBuf,
-        #[arg(long)]
+        /// The private key `artifact keygen` wrote.
+        #[arg(long, value_name = "FILE")]
         key: PathBuf,
     },
 }
@@ -191,20 +274,87 @@ enum ArtifactCmd {
 #[derive(Subcommand)]
 enum PlanCmd {
     /// Check a plan offline.
-    Validate { plan: PathBuf },
+    Validate {
+        /// The plan file (TOML).
+        plan: PathBuf,
+    },
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let serving = matches!(args.command, Cmd::Serve { .. });
+/// The full command line: [`Args`] with [`CliFlags`] on every subcommand but `serve`.
+fn command() -> clap::Command {
+    let flags: Vec<clap::Arg> = CliFlags::augment_args(clap::Command::new("flags"))
+        .get_arguments()
+        .cloned()
+        .collect();
+    let mut cmd = Args::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .filter(|n| n != "serve")
+        .collect();
+    for name in names {
+        let flags = flags.clone();
+        cmd = cmd.mut_subcommand(name, |s| s.args(flags));
+    }
+    cmd
+}
+
+/// Parses the command line; returns the arguments and the merged CLI flags.
+fn parse() -> (Args, Conn, Output) {
+    let matches = command().get_matches();
+    let parsed = Args::from_arg_matches(&matches)
+        .and_then(|args| {
+            let after = match matches.subcommand() {
+                Some((name, sub)) if name != "serve" => CliFlags::from_arg_matches(sub)?,
+                _ => CliFlags::default(),
+            };
+            Ok((args, after))
+        })
+        .unwrap_or_else(|e| e.exit());
+    let (args, after) = parsed;
+    let top = &args.flags;
+    let credentials = after
+        .credentials
+        .or_else(|| top.credentials.clone())
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default()
+                .join(".config/cutover")
+        });
+    let conn = Conn {
+        coordinator: after
+            .coordinator
+            .or_else(|| top.coordinator.clone())
+            .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string()),
+        credentials,
+    };
+    let output = after.output.or(top.output).unwrap_or(Output::Text);
+    (args, conn, output)
+}
+
+fn init_logging(serving: bool, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let (args, conn, output) = parse();
+    let log_format = match args.command {
+        Cmd::Serve { log_format, .. } => Some(log_format),
+        _ => None,
+    };
+    init_logging(log_format.is_some(), log_format.unwrap_or(LogFormat::Text));
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -212,31 +362,35 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: start runtime: {e}");
+            errln!("error: start runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args, conn, output));
+    // Data cut short by a failing stdout (other than a closed pipe) is a failure.
+    let result = match (result, cli::out::stdout_error()) {
+        (Ok(_), Some(e)) => Err(Failure::new(1, format!("write to stdout: {e}"))),
+        (r, _) => r,
+    };
+    match result {
         Ok(code) => ExitCode::from(code as u8),
+        Err(f) if f.code == cli::INTERRUPTED => {
+            errln!("{}", f.message);
+            ExitCode::from(f.code as u8)
+        }
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            let line = cutover_shared::errors::shorten(&f.message);
+            if log_format == Some(LogFormat::Json) {
+                tracing::error!(error = %line, "coordinator stopped");
+            } else {
+                errln!("error: {line}");
+            }
             ExitCode::from(f.code as u8)
         }
     }
 }
 
-async fn run(args: Args) -> cli::Result<i32> {
-    let credentials = args.credentials.clone().unwrap_or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default()
-            .join(".config/cutover")
-    });
-    let conn = Conn {
-        coordinator: args.coordinator.clone(),
-        credentials,
-    };
-    let out = args.output;
+async fn run(args: Args, conn: Conn, out: Output) -> cli::Result<i32> {
     match args.command {
         Cmd::Serve {
             data_dir,
@@ -247,6 +401,7 @@ async fn run(args: Args) -> cli::Result<i32> {
             webhooks,
             max_connections,
             idle_timeout,
+            log_format: _,
         } => {
             if cert_ttl.is_zero() {
                 return Err(Failure::new(2, "--cert-ttl: must be more than 0s"));
@@ -348,11 +503,7 @@ async fn run(args: Args) -> cli::Result<i32> {
         } => cli::history(&conn, service, limit, since.as_deref(), out).await,
         Cmd::Show { id } => cli::show(&conn, id, out).await,
         Cmd::Stats { service, since } => cli::stats(&conn, service, &since, out).await,
-        Cmd::Watch { id } => {
-            let mut client = conn.client().await?;
-            let d = cli::watch(&mut client, &id).await?;
-            Ok(cli::finish(&mut client, &d, out).await)
-        }
+        Cmd::Watch { id } => cli::watch_command(&conn, id, out).await,
         Cmd::Artifact {
             command: ArtifactCmd::Keygen { out: path },
         } => cli::artifact_keygen(&path, out),
@@ -377,5 +528,110 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand, with the path of subcommands leading to it.
+    fn arguments(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Arg)>) {
+        for a in cmd.get_arguments() {
+            out.push((path.clone(), a.clone()));
+        }
+        for s in cmd.get_subcommands() {
+            arguments(s, format!("{path} {}", s.get_name()), out);
+        }
+    }
+
+    fn built() -> clap::Command {
+        let mut cmd = command();
+        cmd.build();
+        cmd
+    }
+
+    #[test]
+    fn every_argument_has_a_help_line() {
+        let mut all = Vec::new();
+        arguments(&built(), "cutover".into(), &mut all);
+        assert!(all.len() > 40, "{} arguments", all.len());
+        for (path, a) in all {
+            assert!(
+                a.get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty()),
+                "{path} {} has no help",
+                a.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn serve_has_only_its_own_flags() {
+        let cmd = built();
+        let serve = cmd.find_subcommand("serve").expect("serve");
+        let ids: Vec<&str> = serve.get_arguments().map(|a| a.get_id().as_str()).collect();
+        for cli_only in ["coordinator", "credentials", "output"] {
+            assert!(!ids.contains(&cli_only), "serve has --{cli_only}: {ids:?}");
+        }
+        let hosts = cmd.find_subcommand("token").expect("token");
+        let create = hosts.find_subcommand("create").expect("create");
+        let ids: Vec<&str> = create
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .collect();
+        assert!(ids.contains(&"output"), "{ids:?}");
+    }
+
+    /// The CLI flags before and after the subcommand, the later one winning.
+    #[test]
+    fn cli_flags_are_accepted_before_and_after_the_subcommand() {
+        let flags = |argv: &[&str]| {
+            let m = command().try_get_matches_from(argv).expect("parses");
+            let top = TopFlags::from_arg_matches(&m).expect("top");
+            let (_, sub) = m.subcommand().expect("subcommand");
+            let after = CliFlags::from_arg_matches(sub).expect("after");
+            (
+                after.output.or(top.output),
+                after.coordinator.or(top.coordinator),
+            )
+        };
+        assert_eq!(
+            flags(&["cutover", "--output", "json", "status"]).0,
+            Some(Output::Json)
+        );
+        assert_eq!(
+            flags(&["cutover", "status", "--output", "json"]).0,
+            Some(Output::Json)
+        );
+        assert_eq!(
+            flags(&["cutover", "token", "create", "--output", "json"]).0,
+            Some(Output::Json)
+        );
+        assert_eq!(
+            flags(&["cutover", "token", "--output", "json", "list"]).0,
+            Some(Output::Json)
+        );
+        assert_eq!(
+            flags(&[
+                "cutover",
+                "--coordinator",
+                "a:1",
+                "hosts",
+                "remove",
+                "x",
+                "--coordinator",
+                "b:2"
+            ])
+            .1
+            .as_deref(),
+            Some("b:2")
+        );
+        assert!(
+            command()
+                .try_get_matches_from(["cutover", "serve", "--data-dir", "d", "--output", "json"])
+                .is_err(),
+            "serve does not take CLI flags"
+        );
     }
 }

@@ -268,10 +268,45 @@ pub fn failure(d: &DeploymentRecord, events: &[Event]) -> Value {
         "phase": failure_phase(d, events),
         "reason": d.reason,
         "hosts": d.hosts.iter()
-            .filter(|(_, h)| h.phase == HostPhase::Failed)
+            .filter(|(_, h)| h.phase == HostPhase::Failed || failed_preparing(h))
             .map(|(n, h)| json!({"name": n, "error": h.error}))
             .collect::<Vec<_>>(),
     })
+}
+
+/// A host whose preparation failed and that the fleet-wide rollback then set back: its
+/// phase says `rolled_back`, its error why it failed.
+fn failed_preparing(h: &crate::model::DeployHost) -> bool {
+    h.phase == HostPhase::RolledBack && h.error.is_some() && !h.lost
+}
+
+/// The hosts whose preparation failed in a deployment: from its timeline, and from its
+/// record (a failure that triggered the rollback in the same decision left no event in
+/// timelines written before that was recorded).
+fn hosts_failed(d: &DeploymentRecord, events: &[Event]) -> std::collections::BTreeSet<String> {
+    let mut hosts: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Kind::HostFailed { host, .. } => Some(host.clone()),
+            _ => None,
+        })
+        .collect();
+    hosts.extend(
+        d.hosts
+            .iter()
+            .filter(|(_, h)| !h.lost && (h.phase == HostPhase::Failed || failed_preparing(h)))
+            .map(|(n, _)| n.clone()),
+    );
+    hosts
+}
+
+/// Whether the new release carried traffic before the deployment ended or rolled back:
+/// a step's weights went out.
+fn carried_traffic(events: &[Event]) -> bool {
+    events
+        .iter()
+        .take_while(|e| !matches!(e.kind, Kind::RollbackStarted { .. } | Kind::Ended { .. }))
+        .any(|e| matches!(e.kind, Kind::StepStarted { traffic, .. } if traffic > 0))
 }
 
 /// `preparing`, `at N%` (the traffic the new release had), or `baking`.
@@ -323,6 +358,19 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
         .ended_unix_ms
         .unwrap_or(now)
         .saturating_sub(d.created_unix_ms);
+    // Holding: the step's weights are confirmed everywhere and the deployment waits out
+    // its hold (and, at the last step, the bake) before moving on.
+    let holding = d.state == State::Progressing && d.step_switched_unix_ms.is_some();
+    let last = d.step as usize + 1 == d.plan.strategy.steps.len();
+    let bake_ms = (holding && last && !d.plan.strategy.bake.is_zero())
+        .then(|| d.plan.strategy.bake.as_millis());
+    let hold_ms = d
+        .plan
+        .strategy
+        .steps
+        .get(d.step as usize)
+        .filter(|_| holding)
+        .map(|s| s.hold.as_millis() + bake_ms.unwrap_or(0));
     json!({
         "id": d.id,
         "service": d.service,
@@ -337,9 +385,10 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
         "created_at": rfc3339(d.created_unix_ms),
         "ended_at": d.ended_unix_ms.map_or(Value::Null, rfc3339),
         "elapsed_s": secs(elapsed),
-        "phase_elapsed_s": secs(d.held_ms(now).unwrap_or_else(|| now.saturating_sub(d.phase_started_unix_ms))),
-        "holding": d.step_switched_unix_ms.is_some(),
-        "hold_s": d.plan.strategy.steps.get(d.step as usize).map(|s| secs(s.hold.as_millis())),
+        "phase_elapsed_s": secs(d.held_ms(d.ended_unix_ms.unwrap_or(now)).unwrap_or_else(|| d.ended_unix_ms.unwrap_or(now).saturating_sub(d.phase_started_unix_ms))),
+        "holding": holding,
+        "hold_s": hold_ms.map(secs),
+        "bake_s": bake_ms.map(secs),
         "hosts": d.hosts.iter().map(|(n, h)| json!({
             "name": n,
             "phase": h.phase.as_str(),
@@ -358,6 +407,8 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
             "metrics": i.metrics.iter().map(|m| json!({
                 "name": crate::analysis::metric_name(m.name),
                 "new": m.new, "old": m.old,
+                "unit": crate::analysis::unit(m.name),
+                "text": crate::analysis::figure(m),
             })).collect::<Vec<_>>(),
         })),
         "host_prepare_s": phases(d, events).host_prepare_ms.into_iter().map(|(h, ms)| (h, secs(ms))).collect::<BTreeMap<_, _>>(),
@@ -384,10 +435,17 @@ pub struct Stats {
     pub aborted: usize,
     /// Succeeded, then undone by `cutover rollback` before anything else succeeded.
     pub rolled_back_manually: usize,
-    /// (rolled back + failed + aborted + rolled back manually) / deployments.
+    /// Ended without success before the new release carried any traffic (a failed
+    /// preparation, say): no user saw it, so not a change failure.
+    pub failed_before_traffic: usize,
+    /// Deployments that degraded service: rolled back (or failed, or aborted after a
+    /// failing analysis interval) once the new release carried traffic, or succeeded and
+    /// were then rolled back by hand.
+    pub change_failures: usize,
+    /// change failures / deployments.
     pub change_failure_rate: Option<f64>,
-    /// First bad signal to the last host back on the previous release (automatic
-    /// rollbacks), or the manual rollback's own duration.
+    /// For each change failure: first bad signal to the last host back on the previous
+    /// release, or the manual rollback's own duration.
     pub time_to_restore: Spread,
     pub deployment_duration: Spread,
     /// `[release] committed_at` to the end of a successful deployment.
@@ -422,30 +480,16 @@ pub fn stats(
         }
         s.deployments += 1;
         let evs = events.get(&d.id).unwrap_or(&none);
-        let failed_change = match d.state {
+        match d.state {
             State::Succeeded => {
                 s.succeeded += 1;
                 if let Some(e) = d.ended_unix_ms {
                     duration.push(e.saturating_sub(d.created_unix_ms));
-                    if let Some(c) = d
-                        .plan
-                        .release
-                        .committed_at
-                        .as_deref()
-                        .and_then(|c| humantime::parse_rfc3339_weak(c).ok())
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    {
-                        lead.push(e.saturating_sub(c.as_millis() as u64));
-                    }
+                    lead.extend(lead_time(d, e));
                 }
-                // Undone later by `cutover rollback`, before another success?
-                let undo = all[i + 1..]
-                    .iter()
-                    .filter(|n| n.service == d.service && n.state.is_final())
-                    .find(|n| n.state == State::Succeeded)
-                    .filter(|n| n.is_rollback && n.previous_release.as_deref() == Some(&d.release));
-                if let Some(r) = undo {
+                if let Some(r) = manual_undo(d, &all[i + 1..]) {
                     s.rolled_back_manually += 1;
+                    s.change_failures += 1;
                     if let Some(e) = r.ended_unix_ms {
                         restore.push(e.saturating_sub(r.created_unix_ms));
                     }
@@ -453,50 +497,98 @@ pub fn stats(
                         .entry("after success (manual rollback)".into())
                         .or_default() += 1;
                 }
-                false
             }
-            State::RolledBack => {
-                s.rolled_back += 1;
-                true
+            State::RolledBack | State::Failed | State::Aborted => {
+                match d.state {
+                    State::RolledBack => s.rolled_back += 1,
+                    State::Failed => s.failed += 1,
+                    _ => s.aborted += 1,
+                }
+                let miss = miss(d, evs);
+                match miss {
+                    Miss::BeforeTraffic => s.failed_before_traffic += 1,
+                    Miss::ChangeFailure => {
+                        s.change_failures += 1;
+                        if let Some(r) = &d.rollback
+                            && let Some(done) = r.done_unix_ms
+                        {
+                            restore.push(done.saturating_sub(r.first_bad_unix_ms));
+                        }
+                    }
+                    Miss::Stopped => {}
+                }
+                if miss != Miss::Stopped {
+                    *s.failures_by_phase
+                        .entry(failure_phase(d, evs))
+                        .or_default() += 1;
+                }
             }
-            State::Failed => {
-                s.failed += 1;
-                true
-            }
-            State::Aborted => {
-                s.aborted += 1;
-                true
-            }
-            _ => false,
-        };
-        if failed_change {
-            *s.failures_by_phase
-                .entry(failure_phase(d, evs))
-                .or_default() += 1;
-            if let Some(r) = &d.rollback
-                && let Some(done) = r.done_unix_ms
-            {
-                restore.push(done.saturating_sub(r.first_bad_unix_ms));
-            }
+            _ => {}
         }
-        for e in evs {
-            if let Kind::HostFailed { host, .. } = &e.kind {
-                *s.failures_by_host.entry(host.clone()).or_default() += 1;
-            }
+        for host in hosts_failed(d, evs) {
+            *s.failures_by_host.entry(host).or_default() += 1;
         }
     }
     if s.days > 0.0 {
         s.deployments_per_day = ((s.deployments as f64 / s.days) * 1000.0).round() / 1000.0;
     }
     if s.deployments > 0 {
-        let bad = s.rolled_back + s.failed + s.aborted + s.rolled_back_manually;
         s.change_failure_rate =
-            Some(((bad as f64 / s.deployments as f64) * 10_000.0).round() / 10_000.0);
+            Some(((s.change_failures as f64 / s.deployments as f64) * 10_000.0).round() / 10_000.0);
     }
     s.time_to_restore = spread(&restore);
     s.deployment_duration = spread(&duration);
     s.lead_time = spread(&lead);
     s
+}
+
+/// How a deployment that ended without success counts in the figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Miss {
+    /// It failed before the new release carried any traffic: no user saw it.
+    BeforeTraffic,
+    /// It degraded service: the new release carried traffic and was found bad (by
+    /// analysis, the health watch, or an operator after a failing interval).
+    ChangeFailure,
+    /// An operator stopped a release that nothing had found bad.
+    Stopped,
+}
+
+fn miss(d: &DeploymentRecord, events: &[Event]) -> Miss {
+    let failing_interval = || {
+        d.analysis
+            .intervals
+            .iter()
+            .any(|i| matches!(i.verdict, crate::analysis::Verdict::Fail(_)))
+    };
+    match (d.state, carried_traffic(events)) {
+        (State::Aborted, true) if failing_interval() => Miss::ChangeFailure,
+        (State::Aborted, _) => Miss::Stopped,
+        (_, false) => Miss::BeforeTraffic,
+        (_, true) => Miss::ChangeFailure,
+    }
+}
+
+/// `[release] committed_at` to `ended`, in ms, when the plan says when.
+fn lead_time(d: &DeploymentRecord, ended: u64) -> Option<u64> {
+    let committed = d.plan.release.committed_at.as_deref()?;
+    let at = humantime::parse_rfc3339_weak(committed).ok()?;
+    let at = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(ended.saturating_sub(at.as_millis() as u64))
+}
+
+/// The `cutover rollback` that undid successful deployment `d`, if the next finished
+/// deployment of its service is one; `later` are the deployments created after `d`.
+fn manual_undo<'a>(
+    d: &DeploymentRecord,
+    later: &[&'a DeploymentRecord],
+) -> Option<&'a DeploymentRecord> {
+    later
+        .iter()
+        .filter(|n| n.service == d.service && n.state.is_final())
+        .find(|n| n.state == State::Succeeded)
+        .filter(|n| n.is_rollback && n.previous_release.as_deref() == Some(&d.release))
+        .copied()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use cutover_proto::v1::SlotPhase;
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Verdict, metric_name};
+use crate::analysis::{Verdict, figure};
 use crate::model::{DeploymentRecord, HostPhase, State};
 use crate::rollout::{self, HostView};
 
@@ -239,6 +239,18 @@ pub fn diff(before: Option<&DeploymentRecord>, after: &DeploymentRecord, now: u6
                 host: name.clone(),
                 error: h.error.clone().unwrap_or_default(),
             }),
+            // Failed and, in the same decision, set back by the rollback its failure
+            // began: the new error says so.
+            HostPhase::RolledBack
+                if !h.lost
+                    && h.error.is_some()
+                    && was.and_then(|w| w.error.as_ref()) != h.error.as_ref() =>
+            {
+                ev(Kind::HostFailed {
+                    host: name.clone(),
+                    error: h.error.clone().unwrap_or_default(),
+                })
+            }
             _ => {}
         }
     }
@@ -286,7 +298,6 @@ pub fn diff(before: Option<&DeploymentRecord>, after: &DeploymentRecord, now: u6
             Verdict::Fail(w) => ("fail".to_string(), w.clone()),
             Verdict::Inconclusive(w) => ("inconclusive".to_string(), w.clone()),
         };
-        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
         out.push(Event {
             at_unix_ms: i.ended_unix_ms,
             kind: Kind::Interval {
@@ -296,11 +307,7 @@ pub fn diff(before: Option<&DeploymentRecord>, after: &DeploymentRecord, now: u6
                 why,
                 new_requests: i.new_requests,
                 old_requests: i.old_requests,
-                figures: i
-                    .metrics
-                    .iter()
-                    .map(|m| format!("{} {} vs {}", metric_name(m.name), fmt(m.new), fmt(m.old)))
-                    .collect(),
+                figures: i.metrics.iter().map(figure).collect(),
             },
         });
     }

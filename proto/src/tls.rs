@@ -34,6 +34,12 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(
+        "{addr} is not cutover's gRPC port: it answered in plain text, which looks like an \
+         HTTP port (such as the coordinator's --http); use the coordinator's --listen \
+         address (default port 7400)"
+    )]
+    NotTls { addr: String },
 }
 
 /// The crypto provider cutover uses everywhere: ring.
@@ -230,8 +236,38 @@ pub async fn connect(addr: &str, config: ClientConfig) -> Result<Channel, Error>
         .keep_alive_while_idle(true)
         .connect_with_connector(service)
         .await
-        .map_err(|source| Error::Connect {
-            addr: addr.to_string(),
-            source,
+        .map_err(|source| {
+            if answered_in_plain_text(&source) {
+                Error::NotTls {
+                    addr: addr.to_string(),
+                }
+            } else {
+                Error::Connect {
+                    addr: addr.to_string(),
+                    source,
+                }
+            }
         })
+}
+
+/// True when the TLS handshake failed because the server's first bytes were not a TLS
+/// record: a plain-text server, typically HTTP answering `400 Bad Request`.
+fn answered_in_plain_text(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // io::Error hides the error it wraps from `source()`; look inside it too.
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if let Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) =
+                candidate.downcast_ref::<rustls::Error>()
+            {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }

@@ -100,7 +100,7 @@ impl<'de> serde::Deserialize<'de> for Duration {
         impl serde::de::Visitor<'_> for V {
             type Value = Duration;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration string like \"30s\"")
+                f.write_str("a duration like \"30s\", \"5m\" or \"1h\"")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
                 parse(v).map_err(E::custom)

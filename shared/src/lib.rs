@@ -4,6 +4,7 @@
 pub mod duration;
 pub mod errors;
 pub mod names;
+pub mod placeholders;
 pub mod plan;
 pub mod signing;
 pub mod size;

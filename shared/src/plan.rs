@@ -4,7 +4,10 @@
 //! key as a suggestion. Parsing happens in two passes: serde builds the typed model
 //! (catching unknown keys and wrong types with toml's own spans), then [`Plan::validate`]
 //! checks values; its errors carry a key path that is located in the document afterwards.
+//! Type errors are said in the plan's words, keyed by the value's path (`run.listen must
+//! be a port number 1–65535`), whatever key they concern.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -12,6 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
 use crate::names::{check_label, check_name};
+use crate::placeholders;
+
+/// The largest plan file, in bytes: parsing refuses anything longer, so `plan
+/// validate` and `deploy` agree, and the coordinator's gRPC message limit is set above it.
+pub const MAX_PLAN_BYTES: usize = 1024 * 1024;
+
+/// The placeholders `[run] command` and `[run] env` values may hold.
+pub const RUN_VARIABLES: &[&str] = &["PORT"];
 
 /// A deployment plan, as written in the plan file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -368,8 +379,41 @@ pub struct Invalid {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPart {
-    Key(&'static str),
+    /// A key of the plan's model.
+    Key(Cow<'static, str>),
     Index(usize),
+    /// A key the user chose: an env variable's or a label's name.
+    Name(String),
+}
+
+#[allow(non_snake_case)]
+fn K(key: &'static str) -> PathPart {
+    PathPart::Key(Cow::Borrowed(key))
+}
+
+#[allow(non_snake_case)]
+fn I(index: usize) -> PathPart {
+    PathPart::Index(index)
+}
+
+/// `strategy.steps[2].traffic`.
+fn key_path(path: &[PathPart]) -> String {
+    let mut out = String::new();
+    for p in path {
+        match p {
+            PathPart::Key(k) => push_key(&mut out, k),
+            PathPart::Name(n) => push_key(&mut out, n),
+            PathPart::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn push_key(out: &mut String, key: &str) {
+    if !out.is_empty() {
+        out.push('.');
+    }
+    out.push_str(key);
 }
 
 fn invalid(path: &[PathPart], message: impl Into<String>) -> Invalid {
@@ -379,25 +423,15 @@ fn invalid(path: &[PathPart], message: impl Into<String>) -> Invalid {
     }
 }
 
-use PathPart::{Index as I, Key as K};
-
 impl Plan {
     /// Parses and validates plan text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Plan, PlanError> {
+        Plan::check_size(text.len() as u64, file)?;
         let plan: Plan = toml::from_str(text).map_err(|e| from_toml(&e, text, file))?;
         if let Err(inv) = plan.validate() {
             let offset = locate(text, &inv.path);
             let (line, column) = line_col(text, offset);
-            let key = inv
-                .path
-                .iter()
-                .map(|p| match p {
-                    K(k) => k.to_string(),
-                    I(i) => format!("[{i}]"),
-                })
-                .collect::<Vec<_>>()
-                .join(".")
-                .replace(".[", "[");
+            let key = key_path(&inv.path);
             let message = if key.is_empty() {
                 inv.message
             } else {
@@ -411,6 +445,24 @@ impl Plan {
             });
         }
         Ok(plan)
+    }
+
+    /// Refuses a plan of `bytes` over [`MAX_PLAN_BYTES`] (before reading it, for a file).
+    pub fn check_size(bytes: u64, file: &str) -> Result<(), PlanError> {
+        if bytes <= MAX_PLAN_BYTES as u64 {
+            return Ok(());
+        }
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        Err(PlanError {
+            file: file.to_string(),
+            line: 1,
+            column: 1,
+            message: format!(
+                "the plan is {:.1} MiB; a plan may be at most {:.0} MiB",
+                mib(bytes as f64),
+                mib(MAX_PLAN_BYTES as f64)
+            ),
+        })
     }
 
     /// Checks values that the types alone do not rule out.
@@ -447,6 +499,18 @@ impl Plan {
                 &[K("run"), K("command")],
                 "must name the program to run, e.g. [\"./bin/web\", \"--port\", \"${PORT}\"]",
             ));
+        }
+        for (i, arg) in run.command.iter().enumerate() {
+            placeholders::check(arg, RUN_VARIABLES)
+                .map_err(|e| invalid(&[K("run"), K("command"), I(i)], e.to_string()))?;
+        }
+        for (name, value) in &run.env {
+            placeholders::check(value, RUN_VARIABLES).map_err(|e| {
+                invalid(
+                    &[K("run"), K("env"), PathPart::Name(name.clone())],
+                    e.to_string(),
+                )
+            })?;
         }
         if run.listen < 1024 {
             return Err(invalid(
@@ -730,28 +794,38 @@ pub fn check_sha256(hex: &str) -> Result<(), String> {
     }
 }
 
-/// Turns a toml/serde error into a located, one-line error with a suggestion for typos.
+/// Turns a toml/serde error into a located, one-line error in the plan's words: wrong
+/// types name the key and what it takes, typos get the nearest known word.
 fn from_toml(e: &toml::de::Error, text: &str, file: &str) -> PlanError {
-    let offset = e.span().map(|s| s.start).unwrap_or(0);
+    let span = e.span().filter(|s| text.get(s.clone()).is_some());
+    let offset = span.as_ref().map_or(0, |s| s.start);
     let (line, column) = line_col(text, offset);
     let raw = e.message().trim().replace('\n', " ");
-    let message = improve_message(&raw, e.span().map(|s| &text[s.clone()]));
+    let at = span.map(|span| At {
+        spot: spot_at(text, span.start),
+        text,
+        span,
+    });
     PlanError {
         file: file.to_string(),
         line,
         column,
-        message,
+        message: improve_message(&raw, at),
     }
 }
 
-fn improve_message(raw: &str, _at: Option<&str>) -> String {
+/// Where a serde error points: what is there and its place in the text.
+struct At<'a> {
+    spot: Spot,
+    text: &'a str,
+    span: std::ops::Range<usize>,
+}
+
+fn improve_message(raw: &str, at: Option<At<'_>>) -> String {
     // serde: "unknown field `heath`, expected one of `a`, `b`" or "expected `a` or `b`"
     if let Some(rest) = raw.strip_prefix("unknown field `") {
         let name = rest.split('`').next().unwrap_or_default();
-        let expected: Vec<&str> = rest
-            .split_once("expected")
-            .map(|(_, tail)| tail.split('`').skip(1).step_by(2).collect())
-            .unwrap_or_default();
+        let expected = quoted_words(rest);
         let mut msg = format!("unknown key `{name}`");
         if let Some(best) = nearest(name, &expected) {
             msg.push_str(&format!(": did you mean `{best}`?"));
@@ -760,29 +834,293 @@ fn improve_message(raw: &str, _at: Option<&str>) -> String {
         }
         return msg;
     }
+    let key = at
+        .as_ref()
+        .map_or(String::new(), |a| key_path(&a.spot.path));
+    let keyed = |msg: String| {
+        if key.is_empty() {
+            msg
+        } else {
+            format!("{key}: {msg}")
+        }
+    };
     if let Some(rest) = raw.strip_prefix("unknown variant `") {
         let name = rest.split('`').next().unwrap_or_default();
-        let expected: Vec<&str> = rest
-            .split_once("expected")
-            .map(|(_, tail)| tail.split('`').skip(1).step_by(2).collect())
-            .unwrap_or_default();
+        let expected = quoted_words(rest);
         let mut msg = format!("unknown value {name:?}");
         if let Some(best) = nearest(name, &expected) {
             msg.push_str(&format!(": did you mean {best:?}?"));
         } else if !expected.is_empty() {
             msg.push_str(&format!("; expected one of {}", expected.join(", ")));
         }
-        return msg;
+        return keyed(msg);
     }
     if let Some(rest) = raw.strip_prefix("missing field `") {
         let name = rest.split('`').next().unwrap_or_default();
         return match name {
             "health" => "missing [health] section: a health check is required".to_string(),
             "release" | "run" => format!("missing [{name}] section"),
-            _ => format!("missing key `{name}`"),
+            _ => keyed(format!("missing key `{name}`")),
         };
     }
-    raw.to_string()
+    let Some(at) = at else {
+        return raw.to_string();
+    };
+    // serde: "invalid type: string \"8080\", expected u16"; toml, for an enum given a
+    // number or a list: "wanted string or table".
+    let expected = raw
+        .strip_prefix("invalid type: ")
+        .or_else(|| raw.strip_prefix("invalid value: "))
+        .and_then(|r| r.split_once(", expected "))
+        .map(|(_, e)| e.to_string())
+        .or_else(|| {
+            (raw == "wanted string or table").then(|| one_of(&enum_words(at.text, at.span.clone())))
+        });
+    match expected {
+        Some(expected) => {
+            let found = at.text[at.span.clone()].trim();
+            // A table whose text starts with `[` is a `[section]` header.
+            let found = if at.spot.table && found.starts_with('[') {
+                "a [section]"
+            } else {
+                found
+            };
+            type_message(&at.spot.path, &expected, found)
+        }
+        None => keyed(raw.to_string()),
+    }
+}
+
+/// `run.listen must be a port number 1–65535 (found 80800)`.
+fn type_message(path: &[PathPart], expected: &str, found: &str) -> String {
+    // An element of a list or of a table of the user's keys is described by its key.
+    let keep = path
+        .iter()
+        .rposition(|p| matches!(p, PathPart::Key(_)))
+        .map_or(0, |i| i + 1);
+    let path = &path[..keep];
+    let lookup: Vec<&str> = path
+        .iter()
+        .filter_map(|p| match p {
+            PathPart::Key(k) => Some(k.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let lookup = lookup.join(".");
+    let want = EXPECTED
+        .iter()
+        .find(|(k, _)| *k == lookup)
+        .map_or_else(|| plain_expected(expected), |(_, w)| w.to_string());
+    // One line, and short: a value may span lines.
+    let found = found.split_whitespace().collect::<Vec<_>>().join(" ");
+    let found = if found.chars().count() > 40 {
+        format!("{}…", found.chars().take(40).collect::<String>())
+    } else {
+        found
+    };
+    let key = key_path(path);
+    let key = if key.is_empty() { "the plan" } else { &key };
+    format!("{key} must be {want} (found {found})")
+}
+
+/// What the keys whose type alone says too little take, by key path (list indices
+/// left out). Every other key is described from its type by [`plain_expected`].
+const EXPECTED: &[(&str, &str)] = &[
+    ("service", "a service name in quotes, like \"web\""),
+    ("release", "a [release] section"),
+    ("release.version", "a version in quotes, like \"1.4.2\""),
+    (
+        "release.artifact",
+        "a URL in quotes, like \"https://artifacts.example/web-1.4.2.tar.gz\"",
+    ),
+    (
+        "release.sha256",
+        "the artifact's SHA-256 in quotes (64 hexadecimal digits)",
+    ),
+    (
+        "release.committed_at",
+        "a time in quotes, like \"2025-01-31T12:00:00Z\"",
+    ),
+    ("targets", "a [targets] section"),
+    (
+        "targets.labels",
+        "a table of labels like { env = \"prod\", role = \"web\" }",
+    ),
+    ("run", "a [run] section"),
+    (
+        "run.command",
+        "a list of strings like [\"./bin/web\", \"--port\", \"${PORT}\"]",
+    ),
+    ("run.env", "a table of strings like { RUST_LOG = \"info\" }"),
+    ("run.listen", "a port number 1–65535"),
+    ("run.user", "a user name in quotes, like \"web\""),
+    ("health", "a [health] section"),
+    ("health.http", "a path in quotes, like \"/healthz\""),
+    ("health.exec", "a list of strings like [\"./bin/check\"]"),
+    ("health.healthy_after", "a number of checks, like 2"),
+    ("health.unhealthy_after", "a number of checks, like 3"),
+    ("strategy", "a [strategy] section"),
+    ("strategy.max_failed_hosts", "a number of hosts, like 0"),
+    (
+        "strategy.steps",
+        "a list of steps like [{ traffic = 10, hold = \"5m\" }, { traffic = 100 }]",
+    ),
+    (
+        "strategy.steps.traffic",
+        "a percentage from 1 to 100, like 10",
+    ),
+    ("analysis", "an [analysis] section"),
+    ("analysis.failure_limit", "a number of intervals, like 2"),
+    ("analysis.min_requests", "a number of requests, like 50"),
+    (
+        "analysis.metric",
+        "[[analysis.metric]] sections, each naming a metric and its bounds",
+    ),
+    ("analysis.metric.max", "a number, like 0.01 or 500"),
+    ("analysis.metric.min", "a number, like 0.01 or 500"),
+    ("analysis.metric.max_vs_baseline", "a ratio, like 1.5"),
+    (
+        "analysis.metric.confidence",
+        "a number between 0 and 1, like 0.95",
+    ),
+];
+
+/// serde's name for a type, in the plan's words.
+fn plain_expected(expected: &str) -> String {
+    let plain = match expected {
+        "u8" => "a whole number from 0 to 255",
+        "u16" => "a whole number from 0 to 65535",
+        "u32" | "u64" | "usize" => "a whole number, 0 or more",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a boolean" => "true or false",
+        "a string" | "a borrowed string" => "text in quotes",
+        "a sequence" => "a list in brackets, like [\"a\", \"b\"]",
+        "a map" => "a table, like { key = \"value\" }",
+        e if e.starts_with("struct ") => "a table: a [section] or { key = value, ... }",
+        // A visitor's own words ("a duration like \"30s\"", "one of ..."), already plain.
+        e => return e.to_string(),
+    };
+    plain.to_string()
+}
+
+/// `"http" or "tcp"`; `one of the words this key takes` when they are not known.
+fn one_of(words: &[String]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+    match quoted.as_slice() {
+        [] => "one of the words this key takes, in quotes".to_string(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+/// The words a key taking one of a few (an enum) accepts: learnt by parsing the plan
+/// again with an impossible word at `span`, which serde answers with the list.
+fn enum_words(text: &str, span: std::ops::Range<usize>) -> Vec<String> {
+    let probe = format!("{}\"?\"{}", &text[..span.start], &text[span.end..]);
+    match toml::from_str::<Plan>(&probe) {
+        Err(e) if e.span().is_some_and(|s| s.start == span.start) => {
+            let m = e.message();
+            m.strip_prefix("unknown variant `")
+                .map(|rest| quoted_words(rest).iter().map(|w| w.to_string()).collect())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The words between backticks after "expected" in a serde message.
+fn quoted_words(rest: &str) -> Vec<&str> {
+    rest.split_once("expected")
+        .map(|(_, tail)| tail.split('`').skip(1).step_by(2).collect())
+        .unwrap_or_default()
+}
+
+/// What is at a byte offset of the plan: the key path of the narrowest key or value
+/// holding it, and whether that value is a table.
+#[derive(Default)]
+struct Spot {
+    path: Vec<PathPart>,
+    table: bool,
+    len: usize,
+}
+
+/// The [`Spot`] at byte `offset` of `text`.
+fn spot_at(text: &str, offset: usize) -> Spot {
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return Spot::default();
+    };
+    let mut best = None;
+    let mut path = Vec::new();
+    visit_table(root.get_ref(), false, offset, &mut path, &mut best);
+    best.unwrap_or_default()
+}
+
+/// Tables whose keys the user chooses (label and variable names), not the model.
+const USER_KEYED: &[&str] = &["labels", "env"];
+
+fn visit_table(
+    table: &toml::de::DeTable<'_>,
+    user_keyed: bool,
+    offset: usize,
+    path: &mut Vec<PathPart>,
+    best: &mut Option<Spot>,
+) {
+    for (k, v) in table.iter() {
+        let key = k.get_ref().to_string();
+        let children_user_keyed = !user_keyed && USER_KEYED.contains(&key.as_str());
+        path.push(if user_keyed {
+            PathPart::Name(key)
+        } else {
+            PathPart::Key(Cow::Owned(key))
+        });
+        consider(k.span(), false, offset, path, best);
+        consider(v.span(), is_table(v), offset, path, best);
+        visit_value(v.get_ref(), children_user_keyed, offset, path, best);
+        path.pop();
+    }
+}
+
+fn visit_value(
+    value: &toml::de::DeValue<'_>,
+    user_keyed: bool,
+    offset: usize,
+    path: &mut Vec<PathPart>,
+    best: &mut Option<Spot>,
+) {
+    match value {
+        toml::de::DeValue::Table(t) => visit_table(t, user_keyed, offset, path, best),
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(I(i));
+                consider(item.span(), is_table(item), offset, path, best);
+                visit_value(item.get_ref(), false, offset, path, best);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn is_table(v: &toml::Spanned<toml::de::DeValue<'_>>) -> bool {
+    matches!(v.get_ref(), toml::de::DeValue::Table(_))
+}
+
+/// Keeps `path` when `span` holds `offset` and is the narrowest such span so far.
+fn consider(
+    span: std::ops::Range<usize>,
+    table: bool,
+    offset: usize,
+    path: &[PathPart],
+    best: &mut Option<Spot>,
+) {
+    if span.contains(&offset) && best.as_ref().is_none_or(|b| span.len() <= b.len) {
+        *best = Some(Spot {
+            path: path.to_vec(),
+            table,
+            len: span.len(),
+        });
+    }
 }
 
 /// The known word closest to `word`, if it is close enough to be a typo of it.
@@ -819,9 +1157,11 @@ fn locate(text: &str, path: &[PathPart]) -> usize {
     let mut value: Option<&toml::Spanned<toml::de::DeValue<'_>>> = None;
     for part in path {
         let next = match (part, table, value) {
-            (K(k), Some(t), _) => t.get(*k),
-            (K(k), None, Some(v)) => v.get_ref().get(*k),
-            (I(i), _, Some(v)) => v.get_ref().get(*i),
+            (PathPart::Key(k), Some(t), _) => t.get(k.as_ref()),
+            (PathPart::Key(k), None, Some(v)) => v.get_ref().get(k.as_ref()),
+            (PathPart::Name(k), Some(t), _) => t.get(k.as_str()),
+            (PathPart::Name(k), None, Some(v)) => v.get_ref().get(k.as_str()),
+            (PathPart::Index(i), _, Some(v)) => v.get_ref().get(*i),
             _ => None,
         };
         let Some(next) = next else { break };

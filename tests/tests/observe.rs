@@ -95,6 +95,8 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
     assert_eq!(s["succeeded"], 3);
     assert_eq!(s["rolled_back"], 1);
     assert_eq!(s["rolled_back_manually"], 1);
+    assert_eq!(s["change_failures"], 2);
+    assert_eq!(s["failed_before_traffic"], 0);
     assert_eq!(f(&s["change_failure_rate"]), 0.5);
     assert_eq!(s["time_to_restore"]["count"], 2);
     let mean = (auto_restore + manual_restore) / 2.0;
@@ -129,7 +131,7 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
     }
     let stats_text = c.cli_ok(&["stats"]);
     assert!(
-        stats_text.contains("change failure rate  50.0%"),
+        stats_text.contains("change failure rate    50.0% (2 of 4 degraded service)"),
         "{stats_text}"
     );
 }

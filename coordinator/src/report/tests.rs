@@ -1,6 +1,7 @@
 use super::*;
-use crate::model::{DeployHost, RollbackTiming, Slot};
-use cutover_shared::plan::Plan;
+use crate::analysis::{MetricResult, Verdict};
+use crate::model::{DeployHost, IntervalRecord, RollbackTiming, Slot};
+use cutover_shared::plan::{MetricName, Plan};
 
 const DAY: u64 = 86_400_000;
 
@@ -320,7 +321,11 @@ fn dora_figures_match_a_history_computed_by_hand() {
         ),
         (3, 1, 1, 0, 1)
     );
-    assert_eq!(s.change_failure_rate, Some(0.6));
+    // d-02 served 10 % and was rolled back; d-04 was undone by hand. d-03 never served
+    // a request: it failed, but no user saw it.
+    assert_eq!(s.change_failures, 2);
+    assert_eq!(s.failed_before_traffic, 1);
+    assert_eq!(s.change_failure_rate, Some(0.4));
     assert_eq!(s.days, 30.0);
     assert_eq!(s.deployments_per_day, 0.167);
     // Restore: 1 s (automatic) and 2 s (manual).
@@ -361,5 +366,211 @@ fn history_is_newest_first_and_filtered() {
     assert_eq!(
         history(&records, None, 1500, 10).as_array().unwrap().len(),
         2
+    );
+}
+
+fn interval(at: u64, verdict: Verdict, metrics: Vec<MetricResult>) -> IntervalRecord {
+    IntervalRecord {
+        step: 0,
+        traffic: 10,
+        started_unix_ms: at,
+        ended_unix_ms: at + 1000,
+        new_requests: 100,
+        old_requests: 900,
+        verdict,
+        metrics,
+    }
+}
+
+fn rolled_back(d: &mut DeploymentRecord, first_bad: u64, done: u64) {
+    d.rollback = Some(RollbackTiming {
+        first_bad_unix_ms: first_bad,
+        decided_unix_ms: first_bad,
+        done_unix_ms: Some(done),
+    });
+    for h in d.hosts.values_mut() {
+        h.phase = HostPhase::RolledBack;
+        h.weight = 0;
+    }
+}
+
+/// `step 1: moving to {traffic}%` at `at`, then the rollback.
+fn served_then_rolled_back(at: u64, traffic: u32) -> Vec<Event> {
+    vec![
+        ev(at, Kind::StepStarted { step: 0, traffic }),
+        ev(at + 100, Kind::StepHolding { step: 0, traffic }),
+        ev(
+            at + 5000,
+            Kind::RollbackStarted {
+                reason: "x".into(),
+                first_bad_unix_ms: at + 4000,
+                decided_unix_ms: at + 5000,
+            },
+        ),
+    ]
+}
+
+#[test]
+fn change_failures_are_the_deployments_that_degraded_service() {
+    let mut records = Vec::new();
+    let mut events = BTreeMap::new();
+    // 1: preparation failed on a host, rolled back at once; never served a request.
+    let mut prep = dep("d-1", "1", DAY, 3000, State::RolledBack);
+    rolled_back(&mut prep, DAY + 3000, DAY + 3000);
+    records.push(prep);
+    // 2: aborted by an operator at 10 % with every interval passing: healthy.
+    let mut healthy = dep("d-2", "2", 2 * DAY, 20_000, State::Aborted);
+    healthy.analysis.intervals = vec![interval(2 * DAY + 2000, Verdict::Pass, vec![])];
+    rolled_back(&mut healthy, 2 * DAY + 19_000, 2 * DAY + 19_500);
+    records.push(healthy);
+    events.insert(
+        "d-2".to_string(),
+        served_then_rolled_back(2 * DAY + 1000, 10),
+    );
+    // 3: aborted at 10 % after a failing interval: degraded service, restored in 3 s.
+    let mut bad_abort = dep("d-3", "3", 3 * DAY, 20_000, State::Aborted);
+    bad_abort.analysis.intervals =
+        vec![interval(3 * DAY + 2000, Verdict::Fail("x".into()), vec![])];
+    rolled_back(&mut bad_abort, 3 * DAY + 4000, 3 * DAY + 7000);
+    records.push(bad_abort);
+    events.insert(
+        "d-3".to_string(),
+        served_then_rolled_back(3 * DAY + 1000, 10),
+    );
+    // 4: rolled back automatically at 50 %: restored in 5 s.
+    let mut auto = dep("d-4", "4", 4 * DAY, 20_000, State::RolledBack);
+    rolled_back(&mut auto, 4 * DAY + 5000, 4 * DAY + 10_000);
+    records.push(auto);
+    events.insert(
+        "d-4".to_string(),
+        served_then_rolled_back(4 * DAY + 1000, 50),
+    );
+    // 5: a success.
+    records.push(dep("d-5", "5", 5 * DAY, 20_000, State::Succeeded));
+
+    let s = stats(&records, &events, None, 0, 10 * DAY);
+    assert_eq!(s.deployments, 5);
+    assert_eq!((s.rolled_back, s.aborted, s.succeeded), (2, 2, 1));
+    assert_eq!(s.failed_before_traffic, 1, "d-1");
+    assert_eq!(s.change_failures, 2, "d-3 and d-4");
+    assert_eq!(s.change_failure_rate, Some(0.4));
+    // Restore: 3 s and 5 s; the preparation failure restored nothing.
+    assert_eq!(s.time_to_restore.count, 2);
+    assert_eq!(s.time_to_restore.median_s, Some(4.0));
+    assert_eq!(s.failures_by_phase.get("preparing"), Some(&1));
+    assert_eq!(
+        s.failures_by_phase.get("at 10%"),
+        Some(&1),
+        "the healthy abort is no failure"
+    );
+    assert_eq!(s.failures_by_phase.get("at 50%"), Some(&1));
+}
+
+#[test]
+fn a_host_failure_that_rolls_the_fleet_back_counts_for_that_host() {
+    // The decision that sees web-2 fail its preparation also rolls the fleet back, so
+    // web-2 goes from preparing to rolled back in one step, with its error.
+    let mut before = dep("d-1", "2", DAY, 0, State::Preparing);
+    before.ended_unix_ms = None;
+    before.hosts = [
+        ("web-1".to_string(), host(HostPhase::Ready)),
+        ("web-2".to_string(), host(HostPhase::Preparing)),
+    ]
+    .into();
+    let mut after = before.clone();
+    after.state = State::RolledBack;
+    after.ended_unix_ms = Some(DAY + 4000);
+    after.reason = Some("host web-2: disk full".into());
+    rolled_back(&mut after, DAY + 4000, DAY + 4000);
+    if let Some(h) = after.hosts.get_mut("web-2") {
+        h.error = Some("disk full".into());
+    }
+    let evs = crate::timeline::diff(Some(&before), &after, DAY + 4000);
+    assert!(
+        evs.iter().any(|e| e.kind
+            == Kind::HostFailed {
+                host: "web-2".into(),
+                error: "disk full".into()
+            }),
+        "{evs:?}"
+    );
+    // From the timeline, and from the record alone (timelines written before the event
+    // was recorded): once per deployment.
+    let records = vec![after.clone()];
+    for events in [
+        BTreeMap::from([("d-1".to_string(), evs.clone())]),
+        BTreeMap::new(),
+    ] {
+        let s = stats(&records, &events, None, 0, 2 * DAY);
+        assert_eq!(
+            s.failures_by_host,
+            BTreeMap::from([("web-2".to_string(), 1)])
+        );
+    }
+    // `show` names it where it failed.
+    let shown = show(&after, &evs, &Typical::default(), DAY + 5000);
+    assert_eq!(shown["failure"]["hosts"][0]["name"], "web-2");
+    assert_eq!(shown["failure"]["hosts"][0]["error"], "disk full");
+    assert_eq!(shown["failure"]["hosts"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn a_finished_deployment_is_not_holding() {
+    let mut d = dep("d-1", "2", DAY, 30_000, State::Succeeded);
+    d.step_switched_unix_ms = Some(DAY + 29_700);
+    let v = show(&d, &[], &Typical::default(), DAY + 90_000);
+    assert_eq!(v["holding"], false);
+    assert!(v["hold_s"].is_null());
+    // Time in its last phase stops at the end: 0.3 s, not 60.3 s.
+    assert_eq!(v["phase_elapsed_s"], 0.3);
+
+    // Holding at the last step waits its hold and then the bake.
+    let mut d = dep("d-2", "2", DAY, 0, State::Progressing);
+    d.ended_unix_ms = None;
+    d.plan = plan(
+        "2",
+        "bake = \"5m\"\nsteps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100, hold = \"30s\" }]",
+        None,
+    );
+    d.step_switched_unix_ms = Some(DAY + 1000);
+    let v = show(&d, &[], &Typical::default(), DAY + 4000);
+    assert_eq!(v["holding"], true);
+    assert_eq!(v["hold_s"], 330.0);
+    assert_eq!(v["bake_s"], 300.0);
+    assert_eq!(v["phase_elapsed_s"], 3.0);
+}
+
+#[test]
+fn latency_figures_carry_their_unit() {
+    let latency = MetricResult {
+        name: MetricName::LatencyP99,
+        new: Some(212.0),
+        old: Some(180.5),
+        verdict: Verdict::Pass,
+    };
+    let errors = MetricResult {
+        name: MetricName::ErrorRate,
+        new: Some(0.031),
+        old: None,
+        verdict: Verdict::Pass,
+    };
+    let mut d = dep("d-1", "2", DAY, 0, State::Progressing);
+    d.ended_unix_ms = None;
+    let before = d.clone();
+    d.analysis.intervals = vec![interval(DAY, Verdict::Pass, vec![latency, errors])];
+    let v = show(&d, &[], &Typical::default(), DAY + 2000);
+    let m = &v["last_interval"]["metrics"];
+    assert_eq!(m[0]["text"], "latency_p99 212.0ms vs 180.5ms");
+    assert_eq!(m[0]["unit"], "ms");
+    assert_eq!(m[1]["text"], "error_rate 3.10% vs -");
+    assert_eq!(m[1]["unit"], "ratio");
+    // The timeline's interval event says the same.
+    let evs = crate::timeline::diff(Some(&before), &d, DAY + 2000);
+    assert!(
+        evs.iter().any(|e| e
+            .describe()
+            .contains("[latency_p99 212.0ms vs 180.5ms, error_rate 3.10% vs -]")),
+        "{:?}",
+        evs.iter().map(Event::describe).collect::<Vec<_>>()
     );
 }

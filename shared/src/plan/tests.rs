@@ -335,3 +335,177 @@ mod fuzz {
         }
     }
 }
+
+/// Every value of the SPEC example, given a value of another type: the error names the
+/// key and says what it takes in the plan's words, never in Rust's.
+#[test]
+fn a_wrong_type_anywhere_is_said_in_the_plans_words() {
+    let text = spec_example();
+    let root = toml::de::DeTable::parse(&text).unwrap();
+    let mut values = Vec::new();
+    for (k, v) in root.get_ref().iter() {
+        values_under(&text, k.get_ref().to_string(), v, &mut values);
+    }
+    assert!(values.len() > 40, "{} values", values.len());
+    for (path, span, other) in values {
+        let mutated = format!("{}{other}{}", &text[..span.start], &text[span.end..]);
+        let e = err(&mutated);
+        // An element of a list, or of a table of the user's keys, is described by its key.
+        let mut key = path.as_str();
+        while key.ends_with(']') {
+            key = key.rsplit_once('[').map_or(key, |(k, _)| k);
+        }
+        let key = key
+            .replace(".labels.env", ".labels")
+            .replace(".labels.role", ".labels")
+            .replace(".env.RUST_LOG", ".env");
+        assert!(
+            e.message.starts_with(&format!("{key} must be "))
+                || e.message.starts_with(&format!("{key}: ")),
+            "{path} = {other}: {e}"
+        );
+        for rust in [
+            "u16",
+            "u32",
+            "u64",
+            "f64",
+            "sequence",
+            "a map",
+            "struct",
+            "invalid type",
+            "invalid value",
+            "wanted",
+            "expected",
+        ] {
+            assert!(!e.message.contains(rust), "{path} = {other}: {e}");
+        }
+        let line = mutated[..span.start].matches('\n').count() + 1;
+        assert_eq!(e.line, line, "{path}: {e}");
+    }
+}
+
+/// Every value written inline under `path` (not sections), each with a value of another
+/// type to put in its place.
+fn values_under(
+    text: &str,
+    path: String,
+    v: &toml::Spanned<toml::de::DeValue<'_>>,
+    out: &mut Vec<(String, std::ops::Range<usize>, &'static str)>,
+) {
+    use toml::de::DeValue;
+    let written = &text[v.span()];
+    let other = match v.get_ref() {
+        DeValue::String(_) => "true",
+        DeValue::Boolean(_) => "\"yes\"",
+        DeValue::Integer(_) | DeValue::Float(_) => "\"some text\"",
+        DeValue::Array(_) | DeValue::Table(_) | DeValue::Datetime(_) => "7",
+    };
+    // Sections and arrays of sections are headers, not values.
+    let header = written.starts_with("[[")
+        || matches!(v.get_ref(), DeValue::Table(_)) && written.starts_with('[');
+    if !header {
+        out.push((path.clone(), v.span(), other));
+    }
+    match v.get_ref() {
+        DeValue::Table(t) => {
+            for (k, child) in t.iter() {
+                values_under(text, format!("{path}.{}", k.get_ref()), child, out);
+            }
+        }
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                values_under(text, format!("{path}[{i}]"), item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn type_errors_name_the_key_and_show_an_example() {
+    let e = err(&spec_example().replace("listen = 8080", "listen = 80800"));
+    assert_eq!(
+        e.message,
+        "run.listen must be a port number 1–65535 (found 80800)"
+    );
+    let e = err(&spec_example().replace(
+        "command = [\"./bin/web\", \"--port\", \"${PORT}\"]",
+        "command = \"./bin/web --port ${PORT}\"",
+    ));
+    assert_eq!(
+        e.message,
+        "run.command must be a list of strings like [\"./bin/web\", \"--port\", \"${PORT}\"] \
+         (found \"./bin/web --port ${PORT}\")"
+    );
+    let e = err(&spec_example().replace("protocol = \"http\"", "protocol = 1"));
+    assert_eq!(
+        e.message,
+        "run.protocol must be \"http\" or \"tcp\" (found 1)"
+    );
+    let e = err(&spec_example().replace(
+        "[[analysis.metric]]\nname = \"error_rate\"",
+        "[[analysis.metric]]\nname = 2",
+    ));
+    assert!(
+        e.message
+            .starts_with("analysis.metric[0].name must be \"error_rate\", "),
+        "{e}"
+    );
+    let text = spec_example()
+        .replace("service = \"web\"", "service = \"web\"\ntargets = 1")
+        .replace("[targets]\nlabels = { env = \"prod\", role = \"web\" }", "");
+    assert_eq!(
+        err(&text).message,
+        "targets must be a [targets] section (found 1)"
+    );
+}
+
+#[test]
+fn unknown_placeholders_are_refused_where_they_are() {
+    let text = spec_example().replace("\"${PORT}\"]", "\"${PROT}\"]");
+    let e = err(&text);
+    assert_eq!(
+        e.message,
+        "run.command[2]: unknown variable ${PROT}: did you mean ${PORT}?"
+    );
+    let line = text.lines().position(|l| l.contains("${PROT}")).unwrap() + 1;
+    let column = text
+        .lines()
+        .nth(line - 1)
+        .unwrap()
+        .find("\"${PROT}")
+        .unwrap()
+        + 1;
+    assert_eq!((e.line, e.column), (line, column), "{e}");
+
+    let e = err(&spec_example().replace("RUST_LOG = \"info\"", "RUST_LOG = \"${PORTT}\""));
+    assert_eq!(
+        e.message,
+        "run.env.RUST_LOG: unknown variable ${PORTT}: did you mean ${PORT}?"
+    );
+    let ok = spec_example().replace("RUST_LOG = \"info\"", "ADDR = \"127.0.0.1:${PORT}\"");
+    assert!(Plan::parse(&ok, "plan.toml").is_ok());
+}
+
+#[test]
+fn a_plan_over_the_size_limit_is_refused_before_parsing() {
+    let mut text = spec_example();
+    let room = MAX_PLAN_BYTES - text.len();
+    text.push_str(&"#".repeat(room));
+    assert!(
+        Plan::parse(&text, "plan.toml").is_ok(),
+        "exactly at the limit"
+    );
+    text.push('#');
+    let e = err(&text);
+    assert_eq!((e.line, e.column), (1, 1));
+    assert_eq!(
+        e.message,
+        "the plan is 1.0 MiB; a plan may be at most 1 MiB"
+    );
+    let e = err(&"#".repeat(10 * 1024 * 1024));
+    assert_eq!(
+        e.message,
+        "the plan is 10.0 MiB; a plan may be at most 1 MiB"
+    );
+}

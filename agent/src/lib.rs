@@ -108,13 +108,6 @@ impl Identity {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A fresh key and a certificate request for `name`: (key PEM, CSR PEM).
 fn key_and_csr(name: &str) -> anyhow::Result<(String, String)> {
     let key = rcgen::KeyPair::generate().context("generate key")?;
@@ -148,7 +141,7 @@ pub fn store_renewal(
     write_private(&id.join("cert.pem.next"), cert_pem.as_bytes())?;
     std::fs::rename(id.join("key.pem.next"), id.join("key.pem"))?;
     std::fs::rename(id.join("cert.pem.next"), id.join("cert.pem"))?;
-    file.cert_issued_unix_ms = now_ms();
+    file.cert_issued_unix_ms = cutover_shared::clock::now_ms();
     file.cert_not_after_unix_ms = not_after_unix_ms;
     write_private(&agent, &serde_json::to_vec_pretty(&file)?)?;
     Ok(())
@@ -241,7 +234,7 @@ pub async fn join(cfg: JoinConfig) -> anyhow::Result<String> {
         name: resp.name.clone(),
         coordinator: cfg.coordinator,
         labels: resp.labels.into_iter().collect(),
-        cert_issued_unix_ms: now_ms(),
+        cert_issued_unix_ms: cutover_shared::clock::now_ms(),
         cert_not_after_unix_ms: resp.not_after_unix_ms,
     };
     write_private(

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use cutover_proto::link;
 use cutover_proto::v1::{
     AgentMessage, Heartbeat, Observed, agent_link_client::AgentLinkClient, agent_message,
     coordinator_message,
@@ -22,19 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::service::Services;
 use crate::{HostRevoked, Identity};
 
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often the certificate's remaining lifetime is checked.
 const RENEWAL_CHECK: Duration = Duration::from_secs(1);
-/// The coordinator is considered gone after this long without a message.
-const SILENCE_LIMIT: Duration = Duration::from_secs(6);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// How a session ended.
 enum Ended {
@@ -126,10 +116,10 @@ async fn session(
         "connected to coordinator"
     );
 
-    let mut report = tokio::time::interval(REPORT_EVERY);
+    let mut report = tokio::time::interval(link::REPORT_EVERY);
     let mut renewal = tokio::time::interval(RENEWAL_CHECK);
     let mut renewed = false;
-    let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut beat = tokio::time::interval(link::HEARTBEAT);
     let mut last_heard = Instant::now();
     loop {
         tokio::select! {
@@ -147,7 +137,7 @@ async fn session(
                     return Err(Ended::Failed("outgoing queue full".into()));
                 }
             }
-            _ = renewal.tick(), if !renewed && identity.renewal_due(now_ms()) => {
+            _ = renewal.tick(), if !renewed && identity.renewal_due(cutover_shared::clock::now_ms()) => {
                 match crate::renew(data_dir, identity, channel.clone()).await {
                     Ok(()) => {
                         renewed = true;
@@ -157,10 +147,10 @@ async fn session(
                 }
             }
             _ = beat.tick() => {
-                if last_heard.elapsed() > SILENCE_LIMIT {
-                    return Err(Ended::Failed(format!("no word from the coordinator for {}s", SILENCE_LIMIT.as_secs())));
+                if last_heard.elapsed() > link::SILENCE_LIMIT {
+                    return Err(Ended::Failed(format!("no word from the coordinator for {}s", link::SILENCE_LIMIT.as_secs())));
                 }
-                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { unix_ms: now_ms() })) };
+                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { unix_ms: cutover_shared::clock::now_ms() })) };
                 let _ = tx.try_send(hb);
             }
             msg = inbound.message() => match msg {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cutover_proto::Slot;
 use cutover_proto::v1::{
     DesiredService, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
 };
@@ -71,37 +72,6 @@ pub struct Services {
     slot_ports: PortRange,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
-}
-
-const SLOTS: [&str; 2] = ["blue", "green"];
-
-fn spec_of(d: &DesiredService, i: usize) -> Option<&SlotSpec> {
-    if i == 0 {
-        d.blue.as_ref()
-    } else {
-        d.green.as_ref()
-    }
-}
-
-fn phase_word(p: SlotPhase) -> &'static str {
-    match p {
-        SlotPhase::Empty => "empty",
-        SlotPhase::Fetching => "fetching",
-        SlotPhase::Unpacking => "unpacking",
-        SlotPhase::Starting => "restarting",
-        SlotPhase::Healthy => "healthy",
-        SlotPhase::Unhealthy => "unhealthy",
-        SlotPhase::Failed => "failed",
-        SlotPhase::Stopped => "stopped",
-    }
-}
-
-fn weight_of(d: &DesiredService, i: usize) -> u32 {
-    if i == 0 {
-        d.blue_weight
-    } else {
-        d.green_weight
-    }
 }
 
 /// How this host runs services: from the agent's configuration.
@@ -243,8 +213,9 @@ impl Services {
         // replaced or emptied is stopped only once the routes no longer name it, so no
         // request is sent to a process that is already stopping.
         let mut retired = Vec::new();
-        for (i, name) in SLOTS.iter().enumerate() {
-            let want = spec_of(&d, i);
+        for slot in Slot::BOTH {
+            let (i, name) = (slot.index(), slot.as_str());
+            let want = d.slot(slot);
             let keep = match (&rt.slots[i], want) {
                 (Some(run), Some(spec)) => {
                     let failed = run.state().phase == SlotPhase::Failed;
@@ -317,14 +288,14 @@ impl Services {
     fn route(rt: &mut Runtime) {
         let state = |i: usize| rt.slots[i].as_ref().map(SlotRun::state);
         let mut w = [0u32; 2];
-        for (i, wi) in w.iter_mut().enumerate() {
-            if rt.slots[i].is_some() {
-                *wi = weight_of(&rt.desired, i);
+        for slot in Slot::BOTH {
+            if rt.slots[slot.index()].is_some() {
+                w[slot.index()] = rt.desired.weight(slot);
             }
         }
         rt.healing.clear();
-        for i in 0..2 {
-            let other = 1 - i;
+        for slot in Slot::BOTH {
+            let (i, other) = (slot.index(), slot.other().index());
             let (Some(me), Some(them)) = (state(i), state(other)) else {
                 continue;
             };
@@ -336,15 +307,15 @@ impl Services {
             );
             if w[i] > 0 && broken && them.phase == SlotPhase::Healthy {
                 let why = if me.error.is_empty() {
-                    format!("{:?}", me.phase).to_lowercase()
+                    me.phase.name().to_string()
                 } else {
                     me.error.clone()
                 };
                 rt.healing = format!(
                     "{} slot ({}) is {}: {why}",
-                    SLOTS[i],
+                    slot.as_str(),
                     me.release,
-                    phase_word(me.phase)
+                    me.phase.name()
                 );
                 w[other] += w[i];
                 w[i] = 0;
@@ -551,8 +522,8 @@ impl Services {
                 ObservedService {
                     service: name.clone(),
                     generation: rt.desired.generation,
-                    blue: slot(0),
-                    green: slot(1),
+                    blue: slot(Slot::Blue.index()),
+                    green: slot(Slot::Green.index()),
                     blue_weight: if serving { bw } else { 0 },
                     green_weight: if serving { gw } else { 0 },
                     error: rt.error.clone(),

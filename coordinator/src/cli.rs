@@ -1172,7 +1172,7 @@ fn actor() -> String {
 fn since_ms(flag: &str, text: &str) -> Result<u64> {
     let d = cutover_shared::duration::parse(text)
         .map_err(|m| Failure::new(2, format!("{flag} {text}: {m}")))?;
-    Ok(crate::now_ms().saturating_sub(d.as_millis()))
+    Ok(cutover_shared::clock::now_ms().saturating_sub(d.as_millis()))
 }
 
 fn json_of(doc: pb::JsonDocument) -> Value {

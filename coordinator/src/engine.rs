@@ -13,14 +13,14 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, STALE_AFTER_MS};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
-use crate::now_ms;
 use crate::rollout::{self, Command, HostView};
 use crate::store::{Batch, Store};
 use crate::timeline;
 use crate::webhooks::Webhooks;
+use cutover_shared::clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -492,10 +492,9 @@ impl Engine {
                 // Never seen since this coordinator started: count from the start,
                 // so a restart does not declare every host lost at once.
                 let silent = now.saturating_sub(self.fleet.last_seen(h).unwrap_or(self.started_ms));
-                // A host reports every second; one silent for longer than
-                // STALE_AFTER is not vouching for anything, even if its stream has
-                // not been dropped yet (a partition closes nothing).
-                let connected = self.fleet.is_connected(h) && silent < STALE_AFTER_MS;
+                // A partition closes nothing: a host must also have been heard from
+                // lately to vouch for anything (see `Fleet::reachable`).
+                let connected = self.fleet.reachable(h, now);
                 let view = HostView {
                     connected,
                     lost_ms: if connected { 0 } else { silent },
@@ -618,10 +617,7 @@ impl Engine {
                 };
                 let mut changed = false;
                 for s in [Slot::Blue, Slot::Green] {
-                    if rollout::slot_of(&d, s).is_some()
-                        && rollout::weight_of(&d, s) == 0
-                        && rollout::live_slot(&d).is_some()
-                    {
+                    if d.slot(s).is_some() && d.weight(s) == 0 && d.live_slot().is_some() {
                         match s {
                             Slot::Blue => d.blue = None,
                             Slot::Green => d.green = None,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+use cutover_proto::link;
 use cutover_proto::v1::{
     CoordinatorMessage, DesiredService, DesiredState, ObservedService, coordinator_message,
 };
@@ -25,11 +26,6 @@ struct Inner {
     last_seen: HashMap<String, u64>,
     reconnects: u64,
 }
-
-/// A host reports at least every second; one not heard from for this long counts as
-/// unreachable (in decisions and in what `hosts` shows), even while its stream is open:
-/// a partition closes nothing.
-pub const STALE_AFTER_MS: u64 = 3_000;
 
 #[derive(Default)]
 pub struct Fleet {
@@ -112,6 +108,19 @@ impl Fleet {
             .sessions
             .get(host)
             .is_some_and(|s| !s.tx.is_closed())
+    }
+
+    /// True when `host` can be counted on at `now`: its stream is open and it was heard
+    /// from within [`link::STALE_AFTER`] (a partition closes nothing, so an open stream
+    /// alone proves little). Decisions and `hosts` both ask this.
+    pub fn reachable(&self, host: &str, now: u64) -> bool {
+        let g = self.lock();
+        let open = g.sessions.get(host).is_some_and(|s| !s.tx.is_closed());
+        let heard = g
+            .last_seen
+            .get(host)
+            .is_some_and(|t| now.saturating_sub(*t) < link::STALE_AFTER.as_millis() as u64);
+        open && heard
     }
 
     pub fn connected_count(&self) -> usize {

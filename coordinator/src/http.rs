@@ -159,7 +159,7 @@ fn route(
         "/api/stats" => json_response((|| {
             let since = q.get("since").map_or("30d", String::as_str);
             let since = cutover_shared::duration::parse(since)?;
-            let now = crate::now_ms();
+            let now = cutover_shared::clock::now_ms();
             let records = store.deployments().map_err(|e| e.to_string())?;
             let events = store.all_events().map_err(|e| e.to_string())?;
             let stats = report::stats(

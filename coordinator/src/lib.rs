@@ -25,33 +25,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cutover_proto::v1::{
-    SlotPhase, agent_link_server::AgentLinkServer, control_server::ControlServer,
-    enroll_server::EnrollServer,
+    agent_link_server::AgentLinkServer, control_server::ControlServer, enroll_server::EnrollServer,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-
-/// Milliseconds since the Unix epoch, the coordinator's one clock for records.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The name a slot phase goes by in output.
-pub fn phase_name(phase: i32) -> &'static str {
-    match SlotPhase::try_from(phase).unwrap_or(SlotPhase::Empty) {
-        SlotPhase::Empty => "empty",
-        SlotPhase::Fetching => "fetching",
-        SlotPhase::Unpacking => "unpacking",
-        SlotPhase::Starting => "starting",
-        SlotPhase::Healthy => "healthy",
-        SlotPhase::Unhealthy => "unhealthy",
-        SlotPhase::Failed => "failed",
-        SlotPhase::Stopped => "stopped",
-    }
-}
 
 /// Creates the data dir readable by its owner only (it holds the CA key and plans with
 /// their secrets), or warns when an existing one is open to others.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+pub use cutover_proto::Slot;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
@@ -161,28 +162,6 @@ impl State {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum Slot {
-    Blue,
-    Green,
-}
-
-impl Slot {
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::Blue => Slot::Green,
-            Slot::Green => Slot::Blue,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::Blue => "blue",
-            Slot::Green => "green",
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum HostPhase {
@@ -305,6 +284,21 @@ pub struct Pause {
 }
 
 impl DeploymentRecord {
+    /// The newest of `records`: the last created (ids count up, so on a tie the higher
+    /// number; `d-1000000` is newer than `d-999999`). What "the latest deployment" means
+    /// wherever a command defaults to it.
+    pub fn newest<'a>(
+        records: impl IntoIterator<Item = &'a DeploymentRecord>,
+    ) -> Option<&'a DeploymentRecord> {
+        records.into_iter().max_by_key(|d| {
+            let seq =
+                d.id.strip_prefix("d-")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            (d.created_unix_ms, seq)
+        })
+    }
+
     /// How long the current step has held so far, in ms: from the moment its weights
     /// were confirmed to `now`, not counting the time paused. `None` until confirmed.
     pub fn held_ms(&self, now: u64) -> Option<u64> {

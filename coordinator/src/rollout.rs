@@ -92,63 +92,6 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
     }
 }
 
-pub fn slot_of(d: &DesiredService, s: Slot) -> Option<&SlotSpec> {
-    match s {
-        Slot::Blue => d.blue.as_ref(),
-        Slot::Green => d.green.as_ref(),
-    }
-}
-
-fn set_slot(d: &mut DesiredService, s: Slot, spec: Option<SlotSpec>) {
-    match s {
-        Slot::Blue => d.blue = spec,
-        Slot::Green => d.green = spec,
-    }
-}
-
-pub fn weight_of(d: &DesiredService, s: Slot) -> u32 {
-    match s {
-        Slot::Blue => d.blue_weight,
-        Slot::Green => d.green_weight,
-    }
-}
-
-fn set_weight(d: &mut DesiredService, s: Slot, w: u32) {
-    match s {
-        Slot::Blue => d.blue_weight = w,
-        Slot::Green => d.green_weight = w,
-    }
-}
-
-pub fn observed_slot(o: &ObservedService, s: Slot) -> Option<&SlotStatus> {
-    match s {
-        Slot::Blue => o.blue.as_ref(),
-        Slot::Green => o.green.as_ref(),
-    }
-}
-
-fn observed_weight(o: &ObservedService, s: Slot) -> u32 {
-    match s {
-        Slot::Blue => o.blue_weight,
-        Slot::Green => o.green_weight,
-    }
-}
-
-/// The release a slot spec holds: (version, sha256).
-pub fn release_key(spec: Option<&SlotSpec>) -> Option<(&str, &str)> {
-    spec.and_then(|s| s.release.as_ref())
-        .map(|r| (r.version.as_str(), r.sha256.as_str()))
-}
-
-/// The slot carrying the host's traffic in `d`, if any.
-pub fn live_slot(d: &DesiredService) -> Option<Slot> {
-    [Slot::Blue, Slot::Green]
-        .into_iter()
-        .filter(|s| slot_of(d, *s).is_some())
-        .max_by_key(|s| (weight_of(d, *s), *s == Slot::Blue))
-        .filter(|s| weight_of(d, *s) > 0)
-}
-
 /// Plans a host's part in a new deployment of `plan`, from the host's current desired
 /// state: which slot gets the release, which slot was live, and whether the host already
 /// runs this release.
@@ -172,9 +115,10 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
             drain_ms: cur.drain_ms,
         });
     }
-    let live = live_slot(cur);
+    let live = cur.live_slot();
     let holds = |s: Slot| {
-        release_key(slot_of(cur, s))
+        cur.slot(s)
+            .and_then(SlotSpec::release_key)
             .is_some_and(|(v, sha)| v == want.0 && sha.eq_ignore_ascii_case(want.1))
     };
     // Untouched only when the live slot runs exactly what the plan asks for: the same
@@ -182,8 +126,8 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
     // check is a change to deploy, even for the same release.
     let spec = slot_spec(plan);
     if let Some(l) = live
-        && slot_of(cur, l) == Some(&spec)
-        && weight_of(cur, l) == 100
+        && cur.slot(l) == Some(&spec)
+        && cur.weight(l) == 100
     {
         host.new_slot = l;
         host.phase = HostPhase::Switched;
@@ -255,10 +199,10 @@ pub fn target(
             _ => {}
         }
     }
-    set_slot(&mut d, new, spec);
-    set_weight(&mut d, new, new_weight);
+    d.set_slot(new, spec);
+    d.set_weight(new, new_weight);
     if let Some(old) = host.old_slot {
-        set_weight(&mut d, old, 100 - new_weight);
+        d.set_weight(old, 100 - new_weight);
     }
     Some(d)
 }
@@ -271,7 +215,7 @@ fn step_host_names(dep: &DeploymentRecord) -> Vec<String> {
 }
 
 fn new_status<'a>(view: &HostView<'a>, host: &DeployHost) -> Option<&'a SlotStatus> {
-    view.observed.and_then(|o| observed_slot(o, host.new_slot))
+    view.observed.and_then(|o| o.slot(host.new_slot))
 }
 
 fn is_current(view: &HostView<'_>) -> bool {
@@ -307,23 +251,8 @@ fn weights_confirmed(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployH
         return false;
     };
     answers(dep, view, host)
-        && observed_weight(o, host.new_slot) == weight_of(d, host.new_slot)
-        && host
-            .old_slot
-            .is_none_or(|s| observed_weight(o, s) == weight_of(d, s))
-}
-
-fn describe(phase: i32) -> &'static str {
-    match SlotPhase::try_from(phase).unwrap_or(SlotPhase::Empty) {
-        SlotPhase::Empty => "empty",
-        SlotPhase::Fetching => "fetching",
-        SlotPhase::Unpacking => "unpacking",
-        SlotPhase::Starting => "starting",
-        SlotPhase::Healthy => "healthy",
-        SlotPhase::Unhealthy => "unhealthy",
-        SlotPhase::Failed => "failed",
-        SlotPhase::Stopped => "stopped",
-    }
+        && o.weight(host.new_slot) == d.weight(host.new_slot)
+        && host.old_slot.is_none_or(|s| o.weight(s) == d.weight(s))
 }
 
 /// Decides the next state of `dep`.
@@ -494,13 +423,13 @@ fn settle(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now:
             (st.release == d.release && matches!(phase, SlotPhase::Unhealthy | SlotPhase::Failed))
                 .then(|| {
                     let why = if st.error.is_empty() {
-                        describe(st.phase).to_string()
+                        SlotPhase::of(st.phase).name().to_string()
                     } else {
                         st.error.clone()
                     };
                     format!(
                         "host {name}: new release {} while serving {}%: {why}",
-                        describe(st.phase),
+                        SlotPhase::of(st.phase).name(),
                         h.weight
                     )
                 })
@@ -842,7 +771,7 @@ fn analyse(d: &mut DeploymentRecord, views: &BTreeMap<String, HostView<'_>>, now
             continue;
         };
         let counters = |s: Option<Slot>| {
-            s.and_then(|s| observed_slot(o, s))
+            s.and_then(|s| o.slot(s))
                 .and_then(|st| st.metrics.as_ref())
                 .map(Counters::from_pb)
                 .unwrap_or_default()

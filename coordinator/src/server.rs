@@ -11,6 +11,7 @@ use cutover_proto::v1::{
     self as pb, AgentMessage, CoordinatorMessage, agent_link_server::AgentLink, agent_message,
     control_server::Control, coordinator_message, enroll_server::Enroll,
 };
+use cutover_proto::{Slot, link};
 use cutover_shared::names::{check_label, check_label_key, check_name};
 use cutover_shared::plan::Plan;
 use futures_util::Stream;
@@ -25,13 +26,10 @@ use crate::fleet::Fleet;
 use crate::model::{DeploymentRecord, HostRecord, Identity, Revocation, TokenHost};
 use crate::pki::Ca;
 use crate::report;
-use crate::rollout::{self, Command};
+use crate::rollout::Command;
 use crate::store::Store;
-use crate::{now_ms, tokens};
-
-/// A host whose stream has been silent this long is dropped as disconnected.
-const SILENCE_LIMIT: Duration = Duration::from_secs(6);
-const HEARTBEAT: Duration = Duration::from_secs(2);
+use crate::tokens;
+use cutover_shared::clock::now_ms;
 
 pub struct Shared {
     pub store: Arc<Store>,
@@ -262,7 +260,7 @@ impl AgentLink for Api {
         tracing::info!(host, session, "agent connected");
 
         tokio::spawn(async move {
-            let mut beat = tokio::time::interval(HEARTBEAT);
+            let mut beat = tokio::time::interval(link::HEARTBEAT);
             let mut last_heard = tokio::time::Instant::now();
             loop {
                 tokio::select! {
@@ -270,7 +268,7 @@ impl AgentLink for Api {
                     _ = end.cancelled() => break,
                     _ = tx.closed() => break,
                     _ = beat.tick() => {
-                        if last_heard.elapsed() > SILENCE_LIMIT {
+                        if last_heard.elapsed() > link::SILENCE_LIMIT {
                             tracing::warn!(host, "agent silent; dropping its session");
                             break;
                         }
@@ -379,19 +377,20 @@ fn verdict_parts(v: &crate::analysis::Verdict) -> (&'static str, String) {
 fn slot_pb(
     d: Option<&pb::DesiredService>,
     o: Option<&pb::ObservedService>,
-    slot: crate::model::Slot,
+    slot: Slot,
 ) -> pb::HostSlot {
-    let observed = o.and_then(|o| rollout::observed_slot(o, slot));
+    let observed = o.and_then(|o| o.slot(slot));
     let release = observed
         .map(|s| s.release.clone())
         .filter(|r| !r.is_empty())
         .or_else(|| {
-            rollout::release_key(d.and_then(|d| rollout::slot_of(d, slot)))
+            d.and_then(|d| d.slot(slot))
+                .and_then(pb::SlotSpec::release_key)
                 .map(|(v, _)| v.to_string())
         })
         .unwrap_or_default();
     let state = observed
-        .map(|s| crate::phase_name(s.phase).to_string())
+        .map(|s| pb::SlotPhase::of(s.phase).name().to_string())
         .unwrap_or_else(|| {
             if release.is_empty() {
                 "empty".into()
@@ -400,11 +399,8 @@ fn slot_pb(
             }
         });
     let weight = match (o, d) {
-        (Some(o), _) => match slot {
-            crate::model::Slot::Blue => o.blue_weight,
-            crate::model::Slot::Green => o.green_weight,
-        },
-        (None, Some(d)) => rollout::weight_of(d, slot),
+        (Some(o), _) => o.weight(slot),
+        (None, Some(d)) => d.weight(slot),
         _ => 0,
     };
     pb::HostSlot {
@@ -532,7 +528,8 @@ impl Control for Api {
         s.admin(&req)?;
         let id = req.into_inner().id;
         let dep = if id.is_empty() {
-            s.store.deployments().map_err(internal)?.pop()
+            let all = s.store.deployments().map_err(internal)?;
+            DeploymentRecord::newest(&all).cloned()
         } else {
             s.store.deployment(&id).map_err(internal)?
         };
@@ -593,7 +590,13 @@ impl Control for Api {
         let records = s.store.deployments().map_err(internal)?;
         let events = s.store.all_events().map_err(internal)?;
         let service = (!r.service.is_empty()).then_some(r.service.as_str());
-        let stats = report::stats(&records, &events, service, r.since_unix_ms, crate::now_ms());
+        let stats = report::stats(
+            &records,
+            &events,
+            service,
+            r.since_unix_ms,
+            cutover_shared::clock::now_ms(),
+        );
         json_doc(&serde_json::to_value(stats).unwrap_or_default())
     }
 
@@ -687,9 +690,7 @@ fn json_doc(v: &serde_json::Value) -> Result<Response<pb::JsonDocument>, Status>
 pub fn show_json(store: &Store, id: &str) -> Result<serde_json::Value, Status> {
     let records = store.deployments().map_err(internal)?;
     let d = if id.is_empty() {
-        records
-            .iter()
-            .max_by_key(|d| (d.created_unix_ms, d.id.clone()))
+        DeploymentRecord::newest(&records)
     } else {
         records.iter().find(|d| d.id == id)
     };
@@ -704,7 +705,12 @@ pub fn show_json(store: &Store, id: &str) -> Result<serde_json::Value, Status> {
     let past: Vec<_> = records.iter().filter(|r| r.id != d.id).cloned().collect();
     let typical = report::typical(&past, &events, &d.service);
     let mine = events.get(&d.id).map_or(&[][..], Vec::as_slice);
-    Ok(report::show(d, mine, &typical, crate::now_ms()))
+    Ok(report::show(
+        d,
+        mine,
+        &typical,
+        cutover_shared::clock::now_ms(),
+    ))
 }
 
 /// Every enrolled host with what it runs: desired slots and weights next to what its
@@ -728,12 +734,14 @@ pub fn hosts_pb(store: &Store, fleet: &Fleet) -> Result<Vec<pb::Host>, Status> {
             .map(|name| {
                 let d = desired.iter().find(|d| d.service == name);
                 let o = observed.iter().find(|o| o.service == name);
-                let blue = slot_pb(d, o, crate::model::Slot::Blue);
-                let green = slot_pb(d, o, crate::model::Slot::Green);
+                let blue = slot_pb(d, o, Slot::Blue);
+                let green = slot_pb(d, o, Slot::Green);
                 let live = d
-                    .and_then(rollout::live_slot)
+                    .and_then(|d| d.live_slot())
                     .and_then(|l| {
-                        rollout::release_key(rollout::slot_of(d?, l)).map(|(v, _)| v.to_string())
+                        d?.slot(l)
+                            .and_then(pb::SlotSpec::release_key)
+                            .map(|(v, _)| v.to_string())
                     })
                     .unwrap_or_default();
                 pb::HostService {
@@ -744,11 +752,8 @@ pub fn hosts_pb(store: &Store, fleet: &Fleet) -> Result<Vec<pb::Host>, Status> {
                 }
             })
             .collect();
-        let heard = fleet
-            .last_seen(&h.name)
-            .is_some_and(|t| crate::now_ms().saturating_sub(t) < crate::fleet::STALE_AFTER_MS);
         hosts.push(pb::Host {
-            connected: fleet.is_connected(&h.name) && heard,
+            connected: fleet.reachable(&h.name, now_ms()),
             last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(0),
             name: h.name,
             labels: h.labels.into_iter().collect(),

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::{Verdict, figure};
 use crate::model::{DeploymentRecord, HostPhase, State};
-use crate::rollout::{self, HostView};
+use crate::rollout::HostView;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Event {
@@ -344,14 +344,13 @@ pub fn diff(before: Option<&DeploymentRecord>, after: &DeploymentRecord, now: u6
     out
 }
 
-fn phase_name(p: SlotPhase) -> Option<&'static str> {
-    match p {
-        SlotPhase::Fetching => Some("fetching"),
-        SlotPhase::Unpacking => Some("unpacking"),
-        SlotPhase::Starting => Some("starting"),
-        SlotPhase::Healthy => Some("healthy"),
-        _ => None,
-    }
+/// The phases of a preparing slot that its timeline records.
+fn preparation_phase(p: SlotPhase) -> Option<&'static str> {
+    matches!(
+        p,
+        SlotPhase::Fetching | SlotPhase::Unpacking | SlotPhase::Starting | SlotPhase::Healthy
+    )
+    .then(|| p.name())
 }
 
 /// Phases of the new slot on each preparing host, as its agent reports them; `seen`
@@ -370,14 +369,14 @@ pub fn host_progress(
         let Some(status) = views
             .get(name)
             .and_then(|v| v.observed)
-            .and_then(|o| rollout::observed_slot(o, h.new_slot))
+            .and_then(|o| o.slot(h.new_slot))
         else {
             continue;
         };
         if status.release != d.release {
             continue;
         }
-        let Some(phase) = phase_name(SlotPhase::try_from(status.phase).unwrap_or_default()) else {
+        let Some(phase) = preparation_phase(SlotPhase::of(status.phase)) else {
             continue;
         };
         if seen.get(name).map(String::as_str) != Some(phase) {
@@ -408,7 +407,7 @@ pub fn add_timings(
             views
                 .get(host.as_str())
                 .and_then(|v| v.observed)
-                .and_then(|o| rollout::observed_slot(o, h.new_slot))
+                .and_then(|o| o.slot(h.new_slot))
         });
         if let Some(st) = status.filter(|st| st.release == d.release) {
             *timings = Some(Timings {

@@ -1,7 +1,8 @@
 //! cutover's wire protocol: generated gRPC types and stubs for the three services —
 //! `Enroll` (a host joins), `AgentLink` (one long-lived stream per agent) and `Control`
 //! (the CLI) — plus the TLS client set-up that every connection to the coordinator uses,
-//! and how every listener of both daemons accepts connections ([`listen`]).
+//! how every listener of both daemons accepts connections ([`listen`]), and the words
+//! both sides use about the messages ([`vocab`]: slots, phase names, link timing).
 
 #[allow(clippy::all, clippy::unwrap_used, missing_docs, unreachable_pub)]
 pub mod v1 {
@@ -9,8 +10,10 @@ pub mod v1 {
 }
 pub mod listen;
 pub mod tls;
+pub mod vocab;
 
 pub use v1::*;
+pub use vocab::{Slot, link};
 
 /// Metadata key on the refusal of a revoked agent certificate; its value says why
 /// (`removed` or `replaced`). Agents stop for good when they see it.

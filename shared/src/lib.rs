@@ -1,6 +1,7 @@
 //! Domain types shared by the cutover coordinator and agent: the plan file's model and
 //! its validation, durations and names. No IO beyond parsing text, no async runtime.
 
+pub mod clock;
 pub mod duration;
 pub mod errors;
 pub mod names;

@@ -154,8 +154,10 @@ impl Sim {
 
     fn live(&self, h: &str) -> Option<String> {
         let d = self.desired.get(h)?;
-        let s = live_slot(d)?;
-        release_key(slot_of(d, s)).map(|(v, _)| v.to_string())
+        let s = d.live_slot()?;
+        d.slot(s)
+            .and_then(SlotSpec::release_key)
+            .map(|(v, _)| v.to_string())
     }
 }
 
@@ -184,9 +186,9 @@ fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
         assert!(preparing <= 1, "max_parallel respected");
         if dep.state == State::Preparing {
             for t in d.targets.values() {
-                let live = live_slot(t).unwrap();
+                let live = t.live_slot().unwrap();
                 assert_eq!(
-                    release_key(slot_of(t, live)).unwrap().0,
+                    t.slot(live).and_then(SlotSpec::release_key).unwrap().0,
                     "1",
                     "old release keeps all traffic while preparing"
                 );
@@ -204,9 +206,9 @@ fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
     for h in ["a", "b", "c"] {
         assert_eq!(sim.live(h).as_deref(), Some("2"));
         let d = &sim.desired[h];
-        let old = live_slot(d).unwrap().other();
+        let old = d.live_slot().unwrap().other();
         assert_eq!(
-            release_key(slot_of(d, old)).unwrap().0,
+            d.slot(old).and_then(SlotSpec::release_key).unwrap().0,
             "1",
             "v1 stays warm"
         );
@@ -249,8 +251,8 @@ fn a_host_failing_preparation_rolls_back_with_its_reason() {
     for h in ["a", "b", "c"] {
         assert_eq!(sim.live(h).as_deref(), Some("1"), "{h} back on v1");
         let d = &sim.desired[h];
-        let idle = live_slot(d).unwrap().other();
-        assert!(slot_of(d, idle).is_none(), "new slot stopped on {h}");
+        let idle = d.live_slot().unwrap().other();
+        assert!(d.slot(idle).is_none(), "new slot stopped on {h}");
     }
 }
 
@@ -301,7 +303,7 @@ fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
         for t in d.targets.values() {
             let new = dep.hosts.values().next().unwrap().new_slot;
             assert!(
-                weight_of(t, new) <= 10,
+                t.weight(new) <= 10,
                 "weights never exceed the step's traffic"
             );
         }
@@ -320,7 +322,7 @@ fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     assert_eq!(dep.state, State::Aborted);
     assert_eq!(sim.live("a").as_deref(), Some("1"));
     assert_eq!(
-        weight_of(&sim.desired["a"], live_slot(&sim.desired["a"]).unwrap()),
+        sim.desired["a"].weight(sim.desired["a"].live_slot().unwrap()),
         100
     );
 }
@@ -416,7 +418,7 @@ mod properties {
                 let cap = if dep.state == State::RollingBack { 0 } else { dep.traffic.max(p.strategy.steps[dep.step as usize].traffic) };
                 for (h, t) in &d.targets {
                     let host = &dep.hosts[h];
-                    prop_assert!(weight_of(t, host.new_slot) <= cap, "{h}: weight {} over {cap}", weight_of(t, host.new_slot));
+                    prop_assert!(t.weight(host.new_slot) <= cap, "{h}: weight {} over {cap}", t.weight(host.new_slot));
                 }
                 sim.apply(d.targets);
                 // Deciding again on what was just written changes nothing.
@@ -442,7 +444,7 @@ mod properties {
                     let live = sim.live(n);
                     prop_assert_eq!(live.as_deref(), Some("1"), "{} not back on 1 ({:?})", n, dep.state);
                     let d = &sim.desired[n];
-                    prop_assert_eq!(weight_of(d, live_slot(d).unwrap()), 100);
+                    prop_assert_eq!(d.weight(d.live_slot().unwrap()), 100);
                 }
             }
         }
@@ -471,7 +473,9 @@ fn host_waves_touch_only_the_hosts_a_step_needs() {
     for h in ["b", "c", "d"] {
         assert_eq!(sim.live(h).as_deref(), Some("1"));
         assert!(
-            slot_of(&sim.desired[h], live_slot(&sim.desired[h]).unwrap().other()).is_none(),
+            sim.desired[h]
+                .slot(sim.desired[h].live_slot().unwrap().other())
+                .is_none(),
             "{h} untouched until a later step needs it"
         );
     }

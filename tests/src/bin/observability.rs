@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     let templates = store.deployments()?;
     let events = store.all_events()?;
     let real_events: usize = events.values().map(Vec::len).sum();
-    let now = coordinator::now_ms();
+    let now = cutover_shared::clock::now_ms();
     let span = 30 * 86_400_000u64;
     let t = Instant::now();
     for i in 0..n.saturating_sub(templates.len()) {

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod duration;
 pub mod errors;
+pub mod exposition;
 pub mod names;
 pub mod placeholders;
 pub mod plan;

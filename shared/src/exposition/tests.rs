@@ -292,7 +292,7 @@ proptest! {
         let truth = observations[rank - 1];
         let estimate = bucket_quantile(q, &buckets).expect("observations");
         let upper = bounds.iter().copied().find(|b| truth <= *b).unwrap_or(f64::INFINITY);
-        let lower = bounds.iter().copied().filter(|b| *b < upper).last().unwrap_or(0.0);
+        let lower = bounds.iter().copied().rfind(|b| *b < upper).unwrap_or(0.0);
         prop_assert!(
             estimate >= lower - 1e-9 && estimate <= upper + 1e-9,
             "q {} truth {} in ({}, {}], estimate {}", q, truth, lower, upper, estimate

@@ -7,6 +7,7 @@ pub mod handover;
 pub mod health;
 pub mod http;
 pub mod link;
+pub mod os;
 pub mod ports;
 pub mod process;
 pub mod proxy;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::artifact::{self, Limits};
 use crate::health::{Check, Checker, Tally};
+use crate::os::{alive, start_ticks};
 use crate::ports::PortRange;
 use crate::proxy::SlotMetrics;
 use crate::spawn::{Launcher, RunAs};
@@ -92,20 +93,6 @@ pub fn spec_digest(spec: &SlotSpec) -> String {
         h.update(v);
     }
     hex::encode(h.finalize())
-}
-
-/// True while the recorded process runs: same pid, same start time, not a zombie.
-pub fn alive(pid: i32, ticks: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some((_, after)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let mut fields = after.split_whitespace();
-    let state = fields.next();
-    let start = fields.nth(18).and_then(|t| t.parse::<u64>().ok());
-    state != Some("Z") && start == Some(ticks)
 }
 
 /// Checks the release's signature against the trusted keys (when there are any).
@@ -311,14 +298,6 @@ impl Running {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-/// Start time of a process in clock ticks since boot, from /proc/PID/stat.
-pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Stops slot processes that a previous run of the agent left behind and that are not

@@ -431,7 +431,7 @@ impl Services {
                 && r.slot == slot
                 && r.port != 0
                 && r.spec_digest == digest
-                && process::alive(r.pid, r.start_ticks)
+                && crate::os::alive(r.pid, r.start_ticks)
         })
     }
 

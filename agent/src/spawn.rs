@@ -480,31 +480,8 @@ async fn stop_group(pgid: Pid, leader: &mut tokio::process::Child, grace: Durati
 fn group_runs(pgid: Pid) -> bool {
     match killpg(pgid, None) {
         Err(nix::errno::Errno::ESRCH) => false,
-        _ => !group_members(pgid).is_empty(),
+        _ => !crate::os::group_members(pgid.as_raw()).is_empty(),
     }
-}
-
-/// The live (not zombie) processes of process group `pgid`, from /proc.
-pub fn group_members(pgid: Pid) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // After the command name: state, ppid, pgrp.
-            let Some((_, after)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let mut f = after.split_whitespace();
-            let state = f.next();
-            let pgrp = f.nth(1).and_then(|g| g.parse::<i32>().ok());
-            state != Some("Z") && pgrp == Some(pgid.as_raw())
-        })
-        .collect()
 }
 
 /// Reads a command's output to its end: appends it to `log` (if any) and returns the

@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod service;
 pub mod spawn;
 pub mod store;
+pub mod trust;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -312,32 +313,6 @@ fn secure_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The trusted artifact-signing keys: the command line's plus one hex key per line of
-/// `DATA/trusted_keys` (blank lines and `#` comments ignored).
-fn trusted_keys(cfg: &RunConfig) -> anyhow::Result<Vec<Vec<u8>>> {
-    let file = cfg.data_dir.join("trusted_keys");
-    let mut texts: Vec<(String, String)> = cfg
-        .trusted_keys
-        .iter()
-        .map(|k| ("--trusted-key".to_string(), k.clone()))
-        .collect();
-    if let Ok(body) = std::fs::read_to_string(&file) {
-        for (i, line) in body.lines().enumerate() {
-            let line = line.trim();
-            if !line.is_empty() && !line.starts_with('#') {
-                texts.push((format!("{}:{}", file.display(), i + 1), line.to_string()));
-            }
-        }
-    }
-    texts
-        .into_iter()
-        .map(|(at, k)| match hex::decode(k.trim()) {
-            Ok(b) if b.len() == 32 => Ok(b),
-            _ => Err(anyhow::anyhow!("{at}: not an ed25519 public key (64 hex digits, as `cutover artifact keygen` prints)")),
-        })
-        .collect()
-}
-
 /// Runs the agent until `shutdown`: restores the services it ran before (adopting the
 /// slot processes and public ports a previous run left), then follows the coordinator.
 /// On shutdown the slot processes are stopped; on SIGHUP the agent re-executes itself
@@ -409,7 +384,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
             Err(e) => bail!("--service-user {name}: {e}"),
         }
     }
-    let keys = trusted_keys(&cfg)?;
+    let keys = trust::TrustedKeys::load(&cfg.trusted_keys, &cfg.data_dir)?;
     if !keys.is_empty() {
         tracing::info!(
             keys = keys.len(),

@@ -29,6 +29,7 @@ use crate::ports::PortRange;
 use crate::proxy::SlotMetrics;
 use crate::spawn::{Launcher, RunAs};
 use crate::store::ProcessRecord;
+use crate::trust::TrustedKeys;
 
 /// What a slot reports.
 #[derive(Clone, Debug, Default)]
@@ -67,7 +68,7 @@ pub struct SlotCtx {
     /// Where started processes are recorded (for cleanup after an agent crash).
     pub store: Arc<crate::store::Store>,
     /// ed25519 public keys; when any are set, only artifacts signed by one of them run.
-    pub trusted_keys: Arc<Vec<Vec<u8>>>,
+    pub trusted_keys: Arc<TrustedKeys>,
     /// A live process from an earlier agent run that already runs this spec on `port`.
     pub adopt: Option<ProcessRecord>,
     /// Whom to run the process as when the plan names no user (agent running as root).
@@ -93,33 +94,6 @@ pub fn spec_digest(spec: &SlotSpec) -> String {
         h.update(v);
     }
     hex::encode(h.finalize())
-}
-
-/// Checks the release's signature against the trusted keys (when there are any).
-pub fn check_signature(
-    trusted: &[Vec<u8>],
-    sha256: &str,
-    signature_hex: &str,
-) -> Result<(), String> {
-    if trusted.is_empty() {
-        return Ok(());
-    }
-    if signature_hex.is_empty() {
-        return Err("artifact signature missing: this agent only runs artifacts signed by a trusted key ([release] signature, made with `cutover artifact sign`)".into());
-    }
-    let sig =
-        hex::decode(signature_hex).map_err(|_| "artifact signature is not hex".to_string())?;
-    let msg = cutover_shared::signing::signed_message(sha256);
-    let ok = trusted.iter().any(|k| {
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k)
-            .verify(&msg, &sig)
-            .is_ok()
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err("artifact signature does not verify with any trusted key".into())
-    }
 }
 
 impl SlotCtx {
@@ -212,7 +186,9 @@ impl Drop for Partial {
 /// Fetches and unpacks the slot's release unless it is already on disk.
 async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
     let rel = ctx.spec.release.clone().unwrap_or_default();
-    check_signature(&ctx.trusted_keys, &rel.sha256, &rel.signature)?;
+    ctx.trusted_keys
+        .check(&rel.sha256, &rel.signature)
+        .map_err(|e| e.to_string())?;
     let dir = release_dir(&ctx.data_dir, &ctx.service, &rel.version, &rel.sha256);
     if dir.is_dir() {
         // Touch it so that pruning keeps recently used releases.

@@ -22,6 +22,7 @@ use crate::ports::PortRange;
 use crate::process::{self, SlotCtx, SlotState};
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::store::{ProcessRecord, Store};
+use crate::trust::TrustedKeys;
 
 struct SlotRun {
     spec: SlotSpec,
@@ -67,7 +68,7 @@ pub struct Services {
     phase_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
-    trusted_keys: Arc<Vec<Vec<u8>>>,
+    trusted_keys: Arc<TrustedKeys>,
     service_user: Option<String>,
     slot_ports: PortRange,
     /// Listening sockets from the agent run before this one, until a service claims its own.
@@ -80,7 +81,7 @@ pub struct Settings {
     /// The address public ports are bound on.
     pub service_ip: IpAddr,
     /// ed25519 public keys; when any are set, only artifacts signed by one of them run.
-    pub trusted_keys: Vec<Vec<u8>>,
+    pub trusted_keys: TrustedKeys,
     pub limits: Limits,
     /// Whom slot processes run as when the plan names no user (agent running as root).
     pub service_user: Option<String>,

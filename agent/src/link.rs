@@ -20,8 +20,13 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::{self, Identity};
 use crate::service::Services;
-use crate::{HostRevoked, Identity};
+
+/// The coordinator revoked this host's certificate; its words say why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HostRevoked(pub String);
 
 /// How often the certificate's remaining lifetime is checked.
 const RENEWAL_CHECK: Duration = Duration::from_secs(1);
@@ -65,7 +70,7 @@ pub async fn run(
     let mut delays = builder.build();
     loop {
         let started = Instant::now();
-        match crate::load_identity(&data_dir) {
+        match Identity::load(&data_dir) {
             Ok(identity) => match session(&data_dir, &identity, &services, &cancel).await {
                 Ok(()) => tracing::info!("coordinator stream closed"),
                 Err(Ended::Revoked(why)) => return Err(HostRevoked(why)),
@@ -138,7 +143,7 @@ async fn session(
                 }
             }
             _ = renewal.tick(), if !renewed && identity.renewal_due(cutover_shared::clock::now_ms()) => {
-                match crate::renew(data_dir, identity, channel.clone()).await {
+                match identity::renew(data_dir, identity, channel.clone()).await {
                     Ok(()) => {
                         renewed = true;
                         tracing::info!("certificate renewed; the next connection uses it");

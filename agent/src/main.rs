@@ -150,14 +150,14 @@ fn main() -> ExitCode {
                 name,
                 labels,
             } => {
-                let token = agent::join_token(
+                let token = agent::enroll::join_token(
                     token,
                     token_file.as_deref(),
-                    std::env::var(agent::JOIN_TOKEN_ENV).ok(),
+                    std::env::var(agent::enroll::JOIN_TOKEN_ENV).ok(),
                 )?;
                 let labels = cutover_shared::names::parse_labels(&labels)
                     .map_err(|m| anyhow::anyhow!("--labels: {m}"))?;
-                let name = agent::join(agent::JoinConfig {
+                let name = agent::enroll::join(agent::enroll::JoinConfig {
                     coordinator,
                     token,
                     data_dir,

@@ -160,7 +160,7 @@ impl RunAs {
 /// 0700, and handed over to a new user when the plan's user changes; `DATA/state` lets
 /// users through to their own directory but not list the others.
 pub fn state_dir(data_dir: &Path, service: &str, user: &RunAs) -> Result<PathBuf, Error> {
-    let parent = data_dir.join("state");
+    let parent = crate::data_dir::state(data_dir);
     ensure_dir(&parent, 0o711)?;
     let dir = parent.join(service);
     match std::fs::symlink_metadata(&dir) {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cutover_proto::v1::{RunSpec, SlotPhase, SlotSpec, health_spec};
+use cutover_proto::v1::{RunSpec, SlotPhase, SlotSpec};
 use prost::Message;
 use sha2::Digest;
 use tokio::process::Child;
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifact::{self, Limits};
-use crate::health::{Check, Checker, Tally};
+use crate::health::HealthPlan;
 use crate::os::{alive, start_ticks};
 use crate::ports::PortRange;
 use crate::proxy::SlotMetrics;
@@ -477,24 +477,6 @@ fn slot_env(
     env
 }
 
-fn check_of(spec: &SlotSpec) -> (Check, Duration, Duration, u32, u32, Duration) {
-    let h = spec.health.clone().unwrap_or_default();
-    let check = match h.check {
-        Some(health_spec::Check::HttpPath(p)) => Check::Http(p),
-        Some(health_spec::Check::Exec(e)) => Check::Exec(e.command),
-        Some(health_spec::Check::Tcp(_)) | None => Check::Tcp,
-    };
-    let ms = |v: u64, d: u64| Duration::from_millis(if v == 0 { d } else { v });
-    (
-        check,
-        ms(h.interval_ms, 1000),
-        ms(h.timeout_ms, 2000),
-        h.healthy_after,
-        h.unhealthy_after,
-        ms(h.start_timeout_ms, 60_000),
-    )
-}
-
 /// Exits before turning healthy that fail the slot outright.
 const MAX_EARLY_EXITS: u32 = 3;
 
@@ -546,9 +528,8 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
         env: slot_env(&ctx, &run, &version, port, &state_dir),
     };
 
-    let (check, interval, timeout, healthy_after, unhealthy_after, start_timeout) =
-        check_of(&ctx.spec);
-    let checker = Checker::new(check, timeout);
+    let health = HealthPlan::of(&ctx.spec);
+    let checker = health.checker();
     let log = SlotLog::new(
         ctx.data_dir
             .join("logs")
@@ -570,7 +551,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                 SlotPhase::Starting
             };
         });
-        let mut tally = Tally::new(healthy_after, unhealthy_after);
+        let mut tally = health.tally();
         let adopted = adopt.take().filter(|r| alive(r.pid, r.start_ticks));
         let (mut running, launcher, port) = if let Some(rec) = adopted {
             let launcher = launcher(rec.port);
@@ -626,11 +607,11 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
         };
         last_port = Some(port);
         let started = Instant::now();
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = tokio::time::interval(health.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_check_error = String::new();
         let exit = loop {
-            let deadline = first_start + start_timeout;
+            let deadline = first_start + health.start_timeout;
             tokio::select! {
                 _ = cancel.cancelled() => {
                     drain(&ctx).await;
@@ -649,7 +630,7 @@ pub async fn run_slot(ctx: SlotCtx, cancel: CancellationToken) {
                 }
                 _ = tokio::time::sleep_until(deadline), if !ever_healthy => {
                     let why = if last_check_error.is_empty() { "no check passed".to_string() } else { format!("last check: {last_check_error}") };
-                    let msg = format!("not healthy within {}s of start ({why})", start_timeout.as_secs());
+                    let msg = format!("not healthy within {}s of start ({why})", health.start_timeout.as_secs());
                     tracing::warn!(service = ctx.service, slot = ctx.slot, release = version, "{msg}");
                     stop(running, stop_timeout, &ctx.store).await;
                     ctx.phase(SlotPhase::Failed, msg);

@@ -3,7 +3,7 @@
 //! connections finish, then re-executes its binary in the same process. The listening
 //! sockets cross the `execve` open (their numbers travel in [`ENV`]), so connections that
 //! arrive meanwhile wait in the kernel's accept queue; the slot processes stay this
-//! process's children and are adopted by the new run (see `process`).
+//! process's children and are adopted by the new run (see [`crate::slot::adopt`]).
 
 use std::ffi::{CString, OsString};
 use std::net::SocketAddr;

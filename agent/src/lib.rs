@@ -15,9 +15,9 @@ pub mod identity;
 pub mod link;
 pub mod os;
 pub mod ports;
-pub mod process;
 pub mod proxy;
 pub mod service;
+pub mod slot;
 pub mod spawn;
 pub mod store;
 pub mod trust;
@@ -162,33 +162,8 @@ async fn clear_earlier_run(data: &Path, store: &store::Store) {
             "removed partial downloads and unpacks left by an earlier run"
         );
     }
-    let wanted: Vec<(String, String, String)> = store
-        .desired()
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|d| {
-            [("blue", d.blue.as_ref()), ("green", d.green.as_ref())]
-                .into_iter()
-                .filter_map(|(slot, spec)| {
-                    Some((
-                        d.service.clone(),
-                        slot.to_string(),
-                        process::spec_digest(spec?),
-                    ))
-                })
-        })
-        .collect();
-    let reaped = process::reap_orphans(
-        store,
-        |r| {
-            r.port != 0
-                && wanted
-                    .iter()
-                    .any(|(s, sl, dg)| *s == r.service && *sl == r.slot && *dg == r.spec_digest)
-        },
-        LEFTOVER_GRACE,
-    )
-    .await;
+    let claims = slot::adopt::Claim::all(&store.desired().unwrap_or_default());
+    let reaped = slot::adopt::stop_unclaimed(store, &claims, LEFTOVER_GRACE).await;
     if reaped > 0 {
         tracing::warn!(
             reaped,

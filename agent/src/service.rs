@@ -19,9 +19,9 @@ use tokio_util::task::TaskTracker;
 use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
 use crate::ports::PortRange;
-use crate::process::{self, SlotCtx, SlotState};
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
-use crate::store::{ProcessRecord, Store};
+use crate::slot::{self, SlotCtx, SlotState, adopt};
+use crate::store::Store;
 use crate::trust::TrustedKeys;
 
 struct SlotRun {
@@ -233,7 +233,7 @@ impl Services {
                 retired.push(old);
             }
             if let Some(spec) = want {
-                rt.slots[i] = Some(self.start_slot(&d, name, spec.clone()));
+                rt.slots[i] = Some(self.start_slot(&d, slot, spec.clone()));
             }
         }
 
@@ -386,8 +386,8 @@ impl Services {
         }
     }
 
-    fn start_slot(&self, d: &DesiredService, slot: &'static str, spec: SlotSpec) -> SlotRun {
-        let adopt = self.adoptable(&d.service, slot, &spec);
+    fn start_slot(&self, d: &DesiredService, slot: Slot, spec: SlotSpec) -> SlotRun {
+        let adopt = adopt::find(&self.store, &adopt::Claim::new(&d.service, slot, &spec));
         let metrics = Arc::new(SlotMetrics::default());
         // An adopted process already listens: routes point at it from the start.
         let status = Arc::new(Mutex::new(SlotState {
@@ -413,7 +413,7 @@ impl Services {
             adopt,
             service_user: self.service_user.clone(),
         };
-        self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
+        self.tasks.spawn(slot::run(ctx, cancel.clone()));
         SlotRun {
             spec,
             generation: d.generation,
@@ -421,19 +421,6 @@ impl Services {
             status,
             cancel,
         }
-    }
-
-    /// A live process that an earlier agent run started for exactly this slot and spec.
-    fn adoptable(&self, service: &str, slot: &str, spec: &SlotSpec) -> Option<ProcessRecord> {
-        let digest = process::spec_digest(spec);
-        let records = self.store.processes().ok()?;
-        records.into_iter().find(|r| {
-            r.service == service
-                && r.slot == slot
-                && r.port != 0
-                && r.spec_digest == digest
-                && crate::os::alive(r.pid, r.start_ticks)
-        })
     }
 
     /// Retries binding public ports that could not be bound before.

@@ -30,7 +30,7 @@ pub struct ProcessRecord {
     /// The port the process was given (`${PORT}`); 0 in records from older agents.
     #[serde(default)]
     pub port: u16,
-    /// Digest of the slot spec it runs ([`crate::process::spec_digest`]), so a restarted
+    /// Digest of the slot spec it runs ([`crate::slot::adopt::spec_digest`]), so a restarted
     /// agent adopts it only for the very same spec.
     #[serde(default)]
     pub spec_digest: String,

@@ -177,7 +177,7 @@ fn settings(cfg: &RunConfig, trusted_keys: trust::TrustedKeys) -> service::Setti
     service::Settings {
         data_dir: cfg.data_dir.clone(),
         service_ip: cfg.service_address,
-        trusted_keys,
+        trusted_keys: Arc::new(trusted_keys),
         limits: cfg.limits.clone(),
         service_user: cfg.service_user.clone(),
         slot_ports: cfg.slot_ports,

@@ -498,33 +498,15 @@ async fn route(
             "exactly one Host header is required\n",
         );
     }
-    let upstream = {
-        let table = shared.routes.load();
-        match table.pick() {
-            Some(u) => u.clone(),
-            None => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no release is serving on this host\n",
-                );
-            }
-        }
+    let Some(upstream) = shared.routes.load().pick().cloned() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no release is serving on this host\n",
+        );
     };
     let _in_flight = InFlight::new(&upstream.metrics);
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri = match format!("http://127.0.0.1:{}{pq}", upstream.port).parse() {
-        Ok(u) => u,
-        Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
-    };
-    *req.uri_mut() = uri;
-    let h = req.headers_mut();
-    strip_hop_by_hop(h);
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    if aim(&mut req, upstream.port, peer).is_err() {
+        return text(StatusCode::BAD_REQUEST, "bad request target\n");
     }
     let started = Instant::now();
     match client.request(req).await {
@@ -535,24 +517,55 @@ async fn route(
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
-        Err(e) => match fault(&e) {
-            Fault::Slot => {
-                upstream.metrics.observe(started.elapsed(), None);
-                tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
-                text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
-            }
-            Fault::Client => {
-                tracing::debug!(port = upstream.port, error = %e, "client request body failed");
-                text(
-                    StatusCode::BAD_REQUEST,
-                    "malformed or incomplete request body\n",
-                )
-            }
-            Fault::Host => {
-                tracing::debug!(port = upstream.port, error = %e, "no socket for the slot");
-                text(StatusCode::SERVICE_UNAVAILABLE, "proxy out of resources\n")
-            }
-        },
+        Err(e) => failed(&e, &upstream, started),
+    }
+}
+
+/// Points the request at the slot on `port`: its target, without hop-by-hop fields,
+/// with the client in `X-Forwarded-For`. Fails when the target makes no URI.
+fn aim(
+    req: &mut Request<Incoming>,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<(), hyper::http::uri::InvalidUri> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = format!("http://127.0.0.1:{port}{pq}").parse()?;
+    let h = req.headers_mut();
+    strip_hop_by_hop(h);
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    Ok(())
+}
+
+/// The answer to a request the slot did not answer; only the slot's own failures count
+/// against it.
+fn failed(
+    e: &hyper_util::client::legacy::Error,
+    upstream: &Upstream,
+    started: Instant,
+) -> Response<Body> {
+    match fault(e) {
+        Fault::Slot => {
+            upstream.metrics.observe(started.elapsed(), None);
+            tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
+            text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+        }
+        Fault::Client => {
+            tracing::debug!(port = upstream.port, error = %e, "client request body failed");
+            text(
+                StatusCode::BAD_REQUEST,
+                "malformed or incomplete request body\n",
+            )
+        }
+        Fault::Host => {
+            tracing::debug!(port = upstream.port, error = %e, "no socket for the slot");
+            text(StatusCode::SERVICE_UNAVAILABLE, "proxy out of resources\n")
+        }
     }
 }
 
@@ -814,22 +827,7 @@ mod tests {
     #[tokio::test]
     async fn garbage_never_takes_the_proxy_down() {
         let port = upstream().await;
-        let free = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let proxy = Proxy::bind(free, Mode::Http, Limits::default(), &cancel, &tasks).unwrap();
-        let metrics = Arc::new(SlotMetrics::default());
-        proxy.set_routes(Routes::new(vec![(
-            100,
-            Upstream {
-                port,
-                metrics: metrics.clone(),
-            },
-        )]));
-
+        let (free, _proxy, _) = proxy_to(port, Mode::Http, Limits::default());
         let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
         assert!(
             ok.starts_with(b"HTTP/1.1 200"),
@@ -837,6 +835,36 @@ mod tests {
             String::from_utf8_lossy(&ok)
         );
 
+        // A panic in a connection task would be caught by the runtime and go unseen:
+        // count the ones raised on this test's thread.
+        let me = std::thread::current().name().map(String::from);
+        static PANICS: AtomicUsize = AtomicUsize::new(0);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name().map(String::from) == me {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+            previous(info);
+        }));
+        for (i, c) in garbage().iter().enumerate() {
+            let _ = exchange(free, c, i % 2 == 0, Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            PANICS.load(Ordering::Relaxed),
+            0,
+            "panics while serving garbage"
+        );
+
+        let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
+        assert!(
+            ok.starts_with(b"HTTP/1.1 200"),
+            "still serving: {}",
+            String::from_utf8_lossy(&ok)
+        );
+    }
+
+    /// Malformed requests: hand-made ones, noise, and mutations of valid requests.
+    fn garbage() -> Vec<Vec<u8>> {
         let mut cases: Vec<Vec<u8>> = vec![
             b"\r\n\r\n".to_vec(),
             b"GET".to_vec(),
@@ -860,21 +888,28 @@ mod tests {
             .concat(),
         ];
         // Deterministic noise: xorshift bytes of varying length.
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
         for i in 0..200 {
             let len = (i * 37) % 3000;
-            let mut v = Vec::with_capacity(len);
-            for _ in 0..len {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.push((x & 0xff) as u8);
-            }
-            cases.push(v);
+            cases.push((0..len).map(|_| (rnd() & 0xff) as u8).collect());
         }
-        // Structure-aware mutations of valid requests: bytes flipped, inserted, removed,
-        // lines duplicated, cut short. CUTOVER_FUZZ_CASES sets how many (default 300);
-        // CI runs the default, longer campaigns set more.
+        cases.extend(mutations(rnd));
+        cases
+    }
+
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// Structure-aware mutations of valid requests: bytes flipped, inserted, removed,
+    /// lines duplicated, cut short. CUTOVER_FUZZ_CASES sets how many (default 300); CI
+    /// runs the default, longer campaigns set more.
+    fn mutations(mut rnd: impl FnMut() -> u64) -> Vec<Vec<u8>> {
         let seeds: [&[u8]; 3] = [
             GOOD,
             b"POST /a?b=c HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello",
@@ -884,59 +919,28 @@ mod tests {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(300);
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for i in 0..n {
-            let mut v = seeds[i % seeds.len()].to_vec();
-            for _ in 0..=(rnd() % 4) {
-                let at = (rnd() as usize) % (v.len() + 1);
-                match rnd() % 5 {
-                    0 if at < v.len() => v[at] = rnd() as u8,
-                    1 => v.insert(at, rnd() as u8),
-                    2 if at < v.len() => {
-                        v.remove(at);
+        (0..n)
+            .map(|i| {
+                let mut v = seeds[i % seeds.len()].to_vec();
+                for _ in 0..=(rnd() % 4) {
+                    let at = (rnd() as usize) % (v.len() + 1);
+                    match rnd() % 5 {
+                        0 if at < v.len() => v[at] = rnd() as u8,
+                        1 => v.insert(at, rnd() as u8),
+                        2 if at < v.len() => {
+                            v.remove(at);
+                        }
+                        3 => {
+                            let line = b"x-dup: 1\r\n".repeat((rnd() % 50) as usize);
+                            let head = v.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
+                            v.splice(head..head, line);
+                        }
+                        _ => v.truncate(at),
                     }
-                    3 => {
-                        let line = b"x-dup: 1\r\n".repeat((rnd() % 50) as usize);
-                        let head = v.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
-                        v.splice(head..head, line);
-                    }
-                    _ => v.truncate(at),
                 }
-            }
-            cases.push(v);
-        }
-        // A panic in a connection task would be caught by the runtime and go unseen:
-        // count the ones raised on this test's thread.
-        let me = std::thread::current().name().map(String::from);
-        static PANICS: AtomicUsize = AtomicUsize::new(0);
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current().name().map(String::from) == me {
-                PANICS.fetch_add(1, Ordering::Relaxed);
-            }
-            previous(info);
-        }));
-        for (i, c) in cases.iter().enumerate() {
-            let _ = exchange(free, c, i % 2 == 0, Duration::from_millis(50)).await;
-        }
-        assert_eq!(
-            PANICS.load(Ordering::Relaxed),
-            0,
-            "panics while serving garbage"
-        );
-
-        let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
-        assert!(
-            ok.starts_with(b"HTTP/1.1 200"),
-            "still serving: {}",
-            String::from_utf8_lossy(&ok)
-        );
-        cancel.cancel();
+                v
+            })
+            .collect()
     }
 
     /// A proxy on a free port sending everything to the upstream on `port`; returns its

@@ -405,18 +405,7 @@ impl Launcher {
             guard.pgid = None;
         }
         let tail = match guard.reader.take() {
-            // Bounded: a process that left the group may still hold the output open.
-            Some(mut reader) => {
-                match tokio::time::timeout(opts.grace.max(Duration::from_secs(1)), &mut reader)
-                    .await
-                {
-                    Ok(Ok(tail)) => tail,
-                    _ => {
-                        reader.abort();
-                        Vec::new()
-                    }
-                }
-            }
+            Some(reader) => output_tail(reader, opts.grace).await,
             None => Vec::new(),
         };
         Ok(Outcome {
@@ -424,6 +413,21 @@ impl Launcher {
             tail,
             duration: started.elapsed(),
         })
+    }
+}
+
+/// The last lines the output reader gathered. Bounded: a process that left the group
+/// may still hold the output open.
+async fn output_tail(
+    mut reader: tokio::task::JoinHandle<Vec<String>>,
+    grace: Duration,
+) -> Vec<String> {
+    match tokio::time::timeout(grace.max(Duration::from_secs(1)), &mut reader).await {
+        Ok(Ok(tail)) => tail,
+        _ => {
+            reader.abort();
+            Vec::new()
+        }
     }
 }
 

@@ -85,7 +85,9 @@ pub struct Limits {
     pub max_artifact_bytes: u64,
     /// Largest total unpacked size, in bytes.
     pub max_unpacked_bytes: u64,
+    /// Tries of a download that fails in a way worth retrying (5xx, reset, stall).
     pub attempts: usize,
+    /// A download that receives nothing this long is abandoned (`--fetch-stall-timeout`).
     pub read_timeout: Duration,
 }
 

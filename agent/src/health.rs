@@ -91,8 +91,11 @@ impl HealthPlan {
 /// Runs checks against one slot.
 #[derive(Clone)]
 pub struct Checker {
+    /// What one check does.
     check: Check,
+    /// How long one check may take.
     timeout: Duration,
+    /// Kept across checks, so an HTTP check reuses its connection.
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -188,10 +191,15 @@ impl Checker {
 /// row and unhealthy after `unhealthy_after` failures in a row.
 #[derive(Debug, Clone)]
 pub struct Tally {
+    /// Passes in a row that make the slot healthy.
     healthy_after: u32,
+    /// Failures in a row that make a healthy slot unhealthy.
     unhealthy_after: u32,
+    /// The current run of passes.
     passes: u32,
+    /// The current run of failures.
     failures: u32,
+    /// The verdict: `None` until the first one (a slot starting is neither).
     pub healthy: Option<bool>,
 }
 

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "cutover-agent", version, about = "The cutover host agent")]
 struct Args {
+    /// What to do: join or run.
     #[command(subcommand)]
     command: Cmd,
 }

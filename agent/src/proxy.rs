@@ -50,11 +50,17 @@ pub const LATENCY_BUCKETS_US: [u64; 16] = [
 /// Counters for one slot process, shared by the proxy (writer) and reports (reader).
 #[derive(Default, Debug)]
 pub struct SlotMetrics {
+    /// Requests (HTTP) or connections (TCP) sent to the slot.
     pub requests: AtomicU64,
+    /// 5xx answers of the slot: analysis judges its error rate from them.
     pub responses_5xx: AtomicU64,
+    /// Requests the slot did not answer (refused, reset, timed out): its fault too.
     pub upstream_failures: AtomicU64,
+    /// Total time to response headers, for the latency histogram's sum.
     pub latency_sum_us: AtomicU64,
+    /// Answers per bucket of [`LATENCY_BUCKETS_US`], for latency percentiles.
     pub latency: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    /// Requests under way, which a slot being emptied waits for (drain).
     pub in_flight: AtomicUsize,
 }
 
@@ -119,14 +125,18 @@ impl Drop for InFlight {
 /// Where a slot listens and its counters.
 #[derive(Clone, Debug)]
 pub struct Upstream {
+    /// The slot process's private port on 127.0.0.1.
     pub port: u16,
+    /// The slot's counters, which every request through this route adds to.
     pub metrics: Arc<SlotMetrics>,
 }
 
 /// One routing table: up to two weighted upstreams (blue, green).
 #[derive(Debug, Default)]
 pub struct Routes {
+    /// Weight (percent) and upstream of each slot that is there.
     pub entries: Vec<(u32, Upstream)>,
+    /// Requests routed by this table: picking by it spreads them by weight.
     counter: AtomicU64,
 }
 
@@ -203,6 +213,7 @@ fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
 /// State shared by a proxy's accept loop and its connections.
 #[derive(Default)]
 struct Shared {
+    /// The routing table, replaced whole with one atomic store.
     routes: ArcSwap<Routes>,
     /// Client connections open now.
     connections: AtomicUsize,
@@ -230,24 +241,32 @@ impl Drop for Open {
 /// Tokens of the current accept loop: one stops accepting, one closes idle connections.
 #[derive(Default)]
 struct Phase {
+    /// Stops the accept loop (a handover), leaving connections open.
     accepting: CancellationToken,
+    /// Closes connections idle between two requests (late in a handover).
     close_idle: CancellationToken,
 }
 
 /// A running listener for one service.
 pub struct Proxy {
+    /// The public address: a new desired one means a new listener.
     pub addr: SocketAddr,
+    /// HTTP per request or TCP per connection; a change means a new listener.
     pub mode: Mode,
+    /// Connection cap and idle timeouts, for every restart of the accept loop.
     limits: Limits,
     /// Places under the connection cap, kept across restarts of the accept loop.
     cap: Cap,
+    /// Routes and connection state, shared with the accept loop and connections.
     shared: Arc<Shared>,
     /// Ends everything: accept loop and connections.
     cancel: CancellationToken,
+    /// The current accept loop's tokens; a resumed loop gets new ones.
     phase: std::sync::Mutex<Phase>,
     /// The listening socket, kept apart from the accept loop so that it stays open (and
     /// keeps queueing connections) while it is handed to a re-executed agent.
     listener: OwnedFd,
+    /// Where the accept loop and connection tasks run, so shutdown waits for them.
     tasks: TaskTracker,
 }
 

@@ -87,9 +87,12 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 /// The user a service's processes run as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {
+    /// The user's name: `USER`, `LOGNAME`, and logs.
     pub name: String,
+    /// The ids the process switches to (and owns its state directory as).
     pub uid: u32,
     pub gid: u32,
+    /// `HOME` of the process.
     pub home: PathBuf,
     /// Whether processes switch to `uid`/`gid` (the agent runs as another user, root).
     switch: bool,
@@ -212,6 +215,7 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), Error> {
 pub struct Launcher {
     /// The release directory: the working directory, and where `./bin/web` is found.
     pub dir: PathBuf,
+    /// Who the processes run as.
     pub user: RunAs,
     /// The service's variables (the plan's `[run] env`, `PORT`, `CUTOVER_*`), on top of
     /// the clean base; they may override it (a plan may set its own `PATH`).
@@ -281,9 +285,11 @@ fn humanize(d: Duration) -> String {
 /// What [`Launcher::run`] observed.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// How it ended: success is `Code(0)`.
     pub exit: Exit,
     /// The last non-empty lines of output, oldest first, each cut to 300 characters.
     pub tail: Vec<String>,
+    /// How long it ran.
     pub duration: Duration,
 }
 
@@ -434,7 +440,9 @@ async fn output_tail(
 /// Stops a command's process group if [`Launcher::run`] is abandoned halfway (its
 /// caller was cancelled), so that no process of it survives.
 struct Group {
+    /// The group to kill on drop; `None` once it was stopped properly.
     pgid: Option<Pid>,
+    /// The task reading the output, aborted on drop.
     reader: Option<tokio::task::JoinHandle<Vec<String>>>,
 }
 

@@ -136,6 +136,7 @@ enum Watched {
 
 /// What a slot keeps across restarts of its process.
 struct Life<'a> {
+    /// The slot's task context: spec, state, store.
     ctx: &'a SlotCtx,
     /// As whom, where and with what the process runs.
     launch: Launch,
@@ -160,6 +161,7 @@ struct Life<'a> {
 
 /// The slot's current process while it is watched.
 struct Current {
+    /// The process itself.
     running: Running,
     /// How its check commands run (its user, release and environment).
     launcher: Launcher,

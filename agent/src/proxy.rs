@@ -106,20 +106,34 @@ impl SlotMetrics {
     }
 }
 
-/// Decrements a slot's in-flight count when a request or connection ends.
-struct InFlight(Arc<SlotMetrics>);
+/// Counts something while it lasts: one up when made, one down when dropped (a
+/// request or connection in flight on a slot, a client connection open on a proxy).
+struct Counted<T: 'static> {
+    /// What holds the counter.
+    owner: Arc<T>,
+    /// Which of its counters.
+    count: fn(&T) -> &AtomicUsize,
+}
 
-impl InFlight {
-    fn new(m: &Arc<SlotMetrics>) -> Self {
-        m.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(m.clone())
+impl<T> Counted<T> {
+    fn new(owner: &Arc<T>, count: fn(&T) -> &AtomicUsize) -> Counted<T> {
+        count(owner).fetch_add(1, Ordering::Relaxed);
+        Counted {
+            owner: owner.clone(),
+            count,
+        }
     }
 }
 
-impl Drop for InFlight {
+impl<T> Drop for Counted<T> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        (self.count)(&self.owner).fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A request or connection in flight on a slot, which drain waits for.
+fn count_in_flight(m: &Arc<SlotMetrics>) -> Counted<SlotMetrics> {
+    Counted::new(m, |m| &m.in_flight)
 }
 
 /// Where a slot listens and its counters.
@@ -222,20 +236,9 @@ struct Shared {
     draining: AtomicBool,
 }
 
-/// Counts a client connection while it is open.
-struct Open(Arc<Shared>);
-
-impl Open {
-    fn new(s: &Arc<Shared>) -> Open {
-        s.connections.fetch_add(1, Ordering::Relaxed);
-        Open(s.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
-    }
+/// A client connection open on the proxy, which a handover waits for.
+fn count_connection(s: &Arc<Shared>) -> Counted<Shared> {
+    Counted::new(s, |s| &s.connections)
 }
 
 /// Tokens of the current accept loop: one stops accepting, one closes idle connections.
@@ -442,7 +445,7 @@ async fn serve_http(
         };
         let _ = conn.stream().set_nodelay(true);
         let peer = conn.peer();
-        let open = Open::new(&shared);
+        let open = count_connection(&shared);
         let shared = shared.clone();
         let client = client.clone();
         let (cancel, close_idle) = (cancel.clone(), close_idle.clone());
@@ -523,7 +526,7 @@ async fn route(
             "no release is serving on this host\n",
         );
     };
-    let _in_flight = InFlight::new(&upstream.metrics);
+    let _in_flight = count_in_flight(&upstream.metrics);
     if aim(&mut req, upstream.port, peer).is_err() {
         return text(StatusCode::BAD_REQUEST, "bad request target\n");
     }
@@ -690,11 +693,11 @@ async fn serve_tcp(
             drop(inbound);
             continue;
         };
-        let open = Open::new(&shared);
+        let open = count_connection(&shared);
         let cancel = cancel.clone();
         tasks.spawn(async move {
             let _open = open;
-            let _in_flight = InFlight::new(&upstream.metrics);
+            let _in_flight = count_in_flight(&upstream.metrics);
             let started = Instant::now();
             let out = tokio::time::timeout(
                 Duration::from_secs(2),

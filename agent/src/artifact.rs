@@ -85,7 +85,9 @@ pub struct Limits {
     pub max_artifact_bytes: u64,
     /// Largest total unpacked size, in bytes.
     pub max_unpacked_bytes: u64,
+    /// Tries of a download that fails in a way worth retrying (5xx, reset, stall).
     pub attempts: usize,
+    /// A download that receives nothing this long is abandoned (`--fetch-stall-timeout`).
     pub read_timeout: Duration,
 }
 
@@ -118,101 +120,147 @@ pub async fn fetch(url: &str, sha256: &str, dest: &Path, limits: &Limits) -> Res
 }
 
 async fn fetch_once(url: &str, sha256: &str, dest: &Path, limits: &Limits) -> Result<(), Error> {
-    let mut out = tokio::fs::File::create(dest)
-        .await
-        .map_err(io("create", dest))?;
-    let mut hasher = Sha256::new();
-    let mut total: u64 = 0;
-    let mut add = |chunk: &[u8], hasher: &mut Sha256| -> Result<(), Error> {
-        total += chunk.len() as u64;
-        if total > limits.max_artifact_bytes {
-            return Err(Error::TooLarge {
-                limit: limits.max_artifact_bytes,
+    let mut sink = Sink::create(dest, limits.max_artifact_bytes).await?;
+    match url.strip_prefix("file://") {
+        Some(path) => copy_file(url, Path::new(path), &mut sink).await?,
+        None => download(url, limits, &mut sink).await?,
+    }
+    sink.finish(sha256).await
+}
+
+/// Where a download goes: the file, hashed and size-checked as it is written.
+struct Sink<'a> {
+    /// The partial download.
+    out: tokio::fs::File,
+    /// Its path, for errors and removal on a checksum mismatch.
+    dest: &'a Path,
+    /// The sha256 of what was written so far.
+    hasher: Sha256,
+    /// Bytes written so far, held against `max`.
+    total: u64,
+    /// The largest artifact this host downloads.
+    max: u64,
+}
+
+impl<'a> Sink<'a> {
+    async fn create(dest: &'a Path, max: u64) -> Result<Sink<'a>, Error> {
+        let out = tokio::fs::File::create(dest)
+            .await
+            .map_err(io("create", dest))?;
+        Ok(Sink {
+            out,
+            dest,
+            hasher: Sha256::new(),
+            total: 0,
+            max,
+        })
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        self.total += chunk.len() as u64;
+        if self.total > self.max {
+            return Err(Error::TooLarge { limit: self.max });
+        }
+        self.hasher.update(chunk);
+        self.out
+            .write_all(chunk)
+            .await
+            .map_err(io("write", self.dest))
+    }
+
+    /// Flushes the file to disk and checks its digest; a mismatch removes it.
+    async fn finish(mut self, sha256: &str) -> Result<(), Error> {
+        self.out.flush().await.map_err(io("write", self.dest))?;
+        self.out.sync_all().await.map_err(io("sync", self.dest))?;
+        let got = hex::encode(self.hasher.finalize());
+        if !got.eq_ignore_ascii_case(sha256) {
+            let _ = tokio::fs::remove_file(self.dest).await;
+            return Err(Error::Checksum {
+                expected: sha256.to_ascii_lowercase(),
+                got,
             });
         }
-        hasher.update(chunk);
         Ok(())
-    };
-    if let Some(path) = url.strip_prefix("file://") {
-        let path = Path::new(path);
-        let mut f = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| Error::Download {
-                url: url.into(),
-                reason: e.to_string(),
-                transient: false,
-            })?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = f.read(&mut buf).await.map_err(io("read", path))?;
-            if n == 0 {
-                break;
-            }
-            add(&buf[..n], &mut hasher)?;
-            out.write_all(&buf[..n]).await.map_err(io("write", dest))?;
-        }
-    } else {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(limits.read_timeout)
-            .build()
-            .map_err(|e| Error::Download {
-                url: url.into(),
-                reason: e.to_string(),
-                transient: false,
-            })?;
-        let resp = client.get(url).send().await.map_err(|e| Error::Download {
+    }
+}
+
+/// A `file://` artifact: copied from the local file.
+async fn copy_file(url: &str, path: &Path, sink: &mut Sink<'_>) -> Result<(), Error> {
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::Download {
             url: url.into(),
-            reason: cutover_shared::errors::chain(&e),
+            reason: e.to_string(),
+            transient: false,
+        })?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).await.map_err(io("read", path))?;
+        if n == 0 {
+            return Ok(());
+        }
+        sink.write(&buf[..n]).await?;
+    }
+}
+
+/// An `http(s)://` artifact: streamed, abandoned when it stalls for `read_timeout`.
+async fn download(url: &str, limits: &Limits, sink: &mut Sink<'_>) -> Result<(), Error> {
+    let resp = request(url, limits).await?;
+    let mut body = resp.bytes_stream();
+    let mut received: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::Download {
+            url: url.into(),
+            reason: if e.is_timeout() {
+                format!(
+                    "stalled: no data for {:?} after {} (--fetch-stall-timeout)",
+                    limits.read_timeout,
+                    cutover_shared::size::human(received)
+                )
+            } else {
+                cutover_shared::errors::chain(&e)
+            },
             transient: true,
         })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(Error::Download {
-                url: url.into(),
-                reason: format!("HTTP {status}"),
-                transient: status.is_server_error() || status.as_u16() == 429,
-            });
-        }
-        if let Some(len) = resp.content_length()
-            && len > limits.max_artifact_bytes
-        {
-            return Err(Error::TooLarge {
-                limit: limits.max_artifact_bytes,
-            });
-        }
-        let mut body = resp.bytes_stream();
-        let mut received: u64 = 0;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::Download {
-                url: url.into(),
-                reason: if e.is_timeout() {
-                    format!(
-                        "stalled: no data for {:?} after {} (--fetch-stall-timeout)",
-                        limits.read_timeout,
-                        cutover_shared::size::human(received)
-                    )
-                } else {
-                    cutover_shared::errors::chain(&e)
-                },
-                transient: true,
-            })?;
-            received += chunk.len() as u64;
-            add(&chunk, &mut hasher)?;
-            out.write_all(&chunk).await.map_err(io("write", dest))?;
-        }
-    }
-    out.flush().await.map_err(io("write", dest))?;
-    out.sync_all().await.map_err(io("sync", dest))?;
-    let got = hex::encode(hasher.finalize());
-    if !got.eq_ignore_ascii_case(sha256) {
-        let _ = tokio::fs::remove_file(dest).await;
-        return Err(Error::Checksum {
-            expected: sha256.to_ascii_lowercase(),
-            got,
-        });
+        received += chunk.len() as u64;
+        sink.write(&chunk).await?;
     }
     Ok(())
+}
+
+/// The response to `GET url`, refused unless it is a success no larger than allowed
+/// (5xx and 429 are worth retrying).
+async fn request(url: &str, limits: &Limits) -> Result<reqwest::Response, Error> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(limits.read_timeout)
+        .build()
+        .map_err(|e| Error::Download {
+            url: url.into(),
+            reason: e.to_string(),
+            transient: false,
+        })?;
+    let resp = client.get(url).send().await.map_err(|e| Error::Download {
+        url: url.into(),
+        reason: cutover_shared::errors::chain(&e),
+        transient: true,
+    })?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(Error::Download {
+            url: url.into(),
+            reason: format!("HTTP {status}"),
+            transient: status.is_server_error() || status.as_u16() == 429,
+        });
+    }
+    if let Some(len) = resp.content_length()
+        && len > limits.max_artifact_bytes
+    {
+        return Err(Error::TooLarge {
+            limit: limits.max_artifact_bytes,
+        });
+    }
+    Ok(resp)
 }
 
 /// Checks that a path inside an archive stays inside the release directory.
@@ -387,6 +435,44 @@ pub fn remove_leftovers(cache: &Path, releases: &Path) -> usize {
 }
 
 fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error> {
+    let mut ar = open_archive(archive)?;
+    let mut total: u64 = 0;
+    let mut count = 0usize;
+    let mut links = Links::default();
+    let entries = ar.entries().map_err(|e| Error::Unpack(e.to_string()))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| Error::Unpack(format!("truncated or corrupt archive: {e}")))?;
+        let raw_path = entry
+            .path()
+            .map_err(|e| Error::Unpack(e.to_string()))?
+            .into_owned();
+        let rel = safe_relative(&raw_path)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        total = total.saturating_add(entry.size());
+        if total > limits.max_unpacked_bytes {
+            return Err(Error::UnpackedTooLarge {
+                limit: limits.max_unpacked_bytes,
+            });
+        }
+        unpack_entry(&mut entry, &rel, root, &mut links)?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Unpack("the archive is empty".into()));
+    }
+    // A link may point through a link unpacked after it: check them all as they stand.
+    for (link, target) in &links.0 {
+        links.check_target(link, target)?;
+    }
+    Ok(())
+}
+
+/// The tar stream inside a `.tar.gz` or `.tar.zst` (told by its first bytes), set to
+/// keep modes without the stripped bits and to skip extended attributes.
+fn open_archive(archive: &Path) -> Result<tar::Archive<Box<dyn Read>>, Error> {
     let mut f = std::fs::File::open(archive).map_err(io("open", archive))?;
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic).map_err(io("read", archive))?;
@@ -407,90 +493,72 @@ fn unpack_into(archive: &Path, root: &Path, limits: &Limits) -> Result<(), Error
     ar.set_mask(STRIPPED_MODE_BITS);
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(false);
-    let mut total: u64 = 0;
-    let mut count = 0usize;
-    let mut links = Links::default();
-    let entries = ar.entries().map_err(|e| Error::Unpack(e.to_string()))?;
-    for entry in entries {
-        let mut entry =
-            entry.map_err(|e| Error::Unpack(format!("truncated or corrupt archive: {e}")))?;
-        let raw_path = entry
-            .path()
+    Ok(ar)
+}
+
+/// Unpacks one entry at `rel` once it is checked: its kind, where it really lands (the
+/// links before it followed), and for a link its target.
+fn unpack_entry(
+    entry: &mut tar::Entry<'_, impl Read>,
+    rel: &Path,
+    root: &Path,
+    links: &mut Links,
+) -> Result<(), Error> {
+    let kind = entry.header().entry_type();
+    check_kind(rel, kind)?;
+    let real_parent = landing(links, rel)?;
+    if kind.is_symlink() || kind.is_hard_link() {
+        let target = entry
+            .link_name()
             .map_err(|e| Error::Unpack(e.to_string()))?
+            .ok_or_else(|| Error::Unsafe(format!("{} is a link without a target", rel.display())))?
             .into_owned();
-        let rel = safe_relative(&raw_path)?;
-        if rel.as_os_str().is_empty() {
-            continue;
+        if kind.is_symlink() {
+            links.check_target(rel, &target)?;
+        } else {
+            check_hard_link(root, links, rel, &target)?;
         }
-        let kind = entry.header().entry_type();
-        total = total.saturating_add(entry.size());
-        if total > limits.max_unpacked_bytes {
-            return Err(Error::UnpackedTooLarge {
-                limit: limits.max_unpacked_bytes,
-            });
-        }
-        check_kind(&rel, kind)?;
-        // Where the entry really lands, once the links before it are followed.
-        let parent = links.parent_of(&rel).map_err(|_| {
-            Error::Unsafe(format!(
-                "{} is reached through a link outside the release",
-                rel.display()
-            ))
-        })?;
-        if links.resolve(&[], &rel, &mut 0).is_err() {
-            return Err(Error::Unsafe(format!(
-                "{} is reached through a link outside the release",
-                rel.display()
-            )));
-        }
-        if kind.is_symlink() || kind.is_hard_link() {
-            let target = entry
-                .link_name()
-                .map_err(|e| Error::Unpack(e.to_string()))?
-                .ok_or_else(|| {
-                    Error::Unsafe(format!("{} is a link without a target", rel.display()))
-                })?
-                .into_owned();
-            if kind.is_symlink() {
-                links.check_target(&rel, &target)?;
-            } else {
-                check_hard_link(root, &links, &rel, &target)?;
-            }
-        }
-        let real_parent: PathBuf = parent.iter().collect();
-        let dir = root.join(&real_parent);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&dir)
-            .map_err(io("create", &dir))?;
-        let done = entry
-            .unpack_in(root)
-            .map_err(|e| Error::Unpack(format!("{}: {}", rel.display(), innermost(&e))))?;
-        if !done {
-            return Err(Error::Unsafe(format!(
-                "{} would land outside the release",
-                rel.display()
-            )));
-        }
-        // Keep the map of links true to the disk: a link made, or a link replaced.
-        if let Some(name) = rel.file_name() {
-            let at = real_parent.join(name);
-            match std::fs::read_link(root.join(&at)) {
-                Ok(target) => links.0.insert(at, target),
-                Err(_) => links.0.remove(&at),
-            };
-        }
-        count += 1;
     }
-    if count == 0 {
-        return Err(Error::Unpack("the archive is empty".into()));
+    let dir = root.join(&real_parent);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(io("create", &dir))?;
+    let done = entry
+        .unpack_in(root)
+        .map_err(|e| Error::Unpack(format!("{}: {}", rel.display(), innermost(&e))))?;
+    if !done {
+        return Err(Error::Unsafe(format!(
+            "{} would land outside the release",
+            rel.display()
+        )));
     }
-    // A link may point through a link unpacked after it: check them all as they stand.
-    for (link, target) in &links.0 {
-        links.check_target(link, target)?;
+    // Keep the map of links true to the disk: a link made, or a link replaced.
+    if let Some(name) = rel.file_name() {
+        let at = real_parent.join(name);
+        match std::fs::read_link(root.join(&at)) {
+            Ok(target) => links.0.insert(at, target),
+            Err(_) => links.0.remove(&at),
+        };
     }
     Ok(())
+}
+
+/// The directory `rel` really lands in, relative to the root, once the links unpacked
+/// before it are followed; an error when that is outside the release.
+fn landing(links: &Links, rel: &Path) -> Result<PathBuf, Error> {
+    let outside = || {
+        Error::Unsafe(format!(
+            "{} is reached through a link outside the release",
+            rel.display()
+        ))
+    };
+    let parent = links.parent_of(rel).map_err(|_| outside())?;
+    if links.resolve(&[], rel, &mut 0).is_err() {
+        return Err(outside());
+    }
+    Ok(parent.iter().collect())
 }
 
 /// Refuses devices, FIFOs and other special files.

@@ -3,7 +3,7 @@
 //! connections finish, then re-executes its binary in the same process. The listening
 //! sockets cross the `execve` open (their numbers travel in [`ENV`]), so connections that
 //! arrive meanwhile wait in the kernel's accept queue; the slot processes stay this
-//! process's children and are adopted by the new run (see `process`).
+//! process's children and are adopted by the new run (see [`crate::slot::adopt`]).
 
 use std::ffi::{CString, OsString};
 use std::net::SocketAddr;
@@ -20,8 +20,11 @@ pub const ENV: &str = "CUTOVER_AGENT_LISTENERS";
 
 /// A listening socket inherited from the agent run before this one.
 pub struct Inherited {
+    /// The public address it listens on: the service with this address takes it.
     pub addr: SocketAddr,
+    /// The protocol it served, which the service must still want.
     pub mode: Mode,
+    /// The listening socket itself, still queueing connections.
     pub fd: OwnedFd,
 }
 
@@ -82,7 +85,9 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> nix::Result<()> {
 /// The program to run again and its arguments, recorded at start: after an upgrade the
 /// path names the new binary.
 pub struct Exe {
+    /// The binary, as it was started.
     pub path: PathBuf,
+    /// The command line, given again to the new run.
     pub args: Vec<OsString>,
 }
 

@@ -1,8 +1,9 @@
 //! Health checks of a slot process: HTTP (2xx or 3xx passes), TCP connect, or a command
 //! that exits 0, each bounded by the plan's timeout. A command runs through
 //! [`crate::spawn`] like the slot process itself: as the slot's user, with the slot's
-//! clean environment, its whole process group stopped when it overruns. The supervisor
-//! turns results into healthy/unhealthy only after the plan's consecutive thresholds.
+//! clean environment, its whole process group stopped when it overruns. The slot turns
+//! results into healthy/unhealthy only after the plan's consecutive thresholds
+//! ([`Tally`]); [`HealthPlan`] is a slot spec's `[health]` with the defaults filled in.
 
 use std::time::Duration;
 
@@ -11,23 +12,90 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
+use cutover_proto::v1::{SlotSpec, health_spec};
+
 use crate::spawn::{Exit, Launcher, RunOptions};
 
 /// Between SIGTERM and SIGKILL for a check command that overruns its timeout.
 const EXEC_GRACE: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Debug)]
+/// Defaults for what a plan's `[health]` leaves out.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one check does.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Check {
+    /// `GET` this path on the slot's port; 2xx or 3xx passes.
     Http(String),
+    /// Connect to the slot's port.
     Tcp,
+    /// Run this command (through [`crate::spawn`]); exit status 0 passes.
     Exec(Vec<String>),
+}
+
+/// How a slot's health is judged: its spec's `[health]`, defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthPlan {
+    /// What one check does (a TCP connect when the plan names none).
+    pub check: Check,
+    /// Time between two checks.
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    pub timeout: Duration,
+    /// Passes in a row that make the slot healthy.
+    pub healthy_after: u32,
+    /// Failures in a row that make a healthy slot unhealthy.
+    pub unhealthy_after: u32,
+    /// How long after its first start the slot may take to turn healthy before it fails.
+    pub start_timeout: Duration,
+}
+
+impl HealthPlan {
+    pub fn of(spec: &SlotSpec) -> HealthPlan {
+        let h = spec.health.clone().unwrap_or_default();
+        let check = match h.check {
+            Some(health_spec::Check::HttpPath(p)) => Check::Http(p),
+            Some(health_spec::Check::Exec(e)) => Check::Exec(e.command),
+            Some(health_spec::Check::Tcp(_)) | None => Check::Tcp,
+        };
+        let ms = |v: u64, default: Duration| {
+            if v == 0 {
+                default
+            } else {
+                Duration::from_millis(v)
+            }
+        };
+        HealthPlan {
+            check,
+            interval: ms(h.interval_ms, DEFAULT_INTERVAL),
+            timeout: ms(h.timeout_ms, DEFAULT_TIMEOUT),
+            healthy_after: h.healthy_after,
+            unhealthy_after: h.unhealthy_after,
+            start_timeout: ms(h.start_timeout_ms, DEFAULT_START_TIMEOUT),
+        }
+    }
+
+    /// What runs the plan's checks.
+    pub fn checker(&self) -> Checker {
+        Checker::new(self.check.clone(), self.timeout)
+    }
+
+    /// A fresh count of consecutive results, for a process just started or adopted.
+    pub fn tally(&self) -> Tally {
+        Tally::new(self.healthy_after, self.unhealthy_after)
+    }
 }
 
 /// Runs checks against one slot.
 #[derive(Clone)]
 pub struct Checker {
+    /// What one check does.
     check: Check,
+    /// How long one check may take.
     timeout: Duration,
+    /// Kept across checks, so an HTTP check reuses its connection.
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -123,10 +191,15 @@ impl Checker {
 /// row and unhealthy after `unhealthy_after` failures in a row.
 #[derive(Debug, Clone)]
 pub struct Tally {
+    /// Passes in a row that make the slot healthy.
     healthy_after: u32,
+    /// Failures in a row that make a healthy slot unhealthy.
     unhealthy_after: u32,
+    /// The current run of passes.
     passes: u32,
+    /// The current run of failures.
     failures: u32,
+    /// The verdict: `None` until the first one (a slot starting is neither).
     pub healthy: Option<bool>,
 }
 
@@ -174,6 +247,49 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_fills_in_what_the_spec_leaves_out() {
+        use cutover_proto::v1::{ExecCheck, HealthSpec};
+        let bare = HealthPlan::of(&SlotSpec::default());
+        assert_eq!(
+            bare,
+            HealthPlan {
+                check: Check::Tcp,
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(2),
+                healthy_after: 0,
+                unhealthy_after: 0,
+                start_timeout: Duration::from_secs(60),
+            }
+        );
+        let spec = |check| SlotSpec {
+            health: Some(HealthSpec {
+                check: Some(check),
+                interval_ms: 250,
+                timeout_ms: 100,
+                healthy_after: 2,
+                unhealthy_after: 3,
+                start_timeout_ms: 5_000,
+            }),
+            ..Default::default()
+        };
+        let http = HealthPlan::of(&spec(health_spec::Check::HttpPath("/ready".into())));
+        assert_eq!(http.check, Check::Http("/ready".into()));
+        assert_eq!(
+            (http.interval, http.timeout, http.start_timeout),
+            (
+                Duration::from_millis(250),
+                Duration::from_millis(100),
+                Duration::from_secs(5)
+            )
+        );
+        assert_eq!((http.healthy_after, http.unhealthy_after), (2, 3));
+        let exec = HealthPlan::of(&spec(health_spec::Check::Exec(ExecCheck {
+            command: vec!["./bin/check".into()],
+        })));
+        assert_eq!(exec.check, Check::Exec(vec!["./bin/check".into()]));
+    }
 
     #[test]
     fn thresholds() {

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cutover_proto::Slot;
 use cutover_proto::listen::{Acceptor, Cap, Limits};
 use cutover_proto::v1::{ObservedService, SlotPhase, SlotStatus};
 use http_body_util::Full;
@@ -70,144 +71,130 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Prometheus text for the observed services.
-pub fn render(services: &[ObservedService]) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn FnMut(&mut String)| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        rows(&mut out);
-    };
-    let slots = |s: &ObservedService| -> Vec<(&'static str, u32, SlotStatus)> {
-        [
-            ("blue", s.blue_weight, s.blue.clone()),
-            ("green", s.green_weight, s.green.clone()),
-        ]
-        .into_iter()
-        .filter_map(|(n, w, st)| st.map(|st| (n, w, st)))
-        .collect()
-    };
-    let labels = |svc: &str, slot: &str, st: &SlotStatus| {
-        format!(
-            "service=\"{}\",slot=\"{slot}\",release=\"{}\"",
-            escape(svc),
-            escape(&st.release)
-        )
-    };
-    type Pick = fn(&cutover_proto::v1::SlotMetrics) -> u64;
-    let counters: [(&str, &str, Pick); 3] = [
-        (
-            "cutover_agent_requests_total",
-            "Requests (or connections) proxied to the slot.",
-            |m| m.requests,
-        ),
-        (
-            "cutover_agent_responses_5xx_total",
-            "5xx responses from the slot.",
-            |m| m.responses_5xx,
-        ),
-        (
-            "cutover_agent_upstream_failures_total",
-            "Requests that could not reach the slot.",
-            |m| m.upstream_failures,
-        ),
-    ];
-    for (name, help, pick) in counters {
-        family(name, "counter", help, &mut |o| {
-            for s in services {
-                for (slot, _, st) in slots(s) {
-                    let v = st.metrics.as_ref().map_or(0, pick);
-                    let _ = writeln!(o, "{name}{{{}}} {v}", labels(&s.service, slot, &st));
-                }
-            }
-        });
-    }
-    family(
-        "cutover_agent_request_duration_seconds",
-        "histogram",
-        "Time to the slot's response headers.",
-        &mut |o| {
-            for s in services {
-                for (slot, _, st) in slots(s) {
-                    let Some(m) = &st.metrics else { continue };
-                    let l = labels(&s.service, slot, &st);
-                    let mut cumulative = 0u64;
-                    for (le, n) in m.latency_bucket_le_us.iter().zip(&m.latency_counts) {
-                        cumulative += n;
-                        let le = if *le == u64::MAX {
-                            "+Inf".to_string()
-                        } else {
-                            format!("{}", *le as f64 / 1e6)
-                        };
-                        let _ = writeln!(
-                            o,
-                            "cutover_agent_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}"
-                        );
-                    }
-                    let _ = writeln!(
-                        o,
-                        "cutover_agent_request_duration_seconds_sum{{{l}}} {}",
-                        m.latency_sum_us as f64 / 1e6
-                    );
-                    let _ = writeln!(
-                        o,
-                        "cutover_agent_request_duration_seconds_count{{{l}}} {cumulative}"
-                    );
-                }
-            }
-        },
-    );
-    family(
+/// One slot of one service, as the metrics show it.
+struct Row<'a> {
+    /// `service="…",slot="…",release="…"`.
+    labels: String,
+    /// The share of traffic it gets now (percent).
+    weight: u32,
+    /// What the slot reports.
+    status: &'a SlotStatus,
+}
+
+/// A family with one value per slot: name, type, help, and the value.
+type PerSlot = (&'static str, &'static str, &'static str, fn(&Row) -> u64);
+
+/// The families before the latency histogram, in their order on the page.
+const COUNTERS: [PerSlot; 3] = [
+    (
+        "cutover_agent_requests_total",
+        "counter",
+        "Requests (or connections) proxied to the slot.",
+        |r| r.status.metrics.as_ref().map_or(0, |m| m.requests),
+    ),
+    (
+        "cutover_agent_responses_5xx_total",
+        "counter",
+        "5xx responses from the slot.",
+        |r| r.status.metrics.as_ref().map_or(0, |m| m.responses_5xx),
+    ),
+    (
+        "cutover_agent_upstream_failures_total",
+        "counter",
+        "Requests that could not reach the slot.",
+        |r| r.status.metrics.as_ref().map_or(0, |m| m.upstream_failures),
+    ),
+];
+
+/// The families after the latency histogram.
+const SLOT_STATE: [PerSlot; 3] = [
+    (
         "cutover_agent_slot_healthy",
         "gauge",
         "1 when the slot passes its health check.",
-        &mut |o| {
-            for s in services {
-                for (slot, _, st) in slots(s) {
-                    let v = u8::from(st.phase == SlotPhase::Healthy as i32);
-                    let _ = writeln!(
-                        o,
-                        "cutover_agent_slot_healthy{{{}}} {v}",
-                        labels(&s.service, slot, &st)
-                    );
-                }
-            }
-        },
-    );
-    family(
+        |r| u64::from(r.status.phase == SlotPhase::Healthy as i32),
+    ),
+    (
         "cutover_agent_slot_restarts_total",
         "counter",
         "Restarts of the slot's process.",
-        &mut |o| {
-            for s in services {
-                for (slot, _, st) in slots(s) {
-                    let _ = writeln!(
-                        o,
-                        "cutover_agent_slot_restarts_total{{{}}} {}",
-                        labels(&s.service, slot, &st),
-                        st.restarts
-                    );
-                }
-            }
-        },
-    );
-    family(
+        |r| u64::from(r.status.restarts),
+    ),
+    (
         "cutover_agent_slot_weight_percent",
         "gauge",
         "Share of the service's traffic the slot gets now.",
-        &mut |o| {
-            for s in services {
-                for (slot, w, st) in slots(s) {
-                    let _ = writeln!(
-                        o,
-                        "cutover_agent_slot_weight_percent{{{}}} {w}",
-                        labels(&s.service, slot, &st)
-                    );
-                }
-            }
-        },
-    );
+        |r| u64::from(r.weight),
+    ),
+];
+
+const LATENCY: &str = "cutover_agent_request_duration_seconds";
+
+/// Prometheus text for the observed services.
+pub fn render(services: &[ObservedService]) -> String {
+    let rows: Vec<Row> = services
+        .iter()
+        .flat_map(|s| {
+            Slot::BOTH.into_iter().filter_map(|slot| {
+                let status = s.slot(slot)?;
+                Some(Row {
+                    labels: format!(
+                        "service=\"{}\",slot=\"{slot}\",release=\"{}\"",
+                        escape(&s.service),
+                        escape(&status.release)
+                    ),
+                    weight: s.weight(slot),
+                    status,
+                })
+            })
+        })
+        .collect();
+    let mut out = String::new();
+    per_slot(&mut out, &COUNTERS, &rows);
+    latency(&mut out, &rows);
+    per_slot(&mut out, &SLOT_STATE, &rows);
     out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn per_slot(out: &mut String, families: &[PerSlot], rows: &[Row]) {
+    for (name, kind, help, value) in families {
+        header(out, name, kind, help);
+        for r in rows {
+            let _ = writeln!(out, "{name}{{{}}} {}", r.labels, value(r));
+        }
+    }
+}
+
+/// The latency histogram: cumulative buckets, sum and count, per slot.
+fn latency(out: &mut String, rows: &[Row]) {
+    header(
+        out,
+        LATENCY,
+        "histogram",
+        "Time to the slot's response headers.",
+    );
+    for r in rows {
+        let Some(m) = &r.status.metrics else { continue };
+        let l = &r.labels;
+        let mut cumulative = 0u64;
+        for (le, n) in m.latency_bucket_le_us.iter().zip(&m.latency_counts) {
+            cumulative += n;
+            let le = if *le == u64::MAX {
+                "+Inf".to_string()
+            } else {
+                format!("{}", *le as f64 / 1e6)
+            };
+            let _ = writeln!(out, "{LATENCY}_bucket{{{l},le=\"{le}\"}} {cumulative}");
+        }
+        let sum = m.latency_sum_us as f64 / 1e6;
+        let _ = writeln!(out, "{LATENCY}_sum{{{l}}} {sum}");
+        let _ = writeln!(out, "{LATENCY}_count{{{l}}} {cumulative}");
+    }
 }
 
 #[cfg(test)]

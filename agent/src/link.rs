@@ -12,19 +12,28 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use cutover_proto::link;
 use cutover_proto::v1::{
-    AgentMessage, Heartbeat, Observed, agent_link_client::AgentLinkClient, agent_message,
-    coordinator_message,
+    AgentMessage, CoordinatorMessage, Heartbeat, Observed, ObservedService,
+    agent_link_client::AgentLinkClient, agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::{self, Identity};
 use crate::service::Services;
-use crate::{HostRevoked, Identity};
+
+/// The coordinator revoked this host's certificate; its words say why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HostRevoked(pub String);
 
 /// How often the certificate's remaining lifetime is checked.
 const RENEWAL_CHECK: Duration = Duration::from_secs(1);
+/// How long a burst of changes is gathered into one report.
+const COALESCE: Duration = Duration::from_millis(20);
+/// Messages queued for the coordinator before the session is given up as stuck.
+const OUTGOING: usize = 64;
 
 /// How a session ended.
 enum Ended {
@@ -65,7 +74,7 @@ pub async fn run(
     let mut delays = builder.build();
     loop {
         let started = Instant::now();
-        match crate::load_identity(&data_dir) {
+        match Identity::load(&data_dir) {
             Ok(identity) => match session(&data_dir, &identity, &services, &cancel).await {
                 Ok(()) => tracing::info!("coordinator stream closed"),
                 Err(Ended::Revoked(why)) => return Err(HostRevoked(why)),
@@ -89,33 +98,18 @@ pub async fn run(
     }
 }
 
+/// One connection to the coordinator, until it ends or `cancel`.
 async fn session(
     data_dir: &Path,
     identity: &Identity,
     services: &Services,
     cancel: &CancellationToken,
 ) -> Result<(), Ended> {
-    let cfg =
-        cutover_proto::tls::client_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
-            .map_err(|e| e.to_string())?;
-    let channel = cutover_proto::tls::connect(&identity.coordinator, cfg)
-        .await
-        .map_err(|e| cutover_shared::errors::chain(&e))?;
-    let mut client = AgentLinkClient::new(channel.clone());
-    let (tx, rx) = mpsc::channel::<AgentMessage>(64);
-    let observed = |services| AgentMessage {
-        msg: Some(agent_message::Msg::Observed(Observed { services })),
-    };
-    tx.send(observed(services.observe().await))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-    tracing::info!(
-        coordinator = identity.coordinator,
-        host = identity.name,
-        "connected to coordinator"
-    );
-
+    let Open {
+        channel,
+        tx,
+        mut inbound,
+    } = open(identity, services).await?;
     let mut report = tokio::time::interval(link::REPORT_EVERY);
     let mut renewal = tokio::time::interval(RENEWAL_CHECK);
     let mut renewed = false;
@@ -126,48 +120,119 @@ async fn session(
             _ = cancel.cancelled() => return Ok(()),
             _ = services.changed.notified() => {
                 // Coalesce bursts of changes into one report.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                if tx.try_send(observed(services.observe().await)).is_err() {
-                    return Err(Ended::Failed("outgoing queue full".into()));
-                }
+                tokio::time::sleep(COALESCE).await;
+                send_observed(&tx, services).await?;
             }
             _ = report.tick() => {
                 services.maintain().await;
-                if tx.try_send(observed(services.observe().await)).is_err() {
-                    return Err(Ended::Failed("outgoing queue full".into()));
-                }
+                send_observed(&tx, services).await?;
             }
             _ = renewal.tick(), if !renewed && identity.renewal_due(cutover_shared::clock::now_ms()) => {
-                match crate::renew(data_dir, identity, channel.clone()).await {
-                    Ok(()) => {
-                        renewed = true;
-                        tracing::info!("certificate renewed; the next connection uses it");
-                    }
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "certificate renewal failed; will retry"),
-                }
+                renewed = renew(data_dir, identity, &channel).await;
             }
-            _ = beat.tick() => {
-                if last_heard.elapsed() > link::SILENCE_LIMIT {
-                    return Err(Ended::Failed(format!("no word from the coordinator for {}s", link::SILENCE_LIMIT.as_secs())));
-                }
-                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat { unix_ms: cutover_shared::clock::now_ms() })) };
-                let _ = tx.try_send(hb);
-            }
-            msg = inbound.message() => match msg {
-                Ok(Some(m)) => {
+            _ = beat.tick() => heartbeat(&tx, last_heard)?,
+            msg = inbound.message() => match msg? {
+                Some(m) => {
                     last_heard = Instant::now();
-                    match m.msg {
-                        Some(coordinator_message::Msg::Desired(d)) => {
-                            for s in d.services {
-                                services.apply(s).await;
-                            }
-                        }
-                        Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
-                    }
+                    apply(services, m).await;
                 }
-                Ok(None) => return Ok(()),
-                Err(s) => return Err(s.into()),
+                None => return Ok(()),
             },
         }
+    }
+}
+
+/// An open session.
+struct Open {
+    /// The connection, also used to renew the certificate.
+    channel: tonic::transport::Channel,
+    /// What the agent sends: observed state and heartbeats.
+    tx: mpsc::Sender<AgentMessage>,
+    /// What the coordinator sends: desired state and heartbeats.
+    inbound: tonic::Streaming<CoordinatorMessage>,
+}
+
+/// Connects with the host's certificate and opens the stream, the whole observed state
+/// first.
+async fn open(identity: &Identity, services: &Services) -> Result<Open, Ended> {
+    let cfg =
+        cutover_proto::tls::client_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+            .map_err(|e| e.to_string())?;
+    let channel = cutover_proto::tls::connect(&identity.coordinator, cfg)
+        .await
+        .map_err(|e| cutover_shared::errors::chain(&e))?;
+    let mut client = AgentLinkClient::new(channel.clone());
+    let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
+    tx.send(observed(services.observe().await))
+        .await
+        .map_err(|e| e.to_string())?;
+    let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(
+        coordinator = identity.coordinator,
+        host = identity.name,
+        "connected to coordinator"
+    );
+    Ok(Open {
+        channel,
+        tx,
+        inbound,
+    })
+}
+
+fn observed(services: Vec<ObservedService>) -> AgentMessage {
+    AgentMessage {
+        msg: Some(agent_message::Msg::Observed(Observed { services })),
+    }
+}
+
+/// Queues the observed state; a full queue means the coordinator stopped reading.
+async fn send_observed(tx: &mpsc::Sender<AgentMessage>, services: &Services) -> Result<(), Ended> {
+    tx.try_send(observed(services.observe().await))
+        .map_err(|_| Ended::Failed("outgoing queue full".into()))
+}
+
+/// Sends a heartbeat, unless the coordinator has been silent too long.
+fn heartbeat(tx: &mpsc::Sender<AgentMessage>, last_heard: Instant) -> Result<(), Ended> {
+    if last_heard.elapsed() > link::SILENCE_LIMIT {
+        return Err(Ended::Failed(format!(
+            "no word from the coordinator for {}s",
+            link::SILENCE_LIMIT.as_secs()
+        )));
+    }
+    let hb = AgentMessage {
+        msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
+            unix_ms: cutover_shared::clock::now_ms(),
+        })),
+    };
+    let _ = tx.try_send(hb);
+    Ok(())
+}
+
+/// Renews the certificate; true once it is renewed (the next connection uses it).
+async fn renew(data_dir: &Path, identity: &Identity, channel: &tonic::transport::Channel) -> bool {
+    match identity::renew(data_dir, identity, channel.clone()).await {
+        Ok(()) => {
+            tracing::info!("certificate renewed; the next connection uses it");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "certificate renewal failed; will retry"
+            );
+            false
+        }
+    }
+}
+
+/// Applies what the coordinator sent.
+async fn apply(services: &Services, m: CoordinatorMessage) {
+    match m.msg {
+        Some(coordinator_message::Msg::Desired(d)) => {
+            for s in d.services {
+                services.apply(s).await;
+            }
+        }
+        Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
     }
 }

@@ -21,7 +21,9 @@ pub enum Error {
 /// An inclusive range of ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
+    /// The lowest port a slot may get.
     pub first: u16,
+    /// The highest port a slot may get.
     pub last: u16,
 }
 

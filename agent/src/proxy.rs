@@ -50,11 +50,17 @@ pub const LATENCY_BUCKETS_US: [u64; 16] = [
 /// Counters for one slot process, shared by the proxy (writer) and reports (reader).
 #[derive(Default, Debug)]
 pub struct SlotMetrics {
+    /// Requests (HTTP) or connections (TCP) sent to the slot.
     pub requests: AtomicU64,
+    /// 5xx answers of the slot: analysis judges its error rate from them.
     pub responses_5xx: AtomicU64,
+    /// Requests the slot did not answer (refused, reset, timed out): its fault too.
     pub upstream_failures: AtomicU64,
+    /// Total time to response headers, for the latency histogram's sum.
     pub latency_sum_us: AtomicU64,
+    /// Answers per bucket of [`LATENCY_BUCKETS_US`], for latency percentiles.
     pub latency: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    /// Requests under way, which a slot being emptied waits for (drain).
     pub in_flight: AtomicUsize,
 }
 
@@ -100,33 +106,51 @@ impl SlotMetrics {
     }
 }
 
-/// Decrements a slot's in-flight count when a request or connection ends.
-struct InFlight(Arc<SlotMetrics>);
+/// Counts something while it lasts: one up when made, one down when dropped (a
+/// request or connection in flight on a slot, a client connection open on a proxy).
+struct Counted<T: 'static> {
+    /// What holds the counter.
+    owner: Arc<T>,
+    /// Which of its counters.
+    count: fn(&T) -> &AtomicUsize,
+}
 
-impl InFlight {
-    fn new(m: &Arc<SlotMetrics>) -> Self {
-        m.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(m.clone())
+impl<T> Counted<T> {
+    fn new(owner: &Arc<T>, count: fn(&T) -> &AtomicUsize) -> Counted<T> {
+        count(owner).fetch_add(1, Ordering::Relaxed);
+        Counted {
+            owner: owner.clone(),
+            count,
+        }
     }
 }
 
-impl Drop for InFlight {
+impl<T> Drop for Counted<T> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        (self.count)(&self.owner).fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A request or connection in flight on a slot, which drain waits for.
+fn count_in_flight(m: &Arc<SlotMetrics>) -> Counted<SlotMetrics> {
+    Counted::new(m, |m| &m.in_flight)
 }
 
 /// Where a slot listens and its counters.
 #[derive(Clone, Debug)]
 pub struct Upstream {
+    /// The slot process's private port on 127.0.0.1.
     pub port: u16,
+    /// The slot's counters, which every request through this route adds to.
     pub metrics: Arc<SlotMetrics>,
 }
 
 /// One routing table: up to two weighted upstreams (blue, green).
 #[derive(Debug, Default)]
 pub struct Routes {
+    /// Weight (percent) and upstream of each slot that is there.
     pub entries: Vec<(u32, Upstream)>,
+    /// Requests routed by this table: picking by it spreads them by weight.
     counter: AtomicU64,
 }
 
@@ -203,6 +227,7 @@ fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
 /// State shared by a proxy's accept loop and its connections.
 #[derive(Default)]
 struct Shared {
+    /// The routing table, replaced whole with one atomic store.
     routes: ArcSwap<Routes>,
     /// Client connections open now.
     connections: AtomicUsize,
@@ -211,43 +236,40 @@ struct Shared {
     draining: AtomicBool,
 }
 
-/// Counts a client connection while it is open.
-struct Open(Arc<Shared>);
-
-impl Open {
-    fn new(s: &Arc<Shared>) -> Open {
-        s.connections.fetch_add(1, Ordering::Relaxed);
-        Open(s.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
-    }
+/// A client connection open on the proxy, which a handover waits for.
+fn count_connection(s: &Arc<Shared>) -> Counted<Shared> {
+    Counted::new(s, |s| &s.connections)
 }
 
 /// Tokens of the current accept loop: one stops accepting, one closes idle connections.
 #[derive(Default)]
 struct Phase {
+    /// Stops the accept loop (a handover), leaving connections open.
     accepting: CancellationToken,
+    /// Closes connections idle between two requests (late in a handover).
     close_idle: CancellationToken,
 }
 
 /// A running listener for one service.
 pub struct Proxy {
+    /// The public address: a new desired one means a new listener.
     pub addr: SocketAddr,
+    /// HTTP per request or TCP per connection; a change means a new listener.
     pub mode: Mode,
+    /// Connection cap and idle timeouts, for every restart of the accept loop.
     limits: Limits,
     /// Places under the connection cap, kept across restarts of the accept loop.
     cap: Cap,
+    /// Routes and connection state, shared with the accept loop and connections.
     shared: Arc<Shared>,
     /// Ends everything: accept loop and connections.
     cancel: CancellationToken,
+    /// The current accept loop's tokens; a resumed loop gets new ones.
     phase: std::sync::Mutex<Phase>,
     /// The listening socket, kept apart from the accept loop so that it stays open (and
     /// keeps queueing connections) while it is handed to a re-executed agent.
     listener: OwnedFd,
+    /// Where the accept loop and connection tasks run, so shutdown waits for them.
     tasks: TaskTracker,
 }
 
@@ -423,7 +445,7 @@ async fn serve_http(
         };
         let _ = conn.stream().set_nodelay(true);
         let peer = conn.peer();
-        let open = Open::new(&shared);
+        let open = count_connection(&shared);
         let shared = shared.clone();
         let client = client.clone();
         let (cancel, close_idle) = (cancel.clone(), close_idle.clone());
@@ -498,33 +520,15 @@ async fn route(
             "exactly one Host header is required\n",
         );
     }
-    let upstream = {
-        let table = shared.routes.load();
-        match table.pick() {
-            Some(u) => u.clone(),
-            None => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no release is serving on this host\n",
-                );
-            }
-        }
+    let Some(upstream) = shared.routes.load().pick().cloned() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no release is serving on this host\n",
+        );
     };
-    let _in_flight = InFlight::new(&upstream.metrics);
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri = match format!("http://127.0.0.1:{}{pq}", upstream.port).parse() {
-        Ok(u) => u,
-        Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
-    };
-    *req.uri_mut() = uri;
-    let h = req.headers_mut();
-    strip_hop_by_hop(h);
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    let _in_flight = count_in_flight(&upstream.metrics);
+    if aim(&mut req, upstream.port, peer).is_err() {
+        return text(StatusCode::BAD_REQUEST, "bad request target\n");
     }
     let started = Instant::now();
     match client.request(req).await {
@@ -535,24 +539,55 @@ async fn route(
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
-        Err(e) => match fault(&e) {
-            Fault::Slot => {
-                upstream.metrics.observe(started.elapsed(), None);
-                tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
-                text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
-            }
-            Fault::Client => {
-                tracing::debug!(port = upstream.port, error = %e, "client request body failed");
-                text(
-                    StatusCode::BAD_REQUEST,
-                    "malformed or incomplete request body\n",
-                )
-            }
-            Fault::Host => {
-                tracing::debug!(port = upstream.port, error = %e, "no socket for the slot");
-                text(StatusCode::SERVICE_UNAVAILABLE, "proxy out of resources\n")
-            }
-        },
+        Err(e) => failed(&e, &upstream, started),
+    }
+}
+
+/// Points the request at the slot on `port`: its target, without hop-by-hop fields,
+/// with the client in `X-Forwarded-For`. Fails when the target makes no URI.
+fn aim(
+    req: &mut Request<Incoming>,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<(), hyper::http::uri::InvalidUri> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = format!("http://127.0.0.1:{port}{pq}").parse()?;
+    let h = req.headers_mut();
+    strip_hop_by_hop(h);
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    Ok(())
+}
+
+/// The answer to a request the slot did not answer; only the slot's own failures count
+/// against it.
+fn failed(
+    e: &hyper_util::client::legacy::Error,
+    upstream: &Upstream,
+    started: Instant,
+) -> Response<Body> {
+    match fault(e) {
+        Fault::Slot => {
+            upstream.metrics.observe(started.elapsed(), None);
+            tracing::debug!(port = upstream.port, error = %e, "upstream request failed");
+            text(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+        }
+        Fault::Client => {
+            tracing::debug!(port = upstream.port, error = %e, "client request body failed");
+            text(
+                StatusCode::BAD_REQUEST,
+                "malformed or incomplete request body\n",
+            )
+        }
+        Fault::Host => {
+            tracing::debug!(port = upstream.port, error = %e, "no socket for the slot");
+            text(StatusCode::SERVICE_UNAVAILABLE, "proxy out of resources\n")
+        }
     }
 }
 
@@ -658,11 +693,11 @@ async fn serve_tcp(
             drop(inbound);
             continue;
         };
-        let open = Open::new(&shared);
+        let open = count_connection(&shared);
         let cancel = cancel.clone();
         tasks.spawn(async move {
             let _open = open;
-            let _in_flight = InFlight::new(&upstream.metrics);
+            let _in_flight = count_in_flight(&upstream.metrics);
             let started = Instant::now();
             let out = tokio::time::timeout(
                 Duration::from_secs(2),
@@ -814,22 +849,7 @@ mod tests {
     #[tokio::test]
     async fn garbage_never_takes_the_proxy_down() {
         let port = upstream().await;
-        let free = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let proxy = Proxy::bind(free, Mode::Http, Limits::default(), &cancel, &tasks).unwrap();
-        let metrics = Arc::new(SlotMetrics::default());
-        proxy.set_routes(Routes::new(vec![(
-            100,
-            Upstream {
-                port,
-                metrics: metrics.clone(),
-            },
-        )]));
-
+        let (free, _proxy, _) = proxy_to(port, Mode::Http, Limits::default());
         let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
         assert!(
             ok.starts_with(b"HTTP/1.1 200"),
@@ -837,6 +857,36 @@ mod tests {
             String::from_utf8_lossy(&ok)
         );
 
+        // A panic in a connection task would be caught by the runtime and go unseen:
+        // count the ones raised on this test's thread.
+        let me = std::thread::current().name().map(String::from);
+        static PANICS: AtomicUsize = AtomicUsize::new(0);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name().map(String::from) == me {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+            previous(info);
+        }));
+        for (i, c) in garbage().iter().enumerate() {
+            let _ = exchange(free, c, i % 2 == 0, Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            PANICS.load(Ordering::Relaxed),
+            0,
+            "panics while serving garbage"
+        );
+
+        let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
+        assert!(
+            ok.starts_with(b"HTTP/1.1 200"),
+            "still serving: {}",
+            String::from_utf8_lossy(&ok)
+        );
+    }
+
+    /// Malformed requests: hand-made ones, noise, and mutations of valid requests.
+    fn garbage() -> Vec<Vec<u8>> {
         let mut cases: Vec<Vec<u8>> = vec![
             b"\r\n\r\n".to_vec(),
             b"GET".to_vec(),
@@ -860,21 +910,28 @@ mod tests {
             .concat(),
         ];
         // Deterministic noise: xorshift bytes of varying length.
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
         for i in 0..200 {
             let len = (i * 37) % 3000;
-            let mut v = Vec::with_capacity(len);
-            for _ in 0..len {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.push((x & 0xff) as u8);
-            }
-            cases.push(v);
+            cases.push((0..len).map(|_| (rnd() & 0xff) as u8).collect());
         }
-        // Structure-aware mutations of valid requests: bytes flipped, inserted, removed,
-        // lines duplicated, cut short. CUTOVER_FUZZ_CASES sets how many (default 300);
-        // CI runs the default, longer campaigns set more.
+        cases.extend(mutations(rnd));
+        cases
+    }
+
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// Structure-aware mutations of valid requests: bytes flipped, inserted, removed,
+    /// lines duplicated, cut short. CUTOVER_FUZZ_CASES sets how many (default 300); CI
+    /// runs the default, longer campaigns set more.
+    fn mutations(mut rnd: impl FnMut() -> u64) -> Vec<Vec<u8>> {
         let seeds: [&[u8]; 3] = [
             GOOD,
             b"POST /a?b=c HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello",
@@ -884,59 +941,28 @@ mod tests {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(300);
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for i in 0..n {
-            let mut v = seeds[i % seeds.len()].to_vec();
-            for _ in 0..=(rnd() % 4) {
-                let at = (rnd() as usize) % (v.len() + 1);
-                match rnd() % 5 {
-                    0 if at < v.len() => v[at] = rnd() as u8,
-                    1 => v.insert(at, rnd() as u8),
-                    2 if at < v.len() => {
-                        v.remove(at);
+        (0..n)
+            .map(|i| {
+                let mut v = seeds[i % seeds.len()].to_vec();
+                for _ in 0..=(rnd() % 4) {
+                    let at = (rnd() as usize) % (v.len() + 1);
+                    match rnd() % 5 {
+                        0 if at < v.len() => v[at] = rnd() as u8,
+                        1 => v.insert(at, rnd() as u8),
+                        2 if at < v.len() => {
+                            v.remove(at);
+                        }
+                        3 => {
+                            let line = b"x-dup: 1\r\n".repeat((rnd() % 50) as usize);
+                            let head = v.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
+                            v.splice(head..head, line);
+                        }
+                        _ => v.truncate(at),
                     }
-                    3 => {
-                        let line = b"x-dup: 1\r\n".repeat((rnd() % 50) as usize);
-                        let head = v.iter().position(|b| *b == b'\n').map_or(0, |p| p + 1);
-                        v.splice(head..head, line);
-                    }
-                    _ => v.truncate(at),
                 }
-            }
-            cases.push(v);
-        }
-        // A panic in a connection task would be caught by the runtime and go unseen:
-        // count the ones raised on this test's thread.
-        let me = std::thread::current().name().map(String::from);
-        static PANICS: AtomicUsize = AtomicUsize::new(0);
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current().name().map(String::from) == me {
-                PANICS.fetch_add(1, Ordering::Relaxed);
-            }
-            previous(info);
-        }));
-        for (i, c) in cases.iter().enumerate() {
-            let _ = exchange(free, c, i % 2 == 0, Duration::from_millis(50)).await;
-        }
-        assert_eq!(
-            PANICS.load(Ordering::Relaxed),
-            0,
-            "panics while serving garbage"
-        );
-
-        let ok = exchange(free, GOOD, false, Duration::from_secs(5)).await;
-        assert!(
-            ok.starts_with(b"HTTP/1.1 200"),
-            "still serving: {}",
-            String::from_utf8_lossy(&ok)
-        );
-        cancel.cancel();
+                v
+            })
+            .collect()
     }
 
     /// A proxy on a free port sending everything to the upstream on `port`; returns its

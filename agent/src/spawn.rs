@@ -87,9 +87,12 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 /// The user a service's processes run as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {
+    /// The user's name: `USER`, `LOGNAME`, and logs.
     pub name: String,
+    /// The ids the process switches to (and owns its state directory as).
     pub uid: u32,
     pub gid: u32,
+    /// `HOME` of the process.
     pub home: PathBuf,
     /// Whether processes switch to `uid`/`gid` (the agent runs as another user, root).
     switch: bool,
@@ -160,7 +163,7 @@ impl RunAs {
 /// 0700, and handed over to a new user when the plan's user changes; `DATA/state` lets
 /// users through to their own directory but not list the others.
 pub fn state_dir(data_dir: &Path, service: &str, user: &RunAs) -> Result<PathBuf, Error> {
-    let parent = data_dir.join("state");
+    let parent = crate::data_dir::state(data_dir);
     ensure_dir(&parent, 0o711)?;
     let dir = parent.join(service);
     match std::fs::symlink_metadata(&dir) {
@@ -212,6 +215,7 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), Error> {
 pub struct Launcher {
     /// The release directory: the working directory, and where `./bin/web` is found.
     pub dir: PathBuf,
+    /// Who the processes run as.
     pub user: RunAs,
     /// The service's variables (the plan's `[run] env`, `PORT`, `CUTOVER_*`), on top of
     /// the clean base; they may override it (a plan may set its own `PATH`).
@@ -281,9 +285,11 @@ fn humanize(d: Duration) -> String {
 /// What [`Launcher::run`] observed.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// How it ended: success is `Code(0)`.
     pub exit: Exit,
     /// The last non-empty lines of output, oldest first, each cut to 300 characters.
     pub tail: Vec<String>,
+    /// How long it ran.
     pub duration: Duration,
 }
 
@@ -405,18 +411,7 @@ impl Launcher {
             guard.pgid = None;
         }
         let tail = match guard.reader.take() {
-            // Bounded: a process that left the group may still hold the output open.
-            Some(mut reader) => {
-                match tokio::time::timeout(opts.grace.max(Duration::from_secs(1)), &mut reader)
-                    .await
-                {
-                    Ok(Ok(tail)) => tail,
-                    _ => {
-                        reader.abort();
-                        Vec::new()
-                    }
-                }
-            }
+            Some(reader) => output_tail(reader, opts.grace).await,
             None => Vec::new(),
         };
         Ok(Outcome {
@@ -427,10 +422,27 @@ impl Launcher {
     }
 }
 
+/// The last lines the output reader gathered. Bounded: a process that left the group
+/// may still hold the output open.
+async fn output_tail(
+    mut reader: tokio::task::JoinHandle<Vec<String>>,
+    grace: Duration,
+) -> Vec<String> {
+    match tokio::time::timeout(grace.max(Duration::from_secs(1)), &mut reader).await {
+        Ok(Ok(tail)) => tail,
+        _ => {
+            reader.abort();
+            Vec::new()
+        }
+    }
+}
+
 /// Stops a command's process group if [`Launcher::run`] is abandoned halfway (its
 /// caller was cancelled), so that no process of it survives.
 struct Group {
+    /// The group to kill on drop; `None` once it was stopped properly.
     pgid: Option<Pid>,
+    /// The task reading the output, aborted on drop.
     reader: Option<tokio::task::JoinHandle<Vec<String>>>,
 }
 
@@ -480,31 +492,8 @@ async fn stop_group(pgid: Pid, leader: &mut tokio::process::Child, grace: Durati
 fn group_runs(pgid: Pid) -> bool {
     match killpg(pgid, None) {
         Err(nix::errno::Errno::ESRCH) => false,
-        _ => !group_members(pgid).is_empty(),
+        _ => !crate::os::group_members(pgid.as_raw()).is_empty(),
     }
-}
-
-/// The live (not zombie) processes of process group `pgid`, from /proc.
-pub fn group_members(pgid: Pid) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // After the command name: state, ppid, pgrp.
-            let Some((_, after)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let mut f = after.split_whitespace();
-            let state = f.next();
-            let pgrp = f.nth(1).and_then(|g| g.parse::<i32>().ok());
-            state != Some("Z") && pgrp == Some(pgid.as_raw())
-        })
-        .collect()
 }
 
 /// Reads a command's output to its end: appends it to `log` (if any) and returns the

@@ -20,17 +20,20 @@ const PROCESSES: TableDefinition<'static, &'static str, &'static [u8]> =
 /// A slot process as recorded when it started.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessRecord {
+    /// The service and slot (`blue`/`green`) that started it: only they may adopt it.
     pub service: String,
     pub slot: String,
+    /// Its pid, which is also its process group's id (signals go to the group).
     pub pid: i32,
     /// The process's start time in clock ticks since boot (/proc/PID/stat field 22), so
     /// a recycled pid is never mistaken for ours.
     pub start_ticks: u64,
+    /// The version it runs, for logs.
     pub release: String,
     /// The port the process was given (`${PORT}`); 0 in records from older agents.
     #[serde(default)]
     pub port: u16,
-    /// Digest of the slot spec it runs ([`crate::process::spec_digest`]), so a restarted
+    /// Digest of the slot spec it runs ([`crate::slot::adopt::spec_digest`]), so a restarted
     /// agent adopts it only for the very same spec.
     #[serde(default)]
     pub spec_digest: String,
@@ -73,7 +76,9 @@ from_redb!(
 /// write until the file is opened again; [`Store`] does that on the next write, so the
 /// agent keeps recording desired state once space is freed, without a restart.
 pub struct Store {
+    /// The file, opened again after an I/O error.
     path: std::path::PathBuf,
+    /// The open database; `None` while it is being opened again.
     db: RwLock<Option<Arc<Database>>>,
     /// The last write failed.
     failing: AtomicBool,

@@ -43,9 +43,9 @@ async fn a_timed_out_command_is_stopped_with_its_whole_group() {
     assert_eq!(out.tail.last().map(String::as_str), Some("started"));
     let pgid: i32 = out.tail[0].parse().expect("the shell's pid");
     assert!(
-        group_members(Pid::from_raw(pgid)).is_empty(),
+        crate::os::group_members(pgid).is_empty(),
         "processes of the group survived: {:?}",
-        group_members(Pid::from_raw(pgid))
+        crate::os::group_members(pgid)
     );
 }
 
@@ -61,7 +61,7 @@ async fn a_command_that_ends_leaves_nothing_running() {
         .expect("run");
     assert!(out.success(), "{:?}", out.exit);
     let pgid: i32 = out.tail[0].parse().expect("the shell's pid");
-    assert!(group_members(Pid::from_raw(pgid)).is_empty());
+    assert!(crate::os::group_members(pgid).is_empty());
 }
 
 #[tokio::test]
@@ -81,7 +81,7 @@ async fn an_abandoned_run_leaves_nothing_running() {
         .parse()
         .expect("pid");
     wait_until("the abandoned group to end", || {
-        group_members(Pid::from_raw(pgid)).is_empty()
+        crate::os::group_members(pgid).is_empty()
     });
 }
 

@@ -1,6 +1,10 @@
 //! The services on this host: for each, the proxy on its public port and the blue and
 //! green slots. [`Services::apply`] converges on a desired state idempotently — applying
 //! the same state twice changes nothing — and [`Services::observe`] reports what runs.
+//! Which weights the proxy gets is the healing rule's answer (`heal`), recomputed
+//! whenever a slot changes phase.
+
+mod heal;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,16 +23,22 @@ use tokio_util::task::TaskTracker;
 use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
 use crate::ports::PortRange;
-use crate::process::{self, SlotCtx, SlotState};
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
-use crate::store::{ProcessRecord, Store};
+use crate::slot::{self, SlotCtx, SlotState, adopt};
+use crate::store::Store;
+use crate::trust::TrustedKeys;
 
+/// A slot's task, as the service holds it.
 struct SlotRun {
+    /// The spec it runs: a new desired spec replaces the run.
     spec: SlotSpec,
     /// The desired generation that started this run.
     generation: u64,
+    /// Its proxy counters, shared with the routes.
     metrics: Arc<SlotMetrics>,
+    /// What the slot reports, written by its task.
     status: Arc<Mutex<SlotState>>,
+    /// Stops the slot (drain, then stop the process).
     cancel: CancellationToken,
 }
 
@@ -41,10 +51,16 @@ impl SlotRun {
     }
 }
 
+/// One service on this host: what is desired, and what runs for it.
+#[derive(Default)]
 struct Runtime {
+    /// The desired state applied last (its generation guards against older ones).
     desired: DesiredService,
+    /// The public port's listener and routes; `None` while nothing is served.
     proxy: Option<Proxy>,
+    /// Why the public port could not be bound as desired; empty when it is.
     error: String,
+    /// The blue and green slots, indexed by [`Slot::index`].
     slots: [Option<SlotRun>; 2],
     /// Weights in effect (blue, green): the desired ones unless the agent is routing
     /// around a slot that is not healthy.
@@ -53,34 +69,37 @@ struct Runtime {
     healing: String,
 }
 
+/// The services on this host and how they run.
 pub struct Services {
-    data_dir: PathBuf,
-    service_ip: IpAddr,
-    limits: Limits,
-    proxy_limits: proxy::Limits,
+    /// How services run here, from the agent's configuration.
+    settings: Settings,
+    /// The agent's database: desired states and slot processes.
     store: Arc<Store>,
+    /// Each service by name.
     runtimes: tokio::sync::Mutex<HashMap<String, Runtime>>,
     /// Signalled whenever something worth reporting changed.
     pub changed: Arc<Notify>,
     /// Names of services whose slots changed phase, for [`Services::run_rerouter`].
     phase_tx: mpsc::UnboundedSender<String>,
+    /// Its receiving end, until the rerouter takes it.
     phase_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// The agent's shutdown: slots and proxies stop with it.
     cancel: CancellationToken,
+    /// Slot and proxy tasks, waited for at shutdown.
     tasks: TaskTracker,
-    trusted_keys: Arc<Vec<Vec<u8>>>,
-    service_user: Option<String>,
-    slot_ports: PortRange,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
 }
 
 /// How this host runs services: from the agent's configuration.
 pub struct Settings {
+    /// The agent's data dir: releases, logs, state directories.
     pub data_dir: PathBuf,
     /// The address public ports are bound on.
     pub service_ip: IpAddr,
-    /// ed25519 public keys; when any are set, only artifacts signed by one of them run.
-    pub trusted_keys: Vec<Vec<u8>>,
+    /// When any key is trusted, only artifacts signed by one of them run.
+    pub trusted_keys: Arc<TrustedKeys>,
+    /// Artifact size limits and download timeouts.
     pub limits: Limits,
     /// Whom slot processes run as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
@@ -97,31 +116,16 @@ impl Services {
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Services {
-        let Settings {
-            data_dir,
-            service_ip,
-            trusted_keys,
-            limits,
-            service_user,
-            slot_ports,
-            proxy_limits,
-        } = settings;
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
         Services {
-            phase_tx,
-            phase_rx: Mutex::new(Some(phase_rx)),
-            data_dir,
-            service_ip,
-            limits,
-            service_user,
-            slot_ports,
-            proxy_limits,
+            settings,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
+            phase_tx,
+            phase_rx: Mutex::new(Some(phase_rx)),
             cancel,
             tasks,
-            trusted_keys: Arc::new(trusted_keys),
             inherited: Mutex::new(Vec::new()),
         }
     }
@@ -146,7 +150,7 @@ impl Services {
                 .map(|at| inh.swap_remove(at))
         };
         if let Some(i) = taken {
-            let limits = self.proxy_limits;
+            let limits = self.settings.proxy_limits;
             match Proxy::adopt(i.fd, addr, mode, limits, &self.cancel, &self.tasks) {
                 Ok(p) => return Ok(p),
                 Err(e) => {
@@ -154,7 +158,13 @@ impl Services {
                 }
             }
         }
-        Proxy::bind(addr, mode, self.proxy_limits, &self.cancel, &self.tasks)
+        Proxy::bind(
+            addr,
+            mode,
+            self.settings.proxy_limits,
+            &self.cancel,
+            &self.tasks,
+        )
     }
 
     /// Applies every desired state kept in the store (start-up, before any coordinator).
@@ -192,29 +202,33 @@ impl Services {
         self.converge(d).await;
     }
 
+    /// Converges one service on `d`: its slots, then its public port, then the routes
+    /// between them; slots being replaced or emptied are stopped last.
     async fn converge(&self, d: DesiredService) {
         let mut rts = self.runtimes.lock().await;
-        let rt = rts.entry(d.service.clone()).or_insert_with(|| Runtime {
-            desired: DesiredService::default(),
-            proxy: None,
-            error: String::new(),
-            slots: [None, None],
-            effective: [0, 0],
-            healing: String::new(),
-        });
-        let mode = if d.protocol == Protocol::Tcp as i32 {
-            Mode::Tcp
-        } else {
-            Mode::Http
-        };
-        let addr = SocketAddr::new(self.service_ip, u16::try_from(d.listen).unwrap_or(0));
-
+        let rt = rts
+            .entry(d.service.clone())
+            .or_insert_with(Runtime::default);
         // Slots first, so the routes below point at the right processes. A slot being
         // replaced or emptied is stopped only once the routes no longer name it, so no
         // request is sent to a process that is already stopping.
+        let retired = self.converge_slots(rt, &d);
+        self.converge_port(rt, &d);
+        rt.desired = d;
+        Self::route(rt);
+        for old in retired {
+            old.cancel.cancel();
+        }
+        drop(rts);
+        self.changed.notify_one();
+    }
+
+    /// Starts the slots `d` wants and that do not run yet (or run another spec, or
+    /// failed and `d` is newer). Returns the runs they replace, still running.
+    fn converge_slots(&self, rt: &mut Runtime, d: &DesiredService) -> Vec<SlotRun> {
         let mut retired = Vec::new();
         for slot in Slot::BOTH {
-            let (i, name) = (slot.index(), slot.as_str());
+            let i = slot.index();
             let want = d.slot(slot);
             let keep = match (&rt.slots[i], want) {
                 (Some(run), Some(spec)) => {
@@ -228,131 +242,101 @@ impl Services {
                 continue;
             }
             if let Some(old) = rt.slots[i].take() {
-                tracing::info!(service = d.service, slot = name, "stopping slot");
+                tracing::info!(service = d.service, slot = slot.as_str(), "stopping slot");
                 retired.push(old);
             }
             if let Some(spec) = want {
-                rt.slots[i] = Some(self.start_slot(&d, name, spec.clone()));
+                rt.slots[i] = Some(self.start_slot(d, slot, spec.clone()));
             }
         }
+        retired
+    }
 
-        // The public port: bind a new address before letting go of the old one, so a
-        // port that cannot be bound leaves the service where it was.
+    /// The public port: binds a new address before letting go of the old one, so a
+    /// port that cannot be bound leaves the service where it was (and says why).
+    fn converge_port(&self, rt: &mut Runtime, d: &DesiredService) {
+        let mode = if d.protocol == Protocol::Tcp as i32 {
+            Mode::Tcp
+        } else {
+            Mode::Http
+        };
+        let addr = SocketAddr::new(
+            self.settings.service_ip,
+            u16::try_from(d.listen).unwrap_or(0),
+        );
         let bound = rt
             .proxy
             .as_ref()
             .is_some_and(|p| p.addr == addr && p.mode == mode);
         if bound {
             rt.error.clear();
-        } else if d.listen == 0 {
+            return;
+        }
+        if d.listen == 0 {
             // Nothing to serve here (a first release that failed): no port is kept.
             if let Some(old) = rt.proxy.take() {
                 tracing::info!(service = d.service, addr = %old.addr, "proxy stopped");
                 old.stop();
             }
             rt.error.clear();
-        } else {
-            if rt.proxy.as_ref().is_some_and(|p| p.addr == addr)
-                && let Some(old) = rt.proxy.take()
-            {
-                // Same port, other protocol: it must be released first.
-                old.stop();
+            return;
+        }
+        if rt.proxy.as_ref().is_some_and(|p| p.addr == addr)
+            && let Some(old) = rt.proxy.take()
+        {
+            // Same port, other protocol: it must be released first.
+            old.stop();
+        }
+        match self.listen(addr, mode) {
+            Ok(p) => {
+                tracing::info!(service = d.service, %addr, "proxy listening");
+                if let Some(old) = rt.proxy.replace(p) {
+                    old.stop();
+                }
+                rt.error.clear();
             }
-            match self.listen(addr, mode) {
-                Ok(p) => {
-                    tracing::info!(service = d.service, %addr, "proxy listening");
-                    if let Some(old) = rt.proxy.replace(p) {
-                        old.stop();
-                    }
-                    rt.error.clear();
-                }
-                Err(e) => {
-                    rt.error = format!("bind {addr}: {e}");
-                    tracing::error!(service = d.service, error = rt.error, "proxy");
-                }
+            Err(e) => {
+                rt.error = format!("bind {addr}: {e}");
+                tracing::error!(service = d.service, error = rt.error, "proxy");
             }
         }
-        rt.desired = d;
-        Self::route(rt);
-        for old in retired {
-            old.cancel.cancel();
-        }
-        drop(rts);
-        self.changed.notify_one();
     }
 
-    /// Points the proxy at the slots, in one atomic swap. Weights are the desired ones,
-    /// except that traffic never stays on a slot that is not healthy while the other
-    /// slot is: the agent moves it at once, without waiting for the coordinator, and
-    /// says so in its report (the coordinator then rolls the fleet back).
+    /// Points the proxy at the slots, in one atomic swap, with the weights the healing
+    /// rule ([`heal::route`]) gives for the desired ones and the slots' phases.
     fn route(rt: &mut Runtime) {
-        let state = |i: usize| rt.slots[i].as_ref().map(SlotRun::state);
-        let mut w = [0u32; 2];
-        for slot in Slot::BOTH {
-            if rt.slots[slot.index()].is_some() {
-                w[slot.index()] = rt.desired.weight(slot);
-            }
-        }
-        rt.healing.clear();
-        for slot in Slot::BOTH {
-            let (i, other) = (slot.index(), slot.other().index());
-            let (Some(me), Some(them)) = (state(i), state(other)) else {
-                continue;
-            };
-            // A slot still starting up is not routed around (it has not failed); one
-            // that crashed or turned unhealthy after serving is.
-            let broken = matches!(
-                me.phase,
-                SlotPhase::Unhealthy | SlotPhase::Failed | SlotPhase::Stopped
-            );
-            if w[i] > 0 && broken && them.phase == SlotPhase::Healthy {
-                let why = if me.error.is_empty() {
-                    me.phase.name().to_string()
-                } else {
-                    me.error.clone()
-                };
-                rt.healing = format!(
-                    "{} slot ({}) is {}: {why}",
-                    slot.as_str(),
-                    me.release,
-                    me.phase.name()
-                );
-                w[other] += w[i];
-                w[i] = 0;
-            } else if w[i] > 0
-                && them.phase == SlotPhase::Healthy
-                && matches!(
-                    me.phase,
-                    SlotPhase::Fetching
-                        | SlotPhase::Unpacking
-                        | SlotPhase::Starting
-                        | SlotPhase::Empty
-                )
-            {
-                // Not ready yet (an agent restart, or a host catching up with its fleet):
-                // the healthy slot serves until this one turns healthy. Nothing failed,
-                // so nothing is reported.
-                w[other] += w[i];
-                w[i] = 0;
-            }
-        }
-        if !rt.healing.is_empty() && rt.effective != w {
+        let states = rt.slots.each_ref().map(|s| s.as_ref().map(SlotRun::state));
+        let views = states.each_ref().map(|s| {
+            s.as_ref().map(|st| heal::SlotView {
+                phase: st.phase,
+                release: &st.release,
+                error: &st.error,
+            })
+        });
+        let desired = Slot::BOTH.map(|slot| rt.desired.weight(slot));
+        let heal::Routing { weights, healing } = heal::route(desired, views);
+        if !healing.is_empty() && rt.effective != weights {
             tracing::warn!(
                 service = rt.desired.service,
-                healing = rt.healing,
+                healing,
                 "routing around a slot that is not healthy"
             );
         }
-        rt.effective = w;
+        rt.effective = weights;
+        rt.healing = healing;
         let Some(proxy) = &rt.proxy else { return };
-        let entries = (0..2)
-            .filter_map(|i| {
-                let run = rt.slots[i].as_ref()?;
+        let entries = rt
+            .slots
+            .iter()
+            .zip(&states)
+            .zip(weights)
+            .filter_map(|((run, state), weight)| {
+                let (run, state) = (run.as_ref()?, state.as_ref()?);
                 Some((
-                    w[i],
+                    weight,
                     Upstream {
                         // Where the process runs now: a failed start moves it.
-                        port: run.state().port,
+                        port: state.port,
                         metrics: run.metrics.clone(),
                     },
                 ))
@@ -385,8 +369,8 @@ impl Services {
         }
     }
 
-    fn start_slot(&self, d: &DesiredService, slot: &'static str, spec: SlotSpec) -> SlotRun {
-        let adopt = self.adoptable(&d.service, slot, &spec);
+    fn start_slot(&self, d: &DesiredService, slot: Slot, spec: SlotSpec) -> SlotRun {
+        let adopt = adopt::find(&self.store, &adopt::Claim::new(&d.service, slot, &spec));
         let metrics = Arc::new(SlotMetrics::default());
         // An adopted process already listens: routes point at it from the start.
         let status = Arc::new(Mutex::new(SlotState {
@@ -398,21 +382,21 @@ impl Services {
             service: d.service.clone(),
             slot,
             spec: spec.clone(),
-            ports: self.slot_ports,
+            ports: self.settings.slot_ports,
             drain: Duration::from_millis(d.drain_ms),
-            data_dir: self.data_dir.clone(),
-            limits: self.limits.clone(),
+            data_dir: self.settings.data_dir.clone(),
+            limits: self.settings.limits.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
             changed: self.changed.clone(),
             phase_changed: self.phase_tx.clone(),
             log_cap: 10 << 20,
             store: self.store.clone(),
-            trusted_keys: self.trusted_keys.clone(),
+            trusted_keys: self.settings.trusted_keys.clone(),
             adopt,
-            service_user: self.service_user.clone(),
+            service_user: self.settings.service_user.clone(),
         };
-        self.tasks.spawn(process::run_slot(ctx, cancel.clone()));
+        self.tasks.spawn(slot::run(ctx, cancel.clone()));
         SlotRun {
             spec,
             generation: d.generation,
@@ -420,19 +404,6 @@ impl Services {
             status,
             cancel,
         }
-    }
-
-    /// A live process that an earlier agent run started for exactly this slot and spec.
-    fn adoptable(&self, service: &str, slot: &str, spec: &SlotSpec) -> Option<ProcessRecord> {
-        let digest = process::spec_digest(spec);
-        let records = self.store.processes().ok()?;
-        records.into_iter().find(|r| {
-            r.service == service
-                && r.slot == slot
-                && r.port != 0
-                && r.spec_digest == digest
-                && process::alive(r.pid, r.start_ticks)
-        })
     }
 
     /// Retries binding public ports that could not be bound before.

@@ -1,0 +1,142 @@
+//! A slot's release on disk: `releases/<service>/<version>-<sha256 prefix>`, unpacked
+//! once from an artifact whose signature (when keys are trusted) and sha256 matched,
+//! touched whenever a slot uses it again, and pruned to the newest few per service.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use cutover_proto::v1::SlotPhase;
+use tokio::time::Instant;
+
+use super::SlotCtx;
+use crate::artifact;
+use crate::data_dir;
+
+/// Release directories kept per service (the one in use is never removed).
+pub const KEEP: usize = 5;
+
+/// `releases/<service>/<version>-<sha256 prefix>`; characters of the version that do
+/// not belong in a file name become `_`.
+pub fn release_dir(data: &Path, service: &str, version: &str, sha256: &str) -> PathBuf {
+    let safe: String = version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    data_dir::releases(data)
+        .join(service)
+        .join(format!("{safe}-{}", &sha256[..sha256.len().min(12)]))
+}
+
+/// The slot's release directory, fetched and unpacked unless it is already on disk.
+/// Reports the fetching and unpacking phases and how long each took.
+pub async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
+    let rel = ctx.spec.release.clone().unwrap_or_default();
+    ctx.trusted_keys
+        .check(&rel.sha256, &rel.signature)
+        .map_err(|e| e.to_string())?;
+    let dir = release_dir(&ctx.data_dir, &ctx.service, &rel.version, &rel.sha256);
+    if dir.is_dir() {
+        // Touch it so that pruning keeps recently used releases.
+        let _ = std::fs::File::open(&dir).and_then(|f| f.set_modified(SystemTime::now()));
+        return Ok(dir);
+    }
+    ctx.phase(SlotPhase::Fetching, "");
+    let fetch_started = Instant::now();
+    let cache = data_dir::cache(&ctx.data_dir);
+    crate::spawn::ensure_dir(&cache, 0o700).map_err(|e| e.to_string())?;
+    let download = Partial(cache.join(format!(
+        "{}-{}{}",
+        rel.sha256,
+        rand::random::<u32>(),
+        artifact::PARTIAL_SUFFIX
+    )));
+    artifact::fetch(&rel.artifact, &rel.sha256, &download.0, &ctx.limits)
+        .await
+        .map_err(|e| e.to_string())?;
+    let fetch_ms = fetch_started.elapsed().as_millis() as u64;
+    ctx.set(|s| s.fetch_ms = fetch_ms);
+
+    ctx.phase(SlotPhase::Unpacking, "");
+    let unpack_started = Instant::now();
+    let (d, dest, limits) = (download.0.clone(), dir.clone(), ctx.limits.clone());
+    let unpacked = tokio::task::spawn_blocking(move || artifact::unpack(&d, &dest, &limits))
+        .await
+        .map_err(|e| format!("unpack: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    drop(download);
+    let unpack_ms = unpack_started.elapsed().as_millis() as u64;
+    ctx.set(|s| s.unpack_ms = unpack_ms);
+    unpacked.map(|()| dir)
+}
+
+/// Keeps the newest `keep` release directories of a service, never removing `in_use`.
+pub fn prune(data: &Path, service: &str, keep: usize, in_use: &[PathBuf]) {
+    let root = data_dir::releases(data).join(service);
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return;
+    };
+    let mut dirs: Vec<(SystemTime, PathBuf)> = rd
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
+    for (_, d) in dirs.into_iter().skip(keep) {
+        if !in_use.contains(&d) {
+            tracing::info!(dir = %d.display(), "removing old release");
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+}
+
+/// A partial download, removed when dropped: after unpacking, after a failure, and when
+/// preparation is cancelled midway.
+struct Partial(PathBuf);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %self.0.display(), error = %e, "remove partial download");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_dirs_are_named_by_version_and_digest_prefix() {
+        let d = release_dir(Path::new("/data"), "web", "1.2.0+b/7 x", &"ab".repeat(32));
+        assert_eq!(d, Path::new("/data/releases/web/1.2.0+b_7_x-abababababab"));
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_one_in_use() {
+        let data = tempfile::tempdir().unwrap();
+        let root = data_dir::releases(data.path()).join("web");
+        let dirs: Vec<PathBuf> = (0..4).map(|i| root.join(format!("1.0.{i}-abc"))).collect();
+        for (i, d) in dirs.iter().enumerate() {
+            std::fs::create_dir_all(d).unwrap();
+            let age = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + i as u64);
+            std::fs::File::open(d).unwrap().set_modified(age).unwrap();
+        }
+        std::fs::create_dir_all(root.join(".unpacking")).unwrap();
+        // Keep two: 1.0.3 and 1.0.2 are the newest, 1.0.0 is in use.
+        prune(data.path(), "web", 2, std::slice::from_ref(&dirs[0]));
+        let left: Vec<bool> = dirs.iter().map(|d| d.is_dir()).collect();
+        assert_eq!(left, [true, false, true, true]);
+        assert!(
+            root.join(".unpacking").is_dir(),
+            "hidden work dirs are not releases"
+        );
+    }
+}

@@ -1,0 +1,84 @@
+//! Deploying to a [`Cluster`] and seeing the outcome: `deploy --wait` with its exit code,
+//! a deployment left holding its first step, a deployment's status, and which release
+//! each host's public port answers with.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::http::get;
+use crate::procs::wait_until;
+
+impl Cluster {
+    /// Deploys each version in turn straight to 100 % and waits for success.
+    pub fn deploy_versions(&self, versions: &[&str]) {
+        for v in versions {
+            let (url, sha) = self.pack(v, &[]);
+            let plan = self.plan(v, v, &url, &sha, "steps = [{ traffic = 100 }]", "");
+            let (code, _, err) = self.deploy_wait(&plan, &[]);
+            assert_eq!(code, 0, "deploy {v}: {err}");
+        }
+    }
+
+    /// Starts a deployment without waiting and polls until its first step holds: every
+    /// host switched and the deployment progressing. Returns its id.
+    pub fn deploy_until_holding(&self, plan: &Path) -> String {
+        let id = self
+            .cli_ok(&["deploy", plan.to_str().expect("utf-8 path")])
+            .trim()
+            .to_string();
+        wait_until(Duration::from_secs(30), "the first step to hold", || {
+            let s = self.status(&id);
+            s["state"] == "progressing"
+                && s["hosts"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().all(|h| h["phase"] == "switched"))
+        });
+        id
+    }
+
+    /// Deploys and waits; returns (exit code, id, stderr).
+    pub fn deploy_wait(&self, plan: &Path, extra: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["deploy", plan.to_str().expect("utf-8 path"), "--wait"];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        let id = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        (
+            out.status.code().unwrap_or(-1),
+            id,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `cutover status ID` as JSON.
+    pub fn status(&self, id: &str) -> Value {
+        serde_json::from_str(&self.cli_ok(&["status", id, "--output", "json"]))
+            .expect("status json")
+    }
+
+    /// The body each host's public port answers with (`release X` or an error).
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.agents
+            .iter()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    get(&format!("{}:{}", a.ip, self.listen), "/").unwrap_or_else(|e| e),
+                )
+            })
+            .collect()
+    }
+
+    /// True when every host's public port answers `release {version}`.
+    pub fn all_serving(&self, version: &str) -> bool {
+        let want = format!("release {version}");
+        self.versions().values().all(|v| *v == want)
+    }
+}

@@ -16,9 +16,8 @@ impl Cluster {
     /// Deploys each version in turn straight to 100 % and waits for success.
     pub fn deploy_versions(&self, versions: &[&str]) {
         for v in versions {
-            let (url, sha) = self.pack(v, &[]);
-            let plan = self.plan(v, v, &url, &sha, "steps = [{ traffic = 100 }]", "");
-            let (code, _, err) = self.deploy_wait(&plan, &[]);
+            let plan = self.plan(v).write(v);
+            let (code, _, err) = self.deploy_wait(&plan);
             assert_eq!(code, 0, "deploy {v}: {err}");
         }
     }
@@ -41,10 +40,8 @@ impl Cluster {
     }
 
     /// Deploys and waits; returns (exit code, id, stderr).
-    pub fn deploy_wait(&self, plan: &Path, extra: &[&str]) -> (i32, String, String) {
-        let mut args = vec!["deploy", plan.to_str().expect("utf-8 path"), "--wait"];
-        args.extend_from_slice(extra);
-        let out = self.cli(&args);
+    pub fn deploy_wait(&self, plan: &Path) -> (i32, String, String) {
+        let out = self.cli(&["deploy", plan.to_str().expect("utf-8 path"), "--wait"]);
         let id = String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
@@ -61,6 +58,14 @@ impl Cluster {
     pub fn status(&self, id: &str) -> Value {
         serde_json::from_str(&self.cli_ok(&["status", id, "--output", "json"]))
             .expect("status json")
+    }
+
+    /// Why deployment `id` ended as it did (its status's `reason`), or "".
+    pub fn reason(&self, id: &str) -> String {
+        self.status(id)["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The body each host's public port answers with (`release X` or an error).

@@ -21,6 +21,6 @@ pub use cluster::{Agent, Cluster};
 pub use disk::Tmpfs;
 pub use http::get;
 pub use load::{Load, LoadReport};
-pub use plan::ANALYSIS_ERRORS;
+pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
 pub use serde_json::Value;

@@ -436,18 +436,11 @@ fn the_join_token_comes_from_one_source_and_labels_follow_one_rule() {
         stderr(&out)
     );
     assert_eq!(token_json(&c, &token)["uses_left"], 1);
-    let plan = c.plan(
-        "bad-labels",
-        "1.0.0",
-        "file:///x.tar.gz",
-        &"0".repeat(64),
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let text = std::fs::read_to_string(&plan)
-        .expect("plan")
-        .replace("env = \"test\"", "env = \"test\", tier = \"front end\"");
-    std::fs::write(&plan, text).expect("write");
+    let plan = c
+        .plan("1.0.0")
+        .artifact("file:///x.tar.gz", &"0".repeat(64))
+        .label("tier", "front end")
+        .write("bad-labels");
     let out = c.cli(&["plan", "validate", plan.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -146,15 +146,10 @@ fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
 fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
     let mut c = Cluster::start(42, 2);
     c.deploy_versions(&["1.0.0"]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "v2",
-        "2.0.0",
-        &url,
-        &sha,
-        r#"steps = [{ traffic = 50, hold = "4s" }, { traffic = 100 }]"#,
-        "",
-    );
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "4s" }, { traffic = 100 }]"#)
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     let load = Load::start(c.addrs(), 2);
     if let Some(mut coord) = c.coordinator.take() {
@@ -199,23 +194,23 @@ fn signal(pid: i32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-/// The fleet's v1 and a v2 plan with `strategy`, on three hosts in their own network
-/// namespaces.
-fn partitioned_fleet(fabric: &Fabric, strategy: &str) -> (Cluster, PathBuf) {
+/// The fleet's v1, on three hosts in their own network namespaces.
+fn partitioned_fleet(fabric: &Fabric) -> Cluster {
     let c = Cluster::start_on(fabric, 3, &[]);
     c.deploy_versions(&["1.0.0"]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
-    (c, plan)
+    c
 }
 
 #[test]
 fn a_host_cut_off_mid_deployment_rolls_the_fleet_back_and_follows_when_it_returns() {
     let fabric = Fabric::new(43, 3);
-    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]
-on_host_lost = "rollback"
-host_lost_after = "2s""#;
-    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let c = partitioned_fleet(&fabric);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#)
+        .on_host_lost("rollback")
+        .host_lost_after("2s")
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     // web-2's link goes down: no packet in or out, no connection closed.
     fabric.cut(1);
@@ -258,9 +253,12 @@ host_lost_after = "2s""#;
 #[test]
 fn by_default_a_host_cut_off_pauses_the_deployment_until_an_operator_decides() {
     let fabric = Fabric::new(48, 3);
-    let strategy = r#"steps = [{ traffic = 50, hold = "3s" }, { traffic = 100 }]
-host_lost_after = "2s""#;
-    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let c = partitioned_fleet(&fabric);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "3s" }, { traffic = 100 }]"#)
+        .host_lost_after("2s")
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     fabric.cut(2);
     wait_until(Duration::from_secs(30), "the deployment to pause", || {
@@ -299,11 +297,14 @@ host_lost_after = "2s""#;
 #[test]
 fn with_continue_a_host_cut_off_is_set_aside_and_follows_the_fleet_when_it_returns() {
     let fabric = Fabric::new(44, 3);
-    let strategy = r#"steps = [{ traffic = 50, hold = "10s" }, { traffic = 100 }]
-max_failed_hosts = 0
-on_host_lost = "continue"
-host_lost_after = "2s""#;
-    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let c = partitioned_fleet(&fabric);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "10s" }, { traffic = 100 }]"#)
+        .max_failed_hosts(0)
+        .on_host_lost("continue")
+        .host_lost_after("2s")
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     fabric.cut(1);
     let out = c.cli(&["watch", &id]);
@@ -381,17 +382,12 @@ fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resume
     let load = Load::start(c.addrs(), 2);
 
     // 1. While the hosts prepare: v2 downloads at ~1 MiB/s, so preparing takes seconds.
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let file = PathBuf::from(url.trim_start_matches("file://"));
-    let slow = format!("http://{}/web-2.0.0.tar.gz", slow_server(file, 1 << 20));
-    let plan = c.plan(
-        "v2",
-        "2.0.0",
-        &slow,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
+    let v2 = c.pack("2.0.0", &[]);
+    let slow = format!(
+        "http://{}/web-2.0.0.tar.gz",
+        slow_server(v2.path(), 1 << 20)
     );
+    let plan = c.plan("2.0.0").artifact(&slow, &v2.sha256).write("v2");
     let id = c
         .cli_ok(&["deploy", plan.to_str().expect("path")])
         .trim()
@@ -417,9 +413,10 @@ fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resume
     assert!(c.all_serving("2.0.0"));
 
     // 2. In a pause: it stays paused across the restart, at the same step, until resumed.
-    let (url, sha) = c.pack("3.0.0", &[]);
-    let strategy = "steps = [{ traffic = 50, pause = true }, { traffic = 100 }]";
-    let plan = c.plan("v3", "3.0.0", &url, &sha, strategy, "");
+    let plan = c
+        .plan("3.0.0")
+        .steps("[{ traffic = 50, pause = true }, { traffic = 100 }]")
+        .write("v3");
     let id = c
         .cli_ok(&["deploy", plan.to_str().expect("path")])
         .trim()
@@ -452,9 +449,10 @@ fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resume
 
     // 3. Mid-rollback: web-2 is frozen, so the abort waits for its confirmation; the
     // coordinator dies meanwhile. Started again, it finishes the rollback.
-    let (url, sha) = c.pack("4.0.0", &[]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#;
-    let plan = c.plan("v4", "4.0.0", &url, &sha, strategy, "");
+    let plan = c
+        .plan("4.0.0")
+        .steps(r#"[{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#)
+        .write("v4");
     let id = c.deploy_until_holding(&plan);
     let frozen = c.agents[1].proc.pid();
     signal(frozen, "STOP");

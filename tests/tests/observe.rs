@@ -18,28 +18,29 @@ fn f(v: &Value) -> f64 {
 #[test]
 fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
     let c = Cluster::start(61, 2);
-    let steps = r#"steps = [{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
+    let steps = r#"[{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
     let mut ids = Vec::new();
     for v in ["1.0.0", "2.0.0"] {
-        let (url, sha) = c.pack(v, &[]);
-        let plan = c.plan(v, v, &url, &sha, steps, "");
-        let (code, id, err) = c.deploy_wait(&plan, &[]);
+        let plan = c.plan(v).steps(steps).write(v);
+        let (code, id, err) = c.deploy_wait(&plan);
         assert_eq!(code, 0, "{err}");
         ids.push(id);
     }
     // 3.0.0 fails a third of its requests: rolled back at 50 %.
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
-    let (url, sha) = c.pack("3.0.0", &["error_rate=0.3"]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#;
-    let plan = c.plan_with("bad", "3.0.0", &url, &sha, strategy, "", ANALYSIS_ERRORS);
-    let (code, bad, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("3.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(r#"[{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#)
+        .analysis(ANALYSIS_ERRORS)
+        .write("bad");
+    let (code, bad, err) = c.deploy_wait(&plan);
     assert_eq!(code, 3, "{err}");
     drop(load);
     // 4.0.0 succeeds, then an operator rolls it back by hand.
-    let (url, sha) = c.pack("4.0.0", &[]);
-    let plan = c.plan("v4", "4.0.0", &url, &sha, steps, "");
-    let (code, v4, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("4.0.0").steps(steps).write("v4");
+    let (code, v4, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     let out = c.cli(&["rollback", "web", "--wait"]);
     assert_eq!(
@@ -139,17 +140,16 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
 #[test]
 fn watch_shows_the_steps_live_on_a_terminal_and_as_plain_lines_in_logs() {
     let c = Cluster::start(62, 2);
-    let steps = r#"steps = [{ traffic = 10, hold = "2s" }, { traffic = 50, hold = "2s" }, { traffic = 100 }]"#;
+    let steps =
+        r#"[{ traffic = 10, hold = "2s" }, { traffic = 50, hold = "2s" }, { traffic = 100 }]"#;
     // History first, for typical times and an ETA.
     for v in ["1.0.0", "2.0.0"] {
-        let (url, sha) = c.pack(v, &[]);
-        let plan = c.plan(v, v, &url, &sha, steps, "");
-        assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+        let plan = c.plan(v).steps(steps).write(v);
+        assert_eq!(c.deploy_wait(&plan).0, 0);
     }
 
     // Plain: not a terminal (CI logs).
-    let (url, sha) = c.pack("3.0.0", &[]);
-    let plan = c.plan("v3", "3.0.0", &url, &sha, steps, "");
+    let plan = c.plan("3.0.0").steps(steps).write("v3");
     let id = c
         .cli_ok(&["deploy", plan.to_str().expect("path")])
         .trim()
@@ -172,8 +172,7 @@ fn watch_shows_the_steps_live_on_a_terminal_and_as_plain_lines_in_logs() {
 
     // On a terminal (a pseudo-terminal from script(1)): the view is redrawn in place and
     // shows the step, the phase against typical times, and the ETA.
-    let (url, sha) = c.pack("4.0.0", &[]);
-    let plan = c.plan("v4", "4.0.0", &url, &sha, steps, "");
+    let plan = c.plan("4.0.0").steps(steps).write("v4");
     let id = c
         .cli_ok(&["deploy", plan.to_str().expect("path")])
         .trim()
@@ -256,17 +255,21 @@ fn receiver(refuse: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value
 fn webhooks_receive_every_event_in_order_with_retries() {
     let (url, got) = receiver(2);
     let c = Cluster::start_with(63, 2, &["--webhook", &url]);
-    let steps = r#"steps = [{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
-    let (u, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &u, &sha, steps, "");
-    let (code, good, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("1.0.0")
+        .steps(r#"[{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#)
+        .write("v1");
+    let (code, good, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
-    let (u, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#;
-    let plan = c.plan_with("bad", "2.0.0", &u, &sha, strategy, "", ANALYSIS_ERRORS);
-    let (code, bad, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(r#"[{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#)
+        .analysis(ANALYSIS_ERRORS)
+        .write("bad");
+    let (code, bad, err) = c.deploy_wait(&plan);
     assert_eq!(code, 3, "{err}");
     drop(load);
 
@@ -388,9 +391,8 @@ impl Drop for Browser {
 #[test]
 fn the_dashboard_in_a_real_browser_follows_a_deployment_live() {
     let c = Cluster::start(64, 2);
-    let (u, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &u, &sha, "steps = [{ traffic = 100 }]", "");
-    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let plan = c.plan("1.0.0").write("v1");
+    assert_eq!(c.deploy_wait(&plan).0, 0);
 
     let browser = Browser::open(&format!("http://{}/", c.http_addr));
     wait_until(Duration::from_secs(30), "the dashboard loaded", || {
@@ -400,9 +402,12 @@ fn the_dashboard_in_a_real_browser_follows_a_deployment_live() {
     });
     let (page, _) = browser.page(&c.http_addr).expect("page");
 
-    let (u, sha) = c.pack("2.0.0", &[]);
-    let steps = r#"steps = [{ traffic = 10, hold = "3s" }, { traffic = 50, hold = "3s" }, { traffic = 100 }]"#;
-    let plan = c.plan("v2", "2.0.0", &u, &sha, steps, "");
+    let plan = c
+        .plan("2.0.0")
+        .steps(
+            r#"[{ traffic = 10, hold = "3s" }, { traffic = 50, hold = "3s" }, { traffic = 100 }]"#,
+        )
+        .write("v2");
     let id = c
         .cli_ok(&["deploy", plan.to_str().expect("path")])
         .trim()

@@ -62,15 +62,18 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let hosts: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let mut c = Cluster::start(33, 2);
-    let steps = r#"steps = [{ traffic = 10, hold = "1s" }, { traffic = 100 }]"#;
-    let (u, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &u, &sha, steps, "");
-    anyhow::ensure!(c.deploy_wait(&plan, &[]).0 == 0, "v1 failed");
+    let steps = r#"[{ traffic = 10, hold = "1s" }, { traffic = 100 }]"#;
+    let plan = c.plan("1.0.0").steps(steps).write("v1");
+    anyhow::ensure!(c.deploy_wait(&plan).0 == 0, "v1 failed");
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
-    let (u, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
-    let plan = c.plan_with("bad", "2.0.0", &u, &sha, steps, "", tests::ANALYSIS_ERRORS);
-    anyhow::ensure!(c.deploy_wait(&plan, &[]).0 == 3, "v2 was not rolled back");
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(steps)
+        .analysis(tests::ANALYSIS_ERRORS)
+        .write("bad");
+    anyhow::ensure!(c.deploy_wait(&plan).0 == 3, "v2 was not rolled back");
     drop(load);
     c.stop_coordinator();
 

@@ -32,15 +32,15 @@ pub struct Load {
 #[derive(Default)]
 pub struct LoadReport {
     /// Requests answered with a 2xx and a whole body.
-    pub ok: AtomicU64,
+    ok: AtomicU64,
     /// Requests that failed: no connection, an error status, a broken answer.
-    pub failed: AtomicU64,
+    failed: AtomicU64,
     /// Served requests by body (`release X`): which release answered how often.
-    pub versions: Mutex<BTreeMap<String, u64>>,
+    versions: Mutex<BTreeMap<String, u64>>,
     /// The first failures' descriptions, to say what failed.
-    pub errors: Mutex<Vec<String>>,
+    errors: Mutex<Vec<String>>,
     /// The slowest request seen, in microseconds.
-    pub max_latency_us: AtomicU64,
+    max_latency_us: AtomicU64,
 }
 
 impl LoadReport {
@@ -58,6 +58,23 @@ impl LoadReport {
 
     pub fn max_latency(&self) -> Duration {
         Duration::from_micros(self.max_latency_us.load(Ordering::Relaxed))
+    }
+
+    /// What the first failures were.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// The test's claim that no client request failed: panics with how many did and
+    /// what the first of them were.
+    #[track_caller]
+    pub fn assert_none_failed(&self) {
+        let failed = self.failed();
+        assert!(
+            failed == 0,
+            "{failed} client requests failed, the first: {:?}",
+            self.errors()
+        );
     }
 
     fn fail(&self, error: String) {
@@ -207,4 +224,33 @@ async fn request(
         Err(e) => report.fail(format!("{addr}: body: {e}")),
     }
     !close
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "1 client requests failed, the first: [\"127.0.0.1:1: HTTP 502")]
+    fn a_failed_request_fails_the_claim_and_says_what_it_was() {
+        let report = LoadReport::default();
+        report.served(b"release 1.0.0");
+        report.fail("127.0.0.1:1: HTTP 502 Bad Gateway".into());
+        report.assert_none_failed();
+    }
+
+    #[test]
+    fn served_requests_are_counted_by_release() {
+        let report = LoadReport::default();
+        report.served(b"release 1.0.0\n");
+        report.served(b"release 2.0.0");
+        report.served(b"release 2.0.0");
+        report.assert_none_failed();
+        assert_eq!(report.ok(), 3);
+        let versions: Vec<(String, u64)> = report.versions().into_iter().collect();
+        assert_eq!(
+            versions,
+            [("release 1.0.0".into(), 1), ("release 2.0.0".into(), 2)]
+        );
+    }
 }

@@ -30,12 +30,8 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
         load.report.ok() > served_at_switch + 300
     });
     let report = load.stop();
-    let errors = report.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    assert_eq!(
-        report.failed(),
-        0,
-        "failed requests during the switch: {errors:?}"
-    );
+    // Not one request failed during the switch.
+    report.assert_none_failed();
     let versions = report.versions();
     assert!(
         versions.get("release 1.0.0").copied().unwrap_or(0) > 0,
@@ -111,12 +107,7 @@ fn assert_bad_release_rolls_back(c: &Cluster, plan: &std::path::Path, want_reaso
         "v1 keeps serving: {:?}",
         c.versions()
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "clients saw failures: {:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }
 
 #[test]

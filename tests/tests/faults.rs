@@ -37,12 +37,7 @@ fn an_agent_killed_hard_comes_back_serving_from_its_own_store_adopting_its_slots
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 200);
     let report = load.stop();
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     assert_eq!(
         report.versions().keys().cloned().collect::<Vec<_>>(),
         vec!["release 2.0.0".to_string()]
@@ -122,12 +117,7 @@ fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
         report.failed(),
         report.max_latency()
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     // Same process, same slot processes: nothing was started twice or left behind.
     assert_eq!(c.agents[0].proc.pid(), pid);
     let mut after = processes_under(&data);
@@ -178,12 +168,7 @@ fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
     );
     assert_eq!(c.status(&id)["state"], "succeeded");
     assert!(c.all_serving("2.0.0"));
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }
 
 fn signal(pid: i32, sig: &str) {
@@ -475,10 +460,5 @@ fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resume
 
     // No client request failed because of the coordinator's absences, in any phase.
     let report = load.stop();
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }

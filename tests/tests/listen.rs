@@ -100,12 +100,7 @@ fn malformed_requests_cannot_roll_back_a_good_release() {
         "{sent} malformed requests against {} good ones",
         report.ok()
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     let intervals = c.status(&id)["intervals"]
         .as_array()
         .cloned()

@@ -47,12 +47,7 @@ max = 1000
     let (code, id, err) = c.deploy_wait(&plan);
     let report = load.stop();
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     let s = c.status(&id);
     assert_eq!(s["state"], "succeeded");
     let intervals = s["intervals"].as_array().cloned().unwrap_or_default();
@@ -105,7 +100,7 @@ fn a_paused_10_percent_step_sends_about_10_percent_of_requests_to_the_new_releas
         (0.08..=0.12).contains(&share),
         "share on the new release {share:.3} ({v:?})"
     );
-    assert_eq!(report.failed(), 0);
+    report.assert_none_failed();
     // resume finishes it.
     c.cli_ok(&["resume", &id]);
     wait_until(Duration::from_secs(30), "success", || {
@@ -186,12 +181,8 @@ max_vs_baseline = 2.0
         "{reason}"
     );
     assert!(c.all_serving("1.0.0"));
-    assert_eq!(
-        report.failed(),
-        0,
-        "slow is not failed: {:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    // Slow is not failed.
+    report.assert_none_failed();
 }
 
 #[test]
@@ -225,7 +216,7 @@ fn a_release_that_crashes_while_serving_is_routed_around_by_the_agent_and_rolled
         report.failed() < 20,
         "failed {}: {:?}",
         report.failed(),
-        report.errors.lock().map(|e| e.clone())
+        report.errors()
     );
 }
 
@@ -288,10 +279,5 @@ fn rollback_after_the_old_slot_was_retired_prepares_it_again_from_disk() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }

@@ -81,12 +81,7 @@ fn a_warm_slot_is_prepared_anew_when_the_plan_changed_its_spec() {
         Some(0),
         "no traffic step ever started"
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     assert_eq!(
         report.versions().keys().collect::<Vec<_>>(),
         vec!["release 2.0.0"],

@@ -22,13 +22,17 @@ impl Cluster {
         }
     }
 
+    /// Starts a deployment without waiting; returns its id.
+    pub fn deploy(&self, plan: &Path) -> String {
+        self.cli_ok(&["deploy", plan.to_str().expect("utf-8 path")])
+            .trim()
+            .to_string()
+    }
+
     /// Starts a deployment without waiting and polls until its first step holds: every
     /// host switched and the deployment progressing. Returns its id.
     pub fn deploy_until_holding(&self, plan: &Path) -> String {
-        let id = self
-            .cli_ok(&["deploy", plan.to_str().expect("utf-8 path")])
-            .trim()
-            .to_string();
+        let id = self.deploy(plan);
         wait_until(Duration::from_secs(30), "the first step to hold", || {
             let s = self.status(&id);
             s["state"] == "progressing"
@@ -50,6 +54,15 @@ impl Cluster {
         (
             out.status.code().unwrap_or(-1),
             id,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `cutover watch ID`: follows the deployment to its end; returns (exit code, stderr).
+    pub fn watch(&self, id: &str) -> (i32, String) {
+        let out = self.cli(&["watch", id]);
+        (
+            out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }

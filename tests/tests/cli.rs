@@ -80,23 +80,15 @@ fn unreachable_coordinator_is_exit_1_with_one_line() {
     assert!(err.contains("credentials"), "{err}");
 }
 
-#[test]
-fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
-    let mut c = Cluster::start(15, 0);
-    let token = c.token("env=test");
-    let d1 = c.dir.join("h1");
-    let out = c.join("h1", &d1, &token);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// `token`, already used, is refused again; so are a forged secret, a revoked token and a
+/// token pinned to another CA; `token list` shows states but never secrets.
+fn a_token_joins_once_and_only_from_this_ca(c: &Cluster, token: &str) {
     // Replayed token.
-    let out = c.join("h2", &c.dir.join("h2"), &token);
+    let out = c.join("h2", &c.dir.join("h2"), token);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no uses left"));
     // Forged secret.
-    let mut forged = token.clone();
+    let mut forged = token.to_string();
     forged.replace_range(forged.len() - 4.., "0000");
     let out = c.join("h3", &c.dir.join("h3"), &forged);
     assert!(!out.status.success());
@@ -132,6 +124,20 @@ fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fingerprint"), "{err}");
+}
+
+#[test]
+fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
+    let mut c = Cluster::start(15, 0);
+    let token = c.token("env=test");
+    let d1 = c.dir.join("h1");
+    let out = c.join("h1", &d1, &token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a_token_joins_once_and_only_from_this_ca(&c, &token);
 
     // Host runs, is listed with its labels, then is removed and can't come back.
     let proc = c.spawn_agent("h1", "127.15.0.2", &d1);
@@ -275,12 +281,50 @@ fn interrupt(child: &mut std::process::Child) -> Option<i32> {
 #[test]
 fn wait_prints_changes_not_polls_and_ctrl_c_leaves_the_deployment_going() {
     let c = Cluster::start(81, 2);
+    a_line_per_change(&c);
+    let id = ctrl_c_on_deploy_wait(&c);
+
+    // `watch` with no id follows the deployment in progress; Ctrl-C again.
+    let log = c.dir.join("watch.err");
+    let mut watch = c
+        .cli_command(&["watch"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("watch");
+    wait_for_text(&log, &format!("{id} web 3.0.0: progressing"));
+    assert_eq!(interrupt(&mut watch), Some(130));
+    let err = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(err.lines().last(), Some(goes_on(&id).as_str()), "{err}");
+
+    // Nothing in progress: `watch` says so.
+    c.cli_ok(&["abort", &id]);
+    wait_until(Duration::from_secs(30), "the abort to end", || {
+        c.status(&id)["state"] == "aborted"
+    });
+    let out = c.cli(&["watch"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "error: no deployment in progress: the latest, {id} (web 3.0.0), ended aborted"
+        )),
+        "{err}"
+    );
+}
+
+/// What the CLI says when Ctrl-C leaves deployment `id` going.
+fn goes_on(id: &str) -> String {
+    format!("{id} goes on; follow it with `cutover watch {id}`, stop it with `cutover abort {id}`")
+}
+
+/// `deploy --wait` with stderr to a file, as under systemd or CI, prints a line per
+/// change, not per poll.
+fn a_line_per_change(c: &Cluster) {
     let steps = r#"[{ traffic = 50, hold = "6s" }, { traffic = 100 }]"#;
     // A past success gives typical times, so the progress line carries a moving ETA.
     let plan = c.plan("1.0.0").steps(steps).write("v1");
     assert_eq!(c.deploy_wait(&plan).0, 0);
 
-    // stderr is a file here, as under systemd or CI: a line per change, not per poll.
     let plan = c.plan("2.0.0").steps(steps).write("v2");
     let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
@@ -307,9 +351,11 @@ fn wait_prints_changes_not_polls_and_ctrl_c_leaves_the_deployment_going() {
             "a line only when something changes: {err}"
         );
     }
+}
 
-    // Ctrl-C during `deploy --wait`: the deployment goes on, and the CLI says how to
-    // follow or stop it.
+/// Ctrl-C during `deploy --wait`: the deployment goes on, and the CLI says how to
+/// follow or stop it. Returns the deployment's id.
+fn ctrl_c_on_deploy_wait(c: &Cluster) -> String {
     let long = r#"[{ traffic = 50, hold = "10m" }, { traffic = 100 }]"#;
     let plan = c.plan("3.0.0").steps(long).write("v3");
     let log = c.dir.join("deploy-wait.err");
@@ -326,39 +372,11 @@ fn wait_prints_changes_not_polls_and_ctrl_c_leaves_the_deployment_going() {
         .expect("stdout");
     let id = out.lines().next().unwrap_or_default().to_string();
     assert!(id.starts_with("d-"), "{out}");
-    let said = format!(
-        "{id} goes on; follow it with `cutover watch {id}`, stop it with `cutover abort {id}`"
-    );
     let err = std::fs::read_to_string(&log).expect("log");
-    assert_eq!(err.lines().last(), Some(said.as_str()), "{err}");
+    assert_eq!(err.lines().last(), Some(goes_on(&id).as_str()), "{err}");
     assert_eq!(c.status(&id)["state"], "progressing");
 
-    // `watch` with no id follows the deployment in progress; Ctrl-C again.
-    let log = c.dir.join("watch.err");
-    let mut watch = c
-        .cli_command(&["watch"])
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("watch");
-    wait_for_text(&log, &format!("{id} web 3.0.0: progressing"));
-    assert_eq!(interrupt(&mut watch), Some(130));
-    let err = std::fs::read_to_string(&log).expect("log");
-    assert_eq!(err.lines().last(), Some(said.as_str()), "{err}");
-
-    // Nothing in progress: `watch` says so.
-    c.cli_ok(&["abort", &id]);
-    wait_until(Duration::from_secs(30), "the abort to end", || {
-        c.status(&id)["state"] == "aborted"
-    });
-    let out = c.cli(&["watch"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.starts_with(&format!(
-            "error: no deployment in progress: the latest, {id} (web 3.0.0), ended aborted"
-        )),
-        "{err}"
-    );
+    id
 }
 
 #[test]

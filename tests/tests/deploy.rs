@@ -210,8 +210,7 @@ fn one_deployment_at_a_time_per_service() {
         .plan("2.0.0")
         .steps("[{ traffic = 50, pause = true }, { traffic = 100 }]")
         .write("held");
-    let first = c.cli_ok(&["deploy", plan.to_str().expect("path")]);
-    let id = first.lines().next().expect("id").to_string();
+    let id = c.deploy(&plan);
     wait_until(Duration::from_secs(20), "the deployment to pause", || {
         c.status(&id)["state"] == "paused"
     });

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tests::{Cluster, get, wait_until};
+use tests::{Artifact, Cluster, get, wait_until};
 
 /// A cluster whose agent runs services as `nobody` (the agent itself runs as root).
 fn cluster_as_nobody(net: u8, agent_env: &[(&str, &str)]) -> Cluster {
@@ -148,8 +148,7 @@ fn services_see_a_clean_environment_and_keep_state_across_releases() {
 
 /// The sample release plus what a careless or hostile build may ship: a setuid-root
 /// copy of `whoami`, a world-writable file and a sticky world-writable directory.
-/// Returns (file:// URL, sha256).
-fn loose_release(c: &Cluster, version: &str) -> (String, String) {
+fn loose_release(c: &Cluster, version: &str) -> Artifact {
     use sha2::Digest;
     use std::io::Write;
     let out = c.dir.join(format!("loose-{version}.tar.gz"));
@@ -186,17 +185,20 @@ fn loose_release(c: &Cluster, version: &str) -> (String, String) {
         .flush()
         .expect("flush");
     let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&out).expect("read")));
-    (format!("file://{}", out.display()), sha)
+    Artifact {
+        url: format!("file://{}", out.display()),
+        sha256: sha,
+    }
 }
 
 #[test]
 fn a_release_cannot_be_changed_by_its_service_nor_make_it_root() {
     let c = cluster_as_nobody(71, &[]);
     let addr = format!("127.71.0.2:{}", c.listen);
-    let (url, sha) = loose_release(&c, "1.0.0");
+    let loose = loose_release(&c, "1.0.0");
     let plan = c
         .plan("1.0.0")
-        .artifact(&url, &sha)
+        .artifact(&loose.url, &loose.sha256)
         .health_exec(&[
             "sh",
             "-c",

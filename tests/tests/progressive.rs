@@ -79,10 +79,7 @@ fn a_paused_10_percent_step_sends_about_10_percent_of_requests_to_the_new_releas
         .plan("2.0.0")
         .steps("[{ traffic = 10, pause = true }, { traffic = 100 }]")
         .write("canary");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let id = c.deploy(&plan);
     wait_until(Duration::from_secs(30), "the 10% step to pause", || {
         let s = c.status(&id);
         s["state"] == "paused" && s["traffic"] == 10
@@ -230,8 +227,7 @@ fn abort_during_a_hold_rolls_back() {
         .write("held");
     let id = c.deploy_until_holding(&plan);
     c.cli_ok(&["abort", &id]);
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(out.status.code(), Some(4), "aborted ends with exit 4");
+    assert_eq!(c.watch(&id).0, 4, "aborted ends with exit 4");
     let s = c.status(&id);
     assert_eq!(s["state"], "aborted");
     assert_eq!(s["reason"], "aborted by operator");

@@ -1,15 +1,29 @@
 //! Locked doors on the host: artifact signatures and the user slot processes run as.
 
+use std::path::Path;
+
 use tests::Cluster;
+
+/// `cutover artifact keygen --out KEY`; returns the public key.
+fn keygen(c: &Cluster, key: &Path) -> String {
+    c.cli_ok(&["artifact", "keygen", "--out", key.to_str().expect("path")])
+        .trim()
+        .to_string()
+}
+
+/// `cutover artifact sign FILE --key KEY`; returns the signature.
+fn sign(c: &Cluster, file: &Path, key: &Path) -> String {
+    let (file, key) = (file.to_str().expect("path"), key.to_str().expect("path"));
+    c.cli_ok(&["artifact", "sign", file, "--key", key])
+        .trim()
+        .to_string()
+}
 
 #[test]
 fn only_signed_artifacts_run_where_keys_are_trusted() {
     let mut c = Cluster::start(44, 0);
     let key = c.dir.join("release.key");
-    let public = c
-        .cli_ok(&["artifact", "keygen", "--out", key.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let public = keygen(&c, &key);
     assert_eq!(public.len(), 64, "{public}");
     // A second keygen never overwrites a key.
     assert_eq!(
@@ -27,21 +41,7 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
     });
 
     let v1 = c.pack("1.0.0", &[]);
-    let file = v1.path();
-    let file = file.to_str().expect("path");
-    let out = c.cli(&[
-        "artifact",
-        "sign",
-        file,
-        "--key",
-        key.to_str().expect("path"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let signature = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let signature = sign(&c, &v1.path(), &key);
 
     // Unsigned: the host fails preparation with a clear reason; nothing runs.
     let v1_plan = || c.plan("1.0.0").artifact(&v1.url, &v1.sha256);
@@ -56,17 +56,8 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
 
     // Signed by another key: refused too.
     let other = c.dir.join("other.key");
-    c.cli_ok(&["artifact", "keygen", "--out", other.to_str().expect("path")]);
-    let forged = c
-        .cli_ok(&[
-            "artifact",
-            "sign",
-            file,
-            "--key",
-            other.to_str().expect("path"),
-        ])
-        .trim()
-        .to_string();
+    keygen(&c, &other);
+    let forged = sign(&c, &v1.path(), &other);
     let forged_plan = v1_plan().signature(&forged).write("forged");
     let (code, id, _) = c.deploy_wait(&forged_plan);
     assert_eq!(code, 4);

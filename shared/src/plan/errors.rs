@@ -56,7 +56,7 @@ struct At<'a> {
 fn improve_message(raw: &str, at: Option<At<'_>>) -> String {
     // serde: "unknown field `heath`, expected one of `a`, `b`" or "expected `a` or `b`"
     if let Some(rest) = raw.strip_prefix("unknown field `") {
-        return unknown_key(rest);
+        return unknown(Unknown::Key, rest);
     }
     let key = at
         .as_ref()
@@ -69,7 +69,7 @@ fn improve_message(raw: &str, at: Option<At<'_>>) -> String {
         }
     };
     if let Some(rest) = raw.strip_prefix("unknown variant `") {
-        return keyed(unknown_value(rest));
+        return keyed(unknown(Unknown::Value, rest));
     }
     if let Some(rest) = raw.strip_prefix("missing field `") {
         let name = rest.split('`').next().unwrap_or_default();
@@ -85,28 +85,39 @@ fn improve_message(raw: &str, at: Option<At<'_>>) -> String {
     wrong_type(raw, &at).unwrap_or_else(|| keyed(raw.to_string()))
 }
 
-/// `unknown key `heath`: did you mean `health`?`, from what follows "unknown field `".
-fn unknown_key(rest: &str) -> String {
-    let name = rest.split('`').next().unwrap_or_default();
-    let expected = quoted_words(rest);
-    let mut msg = format!("unknown key `{name}`");
-    if let Some(best) = nearest(name, &expected) {
-        msg.push_str(&format!(": did you mean `{best}`?"));
-    } else if !expected.is_empty() {
-        msg.push_str(&format!("; known keys here: {}", expected.join(", ")));
-    }
-    msg
+/// What an unknown word in a plan is.
+#[derive(Clone, Copy)]
+enum Unknown {
+    /// A key the model does not have, named in backticks.
+    Key,
+    /// A value a key does not take, named in quotes as the plan writes it.
+    Value,
 }
 
-/// `unknown value "htp": did you mean "http"?`, from what follows "unknown variant `".
-fn unknown_value(rest: &str) -> String {
+impl Unknown {
+    /// `word` as this kind of word is named in messages.
+    fn named(self, word: &str) -> String {
+        match self {
+            Unknown::Key => format!("`{word}`"),
+            Unknown::Value => format!("{word:?}"),
+        }
+    }
+}
+
+/// ``unknown key `heath`: did you mean `health`?`` or `unknown value "htp": did you
+/// mean "http"?`, from what follows the word's opening backtick in serde's message.
+fn unknown(kind: Unknown, rest: &str) -> String {
     let name = rest.split('`').next().unwrap_or_default();
     let expected = quoted_words(rest);
-    let mut msg = format!("unknown value {name:?}");
+    let (what, others) = match kind {
+        Unknown::Key => ("key", "known keys here:"),
+        Unknown::Value => ("value", "expected one of"),
+    };
+    let mut msg = format!("unknown {what} {}", kind.named(name));
     if let Some(best) = nearest(name, &expected) {
-        msg.push_str(&format!(": did you mean {best:?}?"));
+        msg.push_str(&format!(": did you mean {}?", kind.named(best)));
     } else if !expected.is_empty() {
-        msg.push_str(&format!("; expected one of {}", expected.join(", ")));
+        msg.push_str(&format!("; {others} {}", expected.join(", ")));
     }
     msg
 }

@@ -50,23 +50,7 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
     assert_eq!(status["hosts"].as_array().map(Vec::len), Some(3));
 
     // v1 stays warm in the other slot with no weight.
-    let hosts = c.hosts();
-    for h in hosts.as_array().expect("array") {
-        let svc = &h["services"][0];
-        assert_eq!(svc["live_release"], "2.0.0", "{h}");
-        let slots = [&svc["slots"]["blue"], &svc["slots"]["green"]];
-        let old = slots
-            .iter()
-            .find(|s| s["release"] == "1.0.0")
-            .expect("v1 slot");
-        let new = slots
-            .iter()
-            .find(|s| s["release"] == "2.0.0")
-            .expect("v2 slot");
-        assert_eq!(old["state"], "healthy", "{h}");
-        assert_eq!(old["weight"], 0, "{h}");
-        assert_eq!(new["weight"], 100, "{h}");
-    }
+    assert_warm_behind(&c, "1.0.0", "2.0.0");
 
     // The same release again is a no-op that succeeds.
     let (code, id2, err) = c.deploy_wait(&plan);
@@ -84,6 +68,27 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
+}
+
+/// On every host, `live` takes all the traffic and `warm` runs healthy beside it with none.
+fn assert_warm_behind(c: &Cluster, warm: &str, live: &str) {
+    let hosts = c.hosts();
+    for h in hosts.as_array().expect("array") {
+        let svc = &h["services"][0];
+        assert_eq!(svc["live_release"], live, "{h}");
+        let slots = [&svc["slots"]["blue"], &svc["slots"]["green"]];
+        let old = slots
+            .iter()
+            .find(|s| s["release"] == warm)
+            .expect("warm slot");
+        let new = slots
+            .iter()
+            .find(|s| s["release"] == live)
+            .expect("live slot");
+        assert_eq!(old["state"], "healthy", "{h}");
+        assert_eq!(old["weight"], 0, "{h}");
+        assert_eq!(new["weight"], 100, "{h}");
+    }
 }
 
 fn assert_bad_release_rolls_back(c: &Cluster, plan: &std::path::Path, want_reason: &str) {

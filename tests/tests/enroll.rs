@@ -139,30 +139,35 @@ fn a_join_token_cannot_take_over_an_enrolled_host() {
     });
     assert_eq!(labels_of(&c, "host-b")["env"], "test");
 
-    // The token's labels are authoritative: a join can neither change one nor add a key
-    // the token does not allow.
+    the_tokens_labels_are_authoritative(&c, &dev);
+}
+
+/// The labels of token `dev` (`env=dev`, two uses left) are authoritative: a join can
+/// neither change one nor add a key the token does not allow, and a join that takes
+/// them as they are works.
+fn the_tokens_labels_are_authoritative(c: &Cluster, dev: &str) {
     let newcomer = c.dir.join("host-c");
     refused(
-        &c,
+        c,
         "host-c",
         &newcomer,
-        &dev,
+        dev,
         "env=prod",
         "label env=dev is set by the join token; join --labels cannot change it",
     );
     refused(
-        &c,
+        c,
         "host-c",
         &newcomer,
-        &dev,
+        dev,
         "role=web",
         "label role is not allowed by the join token (it allows none)",
     );
-    assert_eq!(token_json(&c, &dev)["uses_left"], 2);
-    let out = join_token(&c, &c.coord_addr, &dev, "host-c", &newcomer, &[]);
+    assert_eq!(token_json(c, dev)["uses_left"], 2);
+    let out = join_token(c, &c.coord_addr, dev, "host-c", &newcomer, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(labels_of(&c, "host-c"), serde_json::json!({"env": "dev"}));
-    assert_eq!(token_json(&c, &dev)["uses_left"], 1);
+    assert_eq!(labels_of(c, "host-c"), serde_json::json!({"env": "dev"}));
+    assert_eq!(token_json(c, dev)["uses_left"], 1);
 }
 
 #[test]

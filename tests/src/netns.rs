@@ -20,7 +20,9 @@ fn ip(args: &[&str]) {
 
 /// A bridge `10.248.<id>.1/24` in the root namespace and one namespace per host.
 pub struct Fabric {
+    /// Tells this fabric's bridge, links, namespaces and subnet from other tests'.
     id: u8,
+    /// How many namespaces exist, so that drop removes exactly those.
     hosts: usize,
 }
 

@@ -6,9 +6,8 @@ use std::time::Duration;
 use tests::{Cluster, Tmpfs, wait_until};
 
 fn v1(c: &Cluster) {
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
-    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let plan = c.plan("1.0.0").write("v1");
+    assert_eq!(c.deploy_wait(&plan).0, 0);
 }
 
 /// Serves `respond` to every connection on a local port; returns the address.
@@ -26,31 +25,23 @@ fn tiny_server(respond: &'static [u8]) -> String {
 }
 
 fn reason_of(c: &Cluster, plan: &std::path::Path) -> (i32, String) {
-    let (code, id, err) = c.deploy_wait(plan, &[]);
+    let (code, id, err) = c.deploy_wait(plan);
     assert!(!err.contains("panicked"), "{err}");
-    (
-        code,
-        c.status(&id)["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
+    (code, c.reason(&id))
 }
 
 #[test]
 fn broken_commands_ports_and_artifact_servers_fail_preparation_clearly() {
     let c = Cluster::start(51, 2);
     v1(&c);
-    let steps = "steps = [{ traffic = 100 }]";
-    let (url, sha) = c.pack("2.0.0", &[]);
+    let v2 = c.pack("2.0.0", &[]);
+    let v2_plan = || c.plan("2.0.0").artifact(&v2.url, &v2.sha256);
 
     // A command that is not in the release.
-    let plan = c.plan("missing-cmd", "2.0.0", &url, &sha, steps, "");
-    let text = std::fs::read_to_string(&plan)
-        .expect("plan")
-        .replace("./bin/cutover-sample", "./bin/nope");
-    std::fs::write(&plan, text).expect("write");
-    let (code, reason) = reason_of(&c, &plan);
+    let missing = v2_plan()
+        .command(&["./bin/nope", "serve", "--port", "${PORT}"])
+        .write("missing-cmd");
+    let (code, reason) = reason_of(&c, &missing);
     assert_eq!(code, 3);
     assert!(
         reason.contains("command ./bin/nope: not found in the release"),
@@ -58,26 +49,18 @@ fn broken_commands_ports_and_artifact_servers_fail_preparation_clearly() {
     );
 
     // A command that is not executable.
-    let plan = c.plan("not-exec", "2.0.0", &url, &sha, steps, "");
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        "./bin/cutover-sample\", \"serve\"",
-        "./behaviour.env\", \"serve\"",
-    );
-    std::fs::write(&plan, text).expect("write");
-    let (code, reason) = reason_of(&c, &plan);
+    let not_exec = v2_plan()
+        .command(&["./behaviour.env", "serve", "--port", "${PORT}"])
+        .write("not-exec");
+    let (code, reason) = reason_of(&c, &not_exec);
     assert_eq!(code, 3);
     assert!(reason.contains("not executable"), "{reason}");
 
     // The public port is taken on one host: that host fails, nothing moves.
     let busy = std::net::TcpListener::bind("127.51.0.3:0").expect("bind");
     let port = busy.local_addr().expect("addr").port();
-    let plan = c.plan("busy", "2.0.0", &url, &sha, steps, "");
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        &format!("listen = {}", c.listen),
-        &format!("listen = {port}"),
-    );
-    std::fs::write(&plan, text).expect("write");
-    let (code, reason) = reason_of(&c, &plan);
+    let busy_plan = v2_plan().listen(port).write("busy");
+    let (code, reason) = reason_of(&c, &busy_plan);
     assert_eq!(code, 3);
     assert!(
         reason.contains("host web-2: bind 127.51.0.3:") && reason.contains("in use"),
@@ -87,32 +70,24 @@ fn broken_commands_ports_and_artifact_servers_fail_preparation_clearly() {
 
     // An artifact server that answers 500 (retried, then given up) or closes early. (A
     // release already on disk would not be downloaded again: use new ones.)
-    let (_, sha) = c.pack("2.0.5", &[]);
+    let sha = c.pack("2.0.5", &[]).sha256;
     let e500 = tiny_server(
         b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
     );
-    let plan = c.plan(
-        "e500",
-        "2.0.5",
-        &format!("http://{e500}/a.tar.gz"),
-        &sha,
-        steps,
-        "",
-    );
+    let plan = c
+        .plan("2.0.5")
+        .artifact(&format!("http://{e500}/a.tar.gz"), &sha)
+        .write("e500");
     let (code, reason) = reason_of(&c, &plan);
     assert_eq!(code, 3);
     assert!(reason.contains("HTTP 500"), "{reason}");
     let early = tiny_server(
         b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\nconnection: close\r\n\r\npartial",
     );
-    let plan = c.plan(
-        "early",
-        "2.0.5",
-        &format!("http://{early}/a.tar.gz"),
-        &sha,
-        steps,
-        "",
-    );
+    let plan = c
+        .plan("2.0.5")
+        .artifact(&format!("http://{early}/a.tar.gz"), &sha)
+        .write("early");
     let (code, reason) = reason_of(&c, &plan);
     assert_eq!(code, 3);
     assert!(reason.contains("download http://"), "{reason}");
@@ -201,14 +176,13 @@ fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clear
         .to_vec();
     c.add_agent("web-1", "127.54.0.2", "env=test");
     v1(&c);
-    let steps = "steps = [{ traffic = 100 }]";
 
     // A server that sends a little, then nothing: bounded by the stall timeout, retried
     // a few times, then the host fails preparation and v1 keeps serving.
     let addr = stalling_server(50_000);
     let sha = "ab".repeat(32);
     let url = format!("http://{addr}/web.tar.gz");
-    let plan = c.plan("stall", "2.0.0", &url, &sha, steps, "");
+    let plan = c.plan("2.0.0").artifact(&url, &sha).write("stall");
     let started = std::time::Instant::now();
     let (code, reason) = reason_of(&c, &plan);
     eprintln!(
@@ -235,7 +209,7 @@ fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clear
         hex::encode(sha2::Sha256::digest(&data))
     };
     let url = format!("file://{}", big.display());
-    let plan = c.plan("big", "3.0.0", &url, &sha, steps, "");
+    let plan = c.plan("3.0.0").artifact(&url, &sha).write("big");
     let (code, reason) = reason_of(&c, &plan);
     assert_eq!(code, 3, "{reason}");
     assert!(
@@ -256,16 +230,8 @@ fn a_host_with_a_full_disk_is_quarantined_and_the_fleet_report_names_it() {
     let _disk = Tmpfs::mount(&c.dir.join("web-2"), "4m");
     c.add_agent("web-2", "127.55.0.3", "env=test");
     c.add_agent("web-3", "127.55.0.4", "env=test");
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan(
-        "v1",
-        "1.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]\nmax_failed_hosts = 1",
-        "",
-    );
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("1.0.0").max_failed_hosts(1).write("v1");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     let s = c.status(&id);
     assert_eq!(s["state"], "succeeded");

@@ -12,15 +12,36 @@ fn cutover(args: &[&str]) -> std::process::Output {
         .expect("run cutover")
 }
 
+/// The smallest plan `plan validate` accepts, a line per entry so that a test can change
+/// one line and expect the error on it.
+fn minimal_plan() -> Vec<String> {
+    [
+        "service = \"web\"",
+        "[release]",
+        "version = \"1\"",
+        "artifact = \"file:///x.tar.gz\"",
+        &format!("sha256 = \"{}\"", "a".repeat(64)),
+        "[run]",
+        "command = [\"./x\", \"--port\", \"${PORT}\"]",
+        "listen = 8080",
+        "[health]",
+        "http = \"/\"",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Writes the plan of `lines` to `dir/name`; returns its path.
+fn write_plan(dir: &std::path::Path, name: &str, lines: &[String]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").expect("write plan");
+    path
+}
+
 #[test]
 fn plan_validate_exit_codes_and_located_errors() {
     let dir = tempfile::tempdir().expect("tmp");
-    let good = dir.path().join("good.toml");
-    let sha = "a".repeat(64);
-    let text = format!(
-        "service = \"web\"\n[release]\nversion = \"1\"\nartifact = \"file:///x.tar.gz\"\nsha256 = \"{sha}\"\n[run]\ncommand = [\"./x\"]\nlisten = 8080\n[health]\nhttp = \"/\"\n"
-    );
-    std::fs::write(&good, &text).expect("write");
+    let good = write_plan(dir.path(), "good.toml", &minimal_plan());
     let out = cutover(&["plan", "validate", good.to_str().expect("path")]);
     assert_eq!(
         out.status.code(),
@@ -29,8 +50,9 @@ fn plan_validate_exit_codes_and_located_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, text.replace("[health]", "[heath]")).expect("write");
+    let mut heath = minimal_plan();
+    heath[8] = "[heath]".into();
+    let bad = write_plan(dir.path(), "bad.toml", &heath);
     let out = cutover(&["plan", "validate", bad.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -58,23 +80,15 @@ fn unreachable_coordinator_is_exit_1_with_one_line() {
     assert!(err.contains("credentials"), "{err}");
 }
 
-#[test]
-fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
-    let mut c = Cluster::start(15, 0);
-    let token = c.token("env=test");
-    let d1 = c.dir.join("h1");
-    let out = c.join("h1", &d1, &token);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// `token`, already used, is refused again; so are a forged secret, a revoked token and a
+/// token pinned to another CA; `token list` shows states but never secrets.
+fn a_token_joins_once_and_only_from_this_ca(c: &Cluster, token: &str) {
     // Replayed token.
-    let out = c.join("h2", &c.dir.join("h2"), &token);
+    let out = c.join("h2", &c.dir.join("h2"), token);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no uses left"));
     // Forged secret.
-    let mut forged = token.clone();
+    let mut forged = token.to_string();
     forged.replace_range(forged.len() - 4.., "0000");
     let out = c.join("h3", &c.dir.join("h3"), &forged);
     assert!(!out.status.success());
@@ -110,6 +124,20 @@ fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fingerprint"), "{err}");
+}
+
+#[test]
+fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
+    let mut c = Cluster::start(15, 0);
+    let token = c.token("env=test");
+    let d1 = c.dir.join("h1");
+    let out = c.join("h1", &d1, &token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a_token_joins_once_and_only_from_this_ca(&c, &token);
 
     // Host runs, is listed with its labels, then is removed and can't come back.
     let proc = c.spawn_agent("h1", "127.15.0.2", &d1);
@@ -147,16 +175,6 @@ fn tokens_are_single_use_and_removed_hosts_are_locked_out() {
     c.agents.clear();
 }
 
-/// `cutover ARGS` against `c`, with its output where the caller says.
-fn cli_command(c: &Cluster, args: &[&str]) -> Command {
-    let mut cmd = Command::new(c.bin.join("cutover"));
-    cmd.args(args)
-        .env("CUTOVER_COORDINATOR", &c.coord_addr)
-        .env("CUTOVER_CREDENTIALS", c.credentials())
-        .env_remove("RUST_LOG");
-    cmd
-}
-
 /// A pipe whose reading end is already closed: every write to it fails with EPIPE.
 fn closed_pipe() -> std::io::PipeWriter {
     let (reader, writer) = std::io::pipe().expect("pipe");
@@ -172,15 +190,7 @@ fn a_closed_stdout_ends_commands_quietly_and_cli_flags_go_before_or_after() {
     let id: serde_json::Value = serde_json::from_str(&id).expect("json");
     let id = id["id"].as_str().expect("id").to_string();
     let dir = tempfile::tempdir().expect("tmp");
-    let plan = dir.path().join("plan.toml");
-    std::fs::write(
-        &plan,
-        format!(
-            "service = \"web\"\n[release]\nversion = \"1\"\nartifact = \"file:///x.tar.gz\"\nsha256 = \"{}\"\n[run]\ncommand = [\"./x\"]\nlisten = 8080\n[health]\nhttp = \"/\"\n",
-            "a".repeat(64)
-        ),
-    )
-    .expect("write");
+    let plan = write_plan(dir.path(), "plan.toml", &minimal_plan());
     let plan = plan.to_str().expect("path");
     // Like `cutover show ID | head -1` once head has gone: no panic, no message, the
     // command's own exit code.
@@ -197,7 +207,8 @@ fn a_closed_stdout_ends_commands_quietly_and_cli_flags_go_before_or_after() {
         vec!["--help"],
         vec!["--version"],
     ] {
-        let out = cli_command(&c, &args)
+        let out = c
+            .cli_command(&args)
             .stdout(closed_pipe())
             .output()
             .expect("run");
@@ -270,16 +281,52 @@ fn interrupt(child: &mut std::process::Child) -> Option<i32> {
 #[test]
 fn wait_prints_changes_not_polls_and_ctrl_c_leaves_the_deployment_going() {
     let c = Cluster::start(81, 2);
-    let steps = r#"steps = [{ traffic = 50, hold = "6s" }, { traffic = 100 }]"#;
-    // A past success gives typical times, so the progress line carries a moving ETA.
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &url, &sha, steps, "");
-    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    a_line_per_change(&c);
+    let id = ctrl_c_on_deploy_wait(&c);
 
-    // stderr is a file here, as under systemd or CI: a line per change, not per poll.
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan("v2", "2.0.0", &url, &sha, steps, "");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    // `watch` with no id follows the deployment in progress; Ctrl-C again.
+    let log = c.dir.join("watch.err");
+    let mut watch = c
+        .cli_command(&["watch"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("watch");
+    wait_for_text(&log, &format!("{id} web 3.0.0: progressing"));
+    assert_eq!(interrupt(&mut watch), Some(130));
+    let err = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(err.lines().last(), Some(goes_on(&id).as_str()), "{err}");
+
+    // Nothing in progress: `watch` says so.
+    c.cli_ok(&["abort", &id]);
+    wait_until(Duration::from_secs(30), "the abort to end", || {
+        c.status(&id)["state"] == "aborted"
+    });
+    let out = c.cli(&["watch"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "error: no deployment in progress: the latest, {id} (web 3.0.0), ended aborted"
+        )),
+        "{err}"
+    );
+}
+
+/// What the CLI says when Ctrl-C leaves deployment `id` going.
+fn goes_on(id: &str) -> String {
+    format!("{id} goes on; follow it with `cutover watch {id}`, stop it with `cutover abort {id}`")
+}
+
+/// `deploy --wait` with stderr to a file, as under systemd or CI, prints a line per
+/// change, not per poll.
+fn a_line_per_change(c: &Cluster) {
+    let steps = r#"[{ traffic = 50, hold = "6s" }, { traffic = 100 }]"#;
+    // A past success gives typical times, so the progress line carries a moving ETA.
+    let plan = c.plan("1.0.0").steps(steps).write("v1");
+    assert_eq!(c.deploy_wait(&plan).0, 0);
+
+    let plan = c.plan("2.0.0").steps(steps).write("v2");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     let progress = progress_lines(&err, &id);
     assert!(err.contains("| ETA "), "{err}");
@@ -304,14 +351,16 @@ fn wait_prints_changes_not_polls_and_ctrl_c_leaves_the_deployment_going() {
             "a line only when something changes: {err}"
         );
     }
+}
 
-    // Ctrl-C during `deploy --wait`: the deployment goes on, and the CLI says how to
-    // follow or stop it.
-    let (url, sha) = c.pack("3.0.0", &[]);
-    let long = r#"steps = [{ traffic = 50, hold = "10m" }, { traffic = 100 }]"#;
-    let plan = c.plan("v3", "3.0.0", &url, &sha, long, "");
+/// Ctrl-C during `deploy --wait`: the deployment goes on, and the CLI says how to
+/// follow or stop it. Returns the deployment's id.
+fn ctrl_c_on_deploy_wait(c: &Cluster) -> String {
+    let long = r#"[{ traffic = 50, hold = "10m" }, { traffic = 100 }]"#;
+    let plan = c.plan("3.0.0").steps(long).write("v3");
     let log = c.dir.join("deploy-wait.err");
-    let mut deploy = cli_command(&c, &["deploy", plan.to_str().expect("path"), "--wait"])
+    let mut deploy = c
+        .cli_command(&["deploy", plan.to_str().expect("path"), "--wait"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
@@ -323,38 +372,11 @@ fn wait_prints_changes_not_polls_and_ctrl_c_leaves_the_deployment_going() {
         .expect("stdout");
     let id = out.lines().next().unwrap_or_default().to_string();
     assert!(id.starts_with("d-"), "{out}");
-    let said = format!(
-        "{id} goes on; follow it with `cutover watch {id}`, stop it with `cutover abort {id}`"
-    );
     let err = std::fs::read_to_string(&log).expect("log");
-    assert_eq!(err.lines().last(), Some(said.as_str()), "{err}");
+    assert_eq!(err.lines().last(), Some(goes_on(&id).as_str()), "{err}");
     assert_eq!(c.status(&id)["state"], "progressing");
 
-    // `watch` with no id follows the deployment in progress; Ctrl-C again.
-    let log = c.dir.join("watch.err");
-    let mut watch = cli_command(&c, &["watch"])
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("watch");
-    wait_for_text(&log, &format!("{id} web 3.0.0: progressing"));
-    assert_eq!(interrupt(&mut watch), Some(130));
-    let err = std::fs::read_to_string(&log).expect("log");
-    assert_eq!(err.lines().last(), Some(said.as_str()), "{err}");
-
-    // Nothing in progress: `watch` says so.
-    c.cli_ok(&["abort", &id]);
-    wait_until(Duration::from_secs(30), "the abort to end", || {
-        c.status(&id)["state"] == "aborted"
-    });
-    let out = c.cli(&["watch"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.starts_with(&format!(
-            "error: no deployment in progress: the latest, {id} (web 3.0.0), ended aborted"
-        )),
-        "{err}"
-    );
+    id
 }
 
 #[test]
@@ -443,29 +465,25 @@ fn help_shows_each_command_its_own_flags() {
 #[test]
 fn plan_errors_speak_the_plans_language_and_long_lines_are_cut() {
     let dir = tempfile::tempdir().expect("tmp");
-    let sha = "a".repeat(64);
-    let good = format!(
-        "service = \"web\"\n[release]\nversion = \"1\"\nartifact = \"file:///x.tar.gz\"\nsha256 = \"{sha}\"\n[run]\ncommand = [\"./x\", \"--port\", \"${{PORT}}\"]\nlisten = 8080\n[health]\nhttp = \"/\"\n"
-    );
-    let check = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
+    let check = |name: &str, lines: &[String]| {
+        let p = write_plan(dir.path(), name, lines);
         let out = cutover(&["plan", "validate", p.to_str().expect("path")]);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (code, err) = check("typo.toml", &good.replace("${PORT}", "${PROT}"));
+    let mut typo = minimal_plan();
+    typo[6] = r#"command = ["./x", "--port", "${PROT}"]"#.into();
+    let (code, err) = check("typo.toml", &typo);
     assert_eq!(code, Some(2));
     assert!(
         err.ends_with(":7:29: run.command[2]: unknown variable ${PROT}: did you mean ${PORT}?\n"),
         "{err}"
     );
-    let (code, err) = check(
-        "type.toml",
-        &good.replace("listen = 8080", "listen = \"8080\""),
-    );
+    let mut quoted_port = minimal_plan();
+    quoted_port[7] = r#"listen = "8080""#.into();
+    let (code, err) = check("type.toml", &quoted_port);
     assert_eq!(code, Some(2));
     assert!(
         err.ends_with(":8:10: run.listen must be a port number 1–65535 (found \"8080\")\n"),
@@ -474,6 +492,7 @@ fn plan_errors_speak_the_plans_language_and_long_lines_are_cut() {
 
     // One size limit: what `plan validate` refuses, `deploy` refuses the same way,
     // before it reaches any coordinator.
+    let good = minimal_plan().join("\n") + "\n";
     let huge = format!("{good}{}", "# padding\n".repeat(1024 * 1024));
     let p = dir.path().join("huge.toml");
     std::fs::write(&p, huge).expect("write");

@@ -4,12 +4,9 @@ use std::time::Duration;
 
 use tests::{Cluster, Load, wait_until};
 
-const STEPS_100: &str = "steps = [{ traffic = 100 }]";
-
 fn deploy_v1(c: &Cluster) {
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &url, &sha, STEPS_100, "");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("1.0.0").write("v1");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "v1 deploy failed: {err}");
     assert!(id.starts_with("d-"), "first stdout line is the id: {id:?}");
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
@@ -24,9 +21,8 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
     wait_until(Duration::from_secs(10), "load to flow", || {
         load.report.ok() > 300
     });
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan("v2", "2.0.0", &url, &sha, STEPS_100, "");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("2.0.0").write("v2");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "v2 deploy: {err}");
     // Keep the load on past the switch so requests on both sides of it are counted.
     let served_at_switch = load.report.ok();
@@ -34,12 +30,8 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
         load.report.ok() > served_at_switch + 300
     });
     let report = load.stop();
-    let errors = report.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    assert_eq!(
-        report.failed(),
-        0,
-        "failed requests during the switch: {errors:?}"
-    );
+    // Not one request failed during the switch.
+    report.assert_none_failed();
     let versions = report.versions();
     assert!(
         versions.get("release 1.0.0").copied().unwrap_or(0) > 0,
@@ -58,26 +50,10 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
     assert_eq!(status["hosts"].as_array().map(Vec::len), Some(3));
 
     // v1 stays warm in the other slot with no weight.
-    let hosts = c.hosts();
-    for h in hosts.as_array().expect("array") {
-        let svc = &h["services"][0];
-        assert_eq!(svc["live_release"], "2.0.0", "{h}");
-        let slots = [&svc["slots"]["blue"], &svc["slots"]["green"]];
-        let old = slots
-            .iter()
-            .find(|s| s["release"] == "1.0.0")
-            .expect("v1 slot");
-        let new = slots
-            .iter()
-            .find(|s| s["release"] == "2.0.0")
-            .expect("v2 slot");
-        assert_eq!(old["state"], "healthy", "{h}");
-        assert_eq!(old["weight"], 0, "{h}");
-        assert_eq!(new["weight"], 100, "{h}");
-    }
+    assert_warm_behind(&c, "1.0.0", "2.0.0");
 
     // The same release again is a no-op that succeeds.
-    let (code, id2, err) = c.deploy_wait(&plan, &[]);
+    let (code, id2, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     assert_ne!(id, id2);
     let s2 = c.status(&id2);
@@ -94,14 +70,30 @@ fn v2_switch_under_load_loses_no_request_and_keeps_v1_warm() {
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
 }
 
-fn assert_bad_release_rolls_back(
-    c: &Cluster,
-    plan: &std::path::Path,
-    extra: &[&str],
-    want_reason: &str,
-) {
+/// On every host, `live` takes all the traffic and `warm` runs healthy beside it with none.
+fn assert_warm_behind(c: &Cluster, warm: &str, live: &str) {
+    let hosts = c.hosts();
+    for h in hosts.as_array().expect("array") {
+        let svc = &h["services"][0];
+        assert_eq!(svc["live_release"], live, "{h}");
+        let slots = [&svc["slots"]["blue"], &svc["slots"]["green"]];
+        let old = slots
+            .iter()
+            .find(|s| s["release"] == warm)
+            .expect("warm slot");
+        let new = slots
+            .iter()
+            .find(|s| s["release"] == live)
+            .expect("live slot");
+        assert_eq!(old["state"], "healthy", "{h}");
+        assert_eq!(old["weight"], 0, "{h}");
+        assert_eq!(new["weight"], 100, "{h}");
+    }
+}
+
+fn assert_bad_release_rolls_back(c: &Cluster, plan: &std::path::Path, want_reason: &str) {
     let load = Load::start(c.addrs(), 1);
-    let (code, id, err) = c.deploy_wait(plan, extra);
+    let (code, id, err) = c.deploy_wait(plan);
     let report = load.stop();
     assert_eq!(code, 3, "a bad release ends rolled_back (exit 3): {err}");
     let s = c.status(&id);
@@ -120,40 +112,26 @@ fn assert_bad_release_rolls_back(
         "v1 keeps serving: {:?}",
         c.versions()
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "clients saw failures: {:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }
 
 #[test]
 fn bad_releases_leave_v1_serving_with_a_clear_reason() {
     let c = Cluster::start(12, 3);
     deploy_v1(&c);
-    let (url, sha) = c.pack("2.0.0", &[]);
+    let v2 = c.pack("2.0.0", &[]);
 
     // Checksum mismatch: nothing from the artifact runs.
     let wrong = "0".repeat(64);
-    let plan = c.plan("bad-sha", "2.0.0", &url, &wrong, STEPS_100, "");
-    assert_bad_release_rolls_back(
-        &c,
-        &plan,
-        &[],
-        "sha256 mismatch: expected 000000000000…, got ",
-    );
+    let plan = c.plan("2.0.0").artifact(&v2.url, &wrong).write("bad-sha");
+    assert_bad_release_rolls_back(&c, &plan, "sha256 mismatch: expected 000000000000…, got ");
 
     // Missing artifact.
-    let plan = c.plan(
-        "missing",
-        "2.0.1",
-        "file:///nonexistent/web.tar.gz",
-        &sha,
-        STEPS_100,
-        "",
-    );
-    assert_bad_release_rolls_back(&c, &plan, &[], "No such file");
+    let plan = c
+        .plan("2.0.1")
+        .artifact("file:///nonexistent/web.tar.gz", &v2.sha256)
+        .write("missing");
+    assert_bad_release_rolls_back(&c, &plan, "No such file");
 
     // An artifact server that answers 404.
     let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -168,37 +146,31 @@ fn bad_releases_leave_v1_serving_with_a_clear_reason() {
             );
         }
     });
-    let (_, sha404) = c.pack("2.0.4", &[]);
-    let plan = c.plan(
-        "404",
-        "2.0.4",
-        &format!("http://{addr}/web.tar.gz"),
-        &sha404,
-        STEPS_100,
-        "",
-    );
-    assert_bad_release_rolls_back(&c, &plan, &[], "HTTP 404 Not Found");
+    let sha404 = c.pack("2.0.4", &[]).sha256;
+    let plan = c
+        .plan("2.0.4")
+        .artifact(&format!("http://{addr}/web.tar.gz"), &sha404)
+        .write("404");
+    assert_bad_release_rolls_back(&c, &plan, "HTTP 404 Not Found");
 
     // Never turns healthy.
-    let (url_u, sha_u) = c.pack("2.0.2", &["unhealthy=1"]);
-    let plan = c.plan(
-        "unhealthy",
-        "2.0.2",
-        &url_u,
-        &sha_u,
-        STEPS_100,
-        "start_timeout = \"3s\"",
-    );
-    assert_bad_release_rolls_back(&c, &plan, &[], "not healthy within 3s");
+    let plan = c
+        .plan("2.0.2")
+        .behaviour(&["unhealthy=1"])
+        .start_timeout("3s")
+        .write("unhealthy");
+    assert_bad_release_rolls_back(&c, &plan, "not healthy within 3s");
 
     // Crashes on start.
-    let (url_c, sha_c) = c.pack("2.0.3", &["exit_on_start=1"]);
-    let plan = c.plan("crash", "2.0.3", &url_c, &sha_c, STEPS_100, "");
-    assert_bad_release_rolls_back(&c, &plan, &[], "exiting on start");
+    let plan = c
+        .plan("2.0.3")
+        .behaviour(&["exit_on_start=1"])
+        .write("crash");
+    assert_bad_release_rolls_back(&c, &plan, "exiting on start");
 
     // After all that, a good release still goes out.
-    let plan = c.plan("good", "2.0.0", &url, &sha, STEPS_100, "");
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("2.0.0").artifact(&v2.url, &v2.sha256).write("good");
+    let (code, _, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     assert!(c.all_serving("2.0.0"), "{:?}", c.versions());
 }
@@ -220,10 +192,10 @@ fn http_artifact_404_is_a_clear_failure_and_first_deploy_ends_failed() {
             );
         }
     });
-    let (_, sha) = c.pack("1.0.0", &[]);
+    let sha = c.pack("1.0.0", &[]).sha256;
     let url = format!("http://{addr}/web-1.0.0.tar.gz");
-    let plan = c.plan("first", "1.0.0", &url, &sha, STEPS_100, "");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("1.0.0").artifact(&url, &sha).write("first");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(
         code, 4,
         "a first deployment that fails ends failed (exit 4): {err}"
@@ -239,17 +211,11 @@ fn http_artifact_404_is_a_clear_failure_and_first_deploy_ends_failed() {
 fn one_deployment_at_a_time_per_service() {
     let c = Cluster::start(14, 1);
     deploy_v1(&c);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "held",
-        "2.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 50, pause = true }, { traffic = 100 }]",
-        "",
-    );
-    let first = c.cli_ok(&["deploy", plan.to_str().expect("path")]);
-    let id = first.lines().next().expect("id").to_string();
+    let plan = c
+        .plan("2.0.0")
+        .steps("[{ traffic = 50, pause = true }, { traffic = 100 }]")
+        .write("held");
+    let id = c.deploy(&plan);
     wait_until(Duration::from_secs(20), "the deployment to pause", || {
         c.status(&id)["state"] == "paused"
     });

@@ -27,44 +27,22 @@ fn a_full_disk_stops_the_coordinator_writing_and_freeing_space_is_enough() {
     assert_eq!(healthz(&c), "200");
 
     // A deployment holding when the disk fills up.
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "v2",
-        "2.0.0",
-        &url,
-        &sha,
-        r#"steps = [{ traffic = 10, hold = "2s" }, { traffic = 100 }]"#,
-        "",
-    );
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 10, hold = "2s" }, { traffic = 100 }]"#)
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     let filler = disk.fill();
     // A deployment whose record needs room (a plan with 1 MB of env) cannot be recorded:
     // it is refused with the reason, in one line, and /healthz says the store is failing.
-    let (url3, sha3) = c.pack("3.0.0", &[]);
-    let other = c.plan(
-        "other",
-        "3.0.0",
-        &url3,
-        &sha3,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let big: Vec<String> = (0..10)
-        .map(|i| format!("BIG{i} = \"{}\"", "x".repeat(100_000)))
-        .collect();
-    let big = big.join(", ");
-    let text = std::fs::read_to_string(&other)
-        .expect("plan")
-        .replace("service = \"web\"", "service = \"api\"")
-        .replace(
-            &format!("listen = {}", c.listen),
-            &format!("listen = {}", tests::free_port()),
-        )
-        .replace(
-            "drain = \"2s\"",
-            &format!("drain = \"2s\"\nenv = {{ {big} }}"),
-        );
-    std::fs::write(&other, text).expect("write plan");
+    let big = "x".repeat(100_000);
+    let other = (0..10)
+        .fold(c.plan("3.0.0"), |plan, i| {
+            plan.env(&format!("BIG{i}"), &big)
+        })
+        .service("api")
+        .listen(tests::free_port())
+        .write("other");
     let out = c.cli(&["deploy", other.to_str().expect("path")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -77,7 +55,7 @@ fn a_full_disk_stops_the_coordinator_writing_and_freeing_space_is_enough() {
     // Space comes back: the same coordinator, not restarted, records again; the
     // deployment that was holding finished with its whole timeline.
     std::fs::remove_file(&filler).expect("free the disk");
-    let (code, _, err) = c.deploy_wait(&other, &[]);
+    let (code, _, err) = c.deploy_wait(&other);
     assert_eq!(code, 0, "{err}");
     assert_eq!(healthz(&c), "200");
     wait_until(Duration::from_secs(30), "the deployment to finish", || {
@@ -110,14 +88,8 @@ fn nobody_reads(file: &Path, needle: &str) -> bool {
 fn stores_are_private_and_one_coordinator_owns_its_data_dir() {
     let mut c = Cluster::start(69, 0);
     c.add_agent("web-1", "127.69.0.2", "env=test");
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        "drain = \"2s\"",
-        "drain = \"2s\"\nenv = { DB_PASSWORD = \"pw-7f3a9c\" }",
-    );
-    std::fs::write(&plan, text).expect("write plan");
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("1.0.0").env("DB_PASSWORD", "pw-7f3a9c").write("v1");
+    let (code, _, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
 
     let coord = c.dir.join("coordinator");

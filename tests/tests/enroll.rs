@@ -20,28 +20,29 @@ fn join(c: &Cluster, coordinator: &str, args: &[&str], env: &[(&str, &str)]) -> 
         .expect("run cutover-agent join")
 }
 
+/// `cutover-agent join` of host `name` into `dir` with `--token`, through `via`, with
+/// `extra` arguments after.
+fn join_token(
+    c: &Cluster,
+    via: &str,
+    token: &str,
+    name: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> Output {
+    let d = dir.to_str().expect("path");
+    let mut args = vec!["--token", token, "--name", name, "--data-dir", d];
+    args.extend_from_slice(extra);
+    join(c, via, &args, &[])
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Joins with `--token` and asserts the refusal names `want`.
 fn refused(c: &Cluster, name: &str, dir: &Path, token: &str, labels: &str, want: &str) {
-    let d = dir.to_str().expect("path");
-    let out = join(
-        c,
-        &c.coord_addr,
-        &[
-            "--token",
-            token,
-            "--name",
-            name,
-            "--data-dir",
-            d,
-            "--labels",
-            labels,
-        ],
-        &[],
-    );
+    let out = join_token(c, &c.coord_addr, token, name, dir, &["--labels", labels]);
     let err = stderr(&out);
     assert_eq!(
         out.status.code(),
@@ -138,50 +139,70 @@ fn a_join_token_cannot_take_over_an_enrolled_host() {
     });
     assert_eq!(labels_of(&c, "host-b")["env"], "test");
 
-    // The token's labels are authoritative: a join can neither change one nor add a key
-    // the token does not allow.
+    the_tokens_labels_are_authoritative(&c, &dev);
+}
+
+/// The labels of token `dev` (`env=dev`, two uses left) are authoritative: a join can
+/// neither change one nor add a key the token does not allow, and a join that takes
+/// them as they are works.
+fn the_tokens_labels_are_authoritative(c: &Cluster, dev: &str) {
     let newcomer = c.dir.join("host-c");
     refused(
-        &c,
+        c,
         "host-c",
         &newcomer,
-        &dev,
+        dev,
         "env=prod",
         "label env=dev is set by the join token; join --labels cannot change it",
     );
     refused(
-        &c,
+        c,
         "host-c",
         &newcomer,
-        &dev,
+        dev,
         "role=web",
         "label role is not allowed by the join token (it allows none)",
     );
-    assert_eq!(token_json(&c, &dev)["uses_left"], 2);
-    let d = newcomer.to_str().expect("path");
-    let out = join(
-        &c,
-        &c.coord_addr,
-        &["--token", &dev, "--name", "host-c", "--data-dir", d],
-        &[],
-    );
+    assert_eq!(token_json(c, dev)["uses_left"], 2);
+    let out = join_token(c, &c.coord_addr, dev, "host-c", &newcomer, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(labels_of(&c, "host-c"), serde_json::json!({"env": "dev"}));
-    assert_eq!(token_json(&c, &dev)["uses_left"], 1);
+    assert_eq!(labels_of(c, "host-c"), serde_json::json!({"env": "dev"}));
+    assert_eq!(token_json(c, dev)["uses_left"], 1);
 }
 
 #[test]
 fn replace_tokens_revoke_the_old_host_and_pinned_names_admit_no_other() {
     let mut c = Cluster::start(76, 1);
     c.deploy_versions(&["1.0.0"]);
+    let pinned = pinned_name_admits_no_other(&c);
+    let replace = replace_token(&c, &pinned);
+    let new_dir = c.dir.join("web-1-new");
+    replace_web_1(&mut c, &replace, &new_dir);
 
-    // A pinned name.
+    // The new machine is web-1: it gets web-1's desired state and serves it.
+    let proc = c.spawn_agent("web-1", "127.76.0.3", &new_dir);
+    c.agents[0].proc = proc;
+    c.agents[0].ip = "127.76.0.3".into();
+    c.agents[0].data_dir = new_dir;
+    wait_until(
+        Duration::from_secs(30),
+        "the new web-1 to serve 1.0.0",
+        || c.connected("web-1") && c.all_serving("1.0.0"),
+    );
+    assert_eq!(
+        labels_of(&c, "web-1"),
+        serde_json::json!({"env": "test", "zone": "b"})
+    );
+}
+
+/// A token pinned to web-9 enrols web-9 and no other name; returns it.
+fn pinned_name_admits_no_other(c: &Cluster) -> String {
     let pinned = c
         .cli_ok(&["token", "create", "--name", "web-9", "--labels", "env=test"])
         .trim()
         .to_string();
     refused(
-        &c,
+        c,
         "web-8",
         &c.dir.join("web-8"),
         &pinned,
@@ -190,7 +211,11 @@ fn replace_tokens_revoke_the_old_host_and_pinned_names_admit_no_other() {
     );
     let out = c.join("web-9", &c.dir.join("web-9"), &pinned);
     assert!(out.status.success(), "{}", stderr(&out));
+    pinned
+}
 
+/// A token that replaces web-1, listed as such next to the `pinned` one; returns it.
+fn replace_token(c: &Cluster, pinned: &str) -> String {
     // Replacing web-1 on purpose, with one label the token allows the join to add.
     let replace = c
         .cli_ok(&[
@@ -205,11 +230,11 @@ fn replace_tokens_revoke_the_old_host_and_pinned_names_admit_no_other() {
         ])
         .trim()
         .to_string();
-    let listed = token_json(&c, &replace);
+    let listed = token_json(c, &replace);
     assert_eq!(listed["name"], "web-1");
     assert_eq!(listed["replace"], true);
     assert_eq!(listed["allow_labels"], serde_json::json!(["zone"]));
-    let listed = token_json(&c, &pinned);
+    let listed = token_json(c, pinned);
     assert_eq!(
         (&listed["name"], &listed["replace"]),
         (&"web-9".into(), &false.into())
@@ -220,32 +245,27 @@ fn replace_tokens_revoke_the_old_host_and_pinned_names_admit_no_other() {
         "{text}"
     );
     refused(
-        &c,
+        c,
         "web-2",
         &c.dir.join("web-2"),
         &replace,
         "",
         "enrols only host web-1",
     );
+    replace
+}
 
+/// web-1 enrolled again into `new_dir` with `replace`.
+fn replace_web_1(c: &mut Cluster, replace: &str, new_dir: &Path) {
     let old_cert = std::fs::read_to_string(c.agents[0].data_dir.join("identity/cert.pem"))
         .expect("old certificate");
-    let new_dir = c.dir.join("web-1-new");
-    let d = new_dir.to_str().expect("path");
-    let out = join(
-        &c,
+    let out = join_token(
+        c,
         &c.coord_addr,
-        &[
-            "--token",
-            &replace,
-            "--name",
-            "web-1",
-            "--data-dir",
-            d,
-            "--labels",
-            "zone=b",
-        ],
-        &[],
+        replace,
+        "web-1",
+        new_dir,
+        &["--labels", "zone=b"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -272,21 +292,6 @@ fn replace_tokens_revoke_the_old_host_and_pinned_names_admit_no_other() {
     assert_ne!(
         std::fs::read_to_string(new_dir.join("identity/cert.pem")).expect("new certificate"),
         old_cert
-    );
-
-    // The new machine is web-1: it gets web-1's desired state and serves it.
-    let proc = c.spawn_agent("web-1", "127.76.0.3", &new_dir);
-    c.agents[0].proc = proc;
-    c.agents[0].ip = "127.76.0.3".into();
-    c.agents[0].data_dir = new_dir;
-    wait_until(
-        Duration::from_secs(30),
-        "the new web-1 to serve 1.0.0",
-        || c.connected("web-1") && c.all_serving("1.0.0"),
-    );
-    assert_eq!(
-        labels_of(&c, "web-1"),
-        serde_json::json!({"env": "test", "zone": "b"})
     );
 }
 
@@ -398,7 +403,12 @@ fn the_join_token_comes_from_one_source_and_labels_follow_one_rule() {
         stderr(&out)
     );
 
-    // Label syntax: one rule, wherever labels enter, naming the bad key or value.
+    labels_follow_one_rule(&c);
+}
+
+/// Label syntax is one rule, wherever labels enter, and the error names the bad key or
+/// value: `token create`, `join --labels`, a plan's targets.
+fn labels_follow_one_rule(c: &Cluster) {
     let out = c.cli(&["token", "create", "--labels", "env=prod role=web"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -414,20 +424,14 @@ fn the_join_token_comes_from_one_source_and_labels_follow_one_rule() {
         stderr(&out)
     );
     let token = c.token("env=test");
-    let out = join(
-        &c,
-        &coord,
-        &[
-            "--token",
-            &token,
-            "--name",
-            "h4",
-            "--data-dir",
-            &dir("h4"),
-            "--labels",
-            "zone=a/b",
-        ],
-        &[],
+    let h4 = c.dir.join("h4");
+    let out = join_token(
+        c,
+        &c.coord_addr,
+        &token,
+        "h4",
+        &h4,
+        &["--labels", "zone=a/b"],
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -435,19 +439,12 @@ fn the_join_token_comes_from_one_source_and_labels_follow_one_rule() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(token_json(&c, &token)["uses_left"], 1);
-    let plan = c.plan(
-        "bad-labels",
-        "1.0.0",
-        "file:///x.tar.gz",
-        &"0".repeat(64),
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let text = std::fs::read_to_string(&plan)
-        .expect("plan")
-        .replace("env = \"test\"", "env = \"test\", tier = \"front end\"");
-    std::fs::write(&plan, text).expect("write");
+    assert_eq!(token_json(c, &token)["uses_left"], 1);
+    let plan = c
+        .plan("1.0.0")
+        .artifact("file:///x.tar.gz", &"0".repeat(64))
+        .label("tier", "front end")
+        .write("bad-labels");
     let out = c.cli(&["plan", "validate", plan.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -553,13 +550,7 @@ fn a_coordinator_on_a_wildcard_address_is_reachable_through_every_local_address(
     let via_bridge = format!("{}:{port}", fabric.gateway());
     let token = c.token("env=test");
     let data = c.dir.join("web-1");
-    let d = data.to_str().expect("path");
-    let out = join(
-        &c,
-        &via_bridge,
-        &["--token", &token, "--name", "web-1", "--data-dir", d],
-        &[],
-    );
+    let out = join_token(&c, &via_bridge, &token, "web-1", &data, &[]);
     assert!(
         out.status.success(),
         "join through {via_bridge}: {}",
@@ -582,15 +573,7 @@ fn a_coordinator_on_a_wildcard_address_is_reachable_through_every_local_address(
     let via_extra = format!("{extra}:{port}");
     let token = c.token("env=test");
     let d2 = c.dir.join("web-2");
-    let args = [
-        "--token",
-        token.as_str(),
-        "--name",
-        "web-2",
-        "--data-dir",
-        d2.to_str().expect("path"),
-    ];
-    let err = stderr(&join(&c, &via_extra, &args, &[]));
+    let err = stderr(&join_token(&c, &via_extra, &token, "web-2", &d2, &[]));
     assert!(
         err.contains(&format!(
             "start it with `cutover serve --server-name {extra}`"
@@ -608,7 +591,7 @@ fn a_coordinator_on_a_wildcard_address_is_reachable_through_every_local_address(
         names.contains(&extra.to_string()) && names.contains(&fabric.gateway()),
         "{names:?}"
     );
-    let out = join(&c, &via_extra, &args, &[]);
+    let out = join_token(&c, &via_extra, &token, "web-2", &d2, &[]);
     assert!(
         out.status.success(),
         "join through {via_extra}: {}",
@@ -618,29 +601,33 @@ fn a_coordinator_on_a_wildcard_address_is_reachable_through_every_local_address(
         c.connected("web-1")
     });
 
-    // An address that appears while the coordinator runs is named soon after.
+    // The new address's fabric goes after the coordinator has stopped.
+    let _late = an_address_that_appears_is_named_soon_after(&c, &port, &server_crt);
+    drop(c);
+}
+
+/// An address that appears while the coordinator runs (its `--listen` is a wildcard) is
+/// named by its certificate soon after, and a join through it works. Returns the fabric
+/// holding that address.
+fn an_address_that_appears_is_named_soon_after(
+    c: &Cluster,
+    port: &str,
+    server_crt: &Path,
+) -> Fabric {
     let late = Fabric::new(51, 0);
     let via_late = format!("{}:{port}", late.gateway());
     let token = c.token("env=test");
     let d3 = c.dir.join("web-3");
-    let args = [
-        "--token",
-        token.as_str(),
-        "--name",
-        "web-3",
-        "--data-dir",
-        d3.to_str().expect("path"),
-    ];
     wait_until(
         Duration::from_secs(30),
         "the certificate to name the new address",
-        || cert_names(&server_crt).contains(&late.gateway()),
+        || cert_names(server_crt).contains(&late.gateway()),
     );
-    let out = join(&c, &via_late, &args, &[]);
+    let out = join_token(c, &via_late, &token, "web-3", &d3, &[]);
     assert!(
         out.status.success(),
         "join through {via_late}: {}",
         stderr(&out)
     );
-    drop(c);
+    late
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tests::netns::Fabric;
 use tests::{Cluster, Load, processes_under, wait_until};
@@ -37,12 +37,7 @@ fn an_agent_killed_hard_comes_back_serving_from_its_own_store_adopting_its_slots
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 200);
     let report = load.stop();
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     assert_eq!(
         report.versions().keys().cloned().collect::<Vec<_>>(),
         vec!["release 2.0.0".to_string()]
@@ -63,10 +58,8 @@ fn an_agent_killed_hard_comes_back_serving_from_its_own_store_adopting_its_slots
 fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
     let mut c = Cluster::start(47, 0);
     // The agent runs from its own copy of the binary, which the upgrade replaces.
-    let install = c.dir.join("bin");
-    std::fs::create_dir_all(&install).expect("bin dir");
-    let exe = install.join("cutover-agent");
-    std::fs::copy(c.bin.join("cutover-agent"), &exe).expect("install agent");
+    let exe = c.dir.join("bin").join("cutover-agent");
+    install(&c.bin.join("cutover-agent"), &exe);
     c.agent_exe = exe.clone();
     c.add_agent("web-1", "127.47.0.2", "env=test");
     c.add_agent("web-2", "127.47.0.3", "env=test");
@@ -83,9 +76,7 @@ fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
     });
 
     // Upgrade: a new binary takes the old one's path, then SIGHUP.
-    let staged = install.join("cutover-agent.new");
-    std::fs::copy(c.bin.join("cutover-agent"), &staged).expect("stage new agent");
-    std::fs::rename(&staged, &exe).expect("replace agent binary");
+    install(&c.bin.join("cutover-agent"), &exe);
     let exe_link = format!("/proc/{pid}/exe");
     assert!(
         std::fs::read_link(&exe_link)
@@ -122,12 +113,7 @@ fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
         report.failed(),
         report.max_latency()
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     // Same process, same slot processes: nothing was started twice or left behind.
     assert_eq!(c.agents[0].proc.pid(), pid);
     let mut after = processes_under(&data);
@@ -142,19 +128,24 @@ fn an_agent_restarted_for_an_upgrade_drops_no_request_and_keeps_its_slots() {
     assert!(c.all_serving("3.0.0"));
 }
 
+/// Installs `binary` at `exe` as a package manager does: a new file renamed over the
+/// old one, so a process running the old one keeps it (as a deleted file).
+fn install(binary: &Path, exe: &Path) {
+    let dir = exe.parent().expect("a directory");
+    std::fs::create_dir_all(dir).expect("bin dir");
+    let staged = dir.join("cutover-agent.new");
+    std::fs::copy(binary, &staged).expect("stage the agent");
+    std::fs::rename(&staged, exe).expect("install the agent");
+}
+
 #[test]
 fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
     let mut c = Cluster::start(42, 2);
     c.deploy_versions(&["1.0.0"]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "v2",
-        "2.0.0",
-        &url,
-        &sha,
-        r#"steps = [{ traffic = 50, hold = "4s" }, { traffic = 100 }]"#,
-        "",
-    );
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "4s" }, { traffic = 100 }]"#)
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     let load = Load::start(c.addrs(), 2);
     if let Some(mut coord) = c.coordinator.take() {
@@ -173,22 +164,12 @@ fn the_coordinator_killed_during_a_hold_resumes_and_hosts_keep_serving() {
         "{v:?}"
     );
     c.start_coordinator();
-    let out = c.cli(&["watch", &id]);
+    let (code, err) = c.watch(&id);
     let report = load.stop();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(code, 0, "{err}");
     assert_eq!(c.status(&id)["state"], "succeeded");
     assert!(c.all_serving("2.0.0"));
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }
 
 fn signal(pid: i32, sig: &str) {
@@ -199,23 +180,23 @@ fn signal(pid: i32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-/// The fleet's v1 and a v2 plan with `strategy`, on three hosts in their own network
-/// namespaces.
-fn partitioned_fleet(fabric: &Fabric, strategy: &str) -> (Cluster, PathBuf) {
+/// The fleet's v1, on three hosts in their own network namespaces.
+fn partitioned_fleet(fabric: &Fabric) -> Cluster {
     let c = Cluster::start_on(fabric, 3, &[]);
     c.deploy_versions(&["1.0.0"]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan("v2", "2.0.0", &url, &sha, strategy, "");
-    (c, plan)
+    c
 }
 
 #[test]
 fn a_host_cut_off_mid_deployment_rolls_the_fleet_back_and_follows_when_it_returns() {
     let fabric = Fabric::new(43, 3);
-    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]
-on_host_lost = "rollback"
-host_lost_after = "2s""#;
-    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let c = partitioned_fleet(&fabric);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#)
+        .on_host_lost("rollback")
+        .host_lost_after("2s")
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     // web-2's link goes down: no packet in or out, no connection closed.
     fabric.cut(1);
@@ -258,9 +239,12 @@ host_lost_after = "2s""#;
 #[test]
 fn by_default_a_host_cut_off_pauses_the_deployment_until_an_operator_decides() {
     let fabric = Fabric::new(48, 3);
-    let strategy = r#"steps = [{ traffic = 50, hold = "3s" }, { traffic = 100 }]
-host_lost_after = "2s""#;
-    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let c = partitioned_fleet(&fabric);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "3s" }, { traffic = 100 }]"#)
+        .host_lost_after("2s")
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     fabric.cut(2);
     wait_until(Duration::from_secs(30), "the deployment to pause", || {
@@ -283,13 +267,8 @@ host_lost_after = "2s""#;
         c.connected("web-3")
     });
     c.cli_ok(&["resume", &id]);
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = c.watch(&id);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(c.status(&id)["state"], "succeeded");
     wait_until(Duration::from_secs(20), "all on 2.0.0", || {
         c.all_serving("2.0.0")
@@ -299,20 +278,18 @@ host_lost_after = "2s""#;
 #[test]
 fn with_continue_a_host_cut_off_is_set_aside_and_follows_the_fleet_when_it_returns() {
     let fabric = Fabric::new(44, 3);
-    let strategy = r#"steps = [{ traffic = 50, hold = "10s" }, { traffic = 100 }]
-max_failed_hosts = 0
-on_host_lost = "continue"
-host_lost_after = "2s""#;
-    let (c, plan) = partitioned_fleet(&fabric, strategy);
+    let c = partitioned_fleet(&fabric);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "10s" }, { traffic = 100 }]"#)
+        .max_failed_hosts(0)
+        .on_host_lost("continue")
+        .host_lost_after("2s")
+        .write("v2");
     let id = c.deploy_until_holding(&plan);
     fabric.cut(1);
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = c.watch(&id);
+    assert_eq!(code, 0, "{err}");
     let s = c.status(&id);
     let web2 = s["hosts"]
         .as_array()
@@ -379,55 +356,50 @@ fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resume
     let mut c = Cluster::start(49, 2);
     c.deploy_versions(&["1.0.0"]);
     let load = Load::start(c.addrs(), 2);
+    killed_while_hosts_prepare(&mut c);
+    killed_in_a_pause(&mut c);
+    killed_mid_rollback(&mut c);
+    // No client request failed because of the coordinator's absences, in any phase.
+    let report = load.stop();
+    report.assert_none_failed();
+}
 
-    // 1. While the hosts prepare: v2 downloads at ~1 MiB/s, so preparing takes seconds.
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let file = PathBuf::from(url.trim_start_matches("file://"));
-    let slow = format!("http://{}/web-2.0.0.tar.gz", slow_server(file, 1 << 20));
-    let plan = c.plan(
-        "v2",
-        "2.0.0",
-        &slow,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
+/// While the hosts prepare 2.0.0: it downloads at ~1 MiB/s, so preparing takes seconds.
+fn killed_while_hosts_prepare(c: &mut Cluster) {
+    let v2 = c.pack("2.0.0", &[]);
+    let slow = format!(
+        "http://{}/web-2.0.0.tar.gz",
+        slow_server(v2.path(), 1 << 20)
     );
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let plan = c.plan("2.0.0").artifact(&slow, &v2.sha256).write("v2");
+    let id = c.deploy(&plan);
     wait_until(Duration::from_secs(10), "hosts downloading", || {
         let s = c.status(&id);
         s["state"] == "preparing" && s["hosts"][0]["phase"] == "preparing"
     });
-    let answered = kill_and_restart_coordinator(&mut c);
+    let answered = kill_and_restart_coordinator(c);
     let t = Instant::now();
     assert_eq!(c.status(&id)["state"], "preparing", "resumed where it was");
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = c.watch(&id);
+    assert_eq!(code, 0, "{err}");
     eprintln!(
         "killed while preparing: answering again after {answered:?}, succeeded {:?} later",
         t.elapsed()
     );
     assert!(c.all_serving("2.0.0"));
+}
 
-    // 2. In a pause: it stays paused across the restart, at the same step, until resumed.
-    let (url, sha) = c.pack("3.0.0", &[]);
-    let strategy = "steps = [{ traffic = 50, pause = true }, { traffic = 100 }]";
-    let plan = c.plan("v3", "3.0.0", &url, &sha, strategy, "");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
+/// In a pause: 3.0.0 stays paused across the restart, at the same step, until resumed.
+fn killed_in_a_pause(c: &mut Cluster) {
+    let plan = c
+        .plan("3.0.0")
+        .steps("[{ traffic = 50, pause = true }, { traffic = 100 }]")
+        .write("v3");
+    let id = c.deploy(&plan);
     wait_until(Duration::from_secs(20), "paused at 50%", || {
         c.status(&id)["state"] == "paused"
     });
-    kill_and_restart_coordinator(&mut c);
+    kill_and_restart_coordinator(c);
     let s = c.status(&id);
     assert_eq!(
         (s["state"].clone(), s["step"].clone()),
@@ -441,46 +413,30 @@ fn the_coordinator_killed_while_hosts_prepare_in_a_pause_and_mid_rollback_resume
         "{v:?}"
     );
     c.cli_ok(&["resume", &id]);
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = c.watch(&id);
+    assert_eq!(code, 0, "{err}");
     assert!(c.all_serving("3.0.0"));
+}
 
-    // 3. Mid-rollback: web-2 is frozen, so the abort waits for its confirmation; the
-    // coordinator dies meanwhile. Started again, it finishes the rollback.
-    let (url, sha) = c.pack("4.0.0", &[]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#;
-    let plan = c.plan("v4", "4.0.0", &url, &sha, strategy, "");
+/// Mid-rollback of 4.0.0: web-2 is frozen, so the abort waits for its confirmation; the
+/// coordinator dies meanwhile. Started again, it finishes the rollback.
+fn killed_mid_rollback(c: &mut Cluster) {
+    let plan = c
+        .plan("4.0.0")
+        .steps(r#"[{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#)
+        .write("v4");
     let id = c.deploy_until_holding(&plan);
     let frozen = c.agents[1].proc.pid();
     signal(frozen, "STOP");
     c.cli_ok(&["abort", &id]);
     assert_eq!(c.status(&id)["state"], "rolling_back");
-    kill_and_restart_coordinator(&mut c);
+    kill_and_restart_coordinator(c);
     signal(frozen, "CONT");
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = c.watch(&id);
+    assert_eq!(code, 4, "{err}");
     let s = c.status(&id);
     assert_eq!(s["state"], "aborted", "{s}");
     wait_until(Duration::from_secs(20), "every host back on 3.0.0", || {
         c.all_serving("3.0.0")
     });
-
-    // No client request failed because of the coordinator's absences, in any phase.
-    let report = load.stop();
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
 }

@@ -8,9 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tests::{Cluster, get, wait_until};
-
-const STEPS: &str = "steps = [{ traffic = 100 }]";
+use tests::{Artifact, Cluster, get, wait_until};
 
 /// A cluster whose agent runs services as `nobody` (the agent itself runs as root).
 fn cluster_as_nobody(net: u8, agent_env: &[(&str, &str)]) -> Cluster {
@@ -37,28 +35,8 @@ fn uid_of(user: &str) -> u32 {
         .expect("uid")
 }
 
-/// Writes the sample's plan with `edit` applied to its text.
-fn plan_with(c: &Cluster, name: &str, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let (url, sha) = c.pack(version, &[]);
-    plan_for(c, name, version, &url, &sha, edit)
-}
-
-fn plan_for(
-    c: &Cluster,
-    name: &str,
-    version: &str,
-    url: &str,
-    sha: &str,
-    edit: impl Fn(String) -> String,
-) -> PathBuf {
-    let plan = c.plan(name, version, url, sha, STEPS, "");
-    let text = edit(std::fs::read_to_string(&plan).expect("plan"));
-    std::fs::write(&plan, text).expect("write plan");
-    plan
-}
-
 fn deploy_ok(c: &Cluster, plan: &Path) {
-    let (code, _, err) = c.deploy_wait(plan, &[]);
+    let (code, _, err) = c.deploy_wait(plan);
     assert_eq!(code, 0, "{err}");
 }
 
@@ -70,12 +48,10 @@ fn state_dir(c: &Cluster) -> PathBuf {
 fn exec_checks_run_as_the_service_user() {
     let c = cluster_as_nobody(70, &[]);
     let addr = format!("127.70.0.2:{}", c.listen);
-    let plan = plan_with(&c, "exec", "1.0.0", |t| {
-        t.replace(
-            "http = \"/healthz\"",
-            r#"exec = ['sh', '-c', 'id -u > "$CUTOVER_STATE_DIR/check-uid"']"#,
-        )
-    });
+    let plan = c
+        .plan("1.0.0")
+        .health_exec(&["sh", "-c", r#"id -u > "$CUTOVER_STATE_DIR/check-uid""#])
+        .write("exec");
     deploy_ok(&c, &plan);
     let nobody = uid_of("nobody");
     assert_eq!(get(&addr, "/uid").expect("uid"), nobody.to_string());
@@ -96,11 +72,10 @@ fn services_see_a_clean_environment_and_keep_state_across_releases() {
         ],
     );
     let addr = format!("127.72.0.2:{}", c.listen);
-    let with_env = |t: String| {
-        t.replace(
-            "stop_timeout = \"5s\"",
-            "stop_timeout = \"5s\"\nenv = { APP_MODE = \"test\", APP_URL = \"http://127.0.0.1:${PORT}/\" }",
-        )
+    let with_env = |version: &str| {
+        c.plan(version)
+            .env("APP_MODE", "test")
+            .env("APP_URL", "http://127.0.0.1:${PORT}/")
     };
     let env_of = || -> BTreeMap<String, String> {
         get(&addr, "/env")
@@ -111,7 +86,7 @@ fn services_see_a_clean_environment_and_keep_state_across_releases() {
             .collect()
     };
 
-    deploy_ok(&c, &plan_with(&c, "v1", "1.0.0", with_env));
+    deploy_ok(&c, &with_env("1.0.0").write("v1"));
     let env = env_of();
     let names: Vec<&str> = env.keys().map(String::as_str).collect();
     assert_eq!(
@@ -160,7 +135,7 @@ fn services_see_a_clean_environment_and_keep_state_across_releases() {
     );
 
     // The next release, in the other slot, finds what the first one wrote.
-    deploy_ok(&c, &plan_with(&c, "v2", "2.0.0", with_env));
+    deploy_ok(&c, &with_env("2.0.0").write("v2"));
     let env = env_of();
     assert_eq!(env["CUTOVER_RELEASE"], "2.0.0");
     assert_eq!(env["CUTOVER_SLOT"], "green");
@@ -173,8 +148,7 @@ fn services_see_a_clean_environment_and_keep_state_across_releases() {
 
 /// The sample release plus what a careless or hostile build may ship: a setuid-root
 /// copy of `whoami`, a world-writable file and a sticky world-writable directory.
-/// Returns (file:// URL, sha256).
-fn loose_release(c: &Cluster, version: &str) -> (String, String) {
+fn loose_release(c: &Cluster, version: &str) -> Artifact {
     use sha2::Digest;
     use std::io::Write;
     let out = c.dir.join(format!("loose-{version}.tar.gz"));
@@ -211,20 +185,26 @@ fn loose_release(c: &Cluster, version: &str) -> (String, String) {
         .flush()
         .expect("flush");
     let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&out).expect("read")));
-    (format!("file://{}", out.display()), sha)
+    Artifact {
+        url: format!("file://{}", out.display()),
+        sha256: sha,
+    }
 }
 
 #[test]
 fn a_release_cannot_be_changed_by_its_service_nor_make_it_root() {
     let c = cluster_as_nobody(71, &[]);
     let addr = format!("127.71.0.2:{}", c.listen);
-    let (url, sha) = loose_release(&c, "1.0.0");
-    let plan = plan_for(&c, "loose", "1.0.0", &url, &sha, |t| {
-        t.replace(
-            "http = \"/healthz\"",
-            r#"exec = ['sh', '-c', './bin/whoami-suid > "$CUTOVER_STATE_DIR/euid"']"#,
-        )
-    });
+    let loose = loose_release(&c, "1.0.0");
+    let plan = c
+        .plan("1.0.0")
+        .artifact(&loose.url, &loose.sha256)
+        .health_exec(&[
+            "sh",
+            "-c",
+            r#"./bin/whoami-suid > "$CUTOVER_STATE_DIR/euid""#,
+        ])
+        .write("loose");
     deploy_ok(&c, &plan);
     assert_eq!(
         get(&addr, "/uid").expect("uid"),
@@ -289,13 +269,11 @@ fn a_held_port_is_skipped_and_a_failed_start_moves_to_another_port() {
     c.agent_args = vec!["--slot-ports".into(), format!("{base}-{}", base + 2)];
     c.add_agent("web-1", "127.73.0.2", "env=test");
     // The first start fails the way a lost race for a port does; the next one works.
-    let command = r#"command = ['sh', '-c', 'echo "$PORT" >> "$CUTOVER_STATE_DIR/ports"; if [ ! -e "$CUTOVER_STATE_DIR/failed" ]; then touch "$CUTOVER_STATE_DIR/failed"; echo "bind 127.0.0.1:$PORT: Address already in use" >&2; exit 1; fi; exec ./bin/cutover-sample serve --port "$PORT"']"#;
-    let plan = plan_with(&c, "ports", "1.0.0", |t| {
-        t.replace(
-            r#"command = ["./bin/cutover-sample", "serve", "--port", "${PORT}"]"#,
-            command,
-        )
-    });
+    let script = r#"echo "$PORT" >> "$CUTOVER_STATE_DIR/ports"; if [ ! -e "$CUTOVER_STATE_DIR/failed" ]; then touch "$CUTOVER_STATE_DIR/failed"; echo "bind 127.0.0.1:$PORT: Address already in use" >&2; exit 1; fi; exec ./bin/cutover-sample serve --port "$PORT""#;
+    let plan = c
+        .plan("1.0.0")
+        .command(&["sh", "-c", script])
+        .write("ports");
     deploy_ok(&c, &plan);
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
     let ports: Vec<u16> = std::fs::read_to_string(state_dir(&c).join("ports"))

@@ -84,13 +84,12 @@ fn malformed_requests_cannot_roll_back_a_good_release() {
     c.deploy_versions(&["1.0.0"]);
     let load = Load::start(c.addrs(), 1);
     let flood = Flood::start(c.addrs());
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let strategy = r#"steps = [
-  { traffic = 50, hold = "4s" },
-  { traffic = 100, hold = "2s" },
-]"#;
-    let plan = c.plan_with("good", "2.0.0", &url, &sha, strategy, "", ANALYSIS_ERRORS);
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 50, hold = "4s" }, { traffic = 100, hold = "2s" }]"#)
+        .analysis(ANALYSIS_ERRORS)
+        .write("good");
+    let (code, id, err) = c.deploy_wait(&plan);
     let sent = flood.stop();
     let report = load.stop();
     eprintln!("{sent} malformed requests, {} good ones", report.ok());
@@ -101,12 +100,7 @@ fn malformed_requests_cannot_roll_back_a_good_release() {
         "{sent} malformed requests against {} good ones",
         report.ok()
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     let intervals = c.status(&id)["intervals"]
         .as_array()
         .cloned()
@@ -293,8 +287,7 @@ fn an_agent_outlasts_running_out_of_descriptors() {
         !failures.is_empty() && failures.iter().all(|l| l.ends_with(" 0")),
         "{failures:?}"
     );
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan("v2", "2.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("2.0.0").write("v2");
+    let (code, _, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
 }

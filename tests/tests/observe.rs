@@ -15,32 +15,40 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-#[test]
-fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
-    let c = Cluster::start(61, 2);
-    let steps = r#"steps = [{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
-    let mut ids = Vec::new();
+/// The deployments the DORA figures are computed from.
+struct History {
+    /// 1.0.0, 2.0.0 and 4.0.0: deployments that succeeded.
+    succeeded: Vec<String>,
+    /// 3.0.0: rolled back by analysis at 50 %.
+    rolled_back: String,
+}
+
+/// Two good deployments, one that fails a third of its requests and is rolled back at
+/// 50 %, and one that succeeds and is then rolled back by hand.
+fn history(c: &Cluster) -> History {
+    let steps = r#"[{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
+    let mut succeeded = Vec::new();
     for v in ["1.0.0", "2.0.0"] {
-        let (url, sha) = c.pack(v, &[]);
-        let plan = c.plan(v, v, &url, &sha, steps, "");
-        let (code, id, err) = c.deploy_wait(&plan, &[]);
+        let plan = c.plan(v).steps(steps).write(v);
+        let (code, id, err) = c.deploy_wait(&plan);
         assert_eq!(code, 0, "{err}");
-        ids.push(id);
+        succeeded.push(id);
     }
-    // 3.0.0 fails a third of its requests: rolled back at 50 %.
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
-    let (url, sha) = c.pack("3.0.0", &["error_rate=0.3"]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#;
-    let plan = c.plan_with("bad", "3.0.0", &url, &sha, strategy, "", ANALYSIS_ERRORS);
-    let (code, bad, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("3.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(r#"[{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#)
+        .analysis(ANALYSIS_ERRORS)
+        .write("bad");
+    let (code, rolled_back, err) = c.deploy_wait(&plan);
     assert_eq!(code, 3, "{err}");
     drop(load);
-    // 4.0.0 succeeds, then an operator rolls it back by hand.
-    let (url, sha) = c.pack("4.0.0", &[]);
-    let plan = c.plan("v4", "4.0.0", &url, &sha, steps, "");
-    let (code, v4, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("4.0.0").steps(steps).write("v4");
+    let (code, v4, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
+    succeeded.push(v4);
     let out = c.cli(&["rollback", "web", "--wait"]);
     assert_eq!(
         out.status.code(),
@@ -49,22 +57,31 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(c.all_serving("2.0.0"));
+    History {
+        succeeded,
+        rolled_back,
+    }
+}
 
-    // By hand, from each deployment's own record and timeline.
-    let shows: Vec<Value> = json(&c, &["history", "--limit", "100"])
+/// By hand, from each deployment's own record and timeline: the mean time to restore
+/// (first bad signal to the last host back, and the manual rollback's own duration),
+/// and the successful deployments' durations, sorted.
+fn by_hand(c: &Cluster, h: &History) -> (f64, Vec<f64>) {
+    let shows: Vec<Value> = json(c, &["history", "--limit", "100"])
         .as_array()
         .expect("history")
         .iter()
-        .map(|h| json(&c, &["show", h["id"].as_str().expect("id")]))
+        .map(|h| json(c, &["show", h["id"].as_str().expect("id")]))
         .collect();
     assert_eq!(shows.len(), 5, "four deployments and one rollback");
     let manual = shows
         .iter()
         .find(|s| s["previous_release"] == "4.0.0")
         .expect("manual");
-    let bad_show = shows.iter().find(|s| s["id"] == bad.as_str()).expect("bad");
-    // Time to restore: first bad signal to the last host back (from the timeline), and
-    // the manual rollback's own duration.
+    let bad_show = shows
+        .iter()
+        .find(|s| s["id"] == h.rolled_back.as_str())
+        .expect("bad");
     let event = |s: &Value, name: &str| -> Value {
         s["timeline"]
             .as_array()
@@ -74,20 +91,27 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
     let started = event(bad_show, "rollback_started");
     let done = event(bad_show, "rollback_done");
     let first_bad = started["first_bad_unix_ms"].as_u64().expect("first bad");
-    let status_bad = c.status(&bad);
+    let status_bad = c.status(&h.rolled_back);
     let done_ms = status_bad["rollback"]["done_unix_ms"]
         .as_u64()
         .expect("done");
     assert!(!done.is_null(), "the timeline records the rollback's end");
     let auto_restore = (done_ms - first_bad) as f64 / 1000.0;
     let manual_restore = f(&manual["elapsed_s"]);
-    let durations: Vec<f64> = ids
+    let mut durations: Vec<f64> = h
+        .succeeded
         .iter()
-        .chain([&v4])
         .map(|id| f(&shows.iter().find(|s| s["id"] == id.as_str()).expect("show")["elapsed_s"]))
         .collect();
-    let mut sorted = durations.clone();
-    sorted.sort_by(f64::total_cmp);
+    durations.sort_by(f64::total_cmp);
+    ((auto_restore + manual_restore) / 2.0, durations)
+}
+
+#[test]
+fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
+    let c = Cluster::start(61, 2);
+    let h = history(&c);
+    let (mean, sorted) = by_hand(&c, &h);
 
     let s = json(&c, &["stats", "--service", "web"]);
     eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
@@ -99,7 +123,6 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
     assert_eq!(s["failed_before_traffic"], 0);
     assert_eq!(f(&s["change_failure_rate"]), 0.5);
     assert_eq!(s["time_to_restore"]["count"], 2);
-    let mean = (auto_restore + manual_restore) / 2.0;
     assert!(
         (f(&s["time_to_restore"]["mean_s"]) - mean).abs() < 0.0015,
         "{mean}"
@@ -112,7 +135,8 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
     assert_eq!(s["failures_by_phase"]["after success (manual rollback)"], 1);
 
     // `show` of the failure puts where and why first.
-    let text = c.cli_ok(&["show", &bad]);
+    let bad = &h.rolled_back;
+    let text = c.cli_ok(&["show", bad]);
     let first = text.lines().next().unwrap_or_default();
     assert!(
         first.starts_with(&format!("ROLLED_BACK {bad} at 50%: ")) && first.contains("error_rate"),
@@ -139,24 +163,19 @@ fn stats_match_the_figures_computed_by_hand_from_the_timelines() {
 #[test]
 fn watch_shows_the_steps_live_on_a_terminal_and_as_plain_lines_in_logs() {
     let c = Cluster::start(62, 2);
-    let steps = r#"steps = [{ traffic = 10, hold = "2s" }, { traffic = 50, hold = "2s" }, { traffic = 100 }]"#;
+    let steps =
+        r#"[{ traffic = 10, hold = "2s" }, { traffic = 50, hold = "2s" }, { traffic = 100 }]"#;
     // History first, for typical times and an ETA.
     for v in ["1.0.0", "2.0.0"] {
-        let (url, sha) = c.pack(v, &[]);
-        let plan = c.plan(v, v, &url, &sha, steps, "");
-        assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+        let plan = c.plan(v).steps(steps).write(v);
+        assert_eq!(c.deploy_wait(&plan).0, 0);
     }
 
     // Plain: not a terminal (CI logs).
-    let (url, sha) = c.pack("3.0.0", &[]);
-    let plan = c.plan("v3", "3.0.0", &url, &sha, steps, "");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(out.status.code(), Some(0));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let plan = c.plan("3.0.0").steps(steps).write("v3");
+    let id = c.deploy(&plan);
+    let (code, err) = c.watch(&id);
+    assert_eq!(code, 0);
     assert!(
         !err.contains('\x1b'),
         "no terminal codes in plain mode: {err}"
@@ -172,12 +191,8 @@ fn watch_shows_the_steps_live_on_a_terminal_and_as_plain_lines_in_logs() {
 
     // On a terminal (a pseudo-terminal from script(1)): the view is redrawn in place and
     // shows the step, the phase against typical times, and the ETA.
-    let (url, sha) = c.pack("4.0.0", &[]);
-    let plan = c.plan("v4", "4.0.0", &url, &sha, steps, "");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let plan = c.plan("4.0.0").steps(steps).write("v4");
+    let id = c.deploy(&plan);
     let cmd = format!("{} watch {id}", c.bin.join("cutover").display());
     let out = std::process::Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
@@ -256,17 +271,21 @@ fn receiver(refuse: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value
 fn webhooks_receive_every_event_in_order_with_retries() {
     let (url, got) = receiver(2);
     let c = Cluster::start_with(63, 2, &["--webhook", &url]);
-    let steps = r#"steps = [{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#;
-    let (u, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &u, &sha, steps, "");
-    let (code, good, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("1.0.0")
+        .steps(r#"[{ traffic = 50, hold = "1s" }, { traffic = 100 }]"#)
+        .write("v1");
+    let (code, good, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
-    let (u, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#;
-    let plan = c.plan_with("bad", "2.0.0", &u, &sha, strategy, "", ANALYSIS_ERRORS);
-    let (code, bad, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(r#"[{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#)
+        .analysis(ANALYSIS_ERRORS)
+        .write("bad");
+    let (code, bad, err) = c.deploy_wait(&plan);
     assert_eq!(code, 3, "{err}");
     drop(load);
 
@@ -388,9 +407,8 @@ impl Drop for Browser {
 #[test]
 fn the_dashboard_in_a_real_browser_follows_a_deployment_live() {
     let c = Cluster::start(64, 2);
-    let (u, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &u, &sha, "steps = [{ traffic = 100 }]", "");
-    assert_eq!(c.deploy_wait(&plan, &[]).0, 0);
+    let plan = c.plan("1.0.0").write("v1");
+    assert_eq!(c.deploy_wait(&plan).0, 0);
 
     let browser = Browser::open(&format!("http://{}/", c.http_addr));
     wait_until(Duration::from_secs(30), "the dashboard loaded", || {
@@ -400,13 +418,13 @@ fn the_dashboard_in_a_real_browser_follows_a_deployment_live() {
     });
     let (page, _) = browser.page(&c.http_addr).expect("page");
 
-    let (u, sha) = c.pack("2.0.0", &[]);
-    let steps = r#"steps = [{ traffic = 10, hold = "3s" }, { traffic = 50, hold = "3s" }, { traffic = 100 }]"#;
-    let plan = c.plan("v2", "2.0.0", &u, &sha, steps, "");
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let plan = c
+        .plan("2.0.0")
+        .steps(
+            r#"[{ traffic = 10, hold = "3s" }, { traffic = 50, hold = "3s" }, { traffic = 100 }]"#,
+        )
+        .write("v2");
+    let id = c.deploy(&plan);
     // The same page, never reloaded, follows the deployment from step to step.
     for want in [
         format!("cutover · {id} step 1/3 at 10%"),

@@ -6,9 +6,8 @@ use std::time::Duration;
 use tests::{ANALYSIS_ERRORS, Cluster, Load, Value, wait_until};
 
 fn deploy_v1(c: &Cluster, behaviour: &[&str]) {
-    let (url, sha) = c.pack("1.0.0", behaviour);
-    let plan = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("1.0.0").behaviour(behaviour).write("v1");
+    let (code, _, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "v1: {err}");
     assert!(c.all_serving("1.0.0"));
 }
@@ -22,8 +21,7 @@ fn a_good_release_walks_1_10_100_with_passing_analysis() {
     let c = Cluster::start(21, 3);
     deploy_v1(&c, &[]);
     let load = Load::start(c.addrs(), 2);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let strategy = r#"steps = [
+    let steps = r#"[
   { traffic = 1, hold = "1s" },
   { traffic = 10, hold = "1s" },
   { traffic = 100, hold = "1s" },
@@ -41,16 +39,15 @@ max = 0.01
 name = "latency_p99"
 max = 1000
 "#;
-    let plan = c.plan_with("good", "2.0.0", &url, &sha, strategy, "", analysis);
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .steps(steps)
+        .analysis(analysis)
+        .write("good");
+    let (code, id, err) = c.deploy_wait(&plan);
     let report = load.stop();
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     let s = c.status(&id);
     assert_eq!(s["state"], "succeeded");
     let intervals = s["intervals"].as_array().cloned().unwrap_or_default();
@@ -78,19 +75,11 @@ max = 1000
 fn a_paused_10_percent_step_sends_about_10_percent_of_requests_to_the_new_release() {
     let c = Cluster::start(22, 3);
     deploy_v1(&c, &[]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "canary",
-        "2.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 10, pause = true }, { traffic = 100 }]",
-        "",
-    );
-    let id = c
-        .cli_ok(&["deploy", plan.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let plan = c
+        .plan("2.0.0")
+        .steps("[{ traffic = 10, pause = true }, { traffic = 100 }]")
+        .write("canary");
+    let id = c.deploy(&plan);
     wait_until(Duration::from_secs(30), "the 10% step to pause", || {
         let s = c.status(&id);
         s["state"] == "paused" && s["traffic"] == 10
@@ -108,7 +97,7 @@ fn a_paused_10_percent_step_sends_about_10_percent_of_requests_to_the_new_releas
         (0.08..=0.12).contains(&share),
         "share on the new release {share:.3} ({v:?})"
     );
-    assert_eq!(report.failed(), 0);
+    report.assert_none_failed();
     // resume finishes it.
     c.cli_ok(&["resume", &id]);
     wait_until(Duration::from_secs(30), "success", || {
@@ -123,10 +112,13 @@ fn a_release_failing_30_percent_of_requests_is_rolled_back_at_its_first_step() {
     deploy_v1(&c, &[]);
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 200);
-    let (url, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
-    let strategy = r#"steps = [{ traffic = 10, hold = "60s" }, { traffic = 100 }]"#;
-    let plan = c.plan_with("errors", "2.0.0", &url, &sha, strategy, "", ANALYSIS_ERRORS);
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(r#"[{ traffic = 10, hold = "60s" }, { traffic = 100 }]"#)
+        .analysis(ANALYSIS_ERRORS)
+        .write("errors");
+    let (code, id, err) = c.deploy_wait(&plan);
     let failed_at_end = load.report.failed();
     let ok_at_end = load.report.ok();
     let report = load.stop();
@@ -161,8 +153,6 @@ fn a_release_5x_slower_is_rolled_back_by_p99_against_the_baseline() {
     let c = Cluster::start(24, 2);
     deploy_v1(&c, &["delay_ms=4"]);
     let load = Load::start(c.addrs(), 4);
-    let (url, sha) = c.pack("2.0.0", &["delay_ms=20"]);
-    let strategy = r#"steps = [{ traffic = 20, hold = "60s" }, { traffic = 100 }]"#;
     let analysis = r#"[analysis]
 interval = "1s"
 failure_limit = 2
@@ -172,8 +162,13 @@ min_requests = 10
 name = "latency_p99"
 max_vs_baseline = 2.0
 "#;
-    let plan = c.plan_with("slow", "2.0.0", &url, &sha, strategy, "", analysis);
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["delay_ms=20"])
+        .steps(r#"[{ traffic = 20, hold = "60s" }, { traffic = 100 }]"#)
+        .analysis(analysis)
+        .write("slow");
+    let (code, id, err) = c.deploy_wait(&plan);
     let report = load.stop();
     assert_eq!(code, 3, "{err}");
     let s = c.status(&id);
@@ -183,12 +178,8 @@ max_vs_baseline = 2.0
         "{reason}"
     );
     assert!(c.all_serving("1.0.0"));
-    assert_eq!(
-        report.failed(),
-        0,
-        "slow is not failed: {:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    // Slow is not failed.
+    report.assert_none_failed();
 }
 
 #[test]
@@ -196,10 +187,12 @@ fn a_release_that_crashes_while_serving_is_routed_around_by_the_agent_and_rolled
     let c = Cluster::start(25, 3);
     deploy_v1(&c, &[]);
     let load = Load::start(c.addrs(), 2);
-    let (url, sha) = c.pack("2.0.0", &["crash_after_ms=2500"]);
-    let strategy = r#"steps = [{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#;
-    let plan = c.plan("crash", "2.0.0", &url, &sha, strategy, "");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["crash_after_ms=2500"])
+        .steps(r#"[{ traffic = 50, hold = "60s" }, { traffic = 100 }]"#)
+        .write("crash");
+    let (code, id, err) = c.deploy_wait(&plan);
     let report = load.stop();
     assert_eq!(code, 3, "{err}");
     let s = c.status(&id);
@@ -220,7 +213,7 @@ fn a_release_that_crashes_while_serving_is_routed_around_by_the_agent_and_rolled
         report.failed() < 20,
         "failed {}: {:?}",
         report.failed(),
-        report.errors.lock().map(|e| e.clone())
+        report.errors()
     );
 }
 
@@ -228,19 +221,13 @@ fn a_release_that_crashes_while_serving_is_routed_around_by_the_agent_and_rolled
 fn abort_during_a_hold_rolls_back() {
     let c = Cluster::start(26, 2);
     deploy_v1(&c, &[]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "held",
-        "2.0.0",
-        &url,
-        &sha,
-        r#"steps = [{ traffic = 10, hold = "1h" }, { traffic = 100 }]"#,
-        "",
-    );
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 10, hold = "1h" }, { traffic = 100 }]"#)
+        .write("held");
     let id = c.deploy_until_holding(&plan);
     c.cli_ok(&["abort", &id]);
-    let out = c.cli(&["watch", &id]);
-    assert_eq!(out.status.code(), Some(4), "aborted ends with exit 4");
+    assert_eq!(c.watch(&id).0, 4, "aborted ends with exit 4");
     let s = c.status(&id);
     assert_eq!(s["state"], "aborted");
     assert_eq!(s["reason"], "aborted by operator");
@@ -251,16 +238,13 @@ fn abort_during_a_hold_rolls_back() {
 fn rollback_after_the_old_slot_was_retired_prepares_it_again_from_disk() {
     let c = Cluster::start(27, 2);
     deploy_v1(&c, &[]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "v2",
-        "2.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]\nkeep_previous = \"1s\"",
-        "",
-    );
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let v2 = c.pack("2.0.0", &[]);
+    let plan = c
+        .plan("2.0.0")
+        .artifact(&v2.url, &v2.sha256)
+        .keep_previous("1s")
+        .write("v2");
+    let (code, _, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     // keep_previous passes: v1's slot is stopped on every host.
     wait_until(Duration::from_secs(20), "v1's slots to be retired", || {
@@ -272,7 +256,7 @@ fn rollback_after_the_old_slot_was_retired_prepares_it_again_from_disk() {
         })
     });
     // The artifact is gone too: the rollback must come from the kept release directory.
-    std::fs::remove_file(url.trim_start_matches("file://")).ok();
+    std::fs::remove_file(v2.path()).ok();
     let v1 = c.dir.join(
         std::fs::read_dir(&c.dir)
             .expect("dir")
@@ -291,10 +275,5 @@ fn rollback_after_the_old_slot_was_retired_prepares_it_again_from_disk() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
 }

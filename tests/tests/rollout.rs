@@ -17,15 +17,10 @@ fn held(c: &Cluster, id: &str) -> f64 {
 fn a_pause_freezes_the_hold_and_resume_continues_the_rest_of_it() {
     let c = Cluster::start(65, 2);
     c.deploy_versions(&["1.0.0"]);
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "held",
-        "2.0.0",
-        &url,
-        &sha,
-        r#"steps = [{ traffic = 10, hold = "8s" }, { traffic = 100 }]"#,
-        "",
-    );
+    let plan = c
+        .plan("2.0.0")
+        .steps(r#"[{ traffic = 10, hold = "8s" }, { traffic = 100 }]"#)
+        .write("held");
     let id = c.deploy_until_holding(&plan);
     wait_until(Duration::from_secs(10), "2 s of the hold", || {
         held(&c, &id) >= 2.0
@@ -65,21 +60,13 @@ fn a_warm_slot_is_prepared_anew_when_the_plan_changed_its_spec() {
     c.deploy_versions(&["1.0.0", "2.0.0"]);
     // 1.0.0 is still warm in the idle slot. Deploy it again with a command that cannot
     // run: the slot must be prepared with the new spec, and fail as a preparation.
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan(
-        "broken",
-        "1.0.0",
-        &url,
-        &sha,
-        r#"steps = [{ traffic = 10, hold = "1s" }, { traffic = 100 }]"#,
-        "",
-    );
-    let text = std::fs::read_to_string(&plan)
-        .expect("plan")
-        .replace("\"serve\", \"--port\"", "\"no-such-mode\", \"--port\"");
-    std::fs::write(&plan, text).expect("write plan");
+    let plan = c
+        .plan("1.0.0")
+        .command(&["./bin/cutover-sample", "no-such-mode", "--port", "${PORT}"])
+        .steps(r#"[{ traffic = 10, hold = "1s" }, { traffic = 100 }]"#)
+        .write("broken");
     let load = Load::start(c.addrs(), 2);
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let (code, id, err) = c.deploy_wait(&plan);
     let report = load.stop();
     assert_eq!(code, 3, "{err}");
     let s = c.status(&id);
@@ -94,12 +81,7 @@ fn a_warm_slot_is_prepared_anew_when_the_plan_changed_its_spec() {
         Some(0),
         "no traffic step ever started"
     );
-    assert_eq!(
-        report.failed(),
-        0,
-        "{:?}",
-        report.errors.lock().map(|e| e.clone())
-    );
+    report.assert_none_failed();
     assert_eq!(
         report.versions().keys().collect::<Vec<_>>(),
         vec!["release 2.0.0"],
@@ -108,21 +90,8 @@ fn a_warm_slot_is_prepared_anew_when_the_plan_changed_its_spec() {
     assert!(c.all_serving("2.0.0"), "{:?}", c.versions());
 
     // The live release with another env is a change to deploy, not a no-op.
-    let (url, sha) = c.pack("2.0.0", &[]);
-    let plan = c.plan(
-        "env",
-        "2.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        "drain = \"2s\"",
-        "drain = \"2s\"\nenv = { WORKERS = \"4\" }",
-    );
-    std::fs::write(&plan, text).expect("write plan");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("2.0.0").env("WORKERS", "4").write("env");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("nothing to do"), "{err}");
     let timeline = show(&c, &id)["timeline"].to_string();
@@ -134,38 +103,20 @@ fn a_failed_first_deployment_leaves_no_port_behind_for_the_next_one() {
     let c = Cluster::start(67, 1);
     let busy = std::net::TcpListener::bind("127.67.0.2:0").expect("bind");
     let taken = busy.local_addr().expect("addr").port();
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan(
-        "taken",
-        "1.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        &format!("listen = {}", c.listen),
-        &format!("listen = {taken}"),
-    );
-    std::fs::write(&plan, text).expect("write plan");
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let v1 = c.pack("1.0.0", &[]);
+    let plan = c
+        .plan("1.0.0")
+        .artifact(&v1.url, &v1.sha256)
+        .listen(taken)
+        .write("taken");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 4, "{err}");
-    let reason = c.status(&id)["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let reason = c.reason(&id);
     assert!(reason.contains("in use"), "{reason}");
     // The same release on a free port works at once: the earlier port's error is not
     // this deployment's.
-    let plan = c.plan(
-        "free",
-        "1.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let plan = c.plan("1.0.0").artifact(&v1.url, &v1.sha256).write("free");
+    let (code, _, err) = c.deploy_wait(&plan);
     assert_eq!(code, 0, "{err}");
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
     drop(busy);

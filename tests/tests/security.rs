@@ -1,15 +1,29 @@
 //! Locked doors on the host: artifact signatures and the user slot processes run as.
 
+use std::path::Path;
+
 use tests::Cluster;
+
+/// `cutover artifact keygen --out KEY`; returns the public key.
+fn keygen(c: &Cluster, key: &Path) -> String {
+    c.cli_ok(&["artifact", "keygen", "--out", key.to_str().expect("path")])
+        .trim()
+        .to_string()
+}
+
+/// `cutover artifact sign FILE --key KEY`; returns the signature.
+fn sign(c: &Cluster, file: &Path, key: &Path) -> String {
+    let (file, key) = (file.to_str().expect("path"), key.to_str().expect("path"));
+    c.cli_ok(&["artifact", "sign", file, "--key", key])
+        .trim()
+        .to_string()
+}
 
 #[test]
 fn only_signed_artifacts_run_where_keys_are_trusted() {
     let mut c = Cluster::start(44, 0);
     let key = c.dir.join("release.key");
-    let public = c
-        .cli_ok(&["artifact", "keygen", "--out", key.to_str().expect("path")])
-        .trim()
-        .to_string();
+    let public = keygen(&c, &key);
     assert_eq!(public.len(), 64, "{public}");
     // A second keygen never overwrites a key.
     assert_eq!(
@@ -26,37 +40,15 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
         .expect("write trusted_keys");
     });
 
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let file = url.trim_start_matches("file://");
-    let out = c.cli(&[
-        "artifact",
-        "sign",
-        file,
-        "--key",
-        key.to_str().expect("path"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let signature = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let v1 = c.pack("1.0.0", &[]);
+    let signature = sign(&c, &v1.path(), &key);
 
     // Unsigned: the host fails preparation with a clear reason; nothing runs.
-    let plan = c.plan(
-        "unsigned",
-        "1.0.0",
-        &url,
-        &sha,
-        "steps = [{ traffic = 100 }]",
-        "",
-    );
-    let (code, id, err) = c.deploy_wait(&plan, &[]);
+    let v1_plan = || c.plan("1.0.0").artifact(&v1.url, &v1.sha256);
+    let plan = v1_plan().write("unsigned");
+    let (code, id, err) = c.deploy_wait(&plan);
     assert_eq!(code, 4, "{err}");
-    let reason = c.status(&id)["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let reason = c.reason(&id);
     assert!(
         reason.contains("host web-1: artifact signature missing"),
         "{reason}"
@@ -64,42 +56,20 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
 
     // Signed by another key: refused too.
     let other = c.dir.join("other.key");
-    c.cli_ok(&["artifact", "keygen", "--out", other.to_str().expect("path")]);
-    let forged = c
-        .cli_ok(&[
-            "artifact",
-            "sign",
-            file,
-            "--key",
-            other.to_str().expect("path"),
-        ])
-        .trim()
-        .to_string();
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        &format!("sha256 = \"{sha}\""),
-        &format!("sha256 = \"{sha}\"\nsignature = \"{forged}\""),
-    );
-    let forged_plan = c.dir.join("forged.toml");
-    std::fs::write(&forged_plan, text).expect("write");
-    let (code, id, _) = c.deploy_wait(&forged_plan, &[]);
+    keygen(&c, &other);
+    let forged = sign(&c, &v1.path(), &other);
+    let forged_plan = v1_plan().signature(&forged).write("forged");
+    let (code, id, _) = c.deploy_wait(&forged_plan);
     assert_eq!(code, 4);
-    let reason = c.status(&id)["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let reason = c.reason(&id);
     assert!(
         reason.contains("does not verify with any trusted key"),
         "{reason}"
     );
 
     // Signed with the trusted key: it runs.
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        &format!("sha256 = \"{sha}\""),
-        &format!("sha256 = \"{sha}\"\nsignature = \"{signature}\""),
-    );
-    let signed_plan = c.dir.join("signed.toml");
-    std::fs::write(&signed_plan, text).expect("write");
-    let (code, _, err) = c.deploy_wait(&signed_plan, &[]);
+    let signed_plan = v1_plan().signature(&signature).write("signed");
+    let (code, _, err) = c.deploy_wait(&signed_plan);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         c.versions().get("web-1").map(String::as_str),
@@ -107,17 +77,15 @@ fn only_signed_artifacts_run_where_keys_are_trusted() {
     );
 }
 
-/// Deploys the sample with `run_extra` added to its `[run]` section; returns the exit
-/// code and the deployment id.
-fn deploy_with_run(c: &Cluster, name: &str, version: &str, run_extra: &str) -> (i32, String) {
-    let (url, sha) = c.pack(version, &[]);
-    let plan = c.plan(name, version, &url, &sha, "steps = [{ traffic = 100 }]", "");
-    let text = std::fs::read_to_string(&plan).expect("plan").replace(
-        "stop_timeout = \"5s\"",
-        &format!("stop_timeout = \"5s\"\n{run_extra}"),
-    );
-    std::fs::write(&plan, text).expect("write");
-    let (code, id, _) = c.deploy_wait(&plan, &[]);
+/// Deploys the sample `version` with `[run] user` set to `user` (none: left out);
+/// returns the exit code and the deployment id.
+fn deploy_as(c: &Cluster, name: &str, version: &str, user: Option<&str>) -> (i32, String) {
+    let plan = c.plan(version);
+    let plan = match user {
+        Some(user) => plan.user(user),
+        None => plan,
+    };
+    let (code, id, _) = c.deploy_wait(&plan.write(name));
     (code, id)
 }
 
@@ -138,27 +106,21 @@ fn services_run_unprivileged_unless_the_plan_says_root() {
     assert_ne!(nobody, "0");
 
     // No user in the plan: the agent's --service-user.
-    assert_eq!(deploy_with_run(&c, "default", "1.0.0", "").0, 0);
+    assert_eq!(deploy_as(&c, "default", "1.0.0", None).0, 0);
     assert_eq!(tests::get(&addr, "/uid").expect("uid"), nobody);
 
     // Root only when the plan says so.
-    assert_eq!(deploy_with_run(&c, "root", "2.0.0", "user = \"root\"").0, 0);
+    assert_eq!(deploy_as(&c, "root", "2.0.0", Some("root")).0, 0);
     assert_eq!(tests::get(&addr, "/uid").expect("uid"), "0");
 
     // A named user.
-    assert_eq!(
-        deploy_with_run(&c, "named", "3.0.0", "user = \"nobody\"").0,
-        0
-    );
+    assert_eq!(deploy_as(&c, "named", "3.0.0", Some("nobody")).0, 0);
     assert_eq!(tests::get(&addr, "/uid").expect("uid"), nobody);
 
     // A user that does not exist fails preparation with a clear reason.
-    let (code, id) = deploy_with_run(&c, "ghost", "4.0.0", "user = \"no-such-user-here\"");
+    let (code, id) = deploy_as(&c, "ghost", "4.0.0", Some("no-such-user-here"));
     assert_eq!(code, 3);
-    let reason = c.status(&id)["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let reason = c.reason(&id);
     assert!(
         reason.contains("user no-such-user-here does not exist"),
         "{reason}"

@@ -35,20 +35,29 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(20);
     let c = Cluster::start(31, 3);
-    let (url, sha) = c.pack("1.0.0", &[]);
-    let v1 = c.plan("v1", "1.0.0", &url, &sha, "steps = [{ traffic = 100 }]", "");
-    let (code, _, err) = c.deploy_wait(&v1, &[]);
+    let v1 = c.plan("1.0.0").write("v1");
+    let (code, _, err) = c.deploy_wait(&v1);
     assert_eq!(code, 0, "{err}");
 
+    switch(&c);
+    println!();
+    rollbacks(&c);
+    println!();
+    false_rollbacks(&c, runs);
+    println!();
+    three_steps(&c);
+}
+
+/// A blue/green switch of every host at once, under load.
+fn switch(c: &Cluster) {
     println!(
         "blue/green switch of 3 hosts to a new release at 100%, under load (4 keep-alive clients per host):"
     );
-    let (u, s) = c.pack("1.0.1", &[]);
-    let plan = c.plan("switch", "1.0.1", &u, &s, "steps = [{ traffic = 100 }]", "");
+    let plan = c.plan("1.0.1").write("switch");
     let load = Load::start(c.addrs(), 4);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 500);
     let t = Instant::now();
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let (code, _, err) = c.deploy_wait(&plan);
     let took = t.elapsed().as_secs_f64();
     let (ok, failed) = (load.report.ok(), load.report.failed());
     load.stop();
@@ -60,8 +69,10 @@ fn main() {
         "  client requests while it ran: {} served, {failed} failed",
         ok + failed
     );
-    println!();
+}
 
+/// A bad release rolled back by analysis at 1 %, 10 % and 50 % of traffic.
+fn rollbacks(c: &Cluster) {
     println!(
         "rollback of a release answering 30% of requests with 500, 3 hosts, 4 keep-alive clients per host:"
     );
@@ -69,23 +80,20 @@ fn main() {
         "{:>8} {:>22} {:>18} {:>16}",
         "traffic", "first bad -> all back", "failed requests", "of requests"
     );
-    let (bad_url, bad_sha) = c.pack("9.9.9", &["error_rate=0.3"]);
+    let bad = c.pack("9.9.9", &["error_rate=0.3"]);
     for traffic in [1, 10, 50] {
-        let strategy =
-            format!("steps = [{{ traffic = {traffic}, hold = \"60s\" }}, {{ traffic = 100 }}]");
-        let plan = c.plan_with(
-            &format!("bad{traffic}"),
-            "9.9.9",
-            &bad_url,
-            &bad_sha,
-            &strategy,
-            "",
-            ANALYSIS,
-        );
+        let plan = c
+            .plan("9.9.9")
+            .artifact(&bad.url, &bad.sha256)
+            .steps(&format!(
+                "[{{ traffic = {traffic}, hold = \"60s\" }}, {{ traffic = 100 }}]"
+            ))
+            .analysis(ANALYSIS)
+            .write(&format!("bad{traffic}"));
         let load = Load::start(c.addrs(), 4);
         wait_until(Duration::from_secs(10), "load", || load.report.ok() > 500);
         let (base_ok, base_failed) = (load.report.ok(), load.report.failed());
-        let (code, id, err) = c.deploy_wait(&plan, &[]);
+        let (code, id, err) = c.deploy_wait(&plan);
         let report = load.stop();
         assert_eq!(code, 3, "{err}");
         let s = c.status(&id);
@@ -105,26 +113,22 @@ fn main() {
             )
         );
     }
+}
 
-    println!();
+/// Healthy releases deployed `runs` times under load: how many analysis rolled back.
+fn false_rollbacks(c: &Cluster, runs: usize) {
     println!(
         "false rollbacks of a healthy release, {runs} deployments at 10% then 100% under load:"
     );
     let mut false_rollbacks = 0;
     let load = Load::start(c.addrs(), 2);
     for i in 0..runs {
-        let version = format!("2.0.{i}");
-        let (u, s) = c.pack(&version, &[]);
-        let plan = c.plan_with(
-            &format!("good{i}"),
-            &version,
-            &u,
-            &s,
-            r#"steps = [{ traffic = 10, hold = "2s" }, { traffic = 100, hold = "1s" }]"#,
-            "",
-            ANALYSIS,
-        );
-        let (code, id, _) = c.deploy_wait(&plan, &[]);
+        let plan = c
+            .plan(&format!("2.0.{i}"))
+            .steps(r#"[{ traffic = 10, hold = "2s" }, { traffic = 100, hold = "1s" }]"#)
+            .analysis(ANALYSIS)
+            .write(&format!("good{i}"));
+        let (code, id, _) = c.deploy_wait(&plan);
         if code != 0 {
             false_rollbacks += 1;
             println!(
@@ -140,22 +144,19 @@ fn main() {
         report.failed(),
         report.ok() + report.failed()
     );
+}
 
-    println!();
+/// How long a good 3-step deployment takes beyond its holds.
+fn three_steps(c: &Cluster) {
     println!("a good 3-step deployment (1% 2s, 10% 2s, 100% 2s; analysis every 1s):");
     let load = Load::start(c.addrs(), 2);
-    let (u, s) = c.pack("3.0.0", &[]);
-    let plan = c.plan_with(
-        "three",
-        "3.0.0",
-        &u,
-        &s,
-        r#"steps = [{ traffic = 1, hold = "2s" }, { traffic = 10, hold = "2s" }, { traffic = 100, hold = "2s" }]"#,
-        "",
-        ANALYSIS,
-    );
+    let plan = c
+        .plan("3.0.0")
+        .steps(r#"[{ traffic = 1, hold = "2s" }, { traffic = 10, hold = "2s" }, { traffic = 100, hold = "2s" }]"#)
+        .analysis(ANALYSIS)
+        .write("three");
     let t = Instant::now();
-    let (code, _, err) = c.deploy_wait(&plan, &[]);
+    let (code, _, err) = c.deploy_wait(&plan);
     let took = t.elapsed().as_secs_f64();
     load.stop();
     assert_eq!(code, 0, "{err}");

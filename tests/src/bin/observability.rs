@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use coordinator::model::HostRecord;
+use coordinator::model::{DeploymentRecord, HostRecord};
 use coordinator::store::{Batch, Store};
 use tests::{Cluster, Load, get, wait_until};
 
@@ -62,18 +62,35 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let hosts: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let mut c = Cluster::start(33, 2);
-    let steps = r#"steps = [{ traffic = 10, hold = "1s" }, { traffic = 100 }]"#;
-    let (u, sha) = c.pack("1.0.0", &[]);
-    let plan = c.plan("v1", "1.0.0", &u, &sha, steps, "");
-    anyhow::ensure!(c.deploy_wait(&plan, &[]).0 == 0, "v1 failed");
+    real_deployments(&c)?;
+    c.stop_coordinator();
+    seed_history(&c, n, hosts)?;
+    c.start_coordinator();
+    api_times(&c)?;
+    dashboard_times(&c, hosts)
+}
+
+/// A good 2-step deployment, then one that analysis rolls back under load.
+fn real_deployments(c: &Cluster) -> anyhow::Result<()> {
+    let steps = r#"[{ traffic = 10, hold = "1s" }, { traffic = 100 }]"#;
+    let plan = c.plan("1.0.0").steps(steps).write("v1");
+    anyhow::ensure!(c.deploy_wait(&plan).0 == 0, "v1 failed");
     let load = Load::start(c.addrs(), 2);
     wait_until(Duration::from_secs(10), "load", || load.report.ok() > 100);
-    let (u, sha) = c.pack("2.0.0", &["error_rate=0.3"]);
-    let plan = c.plan_with("bad", "2.0.0", &u, &sha, steps, "", tests::ANALYSIS_ERRORS);
-    anyhow::ensure!(c.deploy_wait(&plan, &[]).0 == 3, "v2 was not rolled back");
+    let plan = c
+        .plan("2.0.0")
+        .behaviour(&["error_rate=0.3"])
+        .steps(steps)
+        .analysis(tests::ANALYSIS_ERRORS)
+        .write("bad");
+    anyhow::ensure!(c.deploy_wait(&plan).0 == 3, "v2 was not rolled back");
     drop(load);
-    c.stop_coordinator();
+    Ok(())
+}
 
+/// Copies the real deployments, shifted in time, into the stopped coordinator's store
+/// until it holds `n` over 30 days, adds hosts up to `hosts`, and prints its size.
+fn seed_history(c: &Cluster, n: usize, hosts: usize) -> anyhow::Result<()> {
     let db = c.dir.join("coordinator").join("cutover.redb");
     let before = size(&db);
     let store = Store::open(&db)?;
@@ -85,26 +102,15 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     for i in 0..n.saturating_sub(templates.len()) {
         let tpl = &templates[i % templates.len()];
-        let mut d = tpl.clone();
         // Spread over the last 30 days, oldest first.
         let target = now - span + (i as u64 * span / n as u64);
         let shift = target as i64 - tpl.created_unix_ms as i64;
-        let at = |t: u64| (t as i64 + shift) as u64;
         let id = format!("d-h{i:06}");
-        d.id = id.clone();
-        d.created_unix_ms = at(d.created_unix_ms);
-        d.ended_unix_ms = d.ended_unix_ms.map(at);
-        d.phase_started_unix_ms = at(d.phase_started_unix_ms);
-        if let Some(r) = d.rollback.as_mut() {
-            r.first_bad_unix_ms = at(r.first_bad_unix_ms);
-            r.decided_unix_ms = at(r.decided_unix_ms);
-            r.done_unix_ms = r.done_unix_ms.map(at);
-        }
         let mut b = Batch::default();
-        b.deployment(&d);
+        b.deployment(&shifted(tpl, &id, shift));
         for (seq, e) in events.get(&tpl.id).into_iter().flatten().enumerate() {
             let mut e = e.clone();
-            e.at_unix_ms = at(e.at_unix_ms);
+            e.at_unix_ms = (e.at_unix_ms as i64 + shift) as u64;
             b.event(&id, seq as u64, &e);
         }
         store.commit(b)?;
@@ -131,8 +137,27 @@ fn main() -> anyhow::Result<()> {
         (after - before) * 1024.0 / (n - templates.len()).max(1) as f64,
         seeded.as_secs_f64()
     );
+    Ok(())
+}
 
-    c.start_coordinator();
+/// Deployment `tpl` as `id`, every time in it moved by `shift` ms.
+fn shifted(tpl: &DeploymentRecord, id: &str, shift: i64) -> DeploymentRecord {
+    let at = |t: u64| (t as i64 + shift) as u64;
+    let mut d = tpl.clone();
+    d.id = id.to_string();
+    d.created_unix_ms = at(d.created_unix_ms);
+    d.ended_unix_ms = d.ended_unix_ms.map(at);
+    d.phase_started_unix_ms = at(d.phase_started_unix_ms);
+    if let Some(r) = d.rollback.as_mut() {
+        r.first_bad_unix_ms = at(r.first_bad_unix_ms);
+        r.decided_unix_ms = at(r.decided_unix_ms);
+        r.done_unix_ms = r.done_unix_ms.map(at);
+    }
+    d
+}
+
+/// The dashboard's JSON APIs and page over the long history: best of 5 each.
+fn api_times(c: &Cluster) -> anyhow::Result<()> {
     for path in [
         "/api/fleet",
         "/api/live",
@@ -154,7 +179,11 @@ fn main() -> anyhow::Result<()> {
             best.as_secs_f64() * 1000.0
         );
     }
+    Ok(())
+}
 
+/// Headless Chromium showing the populated dashboard, against starting it blank.
+fn dashboard_times(c: &Cluster, hosts: usize) -> anyhow::Result<()> {
     // Chromium: launch, load, run the page's script and render the populated dashboard.
     let url = format!("http://{}/", c.http_addr);
     let mut best = Duration::MAX;

@@ -28,11 +28,17 @@ use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 
+/// How this release behaves, from its `behaviour.env`.
 struct Behaviour {
+    /// What `GET /` answers with (`release <version>`).
     version: String,
+    /// The share of `GET /` answered with 500.
     error_rate: f64,
+    /// How long each answer to `GET /` waits.
     delay: Duration,
+    /// Whether `/healthz` fails.
     unhealthy: bool,
+    /// Requests so far, to pick which ones fail evenly.
     counter: AtomicU64,
 }
 
@@ -68,16 +74,13 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 fn serve(args: &[String]) -> i32 {
-    let port: u16 = match flag(args, "--port")
+    let Some(port) = flag(args, "--port")
         .map(str::to_string)
         .or_else(|| std::env::var("PORT").ok())
-        .and_then(|p| p.parse().ok())
-    {
-        Some(p) => p,
-        None => {
-            eprintln!("serve: --port or PORT is required");
-            return 2;
-        }
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        eprintln!("serve: --port or PORT is required");
+        return 2;
     };
     let b = read_behaviour();
     let get = |k: &str| b.get(k).cloned().unwrap_or_default();
@@ -107,39 +110,45 @@ fn serve(args: &[String]) -> i32 {
             return 1;
         }
     };
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("bind 127.0.0.1:{port}: {e}");
-                return 1;
+    rt.block_on(listen(port, behaviour, crash_after))
+}
+
+/// Serves on 127.0.0.1:`port` until SIGTERM (exit 0), or crashes after `crash_after`
+/// ms (exit 3); a port it cannot bind is exit 1.
+async fn listen(port: u16, behaviour: Arc<Behaviour>, crash_after: Option<u64>) -> i32 {
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bind 127.0.0.1:{port}: {e}");
+            return 1;
+        }
+    };
+    eprintln!("sample {} listening on 127.0.0.1:{port}", behaviour.version);
+    if let Some(ms) = crash_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            eprintln!("sample: crashing as this release is built to");
+            std::process::exit(3);
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                eprintln!("sample: SIGTERM, stopping");
+                return 0;
             }
         };
-        eprintln!("sample {} listening on 127.0.0.1:{port}", behaviour.version);
-        if let Some(ms) = crash_after {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                eprintln!("sample: crashing as this release is built to");
-                std::process::exit(3);
-            });
-        }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
-                    eprintln!("sample: SIGTERM, stopping");
-                    return 0;
-                }
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            let b = behaviour.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(req, b.clone()));
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    })
+        let Ok((stream, _)) = accepted else { continue };
+        let b = behaviour.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, b.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
 }
 
 async fn handle(

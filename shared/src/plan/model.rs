@@ -1,0 +1,407 @@
+//! The plan file's model: one type per section, as serde reads it from TOML, with the
+//! defaults a plan may leave out. What the types alone cannot rule out is checked by
+//! `validate`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+
+/// A deployment plan, as written in the plan file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// The service deployed: one public port and one blue/green pair per host.
+    pub service: String,
+    /// What is deployed.
+    pub release: Release,
+    /// Where it is deployed.
+    #[serde(default)]
+    pub targets: Targets,
+    /// How a slot process runs.
+    pub run: Run,
+    /// How the agent knows a slot process is fit to serve.
+    pub health: Health,
+    /// How traffic moves to the new release, and how much failure it stands.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// How the new release is judged against the old one while it takes traffic.
+    #[serde(default)]
+    pub analysis: Option<Analysis>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    /// Names the release in reports and on disk (`releases/<service>/<version>-…`).
+    pub version: String,
+    /// Where agents fetch the artifact: a `file://`, `http://` or `https://` URL.
+    pub artifact: String,
+    /// The artifact's SHA-256: nothing from it runs unless it matches.
+    pub sha256: String,
+    /// When the release's commit was made (RFC 3339), for lead-time figures.
+    #[serde(default)]
+    pub committed_at: Option<String>,
+    /// ed25519 signature (hex) made by `cutover artifact sign`, checked against the
+    /// agents' trusted keys.
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Every connected host whose labels include all of these.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    /// The program and its arguments, run in the release directory; `${PORT}` is the
+    /// slot's private port.
+    pub command: Vec<String>,
+    /// Variables the service gets besides the agent's own few (`PORT`, `CUTOVER_*`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The public port the agent's proxy binds for the service.
+    pub listen: u16,
+    /// How the proxy splits traffic: per request or per connection.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// How long a stopping slot process has between SIGTERM and SIGKILL.
+    #[serde(default = "defaults::stop_timeout")]
+    pub stop_timeout: Duration,
+    /// How long an old slot keeps its in-flight requests after losing its weight.
+    #[serde(default = "defaults::drain")]
+    pub drain: Duration,
+    /// Unprivileged user to run the slot process as.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Each request goes to a slot by weight; responses are counted per status.
+    #[default]
+    Http,
+    /// Each connection goes to a slot by weight; bytes pass through untouched.
+    Tcp,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// An HTTP check: this path on the slot's port answers 2xx.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// A TCP check: the slot's port accepts a connection.
+    #[serde(default)]
+    pub tcp: Option<bool>,
+    /// A command check: this program, run in the release as the service's user, exits 0.
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+    /// Time between two checks.
+    #[serde(default = "defaults::interval")]
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    #[serde(default = "defaults::timeout")]
+    pub timeout: Duration,
+    /// Consecutive passes before a slot counts as healthy.
+    #[serde(default = "defaults::healthy_after")]
+    pub healthy_after: u32,
+    /// Consecutive failures before a healthy slot counts as unhealthy.
+    #[serde(default = "defaults::unhealthy_after")]
+    pub unhealthy_after: u32,
+    /// From process start to healthy, or the host fails preparation.
+    #[serde(default = "defaults::start_timeout")]
+    pub start_timeout: Duration,
+}
+
+/// The one health check a plan names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// GET this path on the slot's port.
+    Http(String),
+    /// Connect to the slot's port.
+    Tcp,
+    /// Run this command.
+    Exec(Vec<String>),
+}
+
+impl Health {
+    /// The check this section names; `None` until [`Plan::validate`] has passed.
+    pub fn check(&self) -> Option<Check> {
+        match (&self.http, self.tcp, &self.exec) {
+            (Some(p), None | Some(false), None) => Some(Check::Http(p.clone())),
+            (None, Some(true), None) => Some(Check::Tcp),
+            (None, None | Some(false), Some(c)) => Some(Check::Exec(c.clone())),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    /// Hosts preparing the new release at once.
+    #[serde(default = "defaults::max_parallel")]
+    pub max_parallel: Count,
+    /// Hosts that may fail preparation before the release is judged bad.
+    #[serde(default)]
+    pub max_failed_hosts: u32,
+    /// How long the old slot keeps running after success, for an instant rollback.
+    #[serde(default = "defaults::keep_previous")]
+    pub keep_previous: Duration,
+    /// After the last step, how long analysis keeps watching; a breach still rolls back.
+    #[serde(default)]
+    pub bake: Duration,
+    /// The traffic ladder, ending at 100 %.
+    #[serde(default = "defaults::steps")]
+    pub steps: Vec<Step>,
+    /// What a host silent for `host_lost_after` does to the deployment.
+    #[serde(default)]
+    pub on_host_lost: OnHostLost,
+    /// How long a host may be unreachable before it counts as lost.
+    #[serde(default = "defaults::host_lost_after")]
+    pub host_lost_after: Duration,
+    /// How long preparing hosts or a step may take before the deployment rolls back.
+    #[serde(default = "defaults::progress_deadline")]
+    pub progress_deadline: Duration,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy {
+            max_parallel: defaults::max_parallel(),
+            max_failed_hosts: 0,
+            keep_previous: defaults::keep_previous(),
+            bake: Duration::ZERO,
+            steps: defaults::steps(),
+            on_host_lost: OnHostLost::default(),
+            host_lost_after: defaults::host_lost_after(),
+            progress_deadline: defaults::progress_deadline(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnHostLost {
+    /// Pause the deployment until an operator resumes (without the host) or aborts.
+    #[default]
+    Pause,
+    /// Roll the whole fleet back.
+    Rollback,
+    /// Set the host aside and go on; it follows the fleet when it returns.
+    Continue,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Percent of each selected host's requests (or connections) for the new slot.
+    pub traffic: u32,
+    /// How long the step holds, and is analysed, before the next one.
+    #[serde(default)]
+    pub hold: Duration,
+    /// Wait for `cutover promote` after the hold.
+    #[serde(default)]
+    pub pause: bool,
+    /// Only this many target hosts get the new slot (a host wave); all when left out.
+    #[serde(default)]
+    pub hosts: Option<Count>,
+}
+
+/// A number of hosts: absolute (`3`) or a share of the targets (`"25%"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    /// This many hosts.
+    Hosts(u32),
+    /// This share of the target hosts, rounded up.
+    Percent(u32),
+}
+
+impl Count {
+    /// How many of `total` hosts this is: at least 1 when `total` > 0, at most `total`.
+    pub fn of(&self, total: usize) -> usize {
+        if total == 0 {
+            return 0;
+        }
+        let n = match *self {
+            Count::Hosts(n) => n as usize,
+            Count::Percent(p) => (total * p as usize).div_ceil(100),
+        };
+        n.clamp(1, total)
+    }
+}
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Count::Hosts(n) => write!(f, "{n}"),
+            Count::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a host count like 2 or a share like \"25%\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
+                u32::try_from(v)
+                    .map(Count::Hosts)
+                    .map_err(|_| E::custom(format!("host count {v} is out of range")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Count, E> {
+                let t = v.trim();
+                if let Some(p) = t.strip_suffix('%') {
+                    p.trim()
+                        .parse()
+                        .map(Count::Percent)
+                        .map_err(|_| E::custom(format!("{v:?} is not a share like \"25%\"")))
+                } else {
+                    t.parse().map(Count::Hosts).map_err(|_| {
+                        E::custom(format!(
+                            "{v:?} is not a host count like 2 or a share like \"25%\""
+                        ))
+                    })
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Count {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Count::Hosts(n) => s.serialize_u32(*n),
+            Count::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    /// How often the new slot's counters are judged against the old slot's.
+    #[serde(default = "defaults::analysis_interval")]
+    pub interval: Duration,
+    /// Consecutive failing intervals before rollback.
+    #[serde(default = "defaults::failure_limit")]
+    pub failure_limit: u32,
+    /// Fewer requests on the new slot in an interval make it inconclusive.
+    #[serde(default = "defaults::min_requests")]
+    pub min_requests: u64,
+    /// What is judged, each with its bounds.
+    #[serde(default)]
+    pub metric: Vec<Metric>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Metric {
+    /// What is measured.
+    pub name: MetricName,
+    /// The new slot fails an interval above this.
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// The new slot fails an interval below this.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// The new slot fails an interval above this many times the old slot's value.
+    #[serde(default)]
+    pub max_vs_baseline: Option<f64>,
+    /// `"mann-whitney"`: judge new against old with a statistical test.
+    #[serde(default)]
+    pub judge: Option<Judge>,
+    /// How sure the judge must be that the new slot is worse before it fails it.
+    #[serde(default)]
+    pub confidence: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricName {
+    /// 5xx responses and failed upstream connections, per request.
+    ErrorRate,
+    /// Median latency, in milliseconds.
+    LatencyP50,
+    /// 90th percentile latency, in milliseconds.
+    LatencyP90,
+    /// 99th percentile latency, in milliseconds.
+    LatencyP99,
+    /// Requests per second.
+    RequestRate,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum Judge {
+    /// The Mann-Whitney U test (latency) or a two-proportion test (error rate).
+    #[serde(rename = "mann-whitney")]
+    MannWhitney,
+}
+
+mod defaults {
+    use super::{Count, Duration, Step};
+    pub fn stop_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn drain() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn healthy_after() -> u32 {
+        2
+    }
+    pub fn unhealthy_after() -> u32 {
+        3
+    }
+    pub fn start_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_parallel() -> Count {
+        Count::Percent(25)
+    }
+    pub fn keep_previous() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn steps() -> Vec<Step> {
+        vec![Step {
+            traffic: 100,
+            hold: Duration::ZERO,
+            pause: false,
+            hosts: None,
+        }]
+    }
+    pub fn host_lost_after() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn progress_deadline() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn analysis_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn failure_limit() -> u32 {
+        2
+    }
+    pub fn min_requests() -> u64 {
+        50
+    }
+}

@@ -143,7 +143,7 @@ fn route(
         "/" | "/index.html" => plain(200, "text/html; charset=utf-8", DASHBOARD.into()),
         "/api/fleet" => json_response(
             crate::server::hosts_pb(store, fleet)
-                .map(|h| crate::cli::hosts_json(&h))
+                .map(|h| crate::views::hosts(&h))
                 .map_err(|s| s.message().to_string()),
         ),
         "/api/deployments" => json_response(

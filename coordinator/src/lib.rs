@@ -17,6 +17,7 @@ pub mod server;
 pub mod store;
 pub mod timeline;
 pub mod tokens;
+pub mod views;
 pub mod webhooks;
 
 use std::net::SocketAddr;

@@ -6,14 +6,16 @@ pub mod analysis;
 pub mod cli;
 pub mod engine;
 pub mod fleet;
+pub mod grpc;
 pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod queries;
 pub mod report;
 pub mod rollout;
-pub mod server;
+pub mod session;
 pub mod store;
 pub mod timeline;
 pub mod tokens;
@@ -25,11 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cutover_proto::v1::{
-    agent_link_server::AgentLinkServer, control_server::ControlServer, enroll_server::EnrollServer,
-};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 
 /// Creates the data dir readable by its owner only (it holds the CA key and plans with
 /// their secrets), or warns when an existing one is open to others.
@@ -68,11 +66,6 @@ pub struct ServeConfig {
 }
 
 /// Runs the coordinator until `shutdown` is cancelled.
-/// The largest control request the coordinator reads: a deployment carries its whole
-/// plan, which parsing caps at [`cutover_shared::plan::MAX_PLAN_BYTES`]; the room above
-/// is for its re-encoding and the other fields.
-const MAX_CONTROL_REQUEST: usize = 4 * cutover_shared::plan::MAX_PLAN_BYTES;
-
 pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     cutover_proto::tls::install_default_provider();
     private_dir(&cfg.data_dir)?;
@@ -125,7 +118,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         );
     }
 
-    let shared = Arc::new(server::Shared {
+    let shared = Arc::new(grpc::Shared {
         store: store.clone(),
         fleet: fleet.clone(),
         ca,
@@ -134,7 +127,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
         cancel: shutdown.clone(),
         cert_ttl: cfg.cert_ttl,
     });
-    let api = server::Api(shared);
+    let api = grpc::Api(shared);
 
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(engine.run(shutdown.clone()));
@@ -148,18 +141,11 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     ));
 
     // A connection costs a place under the cap from accept on: until its TLS handshake
-    // ends (or times out), then for as long as it answers the keep-alive pings, which
-    // close a dead peer's within 10 s (so TCP keepalive adds nothing). An agent's stream
-    // lives as long as the agent, so established connections have no idle timeout.
+    // ends (or times out), then for as long as the gRPC server keeps it.
     let incoming = tls.serve(listener, cfg.limits, shutdown.clone(), &tasks);
-    let grpc = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .add_service(EnrollServer::new(api.clone()))
-        .add_service(AgentLinkServer::new(api.clone()))
-        .add_service(ControlServer::new(api).max_decoding_message_size(MAX_CONTROL_REQUEST))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    let result = grpc.await.context("serve gRPC");
+    let result = grpc::serve(api, incoming, shutdown.clone())
+        .await
+        .context("serve gRPC");
     shutdown.cancel();
     tasks.close();
     if tokio::time::timeout(std::time::Duration::from_secs(10), tasks.wait())

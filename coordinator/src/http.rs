@@ -76,7 +76,7 @@ fn plain(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>>
 /// A JSON answer: 200 with the document, 404 or 500 with `{"error": …}`.
 fn json_response<T: serde::Serialize>(v: Result<T, Error>) -> Response<Full<Bytes>> {
     let (status, body) = match v {
-        Ok(v) => (200, serde_json::to_value(&v).unwrap_or_default()),
+        Ok(v) => (200, crate::views::to_value(&v)),
         Err(e) => (e.status(), serde_json::json!({ "error": e.to_string() })),
     };
     plain(status, "application/json", body.to_string())

@@ -4,15 +4,17 @@
 //! in progress, the history and the stats. Each is a function of the store (and fleet)
 //! and `now`; callers turn [`Error`] into their own answer (a gRPC status, an HTTP code).
 
+use std::collections::BTreeMap;
+
 use cutover_proto::Slot;
 use cutover_proto::v1 as pb;
 use prost::Message;
-use serde_json::Value;
 
 use crate::fleet::Fleet;
 use crate::model::DeploymentRecord;
 use crate::report;
 use crate::store::{self, Store};
+use crate::timeline::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -136,7 +138,7 @@ pub fn deployment(store: &Store, id: &str) -> Result<DeploymentRecord, Error> {
 
 /// `show` for deployment `id` (empty: the newest), with typical times from the service's
 /// past successful deployments.
-pub fn show(store: &Store, id: &str, now: u64) -> Result<Value, Error> {
+pub fn show(store: &Store, id: &str, now: u64) -> Result<report::Show, Error> {
     let records = store.deployments()?;
     let d = if id.is_empty() {
         DeploymentRecord::newest(&records)
@@ -152,9 +154,9 @@ pub fn show(store: &Store, id: &str, now: u64) -> Result<Value, Error> {
 fn show_one(
     d: &DeploymentRecord,
     records: &[DeploymentRecord],
-    events: &std::collections::BTreeMap<String, Vec<crate::timeline::Event>>,
+    events: &BTreeMap<String, Vec<Event>>,
     now: u64,
-) -> Value {
+) -> report::Show {
     let past: Vec<_> = records.iter().filter(|r| r.id != d.id).cloned().collect();
     let typical = report::typical(&past, events, &d.service);
     let mine = events.get(&d.id).map_or(&[][..], Vec::as_slice);
@@ -162,7 +164,7 @@ fn show_one(
 }
 
 /// The deployments still running, each as `show` presents it.
-pub fn live(store: &Store, now: u64) -> Result<Vec<Value>, Error> {
+pub fn live(store: &Store, now: u64) -> Result<Vec<report::Show>, Error> {
     let records = store.deployments()?;
     let events = store.all_events()?;
     Ok(records
@@ -179,7 +181,7 @@ pub fn history(
     service: Option<&str>,
     since: u64,
     limit: usize,
-) -> Result<Value, Error> {
+) -> Result<Vec<report::HistoryRow>, Error> {
     Ok(report::history(
         &store.deployments()?,
         service,

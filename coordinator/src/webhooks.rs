@@ -51,7 +51,7 @@ pub fn document(d: &DeploymentRecord, e: &Event) -> Option<Value> {
         m.insert("release".into(), json!(d.release));
         m.insert("previous_release".into(), json!(d.previous_release));
         m.insert("state".into(), json!(d.state.as_str()));
-        m.insert("at".into(), crate::report::rfc3339(e.at_unix_ms));
+        m.insert("at".into(), json!(crate::views::rfc3339(e.at_unix_ms)));
         m.insert(
             "text".into(),
             json!(format!(

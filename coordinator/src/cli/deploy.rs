@@ -116,7 +116,7 @@ pub async fn command(
         .await?
         .into_inner();
     match output {
-        Output::Json => print_json(&views::deployment(&d)),
+        Output::Json => print_json(&views::Deployment::from(&d)),
         Output::Text => outln!("{} {}", d.id, d.state),
     }
     Ok(0)
@@ -132,7 +132,7 @@ pub async fn status(conn: &Conn, id: Option<String>, output: Output) -> Result<i
         .await?
         .into_inner();
     match output {
-        Output::Json => print_json(&views::deployment(&d)),
+        Output::Json => print_json(&views::Deployment::from(&d)),
         Output::Text => print_status(&d),
     }
     Ok(0)

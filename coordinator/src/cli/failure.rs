@@ -78,3 +78,8 @@ pub fn exit_code_for_state(state: &str) -> i32 {
         _ => OTHER,
     }
 }
+
+/// Whether a deployment in `state` has ended (and has an exit code of its own).
+pub fn is_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted")
+}

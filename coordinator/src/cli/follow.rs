@@ -8,14 +8,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cutover_proto::v1 as pb;
-use serde_json::{Value, json};
 
 use super::conn::{Client, decode};
-use super::failure::exit_code_for_state;
+use super::failure::{exit_code_for_state, is_final};
 use super::live::{LiveView, live_lines};
 use super::plain::{PlainLog, progress_line};
+use super::reports::fetch_history;
 use super::{Conn, Failure, Output, Result};
 use crate::cli::out::print_json;
+use crate::report::Show;
 use crate::{errln, views};
 
 /// How far back in the history `watch` looks for a deployment in progress.
@@ -35,52 +36,49 @@ pub async fn watch(conn: &Conn, id: Option<String>, output: Output) -> Result<i3
     Ok(finish(&mut client, &d, output).await)
 }
 
-fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted")
-}
-
 /// The id of the newest deployment still in progress, or why there is none.
 async fn latest_active(client: &mut Client) -> Result<String> {
-    let doc = client
-        .history(pb::HistoryRequest {
-            service: String::new(),
-            limit: ACTIVE_SEARCH,
-            since_unix_ms: 0,
-        })
-        .await?
-        .into_inner();
-    let history: Value = decode(&doc, "history")?;
-    let rows = history.as_array().cloned().unwrap_or_default();
-    let state = |r: &Value| r["state"].as_str().unwrap_or("").to_string();
-    if let Some(active) = rows.iter().find(|r| !is_final(&state(r))) {
-        return Ok(active["id"].as_str().unwrap_or_default().to_string());
+    let rows = fetch_history(client, None, ACTIVE_SEARCH, 0).await?;
+    if let Some(active) = rows.iter().find(|r| !r.state.is_final()) {
+        return Ok(active.id.clone());
     }
     Err(Failure::other(match rows.first() {
         Some(latest) => format!(
             "no deployment in progress: the latest, {} ({} {}), ended {}; `cutover show` tells its story",
-            latest["id"].as_str().unwrap_or(""),
-            latest["service"].as_str().unwrap_or(""),
-            latest["release"].as_str().unwrap_or(""),
-            state(latest)
+            latest.id,
+            latest.service,
+            latest.release,
+            latest.state.as_str()
         ),
         None => "no deployment in progress: there is no deployment yet".to_string(),
     }))
 }
 
-/// One poll of a deployment: its record and its `show` document.
-async fn poll(
-    client: &mut Client,
-    id: &str,
-) -> std::result::Result<(pb::Deployment, Value), tonic::Status> {
-    let d = client
-        .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
-        .await?
-        .into_inner();
-    let shown = client
-        .show(pb::ShowRequest { id: d.id.clone() })
-        .await?
-        .into_inner();
-    Ok((d, serde_json::from_str(&shown.json).unwrap_or_default()))
+/// What one poll of a followed deployment found.
+enum Polled {
+    /// Its record and its `show` report.
+    Now(Box<(pb::Deployment, Show)>),
+    /// The coordinator is unavailable (it may be restarting).
+    Unavailable(tonic::Status),
+}
+
+async fn poll(client: &mut Client, id: &str) -> Result<Polled> {
+    let answer = async {
+        let d = client
+            .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
+            .await?
+            .into_inner();
+        let shown = client
+            .show(pb::ShowRequest { id: d.id.clone() })
+            .await?
+            .into_inner();
+        Ok::<_, tonic::Status>((d, shown))
+    };
+    match answer.await {
+        Ok((d, doc)) => Ok(Polled::Now(Box::new((d, decode(&doc, "show report")?)))),
+        Err(e) if e.code() == tonic::Code::Unavailable => Ok(Polled::Unavailable(e)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How a followed deployment is shown: redrawn in place, or as lines for a log.
@@ -108,15 +106,14 @@ impl Display {
         }
     }
 
-    fn show(&mut self, d: &pb::Deployment, shown: &Value) {
+    fn show(&mut self, d: &pb::Deployment, shown: &Show) {
         match self {
             Display::Live(view) => view.draw(&live_lines(shown)),
             Display::Plain { log, started } => {
-                let events = shown["timeline"].as_array().cloned().unwrap_or_default();
                 let lines = log.lines(
-                    &events,
+                    &shown.timeline,
                     progress_line(d),
-                    shown["eta_s"].as_f64(),
+                    shown.eta_s,
                     started.elapsed(),
                 );
                 for line in lines {
@@ -144,21 +141,22 @@ pub async fn follow(client: &mut Client, id: &str) -> Result<pb::Deployment> {
     loop {
         let polled = tokio::select! {
             _ = interrupt.recv() => return Err(Failure::interrupted(id)),
-            p = poll(client, id) => p,
+            p = poll(client, id) => p?,
         };
         match polled {
-            Ok((d, shown)) => {
+            Polled::Now(now) => {
+                let (d, shown) = *now;
                 unavailable = 0;
                 display.show(&d, &shown);
                 if is_final(&d.state) {
                     return Ok(d);
                 }
             }
-            Err(e) if e.code() == tonic::Code::Unavailable && unavailable < UNAVAILABLE_POLLS => {
+            Polled::Unavailable(_) if unavailable < UNAVAILABLE_POLLS => {
                 // The coordinator may be restarting; keep following for a while.
                 unavailable += 1;
             }
-            Err(e) => return Err(e.into()),
+            Polled::Unavailable(e) => return Err(e.into()),
         }
         tokio::select! {
             _ = interrupt.recv() => return Err(Failure::interrupted(id)),
@@ -193,9 +191,10 @@ pub async fn finish(client: &mut Client, d: &pb::Deployment, output: Output) -> 
     let serving = serving(client, d).await;
     report_serving(d, &serving);
     if output == Output::Json {
-        let mut v = views::deployment(d);
-        v["serving"] = json!(serving);
-        print_json(&v);
+        print_json(&views::Finished {
+            deployment: views::Deployment::from(d),
+            serving,
+        });
     }
     exit_code_for_state(&d.state)
 }

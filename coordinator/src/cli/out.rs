@@ -66,9 +66,10 @@ pub fn stdout_error() -> Option<String> {
     STDOUT_ERROR.lock().ok().and_then(|e| e.clone())
 }
 
-/// Prints `v` as one pretty-printed JSON document.
-pub fn print_json(v: &serde_json::Value) {
-    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+/// Prints `v` as one pretty-printed JSON document, its object keys in sorted order like
+/// every JSON document cutover writes ([`crate::views::to_value`]).
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    let text = serde_json::to_string_pretty(&crate::views::to_value(v)).unwrap_or_default();
     stdout_line(format_args!("{text}"));
 }
 

@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use cutover_proto::v1 as pb;
-use serde_json::Value;
-
 use super::table::human_s;
+use crate::report::TimelineEntry;
+use cutover_proto::v1 as pb;
 
 /// The plain progress line in two parts: what it says about the deployment's state
 /// (printed when it changes), and the figures that move on their own (the last
@@ -70,7 +69,7 @@ impl PlainLog {
     /// The lines to print now; `at` is the time since following began.
     pub fn lines(
         &mut self,
-        events: &[Value],
+        events: &[TimelineEntry],
         (progress, figures): (String, String),
         eta: Option<f64>,
         at: Duration,
@@ -78,13 +77,7 @@ impl PlainLog {
         let mut out: Vec<String> = events
             .iter()
             .skip(self.printed_events)
-            .map(|e| {
-                format!(
-                    "  +{:.1}s {}",
-                    e["offset_s"].as_f64().unwrap_or(0.0),
-                    e["text"].as_str().unwrap_or("")
-                )
-            })
+            .map(|e| format!("  +{:.1}s {}", e.offset_s, e.text))
             .collect();
         self.printed_events = self.printed_events.max(events.len());
         let quiet = self
@@ -105,10 +98,18 @@ impl PlainLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::timeline::{Event, Kind};
 
-    fn event(offset_s: f64, text: &str) -> Value {
-        json!({"offset_s": offset_s, "text": text})
+    fn event(offset_s: f64, text: &str) -> TimelineEntry {
+        TimelineEntry {
+            event: Event {
+                at_unix_ms: (offset_s * 1000.0) as u64,
+                kind: Kind::RollbackDone,
+            },
+            at: None,
+            offset_s,
+            text: text.into(),
+        }
     }
 
     fn progress(state: &str) -> (String, String) {

@@ -1,18 +1,18 @@
 //! The reports on past deployments: `history` (one line each), `show` (one deployment's
 //! story, where it failed first) and `stats` (the DORA figures and where failures
-//! happen), as text or as the coordinator's JSON.
+//! happen). Each reads the coordinator's typed report ([`crate::report`]) and prints it
+//! as text, or as the JSON it came as.
+
+use std::collections::BTreeMap;
 
 use cutover_proto::v1 as pb;
-use serde_json::Value;
 
+use super::conn::{Client, decode};
 use super::table::{human_s, print_table};
 use super::{Conn, Failure, Output, Result};
 use crate::cli::out::print_json;
 use crate::outln;
-
-fn json_of(doc: pb::JsonDocument) -> Value {
-    serde_json::from_str(&doc.json).unwrap_or_default()
-}
+use crate::report::{HistoryRow, Show, Spread, Stats};
 
 /// `--since 30d` as unix ms.
 fn since_ms(flag: &str, text: &str) -> Result<u64> {
@@ -21,6 +21,26 @@ fn since_ms(flag: &str, text: &str) -> Result<u64> {
     Ok(cutover_shared::clock::now_ms().saturating_sub(d.as_millis()))
 }
 
+/// The history: `service`'s deployments (every service: `None`) started since
+/// `since_unix_ms`, newest first, at most `limit` (0: the coordinator's default).
+pub async fn fetch_history(
+    client: &mut Client,
+    service: Option<String>,
+    limit: u32,
+    since_unix_ms: u64,
+) -> Result<Vec<HistoryRow>> {
+    let doc = client
+        .history(pb::HistoryRequest {
+            service: service.unwrap_or_default(),
+            limit,
+            since_unix_ms,
+        })
+        .await?
+        .into_inner();
+    decode(&doc, "history")
+}
+
+/// `cutover history`.
 pub async fn history(
     conn: &Conn,
     service: Option<String>,
@@ -33,105 +53,85 @@ pub async fn history(
         None => 0,
     };
     let mut client = conn.client().await?;
-    let v = json_of(
-        client
-            .history(pb::HistoryRequest {
-                service: service.unwrap_or_default(),
-                limit,
-                since_unix_ms,
-            })
-            .await?
-            .into_inner(),
-    );
-    if output == Output::Json {
-        print_json(&v);
-        return Ok(0);
+    let rows = fetch_history(&mut client, service, limit, since_unix_ms).await?;
+    match output {
+        Output::Json => print_json(&rows),
+        Output::Text => print_table(&history_rows(&rows), &[5]),
     }
-    let mut rows = vec![
-        [
-            "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION", "REASON",
-        ]
-        .map(String::from),
-    ];
-    for d in v.as_array().cloned().unwrap_or_default() {
-        let text = |k: &str| d[k].as_str().unwrap_or("").to_string();
-        let state = if d["rollback"].as_bool().unwrap_or(false) {
-            format!("{} (rollback)", text("state"))
-        } else {
-            text("state")
-        };
-        rows.push([
-            text("id"),
-            text("service"),
-            text("release"),
-            state,
-            text("created_at"),
-            d["duration_s"].as_f64().map_or("-".into(), human_s),
-            text("reason"),
-        ]);
-    }
-    print_table(&rows, &[5]);
     Ok(0)
 }
 
+/// The `history` table, header first.
+fn history_rows(rows: &[HistoryRow]) -> Vec<[String; 7]> {
+    let header = [
+        "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION", "REASON",
+    ];
+    let mut table = vec![header.map(String::from)];
+    for d in rows {
+        let state = if d.rollback {
+            format!("{} (rollback)", d.state.as_str())
+        } else {
+            d.state.as_str().to_string()
+        };
+        table.push([
+            d.id.clone(),
+            d.service.clone(),
+            d.release.clone(),
+            state,
+            d.created_at.clone().unwrap_or_default(),
+            d.duration_s.map_or("-".into(), human_s),
+            d.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    table
+}
+
+/// `cutover show [ID]`.
 pub async fn show(conn: &Conn, id: Option<String>, output: Output) -> Result<i32> {
     let mut client = conn.client().await?;
-    let v = json_of(
-        client
-            .show(pb::ShowRequest {
-                id: id.unwrap_or_default(),
-            })
-            .await?
-            .into_inner(),
-    );
-    if output == Output::Json {
-        print_json(&v);
-        return Ok(0);
+    let doc = client
+        .show(pb::ShowRequest {
+            id: id.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let shown: Show = decode(&doc, "show report")?;
+    match output {
+        Output::Json => print_json(&shown),
+        Output::Text => print_show(&shown),
     }
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-    if let Some(f) = v["failure"].as_object() {
+    Ok(0)
+}
+
+fn print_show(v: &Show) {
+    if let Some(f) = &v.failure {
         outln!(
             "{} {} {}: {}",
-            s("state").to_uppercase(),
-            s("id"),
-            f.get("phase").and_then(Value::as_str).unwrap_or("?"),
-            f.get("reason")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason recorded")
+            v.state.as_str().to_uppercase(),
+            v.id,
+            f.phase,
+            f.reason.as_deref().unwrap_or("no reason recorded")
         );
-        for h in f
-            .get("hosts")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-        {
-            outln!(
-                "  {}: {}",
-                h["name"].as_str().unwrap_or(""),
-                h["error"].as_str().unwrap_or("failed")
-            );
+        for h in &f.hosts {
+            outln!("  {}: {}", h.name, h.error.as_deref().unwrap_or("failed"));
         }
         outln!();
     }
     outln!(
         "{} {} {} (from {}): {} after {}",
-        s("id"),
-        s("service"),
-        s("release"),
-        v["previous_release"].as_str().unwrap_or("nothing"),
-        s("state"),
-        human_s(v["elapsed_s"].as_f64().unwrap_or(0.0))
+        v.id,
+        v.service,
+        v.release,
+        v.previous_release.as_deref().unwrap_or("nothing"),
+        v.state.as_str(),
+        human_s(v.elapsed_s)
     );
-    for e in v["timeline"].as_array().cloned().unwrap_or_default() {
-        outln!(
-            "  {:>8}  {}",
-            format!("+{:.1}s", e["offset_s"].as_f64().unwrap_or(0.0)),
-            e["text"].as_str().unwrap_or("")
-        );
+    for e in &v.timeline {
+        outln!("  {:>8}  {}", format!("+{:.1}s", e.offset_s), e.text);
     }
-    Ok(0)
 }
 
+/// `cutover stats`.
 pub async fn stats(
     conn: &Conn,
     service: Option<String>,
@@ -140,83 +140,90 @@ pub async fn stats(
 ) -> Result<i32> {
     let since_unix_ms = since_ms("--since", since)?;
     let mut client = conn.client().await?;
-    let v = json_of(
-        client
-            .stats(pb::StatsRequest {
-                service: service.clone().unwrap_or_default(),
-                since_unix_ms,
-            })
-            .await?
-            .into_inner(),
-    );
-    if output == Output::Json {
-        print_json(&v);
-        return Ok(0);
+    let doc = client
+        .stats(pb::StatsRequest {
+            service: service.clone().unwrap_or_default(),
+            since_unix_ms,
+        })
+        .await?
+        .into_inner();
+    let stats: Stats = decode(&doc, "stats")?;
+    match output {
+        Output::Json => print_json(&stats),
+        Output::Text => print_stats(&stats, service.as_deref(), since),
     }
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let spread = |k: &str| {
-        let x = &v[k];
-        match x["median_s"].as_f64() {
-            None => "-".to_string(),
-            Some(m) => format!(
-                "median {}, mean {}, p90 {} (n={})",
-                human_s(m),
-                human_s(x["mean_s"].as_f64().unwrap_or(m)),
-                human_s(x["p90_s"].as_f64().unwrap_or(m)),
-                x["count"]
-            ),
-        }
-    };
-    let tally = |k: &str| {
-        let m = v[k].as_object().cloned().unwrap_or_default();
-        if m.is_empty() {
-            return "-".to_string();
-        }
-        let mut items: Vec<(String, u64)> = m
-            .into_iter()
-            .map(|(a, b)| (a, b.as_u64().unwrap_or(0)))
-            .collect();
-        items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        items
-            .iter()
-            .map(|(a, b)| format!("{a}: {b}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    Ok(0)
+}
+
+fn print_stats(v: &Stats, service: Option<&str>, since: &str) {
     outln!(
         "{} over the last {since} (since {}):",
-        service.as_deref().unwrap_or("every service"),
-        v["since"].as_str().unwrap_or("")
+        service.unwrap_or("every service"),
+        v.since.as_deref().unwrap_or("")
     );
     outln!(
         "  deployments            {} ({}/day): {} succeeded, {} rolled back, {} failed, {} aborted, {} rolled back manually",
-        n("deployments"),
-        v["deployments_per_day"],
-        n("succeeded"),
-        n("rolled_back"),
-        n("failed"),
-        n("aborted"),
-        n("rolled_back_manually")
+        v.deployments,
+        json_number(v.deployments_per_day),
+        v.succeeded,
+        v.rolled_back,
+        v.failed,
+        v.aborted,
+        v.rolled_back_manually
     );
     outln!(
         "  change failure rate    {}",
-        v["change_failure_rate"]
-            .as_f64()
-            .map_or("-".into(), |r| format!(
-                "{:.1}% ({} of {} degraded service)",
-                r * 100.0,
-                n("change_failures"),
-                n("deployments")
-            ))
+        v.change_failure_rate.map_or("-".into(), |r| format!(
+            "{:.1}% ({} of {} degraded service)",
+            r * 100.0,
+            v.change_failures,
+            v.deployments
+        ))
     );
     outln!(
         "  failed before traffic  {} (never served a request; not change failures)",
-        n("failed_before_traffic")
+        v.failed_before_traffic
     );
-    outln!("  time to restore        {}", spread("time_to_restore"));
-    outln!("  deployment duration    {}", spread("deployment_duration"));
-    outln!("  lead time              {}", spread("lead_time"));
-    outln!("  failures by phase      {}", tally("failures_by_phase"));
-    outln!("  failures by host       {}", tally("failures_by_host"));
-    Ok(0)
+    outln!("  time to restore        {}", spread(&v.time_to_restore));
+    outln!(
+        "  deployment duration    {}",
+        spread(&v.deployment_duration)
+    );
+    outln!("  lead time              {}", spread(&v.lead_time));
+    outln!("  failures by phase      {}", tally(&v.failures_by_phase));
+    outln!("  failures by host       {}", tally(&v.failures_by_host));
+}
+
+/// A figure as its JSON shows it (`0.5`, `2.0`), which is how the text has always
+/// written deployments per day.
+fn json_number(x: f64) -> String {
+    serde_json::Value::from(x).to_string()
+}
+
+/// `median 4.2s, mean 4.5s, p90 6.0s (n=12)`, or `-` without durations.
+fn spread(x: &Spread) -> String {
+    match x.median_s {
+        None => "-".to_string(),
+        Some(m) => format!(
+            "median {}, mean {}, p90 {} (n={})",
+            human_s(m),
+            human_s(x.mean_s.unwrap_or(m)),
+            human_s(x.p90_s.unwrap_or(m)),
+            x.count
+        ),
+    }
+}
+
+/// `at 10%: 2, preparing: 1`: most first, then by name; `-` when empty.
+fn tally(m: &BTreeMap<String, usize>) -> String {
+    if m.is_empty() {
+        return "-".to_string();
+    }
+    let mut items: Vec<(&String, &usize)> = m.iter().collect();
+    items.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    items
+        .iter()
+        .map(|(a, b)| format!("{a}: {b}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -176,7 +176,7 @@ fn token_rows(tokens: &[pb::TokenInfo], now: u64) -> Vec<[String; 7]> {
             t.id.clone(),
             state(t, now).to_string(),
             t.uses_left.to_string(),
-            expires.as_str().unwrap_or("-").to_string(),
+            expires.unwrap_or_else(|| "-".into()),
             or_dash(host),
             or_dash(t.allow_labels.join(",")),
             or_dash(labels.join(",")),

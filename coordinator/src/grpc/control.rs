@@ -294,7 +294,6 @@ fn actor(claimed: &str) -> String {
 /// A report as the JSON document the control API answers with; object keys sorted, as
 /// in every JSON document cutover writes.
 fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
-    let v = serde_json::to_value(report).map_err(internal)?;
-    let json = serde_json::to_string(&v).map_err(internal)?;
+    let json = serde_json::to_string(&crate::views::to_value(report)).map_err(internal)?;
     Ok(Response::new(pb::JsonDocument { json }))
 }

@@ -5,13 +5,13 @@
 //! after it (`cutover status --output json`), on every command except `serve`, which
 //! has flags of its own only.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args as _, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coordinator::cli::{self, Conn, Failure, Output};
 use coordinator::errln;
+use coordinator::serve::{LogFormat, ServeArgs};
 use tokio_util::sync::CancellationToken;
 
 const COORDINATOR_HELP: &str = "The coordinator's gRPC address (its --listen), HOST:PORT; env \
@@ -57,59 +57,12 @@ struct CliFlags {
     output: Option<Output>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Lines for people; coloured only when stderr is a terminal.
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the coordinator.
     Serve(ServeArgs),
     #[command(flatten)]
     Cli(cli::Command),
-}
-
-/// `cutover serve`'s flags.
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Folder holding all of the coordinator's state: its database, its CA and the
-    /// admin credentials (DIR/admin), made on first start.
-    #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
-    /// gRPC over mutual TLS, for agents and the CLI.
-    #[arg(long, default_value = "0.0.0.0:7400", value_name = "ADDR")]
-    listen: SocketAddr,
-    /// Plain HTTP for /healthz, /metrics, the dashboard and its /api. They have no
-    /// login: keep this on loopback, or behind a proxy that authenticates.
-    #[arg(long, default_value = "127.0.0.1:7480", value_name = "ADDR")]
-    http: SocketAddr,
-    /// Extra DNS names or IPs for the server certificate (repeatable).
-    #[arg(long = "server-name", value_name = "NAME")]
-    server_names: Vec<String>,
-    /// Validity of agent certificates; agents renew them when a third is left.
-    #[arg(long, default_value = "90d", value_name = "DURATION")]
-    cert_ttl: cutover_shared::Duration,
-    /// POST a JSON event (with a Slack-compatible `text`) to this URL for every
-    /// deployment start, step, pause, rollback and end (repeatable).
-    #[arg(long = "webhook", value_name = "URL")]
-    webhooks: Vec<String>,
-    /// Connections each listener (--listen, --http) keeps open at once; more wait
-    /// in the kernel's accept queue.
-    #[arg(long, default_value_t = cutover_proto::listen::DEFAULT_MAX_CONNECTIONS)]
-    max_connections: usize,
-    /// An --http connection that has not sent a complete request head this long
-    /// after it was opened, or after its previous response, is closed (header-read
-    /// and keep-alive idle timeout); a --listen connection gets this long, 10s at
-    /// most, to finish its TLS handshake.
-    #[arg(long, default_value = "75s")]
-    idle_timeout: cutover_shared::Duration,
-    /// How log lines are written to stderr.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
 }
 
 /// The full command line: [`Args`] with [`CliFlags`] on every subcommand but `serve`.
@@ -231,15 +184,7 @@ async fn run(args: Args, conn: Conn, out: Output) -> cli::Result<i32> {
 
 /// `cutover serve`: checks the flags, then runs the coordinator until SIGTERM or SIGINT.
 async fn run_serve(args: ServeArgs) -> cli::Result<i32> {
-    if args.cert_ttl.is_zero() {
-        return Err(Failure::usage("--cert-ttl: must be more than 0s"));
-    }
-    if args.idle_timeout.is_zero() {
-        return Err(Failure::usage("--idle-timeout: must be more than 0s"));
-    }
-    if args.max_connections == 0 {
-        return Err(Failure::usage("--max-connections: must be at least 1"));
-    }
+    let config = args.config().map_err(Failure::usage)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -247,19 +192,7 @@ async fn run_serve(args: ServeArgs) -> cli::Result<i32> {
         tracing::info!("stopping");
         signal.cancel();
     });
-    let config = coordinator::ServeConfig {
-        data_dir: args.data_dir,
-        listen: args.listen,
-        http: args.http,
-        server_names: args.server_names,
-        cert_ttl: args.cert_ttl.std(),
-        webhooks: args.webhooks,
-        limits: cutover_proto::listen::Limits {
-            max_connections: args.max_connections,
-            idle_timeout: args.idle_timeout.std(),
-        },
-    };
-    coordinator::serve(config, shutdown)
+    coordinator::serve::serve(config, shutdown)
         .await
         .map_err(|e| Failure::other(format!("{e:#}")))?;
     Ok(0)

@@ -86,17 +86,7 @@ pub enum Command {
         id: Option<String>,
     },
     /// Past deployments, newest first.
-    History {
-        /// Only this service's deployments.
-        #[arg(long)]
-        service: Option<String>,
-        /// Show at most this many deployments.
-        #[arg(long, default_value_t = 20)]
-        limit: u32,
-        /// Only deployments started within this long, e.g. 7d.
-        #[arg(long, value_name = "DURATION")]
-        since: Option<String>,
-    },
+    History(reports::HistoryArgs),
     /// One deployment's timeline; where it failed and why, first.
     Show {
         /// Deployment id, e.g. d-000123 [default: the latest]
@@ -104,14 +94,7 @@ pub enum Command {
     },
     /// Deployment frequency, change failure rate, time to restore, durations, lead
     /// time, and where failures happen.
-    Stats {
-        /// Only this service's deployments.
-        #[arg(long)]
-        service: Option<String>,
-        /// Deployments started within this long, e.g. 7d.
-        #[arg(long, default_value = "30d", value_name = "DURATION")]
-        since: String,
-    },
+    Stats(reports::StatsArgs),
     /// Signing keys and artifact signatures.
     Artifact {
         #[command(subcommand)]
@@ -139,13 +122,9 @@ impl Command {
             Command::Abort { id } => deploy::command(conn, id, C::Abort, out).await,
             Command::Rollback { service, wait } => deploy::rollback(conn, service, wait, out).await,
             Command::Watch { id } => follow::watch(conn, id, out).await,
-            Command::History {
-                service,
-                limit,
-                since,
-            } => reports::history(conn, service, limit, since.as_deref(), out).await,
+            Command::History(args) => reports::history(conn, args, out).await,
             Command::Show { id } => reports::show(conn, id, out).await,
-            Command::Stats { service, since } => reports::stats(conn, service, &since, out).await,
+            Command::Stats(args) => reports::stats(conn, args, out).await,
             Command::Artifact { command } => artifact::run(command, out),
             Command::Plan { command } => plan::run(command, out),
         }

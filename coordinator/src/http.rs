@@ -21,12 +21,22 @@ use crate::model::State;
 use crate::queries;
 use crate::store::Store;
 
+/// What the HTTP side reads; cheap to clone.
+#[derive(Clone)]
+pub struct Sources {
+    /// Deployments, hosts and their desired state.
+    pub store: Arc<Store>,
+    /// What the hosts last reported.
+    pub fleet: Arc<Fleet>,
+    /// The engine's duration histograms.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves `listener` until `cancel`, one task per connection.
 pub async fn serve(
     listener: TcpListener,
     limits: Limits,
-    store: Arc<Store>,
-    fleet: Arc<Fleet>,
-    metrics: Arc<Metrics>,
+    sources: Sources,
     cancel: CancellationToken,
 ) {
     let mut listener = Acceptor::new(listener, Cap::new(limits.max_connections), "--http");
@@ -35,18 +45,15 @@ pub async fn serve(
             _ = cancel.cancelled() => return,
             c = listener.accept() => c,
         };
-        let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
+        let sources = sources.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
+                let sources = sources.clone();
                 async move {
                     // Reports read the store; keep that off the async workers.
-                    let resp =
-                        tokio::task::spawn_blocking(move || route(&req, &store, &fleet, &metrics))
-                            .await
-                            .unwrap_or_else(|_| {
-                                plain(500, "text/plain", "internal error\n".into())
-                            });
+                    let resp = tokio::task::spawn_blocking(move || route(&req, &sources))
+                        .await
+                        .unwrap_or_else(|_| plain(500, "text/plain", "internal error\n".into()));
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
@@ -85,6 +92,7 @@ fn json_response<T: serde::Serialize>(v: Result<T, Error>) -> Response<Full<Byte
 /// Why an `/api` request has no answer.
 #[derive(Debug, thiserror::Error)]
 enum Error {
+    /// The query's own: not found (404) or the store (500).
     #[error(transparent)]
     Query(#[from] queries::Error),
     /// A query parameter that does not parse; the message names it.
@@ -93,11 +101,12 @@ enum Error {
 }
 
 impl Error {
+    /// The HTTP status it answers with; a store failure is also logged here, once.
     fn status(&self) -> u16 {
         match self {
             Error::Query(queries::Error::NotFound(_)) => 404,
             Error::Query(queries::Error::Store(e)) => {
-                tracing::error!(error = %e, "dashboard api failed");
+                tracing::error!(error = %e, "api request failed: the store cannot be read");
                 500
             }
             Error::Parameter(_) => 500,
@@ -136,12 +145,9 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn route(
-    req: &Request<Incoming>,
-    store: &Store,
-    fleet: &Fleet,
-    hist: &Metrics,
-) -> Response<Full<Bytes>> {
+/// The answer to one request.
+fn route(req: &Request<Incoming>, sources: &Sources) -> Response<Full<Bytes>> {
+    let (store, fleet) = (&*sources.store, &*sources.fleet);
     let path = req.uri().path();
     match path {
         "/healthz" if !store.writable() => plain(
@@ -152,7 +158,7 @@ fn route(
         "/healthz" => plain(200, "text/plain", "ok\n".into()),
         "/metrics" => match metrics(store, fleet) {
             Ok(mut body) => {
-                hist.render(&mut body);
+                sources.metrics.render(&mut body);
                 plain(200, "text/plain; version=0.0.4", body)
             }
             Err(e) => plain(500, "text/plain", format!("metrics unavailable: {e}\n")),

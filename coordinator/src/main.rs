@@ -28,8 +28,10 @@ const DEFAULT_COORDINATOR: &str = "127.0.0.1:7400";
     about = "Progressive, self-healing deployments for fleets of plain hosts"
 )]
 struct Args {
+    // The connection and output flags written before the subcommand.
     #[command(flatten)]
     flags: TopFlags,
+    // What to do.
     #[command(subcommand)]
     command: Cmd,
 }
@@ -37,6 +39,7 @@ struct Args {
 /// The CLI flags written before the subcommand; the environment fills them in.
 #[derive(clap::Args)]
 struct TopFlags {
+    // Each field's help text says what it is for.
     #[arg(long, env = "CUTOVER_COORDINATOR", hide_env = true, value_name = "HOST:PORT", help = COORDINATOR_HELP)]
     coordinator: Option<String>,
     #[arg(long, env = "CUTOVER_CREDENTIALS", hide_env = true, value_name = "DIR", help = CREDENTIALS_HELP)]
@@ -49,6 +52,8 @@ struct TopFlags {
 /// every subcommand but `serve` by [`command`].
 #[derive(clap::Args, Default)]
 struct CliFlags {
+    // The fields of [`TopFlags`], without their environment variables (those fill in
+    // the flags before the subcommand only, so that a flag after it always wins).
     #[arg(long, global = true, value_name = "HOST:PORT", help = COORDINATOR_HELP)]
     coordinator: Option<String>,
     #[arg(long, global = true, value_name = "DIR", help = CREDENTIALS_HELP)]

@@ -16,11 +16,13 @@ use crate::report;
 use crate::store::{self, Store};
 use crate::timeline::Event;
 
+/// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// What was asked for does not exist; the message says what.
     #[error("{0}")]
     NotFound(String),
+    /// The store could not be read: the coordinator's fault, not the caller's.
     #[error(transparent)]
     Store(#[from] store::Error),
 }

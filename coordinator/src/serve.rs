@@ -134,12 +134,15 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     let tasks = TaskTracker::new();
     tasks.spawn(engine.run(shutdown.clone()));
+    let sources = http::Sources {
+        store: store.clone(),
+        fleet: fleet.clone(),
+        metrics,
+    };
     tasks.spawn(http::serve(
         http_listener,
         cfg.limits,
-        store.clone(),
-        fleet.clone(),
-        metrics,
+        sources,
         shutdown.clone(),
     ));
     let api = grpc::Api(Arc::new(grpc::Shared {

@@ -43,7 +43,9 @@ struct Session {
 
 /// Whether the session goes on after an event.
 enum Flow {
+    /// Keep reading and beating.
     Continue,
+    /// Detach from the fleet and stop.
     End,
 }
 

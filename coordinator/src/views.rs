@@ -251,7 +251,9 @@ pub struct HostService {
 /// Both slots of a service on a host.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Slots {
+    /// The blue slot.
     pub blue: Slot,
+    /// The green slot.
     pub green: Slot,
 }
 

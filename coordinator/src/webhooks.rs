@@ -22,6 +22,7 @@ pub const ATTEMPTS: usize = 6;
 /// Hands events to the delivery tasks; cheap to clone. Without URLs it does nothing.
 #[derive(Clone, Default)]
 pub struct Webhooks {
+    /// One queue per URL, each drained in order by its own delivery task.
     queues: Vec<mpsc::UnboundedSender<Value>>,
 }
 

@@ -12,6 +12,7 @@ use crate::report::{LastInterval, Show, ShowHost, Spread};
 /// A block of lines redrawn in place on a terminal.
 #[derive(Default)]
 pub struct LiveView {
+    /// Lines drawn last time: the cursor goes back up over them.
     drawn: usize,
 }
 

@@ -60,8 +60,11 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 /// changes, and the progress line again after [`HEARTBEAT`] without any line.
 #[derive(Default)]
 pub struct PlainLog {
+    /// Timeline events printed so far: only later ones are new.
     printed_events: usize,
+    /// The progress line (without its moving figures) as last printed.
     last_progress: String,
+    /// When the last line was printed, for the heartbeat.
     last_line_at: Option<Duration>,
 }
 

@@ -14,6 +14,31 @@ use crate::cli::out::print_json;
 use crate::outln;
 use crate::report::{HistoryRow, Show, Spread, Stats};
 
+/// `cutover history`'s flags.
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    /// Only this service's deployments.
+    #[arg(long)]
+    service: Option<String>,
+    /// Show at most this many deployments.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    /// Only deployments started within this long, e.g. 7d.
+    #[arg(long, value_name = "DURATION")]
+    since: Option<String>,
+}
+
+/// `cutover stats`' flags.
+#[derive(clap::Args)]
+pub struct StatsArgs {
+    /// Only this service's deployments.
+    #[arg(long)]
+    service: Option<String>,
+    /// Deployments started within this long, e.g. 7d.
+    #[arg(long, default_value = "30d", value_name = "DURATION")]
+    since: String,
+}
+
 /// `--since 30d` as unix ms.
 fn since_ms(flag: &str, text: &str) -> Result<u64> {
     let d = cutover_shared::duration::parse(text)
@@ -41,19 +66,13 @@ pub async fn fetch_history(
 }
 
 /// `cutover history`.
-pub async fn history(
-    conn: &Conn,
-    service: Option<String>,
-    limit: u32,
-    since: Option<&str>,
-    output: Output,
-) -> Result<i32> {
-    let since_unix_ms = match since {
+pub async fn history(conn: &Conn, args: HistoryArgs, output: Output) -> Result<i32> {
+    let since_unix_ms = match &args.since {
         Some(s) => since_ms("--since", s)?,
         None => 0,
     };
     let mut client = conn.client().await?;
-    let rows = fetch_history(&mut client, service, limit, since_unix_ms).await?;
+    let rows = fetch_history(&mut client, args.service, args.limit, since_unix_ms).await?;
     match output {
         Output::Json => print_json(&rows),
         Output::Text => print_table(&history_rows(&rows), &[5]),
@@ -132,17 +151,12 @@ fn print_show(v: &Show) {
 }
 
 /// `cutover stats`.
-pub async fn stats(
-    conn: &Conn,
-    service: Option<String>,
-    since: &str,
-    output: Output,
-) -> Result<i32> {
-    let since_unix_ms = since_ms("--since", since)?;
+pub async fn stats(conn: &Conn, args: StatsArgs, output: Output) -> Result<i32> {
+    let since_unix_ms = since_ms("--since", &args.since)?;
     let mut client = conn.client().await?;
     let doc = client
         .stats(pb::StatsRequest {
-            service: service.clone().unwrap_or_default(),
+            service: args.service.clone().unwrap_or_default(),
             since_unix_ms,
         })
         .await?
@@ -150,7 +164,7 @@ pub async fn stats(
     let stats: Stats = decode(&doc, "stats")?;
     match output {
         Output::Json => print_json(&stats),
-        Output::Text => print_stats(&stats, service.as_deref(), since),
+        Output::Text => print_stats(&stats, args.service.as_deref(), &args.since),
     }
     Ok(0)
 }

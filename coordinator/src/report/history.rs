@@ -11,11 +11,13 @@ use crate::views::rfc3339;
 pub struct HistoryRow {
     /// The deployment's id, `d-000123`.
     pub id: String,
+    /// The service it deployed.
     pub service: String,
     /// The release it deployed (for a rollback: the release it went back to).
     pub release: String,
     /// What was live before; none for a service's first deployment.
     pub previous_release: Option<String>,
+    /// Where it stands, or how it ended.
     pub state: State,
     /// Made by `cutover rollback` rather than `deploy`.
     pub rollback: bool,

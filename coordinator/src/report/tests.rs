@@ -1,3 +1,6 @@
+//! The reports' unit tests: hand-built records and timelines, and the figures and
+//! documents made of them.
+
 use std::collections::BTreeMap;
 
 use super::*;
@@ -235,10 +238,12 @@ fn a_host_three_times_slower_than_the_rest_is_a_straggler() {
     );
 }
 
-#[test]
-fn dora_figures_match_a_history_computed_by_hand() {
-    let since = 1000;
-    let now = since + 30 * DAY;
+/// The start of the window of [`dora_history`], whose deployments are made after it.
+const SINCE: u64 = 1000;
+
+/// Seven deployments of `web` whose DORA figures are worked out by hand below.
+fn dora_history() -> (Vec<DeploymentRecord>, BTreeMap<String, Vec<Event>>) {
+    let since = SINCE;
     let mut records = Vec::new();
     let mut events = BTreeMap::new();
     // 1: success, 60 s, committed 1 h before it ended.
@@ -309,8 +314,13 @@ fn dora_figures_match_a_history_computed_by_hand() {
     let mut old = dep("d-00", "0", 0, 1000, State::Failed);
     old.created_unix_ms = since - 1;
     records.push(old);
+    (records, events)
+}
 
-    let s = stats(&records, &events, Some("web"), since, now);
+#[test]
+fn dora_figures_match_a_history_computed_by_hand() {
+    let (records, events) = dora_history();
+    let s = stats(&records, &events, Some("web"), SINCE, SINCE + 30 * DAY);
     assert_eq!(
         s.deployments, 5,
         "rollbacks and deployments before the window left out"
@@ -715,7 +725,7 @@ fn keys(v: &serde_json::Value) -> Vec<&str> {
 /// The field names the dashboard, `cutover watch` and scripts read: a rename in a report
 /// type compiles on both ends, so this is where it shows.
 #[test]
-fn reports_keep_the_field_names_their_readers_use() {
+fn show_keeps_the_field_names_its_readers_use() {
     let v = crate::views::to_value(&rolled_back_story());
     assert_eq!(
         keys(&v),
@@ -789,7 +799,10 @@ fn reports_keep_the_field_names_their_readers_use() {
     assert_eq!(v["timeline"][0]["event"], "submitted");
     assert_eq!(v["state"], "rolled_back");
     assert_eq!(v["hosts"][1]["phase"], "failed");
+}
 
+#[test]
+fn history_rows_keep_the_field_names_their_readers_use() {
     let records = vec![dep("d-1", "1", DAY, 10, State::Succeeded)];
     let row = crate::views::to_value(&history(&records, None, 0, 1));
     assert_eq!(
@@ -807,6 +820,11 @@ fn reports_keep_the_field_names_their_readers_use() {
             "state"
         ]
     );
+}
+
+#[test]
+fn stats_keep_the_field_names_their_readers_use() {
+    let records = vec![dep("d-1", "1", DAY, 10, State::Succeeded)];
     let figures = crate::views::to_value(&stats(&records, &BTreeMap::new(), None, 0, DAY));
     assert_eq!(
         keys(&figures),

@@ -11,8 +11,11 @@ use cutover_proto::v1::{
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+/// A host's open session, as the fleet sees it.
 struct Session {
+    /// Tells this session from a newer one of the same host (see [`Fleet::detach`]).
     id: u64,
+    /// The queue to the agent: desired state goes out on it.
     tx: mpsc::Sender<CoordinatorMessage>,
     /// Ends the session's task (host removed, or replaced by a newer session).
     end: CancellationToken,
@@ -20,16 +23,24 @@ struct Session {
 
 #[derive(Default)]
 struct Inner {
+    /// The id of the last session attached.
     next_id: u64,
+    /// The open session of each connected host.
     sessions: HashMap<String, Session>,
+    /// What each host last reported, per service; kept across reconnects.
     observed: HashMap<String, BTreeMap<String, ObservedService>>,
+    /// When each host was last heard from (unix ms): a stream open but silent is not
+    /// counted on.
     last_seen: HashMap<String, u64>,
+    /// Sessions that replaced an earlier one, for `/metrics`.
     reconnects: u64,
 }
 
 #[derive(Default)]
 pub struct Fleet {
+    /// Everything above, under one lock: updates are small and never await.
     inner: Mutex<Inner>,
+    /// Wakes the engine when something changed.
     changed: Notify,
 }
 

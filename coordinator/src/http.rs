@@ -3,6 +3,7 @@
 //! Nothing here changes anything; bind it where only operators can reach it. Its
 //! connections are capped and time out like every listener's ([`cutover_proto::listen`]).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -17,15 +18,25 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::model::State;
-use crate::report;
+use crate::queries;
 use crate::store::Store;
 
+/// What the HTTP side reads; cheap to clone.
+#[derive(Clone)]
+pub struct Sources {
+    /// Deployments, hosts and their desired state.
+    pub store: Arc<Store>,
+    /// What the hosts last reported.
+    pub fleet: Arc<Fleet>,
+    /// The engine's duration histograms.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves `listener` until `cancel`, one task per connection.
 pub async fn serve(
     listener: TcpListener,
     limits: Limits,
-    store: Arc<Store>,
-    fleet: Arc<Fleet>,
-    metrics: Arc<Metrics>,
+    sources: Sources,
     cancel: CancellationToken,
 ) {
     let mut listener = Acceptor::new(listener, Cap::new(limits.max_connections), "--http");
@@ -34,18 +45,15 @@ pub async fn serve(
             _ = cancel.cancelled() => return,
             c = listener.accept() => c,
         };
-        let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
+        let sources = sources.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let (store, fleet, metrics) = (store.clone(), fleet.clone(), metrics.clone());
+                let sources = sources.clone();
                 async move {
                     // Reports read the store; keep that off the async workers.
-                    let resp =
-                        tokio::task::spawn_blocking(move || route(&req, &store, &fleet, &metrics))
-                            .await
-                            .unwrap_or_else(|_| {
-                                plain(500, "text/plain", "internal error\n".into())
-                            });
+                    let resp = tokio::task::spawn_blocking(move || route(&req, &sources))
+                        .await
+                        .unwrap_or_else(|_| plain(500, "text/plain", "internal error\n".into()));
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
@@ -72,19 +80,42 @@ fn plain(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>>
         .unwrap_or_default()
 }
 
-fn json_response(v: Result<serde_json::Value, String>) -> Response<Full<Bytes>> {
-    match v {
-        Ok(v) => plain(200, "application/json", v.to_string()),
-        Err(e) => plain(
-            500,
-            "application/json",
-            serde_json::json!({ "error": e }).to_string(),
-        ),
+/// A JSON answer: 200 with the document, 404 or 500 with `{"error": …}`.
+fn json_response<T: serde::Serialize>(v: Result<T, Error>) -> Response<Full<Bytes>> {
+    let (status, body) = match v {
+        Ok(v) => (200, crate::views::to_value(&v)),
+        Err(e) => (e.status(), serde_json::json!({ "error": e.to_string() })),
+    };
+    plain(status, "application/json", body.to_string())
+}
+
+/// Why an `/api` request has no answer.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    /// The query's own: not found (404) or the store (500).
+    #[error(transparent)]
+    Query(#[from] queries::Error),
+    /// A query parameter that does not parse; the message names it.
+    #[error("{0}")]
+    Parameter(String),
+}
+
+impl Error {
+    /// The HTTP status it answers with; a store failure is also logged here, once.
+    fn status(&self) -> u16 {
+        match self {
+            Error::Query(queries::Error::NotFound(_)) => 404,
+            Error::Query(queries::Error::Store(e)) => {
+                tracing::error!(error = %e, "api request failed: the store cannot be read");
+                500
+            }
+            Error::Parameter(_) => 500,
+        }
     }
 }
 
 /// `?k=v&…` of a request, undecoded beyond `+` and `%XX`.
-fn query(req: &Request<Incoming>) -> std::collections::BTreeMap<String, String> {
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
     let decode = |s: &str| {
         let b = s.replace('+', " ").into_bytes();
         let mut out = Vec::with_capacity(b.len());
@@ -114,17 +145,9 @@ fn query(req: &Request<Incoming>) -> std::collections::BTreeMap<String, String> 
         .collect()
 }
 
-fn route(
-    req: &Request<Incoming>,
-    store: &Store,
-    fleet: &Fleet,
-    hist: &Metrics,
-) -> Response<Full<Bytes>> {
-    let q = query(req);
-    let service = q
-        .get("service")
-        .filter(|s| !s.is_empty())
-        .map(String::as_str);
+/// The answer to one request.
+fn route(req: &Request<Incoming>, sources: &Sources) -> Response<Full<Bytes>> {
+    let (store, fleet) = (&*sources.store, &*sources.fleet);
     let path = req.uri().path();
     match path {
         "/healthz" if !store.writable() => plain(
@@ -135,70 +158,70 @@ fn route(
         "/healthz" => plain(200, "text/plain", "ok\n".into()),
         "/metrics" => match metrics(store, fleet) {
             Ok(mut body) => {
-                hist.render(&mut body);
+                sources.metrics.render(&mut body);
                 plain(200, "text/plain; version=0.0.4", body)
             }
             Err(e) => plain(500, "text/plain", format!("metrics unavailable: {e}\n")),
         },
         "/" | "/index.html" => plain(200, "text/html; charset=utf-8", DASHBOARD.into()),
+        _ if path.starts_with("/api/") => api(path, &query(req), store, fleet),
+        _ => not_found(),
+    }
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    plain(404, "text/plain", "not found\n".into())
+}
+
+/// The dashboard's JSON: `/api/fleet`, `/api/deployments[?service=&limit=]`,
+/// `/api/deployments/ID`, `/api/live` and `/api/stats[?service=&since=]`.
+fn api(
+    path: &str,
+    q: &BTreeMap<String, String>,
+    store: &Store,
+    fleet: &Fleet,
+) -> Response<Full<Bytes>> {
+    let now = cutover_shared::clock::now_ms();
+    let service = q
+        .get("service")
+        .filter(|s| !s.is_empty())
+        .map(String::as_str);
+    match path {
         "/api/fleet" => json_response(
-            crate::server::hosts_pb(store, fleet)
-                .map(|h| crate::cli::hosts_json(&h))
-                .map_err(|s| s.message().to_string()),
+            queries::hosts(store, fleet, now)
+                .map(|h| crate::views::hosts(&h))
+                .map_err(Error::from),
         ),
-        "/api/deployments" => json_response(
-            store
-                .deployments()
-                .map(|records| {
-                    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
-                    report::history(&records, service, 0, limit)
-                })
-                .map_err(|e| e.to_string()),
-        ),
-        "/api/live" => json_response(live(store)),
-        "/api/stats" => json_response((|| {
-            let since = q.get("since").map_or("30d", String::as_str);
-            let since = cutover_shared::duration::parse(since)?;
-            let now = cutover_shared::clock::now_ms();
-            let records = store.deployments().map_err(|e| e.to_string())?;
-            let events = store.all_events().map_err(|e| e.to_string())?;
-            let stats = report::stats(
-                &records,
-                &events,
-                service,
-                now.saturating_sub(since.as_millis()),
-                now,
-            );
-            serde_json::to_value(stats).map_err(|e| e.to_string())
-        })()),
+        "/api/deployments" => {
+            let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
+            json_response(queries::history(store, service, 0, limit).map_err(Error::from))
+        }
+        "/api/live" => json_response(queries::live(store, now).map_err(Error::from)),
+        "/api/stats" => json_response(stats(store, service, q.get("since"), now)),
         _ => match path.strip_prefix("/api/deployments/") {
-            Some(id) if !id.is_empty() => match crate::server::show_json(store, id) {
-                Ok(v) => plain(200, "application/json", v.to_string()),
-                Err(s) if s.code() == tonic::Code::NotFound => plain(
-                    404,
-                    "application/json",
-                    serde_json::json!({ "error": s.message() }).to_string(),
-                ),
-                Err(s) => json_response(Err(s.message().to_string())),
-            },
-            _ => plain(404, "text/plain", "not found\n".into()),
+            Some(id) if !id.is_empty() => {
+                json_response(queries::show(store, id, now).map_err(Error::from))
+            }
+            _ => not_found(),
         },
     }
 }
 
-/// The deployments still running, each as `show` presents it.
-fn live(store: &Store) -> Result<serde_json::Value, String> {
-    let records = store.deployments().map_err(|e| e.to_string())?;
-    let ids: Vec<String> = records
-        .iter()
-        .filter(|d| !d.state.is_final())
-        .map(|d| d.id.clone())
-        .collect();
-    let mut out = Vec::new();
-    for id in ids {
-        out.push(crate::server::show_json(store, &id).map_err(|s| s.message().to_string())?);
-    }
-    Ok(serde_json::Value::Array(out))
+/// `/api/stats`: over `since` (default 30 days) up to `now`.
+fn stats(
+    store: &Store,
+    service: Option<&str>,
+    since: Option<&String>,
+    now: u64,
+) -> Result<crate::report::Stats, Error> {
+    let since = since.map_or("30d", String::as_str);
+    let since = cutover_shared::duration::parse(since).map_err(Error::Parameter)?;
+    Ok(queries::stats(
+        store,
+        service,
+        now.saturating_sub(since.as_millis()),
+        now,
+    )?)
 }
 
 fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> {

@@ -108,6 +108,7 @@ fn interface_addresses(with_v6: bool) -> Vec<IpAddr> {
 /// The server certificate in use and the names it was issued for, replaced whole.
 #[derive(Debug)]
 struct ServerCert {
+    /// The names it was issued for (to see when they change) and the certificate.
     current: RwLock<(Vec<String>, Arc<CertifiedKey>)>,
 }
 
@@ -123,6 +124,7 @@ impl ResolvesServerCert for ServerCert {
 /// it is: [`ClientCheck`] judges it where the answer can say why.
 #[derive(Debug)]
 struct DeferredClientAuth {
+    /// Checks the handshake's signatures with the client's key.
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -228,11 +230,18 @@ fn refusal(e: &rustls::Error) -> String {
 /// The gRPC port's TLS: the server configuration and what it needs to issue the server
 /// certificate again.
 pub struct Tls {
+    /// Runs handshakes with the server configuration.
     acceptor: TlsAcceptor,
+    /// The certificate handshakes present; replaced when the names change.
     cert: Arc<ServerCert>,
+    /// Issues the server certificate.
     ca: Arc<Ca>,
+    /// Where the certificate in use is written for operators to see.
     data_dir: PathBuf,
+    /// The `--server-name`s.
     extra_names: Vec<String>,
+    /// The `--listen` address, whose IP (or, for a wildcard, every local address) the
+    /// certificate names.
     listen: SocketAddr,
 }
 

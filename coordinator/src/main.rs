@@ -5,14 +5,13 @@
 //! after it (`cutover status --output json`), on every command except `serve`, which
 //! has flags of its own only.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args as _, CommandFactory, FromArgMatches, Parser, Subcommand};
 use coordinator::cli::{self, Conn, Failure, Output};
 use coordinator::errln;
-use cutover_proto::v1::DeploymentCommand;
+use coordinator::serve::{LogFormat, ServeArgs};
 use tokio_util::sync::CancellationToken;
 
 const COORDINATOR_HELP: &str = "The coordinator's gRPC address (its --listen), HOST:PORT; env \
@@ -29,8 +28,10 @@ const DEFAULT_COORDINATOR: &str = "127.0.0.1:7400";
     about = "Progressive, self-healing deployments for fleets of plain hosts"
 )]
 struct Args {
+    // The connection and output flags written before the subcommand.
     #[command(flatten)]
     flags: TopFlags,
+    // What to do.
     #[command(subcommand)]
     command: Cmd,
 }
@@ -38,6 +39,7 @@ struct Args {
 /// The CLI flags written before the subcommand; the environment fills them in.
 #[derive(clap::Args)]
 struct TopFlags {
+    // Each field's help text says what it is for.
     #[arg(long, env = "CUTOVER_COORDINATOR", hide_env = true, value_name = "HOST:PORT", help = COORDINATOR_HELP)]
     coordinator: Option<String>,
     #[arg(long, env = "CUTOVER_CREDENTIALS", hide_env = true, value_name = "DIR", help = CREDENTIALS_HELP)]
@@ -50,6 +52,8 @@ struct TopFlags {
 /// every subcommand but `serve` by [`command`].
 #[derive(clap::Args, Default)]
 struct CliFlags {
+    // The fields of [`TopFlags`], without their environment variables (those fill in
+    // the flags before the subcommand only, so that a flag after it always wins).
     #[arg(long, global = true, value_name = "HOST:PORT", help = COORDINATOR_HELP)]
     coordinator: Option<String>,
     #[arg(long, global = true, value_name = "DIR", help = CREDENTIALS_HELP)]
@@ -58,226 +62,12 @@ struct CliFlags {
     output: Option<Output>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Lines for people; coloured only when stderr is a terminal.
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the coordinator.
-    Serve {
-        /// Folder holding all of the coordinator's state: its database, its CA and the
-        /// admin credentials (DIR/admin), made on first start.
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
-        /// gRPC over mutual TLS, for agents and the CLI.
-        #[arg(long, default_value = "0.0.0.0:7400", value_name = "ADDR")]
-        listen: SocketAddr,
-        /// Plain HTTP for /healthz, /metrics, the dashboard and its /api. They have no
-        /// login: keep this on loopback, or behind a proxy that authenticates.
-        #[arg(long, default_value = "127.0.0.1:7480", value_name = "ADDR")]
-        http: SocketAddr,
-        /// Extra DNS names or IPs for the server certificate (repeatable).
-        #[arg(long = "server-name", value_name = "NAME")]
-        server_names: Vec<String>,
-        /// Validity of agent certificates; agents renew them when a third is left.
-        #[arg(long, default_value = "90d", value_name = "DURATION")]
-        cert_ttl: cutover_shared::Duration,
-        /// POST a JSON event (with a Slack-compatible `text`) to this URL for every
-        /// deployment start, step, pause, rollback and end (repeatable).
-        #[arg(long = "webhook", value_name = "URL")]
-        webhooks: Vec<String>,
-        /// Connections each listener (--listen, --http) keeps open at once; more wait
-        /// in the kernel's accept queue.
-        #[arg(long, default_value_t = cutover_proto::listen::DEFAULT_MAX_CONNECTIONS)]
-        max_connections: usize,
-        /// An --http connection that has not sent a complete request head this long
-        /// after it was opened, or after its previous response, is closed (header-read
-        /// and keep-alive idle timeout); a --listen connection gets this long, 10s at
-        /// most, to finish its TLS handshake.
-        #[arg(long, default_value = "75s")]
-        idle_timeout: cutover_shared::Duration,
-        /// How log lines are written to stderr.
-        #[arg(long, value_enum, default_value = "text")]
-        log_format: LogFormat,
-    },
-    /// Join tokens for new hosts.
-    Token {
-        #[command(subcommand)]
-        command: TokenCmd,
-    },
-    /// List hosts, or remove one.
-    Hosts {
-        #[command(subcommand)]
-        command: Option<HostsCmd>,
-    },
-    /// Start a deployment; prints its id on the first stdout line.
-    Deploy {
-        /// The plan file (TOML).
-        plan: PathBuf,
-        /// Deploy this version instead of the plan's `[release] version`.
-        #[arg(long, value_name = "VERSION")]
-        release: Option<String>,
-        /// Fetch this artifact instead of the plan's `[release] artifact`.
-        #[arg(long, value_name = "URL")]
-        artifact: Option<String>,
-        /// The artifact's SHA-256 instead of the plan's `[release] sha256`.
-        #[arg(long, value_name = "HEX")]
-        sha256: Option<String>,
-        /// Follow progress on stderr until the deployment ends; the exit code says how
-        /// it ended.
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Show one deployment (default: the latest).
-    Status {
-        /// Deployment id, e.g. d-000123 [default: the latest]
-        id: Option<String>,
-    },
-    /// Pause a deployment.
-    Pause {
-        /// Deployment id, e.g. d-000123
-        id: String,
-    },
-    /// Resume a paused deployment.
-    Resume {
-        /// Deployment id, e.g. d-000123
-        id: String,
-    },
-    /// End a pause or skip the rest of the current hold.
-    Promote {
-        /// Deployment id, e.g. d-000123
-        id: String,
-    },
-    /// Stop a deployment and roll it back.
-    Abort {
-        /// Deployment id, e.g. d-000123
-        id: String,
-    },
-    /// Go back to the previous release on every host.
-    Rollback {
-        /// The service to roll back.
-        service: String,
-        /// Follow progress on stderr until the rollback ends.
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Follow a deployment until it ends: a live view on a terminal, plain lines
-    /// otherwise (or with CUTOVER_PLAIN=1).
-    Watch {
-        /// Deployment id, e.g. d-000123 [default: the latest deployment in progress]
-        id: Option<String>,
-    },
-    /// Past deployments, newest first.
-    History {
-        /// Only this service's deployments.
-        #[arg(long)]
-        service: Option<String>,
-        /// Show at most this many deployments.
-        #[arg(long, default_value_t = 20)]
-        limit: u32,
-        /// Only deployments started within this long, e.g. 7d.
-        #[arg(long, value_name = "DURATION")]
-        since: Option<String>,
-    },
-    /// One deployment's timeline; where it failed and why, first.
-    Show {
-        /// Deployment id, e.g. d-000123 [default: the latest]
-        id: Option<String>,
-    },
-    /// Deployment frequency, change failure rate, time to restore, durations, lead
-    /// time, and where failures happen.
-    Stats {
-        /// Only this service's deployments.
-        #[arg(long)]
-        service: Option<String>,
-        /// Deployments started within this long, e.g. 7d.
-        #[arg(long, default_value = "30d", value_name = "DURATION")]
-        since: String,
-    },
-    /// Signing keys and artifact signatures.
-    Artifact {
-        #[command(subcommand)]
-        command: ArtifactCmd,
-    },
-    /// Plans.
-    Plan {
-        #[command(subcommand)]
-        command: PlanCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum TokenCmd {
-    /// Create a join token; prints it alone on stdout. A join under a name already
-    /// enrolled is refused unless the token was made with --replace NAME.
-    Create {
-        /// The enrolled host's labels, as k=v,k2=v2; a join cannot change them.
-        #[arg(long, default_value = "")]
-        labels: String,
-        /// How long the token can be used.
-        #[arg(long, default_value = "1h", value_name = "DURATION")]
-        ttl: cutover_shared::Duration,
-        /// How many hosts can join with it.
-        #[arg(long, default_value_t = 1)]
-        uses: u32,
-        /// Enrol only a host of this name.
-        #[arg(long)]
-        name: Option<String>,
-        /// Enrol a new machine as this enrolled host; the old one's certificate is revoked.
-        #[arg(long, value_name = "NAME")]
-        replace: Option<String>,
-        /// Label keys `cutover-agent join --labels` may add, as k1,k2.
-        #[arg(long, default_value = "")]
-        allow_labels: String,
-    },
-    /// List join tokens (never their secrets).
-    List,
-    /// Revoke a join token by id.
-    Revoke {
-        /// The token's id, as `token list` shows it.
-        id: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum HostsCmd {
-    /// Remove a host and revoke its certificate.
-    Remove {
-        /// The host's name.
-        name: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum ArtifactCmd {
-    /// Make a signing key; prints its public key for the agents' --trusted-key.
-    Keygen {
-        /// Where to write the private key (an existing file is never overwritten).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
-    },
-    /// Sign an artifact; prints the signature for `[release] signature`.
-    Sign {
-        /// The artifact to sign.
-        file: PathBuf,
-        /// The private key `artifact keygen` wrote.
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum PlanCmd {
-    /// Check a plan offline.
-    Validate {
-        /// The plan file (TOML).
-        plan: PathBuf,
-    },
+    Serve(ServeArgs),
+    #[command(flatten)]
+    Cli(cli::Command),
 }
 
 /// The full command line: [`Args`] with [`CliFlags`] on every subcommand but `serve`.
@@ -350,9 +140,9 @@ fn init_logging(serving: bool, format: LogFormat) {
 
 fn main() -> ExitCode {
     let (args, conn, output) = parse();
-    let log_format = match args.command {
-        Cmd::Serve { log_format, .. } => Some(log_format),
-        _ => None,
+    let log_format = match &args.command {
+        Cmd::Serve(serve) => Some(serve.log_format),
+        Cmd::Cli(_) => None,
     };
     init_logging(log_format.is_some(), log_format.unwrap_or(LogFormat::Text));
 
@@ -392,128 +182,25 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, conn: Conn, out: Output) -> cli::Result<i32> {
     match args.command {
-        Cmd::Serve {
-            data_dir,
-            listen,
-            http,
-            server_names,
-            cert_ttl,
-            webhooks,
-            max_connections,
-            idle_timeout,
-            log_format: _,
-        } => {
-            if cert_ttl.is_zero() {
-                return Err(Failure::new(2, "--cert-ttl: must be more than 0s"));
-            }
-            if idle_timeout.is_zero() {
-                return Err(Failure::new(2, "--idle-timeout: must be more than 0s"));
-            }
-            if max_connections == 0 {
-                return Err(Failure::new(2, "--max-connections: must be at least 1"));
-            }
-            let shutdown = CancellationToken::new();
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                tracing::info!("stopping");
-                signal.cancel();
-            });
-            coordinator::serve(
-                coordinator::ServeConfig {
-                    data_dir,
-                    listen,
-                    http,
-                    server_names,
-                    cert_ttl: cert_ttl.std(),
-                    webhooks,
-                    limits: cutover_proto::listen::Limits {
-                        max_connections,
-                        idle_timeout: idle_timeout.std(),
-                    },
-                },
-                shutdown,
-            )
-            .await
-            .map_err(|e| Failure::new(1, format!("{e:#}")))?;
-            Ok(0)
-        }
-        Cmd::Token {
-            command:
-                TokenCmd::Create {
-                    labels,
-                    ttl,
-                    uses,
-                    name,
-                    replace,
-                    allow_labels,
-                },
-        } => {
-            fn usage(flag: &'static str) -> impl Fn(String) -> Failure {
-                move |m| Failure::new(2, format!("{flag}: {m}"))
-            }
-            let names = cutover_shared::names::check_name;
-            let request = cli::NewToken {
-                labels: cutover_shared::names::parse_labels(&labels).map_err(usage("--labels"))?,
-                allow_labels: cutover_shared::names::parse_label_keys(&allow_labels)
-                    .map_err(usage("--allow-labels"))?,
-                name: name
-                    .map(|n| names("host", &n).map(|()| n))
-                    .transpose()
-                    .map_err(usage("--name"))?,
-                replace: replace
-                    .map(|n| names("host", &n).map(|()| n))
-                    .transpose()
-                    .map_err(usage("--replace"))?,
-                ttl,
-                uses,
-            };
-            cli::token_create(&conn, request, out).await
-        }
-        Cmd::Token {
-            command: TokenCmd::List,
-        } => cli::token_list(&conn, out).await,
-        Cmd::Token {
-            command: TokenCmd::Revoke { id },
-        } => cli::token_revoke(&conn, id, out).await,
-        Cmd::Hosts { command: None } => cli::hosts(&conn, out).await,
-        Cmd::Hosts {
-            command: Some(HostsCmd::Remove { name }),
-        } => cli::remove_host(&conn, name, out).await,
-        Cmd::Deploy {
-            plan,
-            release,
-            artifact,
-            sha256,
-            wait,
-        } => {
-            let p = cli::load_plan(&plan, release, artifact, sha256)?;
-            cli::deploy(&conn, p, &plan, wait, out).await
-        }
-        Cmd::Status { id } => cli::status(&conn, id, out).await,
-        Cmd::Pause { id } => cli::command(&conn, id, DeploymentCommand::Pause, out).await,
-        Cmd::Resume { id } => cli::command(&conn, id, DeploymentCommand::Resume, out).await,
-        Cmd::Promote { id } => cli::command(&conn, id, DeploymentCommand::Promote, out).await,
-        Cmd::Abort { id } => cli::command(&conn, id, DeploymentCommand::Abort, out).await,
-        Cmd::Rollback { service, wait } => cli::rollback(&conn, service, wait, out).await,
-        Cmd::History {
-            service,
-            limit,
-            since,
-        } => cli::history(&conn, service, limit, since.as_deref(), out).await,
-        Cmd::Show { id } => cli::show(&conn, id, out).await,
-        Cmd::Stats { service, since } => cli::stats(&conn, service, &since, out).await,
-        Cmd::Watch { id } => cli::watch_command(&conn, id, out).await,
-        Cmd::Artifact {
-            command: ArtifactCmd::Keygen { out: path },
-        } => cli::artifact_keygen(&path, out),
-        Cmd::Artifact {
-            command: ArtifactCmd::Sign { file, key },
-        } => cli::artifact_sign(&file, &key, out),
-        Cmd::Plan {
-            command: PlanCmd::Validate { plan },
-        } => cli::plan_validate(&plan, out),
+        Cmd::Serve(serve) => run_serve(serve).await,
+        Cmd::Cli(command) => command.run(&conn, out).await,
     }
+}
+
+/// `cutover serve`: checks the flags, then runs the coordinator until SIGTERM or SIGINT.
+async fn run_serve(args: ServeArgs) -> cli::Result<i32> {
+    let config = args.config().map_err(Failure::usage)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        signal.cancel();
+    });
+    coordinator::serve::serve(config, shutdown)
+        .await
+        .map_err(|e| Failure::other(format!("{e:#}")))?;
+    Ok(0)
 }
 
 async fn wait_for_signal() {

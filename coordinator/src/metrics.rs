@@ -11,10 +11,14 @@ const BOUNDS: [f64; 14] = [
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
 ];
 
+/// A Prometheus histogram of durations, lock-free.
 #[derive(Default)]
 pub struct Histogram {
+    /// Observations at or under each of [`BOUNDS`] (cumulative, as Prometheus wants).
     counts: [AtomicU64; BOUNDS.len()],
+    /// Every observation (the `+Inf` bucket).
     count: AtomicU64,
+    /// Their sum, in ms (whole ms add up exactly).
     sum_ms: AtomicU64,
 }
 
@@ -49,6 +53,7 @@ impl Histogram {
     }
 }
 
+/// The coordinator's histograms.
 #[derive(Default)]
 pub struct Metrics {
     /// From a step's weights going out to the next step's (or the end).

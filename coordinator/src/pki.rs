@@ -34,16 +34,23 @@ pub enum Error {
 /// Validity of admin certificates.
 const ADMIN_DAYS: i64 = 365;
 
+/// The certificate authority, loaded.
 pub struct Ca {
+    /// Signs certificates with the CA's key.
     issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, which agents and the CLI trust.
     pub cert_pem: String,
+    /// The same, DER, for checking client chains.
     pub cert_der: Vec<u8>,
+    /// Its SHA-256, carried by join tokens so an agent knows it joins the right
+    /// coordinator.
     pub fingerprint: String,
 }
 
 /// What `init_or_load` returns: the CA, and whether this start made the admin
 /// credentials.
 pub struct Pki {
+    /// The certificate authority.
     pub ca: Ca,
     /// Set when the admin credentials were created by this start.
     pub admin_created: Option<Vec<u8>>,

@@ -38,14 +38,19 @@ pub enum Error {
 /// What `token create` asks for, besides the time to live and the number of uses.
 #[derive(Clone, Debug, Default)]
 pub struct Grant {
+    /// The enrolled host's labels; a join cannot change them.
     pub labels: BTreeMap<String, String>,
+    /// Which host the token may enrol: any, a named one, or one it replaces.
     pub host: TokenHost,
+    /// Label keys a join may add.
     pub allow_labels: Vec<String>,
 }
 
 /// What a joining agent asks for.
 pub struct Join<'a> {
+    /// The host name it asks for.
     pub name: &'a str,
+    /// The labels it asks for (`join --labels`).
     pub labels: &'a BTreeMap<String, String>,
 }
 

@@ -22,6 +22,7 @@ pub const ATTEMPTS: usize = 6;
 /// Hands events to the delivery tasks; cheap to clone. Without URLs it does nothing.
 #[derive(Clone, Default)]
 pub struct Webhooks {
+    /// One queue per URL, each drained in order by its own delivery task.
     queues: Vec<mpsc::UnboundedSender<Value>>,
 }
 
@@ -51,7 +52,7 @@ pub fn document(d: &DeploymentRecord, e: &Event) -> Option<Value> {
         m.insert("release".into(), json!(d.release));
         m.insert("previous_release".into(), json!(d.previous_release));
         m.insert("state".into(), json!(d.state.as_str()));
-        m.insert("at".into(), crate::report::rfc3339(e.at_unix_ms));
+        m.insert("at".into(), json!(crate::views::rfc3339(e.at_unix_ms)));
         m.insert(
             "text".into(),
             json!(format!(

@@ -6,11 +6,22 @@
 //! own exit code. Any other write failure (a full disk behind a redirect) is kept and
 //! reported once at the end, by [`stdout_error`]. Stderr is written best effort: there
 //! is nowhere left to report its failure.
+//!
+//! Data is text for people or, with `--output json`, JSON for scripts ([`print_json`]).
 
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The format of the data on stdout (`--output`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    // Lines and tables for people. (Plain comments: a doc comment would show in --help.)
+    Text,
+    // One pretty-printed JSON document, for scripts.
+    Json,
+}
 
 /// Set once stdout is known to be a closed pipe (or failed otherwise).
 static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
@@ -53,6 +64,13 @@ pub fn stderr_raw(bytes: &[u8]) {
 /// printed is incomplete, which the caller reports as an error.
 pub fn stdout_error() -> Option<String> {
     STDOUT_ERROR.lock().ok().and_then(|e| e.clone())
+}
+
+/// Prints `v` as one pretty-printed JSON document, its object keys in sorted order like
+/// every JSON document cutover writes ([`crate::views::to_value`]).
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    let text = serde_json::to_string_pretty(&crate::views::to_value(v)).unwrap_or_default();
+    stdout_line(format_args!("{text}"));
 }
 
 /// `println!` for the CLI: one line of data on stdout.

@@ -1,6 +1,13 @@
+//! The reports' unit tests: hand-built records and timelines, and the figures and
+//! documents made of them.
+
+use std::collections::BTreeMap;
+
 use super::*;
 use crate::analysis::{MetricResult, Verdict};
 use crate::model::{DeployHost, IntervalRecord, RollbackTiming, Slot};
+use crate::model::{HostPhase, State};
+use crate::timeline::{Event, Kind};
 use cutover_shared::plan::{MetricName, Plan};
 
 const DAY: u64 = 86_400_000;
@@ -231,10 +238,12 @@ fn a_host_three_times_slower_than_the_rest_is_a_straggler() {
     );
 }
 
-#[test]
-fn dora_figures_match_a_history_computed_by_hand() {
-    let since = 1000;
-    let now = since + 30 * DAY;
+/// The start of the window of [`dora_history`], whose deployments are made after it.
+const SINCE: u64 = 1000;
+
+/// Seven deployments of `web` whose DORA figures are worked out by hand below.
+fn dora_history() -> (Vec<DeploymentRecord>, BTreeMap<String, Vec<Event>>) {
+    let since = SINCE;
     let mut records = Vec::new();
     let mut events = BTreeMap::new();
     // 1: success, 60 s, committed 1 h before it ended.
@@ -305,8 +314,13 @@ fn dora_figures_match_a_history_computed_by_hand() {
     let mut old = dep("d-00", "0", 0, 1000, State::Failed);
     old.created_unix_ms = since - 1;
     records.push(old);
+    (records, events)
+}
 
-    let s = stats(&records, &events, Some("web"), since, now);
+#[test]
+fn dora_figures_match_a_history_computed_by_hand() {
+    let (records, events) = dora_history();
+    let s = stats(&records, &events, Some("web"), SINCE, SINCE + 30 * DAY);
     assert_eq!(
         s.deployments, 5,
         "rollbacks and deployments before the window left out"
@@ -355,18 +369,12 @@ fn history_is_newest_first_and_filtered() {
     other.service = "api".into();
     records.push(other);
     let h = history(&records, Some("web"), 0, 10);
-    let ids: Vec<&str> = h
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
+    let ids: Vec<&str> = h.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["d-2", "d-1"]);
-    assert_eq!(history(&records, None, 0, 1).as_array().unwrap().len(), 1);
-    assert_eq!(
-        history(&records, None, 1500, 10).as_array().unwrap().len(),
-        2
-    );
+    assert_eq!(h[0].state, State::Failed);
+    assert_eq!(h[1].duration_s, Some(0.01));
+    assert_eq!(history(&records, None, 0, 1).len(), 1);
+    assert_eq!(history(&records, None, 1500, 10).len(), 2);
 }
 
 fn interval(at: u64, verdict: Verdict, metrics: Vec<MetricResult>) -> IntervalRecord {
@@ -509,9 +517,14 @@ fn a_host_failure_that_rolls_the_fleet_back_counts_for_that_host() {
     }
     // `show` names it where it failed.
     let shown = show(&after, &evs, &Typical::default(), DAY + 5000);
-    assert_eq!(shown["failure"]["hosts"][0]["name"], "web-2");
-    assert_eq!(shown["failure"]["hosts"][0]["error"], "disk full");
-    assert_eq!(shown["failure"]["hosts"].as_array().map(Vec::len), Some(1));
+    let failed = shown.failure.expect("a failure").hosts;
+    assert_eq!(
+        failed,
+        [FailedHost {
+            name: "web-2".into(),
+            error: Some("disk full".into())
+        }]
+    );
 }
 
 #[test]
@@ -519,10 +532,10 @@ fn a_finished_deployment_is_not_holding() {
     let mut d = dep("d-1", "2", DAY, 30_000, State::Succeeded);
     d.step_switched_unix_ms = Some(DAY + 29_700);
     let v = show(&d, &[], &Typical::default(), DAY + 90_000);
-    assert_eq!(v["holding"], false);
-    assert!(v["hold_s"].is_null());
+    assert!(!v.holding);
+    assert_eq!(v.hold_s, None);
     // Time in its last phase stops at the end: 0.3 s, not 60.3 s.
-    assert_eq!(v["phase_elapsed_s"], 0.3);
+    assert_eq!(v.phase_elapsed_s, 0.3);
 
     // Holding at the last step waits its hold and then the bake.
     let mut d = dep("d-2", "2", DAY, 0, State::Progressing);
@@ -534,10 +547,10 @@ fn a_finished_deployment_is_not_holding() {
     );
     d.step_switched_unix_ms = Some(DAY + 1000);
     let v = show(&d, &[], &Typical::default(), DAY + 4000);
-    assert_eq!(v["holding"], true);
-    assert_eq!(v["hold_s"], 330.0);
-    assert_eq!(v["bake_s"], 300.0);
-    assert_eq!(v["phase_elapsed_s"], 3.0);
+    assert!(v.holding);
+    assert_eq!(v.hold_s, Some(330.0));
+    assert_eq!(v.bake_s, Some(300.0));
+    assert_eq!(v.phase_elapsed_s, 3.0);
 }
 
 #[test]
@@ -559,11 +572,11 @@ fn latency_figures_carry_their_unit() {
     let before = d.clone();
     d.analysis.intervals = vec![interval(DAY, Verdict::Pass, vec![latency, errors])];
     let v = show(&d, &[], &Typical::default(), DAY + 2000);
-    let m = &v["last_interval"]["metrics"];
-    assert_eq!(m[0]["text"], "latency_p99 212.0ms vs 180.5ms");
-    assert_eq!(m[0]["unit"], "ms");
-    assert_eq!(m[1]["text"], "error_rate 3.10% vs -");
-    assert_eq!(m[1]["unit"], "ratio");
+    let m = v.last_interval.expect("an interval").metrics;
+    assert_eq!(m[0].text, "latency_p99 212.0ms vs 180.5ms");
+    assert_eq!(m[0].unit, "ms");
+    assert_eq!(m[1].text, "error_rate 3.10% vs -");
+    assert_eq!(m[1].unit, "ratio");
     // The timeline's interval event says the same.
     let evs = crate::timeline::diff(Some(&before), &d, DAY + 2000);
     assert!(
@@ -572,5 +585,268 @@ fn latency_figures_carry_their_unit() {
             .contains("[latency_p99 212.0ms vs 180.5ms, error_rate 3.10% vs -]")),
         "{:?}",
         evs.iter().map(Event::describe).collect::<Vec<_>>()
+    );
+}
+
+/// One event of every kind, a second apart from `start`.
+fn every_kind(start: u64) -> Vec<Event> {
+    let host = || "web-1".to_string();
+    let kinds = vec![
+        Kind::Submitted {
+            release: "2".into(),
+            previous_release: Some("1".into()),
+            hosts: 1,
+            steps: 2,
+            actor: "ops@desk".into(),
+        },
+        Kind::HostPhase {
+            host: host(),
+            phase: "fetching".into(),
+        },
+        Kind::HostReady {
+            host: host(),
+            timings: Some(crate::timeline::Timings {
+                fetch_ms: 120,
+                unpack_ms: 30,
+                start_ms: 800,
+            }),
+        },
+        Kind::HostFailed {
+            host: "web-2".into(),
+            error: "disk full".into(),
+        },
+        Kind::HostLost {
+            host: "web-3".into(),
+        },
+        Kind::StepStarted {
+            step: 0,
+            traffic: 10,
+        },
+        Kind::StepHolding {
+            step: 0,
+            traffic: 10,
+        },
+        Kind::Interval {
+            step: 0,
+            traffic: 10,
+            verdict: "fail".into(),
+            why: "error_rate 40.00% above max 1.00%".into(),
+            new_requests: 10,
+            old_requests: 90,
+            figures: vec!["error_rate 40.00% vs 0.00%".into()],
+        },
+        Kind::Paused { reason: None },
+        Kind::Command {
+            command: "resume".into(),
+            actor: String::new(),
+        },
+        Kind::RollbackStarted {
+            reason: "analysis failed".into(),
+            first_bad_unix_ms: start + 7000,
+            decided_unix_ms: start + 10_000,
+        },
+        Kind::RollbackDone,
+        Kind::Ended {
+            state: "rolled_back".into(),
+            reason: Some("analysis failed".into()),
+        },
+    ];
+    kinds
+        .into_iter()
+        .zip(0..)
+        .map(|(kind, i)| ev(start + i * 1000, kind))
+        .collect()
+}
+
+/// A deployment rolled back at 10 % after a failing interval, with every kind of event,
+/// and the report `show` makes of it.
+fn rolled_back_story() -> Show {
+    let mut d = dep("d-7", "2", DAY, 12_000, State::RolledBack);
+    d.previous_release = Some("1".into());
+    d.reason = Some("analysis failed".into());
+    let errors = MetricResult {
+        name: MetricName::ErrorRate,
+        new: Some(0.4),
+        old: None,
+        verdict: Verdict::Fail("above max".into()),
+    };
+    d.analysis.intervals = vec![interval(
+        DAY + 7000,
+        Verdict::Fail("error_rate".into()),
+        vec![errors],
+    )];
+    rolled_back(&mut d, DAY + 7000, DAY + 11_000);
+    d.hosts.insert("web-2".into(), host(HostPhase::Failed));
+    if let Some(h) = d.hosts.get_mut("web-2") {
+        h.error = Some("disk full".into());
+    }
+    let past = dep("d-6", "1", 0, 30_000, State::Succeeded);
+    let events = BTreeMap::from([("d-6".to_string(), good_events(0, 2000))]);
+    let typical = typical(&[past], &events, "web");
+    show(&d, &every_kind(DAY), &typical, DAY + 60_000)
+}
+
+/// The JSON text the coordinator sends for `report`.
+fn sent<T: serde::Serialize>(report: &T) -> String {
+    serde_json::to_string(&crate::views::to_value(report)).unwrap()
+}
+
+/// The CLI reads each report as the coordinator wrote it: nothing lost or changed on the
+/// way, the timeline's events included, so `--output json` prints what was sent.
+#[test]
+fn reports_read_back_as_they_were_written() {
+    let shown = rolled_back_story();
+    assert!(shown.failure.is_some() && shown.last_interval.is_some());
+    assert_eq!(shown.timeline.len(), 13);
+    let text = sent(&shown);
+    let back: Show = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, shown);
+    assert_eq!(sent(&back), text);
+
+    let records = vec![
+        dep("d-1", "1", DAY, 10, State::Succeeded),
+        dep("d-2", "2", 2 * DAY, 20, State::RolledBack),
+    ];
+    let rows = history(&records, None, 0, 10);
+    let back: Vec<HistoryRow> = serde_json::from_str(&sent(&rows)).unwrap();
+    assert_eq!(back, rows);
+
+    let figures = stats(&records, &BTreeMap::new(), None, 0, 3 * DAY);
+    let back: Stats = serde_json::from_str(&sent(&figures)).unwrap();
+    assert_eq!(back, figures);
+}
+
+fn keys(v: &serde_json::Value) -> Vec<&str> {
+    v.as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// The field names the dashboard, `cutover watch` and scripts read: a rename in a report
+/// type compiles on both ends, so this is where it shows.
+#[test]
+fn show_keeps_the_field_names_its_readers_use() {
+    let v = crate::views::to_value(&rolled_back_story());
+    assert_eq!(
+        keys(&v),
+        [
+            "bake_s",
+            "created_at",
+            "elapsed_s",
+            "ended_at",
+            "eta_s",
+            "failure",
+            "hold_s",
+            "holding",
+            "host_prepare_s",
+            "hosts",
+            "id",
+            "last_interval",
+            "phase_elapsed_s",
+            "previous_release",
+            "reason",
+            "release",
+            "service",
+            "state",
+            "step",
+            "steps",
+            "stragglers",
+            "timeline",
+            "traffic",
+            "typical",
+        ]
+    );
+    assert_eq!(keys(&v["failure"]), ["hosts", "phase", "reason"]);
+    assert_eq!(keys(&v["failure"]["hosts"][0]), ["error", "name"]);
+    assert_eq!(keys(&v["hosts"][0]), ["error", "name", "phase", "weight"]);
+    assert_eq!(
+        keys(&v["last_interval"]),
+        [
+            "metrics",
+            "new_requests",
+            "old_requests",
+            "traffic",
+            "verdict"
+        ]
+    );
+    assert_eq!(
+        keys(&v["last_interval"]["metrics"][0]),
+        ["name", "new", "old", "text", "unit"]
+    );
+    assert_eq!(
+        keys(&v["typical"]),
+        ["deployments", "host_prepare", "prepare", "switch", "total"]
+    );
+    assert_eq!(
+        keys(&v["typical"]["prepare"]),
+        ["count", "mean_s", "median_s", "p90_s"]
+    );
+    assert_eq!(
+        keys(&v["timeline"][0]),
+        [
+            "actor",
+            "at",
+            "at_unix_ms",
+            "event",
+            "hosts",
+            "offset_s",
+            "previous_release",
+            "release",
+            "steps",
+            "text"
+        ]
+    );
+    assert_eq!(v["timeline"][0]["event"], "submitted");
+    assert_eq!(v["state"], "rolled_back");
+    assert_eq!(v["hosts"][1]["phase"], "failed");
+}
+
+#[test]
+fn history_rows_keep_the_field_names_their_readers_use() {
+    let records = vec![dep("d-1", "1", DAY, 10, State::Succeeded)];
+    let row = crate::views::to_value(&history(&records, None, 0, 1));
+    assert_eq!(
+        keys(&row[0]),
+        [
+            "created_at",
+            "duration_s",
+            "ended_at",
+            "id",
+            "previous_release",
+            "reason",
+            "release",
+            "rollback",
+            "service",
+            "state"
+        ]
+    );
+}
+
+#[test]
+fn stats_keep_the_field_names_their_readers_use() {
+    let records = vec![dep("d-1", "1", DAY, 10, State::Succeeded)];
+    let figures = crate::views::to_value(&stats(&records, &BTreeMap::new(), None, 0, DAY));
+    assert_eq!(
+        keys(&figures),
+        [
+            "aborted",
+            "change_failure_rate",
+            "change_failures",
+            "days",
+            "deployment_duration",
+            "deployments",
+            "deployments_per_day",
+            "failed",
+            "failed_before_traffic",
+            "failures_by_host",
+            "failures_by_phase",
+            "lead_time",
+            "rolled_back",
+            "rolled_back_manually",
+            "service",
+            "since",
+            "succeeded",
+            "time_to_restore"
+        ]
     );
 }

@@ -1,0 +1,77 @@
+//! A deployment as the control API sends it (`status`, the manual controls, following):
+//! the record's state, hosts, analysis intervals and rollback times in protocol form.
+
+use cutover_proto::v1 as pb;
+
+use crate::analysis::{Verdict, metric_name};
+use crate::model::{DeploymentRecord, IntervalRecord};
+
+/// The deployment record in protocol form.
+pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id.clone(),
+        service: d.service.clone(),
+        release: d.release.clone(),
+        state: d.state.as_str().into(),
+        step: d.step,
+        traffic: d.traffic,
+        reason: d.reason.clone().unwrap_or_default(),
+        hosts: d
+            .hosts
+            .iter()
+            .map(|(name, h)| pb::DeploymentHost {
+                name: name.clone(),
+                phase: h.phase.as_str().into(),
+                weight: h.weight,
+                error: h.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        created_unix_ms: d.created_unix_ms,
+        ended_unix_ms: d.ended_unix_ms.unwrap_or(0),
+        previous_release: d.previous_release.clone().unwrap_or_default(),
+        steps: d.plan.strategy.steps.len() as u32,
+        intervals: d.analysis.intervals.iter().map(interval_to_pb).collect(),
+        first_bad_unix_ms: d.rollback.as_ref().map_or(0, |r| r.first_bad_unix_ms),
+        rollback_decided_unix_ms: d.rollback.as_ref().map_or(0, |r| r.decided_unix_ms),
+        rollback_done_unix_ms: d
+            .rollback
+            .as_ref()
+            .and_then(|r| r.done_unix_ms)
+            .unwrap_or(0),
+    }
+}
+
+/// One analysis interval: its traffic, requests, verdict and each metric's figures (NaN
+/// for no figure: the protocol's doubles have no "none").
+fn interval_to_pb(i: &IntervalRecord) -> pb::AnalysisInterval {
+    let (verdict, why) = verdict_parts(&i.verdict);
+    pb::AnalysisInterval {
+        step: i.step,
+        traffic: i.traffic,
+        started_unix_ms: i.started_unix_ms,
+        ended_unix_ms: i.ended_unix_ms,
+        new_requests: i.new_requests,
+        old_requests: i.old_requests,
+        verdict: verdict.into(),
+        why,
+        metrics: i
+            .metrics
+            .iter()
+            .map(|m| pb::MetricValue {
+                name: metric_name(m.name).into(),
+                new: m.new.unwrap_or(f64::NAN),
+                old: m.old.unwrap_or(f64::NAN),
+                verdict: verdict_parts(&m.verdict).0.into(),
+            })
+            .collect(),
+    }
+}
+
+/// A verdict's name and, for a failing or inconclusive one, why.
+fn verdict_parts(v: &Verdict) -> (&'static str, String) {
+    match v {
+        Verdict::Pass => ("pass", String::new()),
+        Verdict::Fail(w) => ("fail", w.clone()),
+        Verdict::Inconclusive(w) => ("inconclusive", w.clone()),
+    }
+}

@@ -1,0 +1,206 @@
+//! The read queries that both the control API ([`crate::grpc`]) and the HTTP API
+//! ([`crate::http`]) answer, from the store and the fleet: the hosts with what they run,
+//! one deployment, its `show` report with the service's typical times, the deployments
+//! in progress, the history and the stats. Each is a function of the store (and fleet)
+//! and `now`; callers turn [`Error`] into their own answer (a gRPC status, an HTTP code).
+
+use std::collections::BTreeMap;
+
+use cutover_proto::Slot;
+use cutover_proto::v1 as pb;
+use prost::Message;
+
+use crate::fleet::Fleet;
+use crate::model::DeploymentRecord;
+use crate::report;
+use crate::store::{self, Store};
+use crate::timeline::Event;
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// What was asked for does not exist; the message says what.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store could not be read: the coordinator's fault, not the caller's.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// The desired state of every service on `host`, as it is sent to its agent.
+pub fn desired(store: &Store, host: &str) -> Result<Vec<pb::DesiredService>, store::Error> {
+    Ok(store
+        .desired_for_host(host)?
+        .into_iter()
+        .filter_map(|raw| pb::DesiredService::decode(raw.as_slice()).ok())
+        .collect())
+}
+
+/// Every enrolled host with what it runs: desired slots and weights next to what its
+/// agent last reported.
+pub fn hosts(store: &Store, fleet: &Fleet, now: u64) -> Result<Vec<pb::Host>, Error> {
+    let mut hosts = Vec::new();
+    for h in store.hosts()? {
+        let observed = fleet.observed_all(&h.name);
+        let desired = desired(store, &h.name)?;
+        let mut names: Vec<&str> = observed.iter().map(|o| o.service.as_str()).collect();
+        names.extend(desired.iter().map(|d| d.service.as_str()));
+        names.sort();
+        names.dedup();
+        let services = names
+            .into_iter()
+            .map(|name| {
+                let d = desired.iter().find(|d| d.service == name);
+                let o = observed.iter().find(|o| o.service == name);
+                host_service(name, d, o)
+            })
+            .collect();
+        hosts.push(pb::Host {
+            connected: fleet.reachable(&h.name, now),
+            last_seen_unix_ms: fleet.last_seen(&h.name).unwrap_or(0),
+            name: h.name,
+            labels: h.labels.into_iter().collect(),
+            services,
+        });
+    }
+    Ok(hosts)
+}
+
+/// One service on a host: its live release (desired) and both slots.
+fn host_service(
+    name: &str,
+    d: Option<&pb::DesiredService>,
+    o: Option<&pb::ObservedService>,
+) -> pb::HostService {
+    let live = d
+        .and_then(|d| d.slot(d.live_slot()?))
+        .and_then(pb::SlotSpec::release_key)
+        .map(|(v, _)| v.to_string())
+        .unwrap_or_default();
+    pb::HostService {
+        service: name.to_string(),
+        live_release: live,
+        blue: Some(host_slot(d, o, Slot::Blue)),
+        green: Some(host_slot(d, o, Slot::Green)),
+    }
+}
+
+/// One slot as the agent last reported it, or as desired when it has not reported it:
+/// its release, its phase (`unknown` when only desired) and its weight.
+fn host_slot(
+    d: Option<&pb::DesiredService>,
+    o: Option<&pb::ObservedService>,
+    slot: Slot,
+) -> pb::HostSlot {
+    let observed = o.and_then(|o| o.slot(slot));
+    let release = observed
+        .map(|s| s.release.clone())
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            d.and_then(|d| d.slot(slot))
+                .and_then(pb::SlotSpec::release_key)
+                .map(|(v, _)| v.to_string())
+        })
+        .unwrap_or_default();
+    let state = match observed {
+        Some(s) => pb::SlotPhase::of(s.phase).name().to_string(),
+        None if release.is_empty() => "empty".into(),
+        None => "unknown".into(),
+    };
+    let weight = match (o, d) {
+        (Some(o), _) => o.weight(slot),
+        (None, Some(d)) => d.weight(slot),
+        _ => 0,
+    };
+    pb::HostSlot {
+        release,
+        state,
+        weight,
+    }
+}
+
+/// Why deployment `id` (empty: the newest) cannot be found.
+fn not_found(id: &str) -> Error {
+    Error::NotFound(if id.is_empty() {
+        "no deployment yet".into()
+    } else {
+        format!("unknown deployment {id:?}")
+    })
+}
+
+/// Deployment `id`, or the newest one when `id` is empty.
+pub fn deployment(store: &Store, id: &str) -> Result<DeploymentRecord, Error> {
+    let found = if id.is_empty() {
+        DeploymentRecord::newest(&store.deployments()?).cloned()
+    } else {
+        store.deployment(id)?
+    };
+    found.ok_or_else(|| not_found(id))
+}
+
+/// `show` for deployment `id` (empty: the newest), with typical times from the service's
+/// past successful deployments.
+pub fn show(store: &Store, id: &str, now: u64) -> Result<report::Show, Error> {
+    let records = store.deployments()?;
+    let d = if id.is_empty() {
+        DeploymentRecord::newest(&records)
+    } else {
+        records.iter().find(|d| d.id == id)
+    };
+    let d = d.ok_or_else(|| not_found(id))?;
+    let events = store.all_events()?;
+    Ok(show_one(d, &records, &events, now))
+}
+
+/// `show` for `d` among `records`.
+fn show_one(
+    d: &DeploymentRecord,
+    records: &[DeploymentRecord],
+    events: &BTreeMap<String, Vec<Event>>,
+    now: u64,
+) -> report::Show {
+    let past: Vec<_> = records.iter().filter(|r| r.id != d.id).cloned().collect();
+    let typical = report::typical(&past, events, &d.service);
+    let mine = events.get(&d.id).map_or(&[][..], Vec::as_slice);
+    report::show(d, mine, &typical, now)
+}
+
+/// The deployments still running, each as `show` presents it.
+pub fn live(store: &Store, now: u64) -> Result<Vec<report::Show>, Error> {
+    let records = store.deployments()?;
+    let events = store.all_events()?;
+    Ok(records
+        .iter()
+        .filter(|d| !d.state.is_final())
+        .map(|d| show_one(d, &records, &events, now))
+        .collect())
+}
+
+/// One row per deployment of `service` (every service: `None`) created since `since`,
+/// newest first, at most `limit`.
+pub fn history(
+    store: &Store,
+    service: Option<&str>,
+    since: u64,
+    limit: usize,
+) -> Result<Vec<report::HistoryRow>, Error> {
+    Ok(report::history(
+        &store.deployments()?,
+        service,
+        since,
+        limit,
+    ))
+}
+
+/// The DORA figures over the deployments of `service` (every service: `None`) created
+/// since `since`.
+pub fn stats(
+    store: &Store,
+    service: Option<&str>,
+    since: u64,
+    now: u64,
+) -> Result<report::Stats, Error> {
+    let records = store.deployments()?;
+    let events = store.all_events()?;
+    Ok(report::stats(&records, &events, service, since, now))
+}

@@ -1,5 +1,6 @@
 use super::*;
-use cutover_proto::v1::SlotStatus;
+use cutover_proto::v1::{SlotSpec, SlotStatus};
+use cutover_shared::plan::Plan;
 use std::collections::BTreeMap;
 
 const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";

@@ -1,6 +1,8 @@
 //! The pure translation of a deployment into each host's desired state: the slot spec a
 //! plan asks for, a host's part in a new deployment (`plan_host`), and what a host
-//! should run and with which weights as the deployment stands (`target`).
+//! should run and with which weights as the deployment stands (`target`, `changes`).
+
+use std::collections::BTreeMap;
 
 use cutover_proto::v1::{
     DesiredService, ExecCheck, HealthSpec, Protocol as WireProtocol, Release, RunSpec, SlotSpec,
@@ -8,6 +10,7 @@ use cutover_proto::v1::{
 };
 use cutover_shared::plan::{Check, Plan, Protocol};
 
+use super::HostView;
 use crate::model::{DeployHost, DeploymentRecord, Front, HostPhase, Slot, State};
 
 /// The slot spec a plan asks for.
@@ -156,4 +159,25 @@ pub fn target(
         d.set_weight(old, 100 - new_weight);
     }
     Some(d)
+}
+
+/// The hosts whose desired state must change for `dep` as it stands, with their new
+/// state (generation unset): every host whose target differs from what it was last sent.
+pub fn changes(
+    dep: &DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+) -> BTreeMap<String, DesiredService> {
+    let mut out = BTreeMap::new();
+    for (name, host) in &dep.hosts {
+        let current = views.get(name).and_then(|v| v.desired);
+        let Some(t) = target(dep, host, current) else {
+            continue;
+        };
+        let mut have = current.cloned().unwrap_or_default();
+        have.generation = 0;
+        if have != t {
+            out.insert(name.clone(), t);
+        }
+    }
+    out
 }

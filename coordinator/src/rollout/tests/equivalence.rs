@@ -79,8 +79,16 @@ const ERRORS: [&str; 3] = [
 ];
 
 impl Fate {
-    fn draw(tape: &mut Tape) -> Fate {
+    /// The fate of a slot given a release; a bad release (failing with `bad`) fails on
+    /// about half the hosts.
+    fn draw(tape: &mut Tape, bad: Option<usize>) -> Fate {
         let ready_at = u32::from(tape.pick(5));
+        if let Some(error) = bad
+            && tape.chance(50)
+        {
+            let at = u32::from(tape.pick(3));
+            return Fate::Fails { at, error };
+        }
         match tape.pick(24) {
             0..=18 => Fate::Healthy { ready_at },
             19 | 20 => Fate::Fails {
@@ -135,11 +143,13 @@ struct SimHost {
     runs: [Option<SlotRun>; 2],
     /// How long the host has been unreachable, while it is.
     lost_ms: Option<u64>,
+    /// Reports left before a stuck agent applies desired state again.
+    stuck: u32,
 }
 
 impl SimHost {
     /// The agent takes the desired state it was sent and reports.
-    fn act(&mut self, tape: &mut Tape, tick_ms: u64) {
+    fn act(&mut self, tape: &mut Tape, tick_ms: u64, bad: &BTreeMap<String, usize>) {
         if let Some(ms) = self.lost_ms.as_mut() {
             *ms += tick_ms;
             if tape.chance(15) {
@@ -154,8 +164,12 @@ impl SimHost {
         let Some(d) = self.desired.clone() else {
             return;
         };
-        // A late agent reports what it ran before.
-        let applied = !tape.chance(20);
+        // A late agent reports what it ran before; now and then one is stuck for a while.
+        if tape.one_in(100) {
+            self.stuck = 12;
+        }
+        self.stuck = self.stuck.saturating_sub(1);
+        let applied = self.stuck == 0 && !tape.chance(20);
         let generation = if applied {
             d.generation
         } else {
@@ -169,7 +183,7 @@ impl SimHost {
                 if !same {
                     self.runs[s.index()] = d.slot(s).map(|spec| SlotRun {
                         spec: spec.clone(),
-                        fate: Fate::draw(tape),
+                        fate: Fate::draw(tape, bad_for(bad, spec)),
                         age: 0,
                         requests: 0,
                         errors: 0,
@@ -239,9 +253,17 @@ impl SimHost {
     }
 }
 
+/// The error a bad release fails with, if `spec` runs one.
+fn bad_for(bad: &BTreeMap<String, usize>, spec: &SlotSpec) -> Option<usize> {
+    let (version, _) = spec.release_key()?;
+    bad.get(version).copied()
+}
+
 /// The fleet both cores decide on.
 struct Fleet {
     hosts: BTreeMap<String, SimHost>,
+    /// Releases that fail on many hosts with the same error, by version.
+    bad: BTreeMap<String, usize>,
 }
 
 impl Fleet {
@@ -250,6 +272,7 @@ impl Fleet {
             hosts: (0..n)
                 .map(|i| (format!("h{i}"), SimHost::default()))
                 .collect(),
+            bad: BTreeMap::new(),
         }
     }
 
@@ -282,7 +305,7 @@ impl Fleet {
 
     fn act(&mut self, tape: &mut Tape, tick_ms: u64) {
         for h in self.hosts.values_mut() {
-            h.act(tape, tick_ms);
+            h.act(tape, tick_ms, &self.bad);
         }
     }
 }
@@ -305,6 +328,8 @@ struct PlanCase {
     /// command, 8 `cutover rollback`.
     kind: u8,
     other_port: bool,
+    /// The release fails with this error (of [`ERRORS`]) on about half the hosts.
+    bad: Option<usize>,
 }
 
 fn plan_case() -> impl Strategy<Value = PlanCase> {
@@ -332,6 +357,7 @@ fn plan_case() -> impl Strategy<Value = PlanCase> {
         )),
         0u8..9,
         proptest::bool::weighted(0.2),
+        proptest::option::weighted(0.2, 0usize..3),
     )
         .prop_map(
             |(
@@ -345,6 +371,7 @@ fn plan_case() -> impl Strategy<Value = PlanCase> {
                 analysis,
                 kind,
                 other_port,
+                bad,
             )| PlanCase {
                 steps,
                 bake,
@@ -356,6 +383,7 @@ fn plan_case() -> impl Strategy<Value = PlanCase> {
                 analysis,
                 kind,
                 other_port,
+                bad,
             },
         )
 }
@@ -624,6 +652,9 @@ fn run(h: &History, seen: &mut Seen) -> Result<(), TestCaseError> {
     let mut now = 1_000_000;
     for (n, case) in h.deployments.iter().enumerate() {
         let (plan, is_rollback) = service.plan(case, n + 1);
+        if let Some(error) = case.bad {
+            fleet.bad.insert(plan.release.version.clone(), error);
+        }
         let desired: BTreeMap<String, Option<DesiredService>> = fleet
             .hosts
             .iter()
@@ -685,10 +716,28 @@ fn run(h: &History, seen: &mut Seen) -> Result<(), TestCaseError> {
         *seen
             .entry(format!("ended {}", dep.state.as_str()))
             .or_default() += 1;
+        for why in REASONS {
+            if dep.reason.as_deref().is_some_and(|r| r.contains(why)) {
+                *seen.entry(why.to_string()).or_default() += 1;
+            }
+        }
         service.ended(&dep);
     }
     Ok(())
 }
+
+/// Reasons for a rollback or pause a history should reach.
+const REASONS: [&str; 9] = [
+    "aborted by operator",
+    "a release fault",
+    "while serving",
+    "the agent moved its traffic back",
+    "unreachable for more than",
+    "passed while preparing",
+    "passed while switching",
+    "no conclusive analysis interval",
+    "analysis failed",
+];
 
 fn kind_name(e: &crate::timeline::Event) -> String {
     serde_json::to_value(e)
@@ -736,7 +785,10 @@ fn the_histories_reach_every_event_and_every_end() {
         "ended rolled_back",
         "ended failed",
         "ended aborted",
-    ] {
+    ]
+    .into_iter()
+    .chain(REASONS)
+    {
         assert!(
             seen.contains_key(what),
             "no history reached {what}: {seen:?}"

@@ -1,0 +1,79 @@
+//! The operator's commands: `pause`, `resume`, `promote` and `abort`, each taken only
+//! in the states it means something in (a command that means nothing there is a no-op).
+
+use super::Command;
+use super::machine::Machine;
+use super::rollback::Cause;
+use crate::model::{PauseCause, State};
+
+impl Machine<'_, '_> {
+    /// Carries out the operator's command, before anything else is decided.
+    pub fn obey(&mut self, command: Command) {
+        let state = self.d.state;
+        match command {
+            Command::Abort if state != State::RollingBack => self.roll_back(Cause::Aborted),
+            Command::Pause if matches!(state, State::Preparing | State::Progressing) => {
+                self.pause(PauseCause::Operator);
+            }
+            Command::Resume if state == State::Paused => self.resume(),
+            Command::Promote if state == State::Paused => {
+                self.resume();
+                self.d.promoted = true;
+            }
+            Command::Promote if state == State::Progressing => self.d.promoted = true,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::tests::fixture::{deployment, views};
+
+    fn obeyed(state: State, command: Command) -> crate::model::DeploymentRecord {
+        let mut d = deployment();
+        d.state = state;
+        let views = views(&d);
+        let mut m = Machine::new(d, &views, 5_000);
+        m.obey(command);
+        m.into_record()
+    }
+
+    #[test]
+    fn each_command_acts_only_where_it_means_something() {
+        assert_eq!(
+            obeyed(State::Progressing, Command::Pause).state,
+            State::Paused
+        );
+        assert_eq!(obeyed(State::Paused, Command::Pause).state, State::Paused);
+        assert_eq!(
+            obeyed(State::RollingBack, Command::Pause).state,
+            State::RollingBack
+        );
+        assert_eq!(
+            obeyed(State::Progressing, Command::Resume).state,
+            State::Progressing
+        );
+        assert!(obeyed(State::Progressing, Command::Promote).promoted);
+        assert!(!obeyed(State::Preparing, Command::Promote).promoted);
+        let aborted = obeyed(State::Preparing, Command::Abort);
+        assert_eq!(aborted.state, State::RollingBack);
+        assert_eq!(aborted.reason.as_deref(), Some("aborted by operator"));
+        assert_eq!(aborted.ending, Some(State::Aborted));
+    }
+
+    #[test]
+    fn promote_resumes_a_paused_deployment_and_skips_its_hold() {
+        let mut d = deployment();
+        d.state = State::Progressing;
+        let views = views(&d);
+        let mut m = Machine::new(d, &views, 1_000);
+        m.obey(Command::Pause);
+        m.now = 4_000;
+        m.obey(Command::Promote);
+        let d = m.into_record();
+        assert_eq!(d.state, State::Progressing);
+        assert!(d.promoted && d.pause.is_none());
+    }
+}

@@ -1,0 +1,196 @@
+//! What the rollout tests decide on: plans, a simulated fleet whose agents apply desired
+//! state perfectly (or fail a release on a host, or go unreachable), and a bare
+//! deployment for the tests of one transition.
+
+use std::collections::BTreeMap;
+
+use cutover_proto::v1::{DesiredService, ObservedService, SlotPhase, SlotSpec, SlotStatus};
+use cutover_shared::plan::Plan;
+
+use crate::model::{DeploymentRecord, State};
+use crate::rollout::{HostView, decide, plan_host};
+
+pub const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+pub const SHA2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+pub fn plan(version: &str, sha: &str, steps: &str) -> Plan {
+    let text = format!(
+        "service = \"web\"\n[release]\nversion = \"{version}\"\nartifact = \"file:///a.tar.gz\"\nsha256 = \"{sha}\"\n[run]\ncommand = [\"./web\"]\nlisten = 8080\n[health]\nhttp = \"/\"\n[strategy]\nmax_parallel = 1\n{steps}\n"
+    );
+    Plan::parse(&text, "p.toml").unwrap()
+}
+
+/// A simulated fleet: desired state per host, and agents that apply it perfectly.
+pub struct Sim {
+    pub desired: BTreeMap<String, DesiredService>,
+    pub observed: BTreeMap<String, ObservedService>,
+    /// Releases that fail on this host: version -> error.
+    pub failing: BTreeMap<(String, String), String>,
+    /// Hosts unreachable, and for how long (ms).
+    pub lost: BTreeMap<String, u64>,
+}
+
+impl Sim {
+    pub fn new(hosts: &[&str]) -> Sim {
+        Sim {
+            desired: BTreeMap::new(),
+            observed: hosts
+                .iter()
+                .map(|h| (h.to_string(), ObservedService::default()))
+                .collect(),
+            failing: BTreeMap::new(),
+            lost: BTreeMap::new(),
+        }
+    }
+
+    pub fn views(&self) -> BTreeMap<String, HostView<'_>> {
+        self.observed
+            .keys()
+            .map(|h| {
+                (
+                    h.clone(),
+                    HostView {
+                        connected: !self.lost.contains_key(h),
+                        lost_ms: self.lost.get(h).copied().unwrap_or(0),
+                        desired: self.desired.get(h),
+                        observed: self.observed.get(h),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Writes targets (bumping generations) like the engine does.
+    pub fn apply(&mut self, targets: BTreeMap<String, DesiredService>) {
+        for (h, mut t) in targets {
+            t.generation = self.desired.get(&h).map_or(0, |d| d.generation) + 1;
+            self.desired.insert(h, t);
+        }
+    }
+
+    /// Agents converge: every slot's release runs healthy (or fails), weights applied.
+    /// Unreachable hosts report nothing.
+    pub fn converge(&mut self) {
+        for (h, d) in &self.desired {
+            if self.lost.contains_key(h) {
+                continue;
+            }
+            let status = |spec: &Option<SlotSpec>| {
+                spec.as_ref().map(|s| {
+                    let v = s.release.as_ref().unwrap().version.clone();
+                    match self.failing.get(&(h.clone(), v.clone())) {
+                        Some(e) => SlotStatus {
+                            release: v,
+                            phase: SlotPhase::Failed as i32,
+                            error: e.clone(),
+                            ..Default::default()
+                        },
+                        None => SlotStatus {
+                            release: v,
+                            phase: SlotPhase::Healthy as i32,
+                            ..Default::default()
+                        },
+                    }
+                })
+            };
+            let o = ObservedService {
+                service: d.service.clone(),
+                generation: d.generation,
+                blue: status(&d.blue),
+                green: status(&d.green),
+                blue_weight: if d.blue.is_some() { d.blue_weight } else { 0 },
+                green_weight: if d.green.is_some() { d.green_weight } else { 0 },
+                error: String::new(),
+                healing: String::new(),
+            };
+            self.observed.insert(h.clone(), o);
+        }
+    }
+
+    pub fn start(&self, p: &Plan) -> DeploymentRecord {
+        let hosts = self
+            .observed
+            .keys()
+            .map(|h| (h.clone(), plan_host(p, self.desired.get(h))))
+            .collect();
+        DeploymentRecord {
+            id: "d-1".into(),
+            service: "web".into(),
+            release: p.release.version.clone(),
+            plan: p.clone(),
+            plan_path: "p.toml".into(),
+            previous_release: None,
+            is_rollback: false,
+            state: State::Pending,
+            ending: None,
+            step: 0,
+            traffic: 0,
+            reason: None,
+            created_unix_ms: 0,
+            ended_unix_ms: None,
+            phase_started_unix_ms: 0,
+            step_switched_unix_ms: None,
+            promoted: false,
+            gate_passed: false,
+            pause: None,
+            analysis: Default::default(),
+            rollback: None,
+            hosts,
+        }
+    }
+
+    /// Runs decide/apply/converge until the deployment ends or `max` rounds pass.
+    pub fn run(
+        &mut self,
+        mut dep: DeploymentRecord,
+        mut now: u64,
+        step_ms: u64,
+        max: usize,
+    ) -> (DeploymentRecord, u64) {
+        for _ in 0..max {
+            let d = decide(&dep, &self.views(), None, now);
+            dep = d.deployment;
+            self.apply(d.targets);
+            self.converge();
+            if dep.state.is_final() {
+                break;
+            }
+            now += step_ms;
+        }
+        (dep, now)
+    }
+
+    pub fn live(&self, h: &str) -> Option<String> {
+        let d = self.desired.get(h)?;
+        let s = d.live_slot()?;
+        d.slot(s)
+            .and_then(SlotSpec::release_key)
+            .map(|(v, _)| v.to_string())
+    }
+}
+
+/// A deployment of v2 over v1 on hosts `a` and `b` (both running v1 in blue), with two
+/// steps, for the tests of one transition.
+pub fn deployment() -> DeploymentRecord {
+    let mut sim = Sim::new(&["a", "b"]);
+    let (_, _) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    sim.start(&plan(
+        "2",
+        SHA2,
+        "steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]",
+    ))
+}
+
+/// Every host of `d` reachable, with nothing written or reported.
+pub fn views(d: &DeploymentRecord) -> BTreeMap<String, HostView<'static>> {
+    d.hosts
+        .keys()
+        .map(|h| {
+            let view = HostView {
+                connected: true,
+                ..HostView::default()
+            };
+            (h.clone(), view)
+        })
+        .collect()
+}

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
-use crate::rollout::{self, Command, HostView};
+use crate::rollout::{self, Command, HostView, Order};
 use crate::store::{Batch, Store};
 use crate::timeline;
 use crate::webhooks::Webhooks;
@@ -128,8 +128,6 @@ pub struct Engine {
     started_ms: u64,
     /// Next timeline sequence number per active deployment.
     event_seq: HashMap<String, u64>,
-    /// Last new-slot phase recorded per active deployment and host.
-    seen_phase: HashMap<String, HashMap<String, String>>,
     /// Where committed events go out.
     hooks: Webhooks,
     metrics: Arc<Metrics>,
@@ -156,18 +154,8 @@ impl Engine {
             .collect();
         // Pick up each active deployment's timeline where it stopped.
         let mut event_seq = HashMap::new();
-        let mut seen_phase: HashMap<String, HashMap<String, String>> = HashMap::new();
         for id in active.keys() {
-            let events = store.events(id)?;
-            event_seq.insert(id.clone(), events.len() as u64);
-            for e in events {
-                if let timeline::Kind::HostPhase { host, phase } = e.kind {
-                    seen_phase
-                        .entry(id.clone())
-                        .or_default()
-                        .insert(host, phase);
-                }
-            }
+            event_seq.insert(id.clone(), store.events(id)?.len() as u64);
         }
         Ok((
             Engine {
@@ -179,7 +167,6 @@ impl Engine {
                 next_retire_check: 0,
                 started_ms: now_ms(),
                 event_seq,
-                seen_phase,
                 hooks,
                 metrics,
                 step_started: HashMap::new(),
@@ -370,59 +357,24 @@ impl Engine {
         let id = format!("d-{:06}", self.store.next_seq("deployment")?);
         let mut hosts = BTreeMap::new();
         for h in &targets {
-            let cur = self.desired(h, &plan.service)?;
-            hosts.insert(h.clone(), rollout::plan_host(&plan, cur.as_ref()));
+            hosts.insert(h.clone(), self.desired(h, &plan.service)?);
         }
-        let noop = hosts.values().all(|h| h.untouched);
-        let previous_release = service.live.as_ref().map(|p| p.release.version.clone());
-        let dep = DeploymentRecord {
+        let submission = rollout::Submission {
             id: id.clone(),
-            service: plan.service.clone(),
-            release: plan.release.version.clone(),
+            previous_release: service.live.as_ref().map(|p| p.release.version.clone()),
             plan,
             plan_path: path,
-            previous_release,
             is_rollback,
-            state: if noop {
-                State::Succeeded
-            } else {
-                State::Pending
-            },
-            ending: None,
-            step: 0,
-            traffic: if noop { 100 } else { 0 },
-            reason: None,
-            created_unix_ms: now,
-            ended_unix_ms: noop.then_some(now),
-            phase_started_unix_ms: now,
-            step_switched_unix_ms: None,
-            promoted: false,
-            gate_passed: false,
-            pause: None,
-            analysis: Default::default(),
-            rollback: None,
-            hosts,
+            actor,
         };
+        let decision = rollout::submit(submission, &hosts, now);
+        let (dep, events) = (decision.deployment, decision.events);
+        let noop = dep.state.is_final();
         if !noop {
             service.active = Some(id.clone());
         }
         let mut batch = Batch::default();
         batch.deployment(&dep).service(&service);
-        let mut events = timeline::diff(None, &dep, now);
-        for e in &mut events {
-            if let timeline::Kind::Submitted { actor: a, .. } = &mut e.kind {
-                *a = actor.to_string();
-            }
-        }
-        if noop {
-            events.push(timeline::Event {
-                at_unix_ms: now,
-                kind: timeline::Kind::Ended {
-                    state: "succeeded".into(),
-                    reason: Some("the release was already live on every target host".into()),
-                },
-            });
-        }
         self.record(&mut batch, &id, events.clone());
         self.store.commit(batch)?;
         self.hooks.send(&dep, &events);
@@ -504,25 +456,9 @@ impl Engine {
                 (h.clone(), view)
             })
             .collect();
-        let decision = rollout::decide(&dep, &views, command.map(|c| c.0), now);
-        let mut events = timeline::host_progress(
-            &dep,
-            &views,
-            self.seen_phase.entry(dep.id.clone()).or_default(),
-            now,
-        );
-        if let Some((c, actor)) = command {
-            events.push(timeline::Event {
-                at_unix_ms: now,
-                kind: timeline::Kind::Command {
-                    command: c.as_str().to_string(),
-                    actor: actor.to_string(),
-                },
-            });
-        }
-        let mut changes = timeline::diff(Some(&dep), &decision.deployment, now);
-        timeline::add_timings(&mut changes, &decision.deployment, &views);
-        events.extend(changes);
+        let order = command.map(|(command, actor)| Order { command, actor });
+        let decision = rollout::decide(&dep, &views, order, now);
+        let events = decision.events;
         drop(views);
         let mut next = decision.deployment;
         if next == dep && decision.targets.is_empty() && events.is_empty() {
@@ -586,7 +522,6 @@ impl Engine {
         if next.state.is_final() {
             self.active.remove(&next.id);
             self.event_seq.remove(&next.id);
-            self.seen_phase.remove(&next.id);
         } else {
             self.active.insert(next.id.clone(), next.clone());
         }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 pub use cutover_proto::Slot;
+use cutover_proto::v1::SlotPhase;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
@@ -213,6 +214,49 @@ pub struct DeployHost {
     /// until the new release takes traffic and restored by a rollback.
     #[serde(default)]
     pub old_front: Option<Front>,
+    /// How far the new slot's preparation had got when the deployment last recorded it,
+    /// so that the timeline gets each phase once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Preparation>,
+}
+
+/// The phases of a new slot's preparation that a deployment's timeline records, as the
+/// host's agent reports them.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Preparation {
+    /// Downloading the release, its sha256 checked as it streams.
+    Fetching,
+    /// Unpacking into the release directory.
+    Unpacking,
+    /// The process is started and waits for its first healthy check.
+    Starting,
+    /// Healthy: the host is ready.
+    Healthy,
+}
+
+impl Preparation {
+    /// The preparation phase a slot phase stands for, if it is one.
+    pub fn of(phase: SlotPhase) -> Option<Preparation> {
+        match phase {
+            SlotPhase::Fetching => Some(Preparation::Fetching),
+            SlotPhase::Unpacking => Some(Preparation::Unpacking),
+            SlotPhase::Starting => Some(Preparation::Starting),
+            SlotPhase::Healthy => Some(Preparation::Healthy),
+            _ => None,
+        }
+    }
+
+    /// The name it goes by (the slot phase's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preparation::Fetching => SlotPhase::Fetching,
+            Preparation::Unpacking => SlotPhase::Unpacking,
+            Preparation::Starting => SlotPhase::Starting,
+            Preparation::Healthy => SlotPhase::Healthy,
+        }
+        .name()
+    }
 }
 
 /// A service's public side on a host.
@@ -384,5 +428,22 @@ mod tests {
         t.host = TokenHost::Replaces("web-1".into());
         let back: TokenRecord = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
         assert_eq!(back.host, t.host);
+    }
+
+    /// A deployment's host written before the record kept the preparation phase last
+    /// recorded still loads, and without one it is written as it was.
+    #[test]
+    fn deploy_hosts_from_before_an_upgrade_still_load() {
+        let json = r#"{"phase":"preparing","new_slot":"green","old_slot":"blue","weight":0,"error":null,"untouched":false,"lost":false,"old_front":null}"#;
+        let host: DeployHost = serde_json::from_str(json).unwrap();
+        assert_eq!(host.reported, None);
+        assert_eq!(serde_json::to_string(&host).unwrap(), json);
+        let mut started = host.clone();
+        started.reported = Preparation::of(SlotPhase::Unpacking);
+        let text = serde_json::to_string(&started).unwrap();
+        assert!(text.ends_with(r#","reported":"unpacking"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<DeployHost>(&text).unwrap(), started);
+        assert_eq!(Preparation::Unpacking.name(), "unpacking");
+        assert_eq!(Preparation::of(SlotPhase::Failed), None);
     }
 }

@@ -1,16 +1,18 @@
 //! The operator's commands: `pause`, `resume`, `promote` and `abort`, each taken only
 //! in the states it means something in (a command that means nothing there is a no-op).
 
-use super::Command;
 use super::machine::Machine;
 use super::rollback::Cause;
+use super::{Command, Order};
 use crate::model::{PauseCause, State};
 
 impl Machine<'_, '_> {
-    /// Carries out the operator's command, before anything else is decided.
-    pub fn obey(&mut self, command: Command) {
+    /// Carries out the operator's command, before anything else is decided. The
+    /// timeline records every command given, whether or not it changed anything.
+    pub fn obey(&mut self, order: Order<'_>) {
+        self.fx.command(order.command.as_str(), order.actor);
         let state = self.d.state;
-        match command {
+        match order.command {
             Command::Abort if state != State::RollingBack => self.roll_back(Cause::Aborted),
             Command::Pause if matches!(state, State::Preparing | State::Progressing) => {
                 self.pause(PauseCause::Operator);
@@ -29,15 +31,15 @@ impl Machine<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::tests::fixture::{deployment, views};
+    use crate::rollout::tests::fixture::{deployment, ops, views};
 
     fn obeyed(state: State, command: Command) -> crate::model::DeploymentRecord {
         let mut d = deployment();
         d.state = state;
         let views = views(&d);
         let mut m = Machine::new(d, &views, 5_000);
-        m.obey(command);
-        m.into_record()
+        m.obey(ops(command));
+        m.finish().0
     }
 
     #[test]
@@ -69,10 +71,10 @@ mod tests {
         d.state = State::Progressing;
         let views = views(&d);
         let mut m = Machine::new(d, &views, 1_000);
-        m.obey(Command::Pause);
+        m.obey(ops(Command::Pause));
         m.now = 4_000;
-        m.obey(Command::Promote);
-        let d = m.into_record();
+        m.obey(ops(Command::Promote));
+        let d = m.finish().0;
         assert_eq!(d.state, State::Progressing);
         assert!(d.promoted && d.pause.is_none());
     }

@@ -60,6 +60,7 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
         untouched: false,
         lost: false,
         old_front: None,
+        reported: None,
     };
     let Some(cur) = current else { return host };
     if cur.listen != 0 {

@@ -67,6 +67,7 @@ impl Machine<'_, '_> {
         for name in confirmed {
             if let Some(h) = self.d.hosts.get_mut(&name) {
                 h.phase = HostPhase::Switched;
+                self.fx.host_switched(&name);
             }
         }
     }
@@ -87,6 +88,7 @@ impl Machine<'_, '_> {
             self.d.step_switched_unix_ms = Some(self.now);
             self.d.analysis.interval_started_unix_ms = None;
             self.d.analysis.passes_in_step = 0;
+            self.fx.hold_began();
         } else if self.past_deadline() {
             let deadline = self.d.plan.strategy.progress_deadline;
             self.roll_back(Cause::SwitchDeadline { deadline });
@@ -137,13 +139,15 @@ impl Machine<'_, '_> {
         d.reason = None;
         // Hosts set aside while unreachable follow the fleet: they are told to run the
         // new release, and their agent moves traffic to it once it is healthy there.
-        for h in d.hosts.values_mut() {
+        for (name, h) in d.hosts.iter_mut() {
             if h.lost && h.old_slot.is_some() {
                 h.phase = HostPhase::Switched;
                 h.weight = 100;
                 h.error = Some("was unreachable; takes the release when it returns".into());
+                self.fx.host_switched(name);
             }
         }
+        self.fx.ended();
     }
 
     /// The step held: the next one prepares its hosts.
@@ -153,5 +157,121 @@ impl Machine<'_, '_> {
         d.step_switched_unix_ms = None;
         d.phase_started_unix_ms = self.now;
         d.state = State::Preparing;
+        self.fx.advanced();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DeploymentRecord;
+    use crate::rollout::tests::fixture::{SHA1, SHA2, Sim, kinds, phase, plan, run_until};
+    use crate::timeline::Kind;
+
+    /// v1 live on a and b, then v2 with `steps` until its first step's weights went
+    /// out and were applied (not yet confirmed by a decision).
+    fn switching(steps: &str) -> (Sim, DeploymentRecord, u64) {
+        let mut sim = Sim::new(&["a", "b"]);
+        let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+        let dep = sim.start(&plan("2", SHA2, steps));
+        let (d, now) = run_until(&mut sim, dep, now, |d| d.state == State::Progressing);
+        (sim, d, now)
+    }
+
+    #[test]
+    fn the_hold_begins_once_every_host_confirmed_its_weights() {
+        let (sim, d, now) =
+            switching("steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]");
+        let (d, events) = phase(&sim, &d, now, |m| m.hold_and_advance());
+        assert!(d.hosts.values().all(|h| h.phase == HostPhase::Switched));
+        assert_eq!(d.step_switched_unix_ms, Some(now));
+        assert_eq!(
+            kinds(&events),
+            [Kind::StepHolding {
+                step: 0,
+                traffic: 10
+            }]
+        );
+        // Held 4.9 s of 5: nothing moves; at 5 s the next step prepares.
+        let (same, events) = phase(&sim, &d, now + 4_900, |m| m.hold_and_advance());
+        assert!(same == d && events.is_empty());
+        let (next, _) = phase(&sim, &d, now + 5_000, |m| m.hold_and_advance());
+        assert_eq!((next.state, next.step), (State::Preparing, 1));
+        assert_eq!(next.phase_started_unix_ms, now + 5_000);
+    }
+
+    #[test]
+    fn a_gate_pauses_the_step_and_the_last_step_held_succeeds() {
+        let (sim, d, now) = switching("steps = [{ traffic = 100, pause = true }]");
+        let (d, events) = phase(&sim, &d, now, |m| m.hold_and_advance());
+        assert_eq!(d.state, State::Paused);
+        assert_eq!(d.pause.map(|p| p.cause), Some(PauseCause::StepGate));
+        assert_eq!(
+            kinds(&events),
+            [
+                Kind::StepHolding {
+                    step: 0,
+                    traffic: 100
+                },
+                Kind::Paused { reason: None }
+            ]
+        );
+        let (d, events) = phase(&sim, &d, now + 1_000, |m| {
+            m.resume();
+            m.hold_and_advance();
+        });
+        assert_eq!(
+            (d.state, d.ended_unix_ms),
+            (State::Succeeded, Some(now + 1_000))
+        );
+        assert_eq!(
+            kinds(&events),
+            [Kind::Ended {
+                state: "succeeded".into(),
+                reason: None
+            }]
+        );
+    }
+
+    #[test]
+    fn a_silent_switched_host_holds_the_step_back() {
+        let (mut sim, d, now) =
+            switching("steps = [{ traffic = 10, hold = \"1s\" }, { traffic = 100 }]");
+        let (d, _) = phase(&sim, &d, now, |m| m.hold_and_advance());
+        sim.lost.insert("b".into(), 1_000);
+        let (same, _) = phase(&sim, &d, now + 1_000, |m| m.hold_and_advance());
+        assert_eq!((same.state, same.step), (State::Progressing, 0));
+        sim.lost.clear();
+        let (next, _) = phase(&sim, &d, now + 1_000, |m| m.hold_and_advance());
+        assert_eq!(next.step, 1);
+    }
+
+    #[test]
+    fn a_step_is_proven_by_its_hold_and_a_conclusive_interval_or_by_promote() {
+        let (sim, mut d, now) =
+            switching("steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]");
+        d.plan.strategy.progress_deadline = cutover_shared::Duration::from_secs(60);
+        let proof = |d: &DeploymentRecord, held: u64| {
+            let views = sim.views();
+            Machine::new(d.clone(), &views, now).proof(held)
+        };
+        assert_eq!(proof(&d, 4_999), Proof::Waiting);
+        assert_eq!(proof(&d, 5_000), Proof::Done);
+        d.plan.analysis = Some(cutover_shared::plan::Analysis {
+            interval: cutover_shared::Duration::from_secs(1),
+            failure_limit: 1,
+            min_requests: 0,
+            metric: Vec::new(),
+        });
+        assert_eq!(proof(&d, 5_000), Proof::Waiting, "no passing interval yet");
+        assert!(matches!(
+            proof(&d, 65_001),
+            Proof::Failed(Cause::NoConclusiveInterval { .. })
+        ));
+        d.analysis.passes_in_step = 1;
+        assert_eq!(proof(&d, 5_000), Proof::Done);
+        d.analysis.passes_in_step = 0;
+        d.promoted = true;
+        assert_eq!(proof(&d, 0), Proof::Done);
     }
 }

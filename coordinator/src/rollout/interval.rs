@@ -111,9 +111,7 @@ impl Machine<'_, '_> {
         verdict: Verdict,
         metrics: Vec<analysis::MetricResult>,
     ) {
-        let a = &mut self.d.analysis;
-        a.interval_started_unix_ms = Some(self.now);
-        a.intervals.push(IntervalRecord {
+        let record = IntervalRecord {
             step: self.d.step,
             traffic: self.d.traffic,
             started_unix_ms: started,
@@ -122,10 +120,111 @@ impl Machine<'_, '_> {
             old_requests: sample.old.requests,
             verdict,
             metrics,
-        });
+        };
+        self.fx.interval(&record);
+        let a = &mut self.d.analysis;
+        a.interval_started_unix_ms = Some(self.now);
+        a.intervals.push(record);
         if a.intervals.len() > KEEP_INTERVALS {
             let extra = a.intervals.len() - KEEP_INTERVALS;
             a.intervals.drain(..extra);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cutover_proto::v1::SlotMetrics;
+    use cutover_shared::Duration;
+    use cutover_shared::plan::{Analysis, Metric, MetricName};
+
+    use super::*;
+    use crate::model::{DeploymentRecord, State};
+    use crate::rollout::tests::fixture::{Sim, holding_v2, phase};
+    use crate::timeline::{Event, Kind};
+
+    /// v2 holding at 10 % on a and b with an error-rate bound judged every 10 s.
+    fn judged(failure_limit: u32) -> (Sim, DeploymentRecord, u64) {
+        let mut sim = Sim::new(&["a", "b"]);
+        let (mut d, now) = holding_v2(&mut sim);
+        d.plan.analysis = Some(Analysis {
+            interval: Duration::from_secs(10),
+            failure_limit,
+            min_requests: 10,
+            metric: vec![Metric {
+                name: MetricName::ErrorRate,
+                max: Some(0.05),
+                min: None,
+                max_vs_baseline: None,
+                judge: None,
+                confidence: None,
+            }],
+        });
+        (sim, d, now)
+    }
+
+    /// Every host's new slot has served `requests`, `errors` of them failed.
+    fn served(sim: &mut Sim, d: &DeploymentRecord, requests: u64, errors: u64) {
+        for (name, h) in &d.hosts {
+            let o = sim.observed.get_mut(name).unwrap();
+            let st = match h.new_slot {
+                Slot::Blue => o.blue.as_mut(),
+                Slot::Green => o.green.as_mut(),
+            };
+            st.unwrap().metrics = Some(SlotMetrics {
+                requests,
+                responses_5xx: errors,
+                ..Default::default()
+            });
+        }
+    }
+
+    #[test]
+    fn an_interval_is_judged_once_it_has_run_and_recorded_at_its_end() {
+        let (mut sim, d, now) = judged(1);
+        served(&mut sim, &d, 100, 0);
+        let (d, events) = phase(&sim, &d, now, |m| assert_eq!(m.run_interval(), Flow::Next));
+        assert_eq!(d.analysis.interval_started_unix_ms, Some(now));
+        assert_eq!(d.analysis.snapshot["a"].0.requests, 100);
+        assert!(events.is_empty());
+        served(&mut sim, &d, 300, 1);
+        let (same, _) = phase(&sim, &d, now + 9_999, |m| m.run_interval());
+        assert_eq!(same, d, "not due yet");
+        let (d, events) = phase(&sim, &d, now + 10_000, |m| m.run_interval());
+        let i = &d.analysis.intervals[0];
+        assert_eq!((i.new_requests, i.verdict.clone()), (400, Verdict::Pass));
+        assert_eq!(d.analysis.passes_in_step, 1);
+        assert_eq!(d.analysis.interval_started_unix_ms, Some(now + 10_000));
+        assert_eq!(events, [Event::interval(i)]);
+        assert_eq!(events[0].at_unix_ms, now + 10_000);
+    }
+
+    #[test]
+    fn failing_intervals_in_a_row_roll_back_from_the_first_bad_one() {
+        let (mut sim, d, now) = judged(2);
+        served(&mut sim, &d, 100, 0);
+        let (d, _) = phase(&sim, &d, now, |m| m.run_interval());
+        served(&mut sim, &d, 200, 50);
+        let (d, _) = phase(&sim, &d, now + 10_000, |m| m.run_interval());
+        assert_eq!(d.analysis.consecutive_failures, 1);
+        assert_eq!(d.state, State::Progressing, "one failure of two allowed");
+        served(&mut sim, &d, 300, 100);
+        let mut flow = Flow::Next;
+        let (d, events) = phase(&sim, &d, now + 20_000, |m| flow = m.run_interval());
+        assert_eq!((flow, d.state), (Flow::Stop, State::RollingBack));
+        let r = d.rollback.clone().unwrap();
+        assert_eq!(
+            r.first_bad_unix_ms,
+            now + 10_000,
+            "the first failing interval"
+        );
+        assert_eq!(
+            d.reason.as_deref(),
+            Some(
+                "analysis failed 2 interval(s) in a row at 10%: error_rate 50.00% above max 5.00%"
+            )
+        );
+        assert!(matches!(events[0].kind, Kind::Interval { .. }));
+        assert!(matches!(events[1].kind, Kind::RollbackStarted { .. }));
     }
 }

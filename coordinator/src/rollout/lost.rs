@@ -26,6 +26,7 @@ impl Machine<'_, '_> {
                 h.lost = true;
                 h.weight = 0;
                 h.error = Some(format!("unreachable for more than {after}"));
+                self.fx.host_lost(name);
             }
         }
         let hosts = lost.join(", ");
@@ -62,5 +63,59 @@ impl Machine<'_, '_> {
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::tests::fixture::{Sim, holding_v2, kinds, phase};
+    use crate::timeline::Kind;
+
+    #[test]
+    fn a_lost_host_is_set_aside_and_the_plan_says_what_follows() {
+        for policy in [
+            OnHostLost::Pause,
+            OnHostLost::Rollback,
+            OnHostLost::Continue,
+        ] {
+            let mut sim = Sim::new(&["a", "b"]);
+            let (mut d, now) = holding_v2(&mut sim);
+            d.plan.strategy.on_host_lost = policy;
+            d.plan.strategy.host_lost_after = cutover_shared::Duration::from_secs(5);
+            sim.lost.insert("b".into(), 4_999);
+            let (same, events) = phase(&sim, &d, now, |m| {
+                assert_eq!(m.hosts_lost(), Flow::Next);
+            });
+            assert!(events.is_empty() && same == d, "not lost yet");
+            sim.lost.insert("b".into(), 5_000);
+            let mut flow = Flow::Next;
+            let (d, events) = phase(&sim, &d, now, |m| flow = m.hosts_lost());
+            let b = &d.hosts["b"];
+            assert!(b.lost && b.weight == 0, "{policy:?}: {b:?}");
+            assert_eq!(b.error.as_deref(), Some("unreachable for more than 5s"));
+            let lost = Kind::HostLost { host: "b".into() };
+            match policy {
+                OnHostLost::Pause => {
+                    assert_eq!((flow, d.state), (Flow::Stop, State::Paused));
+                    let reason = d.reason.clone();
+                    assert!(reason.as_deref().is_some_and(|r| {
+                        r.starts_with("paused: host b unreachable for more than 5s")
+                    }));
+                    assert_eq!(kinds(&events), [lost, Kind::Paused { reason }]);
+                }
+                OnHostLost::Rollback => {
+                    assert_eq!((flow, d.state), (Flow::Stop, State::RollingBack));
+                    assert_eq!(b.phase, HostPhase::RolledBack);
+                    // Set back with the rest, it is no longer news on its own.
+                    assert!(matches!(kinds(&events)[..], [Kind::RollbackStarted { .. }]));
+                }
+                OnHostLost::Continue => {
+                    assert_eq!((flow, d.state), (Flow::Next, State::Progressing));
+                    assert_eq!(b.phase, HostPhase::Failed);
+                    assert_eq!(kinds(&events), [lost]);
+                }
+            }
+        }
     }
 }

@@ -8,7 +8,9 @@ use cutover_proto::v1::SlotStatus;
 
 use super::HostView;
 use super::desired::target;
+use super::effects::Effects;
 use crate::model::{DeployHost, DeploymentRecord, State};
+use crate::timeline::Event;
 
 /// Rounds of phases one decision takes at most. A round that changes nothing ends the
 /// decision sooner; more than a few rounds means a step advanced without waiting.
@@ -31,15 +33,20 @@ pub(super) struct Machine<'v, 'a> {
     views: &'v BTreeMap<String, HostView<'a>>,
     /// The decision's instant (unix ms): the only clock the machine reads.
     pub now: u64,
+    /// The timeline events the transitions made.
+    pub fx: Effects,
 }
 
 impl<'v, 'a> Machine<'v, 'a> {
     pub fn new(d: DeploymentRecord, views: &'v BTreeMap<String, HostView<'a>>, now: u64) -> Self {
-        Machine { d, views, now }
+        let fx = Effects::new(d.state, now);
+        Machine { d, views, now, fx }
     }
 
-    pub fn into_record(self) -> DeploymentRecord {
-        self.d
+    /// The record decided and the events that say what happened.
+    pub fn finish(self) -> (DeploymentRecord, Vec<Event>) {
+        let events = self.fx.finish(&self.d);
+        (self.d, events)
     }
 
     /// Takes every transition due at this instant: one may enable another (the next

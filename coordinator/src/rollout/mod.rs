@@ -32,19 +32,24 @@ use std::collections::BTreeMap;
 use cutover_proto::v1::{DesiredService, ObservedService};
 
 use crate::model::DeploymentRecord;
+use crate::timeline::Event;
 
 mod command;
 mod desired;
+mod effects;
 mod hold;
 mod interval;
 mod lost;
 mod machine;
 mod pause;
 mod prepare;
+mod progress;
 mod rollback;
+mod submit;
 mod watch;
 
 pub use desired::{plan_host, slot_spec, target};
+pub use submit::{Submission, submit};
 
 use machine::Machine;
 
@@ -86,35 +91,47 @@ impl Command {
     }
 }
 
-/// What one decision comes to.
+/// An operator's command to a deployment, and who gave it.
+#[derive(Clone, Copy, Debug)]
+pub struct Order<'a> {
+    pub command: Command,
+    /// Who gave it (the CLI sends `user@host`), for the timeline.
+    pub actor: &'a str,
+}
+
+/// What one decision comes to: the engine writes all of it in one transaction.
 #[derive(Debug)]
 pub struct Decision {
     /// The deployment record after every transition due at this instant.
     pub deployment: DeploymentRecord,
     /// Hosts whose desired state must change, with the new state (generation unset).
     pub targets: BTreeMap<String, DesiredService>,
+    /// What happened, for the deployment's timeline, in order.
+    pub events: Vec<Event>,
 }
 
 /// Decides the next state of `dep` at `now`, from what its hosts report and the
-/// operator's command, if any.
+/// operator's order, if any.
 pub fn decide(
     dep: &DeploymentRecord,
     views: &BTreeMap<String, HostView<'_>>,
-    command: Option<Command>,
+    order: Option<Order<'_>>,
     now: u64,
 ) -> Decision {
     let mut m = Machine::new(dep.clone(), views, now);
     if !m.d.state.is_final() {
-        if let Some(c) = command {
-            m.obey(c);
+        m.report_progress();
+        if let Some(order) = order {
+            m.obey(order);
         }
         m.settle();
     }
-    let deployment = m.into_record();
+    let (deployment, events) = m.finish();
     let targets = desired::changes(&deployment, views);
     Decision {
         deployment,
         targets,
+        events,
     }
 }
 

@@ -14,6 +14,7 @@ impl Machine<'_, '_> {
             cause,
             since_unix_ms: self.now,
         });
+        self.fx.paused();
     }
 
     /// Ends a pause. Both clocks (the step's hold, the phase's deadline) move forward by
@@ -59,7 +60,7 @@ mod tests {
         assert_eq!(m.d.ending, Some(State::Progressing));
         m.now = 10_000;
         m.resume();
-        let d = m.into_record();
+        let d = m.finish().0;
         assert_eq!(d.state, State::Progressing);
         assert_eq!(d.step_switched_unix_ms, Some(9_000));
         assert_eq!(d.phase_started_unix_ms, 8_000);

@@ -9,6 +9,7 @@ use cutover_proto::v1::SlotPhase;
 use super::machine::Machine;
 use super::rollback::Cause;
 use crate::model::{HostPhase, State};
+use crate::timeline::Timings;
 
 impl Machine<'_, '_> {
     /// The `preparing` state: observe, judge failures, start more hosts, then switch the
@@ -51,14 +52,19 @@ impl Machine<'_, '_> {
             && st.release == release
         {
             match SlotPhase::of(st.phase) {
-                SlotPhase::Healthy => h.phase = HostPhase::Ready,
+                SlotPhase::Healthy => {
+                    h.phase = HostPhase::Ready;
+                    self.fx.host_ready(name, Timings::of(st));
+                }
                 SlotPhase::Failed => {
-                    h.phase = HostPhase::Failed;
-                    h.error = Some(if st.error.is_empty() {
-                        "slot failed".into()
+                    let error = if st.error.is_empty() {
+                        "slot failed"
                     } else {
-                        st.error.clone()
-                    });
+                        st.error.as_str()
+                    };
+                    h.phase = HostPhase::Failed;
+                    h.error = Some(error.to_string());
+                    self.fx.host_failed(name, error);
                 }
                 _ => {}
             }
@@ -67,6 +73,7 @@ impl Machine<'_, '_> {
         if h.phase == HostPhase::Preparing && !service_error.is_empty() {
             h.phase = HostPhase::Failed;
             h.error = Some(service_error.to_string());
+            self.fx.host_failed(name, service_error);
         }
     }
 
@@ -124,6 +131,7 @@ impl Machine<'_, '_> {
             {
                 h.phase = HostPhase::Preparing;
                 in_flight += 1;
+                self.fx.host_started(name);
             }
         }
     }
@@ -157,6 +165,7 @@ impl Machine<'_, '_> {
         self.d.state = State::Progressing;
         self.d.phase_started_unix_ms = self.now;
         self.d.step_switched_unix_ms = None;
+        self.fx.step_switched();
         debug_assert!(
             self.d
                 .hosts
@@ -184,5 +193,120 @@ impl Machine<'_, '_> {
             .take(5)
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cutover_proto::v1::SlotPhase;
+
+    use crate::model::{DeploymentRecord, HostPhase, State};
+    use crate::rollout::tests::fixture::{SHA1, SHA2, Sim, kinds, phase, plan};
+    use crate::timeline::{Kind, Timings};
+
+    /// v1 live on `hosts`; v2 (one host at a time, 10 % then 100 %) decided once: the
+    /// first host is preparing.
+    fn preparing(hosts: &[&str]) -> (Sim, DeploymentRecord) {
+        let mut sim = Sim::new(hosts);
+        sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+        let v2 = plan(
+            "2",
+            SHA2,
+            "steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]",
+        );
+        let start = sim.start(&v2);
+        let (d, _) = sim.step(&start, 10_000);
+        assert_eq!(d.hosts[hosts[0]].phase, HostPhase::Preparing);
+        (sim, d)
+    }
+
+    #[test]
+    fn a_host_turns_ready_with_its_agents_timings_and_the_next_one_starts() {
+        let (mut sim, d) = preparing(&["a", "b"]);
+        sim.report(&d, "a", SlotPhase::Healthy, "");
+        let (d, events) = phase(&sim, &d, 11_000, |m| m.prepare());
+        assert_eq!(d.hosts["a"].phase, HostPhase::Ready);
+        assert_eq!(d.hosts["b"].phase, HostPhase::Preparing, "max_parallel = 1");
+        assert_eq!(d.state, State::Preparing);
+        let timings = Timings {
+            fetch_ms: 1200,
+            unpack_ms: 80,
+            start_ms: 900,
+        };
+        assert_eq!(
+            kinds(&events),
+            [Kind::HostReady {
+                host: "a".into(),
+                timings: Some(timings)
+            }]
+        );
+    }
+
+    #[test]
+    fn the_steps_weights_go_out_once_every_host_is_ready() {
+        let (mut sim, d) = preparing(&["a"]);
+        sim.report(&d, "a", SlotPhase::Healthy, "");
+        let (d, events) = phase(&sim, &d, 11_000, |m| m.prepare());
+        assert_eq!((d.state, d.traffic), (State::Progressing, 10));
+        assert_eq!(d.hosts["a"].weight, 10);
+        assert_eq!(d.phase_started_unix_ms, 11_000);
+        assert!(events.iter().any(|e| e.kind
+            == Kind::StepStarted {
+                step: 0,
+                traffic: 10
+            }));
+    }
+
+    #[test]
+    fn a_failure_that_rolls_the_fleet_back_is_recorded_with_the_rollback() {
+        let (mut sim, mut d) = preparing(&["a", "b"]);
+        d.plan.strategy.max_parallel = cutover_shared::plan::Count::Percent(100);
+        let (d, _) = sim.step(&d, 10_500);
+        sim.report(&d, "a", SlotPhase::Healthy, "");
+        sim.report(&d, "b", SlotPhase::Failed, "disk full");
+        let (d, events) = phase(&sim, &d, 11_000, |m| m.prepare());
+        assert_eq!(d.state, State::RollingBack);
+        assert_eq!(d.reason.as_deref(), Some("host b: disk full"));
+        assert_eq!(d.hosts["b"].error.as_deref(), Some("disk full"));
+        // a was ready for no longer than this decision: set back, it is no news.
+        assert_eq!(
+            kinds(&events),
+            [
+                Kind::HostFailed {
+                    host: "b".into(),
+                    error: "disk full".into()
+                },
+                Kind::RollbackStarted {
+                    reason: "host b: disk full".into(),
+                    first_bad_unix_ms: 11_000,
+                    decided_unix_ms: 11_000
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_report_from_before_the_desired_state_was_written_vouches_for_nothing() {
+        let (mut sim, d) = preparing(&["a"]);
+        sim.report(&d, "a", SlotPhase::Failed, "disk full");
+        if let Some(o) = sim.observed.get_mut("a") {
+            o.generation -= 1;
+        }
+        let (d, events) = phase(&sim, &d, 11_000, |m| m.prepare());
+        assert_eq!(d.hosts["a"].phase, HostPhase::Preparing);
+        assert!(events.is_empty(), "{events:?}");
+    }
+
+    #[test]
+    fn the_progress_deadline_names_the_hosts_still_preparing() {
+        let (sim, mut d) = preparing(&["a", "b"]);
+        d.plan.strategy.progress_deadline = cutover_shared::Duration::from_secs(60);
+        // a turns ready at last; b has only just started.
+        let (d, _) = phase(&sim, &d, 10_000 + 60_001, |m| m.prepare());
+        assert_eq!(d.state, State::RollingBack);
+        assert_eq!(
+            d.reason.as_deref(),
+            Some("progress deadline 1m passed while preparing hosts b")
+        );
     }
 }

@@ -140,13 +140,15 @@ impl Machine<'_, '_> {
         d.pause = None;
         d.phase_started_unix_ms = now;
         d.traffic = 0;
-        for h in d.hosts.values_mut() {
+        for (name, h) in d.hosts.iter_mut() {
             if h.untouched || h.phase == HostPhase::Waiting {
                 continue;
             }
             h.phase = HostPhase::RolledBack;
             h.weight = 0;
+            self.fx.host_set_back(name);
         }
+        self.fx.rollback_started();
         debug_assert!(self.d.hosts.values().all(|h| h.weight == 0 || h.untouched));
     }
 
@@ -169,5 +171,89 @@ impl Machine<'_, '_> {
         if let Some(r) = d.rollback.as_mut() {
             r.done_unix_ms = Some(now);
         }
+        self.fx.rollback_done();
+        self.fx.ended();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::desired::changes;
+    use crate::rollout::tests::fixture::{SHA1, Sim, holding_v2, kinds, phase, plan};
+    use crate::timeline::Kind;
+
+    #[test]
+    fn a_rollback_sets_every_touched_host_back_in_one_decision() {
+        let mut sim = Sim::new(&["a", "b"]);
+        let (d, now) = holding_v2(&mut sim);
+        let cause = Cause::SwitchDeadline {
+            deadline: Duration::from_secs(60),
+        };
+        let (d, events) = phase(&sim, &d, now, |m| m.roll_back(cause));
+        assert_eq!(
+            (d.state, d.ending, d.traffic),
+            (State::RollingBack, Some(State::RolledBack), 0)
+        );
+        assert!(
+            d.hosts
+                .values()
+                .all(|h| h.phase == HostPhase::RolledBack && h.weight == 0)
+        );
+        for (host, t) in changes(&d, &sim.views()) {
+            let old = d.hosts[&host].old_slot.unwrap();
+            assert_eq!(t.weight(old), 100, "{host} back on the old release at once");
+        }
+        assert_eq!(
+            kinds(&events),
+            [Kind::RollbackStarted {
+                reason: "progress deadline 1m passed while switching traffic".into(),
+                first_bad_unix_ms: now,
+                decided_unix_ms: now
+            }]
+        );
+    }
+
+    #[test]
+    fn how_a_rollback_ends_depends_on_its_cause_and_on_what_was_there_before() {
+        let sim = Sim::new(&["a"]);
+        let first = sim.start(&plan("1", SHA1, ""));
+        let (d, _) = phase(&sim, &first, 1, |m| m.roll_back(Cause::Aborted));
+        assert_eq!(d.ending, Some(State::Aborted));
+        let lost = Cause::HostsLost {
+            hosts: "a".into(),
+            after: Duration::from_secs(30),
+        };
+        let (d, _) = phase(&sim, &first, 1, |m| m.roll_back(lost));
+        assert_eq!(d.ending, Some(State::Failed), "nothing to go back to");
+    }
+
+    #[test]
+    fn the_rollback_ends_once_every_reachable_host_confirmed() {
+        let mut sim = Sim::new(&["a", "b"]);
+        let (d, now) = holding_v2(&mut sim);
+        let (d, _) = phase(&sim, &d, now, |m| m.roll_back(Cause::Aborted));
+        let (same, events) = phase(&sim, &d, now + 100, |m| m.finish_rollback());
+        assert!(
+            same == d && events.is_empty(),
+            "the old weights are not sent yet"
+        );
+        sim.apply(changes(&d, &sim.views()));
+        sim.converge();
+        sim.lost.insert("b".into(), 100);
+        sim.observed.get_mut("b").unwrap().generation -= 1;
+        let (d, events) = phase(&sim, &d, now + 200, |m| m.finish_rollback());
+        assert_eq!(d.state, State::Aborted, "b converges when it comes back");
+        assert_eq!(d.rollback.and_then(|r| r.done_unix_ms), Some(now + 200));
+        assert_eq!(
+            kinds(&events),
+            [
+                Kind::RollbackDone,
+                Kind::Ended {
+                    state: "aborted".into(),
+                    reason: Some("aborted by operator".into())
+                }
+            ]
+        );
     }
 }

@@ -9,7 +9,7 @@ use crate::model::{HostPhase, PauseCause, State};
 
 pub(super) mod fixture;
 
-use fixture::{SHA1, SHA2, Sim, plan};
+use fixture::{SHA1, SHA2, Sim, holding_v2, order, plan, run_until};
 
 #[test]
 fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
@@ -163,7 +163,7 @@ fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     }
     assert_eq!(dep.state, State::Progressing);
     assert!(dep.step_switched_unix_ms.is_some(), "holding at 10%");
-    let d = decide(&dep, &sim.views(), Some(Command::Abort), now);
+    let d = decide(&dep, &sim.views(), order(Command::Abort), now);
     let (dep, _) = {
         sim.apply(d.targets);
         sim.converge();
@@ -257,7 +257,7 @@ mod properties {
             let mut dep = sim.start(&p);
             for round in 0..80 {
                 let cmd = case.commands.iter().find(|(r, _)| *r == round).map(|(_, c)| command(*c));
-                let d = decide(&dep, &sim.views(), cmd, now);
+                let d = decide(&dep, &sim.views(), cmd.and_then(order), now);
                 dep = d.deployment;
                 // An end is only reached once every host has what it needs.
                 if dep.state.is_final() {
@@ -282,7 +282,7 @@ mod properties {
             }
             // From wherever it stands, an abort ends with every host on the old release.
             if !dep.state.is_final() {
-                let d = decide(&dep, &sim.views(), Some(Command::Abort), now);
+                let d = decide(&dep, &sim.views(), order(Command::Abort), now);
                 sim.apply(d.targets);
                 sim.converge();
                 let (end, _) = sim.run(d.deployment, now, 100, 20);
@@ -329,7 +329,7 @@ fn host_waves_touch_only_the_hosts_a_step_needs() {
             "{h} untouched until a later step needs it"
         );
     }
-    let d = decide(&dep, &sim.views(), Some(Command::Promote), now);
+    let d = decide(&dep, &sim.views(), order(Command::Promote), now);
     dep = d.deployment;
     sim.apply(d.targets);
     sim.converge();
@@ -438,43 +438,13 @@ fn the_same_error_on_two_hosts_is_a_release_fault_even_within_tolerance() {
     );
 }
 
-/// Decides, applies and converges until `done` holds (at most 100 simulated seconds).
-fn run_until(
-    sim: &mut Sim,
-    mut dep: DeploymentRecord,
-    mut now: u64,
-    done: impl Fn(&DeploymentRecord) -> bool,
-) -> (DeploymentRecord, u64) {
-    let limit = now + 100_000;
-    while !done(&dep) {
-        let d = decide(&dep, &sim.views(), None, now);
-        dep = d.deployment;
-        sim.apply(d.targets);
-        sim.converge();
-        now += 100;
-        assert!(now < limit, "condition not reached: {dep:?}");
-    }
-    (dep, now)
-}
-
-fn holding_v2(sim: &mut Sim) -> (DeploymentRecord, u64) {
-    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let v2 = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100 }]",
-    );
-    let dep = sim.start(&v2);
-    run_until(sim, dep, now, |d| d.step_switched_unix_ms.is_some())
-}
-
 #[test]
 fn pause_freezes_the_hold_and_resume_continues_the_rest_of_it() {
     let mut sim = Sim::new(&["a", "b"]);
     let (dep, _) = holding_v2(&mut sim);
     let switched = dep.step_switched_unix_ms.unwrap();
     let mut now = switched + 4_000;
-    let mut dep = decide(&dep, &sim.views(), Some(Command::Pause), now).deployment;
+    let mut dep = decide(&dep, &sim.views(), order(Command::Pause), now).deployment;
     assert_eq!(dep.state, State::Paused);
     // A minute paused: nothing moves and the hold clock stands still.
     for _ in 0..600 {
@@ -486,7 +456,7 @@ fn pause_freezes_the_hold_and_resume_continues_the_rest_of_it() {
         assert_eq!((dep.state, dep.step), (State::Paused, 0));
         assert_eq!(dep.held_ms(now), Some(4_000));
     }
-    dep = decide(&dep, &sim.views(), Some(Command::Resume), now).deployment;
+    dep = decide(&dep, &sim.views(), order(Command::Resume), now).deployment;
     assert_eq!(dep.state, State::Progressing);
     assert_eq!(
         dep.held_ms(now),
@@ -509,8 +479,8 @@ fn promote_during_a_pause_skips_the_rest_of_the_hold() {
     let mut sim = Sim::new(&["a", "b"]);
     let (dep, _) = holding_v2(&mut sim);
     let now = dep.step_switched_unix_ms.unwrap() + 1_000;
-    let dep = decide(&dep, &sim.views(), Some(Command::Pause), now).deployment;
-    let dep = decide(&dep, &sim.views(), Some(Command::Promote), now + 5_000).deployment;
+    let dep = decide(&dep, &sim.views(), order(Command::Pause), now).deployment;
+    let dep = decide(&dep, &sim.views(), order(Command::Promote), now + 5_000).deployment;
     let (_, end) = run_until(&mut sim, dep, now + 5_000, |d| d.step == 1);
     assert!(end - (now + 5_000) < 1_000, "promote went on at once");
 }
@@ -528,7 +498,7 @@ fn a_step_gate_waits_for_resume_and_then_holds() {
     let (dep, now) = run_until(&mut sim, dep, now, |d| d.state == State::Paused);
     assert_eq!(dep.pause.map(|p| p.cause), Some(PauseCause::StepGate));
     let later = now + 60_000;
-    let dep = decide(&dep, &sim.views(), Some(Command::Resume), later).deployment;
+    let dep = decide(&dep, &sim.views(), order(Command::Resume), later).deployment;
     assert_eq!(dep.state, State::Progressing);
     let (dep, end) = run_until(&mut sim, dep, later, |d| d.step == 1 || d.state.is_final());
     assert!(

@@ -582,47 +582,47 @@ fn command(c: u8) -> Command {
 /// The reshaped core, as the engine drives it.
 mod reshaped {
     use super::*;
+    use crate::rollout::{Decision, Order, Submission, decide, submit};
+
+    fn outcome(d: Decision) -> Outcome {
+        Outcome {
+            record: d.deployment,
+            targets: d.targets,
+            events: d.events,
+        }
+    }
 
     pub fn create(new: legacy::New<'_>, now: u64) -> Outcome {
-        legacy::create(new, now)
+        let s = Submission {
+            id: new.id,
+            plan: new.plan,
+            plan_path: new.path,
+            is_rollback: new.is_rollback,
+            previous_release: new.previous_release,
+            actor: new.actor,
+        };
+        outcome(submit(s, &new.desired, now))
     }
 
     pub fn step(
         dep: &DeploymentRecord,
         views: &BTreeMap<String, HostView<'_>>,
         command: Option<(Command, &str)>,
-        seen: &mut HashMap<String, String>,
         now: u64,
     ) -> Outcome {
-        let decision = crate::rollout::decide(dep, views, command.map(|c| c.0), now);
-        let mut events = crate::timeline::host_progress(dep, views, seen, now);
-        if let Some((c, actor)) = command {
-            events.push(crate::timeline::Event {
-                at_unix_ms: now,
-                kind: crate::timeline::Kind::Command {
-                    command: c.as_str().to_string(),
-                    actor: actor.to_string(),
-                },
-            });
-        }
-        let mut changes = crate::timeline::diff(Some(dep), &decision.deployment, now);
-        crate::timeline::add_timings(&mut changes, &decision.deployment, views);
-        events.extend(changes);
-        let mut record = decision.deployment;
-        if record.state.is_final() && record.ended_unix_ms.is_none() {
-            record.ended_unix_ms = Some(now);
-        }
-        Outcome {
-            record,
-            targets: decision.targets,
-            events,
-        }
+        let order = command.map(|(command, actor)| Order { command, actor });
+        outcome(decide(dep, views, order, now))
     }
 }
 
-/// Fields the reshaped core added for its own bookkeeping.
+/// The record without the fields the reshaped core added for its own bookkeeping (the
+/// preparation phase last recorded per host).
 fn comparable(d: &DeploymentRecord) -> DeploymentRecord {
-    d.clone()
+    let mut d = d.clone();
+    for h in d.hosts.values_mut() {
+        h.reported = None;
+    }
+    d
 }
 
 fn same(old: &Outcome, new: &Outcome, at: &str) -> Result<(), TestCaseError> {
@@ -682,7 +682,6 @@ fn run(h: &History, seen: &mut Seen) -> Result<(), TestCaseError> {
         }
         let mut dep = created.record;
         let mut seen_old = HashMap::new();
-        let mut seen_new = HashMap::new();
         for tick in 0..200 {
             if dep.state.is_final() {
                 break;
@@ -698,7 +697,7 @@ fn run(h: &History, seen: &mut Seen) -> Result<(), TestCaseError> {
             }
             let views = fleet.views(&dep);
             let old = legacy::step(&dep, &views, cmd, &mut seen_old, now);
-            let new = reshaped::step(&dep, &views, cmd, &mut seen_new, now);
+            let new = reshaped::step(&dep, &views, cmd, now);
             drop(views);
             same(
                 &old,

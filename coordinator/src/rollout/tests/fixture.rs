@@ -8,7 +8,9 @@ use cutover_proto::v1::{DesiredService, ObservedService, SlotPhase, SlotSpec, Sl
 use cutover_shared::plan::Plan;
 
 use crate::model::{DeploymentRecord, State};
-use crate::rollout::{HostView, decide, plan_host};
+use crate::rollout::machine::Machine;
+use crate::rollout::{Command, HostView, Order, decide, plan_host};
+use crate::timeline::{Event, Kind};
 
 pub const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 pub const SHA2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
@@ -169,6 +171,37 @@ impl Sim {
     }
 }
 
+/// Decides, applies and converges until `done` holds (at most 100 simulated seconds).
+pub fn run_until(
+    sim: &mut Sim,
+    mut dep: DeploymentRecord,
+    mut now: u64,
+    done: impl Fn(&DeploymentRecord) -> bool,
+) -> (DeploymentRecord, u64) {
+    let limit = now + 100_000;
+    while !done(&dep) {
+        let d = decide(&dep, &sim.views(), None, now);
+        dep = d.deployment;
+        sim.apply(d.targets);
+        sim.converge();
+        now += 100;
+        assert!(now < limit, "condition not reached: {dep:?}");
+    }
+    (dep, now)
+}
+
+/// v1 live on the fleet, then v2 holding at 10 % on every host.
+pub fn holding_v2(sim: &mut Sim) -> (DeploymentRecord, u64) {
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    let v2 = plan(
+        "2",
+        SHA2,
+        "steps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100 }]",
+    );
+    let dep = sim.start(&v2);
+    run_until(sim, dep, now, |d| d.step_switched_unix_ms.is_some())
+}
+
 /// A deployment of v2 over v1 on hosts `a` and `b` (both running v1 in blue), with two
 /// steps, for the tests of one transition.
 pub fn deployment() -> DeploymentRecord {
@@ -193,4 +226,68 @@ pub fn views(d: &DeploymentRecord) -> BTreeMap<String, HostView<'static>> {
             (h.clone(), view)
         })
         .collect()
+}
+
+/// The operator's `command`, as a test gives it.
+pub fn ops(command: Command) -> Order<'static> {
+    Order {
+        command,
+        actor: "ops@desk",
+    }
+}
+
+/// The operator's `command` for a decision.
+pub fn order(command: Command) -> Option<Order<'static>> {
+    Some(ops(command))
+}
+
+impl Sim {
+    /// Sets the report of `host`'s agent: it runs what it was sent, and the new slot of
+    /// `d` on it is in `phase` (with `error`).
+    pub fn report(&mut self, d: &DeploymentRecord, host: &str, phase: SlotPhase, error: &str) {
+        self.converge();
+        let slot = d.hosts[host].new_slot;
+        let o = self.observed.get_mut(host).expect("a host of the fleet");
+        let status = SlotStatus {
+            release: d.release.clone(),
+            phase: phase as i32,
+            error: error.into(),
+            fetch_ms: 1200,
+            unpack_ms: 80,
+            start_ms: 900,
+            ..Default::default()
+        };
+        match slot {
+            crate::model::Slot::Blue => o.blue = Some(status),
+            crate::model::Slot::Green => o.green = Some(status),
+        }
+    }
+
+    /// Decides once at `now`, writes and converges; returns the decision's record and
+    /// events.
+    pub fn step(&mut self, d: &DeploymentRecord, now: u64) -> (DeploymentRecord, Vec<Event>) {
+        let out = decide(d, &self.views(), None, now);
+        self.apply(out.targets);
+        self.converge();
+        (out.deployment, out.events)
+    }
+}
+
+/// Runs one phase of the machine over `d` at `now`, as `sim` reports; returns the
+/// record it came to and the events it made (what the phase returns is dropped).
+pub fn phase<R>(
+    sim: &Sim,
+    d: &DeploymentRecord,
+    now: u64,
+    run: impl FnOnce(&mut Machine<'_, '_>) -> R,
+) -> (DeploymentRecord, Vec<Event>) {
+    let views = sim.views();
+    let mut m = Machine::new(d.clone(), &views, now);
+    run(&mut m);
+    m.finish()
+}
+
+/// The kinds of `events`, for comparing.
+pub fn kinds(events: &[Event]) -> Vec<Kind> {
+    events.iter().map(|e| e.kind.clone()).collect()
 }

@@ -114,7 +114,7 @@ pub struct HostRecord {
     pub previous_fingerprint: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServiceRecord {
     pub name: String,
     /// The plan of the release that last succeeded.

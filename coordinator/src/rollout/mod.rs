@@ -45,10 +45,12 @@ mod pause;
 mod prepare;
 mod progress;
 mod rollback;
+mod service;
 mod submit;
 mod watch;
 
 pub use desired::{plan_host, slot_spec, target};
+pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
 pub use submit::{Submission, submit};
 
 use machine::Machine;

@@ -1,6 +1,6 @@
 //! The deployment engine: the one task that creates and advances deployments. It feeds
 //! the pure [`crate::rollout`] decisions with what the fleet reports, and carries out
-//! each outcome the same way ([`Engine::publish`]): the record, the hosts' desired state
+//! each outcome the same way (`Engine::publish`): the record, the hosts' desired state
 //! and the timeline events in one transaction, and only then desired state to the
 //! hosts, events to the webhooks and durations to the histograms.
 

@@ -1,7 +1,7 @@
-//! The rollout decision: a pure function of (deployment, what the hosts report, command,
-//! now) that returns the next deployment record and the desired state each host should
-//! get. It does no IO and reads no clock; the engine calls it in a loop and carries out
-//! what it returns.
+//! The rollout decision: a pure function of (deployment, what the hosts report, the
+//! operator's order, now) that returns the next deployment record, the desired state
+//! each host should get, and the timeline events of what happened. It does no IO and
+//! reads no clock; the engine calls it in a loop and carries out what it returns.
 //!
 //! The decision is level-triggered: the desired state of every host is derived from the
 //! deployment record alone (host phase, traffic), so deciding again on the same inputs
@@ -14,14 +14,14 @@
 //! |------|----|------|------------|
 //! | — | `pending` | a plan is deployed to hosts that need it | the engine |
 //! | — | `succeeded` | every target host already runs the plan (a no-op) | the engine |
-//! | `pending` | `preparing` | the first decision | [`machine`] |
-//! | `preparing` | `progressing` | every host of the step is ready (or failed within `max_failed_hosts`): the step's weights go out | [`prepare`] |
-//! | `progressing` | `preparing` | the step held: weights confirmed, its hold (and the bake on the last step), a conclusive passing interval with `[analysis]`, or `promote` | [`hold`] |
-//! | `progressing` | `succeeded` | the last step held | [`hold`] |
-//! | `preparing`, `progressing` | `paused` | `pause`; a step's `pause = true` gate; a lost host with `on_host_lost = "pause"` | [`command`], [`hold`], [`lost`] |
-//! | `paused` | where it was | `resume` or `promote` | [`command`] |
-//! | `preparing`, `progressing`, `paused` | `rolling_back` | `abort`; preparation failures beyond tolerance or the same error on two hosts; a serving new slot failing; a deadline; failing analysis; a lost host with `on_host_lost = "rollback"` | [`command`], [`prepare`], [`watch`], [`hold`], [`interval`], [`lost`] |
-//! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights | [`rollback`] |
+//! | `pending` | `preparing` | the first decision | `machine` |
+//! | `preparing` | `progressing` | every host of the step is ready (or failed within `max_failed_hosts`): the step's weights go out | `prepare` |
+//! | `progressing` | `preparing` | the step held: weights confirmed, its hold (and the bake on the last step), a conclusive passing interval with `[analysis]`, or `promote` | `hold` |
+//! | `progressing` | `succeeded` | the last step held | `hold` |
+//! | `preparing`, `progressing` | `paused` | `pause`; a step's `pause = true` gate; a lost host with `on_host_lost = "pause"` | `command`, `hold`, `lost` |
+//! | `paused` | where it was | `resume` or `promote` | `command` |
+//! | `preparing`, `progressing`, `paused` | `rolling_back` | `abort`; preparation failures beyond tolerance or the same error on two hosts; a serving new slot failing; a deadline; failing analysis; a lost host with `on_host_lost = "rollback"` | `command`, `prepare`, `watch`, `hold`, `interval`, `lost` |
+//! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights | `rollback` |
 //!
 //! Each host of a deployment goes `waiting` → `preparing` → `ready` → `switched` (and
 //! back to `ready` when the next step's weights go out), or ends `failed` (set aside

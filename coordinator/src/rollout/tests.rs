@@ -611,6 +611,3 @@ fn a_failed_first_release_keeps_no_port_and_its_error_does_not_fail_the_next() {
     assert_eq!(dep.state, State::Succeeded, "{:?}", dep.reason);
     assert_eq!(sim.desired["a"].listen, 9090);
 }
-
-mod equivalence;
-mod legacy;

@@ -31,30 +31,28 @@ impl Machine<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::tests::fixture::{deployment, ops, views};
+    use crate::model::DeploymentRecord;
+    use crate::rollout::tests::fixture::{deployment, on_record, ops};
 
-    fn obeyed(state: State, command: Command) -> crate::model::DeploymentRecord {
-        let mut d = deployment();
-        d.state = state;
-        let views = views(&d);
-        let mut m = Machine::new(d, &views, 5_000);
-        m.obey(ops(command));
-        m.finish().0
+    fn obeyed(state: State, command: Command) -> DeploymentRecord {
+        let d = DeploymentRecord {
+            state,
+            ..deployment()
+        };
+        on_record(d, 5_000, |m| m.obey(ops(command)))
     }
 
     #[test]
     fn each_command_acts_only_where_it_means_something() {
+        let state = |s, c| obeyed(s, c).state;
+        assert_eq!(state(State::Progressing, Command::Pause), State::Paused);
+        assert_eq!(state(State::Paused, Command::Pause), State::Paused);
         assert_eq!(
-            obeyed(State::Progressing, Command::Pause).state,
-            State::Paused
-        );
-        assert_eq!(obeyed(State::Paused, Command::Pause).state, State::Paused);
-        assert_eq!(
-            obeyed(State::RollingBack, Command::Pause).state,
+            state(State::RollingBack, Command::Pause),
             State::RollingBack
         );
         assert_eq!(
-            obeyed(State::Progressing, Command::Resume).state,
+            state(State::Progressing, Command::Resume),
             State::Progressing
         );
         assert!(obeyed(State::Progressing, Command::Promote).promoted);
@@ -67,14 +65,9 @@ mod tests {
 
     #[test]
     fn promote_resumes_a_paused_deployment_and_skips_its_hold() {
-        let mut d = deployment();
-        d.state = State::Progressing;
-        let views = views(&d);
-        let mut m = Machine::new(d, &views, 1_000);
-        m.obey(ops(Command::Pause));
-        m.now = 4_000;
-        m.obey(ops(Command::Promote));
-        let d = m.finish().0;
+        let d = on_record(obeyed(State::Progressing, Command::Pause), 4_000, |m| {
+            m.obey(ops(Command::Promote))
+        });
         assert_eq!(d.state, State::Progressing);
         assert!(d.promoted && d.pause.is_none());
     }

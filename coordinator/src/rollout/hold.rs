@@ -165,15 +165,14 @@ impl Machine<'_, '_> {
 mod tests {
     use super::*;
     use crate::model::DeploymentRecord;
-    use crate::rollout::tests::fixture::{SHA1, SHA2, Sim, kinds, phase, plan, run_until};
+    use crate::rollout::tests::fixture::{Sim, kinds, phase, run_until, v2_over_v1};
     use crate::timeline::Kind;
 
     /// v1 live on a and b, then v2 with `steps` until its first step's weights went
     /// out and were applied (not yet confirmed by a decision).
     fn switching(steps: &str) -> (Sim, DeploymentRecord, u64) {
         let mut sim = Sim::new(&["a", "b"]);
-        let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-        let dep = sim.start(&plan("2", SHA2, steps));
+        let (dep, now) = v2_over_v1(&mut sim, steps);
         let (d, now) = run_until(&mut sim, dep, now, |d| d.state == State::Progressing);
         (sim, d, now)
     }

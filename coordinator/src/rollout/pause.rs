@@ -46,21 +46,22 @@ impl Machine<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::tests::fixture::{deployment, views};
+    use crate::model::DeploymentRecord;
+    use crate::rollout::tests::fixture::{deployment, on_record};
+
+    /// `d` in `state`, paused for `cause` at `at`.
+    fn paused(d: DeploymentRecord, state: State, cause: PauseCause, at: u64) -> DeploymentRecord {
+        on_record(DeploymentRecord { state, ..d }, at, |m| m.pause(cause))
+    }
 
     #[test]
     fn resuming_moves_the_hold_and_the_deadline_by_the_time_paused() {
         let mut d = deployment();
-        d.state = State::Progressing;
         d.phase_started_unix_ms = 1_000;
         d.step_switched_unix_ms = Some(2_000);
-        let views = views(&d);
-        let mut m = Machine::new(d, &views, 3_000);
-        m.pause(PauseCause::StepGate);
-        assert_eq!(m.d.ending, Some(State::Progressing));
-        m.now = 10_000;
-        m.resume();
-        let d = m.finish().0;
+        let d = paused(d, State::Progressing, PauseCause::StepGate, 3_000);
+        assert_eq!(d.ending, Some(State::Progressing));
+        let d = on_record(d, 10_000, |m| m.resume());
         assert_eq!(d.state, State::Progressing);
         assert_eq!(d.step_switched_unix_ms, Some(9_000));
         assert_eq!(d.phase_started_unix_ms, 8_000);
@@ -69,15 +70,11 @@ mod tests {
 
     #[test]
     fn resuming_a_lost_host_pause_forgets_its_reason() {
-        let mut d = deployment();
-        d.state = State::Preparing;
-        let views = views(&d);
-        let mut m = Machine::new(d, &views, 3_000);
-        m.pause(PauseCause::HostLost);
-        m.d.reason = Some("paused: host b unreachable".into());
-        m.resume();
-        assert_eq!(m.d.state, State::Preparing);
-        assert_eq!(m.d.reason, None);
-        assert!(!m.d.gate_passed);
+        let mut d = paused(deployment(), State::Preparing, PauseCause::HostLost, 3_000);
+        d.reason = Some("paused: host b unreachable".into());
+        let d = on_record(d, 4_000, |m| m.resume());
+        assert_eq!(d.state, State::Preparing);
+        assert_eq!(d.reason, None);
+        assert!(!d.gate_passed);
     }
 }

@@ -201,20 +201,15 @@ mod tests {
     use cutover_proto::v1::SlotPhase;
 
     use crate::model::{DeploymentRecord, HostPhase, State};
-    use crate::rollout::tests::fixture::{SHA1, SHA2, Sim, kinds, phase, plan};
+    use crate::rollout::tests::fixture::{Sim, kinds, phase, v2_over_v1};
     use crate::timeline::{Kind, Timings};
 
     /// v1 live on `hosts`; v2 (one host at a time, 10 % then 100 %) decided once: the
     /// first host is preparing.
     fn preparing(hosts: &[&str]) -> (Sim, DeploymentRecord) {
         let mut sim = Sim::new(hosts);
-        sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-        let v2 = plan(
-            "2",
-            SHA2,
-            "steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]",
-        );
-        let start = sim.start(&v2);
+        let steps = "steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]";
+        let (start, _) = v2_over_v1(&mut sim, steps);
         let (d, _) = sim.step(&start, 10_000);
         assert_eq!(d.hosts[hosts[0]].phase, HostPhase::Preparing);
         (sim, d)

@@ -9,7 +9,7 @@ use crate::model::{HostPhase, PauseCause, State};
 
 pub(super) mod fixture;
 
-use fixture::{SHA1, SHA2, Sim, holding_v2, order, plan, run_until};
+use fixture::{SHA1, SHA2, Sim, holding_v2, order, plan, run_until, v2_over_v1};
 
 #[test]
 fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
@@ -140,13 +140,8 @@ fn first_deployment_failure_ends_failed() {
 #[test]
 fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     let mut sim = Sim::new(&["a", "b"]);
-    let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let p = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]",
-    );
-    let mut dep = sim.start(&p);
+    let steps = "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]";
+    let (mut dep, mut now) = v2_over_v1(&mut sim, steps);
     for _ in 0..30 {
         let d = decide(&dep, &sim.views(), None, now);
         dep = d.deployment;
@@ -304,20 +299,9 @@ mod properties {
 #[test]
 fn host_waves_touch_only_the_hosts_a_step_needs() {
     let mut sim = Sim::new(&["a", "b", "c", "d"]);
-    let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let p = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 100, hosts = 1, pause = true }, { traffic = 100, hosts = \"50%\", pause = true }, { traffic = 100 }]",
-    );
-    let mut dep = sim.start(&p);
-    for _ in 0..40 {
-        let d = decide(&dep, &sim.views(), None, now);
-        dep = d.deployment;
-        sim.apply(d.targets);
-        sim.converge();
-        now += 100;
-    }
+    let steps = "steps = [{ traffic = 100, hosts = 1, pause = true }, { traffic = 100, hosts = \"50%\", pause = true }, { traffic = 100 }]";
+    let (dep, now) = v2_over_v1(&mut sim, steps);
+    let (dep, now) = sim.run(dep, now, 100, 40);
     assert_eq!(dep.state, State::Paused);
     assert_eq!(sim.live("a").as_deref(), Some("2"));
     for h in ["b", "c", "d"] {
@@ -330,16 +314,9 @@ fn host_waves_touch_only_the_hosts_a_step_needs() {
         );
     }
     let d = decide(&dep, &sim.views(), order(Command::Promote), now);
-    dep = d.deployment;
     sim.apply(d.targets);
     sim.converge();
-    for _ in 0..40 {
-        let d = decide(&dep, &sim.views(), None, now);
-        dep = d.deployment;
-        sim.apply(d.targets);
-        sim.converge();
-        now += 100;
-    }
+    let (dep, _) = sim.run(d.deployment, now, 100, 40);
     assert_eq!(dep.state, State::Paused);
     assert_eq!(sim.live("b").as_deref(), Some("2"));
     assert_eq!(sim.live("c").as_deref(), Some("1"));
@@ -488,13 +465,8 @@ fn promote_during_a_pause_skips_the_rest_of_the_hold() {
 #[test]
 fn a_step_gate_waits_for_resume_and_then_holds() {
     let mut sim = Sim::new(&["a"]);
-    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let v2 = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, pause = true, hold = \"3s\" }, { traffic = 100 }]",
-    );
-    let dep = sim.start(&v2);
+    let steps = "steps = [{ traffic = 10, pause = true, hold = \"3s\" }, { traffic = 100 }]";
+    let (dep, now) = v2_over_v1(&mut sim, steps);
     let (dep, now) = run_until(&mut sim, dep, now, |d| d.state == State::Paused);
     assert_eq!(dep.pause.map(|p| p.cause), Some(PauseCause::StepGate));
     let later = now + 60_000;

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use cutover_proto::v1::{DesiredService, ObservedService, SlotPhase, SlotSpec, SlotStatus};
 use cutover_shared::plan::Plan;
 
-use crate::model::{DeploymentRecord, State};
+use crate::model::DeploymentRecord;
 use crate::rollout::machine::Machine;
-use crate::rollout::{Command, HostView, Order, decide, plan_host};
+use crate::rollout::{Command, HostView, Order, Submission, decide, submit};
 use crate::timeline::{Event, Kind};
 
 pub const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -109,36 +109,22 @@ impl Sim {
         }
     }
 
+    /// A new deployment of `p` over every host, as the engine creates it.
     pub fn start(&self, p: &Plan) -> DeploymentRecord {
         let hosts = self
             .observed
             .keys()
-            .map(|h| (h.clone(), plan_host(p, self.desired.get(h))))
+            .map(|h| (h.clone(), self.desired.get(h).cloned()))
             .collect();
-        DeploymentRecord {
+        let s = Submission {
             id: "d-1".into(),
-            service: "web".into(),
-            release: p.release.version.clone(),
             plan: p.clone(),
             plan_path: "p.toml".into(),
-            previous_release: None,
             is_rollback: false,
-            state: State::Pending,
-            ending: None,
-            step: 0,
-            traffic: 0,
-            reason: None,
-            created_unix_ms: 0,
-            ended_unix_ms: None,
-            phase_started_unix_ms: 0,
-            step_switched_unix_ms: None,
-            promoted: false,
-            gate_passed: false,
-            pause: None,
-            analysis: Default::default(),
-            rollback: None,
-            hosts,
-        }
+            previous_release: None,
+            actor: "ops@desk",
+        };
+        submit(s, &hosts, 0).deployment
     }
 
     /// Runs decide/apply/converge until the deployment ends or `max` rounds pass.
@@ -190,15 +176,16 @@ pub fn run_until(
     (dep, now)
 }
 
+/// v1 live on the fleet, then v2 with `steps` submitted; returns it and the time.
+pub fn v2_over_v1(sim: &mut Sim, steps: &str) -> (DeploymentRecord, u64) {
+    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+    (sim.start(&plan("2", SHA2, steps)), now)
+}
+
 /// v1 live on the fleet, then v2 holding at 10 % on every host.
 pub fn holding_v2(sim: &mut Sim) -> (DeploymentRecord, u64) {
-    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let v2 = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100 }]",
-    );
-    let dep = sim.start(&v2);
+    let steps = "steps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100 }]";
+    let (dep, now) = v2_over_v1(sim, steps);
     run_until(sim, dep, now, |d| d.step_switched_unix_ms.is_some())
 }
 
@@ -212,6 +199,19 @@ pub fn deployment() -> DeploymentRecord {
         SHA2,
         "steps = [{ traffic = 10, hold = \"5s\" }, { traffic = 100 }]",
     ))
+}
+
+/// Runs `run` on a machine over `d` at `now` whose hosts are reachable and report
+/// nothing; returns the record it came to.
+pub fn on_record<R>(
+    d: DeploymentRecord,
+    now: u64,
+    run: impl FnOnce(&mut Machine<'_, '_>) -> R,
+) -> DeploymentRecord {
+    let views = views(&d);
+    let mut m = Machine::new(d, &views, now);
+    run(&mut m);
+    m.finish().0
 }
 
 /// Every host of `d` reachable, with nothing written or reported.

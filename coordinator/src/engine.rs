@@ -120,8 +120,11 @@ impl Handle {
 }
 
 pub struct Engine {
+    /// Where every outcome is written before it is carried out.
     store: Arc<Store>,
+    /// The connected hosts: what they report, where desired state is sent.
     fleet: Arc<Fleet>,
+    /// Requests from the control API, through [`Handle`].
     rx: mpsc::Receiver<Request>,
     /// Deployments not yet ended, by id, with what the engine keeps for each.
     active: BTreeMap<String, Active>,
@@ -170,7 +173,10 @@ enum Origin {
 
 /// What the hosts of one deployment were sent and report, read for one decision.
 struct Reports {
+    /// Each host's desired state for the service, as last written.
     desired: BTreeMap<String, Option<DesiredService>>,
+    /// Each host's latest report for the service, if it sent one since this
+    /// coordinator started.
     observed: BTreeMap<String, Option<ObservedService>>,
 }
 

@@ -19,6 +19,7 @@ const MAX_ROUNDS: usize = 8;
 /// Whether the decision goes on to the next phase of its round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Flow {
+    /// Go on with the round.
     Next,
     /// The phase stopped, paused or rolled back the deployment: nothing else is due in
     /// this round.

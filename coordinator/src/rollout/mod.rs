@@ -49,7 +49,6 @@ mod service;
 mod submit;
 mod watch;
 
-pub use desired::{plan_host, slot_spec, target};
 pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
 pub use submit::{Submission, submit};
 
@@ -96,6 +95,7 @@ impl Command {
 /// An operator's command to a deployment, and who gave it.
 #[derive(Clone, Copy, Debug)]
 pub struct Order<'a> {
+    /// What to do.
     pub command: Command,
     /// Who gave it (the CLI sends `user@host`), for the timeline.
     pub actor: &'a str,

@@ -17,6 +17,7 @@ use crate::timeline::{Event, Kind};
 pub struct Submission<'a> {
     /// The new deployment's id.
     pub id: String,
+    /// What to deploy, and how.
     pub plan: Plan,
     /// Where the plan came from, as the CLI named it (`(rollback)` for a rollback).
     pub plan_path: String,

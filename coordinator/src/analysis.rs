@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 /// Counters of one slot (or a sum of slots) over some span.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Counters {
+    /// Requests answered (or refused) by the slot.
     pub requests: u64,
     /// 5xx responses plus failed upstream connections.
     pub errors: u64,
     /// Upper bounds of the latency buckets, microseconds (last: everything above).
     pub le_us: Vec<u64>,
+    /// Requests per latency bucket, in the order of `le_us`.
     pub buckets: Vec<u64>,
 }
 
@@ -101,24 +103,32 @@ impl Counters {
 /// One interval's traffic: the new slot and the old slot, summed over the step's hosts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Sample {
+    /// The new release's slots.
     pub new: Counters,
+    /// The old release's slots on the same hosts: the live baseline.
     pub old: Counters,
+    /// How long the interval ran, for rates.
     pub seconds: f64,
 }
 
+/// What an interval (or one metric in it) comes to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "verdict", content = "why", rename_all = "snake_case")]
 pub enum Verdict {
     Pass,
+    /// A bound was broken; why, for people.
     Fail(String),
     /// Too little data to say; neither passes nor fails.
     Inconclusive(String),
 }
 
+/// One metric judged in one interval.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MetricResult {
     pub name: MetricName,
+    /// The new release's value (`None`: no data).
     pub new: Option<f64>,
+    /// The old release's value on the same hosts (`None`: no data).
     pub old: Option<f64>,
     pub verdict: Verdict,
 }
@@ -191,90 +201,117 @@ pub fn judge(analysis: &Analysis, sample: &Sample) -> (Verdict, Vec<MetricResult
 }
 
 fn judge_metric(m: &Metric, s: &Sample) -> MetricResult {
-    let name = metric_name(m.name);
     let new = value(m.name, &s.new, s.seconds);
     let old = value(m.name, &s.old, s.seconds);
-    let result = |verdict| MetricResult {
+    let verdict = match new {
+        None => Verdict::Inconclusive(format!(
+            "{}: no data on the new release",
+            metric_name(m.name)
+        )),
+        Some(new) => {
+            let reading = Reading {
+                new,
+                old,
+                baseline_requests: s.old.requests,
+                significant: worse_beyond_noise(m, s),
+            };
+            breach(m, &reading).map_or(Verdict::Pass, Verdict::Fail)
+        }
+    };
+    MetricResult {
         name: m.name,
         new,
         old,
         verdict,
-    };
-    let Some(nv) = new else {
-        return result(Verdict::Inconclusive(format!(
-            "{name}: no data on the new release"
-        )));
-    };
-    // Is "worse" beyond noise? Without a judge, any breach counts.
-    let significant = match (m.judge, m.name) {
+    }
+}
+
+/// One metric's values in an interval, as its bounds judge them.
+struct Reading {
+    /// The new release's value.
+    new: f64,
+    /// The old release's value on the same hosts, if it had data.
+    old: Option<f64>,
+    /// Requests the old release served: without any there is no baseline.
+    baseline_requests: u64,
+    /// The new release is worse beyond noise (always, without a judge).
+    significant: bool,
+}
+
+/// Is "worse" beyond noise? Without a judge, any breach counts.
+fn worse_beyond_noise(m: &Metric, s: &Sample) -> bool {
+    let alpha = 1.0 - m.confidence.unwrap_or(0.95);
+    match (m.judge, m.name) {
         (None, _) => true,
         (Some(Judge::MannWhitney), MetricName::ErrorRate) => {
-            let p =
-                two_proportion_greater(s.new.errors, s.new.requests, s.old.errors, s.old.requests);
-            p < 1.0 - m.confidence.unwrap_or(0.95)
+            two_proportion_greater(s.new.errors, s.new.requests, s.old.errors, s.old.requests)
+                < alpha
         }
         (Some(Judge::MannWhitney), MetricName::RequestRate) => true,
         (Some(Judge::MannWhitney), _) => {
-            let (_, p) = mann_whitney_greater(&s.new.buckets, &s.old.buckets);
-            p < 1.0 - m.confidence.unwrap_or(0.95)
+            mann_whitney_greater(&s.new.buckets, &s.old.buckets).1 < alpha
         }
-    };
+    }
+}
+
+/// The bound the reading breaks, if any, said for people: `max`, `min`,
+/// `max_vs_baseline`, or — a judge without bounds — worse than the baseline beyond noise.
+fn breach(m: &Metric, r: &Reading) -> Option<String> {
+    let name = metric_name(m.name);
+    let nv = r.new;
     if let Some(max) = m.max
         && nv > max
-        && significant
+        && r.significant
     {
-        return result(Verdict::Fail(format!(
-            "{name} {} above max {}",
-            fmt(m.name, nv),
-            fmt(m.name, max)
-        )));
+        let (v, max) = (fmt(m.name, nv), fmt(m.name, max));
+        return Some(format!("{name} {v} above max {max}"));
     }
     if let Some(min) = m.min
         && nv < min
     {
-        return result(Verdict::Fail(format!(
-            "{name} {} below min {}",
-            fmt(m.name, nv),
-            fmt(m.name, min)
-        )));
+        let (v, min) = (fmt(m.name, nv), fmt(m.name, min));
+        return Some(format!("{name} {v} below min {min}"));
     }
-    let baseline_requests = s.old.requests;
-    if let Some(ratio) = m.max_vs_baseline
-        && baseline_requests > 0
-        && let Some(ov) = old
-        && significant
-    {
-        // A baseline of zero (no errors) is honest data: any errors on the new slot are
-        // then infinitely worse, not a division by zero.
-        let worse = if ov <= 0.0 { nv > 0.0 } else { nv > ov * ratio };
-        if worse {
-            let times = if ov > 0.0 {
-                format!("{:.2}x", nv / ov)
-            } else {
-                "above a zero".into()
-            };
-            return result(Verdict::Fail(format!(
-                "{name} {} is {times} the baseline's {} (max_vs_baseline {ratio})",
-                fmt(m.name, nv),
-                fmt(m.name, ov)
-            )));
-        }
+    if let Some(why) = baseline_breach(m, r) {
+        return Some(why);
     }
-    if m.judge.is_some()
-        && m.max.is_none()
-        && m.min.is_none()
-        && m.max_vs_baseline.is_none()
-        && significant
-        && baseline_requests > 0
-    {
-        return result(Verdict::Fail(format!(
+    let judge_only =
+        m.judge.is_some() && m.max.is_none() && m.min.is_none() && m.max_vs_baseline.is_none();
+    (judge_only && r.significant && r.baseline_requests > 0).then(|| {
+        format!(
             "{name} {} is worse than the baseline's {} beyond noise (confidence {})",
             fmt(m.name, nv),
-            old.map_or("-".into(), |o| fmt(m.name, o)),
+            r.old.map_or("-".into(), |o| fmt(m.name, o)),
             m.confidence.unwrap_or(0.95)
-        )));
+        )
+    })
+}
+
+/// `max_vs_baseline`: the new value against the old one's on the same hosts.
+fn baseline_breach(m: &Metric, r: &Reading) -> Option<String> {
+    let ratio = m.max_vs_baseline?;
+    let ov = r.old?;
+    if r.baseline_requests == 0 || !r.significant {
+        return None;
     }
-    result(Verdict::Pass)
+    let nv = r.new;
+    // A baseline of zero (no errors) is honest data: any errors on the new slot are
+    // then infinitely worse, not a division by zero.
+    let worse = if ov <= 0.0 { nv > 0.0 } else { nv > ov * ratio };
+    if !worse {
+        return None;
+    }
+    let times = if ov > 0.0 {
+        format!("{:.2}x", nv / ov)
+    } else {
+        "above a zero".into()
+    };
+    Some(format!(
+        "{} {} is {times} the baseline's {} (max_vs_baseline {ratio})",
+        metric_name(m.name),
+        fmt(m.name, nv),
+        fmt(m.name, ov)
+    ))
 }
 
 /// Standard normal upper tail, P(Z > z). Abramowitz & Stegun 7.1.26 (error < 1.5e-7).

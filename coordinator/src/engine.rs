@@ -1,26 +1,28 @@
 //! The deployment engine: the one task that creates and advances deployments. It feeds
-//! the pure [`crate::rollout`] decision with what the fleet reports, writes the outcome
-//! to the store, and only then sends the new desired state to the hosts.
+//! the pure [`crate::rollout`] decisions with what the fleet reports, and carries out
+//! each outcome the same way (`Engine::publish`): the record, the hosts' desired state
+//! and the timeline events in one transaction, and only then desired state to the
+//! hosts, events to the webhooks and durations to the histograms.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_proto::v1::DesiredService;
+use cutover_proto::v1::{DesiredService, ObservedService};
+use cutover_shared::clock::now_ms;
 use cutover_shared::names::labels_match;
-use cutover_shared::plan::{Plan, Step};
+use cutover_shared::plan::Plan;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
-use crate::rollout::{self, Command, HostView};
+use crate::model::{DeploymentRecord, ServiceRecord};
+use crate::rollout::{self, Command, HostView, Order};
 use crate::store::{Batch, Store};
-use crate::timeline;
+use crate::timeline::{Event, Kind};
 use crate::webhooks::Webhooks;
-use cutover_shared::clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,11 +36,14 @@ pub enum Error {
     Stopped,
 }
 
+/// A deployment just created.
 pub struct Created {
     pub id: String,
+    /// Every target host already ran the plan: the deployment ended at once.
     pub noop: bool,
 }
 
+/// What the engine is asked to do, with where the answer goes.
 enum Request {
     Deploy {
         plan: Box<Plan>,
@@ -115,30 +120,71 @@ impl Handle {
 }
 
 pub struct Engine {
+    /// Where every outcome is written before it is carried out.
     store: Arc<Store>,
+    /// The connected hosts: what they report, where desired state is sent.
     fleet: Arc<Fleet>,
+    /// Requests from the control API, through [`Handle`].
     rx: mpsc::Receiver<Request>,
-    /// Deployments not yet ended, by id.
-    active: BTreeMap<String, DeploymentRecord>,
+    /// Deployments not yet ended, by id, with what the engine keeps for each.
+    active: BTreeMap<String, Active>,
     /// Desired state per (host, service), mirrored from the store.
     desired: HashMap<(String, String), DesiredService>,
     /// When to look for previous releases to retire next (unix ms).
     next_retire_check: u64,
-    /// When this engine started (unix ms).
+    /// When this engine started (unix ms): a host never heard from since counts as
+    /// unreachable from then, so a restart does not declare every host lost at once.
     started_ms: u64,
-    /// Next timeline sequence number per active deployment.
-    event_seq: HashMap<String, u64>,
-    /// Last new-slot phase recorded per active deployment and host.
-    seen_phase: HashMap<String, HashMap<String, String>>,
     /// Where committed events go out.
     hooks: Webhooks,
+    /// Duration histograms fed from committed events.
     metrics: Arc<Metrics>,
-    /// When the current step of each active deployment started (for its duration).
-    step_started: HashMap<String, u64>,
+}
+
+/// A deployment in progress.
+struct Active {
+    /// The deployment as last committed.
+    record: DeploymentRecord,
+    /// Sequence number of its next timeline event.
+    next_event: u64,
+    /// When its current step started (unix ms), for the step duration histogram;
+    /// unknown after a restart until the next step starts.
+    step_started: Option<u64>,
+}
+
+/// One outcome to carry out: written in one transaction, then sent.
+#[derive(Default)]
+struct Change {
+    /// The deployment as decided, with what happened (its timeline events).
+    deployment: Option<(DeploymentRecord, Vec<Event>)>,
+    /// The service's record, when the outcome changes it.
+    service: Option<ServiceRecord>,
+    /// Each host's new desired state (for the service it names; generation unset).
+    targets: BTreeMap<String, DesiredService>,
+}
+
+/// Where a deployment's plan comes from.
+enum Origin {
+    /// A plan file, as the CLI named it.
+    File(String),
+    /// `cutover rollback`: the previous release's plan.
+    Rollback,
+}
+
+/// What the hosts of one deployment were sent and report, read for one decision.
+struct Reports {
+    /// Each host's desired state for the service, as last written.
+    desired: BTreeMap<String, Option<DesiredService>>,
+    /// Each host's latest report for the service, if it sent one since this
+    /// coordinator started.
+    observed: BTreeMap<String, Option<ObservedService>>,
 }
 
 /// How often the engine re-decides without being woken (holds, deadlines).
 const TICK: Duration = Duration::from_millis(200);
+
+/// How often the engine looks for previous releases to retire.
+const RETIRE_CHECK_MS: u64 = 1_000;
 
 impl Engine {
     pub fn new(
@@ -148,44 +194,33 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Result<(Engine, Handle), Error> {
         let (tx, rx) = mpsc::channel(64);
-        let active: BTreeMap<String, DeploymentRecord> = store
-            .deployments()?
-            .into_iter()
-            .filter(|d| !d.state.is_final())
-            .map(|d| (d.id.clone(), d))
-            .collect();
-        // Pick up each active deployment's timeline where it stopped.
-        let mut event_seq = HashMap::new();
-        let mut seen_phase: HashMap<String, HashMap<String, String>> = HashMap::new();
-        for id in active.keys() {
-            let events = store.events(id)?;
-            event_seq.insert(id.clone(), events.len() as u64);
-            for e in events {
-                if let timeline::Kind::HostPhase { host, phase } = e.kind {
-                    seen_phase
-                        .entry(id.clone())
-                        .or_default()
-                        .insert(host, phase);
-                }
+        let mut active = BTreeMap::new();
+        for record in store.deployments()? {
+            if record.state.is_final() {
+                continue;
             }
+            // Pick up the timeline where it stopped.
+            let next_event = store.events(&record.id)?.len() as u64;
+            let id = record.id.clone();
+            let a = Active {
+                record,
+                next_event,
+                step_started: None,
+            };
+            active.insert(id, a);
         }
-        Ok((
-            Engine {
-                store,
-                fleet,
-                rx,
-                active,
-                desired: HashMap::new(),
-                next_retire_check: 0,
-                started_ms: now_ms(),
-                event_seq,
-                seen_phase,
-                hooks,
-                metrics,
-                step_started: HashMap::new(),
-            },
-            Handle { tx },
-        ))
+        let engine = Engine {
+            store,
+            fleet,
+            rx,
+            active,
+            desired: HashMap::new(),
+            next_retire_check: 0,
+            started_ms: now_ms(),
+            hooks,
+            metrics,
+        };
+        Ok((engine, Handle { tx }))
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -204,6 +239,312 @@ impl Engine {
             if let Err(e) = self.evaluate() {
                 tracing::error!(error = %e, "advance deployments");
             }
+        }
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Deploy {
+                plan,
+                path,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.create(*plan, Origin::File(path), &actor));
+            }
+            Request::Rollback {
+                service,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.rollback(&service, &actor));
+            }
+            Request::Command {
+                id,
+                command,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.command(&id, command, &actor));
+            }
+        }
+    }
+
+    /// Decides every active deployment once, then retires what is due.
+    fn evaluate(&mut self) -> Result<(), Error> {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            if self.active.contains_key(&id) {
+                self.step(&id, None)?;
+            }
+        }
+        self.retire_previous()
+    }
+
+    fn command(
+        &mut self,
+        id: &str,
+        command: Command,
+        actor: &str,
+    ) -> Result<DeploymentRecord, Error> {
+        if !self.active.contains_key(id) {
+            return match self.store.deployment(id)? {
+                Some(d) => Err(Error::Refused(format!(
+                    "deployment {id} has already ended ({})",
+                    d.state.as_str()
+                ))),
+                None => Err(Error::NotFound(format!("unknown deployment {id:?}"))),
+            };
+        }
+        self.step(id, Some(Order { command, actor }))
+    }
+
+    fn rollback(&mut self, service: &str, actor: &str) -> Result<Created, Error> {
+        let rec = self.store.service(service)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "unknown service {service:?}: nothing was ever deployed under that name"
+            ))
+        })?;
+        let Some(prev) = rec.previous else {
+            return Err(Error::Refused(format!(
+                "service {service} has no previous release to roll back to"
+            )));
+        };
+        self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
+    }
+
+    /// Creates a deployment of `plan` over the connected hosts it targets.
+    fn create(&mut self, plan: Plan, origin: Origin, actor: &str) -> Result<Created, Error> {
+        let mut service = self
+            .store
+            .service(&plan.service)?
+            .unwrap_or_else(|| ServiceRecord {
+                name: plan.service.clone(),
+                ..Default::default()
+            });
+        self.refuse_if_busy(&service)?;
+        let hosts = self.target_hosts(&plan)?;
+        let id = format!("d-{:06}", self.store.next_seq("deployment")?);
+        let (plan_path, is_rollback) = match origin {
+            Origin::File(path) => (path, false),
+            Origin::Rollback => ("(rollback)".to_string(), true),
+        };
+        let submission = rollout::Submission {
+            id: id.clone(),
+            previous_release: service.live.as_ref().map(|p| p.release.version.clone()),
+            plan,
+            plan_path,
+            is_rollback,
+            actor,
+        };
+        let decision = rollout::submit(submission, &hosts, now_ms());
+        let d = &decision.deployment;
+        let noop = d.state.is_final();
+        if !noop {
+            service.active = Some(id.clone());
+        }
+        tracing::info!(
+            id,
+            service = d.service,
+            release = d.release,
+            hosts = d.hosts.len(),
+            noop,
+            "deployment created"
+        );
+        self.publish(Change {
+            deployment: Some((decision.deployment, decision.events)),
+            service: Some(service),
+            targets: decision.targets,
+        })?;
+        Ok(Created { id, noop })
+    }
+
+    /// One deployment at a time per service.
+    fn refuse_if_busy(&self, service: &ServiceRecord) -> Result<(), Error> {
+        let Some(a) = service.active.as_ref().and_then(|id| self.active.get(id)) else {
+            return Ok(());
+        };
+        let d = &a.record;
+        Err(Error::Refused(format!(
+            "service {} already has deployment {} in progress ({}); wait for it or run `cutover abort {}`",
+            service.name,
+            d.id,
+            d.state.as_str(),
+            d.id
+        )))
+    }
+
+    /// The connected hosts `plan` targets, each with its desired state for the service.
+    fn target_hosts(
+        &mut self,
+        plan: &Plan,
+    ) -> Result<BTreeMap<String, Option<DesiredService>>, Error> {
+        let matching: Vec<String> = self
+            .store
+            .hosts()?
+            .into_iter()
+            .filter(|h| labels_match(&plan.targets.labels, &h.labels))
+            .map(|h| h.name)
+            .collect();
+        let connected: Vec<&String> = matching
+            .iter()
+            .filter(|h| self.fleet.is_connected(h))
+            .collect();
+        let mut hosts = BTreeMap::new();
+        for h in connected {
+            hosts.insert(h.clone(), self.desired(h, &plan.service)?);
+        }
+        if hosts.is_empty() {
+            return Err(Error::Refused(no_targets(plan, matching.len())));
+        }
+        Ok(hosts)
+    }
+
+    /// Decides deployment `id` once (with the operator's order, if any) and carries out
+    /// the decision. Returns the deployment as decided.
+    fn step(&mut self, id: &str, order: Option<Order<'_>>) -> Result<DeploymentRecord, Error> {
+        let Some(dep) = self.active.get(id).map(|a| a.record.clone()) else {
+            return Err(Error::NotFound(format!("unknown deployment {id:?}")));
+        };
+        let now = now_ms();
+        let reports = self.reports(&dep)?;
+        let decision = rollout::decide(&dep, &self.views(&reports, now), order, now);
+        let next = decision.deployment;
+        if next == dep && decision.targets.is_empty() && decision.events.is_empty() {
+            return Ok(next);
+        }
+        log_state(&dep, &next);
+        let service = if next.state.is_final() {
+            let svc = self.store.service(&next.service)?.unwrap_or_default();
+            Some(rollout::concluded(svc, &next, now))
+        } else {
+            None
+        };
+        self.publish(Change {
+            deployment: Some((next.clone(), decision.events)),
+            service,
+            targets: decision.targets,
+        })?;
+        Ok(next)
+    }
+
+    /// What `dep`'s hosts were sent and report now.
+    fn reports(&mut self, dep: &DeploymentRecord) -> Result<Reports, Error> {
+        let mut desired = BTreeMap::new();
+        let mut observed = BTreeMap::new();
+        for h in dep.hosts.keys() {
+            desired.insert(h.clone(), self.desired(h, &dep.service)?);
+            observed.insert(h.clone(), self.fleet.observed(h, &dep.service));
+        }
+        Ok(Reports { desired, observed })
+    }
+
+    /// What the decision knows of each host at `now`.
+    fn views<'a>(&self, reports: &'a Reports, now: u64) -> BTreeMap<String, HostView<'a>> {
+        reports
+            .desired
+            .iter()
+            .map(|(h, desired)| {
+                // A partition closes nothing: a host must also have been heard from
+                // lately to vouch for anything (see `Fleet::reachable`).
+                let connected = self.fleet.reachable(h, now);
+                let heard = self.fleet.last_seen(h).unwrap_or(self.started_ms);
+                let view = HostView {
+                    connected,
+                    lost_ms: if connected {
+                        0
+                    } else {
+                        now.saturating_sub(heard)
+                    },
+                    desired: desired.as_ref(),
+                    observed: reports.observed.get(h).and_then(Option::as_ref),
+                };
+                (h.clone(), view)
+            })
+            .collect()
+    }
+
+    /// Stops the previous release's idle slots of each service once `keep_previous` has
+    /// passed.
+    fn retire_previous(&mut self) -> Result<(), Error> {
+        let now = now_ms();
+        if now < self.next_retire_check {
+            return Ok(());
+        }
+        self.next_retire_check = now + RETIRE_CHECK_MS;
+        for svc in self.store.services()? {
+            if !rollout::retiring(&svc, now) {
+                continue;
+            }
+            let mut desired = BTreeMap::new();
+            for host in self.store.hosts()? {
+                if let Some(d) = self.desired(&host.name, &svc.name)? {
+                    desired.insert(host.name, d);
+                }
+            }
+            let Some(r) = rollout::retire(&svc, &desired, now) else {
+                continue;
+            };
+            self.publish(Change {
+                service: Some(r.service),
+                targets: r.targets,
+                ..Change::default()
+            })?;
+            tracing::info!(service = svc.name, "previous release retired");
+        }
+        Ok(())
+    }
+
+    /// Carries out `change`: writes the deployment record, its events, the service
+    /// record and the hosts' desired state (each with its next generation) in one
+    /// transaction, then sends the desired state to the hosts, the events to the
+    /// webhooks and the durations to the histograms.
+    fn publish(&mut self, change: Change) -> Result<(), Error> {
+        let mut batch = Batch::default();
+        let mut sends = Vec::new();
+        for (host, mut t) in change.targets {
+            let current = self.desired(&host, &t.service)?;
+            t.generation = current.map_or(0, |d| d.generation) + 1;
+            batch.desired(&host, &t.service, t.encode_to_vec());
+            sends.push((host, t));
+        }
+        if let Some((d, events)) = &change.deployment {
+            let first = self.active.get(&d.id).map_or(0, |a| a.next_event);
+            for (seq, e) in (first..).zip(events) {
+                batch.event(&d.id, seq, e);
+            }
+            batch.deployment(d);
+        }
+        if let Some(svc) = &change.service {
+            batch.service(svc);
+        }
+        // Write what was decided before acting on it.
+        self.store.commit(batch)?;
+        for (host, t) in sends {
+            self.fleet.send_desired(&host, vec![t.clone()]);
+            self.desired.insert((host, t.service.clone()), t);
+        }
+        if let Some((record, events)) = change.deployment {
+            self.hooks.send(&record, &events);
+            self.track(record, &events);
+        }
+        Ok(())
+    }
+
+    /// Keeps a committed deployment in `active` until it ends, its timeline's next
+    /// sequence number with it, and feeds the histograms from its events.
+    fn track(&mut self, record: DeploymentRecord, events: &[Event]) {
+        let id = record.id.clone();
+        let mut a = self.active.remove(&id).unwrap_or(Active {
+            record: record.clone(),
+            next_event: 0,
+            step_started: None,
+        });
+        a.record = record;
+        a.next_event += events.len() as u64;
+        a.measure(events, &self.metrics);
+        if !a.record.state.is_final() {
+            self.active.insert(id, a);
         }
     }
 
@@ -226,421 +567,79 @@ impl Engine {
             }
         }
     }
+}
 
-    fn handle(&mut self, req: Request) {
-        match req {
-            Request::Deploy {
-                plan,
-                path,
-                actor,
-                reply,
-            } => {
-                let r = self.create(*plan, path, false, &actor);
-                let _ = reply.send(r);
-            }
-            Request::Rollback {
-                service,
-                actor,
-                reply,
-            } => {
-                let r = self.rollback(&service, &actor);
-                let _ = reply.send(r);
-            }
-            Request::Command {
-                id,
-                command,
-                actor,
-                reply,
-            } => {
-                let r = self.command(&id, command, &actor);
-                let _ = reply.send(r);
-            }
+impl Active {
+    /// Feeds the duration histograms from the deployment's committed events: each
+    /// step from its start to the next one's (or the end), the whole deployment, and a
+    /// rollback from its first bad signal to the last host confirmed. A no-op, which
+    /// ends as it is created, is no deployment to measure.
+    fn measure(&mut self, events: &[Event], metrics: &Metrics) {
+        let d = &self.record;
+        if d.hosts.values().all(|h| h.untouched) {
+            return;
         }
-    }
-
-    /// Feeds the duration histograms from committed events.
-    fn measure(&mut self, d: &DeploymentRecord, events: &[timeline::Event]) {
         for e in events {
             match &e.kind {
-                timeline::Kind::StepStarted { .. } | timeline::Kind::Ended { .. } => {
-                    if let Some(t) = self.step_started.remove(&d.id) {
-                        self.metrics.step.observe_ms(e.at_unix_ms.saturating_sub(t));
+                Kind::StepStarted { .. } | Kind::Ended { .. } => {
+                    if let Some(t) = self.step_started.take() {
+                        metrics.step.observe_ms(e.at_unix_ms.saturating_sub(t));
                     }
-                    if matches!(e.kind, timeline::Kind::StepStarted { .. }) {
-                        self.step_started.insert(d.id.clone(), e.at_unix_ms);
+                    if matches!(e.kind, Kind::StepStarted { .. }) {
+                        self.step_started = Some(e.at_unix_ms);
                     } else {
-                        self.metrics
-                            .deployment
-                            .observe_ms(e.at_unix_ms.saturating_sub(d.created_unix_ms));
+                        let ms = e.at_unix_ms.saturating_sub(d.created_unix_ms);
+                        metrics.deployment.observe_ms(ms);
                     }
                 }
-                timeline::Kind::RollbackDone => {
+                Kind::RollbackDone => {
                     if let Some(r) = &d.rollback {
-                        self.metrics
-                            .rollback
-                            .observe_ms(e.at_unix_ms.saturating_sub(r.first_bad_unix_ms));
+                        let ms = e.at_unix_ms.saturating_sub(r.first_bad_unix_ms);
+                        metrics.rollback.observe_ms(ms);
                     }
                 }
                 _ => {}
             }
         }
     }
+}
 
-    /// Adds `events` to `batch` under the deployment's next sequence numbers.
-    fn record(&mut self, batch: &mut Batch, id: &str, events: Vec<timeline::Event>) {
-        let seq = self.event_seq.entry(id.to_string()).or_insert(0);
-        for e in events {
-            batch.event(id, *seq, &e);
-            *seq += 1;
-        }
-    }
-
-    fn rollback(&mut self, service: &str, actor: &str) -> Result<Created, Error> {
-        let rec = self.store.service(service)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "unknown service {service:?}: nothing was ever deployed under that name"
-            ))
-        })?;
-        let Some(mut prev) = rec.previous.clone() else {
-            return Err(Error::Refused(format!(
-                "service {service} has no previous release to roll back to"
-            )));
-        };
-        prev.strategy.steps = vec![Step {
-            traffic: 100,
-            hold: cutover_shared::Duration::ZERO,
-            pause: false,
-            hosts: None,
-        }];
-        prev.strategy.bake = cutover_shared::Duration::ZERO;
-        prev.strategy.max_parallel = cutover_shared::plan::Count::Percent(100);
-        self.create(prev, "(rollback)".into(), true, actor)
-    }
-
-    fn create(
-        &mut self,
-        plan: Plan,
-        path: String,
-        is_rollback: bool,
-        actor: &str,
-    ) -> Result<Created, Error> {
-        let mut service = self
-            .store
-            .service(&plan.service)?
-            .unwrap_or_else(|| ServiceRecord {
-                name: plan.service.clone(),
-                ..Default::default()
-            });
-        if let Some(active) = service.active.as_ref().and_then(|id| self.active.get(id)) {
-            return Err(Error::Refused(format!(
-                "service {} already has deployment {} in progress ({}); wait for it or run `cutover abort {}`",
-                plan.service,
-                active.id,
-                active.state.as_str(),
-                active.id
-            )));
-        }
-        let mut targets: Vec<String> = self
-            .store
-            .hosts()?
-            .into_iter()
-            .filter(|h| labels_match(&plan.targets.labels, &h.labels))
-            .map(|h| h.name)
-            .collect();
-        let matched = targets.len();
-        targets.retain(|h| self.fleet.is_connected(h));
-        if targets.is_empty() {
-            let sel = if plan.targets.labels.is_empty() {
-                "no labels (every host)".to_string()
-            } else {
-                plan.targets
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
-            return Err(Error::Refused(if matched == 0 {
-                format!("no host matches the plan's targets ({sel})")
-            } else {
-                format!("{matched} host(s) match the plan's targets ({sel}) but none is connected")
-            }));
-        }
-        let now = now_ms();
-        let id = format!("d-{:06}", self.store.next_seq("deployment")?);
-        let mut hosts = BTreeMap::new();
-        for h in &targets {
-            let cur = self.desired(h, &plan.service)?;
-            hosts.insert(h.clone(), rollout::plan_host(&plan, cur.as_ref()));
-        }
-        let noop = hosts.values().all(|h| h.untouched);
-        let previous_release = service.live.as_ref().map(|p| p.release.version.clone());
-        let dep = DeploymentRecord {
-            id: id.clone(),
-            service: plan.service.clone(),
-            release: plan.release.version.clone(),
-            plan,
-            plan_path: path,
-            previous_release,
-            is_rollback,
-            state: if noop {
-                State::Succeeded
-            } else {
-                State::Pending
-            },
-            ending: None,
-            step: 0,
-            traffic: if noop { 100 } else { 0 },
-            reason: None,
-            created_unix_ms: now,
-            ended_unix_ms: noop.then_some(now),
-            phase_started_unix_ms: now,
-            step_switched_unix_ms: None,
-            promoted: false,
-            gate_passed: false,
-            pause: None,
-            analysis: Default::default(),
-            rollback: None,
-            hosts,
-        };
-        if !noop {
-            service.active = Some(id.clone());
-        }
-        let mut batch = Batch::default();
-        batch.deployment(&dep).service(&service);
-        let mut events = timeline::diff(None, &dep, now);
-        for e in &mut events {
-            if let timeline::Kind::Submitted { actor: a, .. } = &mut e.kind {
-                *a = actor.to_string();
-            }
-        }
-        if noop {
-            events.push(timeline::Event {
-                at_unix_ms: now,
-                kind: timeline::Kind::Ended {
-                    state: "succeeded".into(),
-                    reason: Some("the release was already live on every target host".into()),
-                },
-            });
-        }
-        self.record(&mut batch, &id, events.clone());
-        self.store.commit(batch)?;
-        self.hooks.send(&dep, &events);
-        if noop {
-            self.event_seq.remove(&id);
-        }
+/// Logs a deployment's change of state.
+fn log_state(before: &DeploymentRecord, after: &DeploymentRecord) {
+    if after.state.is_final() {
         tracing::info!(
-            id,
-            service = dep.service,
-            release = dep.release,
-            hosts = dep.hosts.len(),
-            noop,
-            "deployment created"
+            id = after.id,
+            state = after.state.as_str(),
+            reason = after.reason.as_deref().unwrap_or(""),
+            "deployment ended"
         );
-        if !noop {
-            self.active.insert(id.clone(), dep);
-        }
-        Ok(Created { id, noop })
-    }
-
-    fn command(
-        &mut self,
-        id: &str,
-        command: Command,
-        actor: &str,
-    ) -> Result<DeploymentRecord, Error> {
-        let Some(dep) = self.active.get(id).cloned() else {
-            return match self.store.deployment(id)? {
-                Some(d) => Err(Error::Refused(format!(
-                    "deployment {id} has already ended ({})",
-                    d.state.as_str()
-                ))),
-                None => Err(Error::NotFound(format!("unknown deployment {id:?}"))),
-            };
-        };
-        self.step(dep, Some((command, actor)))
-    }
-
-    /// Decides every active deployment once.
-    fn evaluate(&mut self) -> Result<(), Error> {
-        let ids: Vec<String> = self.active.keys().cloned().collect();
-        for id in ids {
-            if let Some(dep) = self.active.get(&id).cloned() {
-                self.step(dep, None)?;
-            }
-        }
-        self.retire_previous()?;
-        Ok(())
-    }
-
-    fn step(
-        &mut self,
-        dep: DeploymentRecord,
-        command: Option<(Command, &str)>,
-    ) -> Result<DeploymentRecord, Error> {
-        let now = now_ms();
-        let mut desired: BTreeMap<String, Option<DesiredService>> = BTreeMap::new();
-        let mut observed = BTreeMap::new();
-        for h in dep.hosts.keys() {
-            desired.insert(h.clone(), self.desired(h, &dep.service)?);
-            observed.insert(h.clone(), self.fleet.observed(h, &dep.service));
-        }
-        let views: BTreeMap<String, HostView<'_>> = dep
-            .hosts
-            .keys()
-            .map(|h| {
-                // Never seen since this coordinator started: count from the start,
-                // so a restart does not declare every host lost at once.
-                let silent = now.saturating_sub(self.fleet.last_seen(h).unwrap_or(self.started_ms));
-                // A partition closes nothing: a host must also have been heard from
-                // lately to vouch for anything (see `Fleet::reachable`).
-                let connected = self.fleet.reachable(h, now);
-                let view = HostView {
-                    connected,
-                    lost_ms: if connected { 0 } else { silent },
-                    desired: desired.get(h).and_then(Option::as_ref),
-                    observed: observed.get(h).and_then(Option::as_ref),
-                };
-                (h.clone(), view)
-            })
-            .collect();
-        let decision = rollout::decide(&dep, &views, command.map(|c| c.0), now);
-        let mut events = timeline::host_progress(
-            &dep,
-            &views,
-            self.seen_phase.entry(dep.id.clone()).or_default(),
-            now,
+    } else if after.state != before.state {
+        tracing::info!(
+            id = after.id,
+            state = after.state.as_str(),
+            step = after.step,
+            traffic = after.traffic,
+            "deployment state"
         );
-        if let Some((c, actor)) = command {
-            events.push(timeline::Event {
-                at_unix_ms: now,
-                kind: timeline::Kind::Command {
-                    command: c.as_str().to_string(),
-                    actor: actor.to_string(),
-                },
-            });
-        }
-        let mut changes = timeline::diff(Some(&dep), &decision.deployment, now);
-        timeline::add_timings(&mut changes, &decision.deployment, &views);
-        events.extend(changes);
-        drop(views);
-        let mut next = decision.deployment;
-        if next == dep && decision.targets.is_empty() && events.is_empty() {
-            return Ok(next);
-        }
-        let mut batch = Batch::default();
-        self.record(&mut batch, &dep.id, events.clone());
-        let mut sends = Vec::new();
-        for (host, mut t) in decision.targets {
-            let prev_gen = desired
-                .get(&host)
-                .and_then(|d| d.as_ref())
-                .map_or(0, |d| d.generation);
-            t.generation = prev_gen + 1;
-            batch.desired(&host, &dep.service, t.encode_to_vec());
-            sends.push((host, t));
-        }
-        if next.state.is_final() && next.ended_unix_ms.is_none() {
-            next.ended_unix_ms = Some(now);
-        }
-        batch.deployment(&next);
-        if next.state.is_final() {
-            let mut svc = self.store.service(&next.service)?.unwrap_or_default();
-            svc.name = next.service.clone();
-            if svc.active.as_deref() == Some(next.id.as_str()) {
-                svc.active = None;
-            }
-            if next.state == State::Succeeded {
-                let replaced = svc.live.replace(next.plan.clone());
-                if replaced.is_some() {
-                    svc.previous = replaced;
-                }
-                let keep = next.plan.strategy.keep_previous.as_millis();
-                svc.retire_previous_at_unix_ms = Some(now.saturating_add(keep));
-            }
-            batch.service(&svc);
-            tracing::info!(
-                id = next.id,
-                state = next.state.as_str(),
-                reason = next.reason.as_deref().unwrap_or(""),
-                "deployment ended"
-            );
-        } else if next.state != dep.state {
-            tracing::info!(
-                id = next.id,
-                state = next.state.as_str(),
-                step = next.step,
-                traffic = next.traffic,
-                "deployment state"
-            );
-        }
-        // Write what was decided before acting on it.
-        self.store.commit(batch)?;
-        self.hooks.send(&next, &events);
-        self.measure(&next, &events);
-        for (host, t) in sends {
-            self.desired
-                .insert((host.clone(), dep.service.clone()), t.clone());
-            self.fleet.send_desired(&host, vec![t]);
-        }
-        if next.state.is_final() {
-            self.active.remove(&next.id);
-            self.event_seq.remove(&next.id);
-            self.seen_phase.remove(&next.id);
-        } else {
-            self.active.insert(next.id.clone(), next.clone());
-        }
-        Ok(next)
     }
+}
 
-    /// Stops the previous release's idle slots once `keep_previous` has passed.
-    fn retire_previous(&mut self) -> Result<(), Error> {
-        let now = now_ms();
-        if now < self.next_retire_check {
-            return Ok(());
-        }
-        self.next_retire_check = now + 1_000;
-        let services: Vec<ServiceRecord> = self
-            .store
-            .services()?
-            .into_iter()
-            .filter(|s| {
-                s.active.is_none() && s.retire_previous_at_unix_ms.is_some_and(|t| t <= now)
-            })
-            .collect();
-        for mut svc in services {
-            let mut batch = Batch::default();
-            let mut sends = Vec::new();
-            for host in self.store.hosts()? {
-                let Some(mut d) = self.desired(&host.name, &svc.name)? else {
-                    continue;
-                };
-                let mut changed = false;
-                for s in [Slot::Blue, Slot::Green] {
-                    if d.slot(s).is_some() && d.weight(s) == 0 && d.live_slot().is_some() {
-                        match s {
-                            Slot::Blue => d.blue = None,
-                            Slot::Green => d.green = None,
-                        }
-                        changed = true;
-                    }
-                }
-                if changed {
-                    d.generation += 1;
-                    batch.desired(&host.name, &svc.name, d.encode_to_vec());
-                    sends.push((host.name.clone(), d));
-                }
-            }
-            svc.retire_previous_at_unix_ms = None;
-            batch.service(&svc);
-            self.store.commit(batch)?;
-            for (host, d) in sends {
-                self.desired
-                    .insert((host.clone(), svc.name.clone()), d.clone());
-                self.fleet.send_desired(&host, vec![d]);
-            }
-            tracing::info!(service = svc.name, "previous release retired");
-        }
-        Ok(())
+/// Why a plan has no host to deploy to: none matches its targets, or none of those is
+/// connected.
+fn no_targets(plan: &Plan, matched: usize) -> String {
+    let sel = if plan.targets.labels.is_empty() {
+        "no labels (every host)".to_string()
+    } else {
+        plan.targets
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if matched == 0 {
+        format!("no host matches the plan's targets ({sel})")
+    } else {
+        format!("{matched} host(s) match the plan's targets ({sel}) but none is connected")
     }
 }

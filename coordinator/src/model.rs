@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 pub use cutover_proto::Slot;
+use cutover_proto::v1::SlotPhase;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
@@ -13,16 +14,13 @@ use crate::analysis::{Counters, MetricResult, Verdict};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Identity {
+    /// The release manager's CLI: may call `Control`.
     Admin,
-    Agent {
-        host: String,
-    },
+    /// The agent of one host: speaks on `AgentLink` for that host only.
+    Agent { host: String },
     /// An agent certificate that no longer opens anything. It is kept so that its holder
     /// learns why and stops, rather than retrying for ever.
-    Revoked {
-        host: String,
-        reason: Revocation,
-    },
+    Revoked { host: String, reason: Revocation },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,18 +64,24 @@ impl TokenHost {
     }
 }
 
+/// A join token: how a new host proves it may enrol.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TokenRecord {
+    /// The public half of the token, shown in listings and its text form.
     pub id: String,
     /// Hex SHA-256 of the token's secret; the secret itself is never stored.
     pub secret_sha256: String,
     /// The enrolled host's labels; a join cannot change them.
     pub labels: BTreeMap<String, String>,
     pub created_unix_ms: u64,
+    /// After this instant the token admits nobody.
     pub expires_unix_ms: u64,
+    /// Joins it still admits.
     pub uses_left: u32,
+    /// `token revoke`: it admits nobody any more.
     #[serde(default)]
     pub revoked: bool,
+    /// Which host names it may enrol.
     #[serde(default)]
     pub host: TokenHost,
     /// Label keys a join may add (`join --labels`), sorted.
@@ -102,10 +106,13 @@ impl TokenRecord {
     }
 }
 
+/// An enrolled host.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostRecord {
     pub name: String,
+    /// What plans target it by (`[targets] labels`); set by its token.
     pub labels: BTreeMap<String, String>,
+    /// SHA-256 of its agent certificate: the certificate it must present.
     pub cert_fingerprint: String,
     pub joined_unix_ms: u64,
     /// The certificate replaced by the last renewal, still valid until it expires.
@@ -113,7 +120,8 @@ pub struct HostRecord {
     pub previous_fingerprint: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// A service across its deployments.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServiceRecord {
     pub name: String,
     /// The plan of the release that last succeeded.
@@ -126,17 +134,27 @@ pub struct ServiceRecord {
     pub retire_previous_at_unix_ms: Option<u64>,
 }
 
+/// Where a deployment stands (the transitions are charted in [`crate::rollout`]).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
+    /// Created; no decision yet.
     Pending,
+    /// The current step's hosts are getting the new release.
     Preparing,
+    /// The current step's weights are out: confirming, holding, judging.
     Progressing,
+    /// Stopped where it stood, until `resume` (see `pause`).
     Paused,
+    /// Every host is being set back to the old release.
     RollingBack,
+    /// Every step held: the new release is live.
     Succeeded,
+    /// Rolled back to the old release.
     RolledBack,
+    /// Rolled back with nothing to go back to: the service's first release failed.
     Failed,
+    /// Rolled back by `abort`.
     Aborted,
 }
 
@@ -192,8 +210,10 @@ impl HostPhase {
     }
 }
 
+/// One host's part in a deployment.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DeployHost {
+    /// Where the host stands in the deployment.
     pub phase: HostPhase,
     /// The slot that receives the new release on this host.
     pub new_slot: Slot,
@@ -201,6 +221,7 @@ pub struct DeployHost {
     pub old_slot: Option<Slot>,
     /// Percent of this host's traffic on the new release, as last set.
     pub weight: u32,
+    /// Why it failed or was set aside, for people.
     pub error: Option<String>,
     /// The host already ran this release when the deployment started: it is left alone.
     #[serde(default)]
@@ -213,22 +234,72 @@ pub struct DeployHost {
     /// until the new release takes traffic and restored by a rollback.
     #[serde(default)]
     pub old_front: Option<Front>,
+    /// How far the new slot's preparation had got when the deployment last recorded it,
+    /// so that the timeline gets each phase once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Preparation>,
+}
+
+/// The phases of a new slot's preparation that a deployment's timeline records, as the
+/// host's agent reports them.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Preparation {
+    /// Downloading the release, its sha256 checked as it streams.
+    Fetching,
+    /// Unpacking into the release directory.
+    Unpacking,
+    /// The process is started and waits for its first healthy check.
+    Starting,
+    /// Healthy: the host is ready.
+    Healthy,
+}
+
+impl Preparation {
+    /// The preparation phase a slot phase stands for, if it is one.
+    pub fn of(phase: SlotPhase) -> Option<Preparation> {
+        match phase {
+            SlotPhase::Fetching => Some(Preparation::Fetching),
+            SlotPhase::Unpacking => Some(Preparation::Unpacking),
+            SlotPhase::Starting => Some(Preparation::Starting),
+            SlotPhase::Healthy => Some(Preparation::Healthy),
+            _ => None,
+        }
+    }
+
+    /// The name it goes by (the slot phase's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preparation::Fetching => SlotPhase::Fetching,
+            Preparation::Unpacking => SlotPhase::Unpacking,
+            Preparation::Starting => SlotPhase::Starting,
+            Preparation::Healthy => SlotPhase::Healthy,
+        }
+        .name()
+    }
 }
 
 /// A service's public side on a host.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Front {
+    /// The public port (0: none).
     pub listen: u32,
+    /// HTTP or TCP, as the wire's `Protocol` number.
     pub protocol: i32,
+    /// How long a slot that loses its weight finishes its requests.
     pub drain_ms: u64,
 }
 
+/// A deployment: its plan, where it stands, and each host's part.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DeploymentRecord {
+    /// `d-` and a sequence number: ids count up.
     pub id: String,
     pub service: String,
+    /// The version being deployed.
     pub release: String,
     pub plan: Plan,
+    /// Where the plan came from, as the CLI named it (`(rollback)` for a rollback).
     pub plan_path: String,
     /// The release live on the hosts when this started (for `previous_release`).
     pub previous_release: Option<String>,
@@ -236,12 +307,18 @@ pub struct DeploymentRecord {
     #[serde(default)]
     pub is_rollback: bool,
     pub state: State,
-    /// State to end in once a rollback has converged.
+    /// The state to end in once a rollback has converged, or to go back to after a
+    /// pause.
     pub ending: Option<State>,
+    /// The current step, from 0.
     pub step: u32,
+    /// Percent of traffic the current step sends to the new release (0 once rolling
+    /// back).
     pub traffic: u32,
+    /// Why it rolled back or paused, for people.
     pub reason: Option<String>,
     pub created_unix_ms: u64,
+    /// When it reached its final state.
     pub ended_unix_ms: Option<u64>,
     /// When the current phase (preparing a step, holding, baking, rolling back) began.
     pub phase_started_unix_ms: u64,
@@ -257,7 +334,9 @@ pub struct DeploymentRecord {
     /// still meanwhile; `resume` moves the step's start forward by the time paused.
     #[serde(default)]
     pub pause: Option<Pause>,
+    /// Each target host's part, by name.
     pub hosts: BTreeMap<String, DeployHost>,
+    /// The analysis of the current step and every interval judged so far.
     #[serde(default)]
     pub analysis: AnalysisState,
     /// When a rollback's first bad signal was seen, decided and confirmed everywhere.
@@ -277,9 +356,12 @@ pub enum PauseCause {
     HostLost,
 }
 
+/// A pause in progress.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Pause {
+    /// What resuming settles (a gate passed, a lost host let go).
     pub cause: PauseCause,
+    /// When it began: the hold and the deadline move on by the time paused.
     pub since_unix_ms: u64,
 }
 
@@ -317,6 +399,7 @@ pub struct AnalysisState {
     pub interval_started_unix_ms: Option<u64>,
     /// Counters per host at the interval's start: (new slot, old slot).
     pub snapshot: BTreeMap<String, (Counters, Counters)>,
+    /// Failing intervals in a row, against `failure_limit`.
     pub consecutive_failures: u32,
     /// When the current run of failing intervals began.
     pub first_failure_unix_ms: Option<u64>,
@@ -326,22 +409,30 @@ pub struct AnalysisState {
     pub intervals: Vec<IntervalRecord>,
 }
 
+/// One judged analysis interval.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IntervalRecord {
+    /// The step and its traffic the interval was measured at.
     pub step: u32,
     pub traffic: u32,
     pub started_unix_ms: u64,
     pub ended_unix_ms: u64,
+    /// Requests each side served in the interval, summed over the hosts.
     pub new_requests: u64,
     pub old_requests: u64,
     pub verdict: Verdict,
+    /// Each judged metric, new against old.
     pub metrics: Vec<MetricResult>,
 }
 
+/// A rollback's timing, for `show` and the time-to-restore figures.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RollbackTiming {
+    /// When the first bad signal came.
     pub first_bad_unix_ms: u64,
+    /// When the rollback was decided.
     pub decided_unix_ms: u64,
+    /// When the last host confirmed it was back on the old release.
     pub done_unix_ms: Option<u64>,
 }
 
@@ -384,5 +475,22 @@ mod tests {
         t.host = TokenHost::Replaces("web-1".into());
         let back: TokenRecord = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
         assert_eq!(back.host, t.host);
+    }
+
+    /// A deployment's host written before the record kept the preparation phase last
+    /// recorded still loads, and without one it is written as it was.
+    #[test]
+    fn deploy_hosts_from_before_an_upgrade_still_load() {
+        let json = r#"{"phase":"preparing","new_slot":"green","old_slot":"blue","weight":0,"error":null,"untouched":false,"lost":false,"old_front":null}"#;
+        let host: DeployHost = serde_json::from_str(json).unwrap();
+        assert_eq!(host.reported, None);
+        assert_eq!(serde_json::to_string(&host).unwrap(), json);
+        let mut started = host.clone();
+        started.reported = Preparation::of(SlotPhase::Unpacking);
+        let text = serde_json::to_string(&started).unwrap();
+        assert!(text.ends_with(r#","reported":"unpacking"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<DeployHost>(&text).unwrap(), started);
+        assert_eq!(Preparation::Unpacking.name(), "unpacking");
+        assert_eq!(Preparation::of(SlotPhase::Failed), None);
     }
 }

@@ -1,24 +1,23 @@
 //! Every deployment's timeline: what happened and when, kept forever in the store (the
 //! deployment record itself keeps only its current state and the newest intervals).
 //!
-//! Events are derived, not scattered through the code: [`diff`] compares a deployment
-//! record before and after a decision, [`host_progress`] follows each preparing host's
-//! new slot through the phases its agent reports, and the engine adds the operator's
-//! commands. The engine commits a decision's events in the same transaction as the
-//! decision. Pure: no IO, no clock.
+//! This module owns the event model, its stored JSON form, and how an event reads for
+//! people. The events themselves are made by the decisions that cause them
+//! ([`crate::rollout`]: each transition says what it did), and the engine commits them
+//! in the same transaction as the decision. Pure: no IO, no clock.
 
-use std::collections::{BTreeMap, HashMap};
-
-use cutover_proto::v1::SlotPhase;
+use cutover_proto::v1::SlotStatus;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{Verdict, figure};
-use crate::model::{DeploymentRecord, HostPhase, State};
-use crate::rollout::HostView;
+use crate::model::IntervalRecord;
 
+/// One thing that happened to a deployment.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Event {
+    /// When it happened (the decision's instant; an interval's end).
     pub at_unix_ms: u64,
+    /// What happened.
     #[serde(flatten)]
     pub kind: Kind,
 }
@@ -34,50 +33,59 @@ pub struct Timings {
     pub start_ms: u64,
 }
 
+impl Timings {
+    /// The timings an agent reported for a slot it prepared.
+    pub fn of(status: &SlotStatus) -> Timings {
+        Timings {
+            fetch_ms: status.fetch_ms,
+            unpack_ms: status.unpack_ms,
+            start_ms: status.start_ms,
+        }
+    }
+}
+
+/// What happened. The stored form is the variant's name in snake case under `event`,
+/// next to its fields; old timelines must keep loading, so fields are only ever added
+/// with a default.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Kind {
+    /// The deployment was created.
     Submitted {
         release: String,
+        /// The release live before, if any.
         previous_release: Option<String>,
+        /// Hosts that need the release (those already running it are left alone).
         hosts: usize,
         steps: usize,
+        /// Who submitted it.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         actor: String,
     },
     /// A preparing host's new slot entered a phase its agent reported: `fetching`
     /// (download and streaming sha256 check), `unpacking`, `starting`, `healthy`.
-    HostPhase {
-        host: String,
-        phase: String,
-    },
+    HostPhase { host: String, phase: String },
     /// A host's new slot turned healthy; with the agent's own measure of each part.
     HostReady {
         host: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timings: Option<Timings>,
     },
-    HostFailed {
-        host: String,
-        error: String,
-    },
-    HostLost {
-        host: String,
-    },
+    /// A host's preparation failed (what its agent reported).
+    HostFailed { host: String, error: String },
+    /// A host was unreachable for `host_lost_after` and was set aside.
+    HostLost { host: String },
     /// A step's weights were sent.
-    StepStarted {
-        step: u32,
-        traffic: u32,
-    },
+    StepStarted { step: u32, traffic: u32 },
     /// Every host of the step confirmed its weights: the hold begins.
-    StepHolding {
-        step: u32,
-        traffic: u32,
-    },
+    StepHolding { step: u32, traffic: u32 },
+    /// An analysis interval was judged.
     Interval {
         step: u32,
         traffic: u32,
+        /// `pass`, `fail` or `inconclusive`.
         verdict: String,
+        /// Why it failed or was inconclusive.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         why: String,
         new_requests: u64,
@@ -85,7 +93,9 @@ pub enum Kind {
         /// `metric: new vs old` for each judged metric.
         figures: Vec<String>,
     },
+    /// The deployment paused (by command, at a step's gate, or for a lost host).
     Paused {
+        /// The deployment's reason, when the pause has one (a lost host).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
@@ -95,13 +105,16 @@ pub enum Kind {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         actor: String,
     },
+    /// The rollback was decided: every host is sent back to the old release at once.
     RollbackStarted {
         reason: String,
+        /// When the first bad signal came (before the decision for failing analysis).
         first_bad_unix_ms: u64,
         decided_unix_ms: u64,
     },
     /// The last host confirmed it is back on the previous release.
     RollbackDone,
+    /// The deployment reached its final state.
     Ended {
         state: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +123,27 @@ pub enum Kind {
 }
 
 impl Event {
+    /// A judged analysis interval, at its end.
+    pub fn interval(i: &IntervalRecord) -> Event {
+        let (verdict, why) = match &i.verdict {
+            Verdict::Pass => ("pass".to_string(), String::new()),
+            Verdict::Fail(w) => ("fail".to_string(), w.clone()),
+            Verdict::Inconclusive(w) => ("inconclusive".to_string(), w.clone()),
+        };
+        Event {
+            at_unix_ms: i.ended_unix_ms,
+            kind: Kind::Interval {
+                step: i.step,
+                traffic: i.traffic,
+                verdict,
+                why,
+                new_requests: i.new_requests,
+                old_requests: i.old_requests,
+                figures: i.metrics.iter().map(figure).collect(),
+            },
+        }
+    }
+
     /// One line for people.
     pub fn describe(&self) -> String {
         match &self.kind {
@@ -193,228 +227,76 @@ fn by(actor: &str) -> String {
     }
 }
 
-fn step_traffic(d: &DeploymentRecord, step: u32) -> u32 {
-    d.plan
-        .strategy
-        .steps
-        .get(step as usize)
-        .map_or(d.traffic, |s| s.traffic)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The events between two versions of a deployment record (`before` is `None` for a
-/// new deployment).
-pub fn diff(before: Option<&DeploymentRecord>, after: &DeploymentRecord, now: u64) -> Vec<Event> {
-    let mut out = Vec::new();
-    let mut ev = |kind: Kind| {
-        out.push(Event {
-            at_unix_ms: now,
-            kind,
-        })
-    };
-    let Some(b) = before else {
-        ev(Kind::Submitted {
-            release: after.release.clone(),
-            previous_release: after.previous_release.clone(),
-            hosts: after.hosts.values().filter(|h| !h.untouched).count(),
-            steps: after.plan.strategy.steps.len(),
-            actor: String::new(),
-        });
-        return out;
-    };
-    for (name, h) in &after.hosts {
-        let was = b.hosts.get(name);
-        if was.map(|w| w.phase) == Some(h.phase) {
-            continue;
-        }
-        match h.phase {
-            // Ready again between steps is not news; ready after preparing is.
-            HostPhase::Ready if was.is_none_or(|w| w.phase == HostPhase::Preparing) => {
-                ev(Kind::HostReady {
-                    host: name.clone(),
-                    timings: None,
-                })
-            }
-            HostPhase::Failed if h.lost => ev(Kind::HostLost { host: name.clone() }),
-            HostPhase::Failed => ev(Kind::HostFailed {
-                host: name.clone(),
-                error: h.error.clone().unwrap_or_default(),
-            }),
-            // Failed and, in the same decision, set back by the rollback its failure
-            // began: the new error says so.
-            HostPhase::RolledBack
-                if !h.lost
-                    && h.error.is_some()
-                    && was.and_then(|w| w.error.as_ref()) != h.error.as_ref() =>
-            {
-                ev(Kind::HostFailed {
-                    host: name.clone(),
-                    error: h.error.clone().unwrap_or_default(),
-                })
-            }
-            _ => {}
-        }
-    }
-    // A step starts when its weights go out: on entering `progressing` (from preparing
-    // its hosts), or on moving to the next step within one decision.
-    let entered =
-        after.state == State::Progressing && !matches!(b.state, State::Progressing | State::Paused);
-    let moved_on = after.step != b.step
-        && matches!(
-            after.state,
-            State::Progressing | State::Paused | State::Succeeded
-        );
-    if entered || moved_on {
-        ev(Kind::StepStarted {
-            step: after.step,
-            traffic: step_traffic(after, after.step),
-        });
-    }
-    if after.step_switched_unix_ms.is_some()
-        && (b.step_switched_unix_ms.is_none() || after.step != b.step)
-    {
-        ev(Kind::StepHolding {
-            step: after.step,
-            traffic: after.traffic,
-        });
-    }
-    let old_n = b.analysis.intervals.len();
-    let new_intervals: Vec<_> = if after.analysis.intervals.len() >= old_n {
-        after.analysis.intervals[old_n..].to_vec()
-    } else {
-        // The record keeps the newest intervals only: anything newer than the last one
-        // seen is new.
-        let last = b.analysis.intervals.last().map_or(0, |i| i.ended_unix_ms);
-        after
-            .analysis
-            .intervals
-            .iter()
-            .filter(|i| i.ended_unix_ms > last)
-            .cloned()
-            .collect()
-    };
-    for i in new_intervals {
-        let (verdict, why) = match &i.verdict {
-            Verdict::Pass => ("pass".to_string(), String::new()),
-            Verdict::Fail(w) => ("fail".to_string(), w.clone()),
-            Verdict::Inconclusive(w) => ("inconclusive".to_string(), w.clone()),
-        };
-        out.push(Event {
-            at_unix_ms: i.ended_unix_ms,
-            kind: Kind::Interval {
-                step: i.step,
-                traffic: i.traffic,
-                verdict,
-                why,
-                new_requests: i.new_requests,
-                old_requests: i.old_requests,
-                figures: i.metrics.iter().map(figure).collect(),
-            },
-        });
-    }
-    let mut ev = |kind: Kind| {
-        out.push(Event {
-            at_unix_ms: now,
-            kind,
-        })
-    };
-    if after.state == State::Paused && b.state != State::Paused {
-        ev(Kind::Paused {
-            reason: after.reason.clone(),
-        });
-    }
-    if let (Some(r), None) = (&after.rollback, &b.rollback) {
-        ev(Kind::RollbackStarted {
-            reason: after.reason.clone().unwrap_or_default(),
-            first_bad_unix_ms: r.first_bad_unix_ms,
-            decided_unix_ms: r.decided_unix_ms,
-        });
-    }
-    if let Some(r) = &after.rollback
-        && r.done_unix_ms.is_some()
-        && b.rollback.as_ref().and_then(|r| r.done_unix_ms).is_none()
-    {
-        ev(Kind::RollbackDone);
-    }
-    if after.state.is_final() && !b.state.is_final() {
-        ev(Kind::Ended {
-            state: after.state.as_str().to_string(),
-            reason: after.reason.clone(),
-        });
-    }
-    out
-}
-
-/// The phases of a preparing slot that its timeline records.
-fn preparation_phase(p: SlotPhase) -> Option<&'static str> {
-    matches!(
-        p,
-        SlotPhase::Fetching | SlotPhase::Unpacking | SlotPhase::Starting | SlotPhase::Healthy
-    )
-    .then(|| p.name())
-}
-
-/// Phases of the new slot on each preparing host, as its agent reports them; `seen`
-/// holds the last phase recorded per host and is updated.
-pub fn host_progress(
-    d: &DeploymentRecord,
-    views: &BTreeMap<String, HostView<'_>>,
-    seen: &mut HashMap<String, String>,
-    now: u64,
-) -> Vec<Event> {
-    let mut out = Vec::new();
-    for (name, h) in &d.hosts {
-        if h.phase != HostPhase::Preparing {
-            continue;
-        }
-        let Some(status) = views
-            .get(name)
-            .and_then(|v| v.observed)
-            .and_then(|o| o.slot(h.new_slot))
-        else {
-            continue;
-        };
-        if status.release != d.release {
-            continue;
-        }
-        let Some(phase) = preparation_phase(SlotPhase::of(status.phase)) else {
-            continue;
-        };
-        if seen.get(name).map(String::as_str) != Some(phase) {
-            seen.insert(name.clone(), phase.to_string());
-            out.push(Event {
-                at_unix_ms: now,
-                kind: Kind::HostPhase {
-                    host: name.clone(),
-                    phase: phase.to_string(),
-                },
-            });
-        }
-    }
-    out
-}
-
-/// Adds each ready host's own timings (from its report) to its `HostReady` event.
-pub fn add_timings(
-    events: &mut [Event],
-    d: &DeploymentRecord,
-    views: &BTreeMap<String, HostView<'_>>,
-) {
-    for e in events {
-        let Kind::HostReady { host, timings } = &mut e.kind else {
-            continue;
-        };
-        let status = d.hosts.get(host.as_str()).and_then(|h| {
-            views
-                .get(host.as_str())
-                .and_then(|v| v.observed)
-                .and_then(|o| o.slot(h.new_slot))
-        });
-        if let Some(st) = status.filter(|st| st.release == d.release) {
-            *timings = Some(Timings {
-                fetch_ms: st.fetch_ms,
-                unpack_ms: st.unpack_ms,
-                start_ms: st.start_ms,
-            });
+    /// Timelines stored by earlier versions load, read the same, and are written back
+    /// byte for byte as they were.
+    #[test]
+    fn stored_events_load_and_read_as_they_always_have() {
+        let stored = [
+            (
+                r#"{"at_unix_ms":1,"event":"submitted","release":"2","previous_release":"1","hosts":3,"steps":2,"actor":"ana@desk"}"#,
+                "submitted 2 (from 1) to 3 host(s), 2 step(s) by ana@desk",
+            ),
+            (
+                r#"{"at_unix_ms":2,"event":"host_phase","host":"web-1","phase":"fetching"}"#,
+                "web-1: fetching",
+            ),
+            (
+                r#"{"at_unix_ms":3,"event":"host_ready","host":"web-1","timings":{"fetch_ms":1500,"unpack_ms":250,"start_ms":2000}}"#,
+                "web-1: ready (download+verify 1.50s, unpack 0.25s, start to healthy 2.00s)",
+            ),
+            (
+                r#"{"at_unix_ms":3,"event":"host_ready","host":"web-2"}"#,
+                "web-2: ready",
+            ),
+            (
+                r#"{"at_unix_ms":4,"event":"host_failed","host":"web-3","error":"disk full"}"#,
+                "web-3: FAILED: disk full",
+            ),
+            (
+                r#"{"at_unix_ms":4,"event":"host_lost","host":"web-4"}"#,
+                "web-4: unreachable, set aside",
+            ),
+            (
+                r#"{"at_unix_ms":5,"event":"step_started","step":0,"traffic":10}"#,
+                "step 1: moving to 10%",
+            ),
+            (
+                r#"{"at_unix_ms":6,"event":"step_holding","step":0,"traffic":10}"#,
+                "step 1: 10% confirmed on every host",
+            ),
+            (
+                r#"{"at_unix_ms":7,"event":"interval","step":0,"traffic":10,"verdict":"fail","why":"error_rate 9.00% above max 5.00%","new_requests":100,"old_requests":900,"figures":["error_rate 9.00% vs 0.10%"]}"#,
+                "analysis at 10%: fail: error_rate 9.00% above max 5.00% (new 100 req, old 900 req) [error_rate 9.00% vs 0.10%]",
+            ),
+            (
+                r#"{"at_unix_ms":8,"event":"paused","reason":"paused: host web-4 unreachable"}"#,
+                "paused: host web-4 unreachable",
+            ),
+            (
+                r#"{"at_unix_ms":8,"event":"command","command":"abort","actor":"ana@desk"}"#,
+                "abort by ana@desk",
+            ),
+            (
+                r#"{"at_unix_ms":9,"event":"rollback_started","reason":"aborted by operator","first_bad_unix_ms":8,"decided_unix_ms":9}"#,
+                "ROLLBACK: aborted by operator (first bad signal 1 ms before the decision)",
+            ),
+            (
+                r#"{"at_unix_ms":10,"event":"rollback_done"}"#,
+                "rollback confirmed by every host",
+            ),
+            (
+                r#"{"at_unix_ms":10,"event":"ended","state":"aborted","reason":"aborted by operator"}"#,
+                "ended aborted: aborted by operator",
+            ),
+        ];
+        for (json, reads) in stored {
+            let e: Event = serde_json::from_str(json).unwrap();
+            assert_eq!(e.describe(), reads);
+            assert_eq!(serde_json::to_string(&e).unwrap(), json);
         }
     }
 }

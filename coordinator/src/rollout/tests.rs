@@ -1,165 +1,15 @@
+//! The decision as a whole, on a simulated fleet: preparation, steps, waves, pauses,
+//! failures, lost hosts and rollbacks, and properties over random plans and commands.
+
+use cutover_proto::v1::SlotSpec;
+use cutover_shared::plan::{OnHostLost, Plan};
+
 use super::*;
-use cutover_proto::v1::SlotStatus;
-use std::collections::BTreeMap;
+use crate::model::{HostPhase, PauseCause, State};
 
-const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
-const SHA2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+pub(super) mod fixture;
 
-fn plan(version: &str, sha: &str, steps: &str) -> Plan {
-    let text = format!(
-        "service = \"web\"\n[release]\nversion = \"{version}\"\nartifact = \"file:///a.tar.gz\"\nsha256 = \"{sha}\"\n[run]\ncommand = [\"./web\"]\nlisten = 8080\n[health]\nhttp = \"/\"\n[strategy]\nmax_parallel = 1\n{steps}\n"
-    );
-    Plan::parse(&text, "p.toml").unwrap()
-}
-
-/// A simulated fleet: desired state per host, and agents that apply it perfectly.
-struct Sim {
-    desired: BTreeMap<String, DesiredService>,
-    observed: BTreeMap<String, ObservedService>,
-    /// Releases that fail on this host: version -> error.
-    failing: BTreeMap<(String, String), String>,
-    /// Hosts unreachable, and for how long (ms).
-    lost: BTreeMap<String, u64>,
-}
-
-impl Sim {
-    fn new(hosts: &[&str]) -> Sim {
-        Sim {
-            desired: BTreeMap::new(),
-            observed: hosts
-                .iter()
-                .map(|h| (h.to_string(), ObservedService::default()))
-                .collect(),
-            failing: BTreeMap::new(),
-            lost: BTreeMap::new(),
-        }
-    }
-
-    fn views(&self) -> BTreeMap<String, HostView<'_>> {
-        self.observed
-            .keys()
-            .map(|h| {
-                (
-                    h.clone(),
-                    HostView {
-                        connected: !self.lost.contains_key(h),
-                        lost_ms: self.lost.get(h).copied().unwrap_or(0),
-                        desired: self.desired.get(h),
-                        observed: self.observed.get(h),
-                    },
-                )
-            })
-            .collect()
-    }
-
-    /// Writes targets (bumping generations) like the engine does.
-    fn apply(&mut self, targets: BTreeMap<String, DesiredService>) {
-        for (h, mut t) in targets {
-            t.generation = self.desired.get(&h).map_or(0, |d| d.generation) + 1;
-            self.desired.insert(h, t);
-        }
-    }
-
-    /// Agents converge: every slot's release runs healthy (or fails), weights applied.
-    /// Unreachable hosts report nothing.
-    fn converge(&mut self) {
-        for (h, d) in &self.desired {
-            if self.lost.contains_key(h) {
-                continue;
-            }
-            let status = |spec: &Option<SlotSpec>| {
-                spec.as_ref().map(|s| {
-                    let v = s.release.as_ref().unwrap().version.clone();
-                    match self.failing.get(&(h.clone(), v.clone())) {
-                        Some(e) => SlotStatus {
-                            release: v,
-                            phase: SlotPhase::Failed as i32,
-                            error: e.clone(),
-                            ..Default::default()
-                        },
-                        None => SlotStatus {
-                            release: v,
-                            phase: SlotPhase::Healthy as i32,
-                            ..Default::default()
-                        },
-                    }
-                })
-            };
-            let o = ObservedService {
-                service: d.service.clone(),
-                generation: d.generation,
-                blue: status(&d.blue),
-                green: status(&d.green),
-                blue_weight: if d.blue.is_some() { d.blue_weight } else { 0 },
-                green_weight: if d.green.is_some() { d.green_weight } else { 0 },
-                error: String::new(),
-                healing: String::new(),
-            };
-            self.observed.insert(h.clone(), o);
-        }
-    }
-
-    fn start(&self, p: &Plan) -> DeploymentRecord {
-        let hosts = self
-            .observed
-            .keys()
-            .map(|h| (h.clone(), plan_host(p, self.desired.get(h))))
-            .collect();
-        DeploymentRecord {
-            id: "d-1".into(),
-            service: "web".into(),
-            release: p.release.version.clone(),
-            plan: p.clone(),
-            plan_path: "p.toml".into(),
-            previous_release: None,
-            is_rollback: false,
-            state: State::Pending,
-            ending: None,
-            step: 0,
-            traffic: 0,
-            reason: None,
-            created_unix_ms: 0,
-            ended_unix_ms: None,
-            phase_started_unix_ms: 0,
-            step_switched_unix_ms: None,
-            promoted: false,
-            gate_passed: false,
-            pause: None,
-            analysis: Default::default(),
-            rollback: None,
-            hosts,
-        }
-    }
-
-    /// Runs decide/apply/converge until the deployment ends or `max` rounds pass.
-    fn run(
-        &mut self,
-        mut dep: DeploymentRecord,
-        mut now: u64,
-        step_ms: u64,
-        max: usize,
-    ) -> (DeploymentRecord, u64) {
-        for _ in 0..max {
-            let d = decide(&dep, &self.views(), None, now);
-            dep = d.deployment;
-            self.apply(d.targets);
-            self.converge();
-            if dep.state.is_final() {
-                break;
-            }
-            now += step_ms;
-        }
-        (dep, now)
-    }
-
-    fn live(&self, h: &str) -> Option<String> {
-        let d = self.desired.get(h)?;
-        let s = d.live_slot()?;
-        d.slot(s)
-            .and_then(SlotSpec::release_key)
-            .map(|(v, _)| v.to_string())
-    }
-}
+use fixture::{SHA1, SHA2, Sim, holding_v2, order, plan, run_until, v2_over_v1};
 
 #[test]
 fn first_deployment_goes_to_100_then_v2_switches_all_hosts_at_once() {
@@ -290,13 +140,8 @@ fn first_deployment_failure_ends_failed() {
 #[test]
 fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     let mut sim = Sim::new(&["a", "b"]);
-    let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let p = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]",
-    );
-    let mut dep = sim.start(&p);
+    let steps = "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]";
+    let (mut dep, mut now) = v2_over_v1(&mut sim, steps);
     for _ in 0..30 {
         let d = decide(&dep, &sim.views(), None, now);
         dep = d.deployment;
@@ -313,7 +158,7 @@ fn abort_during_hold_rolls_back_and_steps_respect_traffic() {
     }
     assert_eq!(dep.state, State::Progressing);
     assert!(dep.step_switched_unix_ms.is_some(), "holding at 10%");
-    let d = decide(&dep, &sim.views(), Some(Command::Abort), now);
+    let d = decide(&dep, &sim.views(), order(Command::Abort), now);
     let (dep, _) = {
         sim.apply(d.targets);
         sim.converge();
@@ -407,7 +252,7 @@ mod properties {
             let mut dep = sim.start(&p);
             for round in 0..80 {
                 let cmd = case.commands.iter().find(|(r, _)| *r == round).map(|(_, c)| command(*c));
-                let d = decide(&dep, &sim.views(), cmd, now);
+                let d = decide(&dep, &sim.views(), cmd.and_then(order), now);
                 dep = d.deployment;
                 // An end is only reached once every host has what it needs.
                 if dep.state.is_final() {
@@ -432,7 +277,7 @@ mod properties {
             }
             // From wherever it stands, an abort ends with every host on the old release.
             if !dep.state.is_final() {
-                let d = decide(&dep, &sim.views(), Some(Command::Abort), now);
+                let d = decide(&dep, &sim.views(), order(Command::Abort), now);
                 sim.apply(d.targets);
                 sim.converge();
                 let (end, _) = sim.run(d.deployment, now, 100, 20);
@@ -454,20 +299,9 @@ mod properties {
 #[test]
 fn host_waves_touch_only_the_hosts_a_step_needs() {
     let mut sim = Sim::new(&["a", "b", "c", "d"]);
-    let (_, mut now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let p = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 100, hosts = 1, pause = true }, { traffic = 100, hosts = \"50%\", pause = true }, { traffic = 100 }]",
-    );
-    let mut dep = sim.start(&p);
-    for _ in 0..40 {
-        let d = decide(&dep, &sim.views(), None, now);
-        dep = d.deployment;
-        sim.apply(d.targets);
-        sim.converge();
-        now += 100;
-    }
+    let steps = "steps = [{ traffic = 100, hosts = 1, pause = true }, { traffic = 100, hosts = \"50%\", pause = true }, { traffic = 100 }]";
+    let (dep, now) = v2_over_v1(&mut sim, steps);
+    let (dep, now) = sim.run(dep, now, 100, 40);
     assert_eq!(dep.state, State::Paused);
     assert_eq!(sim.live("a").as_deref(), Some("2"));
     for h in ["b", "c", "d"] {
@@ -479,17 +313,10 @@ fn host_waves_touch_only_the_hosts_a_step_needs() {
             "{h} untouched until a later step needs it"
         );
     }
-    let d = decide(&dep, &sim.views(), Some(Command::Promote), now);
-    dep = d.deployment;
+    let d = decide(&dep, &sim.views(), order(Command::Promote), now);
     sim.apply(d.targets);
     sim.converge();
-    for _ in 0..40 {
-        let d = decide(&dep, &sim.views(), None, now);
-        dep = d.deployment;
-        sim.apply(d.targets);
-        sim.converge();
-        now += 100;
-    }
+    let (dep, _) = sim.run(d.deployment, now, 100, 40);
     assert_eq!(dep.state, State::Paused);
     assert_eq!(sim.live("b").as_deref(), Some("2"));
     assert_eq!(sim.live("c").as_deref(), Some("1"));
@@ -588,43 +415,13 @@ fn the_same_error_on_two_hosts_is_a_release_fault_even_within_tolerance() {
     );
 }
 
-/// Decides, applies and converges until `done` holds (at most 100 simulated seconds).
-fn run_until(
-    sim: &mut Sim,
-    mut dep: DeploymentRecord,
-    mut now: u64,
-    done: impl Fn(&DeploymentRecord) -> bool,
-) -> (DeploymentRecord, u64) {
-    let limit = now + 100_000;
-    while !done(&dep) {
-        let d = decide(&dep, &sim.views(), None, now);
-        dep = d.deployment;
-        sim.apply(d.targets);
-        sim.converge();
-        now += 100;
-        assert!(now < limit, "condition not reached: {dep:?}");
-    }
-    (dep, now)
-}
-
-fn holding_v2(sim: &mut Sim) -> (DeploymentRecord, u64) {
-    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let v2 = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, hold = \"10s\" }, { traffic = 100 }]",
-    );
-    let dep = sim.start(&v2);
-    run_until(sim, dep, now, |d| d.step_switched_unix_ms.is_some())
-}
-
 #[test]
 fn pause_freezes_the_hold_and_resume_continues_the_rest_of_it() {
     let mut sim = Sim::new(&["a", "b"]);
     let (dep, _) = holding_v2(&mut sim);
     let switched = dep.step_switched_unix_ms.unwrap();
     let mut now = switched + 4_000;
-    let mut dep = decide(&dep, &sim.views(), Some(Command::Pause), now).deployment;
+    let mut dep = decide(&dep, &sim.views(), order(Command::Pause), now).deployment;
     assert_eq!(dep.state, State::Paused);
     // A minute paused: nothing moves and the hold clock stands still.
     for _ in 0..600 {
@@ -636,7 +433,7 @@ fn pause_freezes_the_hold_and_resume_continues_the_rest_of_it() {
         assert_eq!((dep.state, dep.step), (State::Paused, 0));
         assert_eq!(dep.held_ms(now), Some(4_000));
     }
-    dep = decide(&dep, &sim.views(), Some(Command::Resume), now).deployment;
+    dep = decide(&dep, &sim.views(), order(Command::Resume), now).deployment;
     assert_eq!(dep.state, State::Progressing);
     assert_eq!(
         dep.held_ms(now),
@@ -659,8 +456,8 @@ fn promote_during_a_pause_skips_the_rest_of_the_hold() {
     let mut sim = Sim::new(&["a", "b"]);
     let (dep, _) = holding_v2(&mut sim);
     let now = dep.step_switched_unix_ms.unwrap() + 1_000;
-    let dep = decide(&dep, &sim.views(), Some(Command::Pause), now).deployment;
-    let dep = decide(&dep, &sim.views(), Some(Command::Promote), now + 5_000).deployment;
+    let dep = decide(&dep, &sim.views(), order(Command::Pause), now).deployment;
+    let dep = decide(&dep, &sim.views(), order(Command::Promote), now + 5_000).deployment;
     let (_, end) = run_until(&mut sim, dep, now + 5_000, |d| d.step == 1);
     assert!(end - (now + 5_000) < 1_000, "promote went on at once");
 }
@@ -668,17 +465,12 @@ fn promote_during_a_pause_skips_the_rest_of_the_hold() {
 #[test]
 fn a_step_gate_waits_for_resume_and_then_holds() {
     let mut sim = Sim::new(&["a"]);
-    let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
-    let v2 = plan(
-        "2",
-        SHA2,
-        "steps = [{ traffic = 10, pause = true, hold = \"3s\" }, { traffic = 100 }]",
-    );
-    let dep = sim.start(&v2);
+    let steps = "steps = [{ traffic = 10, pause = true, hold = \"3s\" }, { traffic = 100 }]";
+    let (dep, now) = v2_over_v1(&mut sim, steps);
     let (dep, now) = run_until(&mut sim, dep, now, |d| d.state == State::Paused);
     assert_eq!(dep.pause.map(|p| p.cause), Some(PauseCause::StepGate));
     let later = now + 60_000;
-    let dep = decide(&dep, &sim.views(), Some(Command::Resume), later).deployment;
+    let dep = decide(&dep, &sim.views(), order(Command::Resume), later).deployment;
     assert_eq!(dep.state, State::Progressing);
     let (dep, end) = run_until(&mut sim, dep, later, |d| d.step == 1 || d.state.is_final());
     assert!(

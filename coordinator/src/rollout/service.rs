@@ -1,0 +1,183 @@
+//! A service between deployments: the plan `cutover rollback` deploys, what a
+//! deployment's end leaves in the service's record, and retiring the previous release's
+//! idle slots once `keep_previous` has passed. Pure, like the rest of rollout: the
+//! engine writes what these return through the same path as a decision.
+
+use std::collections::BTreeMap;
+
+use cutover_proto::v1::DesiredService;
+use cutover_shared::Duration;
+use cutover_shared::plan::{Count, Plan, Step};
+
+use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
+
+/// The plan `cutover rollback` deploys: the previous release's, straight to 100 % on
+/// every host at once, with no hold and no bake.
+pub fn rollback_plan(mut previous: Plan) -> Plan {
+    previous.strategy.steps = vec![Step {
+        traffic: 100,
+        hold: Duration::ZERO,
+        pause: false,
+        hosts: None,
+    }];
+    previous.strategy.bake = Duration::ZERO;
+    previous.strategy.max_parallel = Count::Percent(100);
+    previous
+}
+
+/// The service's record once deployment `d` ended at `now`: no deployment in progress;
+/// after a success the deployed plan is live, the one it replaced is kept for
+/// `cutover rollback`, and its slots retire after the plan's `keep_previous`.
+pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> ServiceRecord {
+    svc.name.clone_from(&d.service);
+    if svc.active.as_deref() == Some(d.id.as_str()) {
+        svc.active = None;
+    }
+    if d.state == State::Succeeded {
+        if let Some(replaced) = svc.live.replace(d.plan.clone()) {
+            svc.previous = Some(replaced);
+        }
+        let keep = d.plan.strategy.keep_previous.as_millis();
+        svc.retire_previous_at_unix_ms = Some(now.saturating_add(keep));
+    }
+    svc
+}
+
+/// The previous release of `svc` is due to retire at `now`: `keep_previous` has passed
+/// and no deployment is in progress.
+pub fn retiring(svc: &ServiceRecord, now: u64) -> bool {
+    svc.active.is_none() && svc.retire_previous_at_unix_ms.is_some_and(|t| t <= now)
+}
+
+/// Retiring a service's previous release: its record, and the hosts' new desired state.
+#[derive(Debug, PartialEq)]
+pub struct Retirement {
+    /// The service with nothing left to retire.
+    pub service: ServiceRecord,
+    /// Hosts whose desired state loses an idle slot (generation unset).
+    pub targets: BTreeMap<String, DesiredService>,
+}
+
+/// Empties the idle slots (a spec, no weight) of every host that has a live slot for
+/// `svc`, when its previous release is due to retire; `desired` is each host's
+/// desired state for the service.
+pub fn retire(
+    svc: &ServiceRecord,
+    desired: &BTreeMap<String, DesiredService>,
+    now: u64,
+) -> Option<Retirement> {
+    if !retiring(svc, now) {
+        return None;
+    }
+    let targets = desired
+        .iter()
+        .filter_map(|(host, d)| Some((host.clone(), without_idle_slots(d)?)))
+        .collect();
+    let service = ServiceRecord {
+        retire_previous_at_unix_ms: None,
+        ..svc.clone()
+    };
+    Some(Retirement { service, targets })
+}
+
+/// `d` without its idle slots, if it has any beside a live one.
+fn without_idle_slots(d: &DesiredService) -> Option<DesiredService> {
+    d.live_slot()?;
+    let idle: Vec<Slot> = Slot::BOTH
+        .into_iter()
+        .filter(|s| d.slot(*s).is_some() && d.weight(*s) == 0)
+        .collect();
+    if idle.is_empty() {
+        return None;
+    }
+    let mut t = d.clone();
+    t.generation = 0;
+    for s in idle {
+        t.set_slot(s, None);
+    }
+    debug_assert!(t.live_slot().is_some());
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::tests::fixture::{SHA1, SHA2, Sim, plan};
+
+    /// v1 then v2 live on a and b: v1 warm in the idle slot.
+    fn two_releases() -> (Sim, ServiceRecord) {
+        let mut sim = Sim::new(&["a", "b"]);
+        let (_, now) = sim.run(sim.start(&plan("1", SHA1, "")), 0, 100, 50);
+        let (v2, _) = sim.run(sim.start(&plan("2", SHA2, "")), now, 100, 50);
+        let svc = ServiceRecord {
+            name: "web".into(),
+            active: Some(v2.id.clone()),
+            ..Default::default()
+        };
+        (sim, concluded(svc, &v2, 10_000))
+    }
+
+    #[test]
+    fn a_success_makes_its_plan_live_and_schedules_the_previous_to_retire() {
+        let (_, svc) = two_releases();
+        assert_eq!(svc.active, None);
+        assert_eq!(
+            svc.live.as_ref().map(|p| p.release.version.as_str()),
+            Some("2")
+        );
+        let keep = plan("2", SHA2, "").strategy.keep_previous.as_millis();
+        assert_eq!(svc.retire_previous_at_unix_ms, Some(10_000 + keep));
+    }
+
+    #[test]
+    fn the_previous_release_retires_once_keep_previous_has_passed() {
+        let (sim, svc) = two_releases();
+        let at = svc.retire_previous_at_unix_ms.unwrap();
+        assert_eq!(retire(&svc, &sim.desired, at - 1), None, "not yet");
+        let busy = ServiceRecord {
+            active: Some("d-3".into()),
+            ..svc.clone()
+        };
+        assert_eq!(
+            retire(&busy, &sim.desired, at),
+            None,
+            "not during a deployment"
+        );
+        let r = retire(&svc, &sim.desired, at).unwrap();
+        assert_eq!(r.service.retire_previous_at_unix_ms, None);
+        assert_eq!(r.targets.len(), 2);
+        for (host, t) in &r.targets {
+            let live = t.live_slot().unwrap();
+            assert_eq!(
+                t.slot(live),
+                sim.desired[host].slot(live),
+                "{host} keeps v2"
+            );
+            assert!(t.slot(live.other()).is_none(), "{host} lets v1 go");
+        }
+        // Nothing idle left: nothing to send.
+        let mut retired = sim.desired.clone();
+        for (host, t) in r.targets {
+            retired.insert(host, t);
+        }
+        assert!(retire(&svc, &retired, at).unwrap().targets.is_empty());
+    }
+
+    #[test]
+    fn a_rollback_plan_goes_to_100_percent_at_once() {
+        let mut p = plan(
+            "1",
+            SHA1,
+            "steps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]",
+        );
+        p.strategy.bake = Duration::from_secs(60);
+        let r = rollback_plan(p.clone());
+        assert_eq!(r.strategy.steps.len(), 1);
+        assert_eq!(
+            (r.strategy.steps[0].traffic, r.strategy.bake),
+            (100, Duration::ZERO)
+        );
+        assert_eq!(r.strategy.max_parallel, Count::Percent(100));
+        assert_eq!(r.release, p.release);
+    }
+}

@@ -380,14 +380,16 @@ impl Links {
 pub fn unpack(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), Error> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    // Unique per call: two slots may unpack the same release at once (a cancelled
+    // preparation still unpacking while the next deployment starts).
     let tmp = parent.join(format!(
-        "{UNPACK_PREFIX}{}-{}",
+        "{UNPACK_PREFIX}{}-{}-{:08x}",
         dest.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("release"),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u32>()
     ));
-    let _ = std::fs::remove_dir_all(&tmp);
     // Closed to everyone else while it fills: no service can open a file in it before
     // its final mode is set.
     std::fs::DirBuilder::new()
@@ -402,7 +404,19 @@ pub fn unpack(archive: &Path, dest: &Path, limits: &Limits) -> Result<(), Error>
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, dest).map_err(io("rename", dest))
+    match std::fs::rename(&tmp, dest) {
+        Ok(()) => Ok(()),
+        // Another unpack of the same verified artifact finished first: its directory
+        // holds the same files.
+        Err(_) if dest.is_dir() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(io("rename", dest)(e))
+        }
+    }
 }
 
 /// Removes what interrupted work left behind: partial downloads in `cache` and

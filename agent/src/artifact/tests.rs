@@ -370,3 +370,32 @@ fn unpacks_tar_zst() {
         b"hi\n"
     );
 }
+
+#[test]
+fn the_same_release_unpacked_twice_at_once_ends_complete_for_both() {
+    let files: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("f{i}"), vec![b'x'; 4096]))
+        .collect();
+    let entries: Vec<E<'_>> = files.iter().map(|(n, d)| E::File(n, d, 0o644)).collect();
+    let bytes = build(&entries);
+    let dir = tempfile::tempdir().unwrap();
+    let ar = dir.path().join("a.tar.gz");
+    std::fs::write(&ar, &bytes).unwrap();
+    let dest = dir.path().join("releases").join("web").join("1.0.0-abc");
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let (ar, dest) = (ar.clone(), dest.clone());
+            std::thread::spawn(move || unpack(&ar, &dest, &Limits::default()))
+        })
+        .collect();
+    for r in runs {
+        r.join().unwrap().expect("every concurrent unpack succeeds");
+    }
+    assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 200);
+    let siblings: Vec<_> = std::fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(siblings.len(), 1, "no temporary dir left: {siblings:?}");
+}

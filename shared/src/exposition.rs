@@ -203,39 +203,11 @@ fn sample_line(line: &str) -> Result<Sample, String> {
         ));
     }
     cur.skip_blanks();
-    let mut labels = Vec::new();
-    if cur.eat('{') {
-        loop {
-            cur.skip_blanks();
-            if cur.eat('}') {
-                break;
-            }
-            let key = cur.take_while(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !is_label_name(key) {
-                return Err(format!("{name}: a label name is expected"));
-            }
-            cur.skip_blanks();
-            if !cur.eat('=') {
-                return Err(format!("{name}: label {key} has no '='"));
-            }
-            cur.skip_blanks();
-            let value = cur
-                .quoted()
-                .map_err(|e| format!("{name}: label {key}: {e}"))?;
-            if labels.iter().any(|(k, _): &(String, String)| k == key) {
-                return Err(format!("{name}: label {key} appears twice"));
-            }
-            labels.push((key.to_string(), value));
-            cur.skip_blanks();
-            if cur.eat(',') {
-                continue;
-            }
-            if cur.eat('}') {
-                break;
-            }
-            return Err(format!("{name}: expected ',' or '}}' after label {key}"));
-        }
-    }
+    let labels = if cur.eat('{') {
+        label_set(&mut cur, name)?
+    } else {
+        Vec::new()
+    };
     cur.skip_blanks();
     let value_text = cur.take_while(|c| c != ' ' && c != '\t');
     let value = parse_value(value_text).ok_or_else(|| {
@@ -265,6 +237,40 @@ fn sample_line(line: &str) -> Result<Sample, String> {
         value,
         timestamp_ms,
     })
+}
+
+/// The labels after an opening `{`, up to and including the closing `}`.
+fn label_set(cur: &mut Cursor<'_>, name: &str) -> Result<Vec<(String, String)>, String> {
+    let mut labels: Vec<(String, String)> = Vec::new();
+    loop {
+        cur.skip_blanks();
+        if cur.eat('}') {
+            return Ok(labels);
+        }
+        let key = cur.take_while(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !is_label_name(key) {
+            return Err(format!("{name}: a label name is expected"));
+        }
+        cur.skip_blanks();
+        if !cur.eat('=') {
+            return Err(format!("{name}: label {key} has no '='"));
+        }
+        cur.skip_blanks();
+        let value = cur
+            .quoted()
+            .map_err(|e| format!("{name}: label {key}: {e}"))?;
+        if labels.iter().any(|(k, _)| k == key) {
+            return Err(format!("{name}: label {key} appears twice"));
+        }
+        labels.push((key.to_string(), value));
+        cur.skip_blanks();
+        if cur.eat('}') {
+            return Ok(labels);
+        }
+        if !cur.eat(',') {
+            return Err(format!("{name}: expected ',' or '}}' after label {key}"));
+        }
+    }
 }
 
 /// A sample value: a decimal or exponent number, `NaN`, `+Inf`, `-Inf` (and `Inf`).

@@ -6,11 +6,13 @@
 //! [`deploy`] (deploy, rollback, the manual controls, status), [`follow`] (following a
 //! deployment to its end, shown by [`live`] on a terminal and [`plain`] in logs),
 //! [`hosts`], [`tokens`], [`reports`] (history, show, stats), [`artifact`] (signing keys
-//! and signatures) and [`plan`] (validate). [`conn`] reaches the coordinator, [`out`] is
+//! and signatures), [`plan`] (validate), [`admin`] (personal credentials) and [`lock`]
+//! (deploy locks). [`conn`] reaches the coordinator, [`out`] is
 //! where every line goes and [`table`] lays text out.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod admin;
 pub mod artifact;
 pub mod conn;
 pub mod deploy;
@@ -18,6 +20,7 @@ pub mod failure;
 pub mod follow;
 pub mod hosts;
 pub mod live;
+pub mod lock;
 pub mod out;
 pub mod plain;
 pub mod plan;
@@ -105,6 +108,18 @@ pub enum Command {
         #[command(subcommand)]
         command: plan::PlanCmd,
     },
+    /// Personal credentials: who may do what, and who did it.
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCmd,
+    },
+    /// Block new deployments and rollbacks of a service, saying why.
+    Lock(lock::LockArgs),
+    /// Lift a service's lock.
+    Unlock {
+        /// The locked service.
+        service: String,
+    },
 }
 
 impl Command {
@@ -127,6 +142,9 @@ impl Command {
             Command::Stats(args) => reports::stats(conn, args, out).await,
             Command::Artifact { command } => artifact::run(command, out),
             Command::Plan { command } => plan::run(command, out),
+            Command::Admin { command } => admin::run(command, conn, out).await,
+            Command::Lock(args) => lock::lock(conn, args, out).await,
+            Command::Unlock { service } => lock::unlock(conn, service, out).await,
         }
     }
 }

@@ -83,7 +83,7 @@ impl Handle {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    /// `actor` says who asked (the CLI sends `user@host`), for the timeline.
+    /// `actor` is who asked (the name of the certificate that called), for the timeline.
     pub async fn deploy(&self, plan: Plan, path: String, actor: String) -> Result<Created, Error> {
         self.call(|reply| Request::Deploy {
             plan: Box::new(plan),
@@ -313,7 +313,8 @@ impl Engine {
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
     }
 
-    /// Creates a deployment of `plan` over the connected hosts it targets.
+    /// Creates a deployment of `plan` over the connected hosts it targets, unless its
+    /// service is locked or busy.
     fn create(&mut self, plan: Plan, origin: Origin, actor: &str) -> Result<Created, Error> {
         let mut service = self
             .store
@@ -322,6 +323,9 @@ impl Engine {
                 name: plan.service.clone(),
                 ..Default::default()
             });
+        if let Some(lock) = self.store.lock(&plan.service)? {
+            return Err(Error::Refused(lock.refusal()));
+        }
         self.refuse_if_busy(&service)?;
         let hosts = self.target_hosts(&plan)?;
         let id = format!("d-{:06}", self.store.next_seq("deployment")?);

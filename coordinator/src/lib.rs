@@ -3,6 +3,7 @@
 //! binary is the release manager's CLI in [`cli`]. This file only wires the modules;
 //! ARCHITECTURE.md says what each owns.
 
+pub mod admins;
 pub mod analysis;
 pub mod cli;
 pub mod engine;
@@ -10,6 +11,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod listener;
+pub mod locks;
 pub mod metrics;
 pub mod model;
 pub mod pki;

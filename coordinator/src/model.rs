@@ -14,13 +14,36 @@ use crate::analysis::{Counters, MetricResult, Verdict};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Identity {
-    /// The release manager's CLI: may call `Control`.
-    Admin,
+    /// A person with the admin role: may call every `Control` method. Certificates
+    /// recorded before personal credentials existed are the first-start ones, `admin`.
+    Admin {
+        #[serde(default = "first_admin_name")]
+        name: String,
+    },
+    /// A person with the viewer role: may call the read-only `Control` methods.
+    Viewer { name: String },
     /// The agent of one host: speaks on `AgentLink` for that host only.
     Agent { host: String },
     /// An agent certificate that no longer opens anything. It is kept so that its holder
     /// learns why and stops, rather than retrying for ever.
     Revoked { host: String, reason: Revocation },
+    /// A person's certificate revoked by `cutover admin revoke`; kept so that its holder
+    /// is told so, and by whom.
+    RevokedAdmin {
+        name: String,
+        #[serde(default)]
+        by: String,
+        #[serde(default)]
+        at_unix_ms: u64,
+    },
+}
+
+/// The name of the admin credentials the coordinator makes on its first start
+/// (`DATA/admin`).
+pub const FIRST_ADMIN: &str = "admin";
+
+fn first_admin_name() -> String {
+    FIRST_ADMIN.to_string()
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -440,8 +463,8 @@ pub struct RollbackTiming {
 mod tests {
     use super::*;
 
-    /// Records written before tokens could pin names and allow labels, and before
-    /// revoked certificates were remembered, still load.
+    /// Records written before tokens could pin names and allow labels, before revoked
+    /// certificates were remembered, and before admins had names, still load.
     #[test]
     fn records_from_before_an_upgrade_still_load() {
         let token: TokenRecord = serde_json::from_str(
@@ -456,6 +479,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(host.previous_fingerprint, None);
+        let admin: Identity = serde_json::from_str(r#"{"role":"admin"}"#).unwrap();
+        assert_eq!(
+            admin,
+            Identity::Admin {
+                name: FIRST_ADMIN.into()
+            }
+        );
         let id: Identity = serde_json::from_str(r#"{"role":"agent","host":"web-1"}"#).unwrap();
         assert_eq!(
             id,

@@ -1,8 +1,9 @@
 //! The read queries that both the control API ([`crate::grpc`]) and the HTTP API
 //! ([`crate::http`]) answer, from the store and the fleet: the hosts with what they run,
 //! one deployment, its `show` report with the service's typical times, the deployments
-//! in progress, the history and the stats. Each is a function of the store (and fleet)
-//! and `now`; callers turn [`Error`] into their own answer (a gRPC status, an HTTP code).
+//! in progress, the history, the stats and the deploy locks. Each is a function of the
+//! store (and fleet) and `now`; callers turn [`Error`] into their own answer (a gRPC
+//! status, an HTTP code).
 
 use std::collections::BTreeMap;
 
@@ -39,6 +40,11 @@ pub fn desired(store: &Store, host: &str) -> Result<Vec<pb::DesiredService>, sto
 /// Every enrolled host with what it runs: desired slots and weights next to what its
 /// agent last reported.
 pub fn hosts(store: &Store, fleet: &Fleet, now: u64) -> Result<Vec<pb::Host>, Error> {
+    let locks: BTreeMap<String, pb::ServiceLock> = store
+        .locks()?
+        .into_iter()
+        .map(|l| (l.service.clone(), l.to_pb()))
+        .collect();
     let mut hosts = Vec::new();
     for h in store.hosts()? {
         let observed = fleet.observed_all(&h.name);
@@ -52,7 +58,9 @@ pub fn hosts(store: &Store, fleet: &Fleet, now: u64) -> Result<Vec<pb::Host>, Er
             .map(|name| {
                 let d = desired.iter().find(|d| d.service == name);
                 let o = observed.iter().find(|o| o.service == name);
-                host_service(name, d, o)
+                let mut service = host_service(name, d, o);
+                service.lock = locks.get(name).cloned();
+                service
             })
             .collect();
         hosts.push(pb::Host {
@@ -82,6 +90,7 @@ fn host_service(
         live_release: live,
         blue: Some(host_slot(d, o, Slot::Blue)),
         green: Some(host_slot(d, o, Slot::Green)),
+        lock: None,
     }
 }
 
@@ -190,6 +199,15 @@ pub fn history(
         since,
         limit,
     ))
+}
+
+/// Every service's deploy lock, by service.
+pub fn locks(store: &Store) -> Result<Vec<crate::views::Lock>, Error> {
+    Ok(store
+        .locks()?
+        .iter()
+        .map(|l| crate::views::Lock::from(&l.to_pb()))
+        .collect())
 }
 
 /// The DORA figures over the deployments of `service` (every service: `None`) created

@@ -1,7 +1,7 @@
 //! The JSON views that both the CLI (`--output json`) and the HTTP API print: the hosts
 //! with what they run ([`Host`]), one deployment as `status` shows it ([`Deployment`]),
-//! and how every JSON document cutover writes spells times ([`rfc3339`]) and orders its
-//! keys ([`to_value`]).
+//! a service's deploy lock ([`Lock`]), and how every JSON document cutover writes spells
+//! times ([`rfc3339`]) and orders its keys ([`to_value`]).
 
 use std::collections::BTreeMap;
 
@@ -68,6 +68,32 @@ pub struct Deployment {
     pub rollback: Option<Rollback>,
     /// The analysis intervals kept in the record, oldest first.
     pub intervals: Vec<Interval>,
+    /// The service's deploy lock, while it has one: no new deployment until unlocked.
+    pub lock: Option<Lock>,
+}
+
+/// A service's deploy lock (`cutover lock`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Lock {
+    /// The locked service.
+    pub service: String,
+    /// Why it is locked.
+    pub message: String,
+    /// Who locked it: the name of their credentials.
+    pub by: String,
+    /// When it was locked.
+    pub at: Option<String>,
+}
+
+impl From<&pb::ServiceLock> for Lock {
+    fn from(l: &pb::ServiceLock) -> Lock {
+        Lock {
+            service: l.service.clone(),
+            message: l.message.clone(),
+            by: l.by.clone(),
+            at: rfc3339(l.at_unix_ms),
+        }
+    }
 }
 
 /// A target host of a deployment.
@@ -153,6 +179,7 @@ impl From<&pb::Deployment> for Deployment {
             hosts: d.hosts.iter().map(DeploymentHost::from).collect(),
             rollback: Rollback::of(d),
             intervals: d.intervals.iter().map(Interval::from).collect(),
+            lock: d.lock.as_ref().map(Lock::from),
         }
     }
 }
@@ -246,6 +273,8 @@ pub struct HostService {
     pub live_release: Option<String>,
     /// Its two slots.
     pub slots: Slots,
+    /// The service's deploy lock, while it has one.
+    pub lock: Option<Lock>,
 }
 
 /// Both slots of a service on a host.
@@ -285,6 +314,7 @@ impl From<&pb::Host> for Host {
                         blue: Slot::from(s.blue.as_ref()),
                         green: Slot::from(s.green.as_ref()),
                     },
+                    lock: s.lock.as_ref().map(Lock::from),
                 })
                 .collect(),
         }
@@ -359,6 +389,12 @@ mod tests {
             first_bad_unix_ms: 2_500,
             rollback_decided_unix_ms: 3_000,
             rollback_done_unix_ms: 3_750,
+            lock: Some(pb::ServiceLock {
+                service: "web".into(),
+                message: "freeze".into(),
+                by: "ana".into(),
+                at_unix_ms: 4_000,
+            }),
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
         let expected = json!({
@@ -379,6 +415,7 @@ mod tests {
                 "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
                 "metrics": [{"name": "error_rate", "new": 0.4, "old": null, "verdict": "fail"}],
             }],
+            "lock": {"service": "web", "message": "freeze", "by": "ana", "at": "1970-01-01T00:00:04.000Z"},
         });
         assert_eq!(printed, expected.to_string());
     }
@@ -401,6 +438,7 @@ mod tests {
                     weight: 100,
                 }),
                 green: None,
+                lock: None,
             }],
         };
         let printed = serde_json::to_string(&to_value(&hosts(&[h]))).unwrap();
@@ -412,6 +450,7 @@ mod tests {
                     "blue": {"release": "1", "state": "healthy", "weight": 100},
                     "green": {"release": null, "state": "empty", "weight": 0},
                 },
+                "lock": null,
             }],
         }]);
         assert_eq!(printed, expected.to_string());

@@ -6,7 +6,8 @@
 //! By concern: `procs` (binaries, processes, polling), `cluster` (a coordinator and its
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
-//! (one GET), `disk` (small disks), `netns` (network partitions).
+//! (one GET), `disk` (small disks), `netns` (network partitions), `people` (personal
+//! credentials and the CLI run with them).
 
 mod cluster;
 mod deploy;
@@ -14,6 +15,7 @@ mod disk;
 mod http;
 mod load;
 pub mod netns;
+mod people;
 mod plan;
 mod procs;
 

@@ -8,7 +8,7 @@ use cutover_proto::v1::{self as pb, DeploymentCommand};
 use cutover_shared::plan::Plan;
 use serde_json::json;
 
-use super::conn::{Client, actor};
+use super::conn::Client;
 use super::plan::{Overrides, load_plan};
 use super::{Conn, Failure, Output, Result, follow};
 use crate::cli::out::print_json;
@@ -54,9 +54,9 @@ pub async fn deploy(conn: &Conn, args: DeployArgs, output: Output) -> Result<i32
 fn deploy_request(plan: &Plan, path: &Path) -> Result<pb::DeployRequest> {
     let text = toml::to_string(plan).map_err(|e| Failure::other(format!("encode plan: {e}")))?;
     Ok(pb::DeployRequest {
-        actor: actor(),
         plan_toml: text,
         plan_path: path.display().to_string(),
+        ..Default::default()
     })
 }
 
@@ -66,7 +66,7 @@ pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) 
     let resp = client
         .rollback(pb::RollbackRequest {
             service,
-            actor: actor(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -109,9 +109,9 @@ pub async fn command(
     let mut client = conn.client().await?;
     let d = client
         .command(pb::CommandRequest {
-            actor: actor(),
             id,
             command: cmd as i32,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -152,6 +152,14 @@ fn print_status(d: &pb::Deployment) {
     outln!("traffic:   {}%", d.traffic);
     if !d.reason.is_empty() {
         outln!("reason:    {}", d.reason);
+    }
+    if let Some(l) = &d.lock {
+        outln!(
+            "locked:    by {} since {}: {}",
+            l.by,
+            views::rfc3339(l.at_unix_ms).unwrap_or_default(),
+            l.message
+        );
     }
     outln!("hosts:");
     for h in &d.hosts {

@@ -38,6 +38,8 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
             .as_ref()
             .and_then(|r| r.done_unix_ms)
             .unwrap_or(0),
+        // The service's, not the record's: the caller adds it (see `Control`).
+        lock: None,
     }
 }
 

@@ -97,7 +97,7 @@ impl Command {
 pub struct Order<'a> {
     /// What to do.
     pub command: Command,
-    /// Who gave it (the CLI sends `user@host`), for the timeline.
+    /// Who gave it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
 }
 

@@ -25,7 +25,7 @@ pub struct Submission<'a> {
     pub is_rollback: bool,
     /// The release live before this one, if any.
     pub previous_release: Option<String>,
-    /// Who submitted it (`user@host`), for the timeline.
+    /// Who submitted it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
 }
 

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod prometheus;
 pub mod queries;
 pub mod report;
 pub mod rollout;

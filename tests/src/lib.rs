@@ -6,7 +6,8 @@
 //! By concern: `procs` (binaries, processes, polling), `cluster` (a coordinator and its
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
-//! (one GET), `disk` (small disks), `netns` (network partitions).
+//! (one GET), `disk` (small disks), `netns` (network partitions), `prometheus` (a real
+//! Prometheus server discovering the agents' slots).
 
 mod cluster;
 mod deploy;
@@ -16,6 +17,7 @@ mod load;
 pub mod netns;
 mod plan;
 mod procs;
+mod prometheus;
 
 pub use cluster::{Agent, Cluster};
 pub use disk::Tmpfs;
@@ -23,4 +25,5 @@ pub use http::get;
 pub use load::{Load, LoadReport};
 pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
+pub use prometheus::{AGENT_HTTP_PORT, Prometheus};
 pub use serde_json::Value;

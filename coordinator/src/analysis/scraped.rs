@@ -28,11 +28,72 @@ pub struct Scrape {
 
 /// A series' raw value in one scrape.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(into = "Stored", from = "Stored")]
 pub enum Series {
     /// The sum of the matching samples (a counter or a gauge).
     Sum(f64),
     /// Cumulative histogram buckets: (upper bound, count), sorted by bound.
     Buckets(Vec<(f64, f64)>),
+}
+
+/// A [`Series`] as the deployment record stores it: JSON has no `+Inf` (every
+/// histogram's last bound) nor NaN, so those are written as the exposition writes them.
+#[derive(Serialize, Deserialize)]
+enum Stored {
+    Sum(Num),
+    Buckets(Vec<(Num, Num)>),
+}
+
+/// A number, or its exposition text when it is not finite.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Num {
+    Finite(f64),
+    Text(String),
+}
+
+impl Num {
+    fn of(v: f64) -> Num {
+        match v {
+            v if v.is_finite() => Num::Finite(v),
+            v if v.is_nan() => Num::Text("NaN".into()),
+            v if v > 0.0 => Num::Text("+Inf".into()),
+            _ => Num::Text("-Inf".into()),
+        }
+    }
+
+    fn value(self) -> f64 {
+        match self {
+            Num::Finite(v) => v,
+            Num::Text(t) if t == "+Inf" => f64::INFINITY,
+            Num::Text(t) if t == "-Inf" => f64::NEG_INFINITY,
+            Num::Text(_) => f64::NAN,
+        }
+    }
+}
+
+impl From<Series> for Stored {
+    fn from(s: Series) -> Stored {
+        match s {
+            Series::Sum(v) => Stored::Sum(Num::of(v)),
+            Series::Buckets(b) => Stored::Buckets(
+                b.into_iter()
+                    .map(|(l, c)| (Num::of(l), Num::of(c)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl From<Stored> for Series {
+    fn from(s: Stored) -> Series {
+        match s {
+            Stored::Sum(v) => Series::Sum(v.value()),
+            Stored::Buckets(b) => {
+                Series::Buckets(b.into_iter().map(|(l, c)| (l.value(), c.value())).collect())
+            }
+        }
+    }
 }
 
 impl Scrape {

@@ -303,3 +303,33 @@ proptest! {
         prop_assert!(inc == now - before || inc == now);
     }
 }
+
+#[test]
+fn scrapes_with_infinite_bounds_and_nan_survive_the_record() {
+    let s = Scrape {
+        seq: 3,
+        error: None,
+        values: [
+            (
+                "h".to_string(),
+                Some(Series::Buckets(vec![(0.1, 1.0), (f64::INFINITY, 2.0)])),
+            ),
+            ("g".to_string(), Some(Series::Sum(f64::NEG_INFINITY))),
+            ("n".to_string(), None),
+        ]
+        .into(),
+    };
+    let text = serde_json::to_string(&s).unwrap();
+    assert!(text.contains("\"+Inf\""), "{text}");
+    let back: Scrape = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, s);
+    let nan: Scrape = serde_json::from_str(
+        &serde_json::to_string(&Scrape {
+            values: [("x".to_string(), Some(Series::Sum(f64::NAN)))].into(),
+            ..Scrape::default()
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(nan.values["x"], Some(Series::Sum(v)) if v.is_nan()));
+}

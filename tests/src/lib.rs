@@ -25,5 +25,5 @@ pub use http::get;
 pub use load::{Load, LoadReport};
 pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
-pub use prometheus::{AGENT_HTTP_PORT, Prometheus};
+pub use prometheus::{AGENT_HTTP_PORT, Prometheus, fifteen_metrics};
 pub use serde_json::Value;

@@ -115,3 +115,53 @@ impl Prometheus {
             .unwrap_or(false)
     }
 }
+
+/// An `[analysis]` section judging fifteen metrics every 2 s — the proxy's five, five
+/// from the sample's own metrics (`source = "slot"`) and five queries to `prometheus` —
+/// with bounds a healthy sample release passes.
+pub fn fifteen_metrics(prometheus: &str) -> String {
+    let mut a = format!(
+        "[analysis]\ninterval = \"2s\"\nfailure_limit = 2\nmin_requests = 10\ninconclusive_limit = 5\nscrape = \"/metrics\"\nprometheus = \"{prometheus}\"\n"
+    );
+    let mut add = |body: &str| a.push_str(&format!("\n[[analysis.metric]]\n{body}\n"));
+    add("name = \"error_rate\"\nmax = 0.05");
+    add("name = \"latency_p50\"\nmax = 1000");
+    add("name = \"latency_p90\"\nmax = 2000");
+    add("name = \"latency_p99\"\nmax = 5000");
+    add("name = \"request_rate\"\nmin = 0.1");
+    add(
+        "name = \"payment failures\"\nsource = \"slot\"\nratio = [\"payments_failed_total\", \"payments_total\"]\nmax = 0.05",
+    );
+    add(
+        "name = \"card failures\"\nsource = \"slot\"\nratio = [\"payments_failed_total\", \"payments_total\"]\nlabels = { method = \"card\" }\nmax = 0.05",
+    );
+    add(
+        "name = \"payments per second\"\nsource = \"slot\"\ncounter = \"payments_total\"\nmin = 0.1",
+    );
+    add(
+        "name = \"payment p99\"\nsource = \"slot\"\nhistogram = \"payment_duration_seconds\"\nquantile = 0.99\nmax = 0.5",
+    );
+    add("name = \"queue depth\"\nsource = \"slot\"\ngauge = \"payment_queue_depth\"\nmax = 10");
+    let q = |expr: &str| expr.replace("REL", "release=\"${RELEASE}\",service=\"${SERVICE}\"");
+    add(&format!(
+        "name = \"prom payments per second\"\nsource = \"prometheus\"\nquery = '{}'\nmin = 0",
+        q("sum(rate(payments_total{REL}[5s]))")
+    ));
+    add(&format!(
+        "name = \"prom failure share\"\nsource = \"prometheus\"\nquery = '{}'\nmax = 0.05",
+        q("sum(increase(payments_failed_total{REL}[5s])) / sum(increase(payments_total{REL}[5s]))")
+    ));
+    add(&format!(
+        "name = \"prom card payments\"\nsource = \"prometheus\"\nquery = '{}'\nmin = 0",
+        q("sum(rate(payments_total{REL,method=\"card\"}[5s]))")
+    ));
+    add(&format!(
+        "name = \"prom payment p90\"\nsource = \"prometheus\"\nquery = '{}'\nmax = 0.5",
+        q("histogram_quantile(0.9, sum by (le) (rate(payment_duration_seconds_bucket{REL}[5s])))")
+    ));
+    add(&format!(
+        "name = \"prom slots up\"\nsource = \"prometheus\"\nquery = '{}'\nmin = 1",
+        q("sum(up{REL})")
+    ));
+    a
+}

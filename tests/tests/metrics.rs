@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tests::{Cluster, Load, Prometheus, Value, wait_until};
+use tests::{Cluster, Load, Prometheus, Value, fifteen_metrics, wait_until};
 
 /// v1, a good release, live on every host.
 fn deploy_v1(c: &Cluster) {
@@ -265,7 +265,7 @@ fn fifteen_metrics_are_judged_every_interval_on_a_fleet() {
     let plan = c
         .plan("2.0.0")
         .steps(r#"[{ traffic = 50, hold = "6s" }, { traffic = 100, hold = "2s" }]"#)
-        .analysis(&fifteen(&prom.url))
+        .analysis(&fifteen_metrics(&prom.url))
         .write("fifteen");
     let (code, id, err) = c.deploy_wait(&plan);
     load.stop().assert_none_failed();
@@ -287,52 +287,4 @@ fn fifteen_metrics_are_judged_every_interval_on_a_fleet() {
             "{i}"
         );
     }
-}
-
-/// An `[analysis]` section with fifteen metrics, querying `prometheus`.
-pub fn fifteen(prometheus: &str) -> String {
-    let mut a = format!(
-        "[analysis]\ninterval = \"2s\"\nfailure_limit = 2\nmin_requests = 10\ninconclusive_limit = 5\nscrape = \"/metrics\"\nprometheus = \"{prometheus}\"\n"
-    );
-    let mut add = |body: &str| a.push_str(&format!("\n[[analysis.metric]]\n{body}\n"));
-    add("name = \"error_rate\"\nmax = 0.05");
-    add("name = \"latency_p50\"\nmax = 1000");
-    add("name = \"latency_p90\"\nmax = 2000");
-    add("name = \"latency_p99\"\nmax = 5000");
-    add("name = \"request_rate\"\nmin = 0.1");
-    add(
-        "name = \"payment failures\"\nsource = \"slot\"\nratio = [\"payments_failed_total\", \"payments_total\"]\nmax = 0.05",
-    );
-    add(
-        "name = \"card failures\"\nsource = \"slot\"\nratio = [\"payments_failed_total\", \"payments_total\"]\nlabels = { method = \"card\" }\nmax = 0.05",
-    );
-    add(
-        "name = \"payments per second\"\nsource = \"slot\"\ncounter = \"payments_total\"\nmin = 0.1",
-    );
-    add(
-        "name = \"payment p99\"\nsource = \"slot\"\nhistogram = \"payment_duration_seconds\"\nquantile = 0.99\nmax = 0.5",
-    );
-    add("name = \"queue depth\"\nsource = \"slot\"\ngauge = \"payment_queue_depth\"\nmax = 10");
-    let q = |expr: &str| expr.replace("REL", "release=\"${RELEASE}\",service=\"${SERVICE}\"");
-    add(&format!(
-        "name = \"prom payments per second\"\nsource = \"prometheus\"\nquery = '{}'\nmin = 0",
-        q("sum(rate(payments_total{REL}[5s]))")
-    ));
-    add(&format!(
-        "name = \"prom failure share\"\nsource = \"prometheus\"\nquery = '{}'\nmax = 0.05",
-        q("sum(increase(payments_failed_total{REL}[5s])) / sum(increase(payments_total{REL}[5s]))")
-    ));
-    add(&format!(
-        "name = \"prom card payments\"\nsource = \"prometheus\"\nquery = '{}'\nmin = 0",
-        q("sum(rate(payments_total{REL,method=\"card\"}[5s]))")
-    ));
-    add(&format!(
-        "name = \"prom payment p90\"\nsource = \"prometheus\"\nquery = '{}'\nmax = 0.5",
-        q("histogram_quantile(0.9, sum by (le) (rate(payment_duration_seconds_bucket{REL}[5s])))")
-    ));
-    add(&format!(
-        "name = \"prom slots up\"\nsource = \"prometheus\"\nquery = '{}'\nmin = 1",
-        q("sum(up{REL})")
-    ));
-    a
 }

@@ -16,6 +16,7 @@ pub mod link;
 pub mod os;
 pub mod ports;
 pub mod proxy;
+pub mod scrape;
 pub mod service;
 pub mod slot;
 pub mod spawn;
@@ -101,7 +102,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
     services.inherit(inherited);
     tasks.spawn(services.clone().run_rerouter(shutdown.clone()));
     if let Some(addr) = cfg.http {
-        serve_http(addr, &cfg, &services, &shutdown, &tasks).await?;
+        serve_http(addr, &identity.name, &cfg, &services, &shutdown, &tasks).await?;
     }
     let restored = services.restore().await?;
     restart_on_sighup(&services, exe, cfg.handover_drain, &shutdown, &tasks)?;
@@ -185,9 +186,11 @@ fn settings(cfg: &RunConfig, trusted_keys: trust::TrustedKeys) -> service::Setti
     }
 }
 
-/// `--http`: `/metrics` and `/healthz`, bound before the services are restored.
+/// `--http`: `/metrics`, `/healthz`, `/sd/prometheus` and the slots' relayed metrics,
+/// bound before the services are restored.
 async fn serve_http(
     addr: std::net::SocketAddr,
+    host: &str,
     cfg: &RunConfig,
     services: &Arc<service::Services>,
     shutdown: &CancellationToken,
@@ -197,10 +200,15 @@ async fn serve_http(
         .await
         .with_context(|| format!("bind --http {addr}"))?;
     tracing::info!(%addr, "serving /metrics");
+    let site = http::Site {
+        host: host.to_string(),
+        addr: listener.local_addr().unwrap_or(addr),
+    };
     tasks.spawn(http::serve(
         listener,
         cfg.listen_limits.listen,
         services.clone(),
+        site,
         shutdown.clone(),
     ));
     Ok(())

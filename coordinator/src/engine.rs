@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord};
+use crate::prometheus::Pollers;
 use crate::rollout::{self, Command, HostView, Order};
 use crate::store::{Batch, Store};
 use crate::timeline::{Event, Kind};
@@ -139,6 +140,9 @@ pub struct Engine {
     hooks: Webhooks,
     /// Duration histograms fed from committed events.
     metrics: Arc<Metrics>,
+    /// The Prometheus queries of deployments' `source = "prometheus"` metrics, run off
+    /// this loop; their latest results go into each decision.
+    prometheus: Pollers,
 }
 
 /// A deployment in progress.
@@ -219,6 +223,7 @@ impl Engine {
             started_ms: now_ms(),
             hooks,
             metrics,
+            prometheus: Pollers::new(),
         };
         Ok((engine, Handle { tx }))
     }
@@ -234,6 +239,7 @@ impl Engine {
                     None => break,
                 },
                 _ = self.fleet.changed() => {},
+                Some(answer) = self.prometheus.recv() => self.prometheus.record(answer),
                 _ = tick.tick() => {},
             }
             if let Err(e) = self.evaluate() {
@@ -412,7 +418,9 @@ impl Engine {
         };
         let now = now_ms();
         let reports = self.reports(&dep)?;
-        let decision = rollout::decide(&dep, &self.views(&reports, now), order, now);
+        let queried = self.prometheus.sync(&dep);
+        let views = self.views(&reports, now);
+        let decision = rollout::decide_with(&dep, &views, order, &queried, now);
         let next = decision.deployment;
         if next == dep && decision.targets.is_empty() && decision.events.is_empty() {
             return Ok(next);
@@ -547,7 +555,9 @@ impl Engine {
         a.record = record;
         a.next_event += events.len() as u64;
         a.measure(events, &self.metrics);
-        if !a.record.state.is_final() {
+        if a.record.state.is_final() {
+            self.prometheus.forget(&id);
+        } else {
             self.active.insert(id, a);
         }
     }

@@ -15,6 +15,7 @@ pub mod locks;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod prometheus;
 pub mod queries;
 pub mod report;
 pub mod rollout;

@@ -8,7 +8,7 @@ use cutover_proto::v1::SlotPhase;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Counters, MetricResult, Verdict};
+use crate::analysis::{Counters, MetricResult, ScrapeSnapshot, Verdict};
 
 /// Who a client certificate belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -377,6 +377,8 @@ pub enum PauseCause {
     StepGate,
     /// A host was unreachable for `host_lost_after` and `on_host_lost = "pause"`.
     HostLost,
+    /// `inconclusive_limit` analysis intervals in a row had a metric without data.
+    Inconclusive,
 }
 
 /// A pause in progress.
@@ -422,8 +424,15 @@ pub struct AnalysisState {
     pub interval_started_unix_ms: Option<u64>,
     /// Counters per host at the interval's start: (new slot, old slot).
     pub snapshot: BTreeMap<String, (Counters, Counters)>,
+    /// Each host's scrapes of its slots' own metrics at the interval's start (new slot,
+    /// old slot), for `source = "slot"` metrics.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scrapes: ScrapeSnapshot,
     /// Failing intervals in a row, against `failure_limit`.
     pub consecutive_failures: u32,
+    /// Inconclusive intervals in a row, against `inconclusive_limit`.
+    #[serde(default)]
+    pub consecutive_inconclusive: u32,
     /// When the current run of failing intervals began.
     pub first_failure_unix_ms: Option<u64>,
     /// Conclusive passing intervals in the current step.

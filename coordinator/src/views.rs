@@ -68,6 +68,8 @@ pub struct Deployment {
     pub rollback: Option<Rollback>,
     /// The analysis intervals kept in the record, oldest first.
     pub intervals: Vec<Interval>,
+    /// The newest of them, each metric with its values, bounds and verdict.
+    pub last_interval: Option<Interval>,
     /// The service's deploy lock, while it has one: no new deployment until unlocked.
     pub lock: Option<Lock>,
 }
@@ -160,6 +162,10 @@ pub struct Metric {
     pub old: Option<f64>,
     /// This metric's own verdict.
     pub verdict: String,
+    /// The bounds it is judged by (`max 0.02, max_vs_baseline 1.5x`).
+    pub threshold: Option<String>,
+    /// Why it failed or was inconclusive.
+    pub why: Option<String>,
 }
 
 impl From<&pb::Deployment> for Deployment {
@@ -180,6 +186,7 @@ impl From<&pb::Deployment> for Deployment {
             rollback: Rollback::of(d),
             intervals: d.intervals.iter().map(Interval::from).collect(),
             lock: d.lock.as_ref().map(Lock::from),
+            last_interval: d.intervals.last().map(Interval::from),
         }
     }
 }
@@ -232,6 +239,8 @@ impl From<&pb::AnalysisInterval> for Interval {
                     new: finite(m.new),
                     old: finite(m.old),
                     verdict: m.verdict.clone(),
+                    threshold: opt(&m.threshold),
+                    why: opt(&m.why),
                 })
                 .collect(),
         }
@@ -384,6 +393,8 @@ mod tests {
                     new: 0.4,
                     old: f64::NAN,
                     verdict: "fail".into(),
+                    threshold: "max 5.00%".into(),
+                    why: "error_rate 40.00% above max 5.00%".into(),
                 }],
             }],
             first_bad_unix_ms: 2_500,
@@ -397,6 +408,15 @@ mod tests {
             }),
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
+        let interval = json!({
+            "step": 0, "traffic": 10,
+            "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
+            "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
+            "metrics": [{
+                "name": "error_rate", "new": 0.4, "old": null, "verdict": "fail",
+                "threshold": "max 5.00%", "why": "error_rate 40.00% above max 5.00%",
+            }],
+        });
         let expected = json!({
             "id": "d-000007", "service": "web", "release": "2", "previous_release": "1",
             "state": "rolled_back", "step": 0, "steps": 2, "traffic": 0,
@@ -409,12 +429,8 @@ mod tests {
                 "done_at": "1970-01-01T00:00:03.750Z",
                 "first_bad_unix_ms": 2500, "done_unix_ms": 3750, "seconds_to_restore": 1.25,
             },
-            "intervals": [{
-                "step": 0, "traffic": 10,
-                "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
-                "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
-                "metrics": [{"name": "error_rate", "new": 0.4, "old": null, "verdict": "fail"}],
-            }],
+            "intervals": [interval.clone()],
+            "last_interval": interval,
             "lock": {"service": "web", "message": "freeze", "by": "ana", "at": "1970-01-01T00:00:04.000Z"},
         });
         assert_eq!(printed, expected.to_string());

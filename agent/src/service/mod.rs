@@ -24,9 +24,17 @@ use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
 use crate::ports::PortRange;
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
+use crate::scrape::Scraper;
 use crate::slot::{self, SlotCtx, SlotState, adopt};
 use crate::store::Store;
 use crate::trust::TrustedKeys;
+
+/// The private port of a slot whose process runs (healthy or not), if it does.
+fn running_port(st: &SlotState) -> Option<u16> {
+    matches!(st.phase, SlotPhase::Healthy | SlotPhase::Unhealthy)
+        .then_some(st.port)
+        .filter(|p| *p != 0)
+}
 
 /// A slot's task, as the service holds it.
 struct SlotRun {
@@ -67,6 +75,8 @@ struct Runtime {
     effective: [u32; 2],
     /// Why the effective weights differ from the desired ones.
     healing: String,
+    /// Scrapes the slots' own metrics while the desired state asks for it.
+    scraper: Option<Scraper>,
 }
 
 /// The services on this host and how they run.
@@ -214,6 +224,7 @@ impl Services {
         // request is sent to a process that is already stopping.
         let retired = self.converge_slots(rt, &d);
         self.converge_port(rt, &d);
+        self.converge_scraper(rt, &d);
         rt.desired = d;
         Self::route(rt);
         for old in retired {
@@ -302,6 +313,34 @@ impl Services {
         }
     }
 
+    /// Scrapes the slots as `d` asks: a changed spec or path starts a new task, none
+    /// stops it.
+    fn converge_scraper(&self, rt: &mut Runtime, d: &DesiredService) {
+        let same = match (&rt.scraper, &d.scrape) {
+            (Some(s), Some(spec)) => s.spec == *spec && s.path == d.metrics_path,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        if let Some(old) = rt.scraper.take() {
+            old.stop();
+        }
+        if let Some(spec) = &d.scrape
+            && !d.metrics_path.is_empty()
+        {
+            rt.scraper = Some(Scraper::start(
+                &d.service,
+                &d.metrics_path,
+                spec.clone(),
+                self.changed.clone(),
+                &self.cancel,
+                &self.tasks,
+            ));
+        }
+    }
+
     /// Points the proxy at the slots, in one atomic swap, with the weights the healing
     /// rule ([`heal::route`]) gives for the desired ones and the slots' phases.
     fn route(rt: &mut Runtime) {
@@ -324,6 +363,9 @@ impl Services {
         }
         rt.effective = weights;
         rt.healing = healing;
+        if let Some(scraper) = &rt.scraper {
+            scraper.set_ports(states.each_ref().map(|s| s.as_ref().and_then(running_port)));
+        }
         let Some(proxy) = &rt.proxy else { return };
         let entries = rt
             .slots
@@ -465,6 +507,45 @@ impl Services {
         err.to_string()
     }
 
+    /// Where slot `slot` of `service` serves its own metrics now: its private port and
+    /// the service's metrics path; why not, for a relay to say.
+    pub async fn metrics_target(&self, service: &str, slot: Slot) -> Result<(u16, String), String> {
+        let rts = self.runtimes.lock().await;
+        let rt = rts
+            .get(service)
+            .ok_or_else(|| format!("no service {service:?} on this host"))?;
+        if rt.desired.metrics_path.is_empty() {
+            return Err(format!("service {service} has no [analysis] scrape path"));
+        }
+        let port = rt.slots[slot.index()]
+            .as_ref()
+            .and_then(|run| running_port(&run.state()))
+            .ok_or_else(|| format!("slot {slot} of {service} is not running"))?;
+        Ok((port, rt.desired.metrics_path.clone()))
+    }
+
+    /// Every running slot whose service has a metrics path: (service, slot, release).
+    pub async fn metrics_slots(&self) -> Vec<(String, Slot, String)> {
+        let rts = self.runtimes.lock().await;
+        let mut out = Vec::new();
+        for (name, rt) in rts.iter() {
+            if rt.desired.metrics_path.is_empty() {
+                continue;
+            }
+            for slot in Slot::BOTH {
+                let Some(run) = &rt.slots[slot.index()] else {
+                    continue;
+                };
+                let st = run.state();
+                if running_port(&st).is_some() {
+                    out.push((name.clone(), slot, st.release.clone()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// What runs now, per service.
     pub async fn observe(&self) -> Vec<ObservedService> {
         let rts = self.runtimes.lock().await;
@@ -484,6 +565,7 @@ impl Services {
                             fetch_ms: st.fetch_ms,
                             unpack_ms: st.unpack_ms,
                             start_ms: st.start_ms,
+                            scrape: rt.scraper.as_ref().and_then(|s| s.report(i)),
                         }
                     })
                 };

@@ -8,7 +8,7 @@ use crate::analysis::{MetricResult, Verdict};
 use crate::model::{DeployHost, IntervalRecord, RollbackTiming, Slot};
 use crate::model::{HostPhase, State};
 use crate::timeline::{Event, Kind};
-use cutover_shared::plan::{MetricName, Plan};
+use cutover_shared::plan::Plan;
 
 const DAY: u64 = 86_400_000;
 
@@ -566,13 +566,13 @@ fn a_finished_deployment_is_not_holding() {
 #[test]
 fn latency_figures_carry_their_unit() {
     let latency = MetricResult {
-        name: MetricName::LatencyP99,
+        name: "latency_p99".into(),
         new: Some(212.0),
         old: Some(180.5),
         verdict: Verdict::Pass,
     };
     let errors = MetricResult {
-        name: MetricName::ErrorRate,
+        name: "error_rate".into(),
         new: Some(0.031),
         old: None,
         verdict: Verdict::Pass,
@@ -674,7 +674,7 @@ fn rolled_back_story() -> Show {
     d.previous_release = Some("1".into());
     d.reason = Some("analysis failed".into());
     let errors = MetricResult {
-        name: MetricName::ErrorRate,
+        name: "error_rate".into(),
         new: Some(0.4),
         old: None,
         verdict: Verdict::Fail("above max".into()),
@@ -780,7 +780,7 @@ fn show_keeps_the_field_names_its_readers_use() {
     );
     assert_eq!(
         keys(&v["last_interval"]["metrics"][0]),
-        ["name", "new", "old", "text", "unit"]
+        ["name", "new", "old", "text", "threshold", "unit", "verdict"]
     );
     assert_eq!(
         keys(&v["typical"]),

@@ -120,6 +120,11 @@ pub fn target(
         Protocol::Tcp => WireProtocol::Tcp,
     } as i32;
     d.drain_ms = plan.run.drain.as_millis();
+    let (metrics_path, scrape) = super::scrape_spec(plan);
+    d.metrics_path = metrics_path;
+    // Slots are scraped only while there is an interval to judge.
+    let judging = !dep.state.is_final() && dep.state != State::RollingBack;
+    d.scrape = scrape.filter(|_| judging);
     let new = host.new_slot;
     let has_old = host.old_slot.is_some();
     let (spec, new_weight) = match host.phase {

@@ -31,9 +31,11 @@ use std::collections::BTreeMap;
 
 use cutover_proto::v1::{DesiredService, ObservedService};
 
+use crate::analysis::Queried;
 use crate::model::DeploymentRecord;
 use crate::timeline::Event;
 
+mod business;
 mod command;
 mod desired;
 mod effects;
@@ -49,6 +51,7 @@ mod service;
 mod submit;
 mod watch;
 
+pub use business::scrape_spec;
 pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
 pub use submit::{Submission, submit};
 
@@ -120,7 +123,20 @@ pub fn decide(
     order: Option<Order<'_>>,
     now: u64,
 ) -> Decision {
+    decide_with(dep, views, order, &machine::NO_QUERIES, now)
+}
+
+/// [`decide`], with the latest result of each Prometheus query the plan's metrics make
+/// (which the engine gathers off the decision loop, so that deciding stays pure).
+pub fn decide_with(
+    dep: &DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+    order: Option<Order<'_>>,
+    queried: &Queried,
+    now: u64,
+) -> Decision {
     let mut m = Machine::new(dep.clone(), views, now);
+    m.queried = queried;
     if !m.d.state.is_final() {
         m.report_progress();
         if let Some(order) = order {

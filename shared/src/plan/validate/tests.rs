@@ -300,7 +300,7 @@ fn metrics() {
     refused(
         with(&|m| m.max = None),
         "analysis.metric[3]",
-        "metric has no bound: set max, min, max_vs_baseline or judge",
+        "metric has no bound: set max, min, max_vs_baseline, min_vs_baseline or judge",
     );
     refused(
         with(&|m| m.min = Some(f64::NAN)),
@@ -335,5 +335,10 @@ fn metrics() {
         "analysis.metric[3].confidence",
         "must be between 0 and 1, e.g. 0.95",
     );
-    assert_eq!(with(&|m| m.name = MetricName::LatencyP99), Ok(()));
+    refused(
+        with(&|m| m.min_vs_baseline = Some(-1.0)),
+        "analysis.metric[3].min_vs_baseline",
+        "must be a ratio above 0, e.g. 0.8",
+    );
+    assert_eq!(with(&|m| m.name = "latency_p99".into()), Ok(()));
 }

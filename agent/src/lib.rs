@@ -8,6 +8,7 @@
 pub mod artifact;
 pub mod data_dir;
 pub mod enroll;
+pub mod env_file;
 pub mod handover;
 pub mod health;
 pub mod http;

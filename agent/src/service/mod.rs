@@ -395,6 +395,7 @@ impl Services {
             trusted_keys: self.settings.trusted_keys.clone(),
             adopt,
             service_user: self.settings.service_user.clone(),
+            secrets: Default::default(),
         };
         self.tasks.spawn(slot::run(ctx, cancel.clone()));
         SlotRun {

@@ -62,6 +62,7 @@ async fn live(ctx: &SlotCtx, cancel: &CancellationToken) -> Result<Infallible, E
         tracing::warn!(service = ctx.service, slot = ctx.slot.as_str(), release = ctx.version(), error = %e, "slot process cannot run");
         End::Failed(e)
     })?;
+    let _ = ctx.secrets.set(launch.secrets());
     let mut life = Life::new(ctx, launch);
     loop {
         let mut current = life.start_or_adopt().await?;
@@ -301,7 +302,9 @@ impl<'a> Life<'a> {
         self.log.rotate_if_full();
         let result = self.checker.run(current.port, &current.launcher).await;
         if let Err(e) = &result {
-            current.last_check_error.clone_from(e);
+            // An exec check's output may echo the environment: masked before it is
+            // logged or reported.
+            current.last_check_error = self.ctx.mask(e);
         }
         let ctx = self.ctx;
         match current.tally.record(result.is_ok()) {
@@ -364,7 +367,7 @@ impl<'a> Life<'a> {
         let tail = self
             .log
             .last_line()
-            .map(|l| format!(": {l}"))
+            .map(|l| format!(": {}", ctx.mask(&l)))
             .unwrap_or_default();
         let msg = format!("process exited ({status}){tail}");
         tracing::warn!(

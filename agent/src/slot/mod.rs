@@ -25,11 +25,12 @@ mod release;
 mod restart;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cutover_proto::Slot;
 use cutover_proto::v1::{SlotPhase, SlotSpec};
+use cutover_shared::secrets::Secrets;
 use tokio::sync::Notify;
 
 use crate::artifact::Limits;
@@ -96,6 +97,10 @@ pub struct SlotCtx {
     pub adopt: Option<ProcessRecord>,
     /// Whom to run the process as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
+    /// The secret values the slot's process gets (`[run] secret_env`, from the plan or
+    /// an env file), known once its environment is read: every error the slot reports
+    /// is masked with them, and so are the log lines streamed from it.
+    pub secrets: Arc<OnceLock<Secrets>>,
 }
 
 impl SlotCtx {
@@ -115,9 +120,18 @@ impl SlotCtx {
         self.changed.notify_one();
     }
 
-    /// Moves the slot to `phase` with `error` (empty when none); routes follow a change.
+    /// `text` with the slot's secret values masked.
+    fn mask(&self, text: &str) -> String {
+        match self.secrets.get() {
+            Some(s) => s.mask(text),
+            None => text.to_string(),
+        }
+    }
+
+    /// Moves the slot to `phase` with `error` (empty when none, masked); routes follow a
+    /// change.
     fn phase(&self, phase: SlotPhase, error: impl Into<String>) {
-        let error = error.into();
+        let error = self.mask(&error.into());
         let mut changed = false;
         self.set(|s| {
             changed = s.phase != phase;

@@ -148,6 +148,12 @@ fn print_show(v: &Show) {
     for e in &v.timeline {
         outln!("  {:>8}  {}", format!("+{:.1}s", e.offset_s), e.text);
     }
+    outln!();
+    outln!("plan ({}, secret values masked):", v.plan_path);
+    match toml::to_string(&v.plan) {
+        Ok(text) => text.lines().for_each(|l| outln!("  {l}")),
+        Err(e) => outln!("  (cannot be shown: {e})"),
+    }
 }
 
 /// `cutover stats`.

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 use super::failure::{Failure, failure};
@@ -66,6 +67,10 @@ pub struct Show {
     pub stragglers: Vec<Straggler>,
     /// Every event, oldest first.
     pub timeline: Vec<TimelineEntry>,
+    /// The plan that was deployed, its secret values masked ([`Plan::masked`]).
+    pub plan: Plan,
+    /// Where the plan came from, as the CLI named it (`(rollback)`, `(restart)`...).
+    pub plan_path: String,
 }
 
 /// A target host of a deployment.
@@ -173,6 +178,8 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
             .map(|(host, preparing_s)| Straggler { host, preparing_s })
             .collect(),
         timeline: events.iter().map(|e| entry(d, e)).collect(),
+        plan: d.plan.masked(),
+        plan_path: d.plan_path.clone(),
     }
 }
 

@@ -34,6 +34,8 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             env: plan.run.env.clone().into_iter().collect(),
             stop_timeout_ms: plan.run.stop_timeout.as_millis(),
             user: plan.run.user.clone().unwrap_or_default(),
+            env_files: plan.run.env_files.clone(),
+            secret_env: plan.run.secret_env.clone(),
         }),
         health: Some(HealthSpec {
             check,

@@ -179,6 +179,14 @@ impl Store {
         })
     }
 
+    /// Forgets a service's desired state (`service remove`).
+    pub fn remove_desired(&self, service: &str) -> Result<(), Error> {
+        self.write(|w| {
+            w.open_table(DESIRED)?.remove(service)?;
+            Ok(())
+        })
+    }
+
     pub fn put_process(&self, p: &ProcessRecord) -> Result<(), Error> {
         let v = serde_json::to_vec(p).unwrap_or_default();
         self.write(|w| {

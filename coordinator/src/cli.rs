@@ -6,8 +6,9 @@
 //! [`deploy`] (deploy, rollback, the manual controls, status), [`follow`] (following a
 //! deployment to its end, shown by [`live`] on a terminal and [`plain`] in logs),
 //! [`hosts`], [`tokens`], [`reports`] (history, show, stats), [`artifact`] (signing keys
-//! and signatures) and [`plan`] (validate). [`conn`] reaches the coordinator, [`out`] is
-//! where every line goes and [`table`] lays text out.
+//! and signatures), [`plan`] (validate) and [`service`] (the service lifecycle).
+//! [`conn`] reaches the coordinator, [`out`] is where every line goes and [`table`] lays
+//! text out.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
@@ -22,6 +23,7 @@ pub mod out;
 pub mod plain;
 pub mod plan;
 pub mod reports;
+pub mod service;
 pub mod table;
 pub mod tokens;
 
@@ -105,6 +107,11 @@ pub enum Command {
         #[command(subcommand)]
         command: plan::PlanCmd,
     },
+    /// Services between deployments: list, restart, stop, start, remove.
+    Service {
+        #[command(subcommand)]
+        command: service::ServiceCmd,
+    },
 }
 
 impl Command {
@@ -127,6 +134,7 @@ impl Command {
             Command::Stats(args) => reports::stats(conn, args, out).await,
             Command::Artifact { command } => artifact::run(command, out),
             Command::Plan { command } => plan::run(command, out),
+            Command::Service { command } => service::run(command, conn, out).await,
         }
     }
 }

@@ -36,6 +36,30 @@ pub enum Error {
     Stopped,
 }
 
+/// What `cutover service restart|stop|start|remove` asks of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceAction {
+    /// Start the live release anew in each host's idle slot, host wave by host wave; on
+    /// these hosts only when the list is not empty.
+    Restart { hosts: Vec<String> },
+    /// No slot process runs until `Start`; no deployment starts meanwhile.
+    Stop,
+    /// Run the slots again after `Stop`.
+    Start,
+    /// Stop both slots everywhere, let the port go, and forget the service.
+    Remove,
+}
+
+/// What a service action did.
+pub struct ServiceDone {
+    /// The restart's deployment id.
+    pub deployment: Option<String>,
+    /// The hosts the action was sent to.
+    pub hosts: Vec<String>,
+    /// Nothing needed doing (already stopped, already started).
+    pub noop: bool,
+}
+
 /// A deployment just created.
 pub struct Created {
     pub id: String,
@@ -62,6 +86,12 @@ enum Request {
         actor: String,
         reply: oneshot::Sender<Result<DeploymentRecord, Error>>,
     },
+    Service {
+        service: String,
+        action: ServiceAction,
+        actor: String,
+        reply: oneshot::Sender<Result<ServiceDone, Error>>,
+    },
 }
 
 /// Cheap handle to the engine task.
@@ -71,6 +101,22 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// `cutover service restart|stop|start|remove SERVICE`.
+    pub async fn service(
+        &self,
+        service: String,
+        action: ServiceAction,
+        actor: String,
+    ) -> Result<ServiceDone, Error> {
+        self.call(|reply| Request::Service {
+            service,
+            action,
+            actor,
+            reply,
+        })
+        .await
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Request,
@@ -139,6 +185,10 @@ pub struct Engine {
     hooks: Webhooks,
     /// Duration histograms fed from committed events.
     metrics: Arc<Metrics>,
+    /// Services each host was told to forget (host, service), with when (unix ms): the
+    /// tombstone is kept, and resent on every reconnect, until a report made after it
+    /// no longer lists the service.
+    removing: BTreeMap<(String, String), u64>,
 }
 
 /// A deployment in progress.
@@ -161,6 +211,8 @@ struct Change {
     service: Option<ServiceRecord>,
     /// Each host's new desired state (for the service it names; generation unset).
     targets: BTreeMap<String, DesiredService>,
+    /// A service whose record goes (`service remove`, a first release that failed).
+    forget: Option<String>,
 }
 
 /// Where a deployment's plan comes from.
@@ -169,6 +221,8 @@ enum Origin {
     File(String),
     /// `cutover rollback`: the previous release's plan.
     Rollback,
+    /// `cutover service restart`: the live plan again, in the idle slots.
+    Restart,
 }
 
 /// What the hosts of one deployment were sent and report, read for one decision.
@@ -209,6 +263,11 @@ impl Engine {
             };
             active.insert(id, a);
         }
+        let started_ms = now_ms();
+        let removing = tombstones(&store)?
+            .into_iter()
+            .map(|key| (key, started_ms))
+            .collect();
         let engine = Engine {
             store,
             fleet,
@@ -216,9 +275,10 @@ impl Engine {
             active,
             desired: HashMap::new(),
             next_retire_check: 0,
-            started_ms: now_ms(),
+            started_ms,
             hooks,
             metrics,
+            removing,
         };
         Ok((engine, Handle { tx }))
     }
@@ -267,6 +327,14 @@ impl Engine {
             } => {
                 let _ = reply.send(self.command(&id, command, &actor));
             }
+            Request::Service {
+                service,
+                action,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.service_action(&service, action, &actor));
+            }
         }
     }
 
@@ -278,6 +346,7 @@ impl Engine {
                 self.step(&id, None)?;
             }
         }
+        self.confirm_removals()?;
         self.retire_previous()
     }
 
@@ -315,7 +384,7 @@ impl Engine {
 
     /// Creates a deployment of `plan` over the connected hosts it targets.
     fn create(&mut self, plan: Plan, origin: Origin, actor: &str) -> Result<Created, Error> {
-        let mut service = self
+        let service = self
             .store
             .service(&plan.service)?
             .unwrap_or_else(|| ServiceRecord {
@@ -323,11 +392,26 @@ impl Engine {
                 ..Default::default()
             });
         self.refuse_if_busy(&service)?;
+        refuse_if_stopped(&service)?;
         let hosts = self.target_hosts(&plan)?;
+        self.open(plan, hosts, origin, actor, service)
+    }
+
+    /// Opens a deployment of `plan` over `hosts` (each with its desired state for the
+    /// service) and publishes it.
+    fn open(
+        &mut self,
+        plan: Plan,
+        hosts: BTreeMap<String, Option<DesiredService>>,
+        origin: Origin,
+        actor: &str,
+        mut service: ServiceRecord,
+    ) -> Result<Created, Error> {
         let id = format!("d-{:06}", self.store.next_seq("deployment")?);
-        let (plan_path, is_rollback) = match origin {
-            Origin::File(path) => (path, false),
-            Origin::Rollback => ("(rollback)".to_string(), true),
+        let (plan_path, is_rollback, restart) = match origin {
+            Origin::File(path) => (path, false, false),
+            Origin::Rollback => ("(rollback)".to_string(), true, false),
+            Origin::Restart => ("(restart)".to_string(), false, true),
         };
         let submission = rollout::Submission {
             id: id.clone(),
@@ -335,6 +419,7 @@ impl Engine {
             plan,
             plan_path,
             is_rollback,
+            restart,
             actor,
         };
         let decision = rollout::submit(submission, &hosts, now_ms());
@@ -355,8 +440,171 @@ impl Engine {
             deployment: Some((decision.deployment, decision.events)),
             service: Some(service),
             targets: decision.targets,
+            forget: None,
         })?;
         Ok(Created { id, noop })
+    }
+
+    /// `cutover service restart|stop|start|remove`: refused while a deployment of the
+    /// service runs.
+    fn service_action(
+        &mut self,
+        name: &str,
+        action: ServiceAction,
+        actor: &str,
+    ) -> Result<ServiceDone, Error> {
+        let svc = self.store.service(name)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "unknown service {name:?} (see `cutover service list`)"
+            ))
+        })?;
+        self.refuse_if_busy(&svc)?;
+        match action {
+            ServiceAction::Restart { hosts } => self.restart(svc, &hosts, actor),
+            ServiceAction::Stop => self.set_stopped(svc, true, actor),
+            ServiceAction::Start => self.set_stopped(svc, false, actor),
+            ServiceAction::Remove => self.remove_service(svc, actor),
+        }
+    }
+
+    /// A deployment of the live plan that starts it anew in the idle slot of every
+    /// connected host running it (or of `only`), wave by wave.
+    fn restart(
+        &mut self,
+        svc: ServiceRecord,
+        only: &[String],
+        actor: &str,
+    ) -> Result<ServiceDone, Error> {
+        refuse_if_stopped(&svc)?;
+        let Some(live) = svc.live.clone() else {
+            return Err(Error::Refused(format!(
+                "service {} has no live release to restart",
+                svc.name
+            )));
+        };
+        let mut hosts = self.target_hosts(&live)?;
+        hosts.retain(|_, d| {
+            d.as_ref()
+                .is_some_and(|d| !d.removed && d.live_slot().is_some())
+        });
+        if let Some(h) = only.iter().find(|h| !hosts.contains_key(*h)) {
+            return Err(Error::Refused(format!(
+                "--hosts {h}: not a connected host running service {}",
+                svc.name
+            )));
+        }
+        if !only.is_empty() {
+            hosts.retain(|h, _| only.contains(h));
+        }
+        if hosts.is_empty() {
+            return Err(Error::Refused(format!(
+                "no connected host runs service {}",
+                svc.name
+            )));
+        }
+        let names: Vec<String> = hosts.keys().cloned().collect();
+        let plan = rollout::restart_plan(live, hosts.len());
+        let created = self.open(plan, hosts, Origin::Restart, actor, svc)?;
+        Ok(ServiceDone {
+            deployment: Some(created.id),
+            hosts: names,
+            noop: false,
+        })
+    }
+
+    /// `service stop` (`stopped`) or `service start`: every host of the service is told.
+    fn set_stopped(
+        &mut self,
+        mut svc: ServiceRecord,
+        stopped: bool,
+        actor: &str,
+    ) -> Result<ServiceDone, Error> {
+        let targets = rollout::stopping(&self.service_desired(&svc.name)?, stopped);
+        let noop = svc.stopped == stopped && targets.is_empty();
+        let hosts: Vec<String> = targets.keys().cloned().collect();
+        svc.stopped = stopped;
+        let what = if stopped { "stopped" } else { "started" };
+        tracing::info!(
+            service = svc.name,
+            actor,
+            hosts = hosts.len(),
+            "service {what}"
+        );
+        self.publish(Change {
+            service: Some(svc),
+            targets,
+            ..Change::default()
+        })?;
+        Ok(ServiceDone {
+            deployment: None,
+            hosts,
+            noop,
+        })
+    }
+
+    /// `service remove`: every host is told to forget the service (and keeps being told
+    /// until it reports it gone); the service's record goes at once.
+    fn remove_service(&mut self, svc: ServiceRecord, actor: &str) -> Result<ServiceDone, Error> {
+        let targets = rollout::removal(&self.service_desired(&svc.name)?);
+        let hosts: Vec<String> = targets.keys().cloned().collect();
+        tracing::info!(
+            service = svc.name,
+            actor,
+            hosts = hosts.len(),
+            "service removed"
+        );
+        self.publish(Change {
+            targets,
+            forget: Some(svc.name),
+            ..Change::default()
+        })?;
+        Ok(ServiceDone {
+            deployment: None,
+            hosts,
+            noop: false,
+        })
+    }
+
+    /// Every host's desired state for `service`, for the hosts that have one.
+    fn service_desired(
+        &mut self,
+        service: &str,
+    ) -> Result<BTreeMap<String, DesiredService>, Error> {
+        let mut out = BTreeMap::new();
+        for host in self.store.hosts()? {
+            if let Some(d) = self.desired(&host.name, service)? {
+                out.insert(host.name, d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets the tombstones of hosts that reported the service gone since they were
+    /// told to remove it.
+    fn confirm_removals(&mut self) -> Result<(), Error> {
+        let gone: Vec<(String, String)> = self
+            .removing
+            .iter()
+            .filter(|((host, service), told)| {
+                self.fleet.last_report(host).is_some_and(|t| t > **told)
+                    && self.fleet.observed(host, service).is_none()
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for (host, service) in &gone {
+            batch.remove_desired(host, service);
+        }
+        self.store.commit(batch)?;
+        for key in gone {
+            tracing::info!(host = key.0, service = key.1, "service gone from host");
+            self.desired.remove(&key);
+            self.removing.remove(&key);
+        }
+        Ok(())
     }
 
     /// One deployment at a time per service.
@@ -414,18 +662,50 @@ impl Engine {
             return Ok(next);
         }
         log_state(&dep, &next);
-        let service = if next.state.is_final() {
+        let mut targets = decision.targets;
+        let mut service = None;
+        let mut forget = None;
+        if next.state.is_final() {
             let svc = self.store.service(&next.service)?.unwrap_or_default();
-            Some(rollout::concluded(svc, &next, now))
-        } else {
-            None
-        };
+            let svc = rollout::concluded(svc, &next, now);
+            if svc.live.is_none() && self.forget_first_release(&next, &mut targets)? {
+                forget = Some(svc.name);
+            } else {
+                service = Some(svc);
+            }
+        }
         self.publish(Change {
             deployment: Some((next.clone(), decision.events)),
             service,
-            targets: decision.targets,
+            targets,
+            forget,
         })?;
         Ok(next)
+    }
+
+    /// A first release that failed leaves nothing behind: each of `d`'s hosts whose
+    /// desired state (after `targets`) is empty is told to forget the service. True when
+    /// every host is left with nothing, so the service itself is forgotten.
+    fn forget_first_release(
+        &mut self,
+        d: &DeploymentRecord,
+        targets: &mut BTreeMap<String, DesiredService>,
+    ) -> Result<bool, Error> {
+        let mut all_empty = true;
+        for h in d.hosts.keys() {
+            let last = match targets.get(h) {
+                Some(t) => Some(t.clone()),
+                None => self.desired(h, &d.service)?,
+            };
+            let Some(last) = last else { continue };
+            match rollout::forget_if_empty(&last) {
+                Some(t) => {
+                    targets.insert(h.clone(), t);
+                }
+                None => all_empty &= last.removed,
+            }
+        }
+        Ok(all_empty)
     }
 
     /// What `dep`'s hosts were sent and report now.
@@ -476,12 +756,7 @@ impl Engine {
             if !rollout::retiring(&svc, now) {
                 continue;
             }
-            let mut desired = BTreeMap::new();
-            for host in self.store.hosts()? {
-                if let Some(d) = self.desired(&host.name, &svc.name)? {
-                    desired.insert(host.name, d);
-                }
-            }
+            let desired = self.service_desired(&svc.name)?;
             let Some(r) = rollout::retire(&svc, &desired, now) else {
                 continue;
             };
@@ -518,11 +793,21 @@ impl Engine {
         if let Some(svc) = &change.service {
             batch.service(svc);
         }
+        if let Some(name) = &change.forget {
+            batch.remove_service(name);
+        }
         // Write what was decided before acting on it.
         self.store.commit(batch)?;
+        let now = now_ms();
         for (host, t) in sends {
             self.fleet.send_desired(&host, vec![t.clone()]);
-            self.desired.insert((host, t.service.clone()), t);
+            let key = (host, t.service.clone());
+            if t.removed {
+                self.removing.insert(key.clone(), now);
+            } else {
+                self.removing.remove(&key);
+            }
+            self.desired.insert(key, t);
         }
         if let Some((record, events)) = change.deployment {
             self.hooks.send(&record, &events);
@@ -602,6 +887,33 @@ impl Active {
             }
         }
     }
+}
+
+/// No deployment starts while the service is stopped.
+fn refuse_if_stopped(service: &ServiceRecord) -> Result<(), Error> {
+    if !service.stopped {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "service {} is stopped; `cutover service start {}` first",
+        service.name, service.name
+    )))
+}
+
+/// The services each host was told to forget and has not yet reported gone, from the
+/// store: (host, service).
+fn tombstones(store: &Store) -> Result<Vec<(String, String)>, Error> {
+    let mut out = Vec::new();
+    for host in store.hosts()? {
+        for raw in store.desired_for_host(&host.name)? {
+            if let Ok(d) = DesiredService::decode(raw.as_slice())
+                && d.removed
+            {
+                out.push((host.name.clone(), d.service));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Logs a deployment's change of state.

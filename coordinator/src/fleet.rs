@@ -27,8 +27,12 @@ struct Inner {
     next_id: u64,
     /// The open session of each connected host.
     sessions: HashMap<String, Session>,
-    /// What each host last reported, per service; kept across reconnects.
+    /// What each host last reported, per service; kept across reconnects. A report is
+    /// the host's whole observed state: a service it leaves out is gone from the host.
     observed: HashMap<String, BTreeMap<String, ObservedService>>,
+    /// When each host last reported its observed state (unix ms), so that a service's
+    /// absence is read only from a report made after it was removed.
+    last_report: HashMap<String, u64>,
     /// When each host was last heard from (unix ms): a stream open but silent is not
     /// counted on.
     last_seen: HashMap<String, u64>,
@@ -95,16 +99,20 @@ impl Fleet {
             s.end.cancel();
         }
         g.observed.remove(host);
+        g.last_report.remove(host);
         drop(g);
         self.changed.notify_one();
     }
 
+    /// Records `host`'s whole observed state.
     pub fn observe(&self, host: &str, services: Vec<ObservedService>, now_ms: u64) {
         let mut g = self.lock();
-        let entry = g.observed.entry(host.to_string()).or_default();
-        for s in services {
-            entry.insert(s.service.clone(), s);
-        }
+        let all = services
+            .into_iter()
+            .map(|s| (s.service.clone(), s))
+            .collect();
+        g.observed.insert(host.to_string(), all);
+        g.last_report.insert(host.to_string(), now_ms);
         g.last_seen.insert(host.to_string(), now_ms);
         drop(g);
         self.changed.notify_one();
@@ -144,6 +152,11 @@ impl Fleet {
 
     pub fn reconnects(&self) -> u64 {
         self.lock().reconnects
+    }
+
+    /// When `host` last reported its observed state.
+    pub fn last_report(&self, host: &str) -> Option<u64> {
+        self.lock().last_report.get(host).copied()
     }
 
     pub fn last_seen(&self, host: &str) -> Option<u64> {

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
+pub mod inventory;
 pub mod listener;
 pub mod metrics;
 pub mod model;

@@ -11,6 +11,7 @@ use cutover_proto::v1 as pb;
 use prost::Message;
 
 use crate::fleet::Fleet;
+use crate::inventory::{self, HostState};
 use crate::model::DeploymentRecord;
 use crate::report;
 use crate::store::{self, Store};
@@ -44,7 +45,13 @@ pub fn hosts(store: &Store, fleet: &Fleet, now: u64) -> Result<Vec<pb::Host>, Er
         let observed = fleet.observed_all(&h.name);
         let desired = desired(store, &h.name)?;
         let mut names: Vec<&str> = observed.iter().map(|o| o.service.as_str()).collect();
-        names.extend(desired.iter().map(|d| d.service.as_str()));
+        // A service the host was told to forget shows only while it still runs there.
+        names.extend(
+            desired
+                .iter()
+                .filter(|d| !d.removed)
+                .map(|d| d.service.as_str()),
+        );
         names.sort();
         names.dedup();
         let services = names
@@ -105,6 +112,7 @@ fn host_slot(
     let state = match observed {
         Some(s) => pb::SlotPhase::of(s.phase).name().to_string(),
         None if release.is_empty() => "empty".into(),
+        None if o.is_some_and(|o| o.stopped) => "stopped".into(),
         None => "unknown".into(),
     };
     let weight = match (o, d) {
@@ -203,4 +211,26 @@ pub fn stats(
     let records = store.deployments()?;
     let events = store.all_events()?;
     Ok(report::stats(&records, &events, service, since, now))
+}
+
+/// What the coordinator knows of every enrolled host: its desired state and its last
+/// report, by host name.
+pub fn host_states(store: &Store, fleet: &Fleet) -> Result<BTreeMap<String, HostState>, Error> {
+    let mut out = BTreeMap::new();
+    for h in store.hosts()? {
+        let state = HostState {
+            desired: desired(store, &h.name)?,
+            observed: fleet.observed_all(&h.name),
+        };
+        out.insert(h.name, state);
+    }
+    Ok(out)
+}
+
+/// `cutover service list`: every service with its state and where it runs.
+pub fn services(store: &Store, fleet: &Fleet) -> Result<Vec<inventory::ServiceRow>, Error> {
+    Ok(inventory::services(
+        &store.services()?,
+        &host_states(store, fleet)?,
+    ))
 }

@@ -69,6 +69,19 @@ struct Runtime {
     healing: String,
 }
 
+/// A removed service whose files go once its slots have stopped.
+struct Removed {
+    /// The service's name.
+    service: String,
+    /// What its slots report: every one stopped (or failed) lets the files go.
+    slots: Vec<Arc<Mutex<SlotState>>>,
+    /// When it was removed: after [`REMOVED_FILES_WAIT`] the files go anyway.
+    since: std::time::Instant,
+}
+
+/// How long a removed service's files wait for its slots to stop.
+const REMOVED_FILES_WAIT: Duration = Duration::from_secs(600);
+
 /// The services on this host and how they run.
 pub struct Services {
     /// How services run here, from the agent's configuration.
@@ -89,6 +102,8 @@ pub struct Services {
     tasks: TaskTracker,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
+    /// Removed services whose release directories and logs are still on disk.
+    removed: Mutex<Vec<Removed>>,
 }
 
 /// How this host runs services: from the agent's configuration.
@@ -127,6 +142,7 @@ impl Services {
             cancel,
             tasks,
             inherited: Mutex::new(Vec::new()),
+            removed: Mutex::new(Vec::new()),
         }
     }
 
@@ -194,6 +210,10 @@ impl Services {
                 return;
             }
         }
+        if d.removed {
+            self.remove(&d.service).await;
+            return;
+        }
         if let Err(e) = self.store.put_desired(&d) {
             // Not persisted: still apply, so the fleet converges; a restart before the
             // next write falls back to the previous stored state.
@@ -223,13 +243,63 @@ impl Services {
         self.changed.notify_one();
     }
 
+    /// Forgets `service`: its slots drain and stop, its port goes, and so does its
+    /// desired state; its releases and slot logs go once the slots have stopped (see
+    /// [`Services::maintain`]). Removing a service this host does not run does nothing.
+    async fn remove(&self, service: &str) {
+        let rt = self.runtimes.lock().await.remove(service);
+        if let Err(e) = self.store.remove_desired(service) {
+            tracing::error!(service, error = %e, "forget desired state");
+        }
+        let Some(mut rt) = rt else { return };
+        if let Some(p) = rt.proxy.take() {
+            p.stop();
+        }
+        let slots: Vec<SlotRun> = rt.slots.into_iter().flatten().collect();
+        for s in &slots {
+            s.cancel.cancel();
+        }
+        tracing::info!(service, "service removed");
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Removed {
+                service: service.to_string(),
+                slots: slots.iter().map(|s| s.status.clone()).collect(),
+                since: std::time::Instant::now(),
+            });
+        self.changed.notify_one();
+    }
+
+    /// Removes the files of removed services whose slots have stopped; a service that
+    /// came back meanwhile keeps them.
+    async fn forget_removed_files(&self) {
+        let rts = self.runtimes.lock().await;
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        removed.retain(|r| {
+            if rts.contains_key(&r.service) {
+                return false;
+            }
+            let stopped = r.slots.iter().all(|s| {
+                let phase = s.lock().unwrap_or_else(|p| p.into_inner()).phase;
+                matches!(phase, SlotPhase::Stopped | SlotPhase::Failed)
+            });
+            if !stopped && r.since.elapsed() < REMOVED_FILES_WAIT {
+                return true;
+            }
+            slot::forget_files(&self.settings.data_dir, &r.service);
+            false
+        });
+    }
+
     /// Starts the slots `d` wants and that do not run yet (or run another spec, or
-    /// failed and `d` is newer). Returns the runs they replace, still running.
+    /// failed and `d` is newer). Returns the runs they replace, still running. A stopped
+    /// service wants none.
     fn converge_slots(&self, rt: &mut Runtime, d: &DesiredService) -> Vec<SlotRun> {
         let mut retired = Vec::new();
         for slot in Slot::BOTH {
             let i = slot.index();
-            let want = d.slot(slot);
+            let want = if d.stopped { None } else { d.slot(slot) };
             let keep = match (&rt.slots[i], want) {
                 (Some(run), Some(spec)) => {
                     let failed = run.state().phase == SlotPhase::Failed;
@@ -407,8 +477,10 @@ impl Services {
         }
     }
 
-    /// Retries binding public ports that could not be bound before.
+    /// Every second: retries binding public ports that could not be bound before, and
+    /// removes the files of removed services once their slots have stopped.
     pub async fn maintain(&self) {
+        self.forget_removed_files().await;
         let pending: Vec<DesiredService> = {
             let rts = self.runtimes.lock().await;
             rts.values()
@@ -500,6 +572,7 @@ impl Services {
                     green_weight: if serving { gw } else { 0 },
                     error: rt.error.clone(),
                     healing: rt.healing.clone(),
+                    stopped: rt.desired.stopped,
                 }
             })
             .collect();

@@ -35,6 +35,17 @@ impl SlotLog {
         &self.path
     }
 
+    /// Removes the file and its rotated copy (the service was removed).
+    pub fn remove(&self) {
+        for p in [self.path.clone(), self.path.with_extension("log.1")] {
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %p.display(), error = %e, "remove a slot log");
+            }
+        }
+    }
+
     /// Rotates the file once it has reached its cap.
     pub fn rotate_if_full(&self) {
         let Ok(meta) = std::fs::metadata(&self.path) else {

@@ -41,6 +41,21 @@ use crate::trust::TrustedKeys;
 
 pub use lifecycle::run;
 
+/// Removes what a removed service left on disk once its slots have stopped: its
+/// release directories and its slots' log files. Its state directory is the service's
+/// own data and stays.
+pub fn forget_files(data: &std::path::Path, service: &str) {
+    let releases = crate::data_dir::releases(data).join(service);
+    if let Err(e) = std::fs::remove_dir_all(&releases)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %releases.display(), error = %e, "remove a removed service's releases");
+    }
+    for slot in Slot::BOTH {
+        log::SlotLog::of(data, service, slot, 0).remove();
+    }
+}
+
 /// What a slot reports.
 #[derive(Clone, Debug, Default)]
 pub struct SlotState {

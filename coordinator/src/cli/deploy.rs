@@ -75,7 +75,7 @@ pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) 
 
 /// After `deploy` or `rollback`: the id (or, with `--output json` and no `--wait`, the
 /// id and whether it was a no-op), then with `--wait` the deployment followed to its end.
-async fn follow_up(
+pub(super) async fn follow_up(
     client: &mut Client,
     resp: pb::DeployResponse,
     wait: bool,

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::status::internal;
-use super::{Api, deployment_to_pb};
+use super::{Api, deployment_to_pb, ops};
 use crate::model::TokenHost;
 use crate::rollout::Command;
 use crate::store::Store;
@@ -222,6 +222,20 @@ impl Control for Api {
         let dep = s.engine.command(r.id, command, actor(&r.actor)).await?;
         Ok(Response::new(deployment_to_pb(&dep)))
     }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::list_services(self, req).await
+    }
+
+    async fn service_command(
+        &self,
+        req: Request<pb::ServiceCommandRequest>,
+    ) -> Result<Response<pb::ServiceCommandResponse>, Status> {
+        ops::service_command(self, req).await
+    }
 }
 
 /// What a `token create` request grants, checked: label syntax, the host name it pins
@@ -281,7 +295,7 @@ fn token_host(store: &Store, name: &str, replace: &str) -> Result<TokenHost, Sta
 
 /// Who a request says asked for it, as the timeline shows it: printable, at most 100
 /// characters. It is what the client claims, next to the admin credentials it used.
-fn actor(claimed: &str) -> String {
+pub(super) fn actor(claimed: &str) -> String {
     claimed
         .chars()
         .filter(|c| !c.is_control())
@@ -293,7 +307,7 @@ fn actor(claimed: &str) -> String {
 
 /// A report as the JSON document the control API answers with; object keys sorted, as
 /// in every JSON document cutover writes.
-fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
+pub(super) fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
     let json = serde_json::to_string(&crate::views::to_value(report)).map_err(internal)?;
     Ok(Response::new(pb::JsonDocument { json }))
 }

@@ -68,8 +68,10 @@ pub struct Show {
     /// Every event, oldest first.
     pub timeline: Vec<TimelineEntry>,
     /// The plan that was deployed, its secret values masked ([`Plan::masked`]).
-    pub plan: Plan,
+    #[serde(default)]
+    pub plan: Option<Plan>,
     /// Where the plan came from, as the CLI named it (`(rollback)`, `(restart)`...).
+    #[serde(default)]
     pub plan_path: String,
 }
 
@@ -178,7 +180,7 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
             .map(|(host, preparing_s)| Straggler { host, preparing_s })
             .collect(),
         timeline: events.iter().map(|e| entry(d, e)).collect(),
-        plan: d.plan.masked(),
+        plan: Some(d.plan.masked()),
         plan_path: d.plan_path.clone(),
     }
 }

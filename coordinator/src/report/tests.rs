@@ -49,6 +49,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         plan_path: "p.toml".into(),
         previous_release: None,
         is_rollback: false,
+        restart: false,
         state,
         ending: None,
         step: 1,
@@ -826,6 +827,7 @@ fn history_rows_keep_the_field_names_their_readers_use() {
             "previous_release",
             "reason",
             "release",
+            "restart",
             "rollback",
             "service",
             "state"
@@ -876,8 +878,9 @@ fn show_includes_the_plan_with_secret_values_masked() {
     d.plan.run.command.push("postgres://app:hunter22@db".into());
     let shown = show(&d, &[], &Typical::default(), 2 * DAY);
     assert_eq!(shown.plan_path, "p.toml");
-    assert_eq!(shown.plan.run.env["DATABASE_URL"], "********");
-    assert_eq!(shown.plan.run.env["WORKERS"], "4");
+    let plan = shown.plan.as_ref().unwrap();
+    assert_eq!(plan.run.env["DATABASE_URL"], "********");
+    assert_eq!(plan.run.env["WORKERS"], "4");
     let text = sent(&shown);
     assert!(!text.contains("hunter22"), "{text}");
     assert!(text.contains("\"secret_env\":[\"DATABASE_URL\"]"), "{text}");

@@ -113,8 +113,10 @@ pub fn target(
     }
     let plan = &dep.plan;
     let mut d = current.cloned().unwrap_or_default();
-    // The engine assigns generations; targets compare without them.
+    // The engine assigns generations; targets compare without them. A deployment
+    // brings back a service its host was told to forget.
     d.generation = 0;
+    d.removed = false;
     d.service = dep.service.clone();
     d.listen = u32::from(plan.run.listen);
     d.protocol = match plan.run.protocol {

@@ -39,6 +39,7 @@ mod desired;
 mod effects;
 mod hold;
 mod interval;
+mod lifecycle;
 mod lost;
 mod machine;
 mod pause;
@@ -49,6 +50,7 @@ mod service;
 mod submit;
 mod watch;
 
+pub use lifecycle::{forget_if_empty, removal, restart_plan, stopping, tombstone};
 pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
 pub use submit::{Submission, submit};
 

@@ -27,13 +27,18 @@ pub fn rollback_plan(mut previous: Plan) -> Plan {
 
 /// The service's record once deployment `d` ended at `now`: no deployment in progress;
 /// after a success the deployed plan is live, the one it replaced is kept for
-/// `cutover rollback`, and its slots retire after the plan's `keep_previous`.
+/// `cutover rollback`, and its slots retire after the plan's `keep_previous` (at once
+/// after a restart, which leaves live and previous as they were).
 pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> ServiceRecord {
     svc.name.clone_from(&d.service);
     if svc.active.as_deref() == Some(d.id.as_str()) {
         svc.active = None;
     }
-    if d.state == State::Succeeded {
+    if d.state == State::Succeeded && d.restart {
+        // The same release again: live and previous stay; the processes it replaced
+        // (and the warm previous release, whose slot it took) stop now.
+        svc.retire_previous_at_unix_ms = Some(now);
+    } else if d.state == State::Succeeded {
         if let Some(replaced) = svc.live.replace(d.plan.clone()) {
             svc.previous = Some(replaced);
         }

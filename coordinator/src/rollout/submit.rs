@@ -9,6 +9,7 @@ use cutover_shared::plan::Plan;
 
 use super::Decision;
 use super::desired::plan_host;
+use super::lifecycle::plan_restart;
 use crate::model::{DeployHost, DeploymentRecord, State};
 use crate::timeline::{Event, Kind};
 
@@ -23,6 +24,9 @@ pub struct Submission<'a> {
     pub plan_path: String,
     /// Made by `cutover rollback`: the previous release, in one step.
     pub is_rollback: bool,
+    /// Made by `cutover service restart`: every host gets the live release anew in its
+    /// idle slot (see [`super::lifecycle::plan_restart`]).
+    pub restart: bool,
     /// The release live before this one, if any.
     pub previous_release: Option<String>,
     /// Who submitted it (`user@host`), for the timeline.
@@ -38,7 +42,14 @@ pub fn submit(
 ) -> Decision {
     let hosts: BTreeMap<String, DeployHost> = hosts
         .iter()
-        .map(|(name, current)| (name.clone(), plan_host(&s.plan, current.as_ref())))
+        .map(|(name, current)| {
+            let part = if s.restart {
+                plan_restart(&s.plan, current.as_ref())
+            } else {
+                plan_host(&s.plan, current.as_ref())
+            };
+            (name.clone(), part)
+        })
         .collect();
     let noop = hosts.values().all(|h| h.untouched);
     let deployment = DeploymentRecord {
@@ -48,6 +59,7 @@ pub fn submit(
         plan_path: s.plan_path,
         previous_release: s.previous_release,
         is_rollback: s.is_rollback,
+        restart: s.restart,
         state: if noop {
             State::Succeeded
         } else {
@@ -112,6 +124,7 @@ mod tests {
             plan,
             plan_path: "web.toml".into(),
             is_rollback: false,
+            restart: false,
             previous_release: Some("1".into()),
             actor: "ana@desk",
         }

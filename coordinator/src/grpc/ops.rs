@@ -1,0 +1,43 @@
+//! `Control`'s day-two calls, which the trait impl in [`super::control`] hands over to:
+//! the service lifecycle (`service list|restart|stop|start|remove`).
+
+use cutover_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::Api;
+use super::control::{actor, json_doc};
+use crate::engine::ServiceAction;
+use crate::queries;
+
+/// `cutover service list`.
+pub async fn list_services(
+    api: &Api,
+    req: Request<pb::ListServicesRequest>,
+) -> Result<Response<pb::JsonDocument>, Status> {
+    let s = &api.0;
+    s.admin(&req)?;
+    json_doc(&queries::services(&s.store, &s.fleet)?)
+}
+
+/// `cutover service restart|stop|start|remove SERVICE`.
+pub async fn service_command(
+    api: &Api,
+    req: Request<pb::ServiceCommandRequest>,
+) -> Result<Response<pb::ServiceCommandResponse>, Status> {
+    let s = &api.0;
+    s.admin(&req)?;
+    let r = req.into_inner();
+    let action = match pb::ServiceAction::try_from(r.action) {
+        Ok(pb::ServiceAction::Restart) => ServiceAction::Restart { hosts: r.hosts },
+        Ok(pb::ServiceAction::Stop) => ServiceAction::Stop,
+        Ok(pb::ServiceAction::Start) => ServiceAction::Start,
+        Ok(pb::ServiceAction::Remove) => ServiceAction::Remove,
+        Err(_) => return Err(Status::invalid_argument("unknown service action")),
+    };
+    let done = s.engine.service(r.service, action, actor(&r.actor)).await?;
+    Ok(Response::new(pb::ServiceCommandResponse {
+        deployment: done.deployment.unwrap_or_default(),
+        hosts: done.hosts,
+        noop: done.noop,
+    }))
+}

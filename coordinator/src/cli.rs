@@ -6,7 +6,8 @@
 //! [`deploy`] (deploy, rollback, the manual controls, status), [`follow`] (following a
 //! deployment to its end, shown by [`live`] on a terminal and [`plain`] in logs),
 //! [`hosts`], [`tokens`], [`reports`] (history, show, stats), [`artifact`] (signing keys
-//! and signatures), [`plan`] (validate) and [`service`] (the service lifecycle).
+//! and signatures), [`plan`] (validate), [`service`] (the service lifecycle) and
+//! [`releases`] (what the hosts keep).
 //! [`conn`] reaches the coordinator, [`out`] is where every line goes and [`table`] lays
 //! text out.
 
@@ -22,6 +23,7 @@ pub mod live;
 pub mod out;
 pub mod plain;
 pub mod plan;
+pub mod releases;
 pub mod reports;
 pub mod service;
 pub mod table;
@@ -73,13 +75,24 @@ pub enum Command {
         /// Deployment id, e.g. d-000123
         id: String,
     },
-    /// Go back to the previous release on every host.
+    /// Go back to the previous release on every host (an instant switch to its warm
+    /// slot), or with --to to any release that was live before (a health-gated
+    /// deployment of the plan it was deployed with).
     Rollback {
         /// The service to roll back.
         service: String,
+        /// Go back to this release instead of the previous one (see `cutover releases`).
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
         /// Follow progress on stderr until the rollback ends.
         #[arg(long)]
         wait: bool,
+    },
+    /// The releases kept on the hosts: version, sha256, deployed when and by whom,
+    /// live/previous, and on which hosts.
+    Releases {
+        /// The service.
+        service: String,
     },
     /// Follow a deployment until it ends: a live view on a terminal, plain lines
     /// otherwise (or with CUTOVER_PLAIN=1).
@@ -127,7 +140,10 @@ impl Command {
             Command::Resume { id } => deploy::command(conn, id, C::Resume, out).await,
             Command::Promote { id } => deploy::command(conn, id, C::Promote, out).await,
             Command::Abort { id } => deploy::command(conn, id, C::Abort, out).await,
-            Command::Rollback { service, wait } => deploy::rollback(conn, service, wait, out).await,
+            Command::Rollback { service, to, wait } => {
+                deploy::rollback(conn, service, to, wait, out).await
+            }
+            Command::Releases { service } => releases::run(conn, service, out).await,
             Command::Watch { id } => follow::watch(conn, id, out).await,
             Command::History(args) => reports::history(conn, args, out).await,
             Command::Show { id } => reports::show(conn, id, out).await,

@@ -80,6 +80,12 @@ enum Request {
         actor: String,
         reply: oneshot::Sender<Result<Created, Error>>,
     },
+    RollbackTo {
+        service: String,
+        version: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Created, Error>>,
+    },
     Command {
         id: String,
         command: Command,
@@ -101,6 +107,22 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// `cutover rollback SERVICE --to VERSION`.
+    pub async fn rollback_to(
+        &self,
+        service: String,
+        version: String,
+        actor: String,
+    ) -> Result<Created, Error> {
+        self.call(|reply| Request::RollbackTo {
+            service,
+            version,
+            actor,
+            reply,
+        })
+        .await
+    }
+
     /// `cutover service restart|stop|start|remove SERVICE`.
     pub async fn service(
         &self,
@@ -223,6 +245,8 @@ enum Origin {
     Rollback,
     /// `cutover service restart`: the live plan again, in the idle slots.
     Restart,
+    /// `cutover rollback --to`: the plan an earlier release was deployed with.
+    RollbackTo(String),
 }
 
 /// What the hosts of one deployment were sent and report, read for one decision.
@@ -327,6 +351,14 @@ impl Engine {
             } => {
                 let _ = reply.send(self.command(&id, command, &actor));
             }
+            Request::RollbackTo {
+                service,
+                version,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.rollback_to(&service, &version, &actor));
+            }
             Request::Service {
                 service,
                 action,
@@ -382,6 +414,23 @@ impl Engine {
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
     }
 
+    /// `cutover rollback SERVICE --to VERSION`: a deployment, health-gated like any
+    /// other, of the plan VERSION was last made live with.
+    fn rollback_to(&mut self, service: &str, version: &str, actor: &str) -> Result<Created, Error> {
+        if self.store.service(service)?.is_none() {
+            return Err(Error::NotFound(format!(
+                "unknown service {service:?} (see `cutover service list`)"
+            )));
+        }
+        let records = self.store.deployments()?;
+        let plan = rollout::rollback_to_plan(&records, service, version).ok_or_else(|| {
+            Error::NotFound(format!(
+                "release {version} of {service} was never live; `cutover releases {service}` lists the releases it can go back to"
+            ))
+        })?;
+        self.create(plan, Origin::RollbackTo(version.to_string()), actor)
+    }
+
     /// Creates a deployment of `plan` over the connected hosts it targets.
     fn create(&mut self, plan: Plan, origin: Origin, actor: &str) -> Result<Created, Error> {
         let service = self
@@ -412,6 +461,7 @@ impl Engine {
             Origin::File(path) => (path, false, false),
             Origin::Rollback => ("(rollback)".to_string(), true, false),
             Origin::Restart => ("(restart)".to_string(), false, true),
+            Origin::RollbackTo(v) => (format!("(rollback to {v})"), true, false),
         };
         let submission = rollout::Submission {
             id: id.clone(),

@@ -234,3 +234,23 @@ pub fn services(store: &Store, fleet: &Fleet) -> Result<Vec<inventory::ServiceRo
         &host_states(store, fleet)?,
     ))
 }
+
+/// `cutover releases SERVICE`: the releases the hosts keep, with when and by whom each
+/// was deployed.
+pub fn releases(
+    store: &Store,
+    fleet: &Fleet,
+    service: &str,
+) -> Result<Vec<inventory::ReleaseRow>, Error> {
+    let svc = store.service(service)?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "unknown service {service:?} (see `cutover service list`)"
+        ))
+    })?;
+    Ok(inventory::releases(
+        &svc,
+        &host_states(store, fleet)?,
+        &store.deployments()?,
+        &store.all_events()?,
+    ))
+}

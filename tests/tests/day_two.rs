@@ -153,3 +153,60 @@ fn stop_start_and_remove_a_service_and_a_failed_first_release_leaves_no_ghost() 
         hosted(&c) == ["api"] && service_names(&c) == ["api"]
     });
 }
+
+#[test]
+fn releases_lists_what_the_hosts_keep_and_rollback_to_starts_one_without_a_download() {
+    let c = Cluster::start(107, 2);
+    c.deploy_versions(&["1.0.0", "2.0.0", "3.0.0"]);
+    let releases = json(&c, &["releases", "web"]);
+    let row = |v: &str| {
+        releases
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["version"] == v))
+            .cloned()
+            .unwrap_or_else(|| panic!("release {v} listed: {releases}"))
+    };
+    assert_eq!(releases[0]["version"], "3.0.0", "newest first: {releases}");
+    assert_eq!(
+        (
+            row("3.0.0")["live"].as_bool(),
+            row("2.0.0")["previous"].as_bool()
+        ),
+        (Some(true), Some(true))
+    );
+    let one = row("1.0.0");
+    assert_eq!(one["hosts"], serde_json::json!(["web-1", "web-2"]), "{one}");
+    assert_eq!(one["sha256"].as_str().map(str::len), Some(64), "{one}");
+    let by = one["deployed_by"].as_str().unwrap_or_default();
+    assert!(by.contains('@'), "who deployed it: {one}");
+    assert!(one["deployed_at"].as_str().is_some(), "{one}");
+
+    // The 1.0.0 artifact is gone: going back to it works only from the hosts' copies.
+    std::fs::remove_file(c.dir.join("web-1.0.0-.tar.gz")).expect("remove the 1.0.0 artifact");
+    let out = c.cli(&["rollback", "web", "--to", "1.0.0", "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let shown = json(&c, &["show", &id]);
+    assert_eq!(shown["plan_path"], "(rollback to 1.0.0)", "{shown}");
+    assert_eq!(shown["plan"]["release"]["version"], "1.0.0");
+    assert_eq!(json(&c, &["history"])[0]["rollback"], true);
+    let now = json(&c, &["releases", "web"]);
+    assert_eq!(now[0]["version"], "1.0.0", "{now}");
+    assert_eq!(
+        (now[0]["live"].as_bool(), now[0]["deployment"].as_str()),
+        (Some(true), Some(id.as_str()))
+    );
+
+    // A release that was never live is refused in one line that says where to look.
+    let out = c.cli(&["rollback", "web", "--to", "9.9.9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cutover releases web"), "{err}");
+}

@@ -573,6 +573,7 @@ impl Services {
                     error: rt.error.clone(),
                     healing: rt.healing.clone(),
                     stopped: rt.desired.stopped,
+                    releases: slot::kept_releases(&self.settings.data_dir, name, &self.store),
                 }
             })
             .collect();

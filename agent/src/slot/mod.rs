@@ -40,6 +40,7 @@ use crate::store::{ProcessRecord, Store};
 use crate::trust::TrustedKeys;
 
 pub use lifecycle::run;
+pub use release::kept as kept_releases;
 
 /// Removes what a removed service left on disk once its slots have stopped: its
 /// release directories and its slots' log files. Its state directory is the service's

@@ -60,16 +60,32 @@ fn deploy_request(plan: &Plan, path: &Path) -> Result<pb::DeployRequest> {
     })
 }
 
-/// `cutover rollback SERVICE`.
-pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) -> Result<i32> {
+/// `cutover rollback SERVICE [--to VERSION]`.
+pub async fn rollback(
+    conn: &Conn,
+    service: String,
+    to: Option<String>,
+    wait: bool,
+    output: Output,
+) -> Result<i32> {
     let mut client = conn.client().await?;
-    let resp = client
-        .rollback(pb::RollbackRequest {
-            service,
-            actor: actor(),
-        })
-        .await?
-        .into_inner();
+    let resp = match to {
+        Some(version) => client
+            .rollback_to(pb::RollbackToRequest {
+                service,
+                version,
+                actor: actor(),
+            })
+            .await?
+            .into_inner(),
+        None => client
+            .rollback(pb::RollbackRequest {
+                service,
+                actor: actor(),
+            })
+            .await?
+            .into_inner(),
+    };
     follow_up(&mut client, resp, wait, output).await
 }
 

@@ -236,6 +236,20 @@ impl Control for Api {
     ) -> Result<Response<pb::ServiceCommandResponse>, Status> {
         ops::service_command(self, req).await
     }
+
+    async fn releases(
+        &self,
+        req: Request<pb::ReleasesRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::releases(self, req).await
+    }
+
+    async fn rollback_to(
+        &self,
+        req: Request<pb::RollbackToRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        ops::rollback_to(self, req).await
+    }
 }
 
 /// What a `token create` request grants, checked: label syntax, the host name it pins

@@ -1,5 +1,6 @@
 //! `Control`'s day-two calls, which the trait impl in [`super::control`] hands over to:
-//! the service lifecycle (`service list|restart|stop|start|remove`).
+//! the service lifecycle (`service list|restart|stop|start|remove`), the releases kept
+//! on the hosts and going back to one of them (`rollback --to`).
 
 use cutover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -39,5 +40,34 @@ pub async fn service_command(
         deployment: done.deployment.unwrap_or_default(),
         hosts: done.hosts,
         noop: done.noop,
+    }))
+}
+
+/// `cutover releases SERVICE`.
+pub async fn releases(
+    api: &Api,
+    req: Request<pb::ReleasesRequest>,
+) -> Result<Response<pb::JsonDocument>, Status> {
+    let s = &api.0;
+    s.admin(&req)?;
+    let service = req.into_inner().service;
+    json_doc(&queries::releases(&s.store, &s.fleet, &service)?)
+}
+
+/// `cutover rollback SERVICE --to VERSION`.
+pub async fn rollback_to(
+    api: &Api,
+    req: Request<pb::RollbackToRequest>,
+) -> Result<Response<pb::DeployResponse>, Status> {
+    let s = &api.0;
+    s.admin(&req)?;
+    let r = req.into_inner();
+    let created = s
+        .engine
+        .rollback_to(r.service, r.version, actor(&r.actor))
+        .await?;
+    Ok(Response::new(pb::DeployResponse {
+        id: created.id,
+        noop: created.noop,
     }))
 }

@@ -51,7 +51,7 @@ mod submit;
 mod watch;
 
 pub use lifecycle::{forget_if_empty, removal, restart_plan, stopping, tombstone};
-pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
+pub use service::{Retirement, concluded, retire, retiring, rollback_plan, rollback_to_plan};
 pub use submit::{Submission, submit};
 
 use machine::Machine;

@@ -3,19 +3,20 @@
 //! the product contract ([`failure`]).
 //!
 //! One module per command family, each with its arguments and what it does:
-//! [`deploy`] (deploy, rollback, the manual controls, status), [`follow`] (following a
-//! deployment to its end, shown by [`live`] on a terminal and [`plain`] in logs),
-//! [`hosts`], [`tokens`], [`reports`] (history, show, stats), [`artifact`] (signing keys
-//! and signatures), [`plan`] (validate), [`service`] (the service lifecycle) and
-//! [`releases`] (what the hosts keep).
-//! [`conn`] reaches the coordinator, [`out`] is where every line goes and [`table`] lays
-//! text out.
+//! [`deploy`] (deploy, rollback, the manual controls, status; [`dry_run`] prints what a
+//! deployment would do), [`follow`] (following a deployment to its end, shown by
+//! [`live`] on a terminal and [`plain`] in logs), [`hosts`], [`tokens`], [`reports`]
+//! (history, show, stats), [`artifact`] (signing keys and signatures), [`plan`]
+//! (validate, diff), [`service`] (the service lifecycle) and [`releases`] (what the
+//! hosts keep). [`conn`] reaches the coordinator, [`out`] is where every line goes and
+//! [`table`] lays text out.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod artifact;
 pub mod conn;
 pub mod deploy;
+pub mod dry_run;
 pub mod failure;
 pub mod follow;
 pub mod hosts;
@@ -149,7 +150,7 @@ impl Command {
             Command::Show { id } => reports::show(conn, id, out).await,
             Command::Stats(args) => reports::stats(conn, args, out).await,
             Command::Artifact { command } => artifact::run(command, out),
-            Command::Plan { command } => plan::run(command, out),
+            Command::Plan { command } => plan::run(command, conn, out).await,
             Command::Service { command } => service::run(command, conn, out).await,
         }
     }

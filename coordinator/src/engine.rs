@@ -4,7 +4,7 @@
 //! and the timeline events in one transaction, and only then desired state to the
 //! hosts, events to the webhooks and durations to the histograms.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord};
+use crate::preview;
 use crate::rollout::{self, Command, HostView, Order};
 use crate::store::{Batch, Store};
 use crate::timeline::{Event, Kind};
@@ -86,6 +87,10 @@ enum Request {
         actor: String,
         reply: oneshot::Sender<Result<Created, Error>>,
     },
+    DryRun {
+        plan: Box<Plan>,
+        reply: oneshot::Sender<Result<preview::DryRun, Error>>,
+    },
     Command {
         id: String,
         command: Command,
@@ -107,6 +112,15 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// What deploying `plan` would do; nothing is written or sent.
+    pub async fn dry_run(&self, plan: Plan) -> Result<preview::DryRun, Error> {
+        self.call(|reply| Request::DryRun {
+            plan: Box::new(plan),
+            reply,
+        })
+        .await
+    }
+
     /// `cutover rollback SERVICE --to VERSION`.
     pub async fn rollback_to(
         &self,
@@ -359,6 +373,9 @@ impl Engine {
             } => {
                 let _ = reply.send(self.rollback_to(&service, &version, &actor));
             }
+            Request::DryRun { plan, reply } => {
+                let _ = reply.send(self.dry_run(&plan));
+            }
             Request::Service {
                 service,
                 action,
@@ -412,6 +429,50 @@ impl Engine {
             )));
         };
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
+    }
+
+    /// What deploying `plan` would do, planned as [`Engine::create`] plans it, from the
+    /// same records and fleet; it writes nothing and sends nothing.
+    fn dry_run(&mut self, plan: &Plan) -> Result<preview::DryRun, Error> {
+        let svc = self
+            .store
+            .service(&plan.service)?
+            .unwrap_or_else(|| ServiceRecord {
+                name: plan.service.clone(),
+                ..Default::default()
+            });
+        let refusal = self
+            .refuse_if_busy(&svc)
+            .and_then(|()| refuse_if_stopped(&svc))
+            .err()
+            .map(|e| e.to_string());
+        let enrolled = self.store.hosts()?;
+        let mut desired = BTreeMap::new();
+        let mut connected = BTreeSet::new();
+        for h in &enrolled {
+            if !labels_match(&plan.targets.labels, &h.labels) {
+                continue;
+            }
+            desired.insert(h.name.clone(), self.desired(&h.name, &plan.service)?);
+            if self.fleet.is_connected(&h.name) {
+                connected.insert(h.name.clone());
+            }
+        }
+        let reachable: BTreeMap<String, Option<DesiredService>> = desired
+            .iter()
+            .filter(|(h, _)| connected.contains(*h))
+            .map(|(h, d)| (h.clone(), d.clone()))
+            .collect();
+        let hosts = enrolled.into_iter().map(|h| (h.name, h.labels)).collect();
+        Ok(preview::dry_run(&preview::Input {
+            plan,
+            service: &svc,
+            hosts: &hosts,
+            connected: &connected,
+            desired: &desired,
+            parts: &rollout::plan_hosts(plan, &reachable),
+            refusal,
+        }))
     }
 
     /// `cutover rollback SERVICE --to VERSION`: a deployment, health-gated like any

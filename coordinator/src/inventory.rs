@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use cutover_proto::Slot;
-use cutover_proto::v1::{DesiredService, ObservedService, SlotPhase};
+use cutover_proto::v1::{DesiredService, ObservedService, SlotPhase, SlotSpec};
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +101,11 @@ fn serves(o: &ObservedService) -> bool {
             && o.slot(s)
                 .is_some_and(|st| st.phase == SlotPhase::Healthy as i32)
     })
+}
+
+/// The version a desired slot runs, if any.
+pub fn slot_release(d: &DesiredService, slot: Slot) -> Option<&str> {
+    d.slot(slot).and_then(SlotSpec::release_key).map(|(v, _)| v)
 }
 
 /// One release of a service as `cutover releases` shows it.

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod preview;
 pub mod queries;
 pub mod report;
 pub mod rollout;

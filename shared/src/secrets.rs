@@ -48,6 +48,11 @@ impl Secrets {
         )
     }
 
+    /// The secret values themselves, to combine sets.
+    pub fn into_values(self) -> Vec<String> {
+        self.values
+    }
+
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }

@@ -210,3 +210,192 @@ fn releases_lists_what_the_hosts_keep_and_rollback_to_starts_one_without_a_downl
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cutover releases web"), "{err}");
 }
+
+/// Adds `lines` to the `[run]` section of the plan at `plan`.
+fn with_run_lines(plan: &std::path::Path, lines: &str) {
+    let text = std::fs::read_to_string(plan).expect("read plan");
+    let text = text.replacen("[run]\n", &format!("[run]\n{lines}\n"), 1);
+    std::fs::write(plan, text).expect("write plan");
+}
+
+/// The files under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// Every file under `dir` with its bytes: what "changed nothing" compares.
+fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn secrets_stay_on_the_hosts_and_a_dry_run_changes_nothing() {
+    let c = Cluster::start(106, 2);
+    let secret = format!("S3cr3t-{}", std::process::id());
+    let plan_secret = format!("plan-token-{}", std::process::id());
+    let env_file = c.dir.join("web.env");
+    std::fs::write(
+        &env_file,
+        format!("# on the host only\nDATABASE_URL=postgres://app:{secret}@db/app\nREGION=test\n"),
+    )
+    .expect("write env file");
+    let run_lines = format!(
+        "env_files = [{:?}]\nsecret_env = [\"DATABASE_URL\", \"API_TOKEN\"]",
+        env_file.display().to_string()
+    );
+    let v1 = c.plan("1.0.0").env("API_TOKEN", &plan_secret).write("v1");
+    with_run_lines(&v1, &run_lines);
+    let (code, id, err) = c.deploy_wait(&v1);
+    assert_eq!(code, 0, "{err}");
+
+    // The process has the host's variables.
+    let env = tests::get(&c.addrs()[0].to_string(), "/env").expect("GET /env");
+    assert!(
+        env.contains(&format!("DATABASE_URL=postgres://app:{secret}@db/app")),
+        "{env}"
+    );
+    assert!(env.contains("REGION=test"), "{env}");
+
+    // A dry run of a changed plan says what would change and changes nothing.
+    let v2 = c
+        .plan("1.0.0")
+        .env("API_TOKEN", &plan_secret)
+        .env("WORKERS", "4")
+        .command(&[
+            "./bin/cutover-sample",
+            "serve",
+            "--port",
+            "${PORT}",
+            "--verbose",
+        ])
+        .write("v2");
+    with_run_lines(&v2, &run_lines);
+    let before: Vec<_> = std::iter::once(c.dir.join("coordinator"))
+        .chain(c.agents.iter().map(|a| a.data_dir.join("agent.redb")))
+        .map(|p| {
+            if p.is_dir() {
+                snapshot(&p)
+            } else {
+                [(p.clone(), std::fs::read(&p).unwrap_or_default())].into()
+            }
+        })
+        .collect();
+    let hosts_before = c.hosts();
+    let dry = json(&c, &["deploy", v2.to_str().expect("path"), "--dry-run"]);
+    let text = c.cli_ok(&["plan", "diff", v2.to_str().expect("path")]);
+    assert_eq!(dry["outcome"], "deploy", "{dry}");
+    let changed: Vec<&str> = dry["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["key"].as_str())
+        .collect();
+    assert_eq!(changed, ["run.command", "run.env.WORKERS"], "{dry}");
+    assert_eq!(dry["plan"]["run"]["env"]["API_TOKEN"], "********", "{dry}");
+    for h in dry["hosts"].as_array().expect("hosts") {
+        assert_eq!(h["live"], "1.0.0", "{h}");
+        assert_ne!(h["slot"], h["live_slot"], "the idle slot gets it: {h}");
+    }
+    assert!(
+        text.contains("run.env.WORKERS") && text.contains("--verbose"),
+        "{text}"
+    );
+    let after: Vec<_> = std::iter::once(c.dir.join("coordinator"))
+        .chain(c.agents.iter().map(|a| a.data_dir.join("agent.redb")))
+        .map(|p| {
+            if p.is_dir() {
+                snapshot(&p)
+            } else {
+                [(p.clone(), std::fs::read(&p).unwrap_or_default())].into()
+            }
+        })
+        .collect();
+    assert!(
+        before == after,
+        "the coordinator's data dir and the agents' stores are byte-identical"
+    );
+    assert_eq!(c.hosts(), hosts_before);
+    assert_eq!(
+        json(&c, &["history"]).as_array().map(Vec::len),
+        Some(1),
+        "no deployment"
+    );
+
+    // The secrets appear in no output, log, store or page of cutover's.
+    let shown = c.cli_ok(&["show", &id]) + &c.cli_ok(&["show", &id, "--output", "json"]);
+    let status = c.cli_ok(&["status", &id, "--output", "json"]);
+    let pages: String = [
+        "/api/deployments",
+        &format!("/api/deployments/{id}"),
+        "/api/fleet",
+        "/api/live",
+    ]
+    .iter()
+    .map(|p| tests::get(&c.http_addr, p).expect("dashboard api"))
+    .collect();
+    assert!(
+        shown.contains("API_TOKEN") && shown.contains("********"),
+        "{shown}"
+    );
+    for (what, out) in [
+        ("show", &shown),
+        ("status", &status),
+        ("dry run", &dry.to_string()),
+        ("plan diff", &text),
+        ("dashboard", &pages),
+    ] {
+        assert!(
+            !out.contains(&secret) && !out.contains(&plan_secret),
+            "{what} shows a secret: {out}"
+        );
+    }
+    assert!(
+        files_containing(&c.dir.join("coordinator"), &secret).is_empty(),
+        "the env file's value reached the coordinator"
+    );
+    for log in ["coordinator.log", "web-1.log", "web-2.log"] {
+        let text = std::fs::read_to_string(c.dir.join(log)).unwrap_or_default();
+        assert!(
+            !text.contains(&secret) && !text.contains(&plan_secret),
+            "{log} logs a secret"
+        );
+    }
+
+    // A missing env file fails preparation, naming the file.
+    let v3 = c.plan("3.0.0").write("v3");
+    with_run_lines(&v3, "env_files = [\"/nonexistent/cutover/web.env\"]");
+    let (code, id, err) = c.deploy_wait(&v3);
+    assert_eq!(code, 3, "{err}");
+    let reason = c.reason(&id);
+    assert!(
+        reason.contains("env file /nonexistent/cutover/web.env"),
+        "{reason}"
+    );
+    assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
+}

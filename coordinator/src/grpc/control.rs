@@ -250,6 +250,13 @@ impl Control for Api {
     ) -> Result<Response<pb::DeployResponse>, Status> {
         ops::rollback_to(self, req).await
     }
+
+    async fn dry_run(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::dry_run(self, req).await
+    }
 }
 
 /// What a `token create` request grants, checked: label syntax, the host name it pins

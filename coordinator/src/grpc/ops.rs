@@ -1,12 +1,14 @@
 //! `Control`'s day-two calls, which the trait impl in [`super::control`] hands over to:
 //! the service lifecycle (`service list|restart|stop|start|remove`), the releases kept
-//! on the hosts and going back to one of them (`rollback --to`).
+//! on the hosts and going back to one of them (`rollback --to`), and dry runs.
 
 use cutover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::control::{actor, json_doc};
+use cutover_shared::plan::Plan;
+
 use crate::engine::ServiceAction;
 use crate::queries;
 
@@ -70,4 +72,22 @@ pub async fn rollback_to(
         id: created.id,
         noop: created.noop,
     }))
+}
+
+/// `cutover deploy PLAN --dry-run`, `cutover plan diff PLAN`.
+pub async fn dry_run(
+    api: &Api,
+    req: Request<pb::DeployRequest>,
+) -> Result<Response<pb::JsonDocument>, Status> {
+    let s = &api.0;
+    s.admin(&req)?;
+    let r = req.into_inner();
+    let path = if r.plan_path.is_empty() {
+        "plan".to_string()
+    } else {
+        r.plan_path
+    };
+    let plan =
+        Plan::parse(&r.plan_toml, &path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    json_doc(&s.engine.dry_run(plan).await?)
 }

@@ -52,7 +52,7 @@ mod watch;
 
 pub use lifecycle::{forget_if_empty, removal, restart_plan, stopping, tombstone};
 pub use service::{Retirement, concluded, retire, retiring, rollback_plan, rollback_to_plan};
-pub use submit::{Submission, submit};
+pub use submit::{Submission, plan_hosts, submit};
 
 use machine::Machine;
 

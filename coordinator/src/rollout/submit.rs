@@ -40,17 +40,14 @@ pub fn submit(
     hosts: &BTreeMap<String, Option<DesiredService>>,
     now: u64,
 ) -> Decision {
-    let hosts: BTreeMap<String, DeployHost> = hosts
-        .iter()
-        .map(|(name, current)| {
-            let part = if s.restart {
-                plan_restart(&s.plan, current.as_ref())
-            } else {
-                plan_host(&s.plan, current.as_ref())
-            };
-            (name.clone(), part)
-        })
-        .collect();
+    let hosts: BTreeMap<String, DeployHost> = if s.restart {
+        hosts
+            .iter()
+            .map(|(name, current)| (name.clone(), plan_restart(&s.plan, current.as_ref())))
+            .collect()
+    } else {
+        plan_hosts(&s.plan, hosts)
+    };
     let noop = hosts.values().all(|h| h.untouched);
     let deployment = DeploymentRecord {
         id: s.id,
@@ -87,6 +84,18 @@ pub fn submit(
         targets: BTreeMap::new(),
         events,
     }
+}
+
+/// Each host's part in a deployment of `plan`, from its current desired state for the
+/// service: what a deployment would do to it (also what a dry run reports).
+pub fn plan_hosts(
+    plan: &Plan,
+    hosts: &BTreeMap<String, Option<DesiredService>>,
+) -> BTreeMap<String, DeployHost> {
+    hosts
+        .iter()
+        .map(|(name, current)| (name.clone(), plan_host(plan, current.as_ref())))
+        .collect()
 }
 
 /// A new deployment's first events: submitted, and for a no-op its end.

@@ -7,9 +7,9 @@
 //! deployment would do), [`follow`] (following a deployment to its end, shown by
 //! [`live`] on a terminal and [`plain`] in logs), [`hosts`], [`tokens`], [`reports`]
 //! (history, show, stats), [`artifact`] (signing keys and signatures), [`plan`]
-//! (validate, diff), [`service`] (the service lifecycle) and [`releases`] (what the
-//! hosts keep). [`conn`] reaches the coordinator, [`out`] is where every line goes and
-//! [`table`] lays text out.
+//! (validate, diff), [`service`] (the service lifecycle), [`releases`] (what the hosts
+//! keep) and [`logs`] (what the slots wrote). [`conn`] reaches the coordinator, [`out`]
+//! is where every line goes and [`table`] lays text out.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
@@ -21,6 +21,7 @@ pub mod failure;
 pub mod follow;
 pub mod hosts;
 pub mod live;
+pub mod logs;
 pub mod out;
 pub mod plain;
 pub mod plan;
@@ -121,6 +122,9 @@ pub enum Command {
         #[command(subcommand)]
         command: plan::PlanCmd,
     },
+    /// What the slots wrote, from every host (or a deployment's hook and database
+    /// command output); -f follows until Ctrl-C.
+    Logs(logs::LogsArgs),
     /// Services between deployments: list, restart, stop, start, remove.
     Service {
         #[command(subcommand)]
@@ -152,6 +156,7 @@ impl Command {
             Command::Artifact { command } => artifact::run(command, out),
             Command::Plan { command } => plan::run(command, conn, out).await,
             Command::Service { command } => service::run(command, conn, out).await,
+            Command::Logs(args) => logs::run(conn, args, out).await,
         }
     }
 }

@@ -9,6 +9,7 @@ mod agent_link;
 mod control;
 mod deployment;
 mod enroll;
+mod logs;
 mod ops;
 mod status;
 

@@ -254,3 +254,65 @@ pub fn releases(
         &store.all_events()?,
     ))
 }
+
+/// The hosts a `cutover logs` request asks, by name: those running `service` (or, for
+/// `deployment`, that deployment's hosts), narrowed to `host` and to those with
+/// `labels`. An empty answer is an error that says why.
+pub fn log_hosts(
+    store: &Store,
+    service: &str,
+    deployment: &str,
+    host: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Vec<String>, Error> {
+    let mut names: Vec<String> = if deployment.is_empty() {
+        let mut on = Vec::new();
+        for h in store.hosts()? {
+            if desired(store, &h.name)?
+                .iter()
+                .any(|d| d.service == service && !d.removed)
+            {
+                on.push(h.name);
+            }
+        }
+        if on.is_empty() {
+            return Err(Error::NotFound(match store.service(service)? {
+                Some(_) => format!("service {service} runs on no host"),
+                None => format!("unknown service {service:?} (see `cutover service list`)"),
+            }));
+        }
+        on
+    } else {
+        let d = store
+            .deployment(deployment)?
+            .ok_or_else(|| Error::NotFound(format!("unknown deployment {deployment:?}")))?;
+        d.hosts.into_keys().collect()
+    };
+    let what = if deployment.is_empty() {
+        format!("service {service}")
+    } else {
+        format!("deployment {deployment}")
+    };
+    if !host.is_empty() {
+        if !names.iter().any(|n| n == host) {
+            return Err(Error::NotFound(format!(
+                "host {host} has no part in {what}"
+            )));
+        }
+        names.retain(|n| n == host);
+    }
+    if !labels.is_empty() {
+        let hosts = store.hosts()?;
+        names.retain(|n| {
+            hosts
+                .iter()
+                .any(|h| h.name == *n && cutover_shared::names::labels_match(labels, &h.labels))
+        });
+        if names.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no host of {what} has the labels asked for"
+            )));
+        }
+    }
+    Ok(names)
+}

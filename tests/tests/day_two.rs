@@ -399,3 +399,155 @@ fn secrets_stay_on_the_hosts_and_a_dry_run_changes_nothing() {
     );
     assert!(c.all_serving("1.0.0"), "{:?}", c.versions());
 }
+
+/// The lines a running `cutover logs -f --output json` printed so far, read by a thread.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Follower {
+    fn start(c: &Cluster, args: &[&str]) -> Follower {
+        let mut child = c
+            .cli_command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start cutover logs -f");
+        let out = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    seen.lock().expect("lines").push(v);
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// True once a line from `host` reads `text`.
+    fn saw(&self, host: &str, text: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .any(|v| v["host"] == host && v["line"] == text)
+    }
+}
+
+/// The value of `metric` on the coordinator's `/metrics`.
+fn metric(c: &Cluster, metric: &str) -> Option<f64> {
+    let text = tests::get(&c.http_addr, "/metrics").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{metric} "))?.trim().parse().ok())
+}
+
+#[test]
+fn logs_show_and_follow_what_the_slots_write_on_every_host() {
+    let c = Cluster::start(105, 2);
+    let token = format!("tok-{}", std::process::id());
+    let plan = c.plan("1.0.0").env("API_TOKEN", &token).write("v1");
+    with_run_lines(&plan, "secret_env = [\"API_TOKEN\"]");
+    let (code, id, err) = c.deploy_wait(&plan);
+    assert_eq!(code, 0, "{err}");
+
+    // The last lines, from every host, prefixed with host and slot.
+    let text = c.cli_ok(&["logs", "web", "-n", "5"]);
+    for host in ["web-1", "web-2"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{host} blue | sample 1.0.0 listening"))),
+            "{text}"
+        );
+    }
+
+    // Following: lines written now, on each host, arrive; a secret written is masked.
+    let f = Follower::start(&c, &["logs", "web", "-f", "-n", "0", "--output", "json"]);
+    wait_until(Duration::from_secs(10), "the hosts to be asked", || {
+        metric(&c, "cutover_log_streams") == Some(2.0)
+    });
+    let addrs = c.addrs();
+    for (i, host) in ["web-1", "web-2"].iter().enumerate() {
+        let text = format!("hello-from-{host}");
+        tests::get(&addrs[i].to_string(), &format!("/log/{text}")).expect("GET /log");
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{text} to be followed"),
+            || f.saw(host, &text),
+        );
+    }
+    tests::get(&addrs[0].to_string(), &format!("/log/token={token}")).expect("GET /log");
+    wait_until(Duration::from_secs(10), "the secret line, masked", || {
+        f.saw("web-1", "token=********")
+    });
+    let json: Vec<Value> = f.lines.lock().expect("lines").clone();
+    assert!(
+        json.iter()
+            .all(|v| v["slot"] == "blue" && v["release"] == "1.0.0"),
+        "{json:?}"
+    );
+    assert!(!format!("{json:?}").contains(&token));
+    assert!(
+        json.iter()
+            .all(|v| !v["line"].as_str().unwrap_or("").contains("listening")),
+        "-n 0 -f: only what was written since: {json:?}"
+    );
+
+    // Ctrl-C ends the client at once, and the hosts stop sending.
+    let mut f = f;
+    let pid = f.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(5),
+        "cutover logs -f to end on Ctrl-C",
+        || {
+            status = f.child.try_wait().ok().flatten();
+            status.is_some()
+        },
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    wait_until(
+        Duration::from_secs(10),
+        "the hosts' log streams to end",
+        || metric(&c, "cutover_log_streams") == Some(0.0),
+    );
+
+    // Filters: one host, the live slot; a release no slot runs is an error.
+    let text = c.cli_ok(&[
+        "logs", "web", "--host", "web-2", "--slot", "live", "-n", "50",
+    ]);
+    assert!(
+        text.lines().all(|l| l.starts_with("web-2 blue | ")),
+        "{text}"
+    );
+    assert!(
+        text.contains("hello-from-web-2") && !text.contains(&token),
+        "{text}"
+    );
+    let out = c.cli(&["logs", "web", "--release", "9.9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no slot of web runs release 9.9"));
+    let out = c.cli(&["logs", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown service"));
+
+    // A deployment's hook and database command output, from the files on its hosts.
+    let dir = c.agents[0].data_dir.join("logs/deployments").join(&id);
+    std::fs::create_dir_all(&dir).expect("deployment log dir");
+    std::fs::write(dir.join("expand.log"), "expanding schema\ndone\n").expect("write");
+    let text = c.cli_ok(&["logs", "--deployment", &id]);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "web-1 expand.log | expanding schema",
+            "web-1 expand.log | done"
+        ]
+    );
+}

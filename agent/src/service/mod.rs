@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cutover_proto::Slot;
 use cutover_proto::v1::{
-    DesiredService, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
+    DesiredService, LogRequest, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
+use crate::logs;
 use crate::ports::PortRange;
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::slot::{self, SlotCtx, SlotState, adopt};
@@ -40,6 +41,8 @@ struct SlotRun {
     status: Arc<Mutex<SlotState>>,
     /// Stops the slot (drain, then stop the process).
     cancel: CancellationToken,
+    /// The secret values its process got, once known: log lines are masked with them.
+    secrets: Arc<std::sync::OnceLock<cutover_shared::secrets::Secrets>>,
 }
 
 impl SlotRun {
@@ -79,6 +82,32 @@ struct Removed {
     since: std::time::Instant,
 }
 
+/// The slots a `cutover logs --slot` names: `blue`, `green`, `live` (the one carrying
+/// the most traffic now), `new` (the other one, when it runs), or both (empty).
+fn log_slots(rt: &Runtime, which: &str) -> Result<Vec<Slot>, String> {
+    let live = || {
+        Slot::BOTH
+            .into_iter()
+            .filter(|s| rt.effective[s.index()] > 0)
+            .max_by_key(|s| rt.effective[s.index()])
+            .ok_or_else(|| "no slot carries traffic on this host".to_string())
+    };
+    match which {
+        "" => Ok(Slot::BOTH.to_vec()),
+        "blue" => Ok(vec![Slot::Blue]),
+        "green" => Ok(vec![Slot::Green]),
+        "live" => Ok(vec![live()?]),
+        "new" => {
+            let new = live()?.other();
+            if rt.slots[new.index()].is_none() {
+                return Err("no new slot runs beside the live one on this host".into());
+            }
+            Ok(vec![new])
+        }
+        other => Err(format!("--slot {other}: must be blue, green, live or new")),
+    }
+}
+
 /// How long a removed service's files wait for its slots to stop.
 const REMOVED_FILES_WAIT: Duration = Duration::from_secs(600);
 
@@ -104,6 +133,8 @@ pub struct Services {
     inherited: Mutex<Vec<Inherited>>,
     /// Removed services whose release directories and logs are still on disk.
     removed: Mutex<Vec<Removed>>,
+    /// How far each slot log had grown when, for `cutover logs --since`.
+    pub log_marks: Arc<slot::LogMarks>,
 }
 
 /// How this host runs services: from the agent's configuration.
@@ -122,6 +153,8 @@ pub struct Settings {
     pub slot_ports: PortRange,
     /// Connection cap and idle timeouts of the public ports.
     pub proxy_limits: proxy::Limits,
+    /// Size past which a slot's log file is rotated.
+    pub slot_log_size: u64,
 }
 
 impl Services {
@@ -143,6 +176,7 @@ impl Services {
             tasks,
             inherited: Mutex::new(Vec::new()),
             removed: Mutex::new(Vec::new()),
+            log_marks: Arc::default(),
         }
     }
 
@@ -448,6 +482,7 @@ impl Services {
             ..SlotState::default()
         }));
         let cancel = self.cancel.child_token();
+        let secrets: Arc<std::sync::OnceLock<cutover_shared::secrets::Secrets>> = Arc::default();
         let ctx = SlotCtx {
             service: d.service.clone(),
             slot,
@@ -460,12 +495,13 @@ impl Services {
             metrics: metrics.clone(),
             changed: self.changed.clone(),
             phase_changed: self.phase_tx.clone(),
-            log_cap: 10 << 20,
+            log_cap: self.settings.slot_log_size,
             store: self.store.clone(),
             trusted_keys: self.settings.trusted_keys.clone(),
             adopt,
             service_user: self.settings.service_user.clone(),
-            secrets: Default::default(),
+            secrets: secrets.clone(),
+            log_marks: self.log_marks.clone(),
         };
         self.tasks.spawn(slot::run(ctx, cancel.clone()));
         SlotRun {
@@ -474,6 +510,7 @@ impl Services {
             metrics,
             status,
             cancel,
+            secrets,
         }
     }
 
@@ -536,6 +573,50 @@ impl Services {
             }
         }
         err.to_string()
+    }
+
+    /// The log files a `cutover logs` request reads on this host, or why there are none:
+    /// the slots of the service it names (`slot`: blue, green, live, new, or both), with
+    /// the release each runs and its secret values, or a deployment's files.
+    pub async fn log_sources(&self, req: &LogRequest) -> Result<Vec<logs::Source>, String> {
+        let data = &self.settings.data_dir;
+        if !req.deployment.is_empty() {
+            return logs::deployment_sources(data, &req.deployment);
+        }
+        let rts = self.runtimes.lock().await;
+        let rt = rts
+            .get(&req.service)
+            .ok_or_else(|| format!("service {} does not run on this host", req.service))?;
+        let sources: Vec<logs::Source> = log_slots(rt, &req.slot)?
+            .into_iter()
+            .filter_map(|slot| {
+                let run = rt.slots[slot.index()].as_ref();
+                let release = run.map(|r| r.state().release).unwrap_or_default();
+                if !req.release.is_empty() && release != req.release {
+                    return None;
+                }
+                let path = slot::log_path(data, &req.service, slot);
+                if run.is_none() && !path.exists() {
+                    return None;
+                }
+                Some(logs::Source {
+                    slot: slot.as_str().to_string(),
+                    release,
+                    file: String::new(),
+                    path,
+                    secrets: run
+                        .and_then(|r| r.secrets.get().cloned())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        if sources.is_empty() && !req.release.is_empty() {
+            return Err(format!(
+                "no slot of {} runs release {} on this host",
+                req.service, req.release
+            ));
+        }
+        Ok(sources)
     }
 
     /// What runs now, per service.

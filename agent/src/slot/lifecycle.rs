@@ -299,7 +299,12 @@ impl<'a> Life<'a> {
 
     /// One health check, and the verdict it changes.
     async fn check(&mut self, current: &mut Current) {
-        self.log.rotate_if_full();
+        if self.log.rotate_if_full() {
+            self.ctx.log_marks.rotated(self.log.path());
+        }
+        self.ctx
+            .log_marks
+            .mark(self.log.path(), cutover_shared::clock::now_ms());
         let result = self.checker.run(current.port, &current.launcher).await;
         if let Err(e) = &result {
             // An exec check's output may echo the environment: masked before it is

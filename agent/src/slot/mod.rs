@@ -40,7 +40,15 @@ use crate::store::{ProcessRecord, Store};
 use crate::trust::TrustedKeys;
 
 pub use lifecycle::run;
+pub use log::{Marks as LogMarks, Since, rotated as rotated_log};
 pub use release::kept as kept_releases;
+
+/// The log file of `service`'s `slot` in the data dir `data`.
+pub fn log_path(data: &std::path::Path, service: &str, slot: Slot) -> PathBuf {
+    log::SlotLog::of(data, service, slot, 0)
+        .path()
+        .to_path_buf()
+}
 
 /// Removes what a removed service left on disk once its slots have stopped: its
 /// release directories and its slots' log files. Its state directory is the service's
@@ -117,6 +125,8 @@ pub struct SlotCtx {
     /// an env file), known once its environment is read: every error the slot reports
     /// is masked with them, and so are the log lines streamed from it.
     pub secrets: Arc<OnceLock<Secrets>>,
+    /// Where the slot notes how far its log file had grown when (`logs --since`).
+    pub log_marks: Arc<LogMarks>,
 }
 
 impl SlotCtx {

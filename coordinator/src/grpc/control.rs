@@ -12,7 +12,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::status::internal;
-use super::{Api, deployment_to_pb, ops};
+use super::{Api, deployment_to_pb, logs, ops};
 use crate::model::TokenHost;
 use crate::rollout::Command;
 use crate::store::Store;
@@ -256,6 +256,15 @@ impl Control for Api {
         req: Request<pb::DeployRequest>,
     ) -> Result<Response<pb::JsonDocument>, Status> {
         ops::dry_run(self, req).await
+    }
+
+    type LogsStream = logs::LogsStream;
+
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        logs::logs(self, req).await
     }
 }
 

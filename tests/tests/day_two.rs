@@ -379,6 +379,36 @@ fn secrets_stay_on_the_hosts_and_a_dry_run_changes_nothing() {
         files_containing(&c.dir.join("coordinator"), &secret).is_empty(),
         "the env file's value reached the coordinator"
     );
+
+    // The dashboard links each history row to its timeline, which shows the plan masked.
+    let dom = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("http://{}/#{id}", c.http_addr))
+        .output()
+        .expect("chromium --dump-dom (Debian package chromium; tests/run.sh installs it)");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains(&format!("href=\"#{id}\"")),
+        "history links to the timeline: {dom}"
+    );
+    assert!(
+        dom.contains(&format!("data-id=\"{id}\"")) && dom.contains("submitted 1.0.0"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("API_TOKEN") && dom.contains("********"),
+        "the plan, masked: {dom}"
+    );
+    assert!(
+        !dom.contains(&secret) && !dom.contains(&plan_secret),
+        "the page shows a secret"
+    );
     for log in ["coordinator.log", "web-1.log", "web-2.log"] {
         let text = std::fs::read_to_string(c.dir.join(log)).unwrap_or_default();
         assert!(

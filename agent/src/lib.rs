@@ -8,11 +8,13 @@
 pub mod artifact;
 pub mod data_dir;
 pub mod enroll;
+pub mod env_file;
 pub mod handover;
 pub mod health;
 pub mod http;
 pub mod identity;
 pub mod link;
+pub mod logs;
 pub mod os;
 pub mod ports;
 pub mod proxy;
@@ -66,6 +68,8 @@ pub struct RunConfig {
     pub slot_ports: ports::PortRange,
     /// Connection cap and idle timeouts of every listener: the public ports and `--http`.
     pub listen_limits: proxy::Limits,
+    /// Size past which a slot's log file is rotated (`--slot-log-size`).
+    pub slot_log_size: u64,
 }
 
 /// Runs the agent until `shutdown`: restores the services it ran before (adopting the
@@ -183,6 +187,7 @@ fn settings(cfg: &RunConfig, trusted_keys: trust::TrustedKeys) -> service::Setti
         service_user: cfg.service_user.clone(),
         slot_ports: cfg.slot_ports,
         proxy_limits: cfg.listen_limits,
+        slot_log_size: cfg.slot_log_size,
     }
 }
 

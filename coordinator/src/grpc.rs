@@ -11,6 +11,8 @@ mod agent_link;
 mod control;
 mod deployment;
 mod enroll;
+mod logs;
+mod ops;
 mod status;
 mod trust;
 

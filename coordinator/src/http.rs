@@ -264,5 +264,11 @@ fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> 
         "cutover_stream_reconnects_total {}",
         fleet.reconnects()
     );
+    let _ = writeln!(
+        out,
+        "# HELP cutover_log_streams Log requests out on the hosts for `cutover logs` clients."
+    );
+    let _ = writeln!(out, "# TYPE cutover_log_streams gauge");
+    let _ = writeln!(out, "cutover_log_streams {}", fleet.log_streams());
     Ok(out)
 }

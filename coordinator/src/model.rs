@@ -155,6 +155,10 @@ pub struct ServiceRecord {
     pub active: Option<String>,
     /// When the previous release's slots may be stopped (`keep_previous`).
     pub retire_previous_at_unix_ms: Option<u64>,
+    /// `cutover service stop`: no slot process runs until `service start`, and no
+    /// deployment starts meanwhile.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// Where a deployment stands (the transitions are charted in [`crate::rollout`]).
@@ -329,6 +333,10 @@ pub struct DeploymentRecord {
     /// True for deployments made by `cutover rollback`.
     #[serde(default)]
     pub is_rollback: bool,
+    /// True for deployments made by `cutover service restart`: the live release again,
+    /// in the idle slot; the service's live and previous plans stay as they were.
+    #[serde(default)]
+    pub restart: bool,
     pub state: State,
     /// The state to end in once a rollback has converged, or to go back to after a
     /// pause.

@@ -277,6 +277,16 @@ impl Batch {
             .push((DESIRED, format!("{host}/{service}"), Some(proto)));
         self
     }
+    /// Forgets a host's desired state for a service (the host confirmed its removal).
+    pub fn remove_desired(&mut self, host: &str, service: &str) -> &mut Self {
+        self.ops.push((DESIRED, format!("{host}/{service}"), None));
+        self
+    }
+    /// Forgets a service's record (`service remove`, a first release that failed).
+    pub fn remove_service(&mut self, name: &str) -> &mut Self {
+        self.ops.push((SERVICES, name.to_string(), None));
+        self
+    }
     pub fn event(&mut self, id: &str, seq: u64, e: &crate::timeline::Event) -> &mut Self {
         self.put_json(EVENTS, &format!("{id}/{seq:08}"), e);
         self

@@ -179,7 +179,7 @@ fn viewers_read_everything_and_change_nothing() {
     let plan = plan.to_str().expect("path");
     let no = |call: &str| {
         format!(
-            "bob has the viewer role, which may only read (status, hosts, history, show, stats, watch); {call} needs the admin role"
+            "bob has the viewer role, which may only read (status, hosts, history, show, stats, watch, logs, releases, service list, dry runs); {call} needs the admin role"
         )
     };
     let eve = c.dir.join("people/eve");
@@ -254,6 +254,16 @@ fn a_locked_service_refuses_deploys_and_rollbacks_until_unlocked() {
     let v3 = v3.to_str().expect("path");
     refused(&c.cli(&["deploy", v3, "--wait"]), 1, &locked);
     refused(&c.cli(&["rollback", "web"]), 1, &locked);
+    refused(&c.cli(&["rollback", "web", "--to", "1.0.0"]), 1, &locked);
+    for action in ["restart", "stop", "start"] {
+        refused(&c.cli(&["service", action, "web"]), 1, &locked);
+    }
+    refused(&c.cli(&["service", "remove", "web", "--yes"]), 1, &locked);
+    // A dry run says so, and changes nothing.
+    let dry = c.cli(&["deploy", v3, "--dry-run"]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(dry.status.code(), Some(1), "{text}");
+    assert!(text.contains("service web is locked by ana"), "{text}");
     let history = json(&c.cli_ok(&["history", "--output", "json"]));
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
     assert!(c.all_serving("2.0.0"));

@@ -59,7 +59,8 @@ pub struct CreateArgs {
     /// The person's name (a-z, 0-9, '-', '_', '.'): what the timeline records for
     /// everything done with these credentials.
     name: String,
-    /// admin: everything; viewer: read only (status, hosts, history, show, stats, watch).
+    /// admin: everything; viewer: read only (status, hosts, history, show, stats, watch,
+    /// logs, releases, service list, dry runs).
     #[arg(long, value_enum, default_value = "admin")]
     role: RoleArg,
     /// The folder to write (new, or empty) [default: ./cutover-NAME].

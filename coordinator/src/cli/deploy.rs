@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::conn::Client;
 use super::plan::{Overrides, load_plan};
-use super::{Conn, Failure, Output, Result, follow};
+use super::{Conn, Failure, Output, Result, dry_run, follow};
 use crate::cli::out::print_json;
 use crate::{errln, outln, views};
 
@@ -30,8 +30,12 @@ pub struct DeployArgs {
     sha256: Option<String>,
     /// Follow progress on stderr until the deployment ends; the exit code says how
     /// it ended.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     wait: bool,
+    /// Show what the deployment would do (hosts, slots, the diff against the live
+    /// release, steps) and change nothing; also `cutover plan diff PLAN`.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// `cutover deploy PLAN`: prints the new deployment's id on the first stdout line.
@@ -42,6 +46,9 @@ pub async fn deploy(conn: &Conn, args: DeployArgs, output: Output) -> Result<i32
         sha256: args.sha256,
     };
     let plan = load_plan(&args.plan, overrides)?;
+    if args.dry_run {
+        return dry_run::run(conn, &plan, &args.plan, output).await;
+    }
     let mut client = conn.client().await?;
     let resp = client
         .deploy(deploy_request(&plan, &args.plan)?)
@@ -60,22 +67,34 @@ fn deploy_request(plan: &Plan, path: &Path) -> Result<pb::DeployRequest> {
     })
 }
 
-/// `cutover rollback SERVICE`.
-pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) -> Result<i32> {
+/// `cutover rollback SERVICE [--to VERSION]`.
+pub async fn rollback(
+    conn: &Conn,
+    service: String,
+    to: Option<String>,
+    wait: bool,
+    output: Output,
+) -> Result<i32> {
     let mut client = conn.client().await?;
-    let resp = client
-        .rollback(pb::RollbackRequest {
-            service,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let resp = match to {
+        Some(version) => client
+            .rollback_to(pb::RollbackToRequest { service, version })
+            .await?
+            .into_inner(),
+        None => client
+            .rollback(pb::RollbackRequest {
+                service,
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    };
     follow_up(&mut client, resp, wait, output).await
 }
 
 /// After `deploy` or `rollback`: the id (or, with `--output json` and no `--wait`, the
 /// id and whether it was a no-op), then with `--wait` the deployment followed to its end.
-async fn follow_up(
+pub(super) async fn follow_up(
     client: &mut Client,
     resp: pb::DeployResponse,
     wait: bool,

@@ -22,7 +22,17 @@ use super::Shared;
 use crate::admins::{Caller, Role};
 
 /// The `Control` methods a viewer may call: they read, and change nothing.
-const READ_ONLY: &[&str] = &["ListHosts", "GetDeployment", "History", "Show", "Stats"];
+const READ_ONLY: &[&str] = &[
+    "ListHosts",
+    "GetDeployment",
+    "History",
+    "Show",
+    "Stats",
+    "Logs",
+    "Releases",
+    "ListServices",
+    "DryRun",
+];
 
 /// The role a `Control` method needs.
 pub fn needed(method: &str) -> Role {
@@ -40,7 +50,7 @@ pub fn check(caller: &Caller, method: &str) -> Result<(), Status> {
         return Ok(());
     }
     Err(Status::permission_denied(format!(
-        "{} has the {} role, which may only read (status, hosts, history, show, stats, watch); {method} needs the admin role",
+        "{} has the {} role, which may only read (status, hosts, history, show, stats, watch, logs, releases, service list, dry runs); {method} needs the admin role",
         caller.name,
         caller.role.as_str()
     )))
@@ -141,7 +151,7 @@ mod tests {
             assert_eq!(
                 refused.message(),
                 format!(
-                    "ana has the viewer role, which may only read (status, hosts, history, show, stats, watch); {write} needs the admin role"
+                    "ana has the viewer role, which may only read (status, hosts, history, show, stats, watch, logs, releases, service list, dry runs); {write} needs the admin role"
                 )
             );
         }

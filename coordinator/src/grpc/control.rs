@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::access::caller;
 use super::status::internal;
-use super::{Api, deployment_to_pb};
+use super::{Api, deployment_to_pb, logs, ops};
 use crate::model::{DeploymentRecord, TokenHost};
 use crate::rollout::Command;
 use crate::store::Store;
@@ -257,6 +257,50 @@ impl Control for Api {
         let dep = s.engine.command(r.id, command, who.name).await?;
         Ok(Response::new(with_lock(&s.store, &dep)?))
     }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::list_services(self, req).await
+    }
+
+    async fn service_command(
+        &self,
+        req: Request<pb::ServiceCommandRequest>,
+    ) -> Result<Response<pb::ServiceCommandResponse>, Status> {
+        ops::service_command(self, req).await
+    }
+
+    async fn releases(
+        &self,
+        req: Request<pb::ReleasesRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::releases(self, req).await
+    }
+
+    async fn rollback_to(
+        &self,
+        req: Request<pb::RollbackToRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        ops::rollback_to(self, req).await
+    }
+
+    async fn dry_run(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::dry_run(self, req).await
+    }
+
+    type LogsStream = logs::LogsStream;
+
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        logs::logs(self, req).await
+    }
 }
 
 /// What a `token create` request grants, checked: label syntax, the host name it pins
@@ -323,7 +367,7 @@ fn with_lock(store: &Store, d: &DeploymentRecord) -> Result<pb::Deployment, Stat
 
 /// A report as the JSON document the control API answers with; object keys sorted, as
 /// in every JSON document cutover writes.
-fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
+pub(super) fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
     let json = serde_json::to_string(&crate::views::to_value(report)).map_err(internal)?;
     Ok(Response::new(pb::JsonDocument { json }))
 }

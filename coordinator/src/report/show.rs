@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 use super::failure::{Failure, failure};
@@ -67,6 +68,12 @@ pub struct Show {
     pub stragglers: Vec<Straggler>,
     /// Every event, oldest first.
     pub timeline: Vec<TimelineEntry>,
+    /// The plan that was deployed, its secret values masked ([`Plan::masked`]).
+    #[serde(default)]
+    pub plan: Option<Plan>,
+    /// Where the plan came from, as the CLI named it (`(rollback)`, `(restart)`...).
+    #[serde(default)]
+    pub plan_path: String,
 }
 
 /// A target host of a deployment.
@@ -180,6 +187,8 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
             .map(|(host, preparing_s)| Straggler { host, preparing_s })
             .collect(),
         timeline: events.iter().map(|e| entry(d, e)).collect(),
+        plan: Some(d.plan.masked()),
+        plan_path: d.plan_path.clone(),
     }
 }
 

@@ -49,6 +49,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         plan_path: "p.toml".into(),
         previous_release: None,
         is_rollback: false,
+        restart: false,
         state,
         ending: None,
         step: 1,
@@ -752,6 +753,8 @@ fn show_keeps_the_field_names_its_readers_use() {
             "id",
             "last_interval",
             "phase_elapsed_s",
+            "plan",
+            "plan_path",
             "previous_release",
             "reason",
             "release",
@@ -824,6 +827,7 @@ fn history_rows_keep_the_field_names_their_readers_use() {
             "previous_release",
             "reason",
             "release",
+            "restart",
             "rollback",
             "service",
             "state"
@@ -858,4 +862,26 @@ fn stats_keep_the_field_names_their_readers_use() {
             "time_to_restore"
         ]
     );
+}
+
+/// `show` carries the plan that was deployed, with the values of its secret variables
+/// masked wherever they appear.
+#[test]
+fn show_includes_the_plan_with_secret_values_masked() {
+    let mut d = dep("d-1", "1", DAY, 10, State::Succeeded);
+    d.plan
+        .run
+        .env
+        .insert("DATABASE_URL".into(), "postgres://app:hunter22@db".into());
+    d.plan.run.env.insert("WORKERS".into(), "4".into());
+    d.plan.run.secret_env = vec!["DATABASE_URL".into()];
+    d.plan.run.command.push("postgres://app:hunter22@db".into());
+    let shown = show(&d, &[], &Typical::default(), 2 * DAY);
+    assert_eq!(shown.plan_path, "p.toml");
+    let plan = shown.plan.as_ref().unwrap();
+    assert_eq!(plan.run.env["DATABASE_URL"], "********");
+    assert_eq!(plan.run.env["WORKERS"], "4");
+    let text = sent(&shown);
+    assert!(!text.contains("hunter22"), "{text}");
+    assert!(text.contains("\"secret_env\":[\"DATABASE_URL\"]"), "{text}");
 }

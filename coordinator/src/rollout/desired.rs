@@ -34,6 +34,8 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             env: plan.run.env.clone().into_iter().collect(),
             stop_timeout_ms: plan.run.stop_timeout.as_millis(),
             user: plan.run.user.clone().unwrap_or_default(),
+            env_files: plan.run.env_files.clone(),
+            secret_env: plan.run.secret_env.clone(),
         }),
         health: Some(HealthSpec {
             check,
@@ -111,8 +113,10 @@ pub fn target(
     }
     let plan = &dep.plan;
     let mut d = current.cloned().unwrap_or_default();
-    // The engine assigns generations; targets compare without them.
+    // The engine assigns generations; targets compare without them. A deployment
+    // brings back a service its host was told to forget.
     d.generation = 0;
+    d.removed = false;
     d.service = dep.service.clone();
     d.listen = u32::from(plan.run.listen);
     d.protocol = match plan.run.protocol {

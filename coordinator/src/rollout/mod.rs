@@ -41,6 +41,7 @@ mod desired;
 mod effects;
 mod hold;
 mod interval;
+mod lifecycle;
 mod lost;
 mod machine;
 mod pause;
@@ -52,8 +53,9 @@ mod submit;
 mod watch;
 
 pub use business::scrape_spec;
-pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
-pub use submit::{Submission, submit};
+pub use lifecycle::{forget_if_empty, removal, restart_plan, stopping, tombstone};
+pub use service::{Retirement, concluded, retire, retiring, rollback_plan, rollback_to_plan};
+pub use submit::{Submission, plan_hosts, submit};
 
 use machine::Machine;
 

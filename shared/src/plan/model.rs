@@ -81,6 +81,14 @@ pub struct Run {
     /// Unprivileged user to run the slot process as.
     #[serde(default)]
     pub user: Option<String>,
+    /// Files of `KEY=value` lines each host reads when a slot starts, in order, over
+    /// `env`: host-specific settings and secrets that never travel through cutover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_files: Vec<String>,
+    /// Variables whose values are secret: masked wherever cutover shows or reports
+    /// them, whether `env` or an env file sets them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

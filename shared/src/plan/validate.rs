@@ -53,6 +53,7 @@ impl Plan {
         validate_targets(&self.targets)?;
         validate_release(&self.release)?;
         validate_run(&self.run)?;
+        validate_env_sources(&self.run)?;
         validate_health(&self.health)?;
         validate_strategy(&self.strategy)?;
         if let Some(a) = &self.analysis {
@@ -121,6 +122,32 @@ fn validate_run(run: &Run) -> Result<(), Invalid> {
         && u.trim().is_empty()
     {
         return Err(invalid(&[K("run"), K("user")], "must not be empty"));
+    }
+    Ok(())
+}
+
+/// `[run] env_files` and `secret_env`: absolute paths the agent can read on each host
+/// (no two alike), and secret names that are variable names.
+fn validate_env_sources(run: &Run) -> Result<(), Invalid> {
+    for (i, f) in run.env_files.iter().enumerate() {
+        let at = [K("run"), K("env_files"), I(i)];
+        if !f.starts_with('/') || f.contains('\0') {
+            return Err(invalid(
+                &at,
+                format!("{f:?} is not an absolute path; write e.g. \"/etc/cutover/web.env\""),
+            ));
+        }
+        if run.env_files[..i].contains(f) {
+            return Err(invalid(&at, format!("{f} is listed twice")));
+        }
+    }
+    for (i, k) in run.secret_env.iter().enumerate() {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(invalid(
+                &[K("run"), K("secret_env"), I(i)],
+                format!("invalid variable name {k:?}"),
+            ));
+        }
     }
     Ok(())
 }

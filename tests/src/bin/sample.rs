@@ -7,8 +7,9 @@
 //! lines, sorted); `GET /state/write/NAME` writes `release <version>` to the file NAME in
 //! `$CUTOVER_STATE_DIR` and `GET /state/read/NAME` reads it back; `GET /write/PATH` tries
 //! to write to PATH, relative to its working directory, and answers 403 with the reason
-//! when it may not. Its behaviour comes from `behaviour.env` in its working directory
-//! (the release), so a "bad release" is bad because of what it ships:
+//! when it may not; `GET /log/TEXT` writes TEXT as a line of its output (which the agent
+//! keeps as the slot's log). Its behaviour comes from `behaviour.env` in its working
+//! directory (the release), so a "bad release" is bad because of what it ships:
 //! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
 //! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
 //! `unhealthy=1` fails its health check.
@@ -294,8 +295,13 @@ fn spread(n: u64, share: f64) -> bool {
     share > 0.0 && ((n * 617) % 1000) as f64 / 1000.0 < share
 }
 
-/// The endpoints about the host: environment, state directory, writing files.
+/// The endpoints about the host: environment, state directory, writing files, its own
+/// output.
 fn host_request(path: &str, version: &str) -> Option<(u16, String)> {
+    if let Some(text) = path.strip_prefix("/log/") {
+        eprintln!("{text}");
+        return Some((200, "logged\n".into()));
+    }
     if path == "/env" {
         let mut vars: Vec<String> = std::env::vars_os()
             .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))

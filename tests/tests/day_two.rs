@@ -177,8 +177,8 @@ fn releases_lists_what_the_hosts_keep_and_rollback_to_starts_one_without_a_downl
     let one = row("1.0.0");
     assert_eq!(one["hosts"], serde_json::json!(["web-1", "web-2"]), "{one}");
     assert_eq!(one["sha256"].as_str().map(str::len), Some(64), "{one}");
-    let by = one["deployed_by"].as_str().unwrap_or_default();
-    assert!(by.contains('@'), "who deployed it: {one}");
+    // Who deployed it: the name of the credentials used (the first-start admin's).
+    assert_eq!(one["deployed_by"], "admin", "{one}");
     assert!(one["deployed_at"].as_str().is_some(), "{one}");
 
     // The 1.0.0 artifact is gone: going back to it works only from the hosts' copies.

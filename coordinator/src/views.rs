@@ -359,6 +359,7 @@ mod tests {
             first_bad_unix_ms: 2_500,
             rollback_decided_unix_ms: 3_000,
             rollback_done_unix_ms: 3_750,
+            database: None,
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
         let expected = json!({

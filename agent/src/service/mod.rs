@@ -499,6 +499,7 @@ impl Services {
                     green_weight: if serving { gw } else { 0 },
                     error: rt.error.clone(),
                     healing: rt.healing.clone(),
+                    database_tasks: Vec::new(),
                 }
             })
             .collect();

@@ -38,6 +38,7 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
             .as_ref()
             .and_then(|r| r.done_unix_ms)
             .unwrap_or(0),
+        database: None,
     }
 }
 

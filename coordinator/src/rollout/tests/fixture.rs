@@ -104,6 +104,7 @@ impl Sim {
                 green_weight: if d.green.is_some() { d.green_weight } else { 0 },
                 error: String::new(),
                 healing: String::new(),
+                database_tasks: Vec::new(),
             };
             self.observed.insert(h.clone(), o);
         }

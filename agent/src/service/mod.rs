@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
+use crate::database::{self, Tasks};
 use crate::handover::{Exe, Inherited};
 use crate::ports::PortRange;
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
@@ -89,6 +90,8 @@ pub struct Services {
     tasks: TaskTracker,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
+    /// The database commands the coordinator asks this host to run, each once.
+    database: Arc<Tasks>,
 }
 
 /// How this host runs services: from the agent's configuration.
@@ -117,16 +120,30 @@ impl Services {
         tasks: TaskTracker,
     ) -> Services {
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
+        let changed = Arc::new(Notify::new());
+        let database = Arc::new(Tasks::new(
+            database::Settings {
+                data_dir: settings.data_dir.clone(),
+                limits: settings.limits.clone(),
+                trusted_keys: settings.trusted_keys.clone(),
+                service_user: settings.service_user.clone(),
+            },
+            store.clone(),
+            changed.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
         Services {
             settings,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
-            changed: Arc::new(Notify::new()),
+            changed,
             phase_tx,
             phase_rx: Mutex::new(Some(phase_rx)),
             cancel,
             tasks,
             inherited: Mutex::new(Vec::new()),
+            database,
         }
     }
 
@@ -182,8 +199,9 @@ impl Services {
         Ok(n)
     }
 
-    /// Records and applies a desired state from the coordinator. Older generations than
-    /// the one applied are ignored.
+    /// Records and applies a desired state from the coordinator, and starts the database
+    /// task it carries unless this host knows it already. Older generations than the one
+    /// applied are ignored.
     pub async fn apply(&self, d: DesiredService) {
         {
             let rts = self.runtimes.lock().await;
@@ -198,6 +216,9 @@ impl Services {
             // Not persisted: still apply, so the fleet converges; a restart before the
             // next write falls back to the previous stored state.
             tracing::error!(service = d.service, error = %e, "persist desired state");
+        }
+        if let Some(task) = &d.database_task {
+            self.database.want(&d.service, task);
         }
         self.converge(d).await;
     }
@@ -499,7 +520,7 @@ impl Services {
                     green_weight: if serving { gw } else { 0 },
                     error: rt.error.clone(),
                     healing: rt.healing.clone(),
-                    database_tasks: Vec::new(),
+                    database_tasks: self.database.report(name),
                 }
             })
             .collect();

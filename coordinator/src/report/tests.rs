@@ -64,6 +64,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         hosts: [("web-1".to_string(), host(HostPhase::Switched))].into(),
         analysis: Default::default(),
         rollback: None,
+        database: Default::default(),
     }
 }
 

@@ -21,7 +21,11 @@
 //! | `preparing`, `progressing` | `paused` | `pause`; a step's `pause = true` gate; a lost host with `on_host_lost = "pause"` | `command`, `hold`, `lost` |
 //! | `paused` | where it was | `resume` or `promote` | `command` |
 //! | `preparing`, `progressing`, `paused` | `rolling_back` | `abort`; preparation failures beyond tolerance or the same error on two hosts; a serving new slot failing; a deadline; failing analysis; a lost host with `on_host_lost = "rollback"` | `command`, `prepare`, `watch`, `hold`, `interval`, `lost` |
-//! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights | `rollback` |
+//! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights (and the database abort ran) | `rollback` |
+//!
+//! With `[database]`, the expand runs (once, on one host) before any host prepares, and
+//! a rollback runs the abort once every host is back; the change's own phases, and the
+//! contract after success, are charted in `database`.
 //!
 //! Each host of a deployment goes `waiting` → `preparing` → `ready` → `switched` (and
 //! back to `ready` when the next step's weights go out), or ends `failed` (set aside
@@ -35,6 +39,7 @@ use crate::model::DeploymentRecord;
 use crate::timeline::Event;
 
 mod command;
+mod database;
 mod desired;
 mod effects;
 mod hold;
@@ -49,8 +54,9 @@ mod service;
 mod submit;
 mod watch;
 
-pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
-pub use submit::{Submission, submit};
+pub use database::{failure as database_failure, slot_env};
+pub use service::{Retirement, changed_service, concluded, retire, retiring, rollback_plan};
+pub use submit::{DatabaseContext, Submission, submit};
 
 use machine::Machine;
 
@@ -79,6 +85,13 @@ pub enum Command {
     Promote,
     /// Roll back now.
     Abort,
+    /// Contract the deployment's schema change, once it has succeeded (`cutover
+    /// contract`, `keep_previous` passing, or the next deployment needing the old slot);
+    /// again after a contract failed or stood still.
+    Contract,
+    /// Abort the deployment's schema change after its success, because `cutover
+    /// rollback` undid the release.
+    Undo,
 }
 
 impl Command {
@@ -88,6 +101,8 @@ impl Command {
             Command::Resume => "resume",
             Command::Promote => "promote",
             Command::Abort => "abort",
+            Command::Contract => "contract",
+            Command::Undo => "undo the database change",
         }
     }
 }
@@ -120,8 +135,25 @@ pub fn decide(
     order: Option<Order<'_>>,
     now: u64,
 ) -> Decision {
+    decide_after(dep, views, None, order, now)
+}
+
+/// [`decide`], for a deployment that waits for `previous`'s schema change to be
+/// contracted before it prepares (its `database.after`). A deployment that has ended
+/// is only decided for its schema change: the contract or abort ordered after it.
+pub fn decide_after<'v>(
+    dep: &DeploymentRecord,
+    views: &'v BTreeMap<String, HostView<'_>>,
+    previous: Option<&'v DeploymentRecord>,
+    order: Option<Order<'_>>,
+    now: u64,
+) -> Decision {
     let mut m = Machine::new(dep.clone(), views, now);
-    if !m.d.state.is_final() {
+    m.previous = previous;
+    let ended = m.d.state.is_final();
+    if ended {
+        m.settle_database(order);
+    } else {
         m.report_progress();
         if let Some(order) = order {
             m.obey(order);
@@ -129,7 +161,11 @@ pub fn decide(
         m.settle();
     }
     let (deployment, events) = m.finish();
-    let targets = desired::changes(&deployment, views);
+    let targets = if ended {
+        database::settled_changes(&deployment, views)
+    } else {
+        desired::changes(&deployment, views)
+    };
     Decision {
         deployment,
         targets,

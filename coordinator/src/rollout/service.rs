@@ -9,7 +9,7 @@ use cutover_proto::v1::DesiredService;
 use cutover_shared::Duration;
 use cutover_shared::plan::{Count, Plan, Step};
 
-use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
+use crate::model::{DbPhase, DeploymentRecord, ServiceRecord, Slot, State};
 
 /// The plan `cutover rollback` deploys: the previous release's, straight to 100 % on
 /// every host at once, with no hold and no bake.
@@ -27,7 +27,9 @@ pub fn rollback_plan(mut previous: Plan) -> Plan {
 
 /// The service's record once deployment `d` ended at `now`: no deployment in progress;
 /// after a success the deployed plan is live, the one it replaced is kept for
-/// `cutover rollback`, and its slots retire after the plan's `keep_previous`.
+/// `cutover rollback`, and its slots retire after the plan's `keep_previous`. A success
+/// that expanded a schema change leaves it waiting for its contract; a `cutover
+/// rollback` that undid one leaves the release it undid unable to come back.
 pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> ServiceRecord {
     svc.name.clone_from(&d.service);
     if svc.active.as_deref() == Some(d.id.as_str()) {
@@ -39,8 +41,61 @@ pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> Serv
         }
         let keep = d.plan.strategy.keep_previous.as_millis();
         svc.retire_previous_at_unix_ms = Some(now.saturating_add(keep));
+        match &d.database.undoes {
+            Some(undone) => {
+                svc.rollback_refused = Some(format!(
+                    "the database change of {undone} (release {}) is undone with it; deploy it again instead",
+                    d.previous_release.as_deref().unwrap_or("before")
+                ));
+            }
+            None if !d.hosts.values().all(|h| h.untouched) => {
+                svc.rollback_refused = None;
+                let expanded = d
+                    .database
+                    .change
+                    .as_ref()
+                    .is_some_and(|c| c.phase == DbPhase::Expanded);
+                svc.db_pending = expanded.then(|| d.id.clone());
+            }
+            None => {}
+        }
     }
     svc
+}
+
+/// The service's record after a decision took deployment `before` to `after`, when its
+/// schema change was settled after success: a contracted change is the only version
+/// left (the previous release cannot come back), an undone one is gone.
+pub fn changed_service(
+    svc: &ServiceRecord,
+    before: &DeploymentRecord,
+    after: &DeploymentRecord,
+    when: &str,
+) -> Option<ServiceRecord> {
+    let phase = |d: &DeploymentRecord| d.database.change.as_ref().map(|c| c.phase);
+    let now = phase(after)?;
+    if phase(before) == Some(now) || !before.state.is_final() {
+        return None;
+    }
+    let mut svc = svc.clone();
+    if svc.db_pending.as_deref() == Some(after.id.as_str())
+        && matches!(now, DbPhase::Contracted | DbPhase::Aborted)
+    {
+        svc.db_pending = None;
+    }
+    if now == DbPhase::Contracted
+        && svc
+            .live
+            .as_ref()
+            .is_some_and(|p| p.release.version == after.release)
+    {
+        svc.rollback_refused = Some(format!(
+            "the database was contracted by {} at {when}: release {} would read a schema that no longer exists; deploy a fix forward",
+            after.id,
+            after.previous_release.as_deref().unwrap_or("before")
+        ));
+    }
+    Some(svc)
 }
 
 /// The previous release of `svc` is due to retire at `now`: `keep_previous` has passed

@@ -3,7 +3,7 @@
 //! the product contract ([`failure`]).
 //!
 //! One module per command family, each with its arguments and what it does:
-//! [`deploy`] (deploy, rollback, the manual controls, status), [`follow`] (following a
+//! [`deploy`] (deploy, rollback, contract, the manual controls, status), [`follow`] (following a
 //! deployment to its end, shown by [`live`] on a terminal and [`plain`] in logs),
 //! [`hosts`], [`tokens`], [`reports`] (history, show, stats), [`artifact`] (signing keys
 //! and signatures) and [`plan`] (validate). [`conn`] reaches the coordinator, [`out`] is
@@ -71,6 +71,15 @@ pub enum Command {
         /// Deployment id, e.g. d-000123
         id: String,
     },
+    /// Contract the live release's database change now: `contract_after = "manual"`,
+    /// or again after a contract failed or stood still.
+    Contract {
+        /// The service whose change to contract.
+        service: String,
+        /// Wait until the contract has run; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Go back to the previous release on every host.
     Rollback {
         /// The service to roll back.
@@ -121,6 +130,7 @@ impl Command {
             Command::Promote { id } => deploy::command(conn, id, C::Promote, out).await,
             Command::Abort { id } => deploy::command(conn, id, C::Abort, out).await,
             Command::Rollback { service, wait } => deploy::rollback(conn, service, wait, out).await,
+            Command::Contract { service, wait } => deploy::contract(conn, service, wait, out).await,
             Command::Watch { id } => follow::watch(conn, id, out).await,
             Command::History(args) => reports::history(conn, args, out).await,
             Command::Show { id } => reports::show(conn, id, out).await,

@@ -1,5 +1,5 @@
 //! `Control`: the release manager's API, admin certificates only. Join tokens, hosts,
-//! deployments and the operator's commands; the reads (`history`, `show`, `stats`)
+//! deployments and the operator's commands (with `contract`); the reads (`history`, `show`, `stats`)
 //! answer with the typed reports of [`crate::report`] as JSON documents.
 
 use std::collections::BTreeMap;
@@ -203,6 +203,17 @@ impl Control for Api {
             r.since_unix_ms,
             now_ms(),
         )?)
+    }
+
+    async fn contract(
+        &self,
+        req: Request<pb::ContractRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let s = &self.0;
+        s.admin(&req)?;
+        let r = req.into_inner();
+        let dep = s.engine.contract(r.service, actor(&r.actor)).await?;
+        Ok(Response::new(deployment_to_pb(&dep)))
     }
 
     async fn command(

@@ -13,7 +13,7 @@ use super::timing::{Typical, eta_ms, phases, stragglers};
 use crate::analysis::{MetricResult, Verdict, figure, metric_name, unit};
 use crate::model::{DeploymentRecord, HostPhase, IntervalRecord, State};
 use crate::timeline::Event;
-use crate::views::rfc3339;
+use crate::views::{self, rfc3339};
 
 /// One deployment as `show` tells it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -66,6 +66,15 @@ pub struct Show {
     pub stragglers: Vec<Straggler>,
     /// Every event, oldest first.
     pub timeline: Vec<TimelineEntry>,
+    /// Its part in the database: the schema change's phase and each command's run,
+    /// with where its whole output is.
+    #[serde(default = "no_database")]
+    pub database: views::Database,
+}
+
+/// What a report from a coordinator that did not send `database` reads as.
+fn no_database() -> views::Database {
+    views::Database::from(&Default::default())
 }
 
 /// A target host of a deployment.
@@ -173,6 +182,7 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
             .map(|(host, preparing_s)| Straggler { host, preparing_s })
             .collect(),
         timeline: events.iter().map(|e| entry(d, e)).collect(),
+        database: views::Database::from(&crate::grpc::database_to_pb(d)),
     }
 }
 

@@ -6,7 +6,8 @@
 //! By concern: `procs` (binaries, processes, polling), `cluster` (a coordinator and its
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
-//! (one GET), `disk` (small disks), `netns` (network partitions).
+//! (one GET), `disk` (small disks), `netns` (network partitions), `postgres` (a real
+//! PostgreSQL server of the test's own).
 
 mod cluster;
 mod deploy;
@@ -15,6 +16,7 @@ mod http;
 mod load;
 pub mod netns;
 mod plan;
+mod postgres;
 mod procs;
 
 pub use cluster::{Agent, Cluster};
@@ -22,5 +24,6 @@ pub use disk::Tmpfs;
 pub use http::get;
 pub use load::{Load, LoadReport};
 pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
+pub use postgres::Postgres;
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
 pub use serde_json::Value;

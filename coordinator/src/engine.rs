@@ -393,20 +393,11 @@ impl Engine {
             )));
         };
         if let Some(d) = self.pending_change(&rec)?
-            && d.database.change.as_ref().is_some_and(|c| c.busy())
+            && let Some(why) = d.database.change.as_ref().and_then(no_undo)
         {
             return Err(Error::Refused(format!(
-                "service {service} cannot roll back: the database change of {} is being {} now",
-                d.id,
-                if d.database
-                    .change
-                    .as_ref()
-                    .is_some_and(|c| c.phase == crate::model::DbPhase::Contracting)
-                {
-                    "contracted"
-                } else {
-                    "aborted"
-                }
+                "service {service} cannot roll back: the database change of {} {why}",
+                d.id
             )));
         }
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
@@ -823,6 +814,21 @@ fn decided(d: &DeploymentRecord) -> bool {
     !d.state.is_final() || d.database.change.as_ref().is_some_and(|c| c.busy())
 }
 
+/// Why a `cutover rollback` cannot undo schema change `c` now, if it cannot: its
+/// contract runs or has failed (the previous release's version may be gone).
+fn no_undo(c: &crate::model::SchemaChange) -> Option<String> {
+    use crate::model::DbPhase;
+    match c.phase {
+        DbPhase::Contracting => Some("is being contracted now".into()),
+        DbPhase::Aborting => Some("is being aborted now".into()),
+        DbPhase::Failed => Some(format!(
+            "failed its last command ({}); the previous release's schema may be gone: fix the database and run `cutover contract`, or deploy a fix forward",
+            crate::rollout::database_failure(c).unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
 /// Why a command to ended deployment `d` is refused.
 fn ended(d: &DeploymentRecord) -> Error {
     Error::Refused(format!(
@@ -834,7 +840,12 @@ fn ended(d: &DeploymentRecord) -> Error {
 
 /// Logs a deployment's change of state.
 fn log_state(before: &DeploymentRecord, after: &DeploymentRecord) {
-    if after.state.is_final() {
+    if after.state.is_final() && before.state.is_final() {
+        let phase = |d: &DeploymentRecord| d.database.change.as_ref().map(|c| c.phase);
+        if let Some(p) = phase(after).filter(|p| phase(before) != Some(*p)) {
+            tracing::info!(id = after.id, phase = p.as_str(), "database change");
+        }
+    } else if after.state.is_final() {
         tracing::info!(
             id = after.id,
             state = after.state.as_str(),

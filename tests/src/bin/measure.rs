@@ -2,12 +2,14 @@
 //! cutover's progressive delivery is judged by. Not a test; run it and read.
 //!
 //!   cargo build --workspace --bins && target/debug/cutover-measure [runs]
+//!   target/debug/cutover-measure database [deployments]
 //!
 //! It prints: the time a blue/green switch of 3 hosts takes and the requests it costs;
 //! time from the first bad analysis interval to the last host back on the old
 //! slot, and the client requests that failed, for rollbacks at 1 %, 10 % and 50 %; false
 //! rollbacks of a healthy release over `runs` deployments (default 20); and how long a
-//! good 3-step deployment spends beyond its configured holds.
+//! good 3-step deployment spends beyond its configured holds. `database` prints the
+//! figures of database changes instead (see `measure/database.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,18 @@ judge = "mann-whitney"
 confidence = 0.99
 "#;
 
+#[path = "measure/database.rs"]
+mod database;
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("database") {
+        let deployments = std::env::args()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(20);
+        database::run(deployments);
+        return;
+    }
     let runs: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use cutover_proto::v1::{DatabaseTask, DatabaseTaskState, DatabaseTaskStatus};
 use cutover_shared::clock::now_ms;
-use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
+use crate::slot::process::stop_group;
 use crate::slot::release::{Source, fetch_and_unpack};
 use crate::spawn::{Exit, Launcher, Outcome, RunAs, RunOptions};
 use crate::store::{Store, TaskRecord, TaskState};
@@ -41,8 +41,6 @@ const REPORTED: usize = 5;
 const TAIL_LINES: usize = 10;
 /// Between SIGTERM and SIGKILL when the plan says nothing.
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
-/// How often a leftover of an interrupted task is looked at while it stops.
-const LEFTOVER_POLL: Duration = Duration::from_millis(50);
 
 /// How this host runs database tasks, from the agent's configuration.
 pub struct Settings {
@@ -370,12 +368,7 @@ pub async fn recover(store: &Store, grace: Duration) -> usize {
                 pid = r.pid,
                 "stopping a database command left by an earlier agent run"
             );
-            os::signal_group(r.pid, Signal::SIGTERM);
-            let until = tokio::time::Instant::now() + grace;
-            while os::alive(r.pid, r.start_ticks) && tokio::time::Instant::now() < until {
-                tokio::time::sleep(LEFTOVER_POLL).await;
-            }
-            os::signal_group(r.pid, Signal::SIGKILL);
+            stop_group(r.pid, r.start_ticks, grace).await;
         }
         r.state = TaskState::Interrupted;
         r.exit =

@@ -21,7 +21,7 @@ pub mod adopt;
 mod launch;
 mod lifecycle;
 mod log;
-mod process;
+pub mod process;
 pub mod release;
 mod restart;
 

@@ -623,45 +623,25 @@ pub fn settled_changes(
         DbPhase::Aborting => Some(dep.release.clone()),
         _ => None,
     });
-    let mut out = BTreeMap::new();
-    for name in dep.hosts.keys() {
-        let current = views.get(name).and_then(|v| v.desired);
+    super::desired::differing(dep, views, |name, current| {
         let emptied = match (&retire, current) {
             (Some(release), Some(d)) => without_idle(d, release),
             _ => None,
         };
-        let Some(t) = with_task(dep, name, emptied, current) else {
-            continue;
-        };
-        let mut have = current.cloned().unwrap_or_default();
-        have.generation = 0;
-        if have != t {
-            out.insert(name.clone(), t);
-        }
-    }
-    out
+        with_task(dep, name, emptied, current)
+    })
 }
 
-/// `d` without its idle slots that hold `release`, if it has any and another slot
+/// `d` without its idle slots that hold `release`, if it has any and another release
 /// serves.
 fn without_idle(d: &DesiredService, release: &str) -> Option<DesiredService> {
     let live = d.live_slot()?;
     if slot_release(d, live) == Some(release) {
         return None;
     }
-    let idle: Vec<Slot> = Slot::BOTH
-        .into_iter()
-        .filter(|s| d.weight(*s) == 0 && slot_release(d, *s) == Some(release))
-        .collect();
-    if idle.is_empty() {
-        return None;
-    }
-    let mut t = d.clone();
-    t.generation = 0;
-    for s in idle {
-        t.set_slot(s, None);
-    }
-    Some(t)
+    super::service::without_idle_slots(d, |spec| {
+        spec.release_key().map(|(v, _)| v) == Some(release)
+    })
 }
 
 #[cfg(test)]

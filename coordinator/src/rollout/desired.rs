@@ -179,11 +179,24 @@ pub fn changes(
     dep: &DeploymentRecord,
     views: &BTreeMap<String, HostView<'_>>,
 ) -> BTreeMap<String, DesiredService> {
+    differing(dep, views, |name, current| {
+        let slots = dep.hosts.get(name).and_then(|h| target(dep, h, current));
+        super::database::with_task(dep, name, slots, current)
+    })
+}
+
+/// The hosts of `dep` whose desired state `want` (from the host's name and current
+/// desired state) differs from what was last sent, with the new state (generation
+/// unset).
+pub fn differing(
+    dep: &DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+    want: impl Fn(&str, Option<&DesiredService>) -> Option<DesiredService>,
+) -> BTreeMap<String, DesiredService> {
     let mut out = BTreeMap::new();
-    for (name, host) in &dep.hosts {
+    for name in dep.hosts.keys() {
         let current = views.get(name).and_then(|v| v.desired);
-        let slots = target(dep, host, current);
-        let Some(t) = super::database::with_task(dep, name, slots, current) else {
+        let Some(t) = want(name, current) else {
             continue;
         };
         let mut have = current.cloned().unwrap_or_default();

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use cutover_proto::v1::DesiredService;
+use cutover_proto::v1::{DesiredService, SlotSpec};
 use cutover_shared::Duration;
 use cutover_shared::plan::{Count, Plan, Step};
 
@@ -126,7 +126,7 @@ pub fn retire(
     }
     let targets = desired
         .iter()
-        .filter_map(|(host, d)| Some((host.clone(), without_idle_slots(d)?)))
+        .filter_map(|(host, d)| Some((host.clone(), without_idle_slots(d, |_| true)?)))
         .collect();
     let service = ServiceRecord {
         retire_previous_at_unix_ms: None,
@@ -135,12 +135,16 @@ pub fn retire(
     Some(Retirement { service, targets })
 }
 
-/// `d` without its idle slots, if it has any beside a live one.
-fn without_idle_slots(d: &DesiredService) -> Option<DesiredService> {
+/// `d` without its idle slots (a spec, no weight) that `which` picks, if it has any
+/// beside a live one.
+pub(super) fn without_idle_slots(
+    d: &DesiredService,
+    which: impl Fn(&SlotSpec) -> bool,
+) -> Option<DesiredService> {
     d.live_slot()?;
     let idle: Vec<Slot> = Slot::BOTH
         .into_iter()
-        .filter(|s| d.slot(*s).is_some() && d.weight(*s) == 0)
+        .filter(|s| d.slot(*s).is_some_and(&which) && d.weight(*s) == 0)
         .collect();
     if idle.is_empty() {
         return None;

@@ -7,6 +7,7 @@
 
 pub mod artifact;
 pub mod data_dir;
+pub mod database;
 pub mod enroll;
 pub mod env_file;
 pub mod handover;
@@ -158,7 +159,8 @@ fn check_service_user(name: Option<&str>) -> anyhow::Result<()> {
 
 /// Work an earlier run did not finish is not resumed: partial downloads and unpacks
 /// only take space, and a slot process no desired spec wants is stopped, so no orphan
-/// keeps a port. The ones still wanted are adopted by their slots later.
+/// keeps a port. The ones still wanted are adopted by their slots later. A database
+/// task that was running is reported interrupted, never started again.
 async fn clear_earlier_run(data: &Path, store: &store::Store) {
     let leftovers = artifact::remove_leftovers(&data_dir::cache(data), &data_dir::releases(data));
     if leftovers > 0 {
@@ -173,6 +175,13 @@ async fn clear_earlier_run(data: &Path, store: &store::Store) {
         tracing::warn!(
             reaped,
             "stopped slot processes left by an earlier agent run"
+        );
+    }
+    let interrupted = database::recover(store, LEFTOVER_GRACE).await;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "database tasks were running when the agent stopped; reported interrupted"
         );
     }
 }

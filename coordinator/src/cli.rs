@@ -3,7 +3,7 @@
 //! the product contract ([`failure`]).
 //!
 //! One module per command family, each with its arguments and what it does:
-//! [`deploy`] (deploy, rollback, the manual controls, status; [`dry_run`] prints what a
+//! [`deploy`] (deploy, rollback, contract, the manual controls, status; [`dry_run`] prints what a
 //! deployment would do), [`follow`] (following a deployment to its end, shown by
 //! [`live`] on a terminal and [`plain`] in logs), [`hosts`], [`tokens`], [`reports`]
 //! (history, show, stats), [`artifact`] (signing keys and signatures), [`plan`]
@@ -79,6 +79,15 @@ pub enum Command {
     Abort {
         /// Deployment id, e.g. d-000123
         id: String,
+    },
+    /// Contract the live release's database change now: `contract_after = "manual"`,
+    /// or again after a contract failed or stood still.
+    Contract {
+        /// The service whose change to contract.
+        service: String,
+        /// Wait until the contract has run; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
     },
     /// Go back to the previous release on every host (an instant switch to its warm
     /// slot), or with --to to any release that was live before (a health-gated
@@ -164,6 +173,7 @@ impl Command {
                 deploy::rollback(conn, service, to, wait, out).await
             }
             Command::Releases { service } => releases::run(conn, service, out).await,
+            Command::Contract { service, wait } => deploy::contract(conn, service, wait, out).await,
             Command::Watch { id } => follow::watch(conn, id, out).await,
             Command::History(args) => reports::history(conn, args, out).await,
             Command::Show { id } => reports::show(conn, id, out).await,

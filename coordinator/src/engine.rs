@@ -11,14 +11,14 @@ use std::time::Duration;
 use cutover_proto::v1::{DesiredService, ObservedService};
 use cutover_shared::clock::now_ms;
 use cutover_shared::names::labels_match;
-use cutover_shared::plan::Plan;
+use cutover_shared::plan::{ContractAfter, Plan};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::model::{DeploymentRecord, ServiceRecord};
+use crate::model::{DeploymentRecord, ServiceRecord, State};
 use crate::preview;
 use crate::prometheus::Pollers;
 use crate::rollout::{self, Command, HostView, Order};
@@ -84,6 +84,11 @@ enum Request {
         action: ServiceAction,
         actor: String,
         reply: oneshot::Sender<Result<ServiceDone, Error>>,
+    },
+    Contract {
+        service: String,
+        actor: String,
+        reply: oneshot::Sender<Result<DeploymentRecord, Error>>,
     },
 }
 
@@ -181,6 +186,21 @@ impl Handle {
         })
         .await
     }
+
+    /// `cutover contract SERVICE`: contracts the live release's schema change (again,
+    /// after it failed or stood still). Returns the deployment that made the change.
+    pub async fn contract(
+        &self,
+        service: String,
+        actor: String,
+    ) -> Result<DeploymentRecord, Error> {
+        self.call(|reply| Request::Contract {
+            service,
+            actor,
+            reply,
+        })
+        .await
+    }
 }
 
 pub struct Engine {
@@ -190,7 +210,8 @@ pub struct Engine {
     fleet: Arc<Fleet>,
     /// Requests from the control API, through [`Handle`].
     rx: mpsc::Receiver<Request>,
-    /// Deployments not yet ended, by id, with what the engine keeps for each.
+    /// Deployments not yet ended (or whose schema change is being contracted or aborted
+    /// after their end), by id, with what the engine keeps for each.
     active: BTreeMap<String, Active>,
     /// Desired state per (host, service), mirrored from the store.
     desired: HashMap<(String, String), DesiredService>,
@@ -273,7 +294,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(64);
         let mut active = BTreeMap::new();
         for record in store.deployments()? {
-            if record.state.is_final() {
+            if !decided(&record) {
                 continue;
             }
             // Pick up the timeline where it stopped.
@@ -371,6 +392,13 @@ impl Engine {
             } => {
                 let _ = reply.send(self.service_action(&service, action, &actor));
             }
+            Request::Contract {
+                service,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.contract(&service, &actor));
+            }
         }
     }
 
@@ -392,14 +420,63 @@ impl Engine {
         command: Command,
         actor: &str,
     ) -> Result<DeploymentRecord, Error> {
-        if !self.active.contains_key(id) {
+        let Some(d) = self.active.get(id).map(|a| a.record.clone()) else {
             return match self.store.deployment(id)? {
-                Some(d) => Err(Error::Refused(format!(
-                    "deployment {id} has already ended ({})",
-                    d.state.as_str()
-                ))),
+                Some(d) => Err(ended(&d)),
                 None => Err(Error::NotFound(format!("unknown deployment {id:?}"))),
             };
+        };
+        if d.state.is_final() {
+            return Err(ended(&d));
+        }
+        // Resuming a deployment that waits for an earlier contract that failed or stood
+        // still runs that contract again first.
+        if matches!(command, Command::Resume | Command::Promote)
+            && let Some(after) = &d.database.after
+        {
+            self.order_ended(after, Command::Contract, actor)?;
+        }
+        self.step(id, Some(Order { command, actor }))
+    }
+
+    /// `cutover contract SERVICE`.
+    fn contract(&mut self, service: &str, actor: &str) -> Result<DeploymentRecord, Error> {
+        let svc = self.store.service(service)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "unknown service {service:?}: nothing was ever deployed under that name"
+            ))
+        })?;
+        let Some(pending) = svc.db_pending.clone() else {
+            let why = svc
+                .rollback_refused
+                .map_or(String::new(), |r| format!(" ({r})"));
+            return Err(Error::Refused(format!(
+                "service {service} has no database change waiting to be contracted{why}"
+            )));
+        };
+        self.refuse_if_busy(&svc)?;
+        self.order_ended(&pending, Command::Contract, actor)
+    }
+
+    /// Gives `command` to deployment `id`, which has ended, about its schema change.
+    fn order_ended(
+        &mut self,
+        id: &str,
+        command: Command,
+        actor: &str,
+    ) -> Result<DeploymentRecord, Error> {
+        if !self.active.contains_key(id) {
+            let record = self
+                .store
+                .deployment(id)?
+                .ok_or_else(|| Error::NotFound(format!("unknown deployment {id:?}")))?;
+            let next_event = self.store.events(id)?.len() as u64;
+            let a = Active {
+                record,
+                next_event,
+                step_started: None,
+            };
+            self.active.insert(id.to_string(), a);
         }
         self.step(id, Some(Order { command, actor }))
     }
@@ -410,11 +487,24 @@ impl Engine {
                 "unknown service {service:?}: nothing was ever deployed under that name"
             ))
         })?;
-        let Some(prev) = rec.previous else {
+        if let Some(why) = &rec.rollback_refused {
+            return Err(Error::Refused(format!(
+                "service {service} cannot roll back: {why}"
+            )));
+        }
+        let Some(prev) = rec.previous.clone() else {
             return Err(Error::Refused(format!(
                 "service {service} has no previous release to roll back to"
             )));
         };
+        if let Some(d) = self.pending_change(&rec)?
+            && let Some(why) = d.database.change.as_ref().and_then(no_undo)
+        {
+            return Err(Error::Refused(format!(
+                "service {service} cannot roll back: the database change of {} {why}",
+                d.id
+            )));
+        }
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
     }
 
@@ -454,13 +544,15 @@ impl Engine {
         actor: &str,
         mut service: ServiceRecord,
     ) -> Result<Created, Error> {
-        let id = format!("d-{:06}", self.store.next_seq("deployment")?);
         let (plan_path, is_rollback, restart) = match origin {
             Origin::File(path) => (path, false, false),
             Origin::Rollback => ("(rollback)".to_string(), true, false),
             Origin::Restart => ("(restart)".to_string(), false, true),
             Origin::RollbackTo(v) => (format!("(rollback to {v})"), true, false),
         };
+        // A restart starts the live release anew: no change of its own to wait for.
+        let database = self.database_context(&plan, &service, &hosts, is_rollback || restart)?;
+        let id = format!("d-{:06}", self.store.next_seq("deployment")?);
         let submission = rollout::Submission {
             id: id.clone(),
             previous_release: service.live.as_ref().map(|p| p.release.version.clone()),
@@ -469,10 +561,12 @@ impl Engine {
             is_rollback,
             restart,
             actor,
+            database,
         };
         let decision = rollout::submit(submission, &hosts, now_ms());
         let d = &decision.deployment;
         let noop = d.state.is_final();
+        let after = d.database.after.clone();
         if !noop {
             service.active = Some(id.clone());
         }
@@ -490,7 +584,84 @@ impl Engine {
             targets: decision.targets,
             forget: None,
         })?;
+        if let Some(after) = after {
+            let why = format!("{id}, which needs the old slot");
+            self.order_ended(&after, Command::Contract, &why)?;
+        }
         Ok(Created { id, noop })
+    }
+
+    /// What a new deployment of `plan` over `hosts` needs to know of the service's
+    /// database: who may run its commands (`run_on` must match a target host), the live
+    /// release's schema, and the change waiting for its contract — which a manual
+    /// contract must have had before the next deployment.
+    fn database_context(
+        &self,
+        plan: &Plan,
+        svc: &ServiceRecord,
+        hosts: &BTreeMap<String, Option<DesiredService>>,
+        is_rollback: bool,
+    ) -> Result<rollout::DatabaseContext, Error> {
+        let pending = self.pending_change(svc)?;
+        if !is_rollback
+            && let Some(d) = &pending
+            && d.plan.database.as_ref().map(|db| db.contract_after) == Some(ContractAfter::Manual)
+        {
+            return Err(Error::Refused(format!(
+                "service {} has a database change waiting for `cutover contract {}` ({}, release {}, contract_after = \"manual\"); contract it first, or `cutover rollback {}`",
+                svc.name, svc.name, d.id, d.release, svc.name
+            )));
+        }
+        let mut runners = Vec::new();
+        if let Some(db) = &plan.database
+            && !db.run_on.is_empty()
+        {
+            let labels: BTreeMap<String, BTreeMap<String, String>> = self
+                .store
+                .hosts()?
+                .into_iter()
+                .map(|h| (h.name, h.labels))
+                .collect();
+            runners = hosts
+                .keys()
+                .filter(|h| labels.get(*h).is_some_and(|l| labels_match(&db.run_on, l)))
+                .cloned()
+                .collect();
+            if runners.is_empty() {
+                let on: Vec<String> = db.run_on.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                return Err(Error::Refused(format!(
+                    "[database] run_on ({}) matches none of the {} target host(s) ({}); label a target host so, or change run_on",
+                    on.join(","),
+                    hosts.len(),
+                    hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let previous_schema = svc.live.as_ref().and_then(|live| {
+            let db = live.database.as_ref()?;
+            Some(db.schema_name(&live.release.version))
+        });
+        Ok(rollout::DatabaseContext {
+            runners,
+            previous_schema,
+            pending: pending.map(|d| d.id),
+        })
+    }
+
+    /// The deployment whose schema change is live and not contracted yet, if any.
+    fn pending_change(&self, svc: &ServiceRecord) -> Result<Option<DeploymentRecord>, Error> {
+        let Some(id) = &svc.db_pending else {
+            return Ok(None);
+        };
+        self.record(id)
+    }
+
+    /// Deployment `id` as last committed.
+    fn record(&self, id: &str) -> Result<Option<DeploymentRecord>, Error> {
+        match self.active.get(id) {
+            Some(a) => Ok(Some(a.record.clone())),
+            None => Ok(self.store.deployment(id)?),
+        }
     }
 
     /// One deployment at a time per service.
@@ -542,25 +713,33 @@ impl Engine {
         };
         let now = now_ms();
         let reports = self.reports(&dep)?;
+        let previous = match &dep.database.after {
+            Some(after) => self.record(after)?,
+            None => None,
+        };
         let queried = self.prometheus.sync(&dep);
         let views = self.views(&reports, now);
-        let decision = rollout::decide_with(&dep, &views, order, &queried, now);
+        let inputs = rollout::Inputs {
+            previous: previous.as_ref(),
+            queried: &queried,
+        };
+        let decision = rollout::decide_with(&dep, &views, inputs, order, now);
         let next = decision.deployment;
         if next == dep && decision.targets.is_empty() && decision.events.is_empty() {
             return Ok(next);
         }
         log_state(&dep, &next);
         let mut targets = decision.targets;
-        let mut service = None;
+        let mut service = self.service_after(&dep, &next, now)?;
         let mut forget = None;
-        if next.state.is_final() {
-            let svc = self.store.service(&next.service)?.unwrap_or_default();
-            let svc = rollout::concluded(svc, &next, now);
-            if svc.live.is_none() && self.forget_first_release(&next, &mut targets)? {
-                forget = Some(svc.name);
-            } else {
-                service = Some(svc);
-            }
+        if next.state.is_final()
+            && !dep.state.is_final()
+            && let Some(svc) = &service
+            && svc.live.is_none()
+            && self.forget_first_release(&next, &mut targets)?
+        {
+            forget = Some(svc.name.clone());
+            service = None;
         }
         self.publish(Change {
             deployment: Some((next.clone(), decision.events)),
@@ -568,7 +747,30 @@ impl Engine {
             targets,
             forget,
         })?;
+        // A `cutover rollback` that succeeded undoes the schema change it rolled back.
+        if next.state == State::Succeeded
+            && !dep.state.is_final()
+            && let Some(undone) = &next.database.undoes
+        {
+            self.order_ended(undone, Command::Undo, &next.id)?;
+        }
         Ok(next)
+    }
+
+    /// The service's record after `before` became `after`, when that changes it: the
+    /// end of a deployment, or its schema change settled after its end.
+    fn service_after(
+        &self,
+        before: &DeploymentRecord,
+        after: &DeploymentRecord,
+        now: u64,
+    ) -> Result<Option<ServiceRecord>, Error> {
+        let svc = self.store.service(&after.service)?.unwrap_or_default();
+        if after.state.is_final() && !before.state.is_final() {
+            return Ok(Some(rollout::concluded(svc, after, now)));
+        }
+        let when = crate::views::rfc3339(now).unwrap_or_default();
+        Ok(rollout::changed_service(&svc, before, after, &when))
     }
 
     /// What `dep`'s hosts were sent and report now.
@@ -629,6 +831,17 @@ impl Engine {
                 ..Change::default()
             })?;
             tracing::info!(service = svc.name, "previous release retired");
+            // With the previous release gone, its schema version may go too.
+            if let Some(d) = self.pending_change(&svc)?
+                && d.plan.database.as_ref().map(|db| db.contract_after)
+                    == Some(ContractAfter::Retire)
+            {
+                self.order_ended(
+                    &d.id,
+                    Command::Contract,
+                    "keep_previous (the previous release retired)",
+                )?;
+            }
         }
         Ok(())
     }
@@ -693,7 +906,8 @@ impl Engine {
         a.measure(events, &self.metrics);
         if a.record.state.is_final() {
             self.prometheus.forget(&id);
-        } else {
+        }
+        if decided(&a.record) {
             self.active.insert(id, a);
         }
     }
@@ -754,9 +968,44 @@ impl Active {
     }
 }
 
+/// Whether the engine keeps deciding `d`: until it ends, and after that while its schema
+/// change is being contracted or aborted.
+fn decided(d: &DeploymentRecord) -> bool {
+    !d.state.is_final() || d.database.change.as_ref().is_some_and(|c| c.busy())
+}
+
+/// Why a `cutover rollback` cannot undo schema change `c` now, if it cannot: its
+/// contract runs or has failed (the previous release's version may be gone).
+fn no_undo(c: &crate::model::SchemaChange) -> Option<String> {
+    use crate::model::DbPhase;
+    match c.phase {
+        DbPhase::Contracting => Some("is being contracted now".into()),
+        DbPhase::Aborting => Some("is being aborted now".into()),
+        DbPhase::Failed => Some(format!(
+            "failed its last command ({}); the previous release's schema may be gone: fix the database and run `cutover contract`, or deploy a fix forward",
+            crate::rollout::database_failure(c).unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
+/// Why a command to ended deployment `d` is refused.
+fn ended(d: &DeploymentRecord) -> Error {
+    Error::Refused(format!(
+        "deployment {} has already ended ({})",
+        d.id,
+        d.state.as_str()
+    ))
+}
+
 /// Logs a deployment's change of state.
 fn log_state(before: &DeploymentRecord, after: &DeploymentRecord) {
-    if after.state.is_final() {
+    if after.state.is_final() && before.state.is_final() {
+        let phase = |d: &DeploymentRecord| d.database.change.as_ref().map(|c| c.phase);
+        if let Some(p) = phase(after).filter(|p| phase(before) != Some(*p)) {
+            tracing::info!(id = after.id, phase = p.as_str(), "database change");
+        }
+    } else if after.state.is_final() {
         tracing::info!(
             id = after.id,
             state = after.state.as_str(),

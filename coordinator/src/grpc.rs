@@ -34,7 +34,7 @@ use crate::model::Identity;
 use crate::pki::Ca;
 use crate::store::Store;
 
-pub use deployment::deployment_to_pb;
+pub use deployment::{database_to_pb, deployment_to_pb};
 
 /// The largest control request the coordinator reads: a deployment carries its whole
 /// plan, which parsing caps at [`cutover_shared::plan::MAX_PLAN_BYTES`]; the room above

@@ -297,6 +297,7 @@ mod tests {
             restart: false,
             previous_release: None,
             actor,
+            database: Default::default(),
         };
         let decision = crate::rollout::submit(s, &[("a".to_string(), None)].into(), at - 5);
         let mut d = decision.deployment;

@@ -1,5 +1,8 @@
 //! Records the coordinator keeps in its store: who holds which certificate, join tokens,
-//! hosts, services and deployments.
+//! hosts, services and deployments (a deployment's part in the database in
+//! [`database`]).
+
+pub mod database;
 
 use std::collections::BTreeMap;
 
@@ -9,6 +12,7 @@ use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::{Counters, MetricResult, ScrapeSnapshot, Verdict};
+pub use database::{DbPhase, DeployDatabase, SchemaChange, TaskEnd, TaskPhase, TaskRun};
 
 /// Who a client certificate belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -159,6 +163,14 @@ pub struct ServiceRecord {
     /// deployment starts meanwhile.
     #[serde(default)]
     pub stopped: bool,
+    /// The deployment whose schema change is live and not contracted yet: what the
+    /// next contract contracts, and what `cutover rollback` undoes.
+    #[serde(default)]
+    pub db_pending: Option<String>,
+    /// Why `cutover rollback` is refused now: the live release's schema change was
+    /// contracted, or the previous release's change was undone.
+    #[serde(default)]
+    pub rollback_refused: Option<String>,
 }
 
 /// Where a deployment stands (the transitions are charted in [`crate::rollout`]).
@@ -373,6 +385,10 @@ pub struct DeploymentRecord {
     /// When a rollback's first bad signal was seen, decided and confirmed everywhere.
     #[serde(default)]
     pub rollback: Option<RollbackTiming>,
+    /// Its part in the database: its own schema change, or the one it waits for or
+    /// undoes.
+    #[serde(default, skip_serializing_if = "DeployDatabase::is_empty")]
+    pub database: DeployDatabase,
 }
 
 /// Why a deployment is paused.
@@ -387,6 +403,9 @@ pub enum PauseCause {
     HostLost,
     /// `inconclusive_limit` analysis intervals in a row had a metric without data.
     Inconclusive,
+    /// A database command stands still (interrupted, its host lost) or the contract
+    /// this deployment waits for failed: `resume` runs it again.
+    Database,
 }
 
 /// A pause in progress.

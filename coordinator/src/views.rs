@@ -1,12 +1,13 @@
 //! The JSON views that both the CLI (`--output json`) and the HTTP API print: the hosts
-//! with what they run ([`Host`]), one deployment as `status` shows it ([`Deployment`]),
-//! a service's deploy lock ([`Lock`]), and how every JSON document cutover writes spells
-//! times ([`rfc3339`]) and orders its keys ([`to_value`]).
+//! with what they run ([`Host`]), one deployment as `status` shows it ([`Deployment`],
+//! with its part in the database, [`Database`]), a service's deploy lock ([`Lock`]),
+//! and how every JSON document cutover writes spells times ([`rfc3339`]) and orders its
+//! keys ([`to_value`]).
 
 use std::collections::BTreeMap;
 
 use cutover_proto::v1 as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// A unix time in ms as RFC 3339 with milliseconds; none for 0 (the protocol's "never").
@@ -72,6 +73,8 @@ pub struct Deployment {
     pub last_interval: Option<Interval>,
     /// The service's deploy lock, while it has one: no new deployment until unlocked.
     pub lock: Option<Lock>,
+    /// Its schema change (SPEC: `schema`, `phase`, `expand`, `contract`, `abort`).
+    pub database: Database,
 }
 
 /// A service's deploy lock (`cutover lock`).
@@ -94,6 +97,114 @@ impl From<&pb::ServiceLock> for Lock {
             message: l.message.clone(),
             by: l.by.clone(),
             at: rfc3339(l.at_unix_ms),
+        }
+    }
+}
+
+/// A deployment's part in the database.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Database {
+    /// This release's schema version; none when the plan has no `[database]`.
+    pub schema: Option<String>,
+    /// The previous release's.
+    pub previous_schema: Option<String>,
+    /// `none`, `expanding`, `expanded`, `contracting`, `contracted`, `aborting`,
+    /// `aborted` or `failed`.
+    pub phase: String,
+    /// The last run of each command; none until it ran.
+    pub expand: Option<DatabaseRun>,
+    pub contract: Option<DatabaseRun>,
+    pub abort: Option<DatabaseRun>,
+    /// Why the current command stands still, or how the last one failed.
+    pub error: Option<String>,
+    /// The deployment whose contract this one waits for before it prepares.
+    pub waits_for: Option<String>,
+    /// For `cutover rollback`: the deployment whose change it undoes.
+    pub undoes: Option<String>,
+}
+
+/// One database command, as last run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatabaseRun {
+    /// The task id its host knows it by.
+    pub task: String,
+    /// The host that ran it.
+    pub host: String,
+    /// 1, or more after a retry.
+    pub attempt: u32,
+    pub started_at: Option<String>,
+    /// None while it runs.
+    pub ended_at: Option<String>,
+    /// Its exit code, when it exited by itself.
+    pub exit: Option<i32>,
+    /// How it ended (`exit status: 0`, `timed out after 600s`), or why it stands still.
+    pub status: Option<String>,
+    /// Exit 0.
+    pub ok: bool,
+    /// How long it ran; none while it runs.
+    pub duration_s: Option<f64>,
+    /// The last lines of its output.
+    pub tail: Vec<String>,
+    /// Where its whole output is, on its host.
+    pub log: Option<String>,
+}
+
+impl Database {
+    /// The phase, the command under way (or the last) and where, in one line for people:
+    /// `expanding on web-1`, `contracted (exit status: 0 in 1.2s on web-1)`.
+    pub fn summary(&self) -> String {
+        let last = [&self.abort, &self.contract, &self.expand]
+            .into_iter()
+            .flatten()
+            .max_by_key(|r| r.started_at.clone());
+        let mut s = self.phase.clone();
+        if let Some(r) = last {
+            match (&r.status, r.duration_s) {
+                (Some(st), Some(took)) => {
+                    s.push_str(&format!(" ({st} in {took:.1}s on {})", r.host))
+                }
+                (Some(st), None) => s.push_str(&format!(" ({st})")),
+                (None, _) => s.push_str(&format!(" on {}", r.host)),
+            }
+        }
+        if let Some(after) = &self.waits_for {
+            s.push_str(&format!(", waiting for the contract of {after}"));
+        }
+        s
+    }
+}
+
+impl From<&pb::DeploymentDatabase> for Database {
+    fn from(d: &pb::DeploymentDatabase) -> Database {
+        let run = |r: &Option<pb::DatabaseRun>| {
+            r.as_ref().map(|r| DatabaseRun {
+                task: r.task.clone(),
+                host: r.host.clone(),
+                attempt: r.attempt,
+                started_at: rfc3339(r.started_unix_ms),
+                ended_at: rfc3339(r.ended_unix_ms),
+                exit: r.exit_code,
+                status: opt(&r.exit),
+                ok: r.ok,
+                duration_s: (r.ended_unix_ms != 0).then(|| r.duration_ms as f64 / 1000.0),
+                tail: r.tail.clone(),
+                log: opt(&r.log),
+            })
+        };
+        Database {
+            schema: opt(&d.schema),
+            previous_schema: opt(&d.previous_schema),
+            phase: if d.phase.is_empty() {
+                "none".into()
+            } else {
+                d.phase.clone()
+            },
+            expand: run(&d.expand),
+            contract: run(&d.contract),
+            abort: run(&d.abort),
+            error: opt(&d.error),
+            waits_for: opt(&d.waits_for),
+            undoes: opt(&d.undoes),
         }
     }
 }
@@ -187,6 +298,7 @@ impl From<&pb::Deployment> for Deployment {
             intervals: d.intervals.iter().map(Interval::from).collect(),
             lock: d.lock.as_ref().map(Lock::from),
             last_interval: d.intervals.last().map(Interval::from),
+            database: Database::from(&d.database.clone().unwrap_or_default()),
         }
     }
 }
@@ -406,6 +518,7 @@ mod tests {
                 by: "ana".into(),
                 at_unix_ms: 4_000,
             }),
+            database: None,
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
         let interval = json!({
@@ -432,8 +545,64 @@ mod tests {
             "intervals": [interval.clone()],
             "last_interval": interval,
             "lock": {"service": "web", "message": "freeze", "by": "ana", "at": "1970-01-01T00:00:04.000Z"},
+            "database": {
+                "schema": null, "previous_schema": null, "phase": "none", "expand": null,
+                "contract": null, "abort": null, "error": null, "waits_for": null,
+                "undoes": null,
+            },
         });
         assert_eq!(printed, expected.to_string());
+    }
+
+    /// `status --output json`'s `database`: SPEC's `schema`, `phase` and each command's
+    /// `exit` and `duration_s`, a command still running with neither.
+    #[test]
+    fn a_deployments_database_part_prints_each_command() {
+        let d = pb::DeploymentDatabase {
+            schema: "app_2".into(),
+            previous_schema: "app_1".into(),
+            phase: "contracting".into(),
+            expand: Some(pb::DatabaseRun {
+                task: "d-000002/expand".into(),
+                host: "web-1".into(),
+                attempt: 1,
+                started_unix_ms: 1_000,
+                ended_unix_ms: 2_500,
+                ok: true,
+                exit_code: Some(0),
+                exit: "exit status: 0".into(),
+                duration_ms: 1_250,
+                tail: vec!["ALTER TABLE".into()],
+                log: "/var/lib/cutover/logs/deployments/d-000002/expand.log".into(),
+            }),
+            contract: Some(pb::DatabaseRun {
+                task: "d-000002/contract".into(),
+                host: "web-1".into(),
+                attempt: 1,
+                started_unix_ms: 9_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let printed = serde_json::to_string(&to_value(&Database::from(&d))).unwrap();
+        let expected = json!({
+            "schema": "app_2", "previous_schema": "app_1", "phase": "contracting",
+            "expand": {
+                "task": "d-000002/expand", "host": "web-1", "attempt": 1,
+                "started_at": "1970-01-01T00:00:01.000Z", "ended_at": "1970-01-01T00:00:02.500Z",
+                "exit": 0, "status": "exit status: 0", "ok": true, "duration_s": 1.25,
+                "tail": ["ALTER TABLE"],
+                "log": "/var/lib/cutover/logs/deployments/d-000002/expand.log",
+            },
+            "contract": {
+                "task": "d-000002/contract", "host": "web-1", "attempt": 1,
+                "started_at": "1970-01-01T00:00:09.000Z", "ended_at": null, "exit": null,
+                "status": null, "ok": false, "duration_s": null, "tail": [], "log": null,
+            },
+            "abort": null, "error": null, "waits_for": null, "undoes": null,
+        });
+        assert_eq!(printed, expected.to_string());
+        assert_eq!(Database::from(&d).summary(), "contracting on web-1");
     }
 
     /// `cutover hosts --output json` and `/api/fleet`: SPEC.md's fields; a slot never

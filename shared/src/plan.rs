@@ -15,11 +15,11 @@ mod validate;
 
 pub use errors::{PlanError, line_col, nearest};
 pub use model::{
-    Analysis, Check, Count, Health, Judge, Measure, Metric, MetricName, OnHostLost, Plan, Protocol,
-    Release, Run, SlotMeasure, Source, Step, Strategy, Targets,
+    Analysis, Check, ContractAfter, Count, Database, Health, Judge, Measure, Metric, MetricName,
+    OnHostLost, Plan, Protocol, Release, Run, SlotMeasure, Source, Step, Strategy, Targets,
 };
 pub use path::PathPart;
-pub use validate::{Invalid, check_artifact_url, check_sha256};
+pub use validate::{Invalid, check_artifact_url, check_schema_name, check_sha256};
 
 /// The largest plan file, in bytes: parsing refuses anything longer, so `plan
 /// validate` and `deploy` agree, and the coordinator's gRPC message limit is set above it.

@@ -7,8 +7,8 @@
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
 //! (one GET), `disk` (small disks), `netns` (network partitions), `people` (personal
-//! credentials and the CLI run with them), `prometheus` (a real Prometheus server
-//! discovering the agents' slots).
+//! credentials and the CLI run with them), `postgres` (a real PostgreSQL server of the
+//! test's own), `prometheus` (a real Prometheus server discovering the agents' slots).
 
 mod cluster;
 mod deploy;
@@ -18,6 +18,7 @@ mod load;
 pub mod netns;
 mod people;
 mod plan;
+mod postgres;
 mod procs;
 mod prometheus;
 
@@ -26,6 +27,7 @@ pub use disk::Tmpfs;
 pub use http::get;
 pub use load::{Load, LoadReport};
 pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
+pub use postgres::Postgres;
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
 pub use prometheus::{AGENT_HTTP_PORT, Prometheus, fifteen_metrics};
 pub use serde_json::Value;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
+use crate::database::{self, Tasks};
 use crate::handover::{Exe, Inherited};
 use crate::logs;
 use crate::ports::PortRange;
@@ -145,6 +146,8 @@ pub struct Services {
     removed: Mutex<Vec<Removed>>,
     /// How far each slot log had grown when, for `cutover logs --since`.
     pub log_marks: Arc<slot::LogMarks>,
+    /// The database commands the coordinator asks this host to run, each once.
+    database: Arc<Tasks>,
 }
 
 /// How this host runs services: from the agent's configuration.
@@ -175,11 +178,24 @@ impl Services {
         tasks: TaskTracker,
     ) -> Services {
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
+        let changed = Arc::new(Notify::new());
+        let database = Arc::new(Tasks::new(
+            database::Settings {
+                data_dir: settings.data_dir.clone(),
+                limits: settings.limits.clone(),
+                trusted_keys: settings.trusted_keys.clone(),
+                service_user: settings.service_user.clone(),
+            },
+            store.clone(),
+            changed.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
         Services {
             settings,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
-            changed: Arc::new(Notify::new()),
+            changed,
             phase_tx,
             phase_rx: Mutex::new(Some(phase_rx)),
             cancel,
@@ -187,6 +203,7 @@ impl Services {
             inherited: Mutex::new(Vec::new()),
             removed: Mutex::new(Vec::new()),
             log_marks: Arc::default(),
+            database,
         }
     }
 
@@ -242,8 +259,9 @@ impl Services {
         Ok(n)
     }
 
-    /// Records and applies a desired state from the coordinator. Older generations than
-    /// the one applied are ignored.
+    /// Records and applies a desired state from the coordinator, and starts the database
+    /// task it carries unless this host knows it already. Older generations than the one
+    /// applied are ignored.
     pub async fn apply(&self, d: DesiredService) {
         {
             let rts = self.runtimes.lock().await;
@@ -262,6 +280,9 @@ impl Services {
             // Not persisted: still apply, so the fleet converges; a restart before the
             // next write falls back to the previous stored state.
             tracing::error!(service = d.service, error = %e, "persist desired state");
+        }
+        if let Some(task) = &d.database_task {
+            self.database.want(&d.service, task);
         }
         self.converge(d).await;
     }
@@ -737,6 +758,7 @@ impl Services {
                     healing: rt.healing.clone(),
                     stopped: rt.desired.stopped,
                     releases: slot::kept_releases(&self.settings.data_dir, name, &self.store),
+                    database_tasks: self.database.report(name),
                 }
             })
             .collect();

@@ -4,7 +4,8 @@
 //!
 //! - `lifecycle` — [`run`] as named steps: prepare the release → start or adopt the
 //!   process → watch its health and restart it when it exits → drain and stop it;
-//! - `release` — the release directory: signature check, fetch, unpack, prune;
+//! - [`release`] — the release directory: signature check, fetch, unpack, prune (also
+//!   used by database commands, which run in a release without starting it);
 //! - `launch` — as whom, where and with which environment the process runs;
 //! - `process` — one process, started or adopted: waiting for its exit, stopping its
 //!   group, its record in the store;
@@ -20,8 +21,8 @@ pub mod adopt;
 mod launch;
 mod lifecycle;
 mod log;
-mod process;
-mod release;
+pub mod process;
+pub mod release;
 mod restart;
 
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Changing deployments: `deploy` (a plan, with the command line's overrides),
-//! `rollback`, the manual controls (`pause`, `resume`, `promote`, `abort`), and `status`,
-//! which shows one deployment. `--wait` hands over to [`super::follow`].
+//! `rollback`, `contract`, the manual controls (`pause`, `resume`, `promote`, `abort`),
+//! and `status`, which shows one deployment. `--wait` hands over to [`super::follow`].
 
 use std::path::{Path, PathBuf};
 
@@ -92,6 +92,55 @@ pub async fn rollback(
     follow_up(&mut client, resp, wait, output).await
 }
 
+/// `cutover contract SERVICE`: prints the id of the deployment whose change is being
+/// contracted, and with `--wait` follows the contract to its end.
+pub async fn contract(conn: &Conn, service: String, wait: bool, output: Output) -> Result<i32> {
+    let mut client = conn.client().await?;
+    let d = client
+        .contract(pb::ContractRequest { service })
+        .await?
+        .into_inner();
+    let db = views::Database::from(&d.database.clone().unwrap_or_default());
+    if !wait {
+        match output {
+            Output::Json => print_json(&views::Deployment::from(&d)),
+            Output::Text => outln!("{} {}", d.id, db.phase),
+        }
+        return Ok(0);
+    }
+    errln!("{}: database {}", d.id, db.summary());
+    let d = follow_contract(&mut client, &d.id).await?;
+    let db = views::Database::from(&d.database.clone().unwrap_or_default());
+    match output {
+        Output::Json => print_json(&views::Deployment::from(&d)),
+        Output::Text => outln!("{} {}", d.id, db.phase),
+    }
+    errln!("{}: database {}", d.id, db.summary());
+    match db.phase.as_str() {
+        "contracted" => Ok(0),
+        _ => Err(Failure::other(format!(
+            "{}: the database contract did not succeed: {}",
+            d.id,
+            db.error.as_deref().unwrap_or(&db.phase)
+        ))),
+    }
+}
+
+/// Polls deployment `id` until its contract has ended, failed or stands still.
+async fn follow_contract(client: &mut Client, id: &str) -> Result<pb::Deployment> {
+    loop {
+        let d = client
+            .get_deployment(pb::GetDeploymentRequest { id: id.to_string() })
+            .await?
+            .into_inner();
+        let db = d.database.clone().unwrap_or_default();
+        if db.phase != "contracting" || !db.error.is_empty() {
+            return Ok(d);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 /// After `deploy` or `rollback`: the id (or, with `--output json` and no `--wait`, the
 /// id and whether it was a no-op), then with `--wait` the deployment followed to its end.
 pub(super) async fn follow_up(
@@ -179,6 +228,15 @@ fn print_status(d: &pb::Deployment) {
             views::rfc3339(l.at_unix_ms).unwrap_or_default(),
             l.message
         );
+    }
+    let db = views::Database::from(&d.database.clone().unwrap_or_default());
+    if let Some(schema) = &db.schema {
+        outln!("database:  {} (schema {schema})", db.summary());
+    } else if db.waits_for.is_some() || db.undoes.is_some() {
+        outln!("database:  {}", db.summary());
+    }
+    if let Some(e) = &db.error {
+        outln!("           {e}");
     }
     outln!("hosts:");
     for h in &d.hosts {

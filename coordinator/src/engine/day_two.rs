@@ -104,6 +104,11 @@ impl Engine {
                 "release {version} of {service} was never live; `cutover releases {service}` lists the releases it can go back to"
             ))
         })?;
+        if let Some(why) = rollout::rollback_to_refusal(&records, service, version) {
+            return Err(Error::Refused(format!(
+                "service {service} cannot roll back to {version}: {why}"
+            )));
+        }
         self.create(plan, Origin::RollbackTo(version.to_string()), actor)
     }
 

@@ -1,8 +1,8 @@
 //! `Control`: the release manager's API. Join tokens, hosts, deployments, the
-//! operator's commands, people's credentials and deploy locks; the reads (`history`,
-//! `show`, `stats`) answer with the typed reports of [`crate::report`] as JSON
-//! documents. Every call has passed [`super::access`] (certificate and role) before it
-//! gets here; what a handler records as the actor is that caller's name.
+//! operator's commands (with `contract`), people's credentials and deploy locks; the
+//! reads (`history`, `show`, `stats`) answer with the typed reports of [`crate::report`]
+//! as JSON documents. Every call has passed [`super::access`] (certificate and role)
+//! before it gets here; what a handler records as the actor is that caller's name.
 
 use std::collections::BTreeMap;
 
@@ -238,6 +238,16 @@ impl Control for Api {
         let who = caller(&req)?;
         let service = req.into_inner().service;
         Ok(Response::new(self.unlock(&who, &service)?))
+    }
+
+    async fn contract(
+        &self,
+        req: Request<pb::ContractRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let dep = self.0.engine.contract(r.service, who.name).await?;
+        Ok(Response::new(deployment_to_pb(&dep)))
     }
 
     async fn command(

@@ -32,6 +32,9 @@ pub struct HistoryRow {
     pub duration_s: Option<f64>,
     /// Why it rolled back or failed.
     pub reason: Option<String>,
+    /// Where its schema change stands (`expanded`, `contracted`...); none without one.
+    #[serde(default)]
+    pub database: Option<String>,
 }
 
 /// The deployments of `service` (every service: `None`) created at or after `since`,
@@ -69,5 +72,10 @@ fn row(d: &DeploymentRecord) -> HistoryRow {
             .ended_unix_ms
             .map(|e| secs(e.saturating_sub(d.created_unix_ms))),
         reason: d.reason.clone(),
+        database: d
+            .database
+            .change
+            .as_ref()
+            .map(|c| c.phase.as_str().to_string()),
     }
 }

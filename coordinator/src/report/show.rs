@@ -14,7 +14,7 @@ use super::timing::{Typical, eta_ms, phases, stragglers};
 use crate::analysis::{MetricResult, Verdict, figure, threshold, unit};
 use crate::model::{DeploymentRecord, HostPhase, IntervalRecord, State};
 use crate::timeline::Event;
-use crate::views::rfc3339;
+use crate::views::{self, rfc3339};
 use cutover_shared::plan::{Metric, MetricName};
 
 /// One deployment as `show` tells it.
@@ -74,6 +74,15 @@ pub struct Show {
     /// Where the plan came from, as the CLI named it (`(rollback)`, `(restart)`...).
     #[serde(default)]
     pub plan_path: String,
+    /// Its part in the database: the schema change's phase and each command's run,
+    /// with where its whole output is.
+    #[serde(default = "no_database")]
+    pub database: views::Database,
+}
+
+/// What a report from a coordinator that did not send `database` reads as.
+fn no_database() -> views::Database {
+    views::Database::from(&Default::default())
 }
 
 /// A target host of a deployment.
@@ -189,6 +198,7 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
         timeline: events.iter().map(|e| entry(d, e)).collect(),
         plan: Some(d.plan.masked()),
         plan_path: d.plan_path.clone(),
+        database: views::Database::from(&crate::grpc::database_to_pb(d)),
     }
 }
 

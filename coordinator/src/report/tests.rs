@@ -65,6 +65,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         hosts: [("web-1".to_string(), host(HostPhase::Switched))].into(),
         analysis: Default::default(),
         rollback: None,
+        database: Default::default(),
     }
 }
 
@@ -742,6 +743,7 @@ fn show_keeps_the_field_names_its_readers_use() {
         [
             "bake_s",
             "created_at",
+            "database",
             "elapsed_s",
             "ended_at",
             "eta_s",
@@ -787,7 +789,14 @@ fn show_keeps_the_field_names_its_readers_use() {
     );
     assert_eq!(
         keys(&v["typical"]),
-        ["deployments", "host_prepare", "prepare", "switch", "total"]
+        [
+            "deployments",
+            "expand",
+            "host_prepare",
+            "prepare",
+            "switch",
+            "total"
+        ]
     );
     assert_eq!(
         keys(&v["typical"]["prepare"]),
@@ -821,6 +830,7 @@ fn history_rows_keep_the_field_names_their_readers_use() {
         keys(&row[0]),
         [
             "created_at",
+            "database",
             "duration_s",
             "ended_at",
             "id",
@@ -884,4 +894,100 @@ fn show_includes_the_plan_with_secret_values_masked() {
     let text = sent(&shown);
     assert!(!text.contains("hunter22"), "{text}");
     assert!(text.contains("\"secret_env\":[\"DATABASE_URL\"]"), "{text}");
+}
+
+/// A deployment whose expand failed, and one whose contract failed after success.
+fn database_history() -> (Vec<DeploymentRecord>, BTreeMap<String, Vec<Event>>) {
+    let ended = |at: u64, phase: &str, ok: bool, duration_ms: u64| {
+        ev(
+            at,
+            Kind::DatabaseEnded {
+                phase: phase.into(),
+                host: "web-1".into(),
+                task: format!("d/{phase}"),
+                ok,
+                exit: if ok {
+                    "exit status: 0"
+                } else {
+                    "exit status: 3"
+                }
+                .into(),
+                exit_code: Some(if ok { 0 } else { 3 }),
+                duration_ms,
+                tail: vec![],
+                log: String::new(),
+            },
+        )
+    };
+    let mut good = dep("d-1", "1", DAY, 20_000, State::Succeeded);
+    good.plan = plan("1", "steps = [{ traffic = 100 }]", None);
+    let mut good_events = vec![ended(DAY + 1_500, "expand", true, 1_400)];
+    good_events.extend(good_events_after(DAY, 2_000));
+    good_events.push(ended(DAY + 30_000, "contract", false, 300));
+    let mut bad = dep("d-2", "2", 2 * DAY, 1_000, State::RolledBack);
+    bad.hosts = [("web-1".to_string(), host(HostPhase::Waiting))].into();
+    let bad_events = vec![
+        ended(2 * DAY + 500, "expand", false, 400),
+        ev(
+            2 * DAY + 500,
+            Kind::RollbackStarted {
+                reason: "database expand failed".into(),
+                first_bad_unix_ms: 2 * DAY + 500,
+                decided_unix_ms: 2 * DAY + 500,
+            },
+        ),
+        ended(2 * DAY + 900, "abort", true, 300),
+    ];
+    let events = [
+        ("d-1".to_string(), good_events),
+        ("d-2".to_string(), bad_events),
+    ]
+    .into();
+    (vec![good, bad], events)
+}
+
+/// The one step of a plan going to 100 % after `prep` ms.
+fn good_events_after(start: u64, prep: u64) -> Vec<Event> {
+    vec![
+        ev(
+            start + prep,
+            Kind::StepStarted {
+                step: 0,
+                traffic: 100,
+            },
+        ),
+        ev(
+            start + prep + 100,
+            Kind::StepHolding {
+                step: 0,
+                traffic: 100,
+            },
+        ),
+    ]
+}
+
+#[test]
+fn database_commands_count_where_they_failed_and_the_expand_is_a_typical_time() {
+    let (records, events) = database_history();
+    let s = stats(&records, &events, None, 0, 3 * DAY);
+    assert_eq!(s.failed_before_traffic, 1, "a failed expand served nobody");
+    assert_eq!(
+        s.failures_by_phase,
+        [
+            ("database contract".to_string(), 1),
+            ("database expand".to_string(), 1)
+        ]
+        .into()
+    );
+    let t = typical(&records, &events, "web");
+    assert_eq!((t.expand.count, t.expand.median_s), (1, Some(1.4)));
+    assert_eq!(
+        t.prepare.median_s,
+        Some(2.0),
+        "preparation includes the expand"
+    );
+    assert_eq!(
+        super::failure::failure(&records[1], &events["d-2"]).map(|f| f.phase),
+        Some("database expand".to_string())
+    );
 }

@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use cutover_proto::v1::DesiredService;
+use cutover_proto::v1::{DesiredService, SlotSpec};
 use cutover_shared::Duration;
 use cutover_shared::plan::{Count, Plan, Step};
 
-use crate::model::{DeploymentRecord, ServiceRecord, Slot, State};
+use crate::model::{DbPhase, DeploymentRecord, ServiceRecord, Slot, State};
 
 /// The plan `cutover rollback` deploys: the previous release's, straight to 100 % on
 /// every host at once, with no hold and no bake.
@@ -33,6 +33,15 @@ pub fn rollback_to_plan(
     service: &str,
     version: &str,
 ) -> Option<Plan> {
+    last_live(records, service, version).map(|d| d.plan.clone())
+}
+
+/// The last successful deployment (not a restart) that made `version` of `service` live.
+fn last_live<'r>(
+    records: &'r [DeploymentRecord],
+    service: &str,
+    version: &str,
+) -> Option<&'r DeploymentRecord> {
     records
         .iter()
         .filter(|d| {
@@ -42,13 +51,52 @@ pub fn rollback_to_plan(
                 && !d.restart
         })
         .max_by_key(|d| (d.created_unix_ms, d.id.clone()))
-        .map(|d| d.plan.clone())
+}
+
+/// Why `cutover rollback --to VERSION` must be refused for the database, if it must:
+/// a schema change made since VERSION was live was contracted (or its contract runs or
+/// failed), so VERSION's schema is gone; or VERSION's own change was undone since, so
+/// its schema is not there. A change expanded and not contracted is fine: the rollback
+/// undoes it, as `cutover rollback` does.
+pub fn rollback_to_refusal(
+    records: &[DeploymentRecord],
+    service: &str,
+    version: &str,
+) -> Option<String> {
+    let base = last_live(records, service, version)?;
+    let phase = |d: &DeploymentRecord| d.database.change.as_ref().map(|c| c.phase);
+    if phase(base) == Some(DbPhase::Aborted) {
+        return Some(format!(
+            "the database change of {} (release {version}) was undone since; deploy release {version} again instead",
+            base.id
+        ));
+    }
+    let later = records.iter().filter(|d| {
+        d.service == service
+            && d.state == State::Succeeded
+            && (d.created_unix_ms, &d.id) > (base.created_unix_ms, &base.id)
+    });
+    for d in later {
+        let why = match phase(d) {
+            Some(DbPhase::Contracted) => "was contracted",
+            Some(DbPhase::Contracting) => "is being contracted now",
+            Some(DbPhase::Failed) => "failed its last command",
+            _ => continue,
+        };
+        return Some(format!(
+            "the database change of {} (release {}) {why}: release {version}'s schema may be gone; deploy a fix forward",
+            d.id, d.release
+        ));
+    }
+    None
 }
 
 /// The service's record once deployment `d` ended at `now`: no deployment in progress;
 /// after a success the deployed plan is live, the one it replaced is kept for
 /// `cutover rollback`, and its slots retire after the plan's `keep_previous` (at once
-/// after a restart, which leaves live and previous as they were).
+/// after a restart, which leaves live and previous as they were). A success that
+/// expanded a schema change leaves it waiting for its contract; a `cutover rollback`
+/// that undid one leaves the release it undid unable to come back.
 pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> ServiceRecord {
     svc.name.clone_from(&d.service);
     if svc.active.as_deref() == Some(d.id.as_str()) {
@@ -64,8 +112,61 @@ pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> Serv
         }
         let keep = d.plan.strategy.keep_previous.as_millis();
         svc.retire_previous_at_unix_ms = Some(now.saturating_add(keep));
+        match &d.database.undoes {
+            Some(undone) => {
+                svc.rollback_refused = Some(format!(
+                    "the database change of {undone} (release {}) is undone with it; deploy it again instead",
+                    d.previous_release.as_deref().unwrap_or("before")
+                ));
+            }
+            None if !d.hosts.values().all(|h| h.untouched) => {
+                svc.rollback_refused = None;
+                let expanded = d
+                    .database
+                    .change
+                    .as_ref()
+                    .is_some_and(|c| c.phase == DbPhase::Expanded);
+                svc.db_pending = expanded.then(|| d.id.clone());
+            }
+            None => {}
+        }
     }
     svc
+}
+
+/// The service's record after a decision took deployment `before` to `after`, when its
+/// schema change was settled after success: a contracted change is the only version
+/// left (the previous release cannot come back), an undone one is gone.
+pub fn changed_service(
+    svc: &ServiceRecord,
+    before: &DeploymentRecord,
+    after: &DeploymentRecord,
+    when: &str,
+) -> Option<ServiceRecord> {
+    let phase = |d: &DeploymentRecord| d.database.change.as_ref().map(|c| c.phase);
+    let now = phase(after)?;
+    if phase(before) == Some(now) || !before.state.is_final() {
+        return None;
+    }
+    let mut svc = svc.clone();
+    if svc.db_pending.as_deref() == Some(after.id.as_str())
+        && matches!(now, DbPhase::Contracted | DbPhase::Aborted)
+    {
+        svc.db_pending = None;
+    }
+    if now == DbPhase::Contracted
+        && svc
+            .live
+            .as_ref()
+            .is_some_and(|p| p.release.version == after.release)
+    {
+        svc.rollback_refused = Some(format!(
+            "the database was contracted by {} at {when}: release {} would read a schema that no longer exists; deploy a fix forward",
+            after.id,
+            after.previous_release.as_deref().unwrap_or("before")
+        ));
+    }
+    Some(svc)
 }
 
 /// The previous release of `svc` is due to retire at `now`: `keep_previous` has passed
@@ -96,7 +197,7 @@ pub fn retire(
     }
     let targets = desired
         .iter()
-        .filter_map(|(host, d)| Some((host.clone(), without_idle_slots(d)?)))
+        .filter_map(|(host, d)| Some((host.clone(), without_idle_slots(d, |_| true)?)))
         .collect();
     let service = ServiceRecord {
         retire_previous_at_unix_ms: None,
@@ -105,12 +206,16 @@ pub fn retire(
     Some(Retirement { service, targets })
 }
 
-/// `d` without its idle slots, if it has any beside a live one.
-fn without_idle_slots(d: &DesiredService) -> Option<DesiredService> {
+/// `d` without its idle slots (a spec, no weight) that `which` picks, if it has any
+/// beside a live one.
+pub(super) fn without_idle_slots(
+    d: &DesiredService,
+    which: impl Fn(&SlotSpec) -> bool,
+) -> Option<DesiredService> {
     d.live_slot()?;
     let idle: Vec<Slot> = Slot::BOTH
         .into_iter()
-        .filter(|s| d.slot(*s).is_some() && d.weight(*s) == 0)
+        .filter(|s| d.slot(*s).is_some_and(&which) && d.weight(*s) == 0)
         .collect();
     if idle.is_empty() {
         return None;

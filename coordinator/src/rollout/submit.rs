@@ -10,7 +10,7 @@ use cutover_shared::plan::Plan;
 use super::Decision;
 use super::desired::plan_host;
 use super::lifecycle::plan_restart;
-use crate::model::{DeployHost, DeploymentRecord, State};
+use crate::model::{DeployDatabase, DeployHost, DeploymentRecord, State};
 use crate::timeline::{Event, Kind};
 
 /// A deployment to create.
@@ -31,6 +31,21 @@ pub struct Submission<'a> {
     pub previous_release: Option<String>,
     /// Who submitted it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
+    /// What the engine knows of the service's database.
+    pub database: DatabaseContext,
+}
+
+/// What a new deployment's part in the database depends on, from the engine.
+#[derive(Clone, Debug, Default)]
+pub struct DatabaseContext {
+    /// Target hosts that may run `[database]` commands (matching `run_on`), by name;
+    /// empty: every target host.
+    pub runners: Vec<String>,
+    /// The live release's schema version, when its plan has `[database]`.
+    pub previous_schema: Option<String>,
+    /// The deployment whose schema change is live and not contracted yet: a deployment
+    /// waits for its contract, a `cutover rollback` undoes it.
+    pub pending: Option<String>,
 }
 
 /// The new deployment over the target hosts, each with its current desired state for
@@ -49,6 +64,12 @@ pub fn submit(
         plan_hosts(&s.plan, hosts)
     };
     let noop = hosts.values().all(|h| h.untouched);
+    // A restart starts the live release anew: its schema is already in place.
+    let database = if noop || s.restart {
+        DeployDatabase::default()
+    } else {
+        deploy_database(&s, &hosts)
+    };
     let deployment = DeploymentRecord {
         id: s.id,
         service: s.plan.service.clone(),
@@ -77,6 +98,7 @@ pub fn submit(
         rollback: None,
         hosts,
         plan: s.plan,
+        database,
     };
     let events = submitted(&deployment, s.actor, noop, now);
     Decision {
@@ -98,7 +120,38 @@ pub fn plan_hosts(
         .collect()
 }
 
-/// A new deployment's first events: submitted, and for a no-op its end.
+/// A new deployment's part in the database: a `cutover rollback` undoes the pending
+/// change; any other deployment waits for its contract, and makes its own change when
+/// its plan has `[database]`.
+fn deploy_database(s: &Submission<'_>, hosts: &BTreeMap<String, DeployHost>) -> DeployDatabase {
+    let ctx = &s.database;
+    if s.is_rollback {
+        return DeployDatabase {
+            undoes: ctx.pending.clone(),
+            ..Default::default()
+        };
+    }
+    let runners = if ctx.runners.is_empty() {
+        hosts.keys().cloned().collect()
+    } else {
+        ctx.runners.clone()
+    };
+    DeployDatabase {
+        change: s.plan.database.as_ref().map(|db| {
+            super::database::change(
+                db,
+                &s.plan.release.version,
+                ctx.previous_schema.clone(),
+                runners,
+            )
+        }),
+        after: ctx.pending.clone(),
+        undoes: None,
+    }
+}
+
+/// A new deployment's first events: submitted, the earlier change it waits for, and for
+/// a no-op its end.
 fn submitted(d: &DeploymentRecord, actor: &str, noop: bool, now: u64) -> Vec<Event> {
     let mut events = vec![Event {
         at_unix_ms: now,
@@ -110,6 +163,14 @@ fn submitted(d: &DeploymentRecord, actor: &str, noop: bool, now: u64) -> Vec<Eve
             actor: actor.to_string(),
         },
     }];
+    if let Some(after) = &d.database.after {
+        events.push(Event {
+            at_unix_ms: now,
+            kind: Kind::DatabaseWaiting {
+                deployment: after.clone(),
+            },
+        });
+    }
     if noop {
         events.push(Event {
             at_unix_ms: now,
@@ -136,6 +197,7 @@ mod tests {
             restart: false,
             previous_release: Some("1".into()),
             actor: "ana@desk",
+            database: DatabaseContext::default(),
         }
     }
 

@@ -30,6 +30,9 @@ pub struct Plan {
     /// How the new release is judged against the old one while it takes traffic.
     #[serde(default)]
     pub analysis: Option<Analysis>,
+    /// The schema change that rides the rollout: expand, contract and abort commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<Database>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -538,6 +541,66 @@ pub enum Judge {
     MannWhitney,
 }
 
+/// `[database]`: the release's schema change, made by the user's own commands at the
+/// moments the rollout gives them (expand before any new slot starts, contract once the
+/// previous release is retired, abort when the deployment ends without success).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    /// This release's schema version name; `${RELEASE}` is the release's version with
+    /// every character outside `[A-Za-z0-9_]` replaced by `_` ([`Database::schema_name`]).
+    pub schema: String,
+    /// Makes the new schema version while the old release still serves.
+    pub expand: Vec<String>,
+    /// Removes what only the previous release needed, once it is retired.
+    pub contract: Vec<String>,
+    /// Undoes the expand when the deployment ends without success.
+    pub abort: Vec<String>,
+    /// How long each command may run before its whole process group is stopped.
+    #[serde(default = "defaults::database_timeout")]
+    pub timeout: Duration,
+    /// Labels choosing the target hosts that may run the commands (the first by name
+    /// runs them); none: every target host, so the first by name.
+    #[serde(default)]
+    pub run_on: BTreeMap<String, String>,
+    /// When the contract runs.
+    #[serde(default)]
+    pub contract_after: ContractAfter,
+}
+
+impl Database {
+    /// The placeholder `schema` may hold.
+    pub const RELEASE: &'static str = "${RELEASE}";
+
+    /// The schema version name for release `version`: `schema` with `${RELEASE}`
+    /// replaced by the version, every character outside `[A-Za-z0-9_]` as `_`.
+    pub fn schema_name(&self, version: &str) -> String {
+        let safe: String = version
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.schema.replace(Self::RELEASE, &safe)
+    }
+}
+
+/// When a release's schema change is contracted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContractAfter {
+    /// When the previous release is retired: `keep_previous` has passed, or the next
+    /// deployment needs its slot.
+    #[default]
+    Retire,
+    /// When an operator runs `cutover contract SERVICE`.
+    Manual,
+}
+
 mod defaults {
     use super::{Count, Duration, Step};
     pub fn stop_timeout() -> Duration {
@@ -577,6 +640,9 @@ mod defaults {
     }
     pub fn host_lost_after() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn database_timeout() -> Duration {
+        Duration::from_secs(600)
     }
     pub fn progress_deadline() -> Duration {
         Duration::from_secs(600)

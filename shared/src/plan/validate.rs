@@ -1,11 +1,12 @@
 //! Validation: the values a plan's types alone do not rule out, checked section by
 //! section in the order of the file (service, targets, release, run, health, strategy,
-//! analysis). The first problem found is the one reported, as a key path and a message
+//! analysis, database). The first problem found is the one reported, as a key path and a message
 //! in the plan's words; `Plan::parse` locates the path in the text.
 
 use super::RUN_VARIABLES;
 use super::model::{
-    Analysis, Count, Health, Metric, MetricName, Plan, Release, Run, Step, Strategy, Targets,
+    Analysis, Count, Database, Health, Metric, MetricName, Plan, Release, Run, Step, Strategy,
+    Targets,
 };
 
 mod sources;
@@ -58,6 +59,9 @@ impl Plan {
         validate_strategy(&self.strategy)?;
         if let Some(a) = &self.analysis {
             validate_analysis(a)?;
+        }
+        if let Some(db) = &self.database {
+            validate_database(db, &self.release.version)?;
         }
         Ok(())
     }
@@ -418,6 +422,59 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// `[database]`: a schema template that gives a usable schema name for this release,
+/// three commands that each name a program, a timeout and `run_on` labels.
+fn validate_database(db: &Database, version: &str) -> Result<(), Invalid> {
+    let at = |k: &'static str| [K("database"), K(k)];
+    placeholders::check(&db.schema, &["RELEASE"])
+        .map_err(|e| invalid(&at("schema"), e.to_string()))?;
+    let name = db.schema_name(version);
+    check_schema_name(&name).map_err(|why| {
+        invalid(
+            &at("schema"),
+            format!(
+                "{:?} gives {name:?} for release {version}, which {why}",
+                db.schema
+            ),
+        )
+    })?;
+    for (key, command) in [
+        ("expand", &db.expand),
+        ("contract", &db.contract),
+        ("abort", &db.abort),
+    ] {
+        if command.first().is_none_or(|p| p.trim().is_empty()) {
+            return Err(invalid(
+                &at(key),
+                "must name the program to run, e.g. [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/expand.sql\"]",
+            ));
+        }
+    }
+    more_than_zero(&at("timeout"), db.timeout)?;
+    for (k, v) in &db.run_on {
+        check_label(k, v).map_err(|m| invalid(&at("run_on"), m))?;
+    }
+    Ok(())
+}
+
+/// A schema name PostgreSQL takes unquoted: a letter or `_`, then letters, digits and
+/// `_`, at most 63 bytes (longer names are cut by the server), and not `pg_…` (names
+/// the server keeps for itself). Returns what is wrong with it.
+pub fn check_schema_name(name: &str) -> Result<(), &'static str> {
+    let first_ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+    if name.is_empty() {
+        Err("is empty")
+    } else if name.len() > 63 {
+        Err("is longer than 63 characters")
+    } else if !first_ok || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Err("is not a schema name (a letter or _ first, then letters, digits and _)")
+    } else if name.to_ascii_lowercase().starts_with("pg_") {
+        Err("starts with pg_, which PostgreSQL keeps for its own schemas")
+    } else {
+        Ok(())
+    }
 }
 
 /// Checks an artifact URL's scheme.

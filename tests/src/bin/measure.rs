@@ -2,6 +2,7 @@
 //! cutover's progressive delivery is judged by. Not a test; run it and read.
 //!
 //!   cargo build --workspace --bins && target/debug/cutover-measure [runs]
+//!   target/debug/cutover-measure database [deployments]
 //!
 //! It prints: the time a blue/green switch of 3 hosts takes and the requests it costs;
 //! time from the first bad analysis interval to the last host back on the old
@@ -15,6 +16,10 @@
 //! 2 s on 3 hosts under load — agent CPU per scrape, coordinator CPU per interval, the
 //! clients' throughput and slowest request with and without the scrapes — and the time
 //! from the first bad business-metric interval to the last host back on the old slot.
+//!
+//!   target/debug/cutover-measure database [DEPLOYMENTS]
+//!
+//! prints the figures of database changes instead (see `measure/database.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -36,9 +41,20 @@ judge = "mann-whitney"
 confidence = 0.99
 "#;
 
+#[path = "measure/database.rs"]
+mod database;
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("business") {
         return business();
+    }
+    if std::env::args().nth(1).as_deref() == Some("database") {
+        let deployments = std::env::args()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(20);
+        database::run(deployments);
+        return;
     }
     let runs: usize = std::env::args()
         .nth(1)

@@ -12,7 +12,10 @@
 //! directory (the release), so a "bad release" is bad because of what it ships:
 //! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
 //! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
-//! `unhealthy=1` fails its health check.
+//! `unhealthy=1` fails its health check, and `db_query=SQL` answers `GET /` with
+//! `release <version>: <what psql prints for SQL>` — psql reads the database through
+//! the schema version its environment (`PGOPTIONS`'s `search_path`) names, and a query
+//! that fails is a 500.
 //!
 //! Every `GET /` is also a payment, by card or cash in turn, which `GET /metrics` counts
 //! in Prometheus text: `payments_total{method}`, `payments_failed_total{method}`, the
@@ -21,8 +24,9 @@
 //! (a release that is bad for the business, not for HTTP), `queue_depth=N` sets the
 //! gauge.
 //!
-//! `cutover-sample pack --out FILE --version V [key=value ...]` writes a `.tar.gz` holding
-//! this binary and a `behaviour.env`, and prints its SHA-256.
+//! `cutover-sample pack --out FILE --version V [--file SRC=DEST ...] [key=value ...]`
+//! writes a `.tar.gz` holding this binary, a `behaviour.env` and each file SRC at DEST
+//! (a release's own migrations, say), and prints its SHA-256.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,6 +50,8 @@ struct Behaviour {
     delay: Duration,
     /// Whether `/healthz` fails.
     unhealthy: bool,
+    /// What `GET /` reads from the database with psql, if anything.
+    db_query: Option<String>,
     /// Requests so far, to pick which ones fail evenly.
     counter: AtomicU64,
     /// The share of payments that fail (answered 200 all the same).
@@ -143,7 +149,7 @@ fn main() {
         Some("pack") => pack(&args[2..]),
         _ => {
             eprintln!(
-                "usage: cutover-sample serve --port P | pack --out FILE --version V [key=value ...]"
+                "usage: cutover-sample serve --port P | pack --out FILE --version V [--file SRC=DEST ...] [key=value ...]"
             );
             2
         }
@@ -181,6 +187,7 @@ fn serve(args: &[String]) -> i32 {
         error_rate: get("error_rate").parse().unwrap_or(0.0),
         delay: Duration::from_millis(get("delay_ms").parse().unwrap_or(0)),
         unhealthy: get("unhealthy") == "1",
+        db_query: b.get("db_query").cloned().filter(|q| !q.is_empty()),
         counter: AtomicU64::new(0),
         payment_failure_rate: get("payment_failure_rate").parse().unwrap_or(0.0),
         queue_depth: get("queue_depth").parse().unwrap_or(0),
@@ -286,6 +293,12 @@ async fn handle(
     if spread(n, b.error_rate) {
         return reply(500, format!("release {} failed this request\n", b.version));
     }
+    if let Some(query) = &b.db_query {
+        return match read_database(query).await {
+            Ok(row) => reply(200, format!("release {}: {row}\n", b.version)),
+            Err(e) => reply(500, format!("release {}: {e}\n", b.version)),
+        };
+    }
     reply(200, format!("release {}\n", b.version))
 }
 
@@ -293,6 +306,25 @@ async fn handle(
 /// in a 1000-cycle falls below the share.
 fn spread(n: u64, share: f64) -> bool {
     share > 0.0 && ((n * 617) % 1000) as f64 / 1000.0 < share
+}
+
+/// What `psql` prints for `query`, on one line, with the process's own environment
+/// (`PGHOST`, `PGOPTIONS`...).
+async fn read_database(query: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", query])
+        .output()
+        .await
+        .map_err(|e| format!("run psql: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .replace('\n', " | "))
 }
 
 /// The endpoints about the host: environment, state directory, writing files, its own
@@ -359,11 +391,21 @@ fn pack(args: &[String]) -> i32 {
         eprintln!("pack: --out FILE and --version V are required");
         return 2;
     };
+    let files: Vec<&str> = args
+        .iter()
+        .zip(args.iter().skip(1))
+        .filter(|(flag, _)| *flag == "--file")
+        .map(|(_, f)| f.as_str())
+        .collect();
     let extra: Vec<&String> = args
         .iter()
-        .filter(|a| a.contains('=') && !a.starts_with("--"))
+        .enumerate()
+        .filter(|(i, a)| {
+            a.contains('=') && !a.starts_with("--") && (*i == 0 || args[i - 1] != "--file")
+        })
+        .map(|(_, a)| a)
         .collect();
-    match pack_to(out, version, &extra) {
+    match pack_to(out, version, &extra, &files) {
         Ok(sha) => {
             println!("{sha}");
             0
@@ -375,8 +417,13 @@ fn pack(args: &[String]) -> i32 {
     }
 }
 
-/// Writes the artifact and returns its SHA-256.
-pub fn pack_to(out: &str, version: &str, extra: &[&String]) -> std::io::Result<String> {
+/// Writes the artifact, with each `SRC=DEST` of `files`, and returns its SHA-256.
+pub fn pack_to(
+    out: &str,
+    version: &str,
+    extra: &[&String],
+    files: &[&str],
+) -> std::io::Result<String> {
     use sha2::Digest;
     let exe = std::env::current_exe()?;
     let mut behaviour = format!("version={version}\n");
@@ -393,6 +440,12 @@ pub fn pack_to(out: &str, version: &str, extra: &[&String]) -> std::io::Result<S
     h.set_mode(0o644);
     h.set_cksum();
     tar.append_data(&mut h, "behaviour.env", behaviour.as_bytes())?;
+    for f in files {
+        let (src, dest) = f
+            .split_once('=')
+            .ok_or_else(|| std::io::Error::other(format!("--file {f}: write it as SRC=DEST")))?;
+        tar.append_path_with_name(src, dest)?;
+    }
     tar.into_inner()?.finish()?.flush()?;
     let data = std::fs::read(out)?;
     Ok(hex::encode(sha2::Sha256::digest(&data)))

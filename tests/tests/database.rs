@@ -191,6 +191,16 @@ fn both_releases_serve_from_their_own_schema_version_and_the_contract_follows_re
             && err.contains("deploy a fix forward"),
         "{err}"
     );
+    // Nor back to it by name: its schema is gone just the same.
+    let out = c.cli(&["rollback", "web", "--to", "1.0.0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot roll back to 1.0.0: the database change of {id2} (release 2.0.0) was contracted"
+        )),
+        "{err}"
+    );
     assert_eq!(ledger(&pg, &id1), "expand=1 contract=1");
     assert_eq!(ledger(&pg, &id2), "expand=1 contract=1");
     let history = c.cli_ok(&["history"]);

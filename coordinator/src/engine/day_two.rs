@@ -50,12 +50,6 @@ impl Engine {
                 name: plan.service.clone(),
                 ..Default::default()
             });
-        let refusal = self
-            .refuse_if_locked(&plan.service)
-            .and_then(|()| self.refuse_if_busy(&svc))
-            .and_then(|()| refuse_if_stopped(&svc))
-            .err()
-            .map(|e| e.to_string());
         let enrolled = self.store.hosts()?;
         let mut desired = BTreeMap::new();
         let mut connected = BTreeSet::new();
@@ -73,6 +67,22 @@ impl Engine {
             .filter(|(h, _)| connected.contains(*h))
             .map(|(h, d)| (h.clone(), d.clone()))
             .collect();
+        let refusal = self
+            .refuse_if_locked(&plan.service)
+            .and_then(|()| self.refuse_if_busy(&svc))
+            .and_then(|()| refuse_if_stopped(&svc))
+            .and_then(|()| {
+                // A change waiting for a manual contract, or `run_on` matching no
+                // connected target host, refuses the deployment as it would this one.
+                match reachable.is_empty() {
+                    true => Ok(()),
+                    false => self
+                        .database_context(plan, &svc, &reachable, false)
+                        .map(|_| ()),
+                }
+            })
+            .err()
+            .map(|e| e.to_string());
         let hosts = enrolled.into_iter().map(|h| (h.name, h.labels)).collect();
         Ok(preview::dry_run(&preview::Input {
             plan,

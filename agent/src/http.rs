@@ -217,6 +217,7 @@ mod tests {
                     latency_bucket_le_us: vec![1000, u64::MAX],
                     latency_counts: vec![7, 3],
                     latency_sum_us: 50_000,
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),

@@ -98,6 +98,7 @@ impl SlotMetrics {
                 .map(|c| c.load(Ordering::Relaxed))
                 .collect(),
             latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
+            ..Default::default()
         }
     }
 

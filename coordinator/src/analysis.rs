@@ -16,6 +16,16 @@ pub struct Counters {
     pub le_us: Vec<u64>,
     /// Requests per latency bucket, in the order of `le_us`.
     pub buckets: Vec<u64>,
+    /// Shadow traffic only: copies whose answer could be compared with the live one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compared: u64,
+    /// Shadow traffic only: of those, copies answered with the live status class.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub matched: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Counters {
@@ -25,6 +35,8 @@ impl Counters {
             errors: m.responses_5xx + m.upstream_failures,
             le_us: m.latency_bucket_le_us.clone(),
             buckets: m.latency_counts.clone(),
+            compared: m.status_compared,
+            matched: m.status_matched,
         }
     }
 
@@ -33,6 +45,8 @@ impl Counters {
     pub fn since(&self, earlier: &Counters) -> Counters {
         let restarted = self.requests < earlier.requests
             || self.errors < earlier.errors
+            || self.compared < earlier.compared
+            || self.matched < earlier.matched
             || self.buckets.len() != earlier.buckets.len()
             || self
                 .buckets
@@ -52,12 +66,16 @@ impl Counters {
                 .zip(&earlier.buckets)
                 .map(|(a, b)| a - b)
                 .collect(),
+            compared: self.compared - earlier.compared,
+            matched: self.matched - earlier.matched,
         }
     }
 
     pub fn add(&mut self, other: &Counters) {
         self.requests += other.requests;
         self.errors += other.errors;
+        self.compared += other.compared;
+        self.matched += other.matched;
         if self.le_us.is_empty() {
             self.le_us.clone_from(&other.le_us);
             self.buckets = vec![0; other.buckets.len()];
@@ -71,6 +89,11 @@ impl Counters {
 
     pub fn error_rate(&self) -> Option<f64> {
         (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+    }
+
+    /// The share of compared copies answered with the live status class.
+    pub fn status_match(&self) -> Option<f64> {
+        (self.compared > 0).then(|| self.matched as f64 / self.compared as f64)
     }
 
     /// The `q` quantile of latency in milliseconds, interpolated inside its bucket.
@@ -103,12 +126,17 @@ impl Counters {
 /// One interval's traffic: the new slot and the old slot, summed over the step's hosts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Sample {
-    /// The new release's slots.
+    /// The new release's slots: their live answers, or during shadow traffic their
+    /// answers to the copies of live requests.
     pub new: Counters,
     /// The old release's slots on the same hosts: the live baseline.
     pub old: Counters,
     /// How long the interval ran, for rates.
     pub seconds: f64,
+    /// The new release answered copies of live requests (shadow traffic): the only
+    /// time `status_match` is measured.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// What an interval (or one metric in it) comes to.
@@ -140,6 +168,7 @@ pub fn metric_name(m: MetricName) -> &'static str {
         MetricName::LatencyP90 => "latency_p90",
         MetricName::LatencyP99 => "latency_p99",
         MetricName::RequestRate => "request_rate",
+        MetricName::StatusMatch => "status_match",
     }
 }
 
@@ -150,12 +179,13 @@ fn value(m: MetricName, c: &Counters, seconds: f64) -> Option<f64> {
         MetricName::LatencyP90 => c.quantile_ms(0.90),
         MetricName::LatencyP99 => c.quantile_ms(0.99),
         MetricName::RequestRate => (seconds > 0.0).then(|| c.requests as f64 / seconds),
+        MetricName::StatusMatch => c.status_match(),
     }
 }
 
 fn fmt(m: MetricName, v: f64) -> String {
     match m {
-        MetricName::ErrorRate => format!("{:.2}%", v * 100.0),
+        MetricName::ErrorRate | MetricName::StatusMatch => format!("{:.2}%", v * 100.0),
         MetricName::RequestRate => format!("{v:.1}/s"),
         _ => format!("{v:.1}ms"),
     }
@@ -164,7 +194,7 @@ fn fmt(m: MetricName, v: f64) -> String {
 /// The unit of a metric's values: `ratio` (0 to 1), `ms` or `per_second`.
 pub fn unit(m: MetricName) -> &'static str {
     match m {
-        MetricName::ErrorRate => "ratio",
+        MetricName::ErrorRate | MetricName::StatusMatch => "ratio",
         MetricName::RequestRate => "per_second",
         MetricName::LatencyP50 | MetricName::LatencyP90 | MetricName::LatencyP99 => "ms",
     }
@@ -185,9 +215,12 @@ pub fn judge(analysis: &Analysis, sample: &Sample) -> (Verdict, Vec<MetricResult
         );
         return (Verdict::Inconclusive(why), Vec::new());
     }
+    // `status_match` compares copies with live answers: outside shadow traffic there
+    // is nothing to compare, so it is not judged.
     let results: Vec<MetricResult> = analysis
         .metric
         .iter()
+        .filter(|m| sample.shadow || m.name != MetricName::StatusMatch)
         .map(|m| judge_metric(m, sample))
         .collect();
     let verdict = results
@@ -247,7 +280,7 @@ fn worse_beyond_noise(m: &Metric, s: &Sample) -> bool {
             two_proportion_greater(s.new.errors, s.new.requests, s.old.errors, s.old.requests)
                 < alpha
         }
-        (Some(Judge::MannWhitney), MetricName::RequestRate) => true,
+        (Some(Judge::MannWhitney), MetricName::RequestRate | MetricName::StatusMatch) => true,
         (Some(Judge::MannWhitney), _) => {
             mann_whitney_greater(&s.new.buckets, &s.old.buckets).1 < alpha
         }

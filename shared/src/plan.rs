@@ -15,8 +15,8 @@ mod validate;
 
 pub use errors::{PlanError, line_col, nearest};
 pub use model::{
-    Analysis, Check, Count, Health, Judge, Metric, MetricName, OnHostLost, Plan, Protocol, Release,
-    Run, Step, Strategy, Targets,
+    Analysis, Check, Count, Health, Hook, Hooks, Judge, Metric, MetricName, OnHostLost, Plan,
+    Protocol, Release, Run, Shadow, Step, Strategy, Targets,
 };
 pub use path::PathPart;
 pub use validate::{Invalid, check_artifact_url, check_sha256};

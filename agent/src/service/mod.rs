@@ -484,6 +484,7 @@ impl Services {
                             fetch_ms: st.fetch_ms,
                             unpack_ms: st.unpack_ms,
                             start_ms: st.start_ms,
+                            ..SlotStatus::default()
                         }
                     })
                 };

@@ -4,7 +4,7 @@
 use cutover_proto::v1 as pb;
 
 use crate::analysis::{Verdict, metric_name};
-use crate::model::{DeploymentRecord, IntervalRecord};
+use crate::model::{DeploymentRecord, IntervalRecord, ShadowPhase};
 
 /// The deployment record in protocol form.
 pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
@@ -38,6 +38,13 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
             .as_ref()
             .and_then(|r| r.done_unix_ms)
             .unwrap_or(0),
+        shadow: d.shadow == ShadowPhase::Mirroring && !d.state.is_final(),
+        shadow_ms: d
+            .plan
+            .strategy
+            .shadow
+            .as_ref()
+            .map_or(0, |s| s.duration.as_millis()),
     }
 }
 
@@ -64,6 +71,7 @@ fn interval_to_pb(i: &IntervalRecord) -> pb::AnalysisInterval {
                 verdict: verdict_parts(&m.verdict).0.into(),
             })
             .collect(),
+        shadow: i.shadow,
     }
 }
 

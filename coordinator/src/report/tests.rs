@@ -32,6 +32,7 @@ fn host(phase: HostPhase) -> DeployHost {
         lost: false,
         old_front: None,
         reported: None,
+        hook_log: None,
     }
 }
 
@@ -64,6 +65,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         hosts: [("web-1".to_string(), host(HostPhase::Switched))].into(),
         analysis: Default::default(),
         rollback: None,
+        shadow: Default::default(),
     }
 }
 
@@ -388,6 +390,7 @@ fn interval(at: u64, verdict: Verdict, metrics: Vec<MetricResult>) -> IntervalRe
         old_requests: 900,
         verdict,
         metrics,
+        shadow: false,
     }
 }
 
@@ -618,6 +621,7 @@ fn every_kind(start: u64) -> Vec<Event> {
                 fetch_ms: 120,
                 unpack_ms: 30,
                 start_ms: 800,
+                ..Default::default()
             }),
         },
         Kind::HostFailed {
@@ -638,6 +642,7 @@ fn every_kind(start: u64) -> Vec<Event> {
         Kind::Interval {
             step: 0,
             traffic: 10,
+            shadow: false,
             verdict: "fail".into(),
             why: "error_rate 40.00% above max 1.00%".into(),
             new_requests: 10,

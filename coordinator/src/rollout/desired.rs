@@ -11,6 +11,7 @@ use cutover_proto::v1::{
 use cutover_shared::plan::{Check, Plan, Protocol};
 
 use super::HostView;
+use super::verify::{hooks_spec, mirror};
 use crate::model::{DeployHost, DeploymentRecord, Front, HostPhase, Slot, State};
 
 /// The slot spec a plan asks for.
@@ -43,6 +44,7 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             unhealthy_after: h.unhealthy_after,
             start_timeout_ms: h.start_timeout.as_millis(),
         }),
+        hooks: hooks_spec(&plan.hooks),
     }
 }
 
@@ -61,6 +63,7 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
         lost: false,
         old_front: None,
         reported: None,
+        hook_log: None,
     };
     let Some(cur) = current else { return host };
     if cur.listen != 0 {
@@ -100,9 +103,10 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
     host
 }
 
-/// The desired state of one host for the deployment as it stands.
+/// The desired state of host `name` for the deployment as it stands.
 pub fn target(
     dep: &DeploymentRecord,
+    name: &str,
     host: &DeployHost,
     current: Option<&DesiredService>,
 ) -> Option<DesiredService> {
@@ -120,6 +124,11 @@ pub fn target(
         Protocol::Tcp => WireProtocol::Tcp,
     } as i32;
     d.drain_ms = plan.run.drain.as_millis();
+    // What the hooks are told: which deployment, from which release, on which host.
+    d.deployment = dep.id.clone();
+    d.previous_release = dep.previous_release.clone().unwrap_or_default();
+    d.host = name.to_string();
+    d.shadow = mirror(dep, host);
     let new = host.new_slot;
     let has_old = host.old_slot.is_some();
     let (spec, new_weight) = match host.phase {
@@ -171,7 +180,7 @@ pub fn changes(
     let mut out = BTreeMap::new();
     for (name, host) in &dep.hosts {
         let current = views.get(name).and_then(|v| v.desired);
-        let Some(t) = target(dep, host, current) else {
+        let Some(t) = target(dep, name, host, current) else {
             continue;
         };
         let mut have = current.cloned().unwrap_or_default();

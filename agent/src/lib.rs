@@ -10,6 +10,7 @@ pub mod data_dir;
 pub mod enroll;
 pub mod handover;
 pub mod health;
+pub mod hooks;
 pub mod http;
 pub mod identity;
 pub mod link;

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
 use crate::handover::{Exe, Inherited};
+use crate::hooks;
 use crate::ports::PortRange;
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::slot::{self, SlotCtx, SlotState, adopt};
@@ -40,6 +41,8 @@ struct SlotRun {
     status: Arc<Mutex<SlotState>>,
     /// Stops the slot (drain, then stop the process).
     cancel: CancellationToken,
+    /// What its hooks are told of the deployment: the latest desired state's.
+    hook_context: Arc<Mutex<hooks::Context>>,
 }
 
 impl SlotRun {
@@ -213,6 +216,9 @@ impl Services {
         // replaced or emptied is stopped only once the routes no longer name it, so no
         // request is sent to a process that is already stopping.
         let retired = self.converge_slots(rt, &d);
+        for run in rt.slots.iter().flatten() {
+            *run.hook_context.lock().unwrap_or_else(|p| p.into_inner()) = hooks::Context::of(&d);
+        }
         self.converge_port(rt, &d);
         rt.desired = d;
         Self::route(rt);
@@ -378,6 +384,7 @@ impl Services {
             ..SlotState::default()
         }));
         let cancel = self.cancel.child_token();
+        let hook_context = Arc::new(Mutex::new(hooks::Context::of(d)));
         let ctx = SlotCtx {
             service: d.service.clone(),
             slot,
@@ -395,6 +402,7 @@ impl Services {
             trusted_keys: self.settings.trusted_keys.clone(),
             adopt,
             service_user: self.settings.service_user.clone(),
+            hook_context: hook_context.clone(),
         };
         self.tasks.spawn(slot::run(ctx, cancel.clone()));
         SlotRun {
@@ -403,6 +411,7 @@ impl Services {
             metrics,
             status,
             cancel,
+            hook_context,
         }
     }
 
@@ -484,6 +493,8 @@ impl Services {
                             fetch_ms: st.fetch_ms,
                             unpack_ms: st.unpack_ms,
                             start_ms: st.start_ms,
+                            hooks: st.hooks,
+                            hook_log: st.hook_log,
                             ..SlotStatus::default()
                         }
                     })

@@ -5,6 +5,8 @@
 //! - `lifecycle` — [`run`] as named steps: prepare the release → start or adopt the
 //!   process → watch its health and restart it when it exits → drain and stop it;
 //! - `release` — the release directory: signature check, fetch, unpack, prune;
+//! - `hooks` — when the release's hooks run (`before_start`, `validate`,
+//!   `before_stop`) and what the slot reports of them;
 //! - `launch` — as whom, where and with which environment the process runs;
 //! - `process` — one process, started or adopted: waiting for its exit, stopping its
 //!   group, its record in the store;
@@ -17,6 +19,7 @@
 //! again after a crash) adopts them instead of starting second copies.
 
 pub mod adopt;
+mod hooks;
 mod launch;
 mod lifecycle;
 mod log;
@@ -29,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_proto::Slot;
-use cutover_proto::v1::{SlotPhase, SlotSpec};
+use cutover_proto::v1::{HookRun, SlotPhase, SlotSpec};
 use tokio::sync::Notify;
 
 use crate::artifact::Limits;
@@ -58,6 +61,10 @@ pub struct SlotState {
     pub fetch_ms: u64,
     pub unpack_ms: u64,
     pub start_ms: u64,
+    /// The hooks the slot ran (the latest run of each), in the order they ran.
+    pub hooks: Vec<HookRun>,
+    /// Where the hooks' output is kept; empty before the first hook.
+    pub hook_log: String,
 }
 
 /// Everything a slot's task is given.
@@ -96,6 +103,9 @@ pub struct SlotCtx {
     pub adopt: Option<ProcessRecord>,
     /// Whom to run the process as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
+    /// What the hooks are told of the deployment, kept current by the service as
+    /// desired states arrive.
+    pub hook_context: Arc<Mutex<crate::hooks::Context>>,
 }
 
 impl SlotCtx {

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod http;
 pub mod identity;
 pub mod link;
+pub mod mirror;
 pub mod os;
 pub mod ports;
 pub mod proxy;

@@ -6,7 +6,8 @@
 //! By concern: `procs` (binaries, processes, polling), `cluster` (a coordinator and its
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
-//! (one GET), `disk` (small disks), `netns` (network partitions).
+//! (one GET), `disk` (small disks), `netns` (network partitions), `verify` (plans with
+//! hooks and a shadow phase).
 
 mod cluster;
 mod deploy;
@@ -16,6 +17,7 @@ mod load;
 pub mod netns;
 mod plan;
 mod procs;
+mod verify;
 
 pub use cluster::{Agent, Cluster};
 pub use disk::Tmpfs;
@@ -24,3 +26,4 @@ pub use load::{Load, LoadReport};
 pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
 pub use serde_json::Value;
+pub use verify::process_runs;

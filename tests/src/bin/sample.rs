@@ -11,10 +11,14 @@
 //! (the release), so a "bad release" is bad because of what it ships:
 //! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
 //! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
-//! `unhealthy=1` fails its health check.
+//! `unhealthy=1` fails its health check, `hang=1` never answers `GET /` (its health check
+//! still passes), `status=404` answers `GET /` with that status.
 //!
 //! `cutover-sample pack --out FILE --version V [key=value ...]` writes a `.tar.gz` holding
 //! this binary and a `behaviour.env`, and prints its SHA-256.
+//!
+//! `cutover-sample get URL` is a smoke test for hooks: it GETs an `http://` URL, prints
+//! the status and body, and exits 0 only for a 2xx answer.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -38,6 +42,10 @@ struct Behaviour {
     delay: Duration,
     /// Whether `/healthz` fails.
     unhealthy: bool,
+    /// Whether `GET /` is never answered.
+    hang: bool,
+    /// The status `GET /` answers with (200 unless the release says otherwise).
+    status: u16,
     /// Requests so far, to pick which ones fail evenly.
     counter: AtomicU64,
 }
@@ -56,9 +64,10 @@ fn main() {
     let code = match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args[2..]),
         Some("pack") => pack(&args[2..]),
+        Some("get") => get(args.get(2).map(String::as_str).unwrap_or_default()),
         _ => {
             eprintln!(
-                "usage: cutover-sample serve --port P | pack --out FILE --version V [key=value ...]"
+                "usage: cutover-sample serve --port P | pack --out FILE --version V [key=value ...] | get URL"
             );
             2
         }
@@ -96,6 +105,8 @@ fn serve(args: &[String]) -> i32 {
         error_rate: get("error_rate").parse().unwrap_or(0.0),
         delay: Duration::from_millis(get("delay_ms").parse().unwrap_or(0)),
         unhealthy: get("unhealthy") == "1",
+        hang: get("hang") == "1",
+        status: get("status").parse().unwrap_or(200),
         counter: AtomicU64::new(0),
     });
     let crash_after: Option<u64> = get("crash_after_ms").parse().ok();
@@ -183,6 +194,9 @@ async fn handle(
             reply(200, "ok\n".into())
         };
     }
+    if b.hang {
+        std::future::pending::<()>().await;
+    }
     if !b.delay.is_zero() {
         tokio::time::sleep(b.delay).await;
     }
@@ -192,7 +206,52 @@ async fn handle(
     if b.error_rate > 0.0 && ((n * 617) % 1000) as f64 / 1000.0 < b.error_rate {
         return reply(500, format!("release {} failed this request\n", b.version));
     }
-    reply(200, format!("release {}\n", b.version))
+    reply(b.status, format!("release {}\n", b.version))
+}
+
+/// `get URL`: one GET with a 5 s deadline; prints the status line and the body, and
+/// exits 0 for a 2xx answer, 1 otherwise.
+fn get(url: &str) -> i32 {
+    let Some(rest) = url.strip_prefix("http://") else {
+        eprintln!("get: {url:?} is not an http:// URL");
+        return 2;
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    match fetch(authority, &path) {
+        Ok((status, body)) => {
+            println!("GET {path}: {status}");
+            print!("{body}");
+            if (200..300).contains(&status) { 0 } else { 1 }
+        }
+        Err(e) => {
+            eprintln!("GET {url}: {e}");
+            1
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET of `path` on `authority`: (status, body).
+fn fetch(authority: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let timeout = Some(Duration::from_secs(5));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {head:?}")))?;
+    Ok((status, body.to_string()))
 }
 
 /// The endpoints about the host: environment, state directory, writing files.

@@ -10,7 +10,8 @@
 //!   requests are sent from it; a body of unknown length (chunked) or a larger one is
 //!   not copied (counted as skipped), and the live request streams as usual;
 //! - a copy goes to its own task, under a semaphore of [`IN_FLIGHT`] permits: when they
-//!   are all taken (the new slot is slow) the copy is dropped and counted, never queued;
+//!   are all taken (the new slot is slow) the copy is dropped and counted, never queued,
+//!   and the request is forwarded as if it were not copied (its body is not read first);
 //! - a copy has [`COPY_TIMEOUT`] to be answered, body included; past it, it counts as
 //!   the new slot's failure, as a live request the slot did not answer does;
 //! - the copy's answer is read to its end and thrown away. Its status class is compared
@@ -30,7 +31,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::proxy::SlotMetrics;
 
@@ -101,15 +102,22 @@ impl Rule {
 }
 
 /// Whether one request is copied.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Admission {
     /// Not a listed method, or not in the share: nothing to count.
     Pass,
     /// A listed method in the share, but its body may not be buffered: counted.
     Skip,
-    /// Copied: its body (at most [`BODY_LIMIT`]) is read first.
-    Copy,
+    /// In the share, but [`IN_FLIGHT`] copies are under way: counted.
+    Dropped,
+    /// Copied: its body (at most [`BODY_LIMIT`]) is read first. The copy's place among
+    /// those in flight is taken.
+    Copy(Place),
 }
+
+/// A copy's place among the [`IN_FLIGHT`], held until the slot answered it.
+#[derive(Debug)]
+pub struct Place(OwnedSemaphorePermit);
 
 /// Copies of live requests to one slot, for as long as the routes name it.
 pub struct Mirror {
@@ -157,7 +165,7 @@ impl Mirror {
     }
 
     /// Whether a request with this method and these fields is copied. Only a listed
-    /// method counts towards the share; a skipped one is counted.
+    /// method counts towards the share; a skipped or dropped one is counted.
     pub fn admit(&self, method: &Method, headers: &HeaderMap) -> Admission {
         if !self.rule.methods.contains(method) {
             return Admission::Pass;
@@ -170,19 +178,26 @@ impl Mirror {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
             return Admission::Skip;
         }
-        Admission::Copy
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Copy(Place(permit)),
+            Err(_) => {
+                self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+                Admission::Dropped
+            }
+        }
     }
 
     /// Sends a copy of `req` (already aimed at the live slot, its body read into
-    /// `body`) to this slot, unless [`IN_FLIGHT`] copies are under way (then it is
-    /// dropped and counted). The returned sender takes the live answer's status (none
-    /// when the live slot did not answer) for the comparison; dropping it leaves the
-    /// copy uncompared.
-    pub fn send(&self, req: &Request<Full<Bytes>>, body: Bytes) -> Option<LiveAnswer> {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
+    /// `body`) to this slot, in the `place` [`Mirror::admit`] gave it. The returned
+    /// sender takes the live answer's status (none when the live slot did not answer)
+    /// for the comparison; dropping it leaves the copy uncompared.
+    pub fn send(
+        &self,
+        place: Place,
+        req: &Request<Full<Bytes>>,
+        body: Bytes,
+    ) -> Option<LiveAnswer> {
+        let Place(permit) = place;
         let copy = self.copy_of(req, body)?;
         let (tx, rx) = oneshot::channel();
         let (client, metrics) = (self.client.clone(), self.metrics.clone());
@@ -303,6 +318,10 @@ mod tests {
         Mirror::new(rule, 1, Arc::default())
     }
 
+    fn copied(a: Admission) -> bool {
+        matches!(a, Admission::Copy(_))
+    }
+
     fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in fields {
@@ -315,13 +334,13 @@ mod tests {
     fn only_listed_methods_are_copied() {
         let m = mirror(100, &["GET", "HEAD"]);
         let none = HeaderMap::new();
-        assert_eq!(m.admit(&Method::GET, &none), Admission::Copy);
-        assert_eq!(m.admit(&Method::HEAD, &none), Admission::Copy);
-        assert_eq!(m.admit(&Method::POST, &none), Admission::Pass);
-        assert_eq!(m.admit(&Method::DELETE, &none), Admission::Pass);
+        assert!(copied(m.admit(&Method::GET, &none)));
+        assert!(copied(m.admit(&Method::HEAD, &none)));
+        assert!(matches!(m.admit(&Method::POST, &none), Admission::Pass));
+        assert!(matches!(m.admit(&Method::DELETE, &none), Admission::Pass));
         let posts = mirror(100, &["POST"]);
-        assert_eq!(posts.admit(&Method::POST, &none), Admission::Copy);
-        assert_eq!(posts.admit(&Method::GET, &none), Admission::Pass);
+        assert!(copied(posts.admit(&Method::POST, &none)));
+        assert!(matches!(posts.admit(&Method::GET, &none), Admission::Pass));
     }
 
     #[test]
@@ -332,8 +351,8 @@ mod tests {
             let mut copied = Vec::new();
             for i in 0..1000 {
                 // Other methods in between do not move the share.
-                assert_eq!(m.admit(&Method::PUT, &none), Admission::Pass);
-                if m.admit(&Method::GET, &none) == Admission::Copy {
+                assert!(matches!(m.admit(&Method::PUT, &none), Admission::Pass));
+                if self::copied(m.admit(&Method::GET, &none)) {
                     copied.push(i);
                 }
             }
@@ -349,15 +368,15 @@ mod tests {
     fn only_bodies_known_small_are_copied_and_the_others_are_counted() {
         let m = mirror(100, &["POST"]);
         let small = headers(&[("content-length", "65536")]);
-        assert_eq!(m.admit(&Method::POST, &small), Admission::Copy);
-        let large = headers(&[("content-length", "65537")]);
-        assert_eq!(m.admit(&Method::POST, &large), Admission::Skip);
-        let chunked = headers(&[("transfer-encoding", "chunked")]);
-        assert_eq!(m.admit(&Method::POST, &chunked), Admission::Skip);
-        let garbled = headers(&[("content-length", "ten")]);
-        assert_eq!(m.admit(&Method::POST, &garbled), Admission::Skip);
-        let twice = headers(&[("content-length", "5"), ("content-length", "5")]);
-        assert_eq!(m.admit(&Method::POST, &twice), Admission::Skip);
+        assert!(copied(m.admit(&Method::POST, &small)));
+        let skipped = |h: &HeaderMap| matches!(m.admit(&Method::POST, h), Admission::Skip);
+        assert!(skipped(&headers(&[("content-length", "65537")])));
+        assert!(skipped(&headers(&[("transfer-encoding", "chunked")])));
+        assert!(skipped(&headers(&[("content-length", "ten")])));
+        assert!(skipped(&headers(&[
+            ("content-length", "5"),
+            ("content-length", "5")
+        ])));
         assert_eq!(m.metrics.skipped.load(Ordering::Relaxed), 4);
         assert_eq!(m.metrics.snapshot().map(|s| s.mirror_skipped), Some(4));
     }
@@ -385,11 +404,18 @@ mod tests {
             .header("host", "x")
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let sent: Vec<LiveAnswer> = (0..IN_FLIGHT + 5)
-            .filter_map(|_| m.send(&req, Bytes::new()))
-            .collect();
+        let none = HeaderMap::new();
+        let mut sent = Vec::new();
+        for _ in 0..IN_FLIGHT + 5 {
+            match m.admit(&Method::GET, &none) {
+                Admission::Copy(place) => sent.extend(m.send(place, &req, Bytes::new())),
+                Admission::Dropped => {}
+                other => panic!("{other:?}"),
+            }
+        }
         assert_eq!(sent.len(), IN_FLIGHT);
         assert_eq!(m.metrics.dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(m.metrics.snapshot().map(|s| s.mirror_dropped), Some(5));
         held.abort();
     }
 

@@ -586,13 +586,13 @@ async fn with_copy(
     let Some(mirror) = mirror else {
         return Ok((req.map(Either::Left), None));
     };
-    if mirror.admit(req.method(), req.headers()) != Admission::Copy {
+    let Admission::Copy(place) = mirror.admit(req.method(), req.headers()) else {
         return Ok((req.map(Either::Left), None));
-    }
+    };
     let (req, body) = mirror::buffer(req).await.map_err(|e| {
         tracing::debug!(error = e, "client request body failed");
     })?;
-    let live = mirror.send(&req, body);
+    let live = mirror.send(place, &req, body);
     Ok((req.map(Either::Right), live))
 }
 

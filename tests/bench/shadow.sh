@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # What shadow traffic costs the live path, on this machine: throughput and latency of
-# the agent's proxy with shadow off, at 100 % to a healthy new slot, and at 100 % to a
-# new slot that never answers, side by side in one run; the copies sent and dropped
-# meanwhile; and the time from the first failing shadow interval to the rollback being
-# confirmed by every host. Prints tables; not a test.
-#   tests/bench/shadow.sh [seconds] [connections] [rollbacks]
+# the agent's proxy with shadow off, at 10 % and 100 % to a healthy new slot, and at
+# 100 % to a new slot that never answers, side by side in one run; the copies sent and
+# dropped meanwhile; and the time from the first failing shadow interval to the rollback
+# being confirmed by every host. Prints tables; not a test.
+#
+# Each case is its own service on the same agent (the same sample release live, and for
+# the shadow cases a new release in its shadow phase), and wrk visits them in turn for
+# several rounds, so that whatever else the machine does weighs on every case alike; the
+# table shows each case's median over the rounds.
+#   tests/bench/shadow.sh [seconds per round] [connections] [rounds] [rollbacks]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-SECS=${1:-10}
+SECS=${1:-5}
 CONNS=${2:-32}
-ROLLBACKS=${3:-5}
+ROUNDS=${3:-5}
+ROLLBACKS=${4:-5}
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "==> installing $2"; apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
@@ -27,7 +33,6 @@ wait_for() { local d=$(( $(date +%s) + $1 )); shift; until "$@" >/dev/null 2>&1;
 
 # A coordinator and one agent (its proxy on 127.0.0.2, its /metrics on --http).
 COORD=127.0.0.1:$(free_port)
-LISTEN=$(free_port)
 AGENT_HTTP=127.0.0.1:$(free_port)
 export CUTOVER_COORDINATOR=$COORD CUTOVER_CREDENTIALS=$WORK/coordinator/admin
 "$BIN/cutover" serve --data-dir "$WORK/coordinator" --listen "$COORD" --http "127.0.0.1:$(free_port)" >"$WORK/coordinator.log" 2>&1 &
@@ -38,86 +43,91 @@ RUST_LOG=warn "$BIN/cutover-agent" run --data-dir "$WORK/agent" --service-addres
 pids+=($!)
 wait_for 20 sh -c "'$BIN/cutover' hosts --output json | grep -q '\"connected\": true'"
 
-# plan VERSION BEHAVIOUR STRATEGY ANALYSIS: writes $WORK/VERSION.toml for the sample.
+declare -A PORT
+# plan SERVICE VERSION BEHAVIOUR STRATEGY ANALYSIS: writes $WORK/SERVICE-VERSION.toml.
 plan() {
-  local sha; sha=$("$BIN/cutover-sample" pack --out "$WORK/$1.tar.gz" --version "$1" $2)
-  cat >"$WORK/$1.toml" <<PLAN
-service = "bench"
+  local sha; sha=$("$BIN/cutover-sample" pack --out "$WORK/$1-$2.tar.gz" --version "$2" $3)
+  cat >"$WORK/$1-$2.toml" <<PLAN
+service = "$1"
 [release]
-version = "$1"
-artifact = "file://$WORK/$1.tar.gz"
+version = "$2"
+artifact = "file://$WORK/$1-$2.tar.gz"
 sha256 = "$sha"
 [run]
 command = ["./bin/cutover-sample", "serve", "--port", "\${PORT}"]
-listen = $LISTEN
+listen = ${PORT[$1]}
 drain = "1s"
 stop_timeout = "5s"
 [health]
 http = "/healthz"
 interval = "200ms"
 [strategy]
-$3
 $4
+$5
 PLAN
 }
 
-# shadowing VERSION BEHAVIOUR SHARE: deploys it with a shadow phase copying SHARE % of
-# GETs until aborted (nothing judged), and waits until every host copies to it.
+# The cases: a service each, v1 live on all of them.
+CASES=(off healthy-10 healthy-100 hanging-100)
+declare -A LABEL=([off]="shadow off" [healthy-10]="shadow 10% -> healthy slot"
+  [healthy-100]="shadow 100% -> healthy slot" [hanging-100]="shadow 100% -> hanging slot")
+echo "==> v1 live on ${#CASES[@]} services"
+for s in "${CASES[@]}"; do
+  PORT[$s]=$(free_port)
+  plan "$s" 1.0.0 "" "" ""
+  "$BIN/cutover" deploy "$WORK/$s-1.0.0.toml" --wait >/dev/null 2>&1
+done
+
+# shadowing SERVICE BEHAVIOUR SHARE: v2 in a shadow phase that copies SHARE % of GETs
+# until aborted (nothing judged); waits until the host copies to it.
+declare -A DEP
 shadowing() {
-  plan "$1" "$2" "shadow = { duration = \"1h\", share = $3, methods = [\"GET\"] }" ""
-  DEP=$("$BIN/cutover" deploy "$WORK/$1.toml")
-  wait_for 60 sh -c "'$BIN/cutover' show $DEP --output json | grep -q '\"event\": \"shadow_holding\"'"
+  plan "$1" 2.0.0 "$2" "shadow = { duration = \"1h\", share = $3, methods = [\"GET\"] }" ""
+  DEP[$1]=$("$BIN/cutover" deploy "$WORK/$1-2.0.0.toml")
+  wait_for 60 sh -c "'$BIN/cutover' show ${DEP[$1]} --output json | grep -q '\"event\": \"shadow_holding\"'"
 }
+echo "==> v2 in its shadow phase on the shadow cases"
+shadowing healthy-10 "" 10
+shadowing healthy-100 "" 100
+shadowing hanging-100 "hang=1" 100
 
-# abort_current: rolls the deployment in its shadow phase back.
-abort_current() {
-  "$BIN/cutover" abort "$DEP" >/dev/null
-  wait_for 60 sh -c "'$BIN/cutover' status $DEP --output json | grep -q '\"state\": \"aborted\"'"
-}
-
-# shadow_counter NAME: the green slot's shadow counter NAME from the agent's /metrics.
+# shadow_counter SERVICE NAME: the new (green) slot's shadow counter from /metrics.
 shadow_counter() {
-  curl -fs "http://$AGENT_HTTP/metrics" | awk -v n="cutover_agent_shadow_$1_total" \
-    '$1 ~ "^"n"\\{" && $1 ~ /slot="green"/ {print $2; found=1} END {if (!found) print 0}'
+  curl -fs "http://$AGENT_HTTP/metrics" | awk -v n="cutover_agent_shadow_$2_total" -v s="service=\"$1\"" \
+    'index($1, n"{") == 1 && index($1, s) && index($1, "slot=\"green\"") {print $2; found=1} END {if (!found) print 0}'
 }
 
-ROWS=()
-run() { # name
-  local out; out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.2:$LISTEN/" 2>&1)
-  local rps p50 p99 errors
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-  errors=$(echo "$out" | awk '/Non-2xx/ {n=$5} /Socket errors/ {s=$0} END {print (n ? n " non-2xx " : "") s}')
-  local sent dropped
-  sent=$(shadow_counter requests); dropped=$(shadow_counter dropped)
-  ROWS+=("$(printf '%-30s %12s %10s %10s %12s %10s  %s' "$1" "$rps" "$p50" "$p99" "$sent" "$dropped" "$errors")")
-}
-
-echo "==> v1 live, shadow off"
-plan 1.0.0 "" "" ""
-"$BIN/cutover" deploy "$WORK/1.0.0.toml" --wait >/dev/null 2>&1
-run "shadow off"
-
-echo "==> v2 (healthy) in shadow, 10% of GETs copied"
-shadowing 2.0.0 "" 10
-run "shadow 10% -> healthy slot"
-abort_current
-
-echo "==> v2 (healthy) in shadow, 100% of GETs copied"
-shadowing 2.0.1 "" 100
-run "shadow 100% -> healthy slot"
-abort_current
-
-echo "==> v3 (never answers) in shadow, 100% of GETs copied"
-shadowing 3.0.0 "hang=1" 100
-run "shadow 100% -> hanging slot"
-abort_current
+echo "==> $ROUNDS rounds of ${SECS}s per case, the cases in turn"
+for r in $(seq 1 "$ROUNDS"); do
+  for s in "${CASES[@]}"; do
+    wrk -t2 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.2:${PORT[$s]}/" >"$WORK/wrk-$s-$r.txt" 2>&1
+  done
+done
 
 echo
-echo "live path: wrk, ${SECS}s, $CONNS keep-alive connections, 2 threads, $(nproc) cores shared by everything"
-printf '%-30s %12s %10s %10s %12s %10s  %s\n' "" "requests/s" "p50" "p99" "copies sent" "dropped" "client errors"
-for r in "${ROWS[@]}"; do echo "$r"; done
+echo "live path: wrk, $ROUNDS rounds of ${SECS}s per case, $CONNS keep-alive connections, 2 threads, $(nproc) cores shared by everything; medians over the rounds"
+printf '%-30s %12s %10s %10s %12s %10s %8s\n' "" "requests/s" "p50" "p99" "copies sent" "dropped" "non-2xx"
+for s in "${CASES[@]}"; do
+  python3 - "$WORK" "$s" "$ROUNDS" "${LABEL[$s]}" "$(shadow_counter "$s" requests)" "$(shadow_counter "$s" dropped)" <<'PY'
+import re, statistics, sys
+work, case, rounds, label, sent, dropped = sys.argv[1:]
+def ms(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+rps, p50, p99, bad = [], [], [], 0
+for r in range(1, int(rounds) + 1):
+    text = open(f"{work}/wrk-{case}-{r}.txt").read()
+    rps.append(float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)))
+    p50.append(ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1)))
+    p99.append(ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1)))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    bad += int(m.group(1)) if m else 0
+print("%-30s %12.0f %8.2fms %8.2fms %12s %10s %8d" % (label, statistics.median(rps), statistics.median(p50), statistics.median(p99), sent, dropped, bad))
+PY
+done
+for s in healthy-10 healthy-100 hanging-100; do
+  "$BIN/cutover" abort "${DEP[$s]}" >/dev/null
+done
 
 echo
 echo "==> time from the first failing shadow interval to the rollback confirmed ($ROLLBACKS runs)"
@@ -128,14 +138,14 @@ min_requests = 20
 [[analysis.metric]]
 name = "error_rate"
 max = 0.05'
-wrk -t1 -c4 -d"$(( ROLLBACKS * 30 ))s" "http://127.0.0.2:$LISTEN/" >/dev/null 2>&1 &
+wrk -t1 -c4 -d"$(( ROLLBACKS * 30 ))s" "http://127.0.0.2:${PORT[off]}/" >/dev/null 2>&1 &
 LOADPID=$!
 pids+=($LOADPID)
 printf '%-6s %22s %22s %s\n' "run" "first bad -> decided" "first bad -> done" "reason"
 for i in $(seq 1 "$ROLLBACKS"); do
-  plan "4.0.$i" "error_rate=0.5" 'shadow = { duration = "1m", share = 100, methods = ["GET"] }' "$ANALYSIS"
-  DEP=$("$BIN/cutover" deploy "$WORK/4.0.$i.toml" --wait 2>/dev/null | head -1 || true)
-  "$BIN/cutover" show "$DEP" --output json | python3 -c '
+  plan off "4.0.$i" "error_rate=0.5" 'shadow = { duration = "1m", share = 100, methods = ["GET"] }' "$ANALYSIS"
+  dep=$("$BIN/cutover" deploy "$WORK/off-4.0.$i.toml" --wait 2>/dev/null | head -1 || true)
+  "$BIN/cutover" show "$dep" --output json | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 started = next(e for e in d["timeline"] if e["event"] == "rollback_started")

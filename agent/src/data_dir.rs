@@ -58,6 +58,12 @@ pub fn logs(data: &Path) -> PathBuf {
     data.join("logs")
 }
 
+/// `logs/deployments/<id>/`: the output of a deployment's hooks and database commands
+/// on this host, a file each, which `cutover logs --deployment` reads.
+pub fn deployment_logs(data: &Path, id: &str) -> PathBuf {
+    logs(data).join("deployments").join(id)
+}
+
 /// `state/`: each service's own writable directory ([`crate::spawn::state_dir`]).
 pub fn state(data: &Path) -> PathBuf {
     data.join("state")

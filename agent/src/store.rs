@@ -17,6 +17,21 @@ const DESIRED: TableDefinition<'static, &'static str, &'static [u8]> =
 const PROCESSES: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("processes");
 
+/// Releases unpacked for a service, keyed `service/directory name`, so that the agent
+/// can report each kept release's whole version and sha256 (the directory name carries
+/// a file-safe version and a digest prefix only).
+const RELEASES: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("releases");
+
+/// A release directory as recorded when a slot prepared it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReleaseRecord {
+    /// The plan's `[release] version`.
+    pub version: String,
+    /// The artifact's sha256, lowercase hex.
+    pub sha256: String,
+}
+
 /// A slot process as recorded when it started.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessRecord {
@@ -120,6 +135,7 @@ impl Store {
         s.write(|w| {
             w.open_table(DESIRED)?;
             w.open_table(PROCESSES)?;
+            w.open_table(RELEASES)?;
             Ok(())
         })?;
         Ok(s)
@@ -183,6 +199,65 @@ impl Store {
         })
     }
 
+    /// Forgets a service's desired state (`service remove`).
+    pub fn remove_desired(&self, service: &str) -> Result<(), Error> {
+        self.write(|w| {
+            w.open_table(DESIRED)?.remove(service)?;
+            Ok(())
+        })
+    }
+
+    /// Records what the release directory `dir` of `service` holds.
+    pub fn put_release(&self, service: &str, dir: &str, r: &ReleaseRecord) -> Result<(), Error> {
+        let v = serde_json::to_vec(r).unwrap_or_default();
+        let key = format!("{service}/{dir}");
+        self.write(|w| {
+            w.open_table(RELEASES)?.insert(key.as_str(), v.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The recorded release directories of `service`, by directory name.
+    pub fn releases(
+        &self,
+        service: &str,
+    ) -> Result<std::collections::BTreeMap<String, ReleaseRecord>, Error> {
+        let r = self.db()?.begin_read()?;
+        let t = r.open_table(RELEASES)?;
+        let prefix = format!("{service}/");
+        let mut out = std::collections::BTreeMap::new();
+        for item in t.range(prefix.as_str()..)? {
+            let (k, v) = item?;
+            let Some(dir) = k.value().strip_prefix(&prefix) else {
+                break;
+            };
+            if let Ok(rec) = serde_json::from_slice(v.value()) {
+                out.insert(dir.to_string(), rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets the release records of `service` whose directories are not in `keep`.
+    pub fn prune_releases(&self, service: &str, keep: &[String]) -> Result<(), Error> {
+        let gone: Vec<String> = self
+            .releases(service)?
+            .into_keys()
+            .filter(|d| !keep.contains(d))
+            .map(|d| format!("{service}/{d}"))
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.write(|w| {
+            let mut t = w.open_table(RELEASES)?;
+            for k in &gone {
+                t.remove(k.as_str())?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn put_process(&self, p: &ProcessRecord) -> Result<(), Error> {
         let v = serde_json::to_vec(p).unwrap_or_default();
         self.write(|w| {
@@ -232,6 +307,30 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_records_are_kept_per_service_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("a.redb")).unwrap();
+        let rec = |v: &str| ReleaseRecord {
+            version: v.into(),
+            sha256: "ab".repeat(32),
+        };
+        s.put_release("web", "1.0-abababababab", &rec("1.0"))
+            .unwrap();
+        s.put_release("web", "2.0-abababababab", &rec("2.0"))
+            .unwrap();
+        s.put_release("webx", "9-abababababab", &rec("9")).unwrap();
+        let web = s.releases("web").unwrap();
+        assert_eq!(
+            web.keys().collect::<Vec<_>>(),
+            ["1.0-abababababab", "2.0-abababababab"]
+        );
+        s.prune_releases("web", &["2.0-abababababab".into()])
+            .unwrap();
+        assert_eq!(s.releases("web").unwrap().len(), 1);
+        assert_eq!(s.releases("webx").unwrap()["9-abababababab"], rec("9"));
+    }
 
     #[test]
     fn desired_survives_reopen() {

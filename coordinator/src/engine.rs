@@ -19,10 +19,17 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::model::{DeploymentRecord, ServiceRecord};
+use crate::preview;
+use crate::prometheus::Pollers;
 use crate::rollout::{self, Command, HostView, Order};
 use crate::store::{Batch, Store};
 use crate::timeline::{Event, Kind};
 use crate::webhooks::Webhooks;
+
+mod day_two;
+
+pub use day_two::{ServiceAction, ServiceDone};
+use day_two::{refuse_if_stopped, tombstones};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,11 +63,27 @@ enum Request {
         actor: String,
         reply: oneshot::Sender<Result<Created, Error>>,
     },
+    RollbackTo {
+        service: String,
+        version: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Created, Error>>,
+    },
+    DryRun {
+        plan: Box<Plan>,
+        reply: oneshot::Sender<Result<preview::DryRun, Error>>,
+    },
     Command {
         id: String,
         command: Command,
         actor: String,
         reply: oneshot::Sender<Result<DeploymentRecord, Error>>,
+    },
+    Service {
+        service: String,
+        action: ServiceAction,
+        actor: String,
+        reply: oneshot::Sender<Result<ServiceDone, Error>>,
     },
 }
 
@@ -71,6 +94,47 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// What deploying `plan` would do; nothing is written or sent.
+    pub async fn dry_run(&self, plan: Plan) -> Result<preview::DryRun, Error> {
+        self.call(|reply| Request::DryRun {
+            plan: Box::new(plan),
+            reply,
+        })
+        .await
+    }
+
+    /// `cutover rollback SERVICE --to VERSION`.
+    pub async fn rollback_to(
+        &self,
+        service: String,
+        version: String,
+        actor: String,
+    ) -> Result<Created, Error> {
+        self.call(|reply| Request::RollbackTo {
+            service,
+            version,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// `cutover service restart|stop|start|remove SERVICE`.
+    pub async fn service(
+        &self,
+        service: String,
+        action: ServiceAction,
+        actor: String,
+    ) -> Result<ServiceDone, Error> {
+        self.call(|reply| Request::Service {
+            service,
+            action,
+            actor,
+            reply,
+        })
+        .await
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Request,
@@ -83,7 +147,7 @@ impl Handle {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    /// `actor` says who asked (the CLI sends `user@host`), for the timeline.
+    /// `actor` is who asked (the name of the certificate that called), for the timeline.
     pub async fn deploy(&self, plan: Plan, path: String, actor: String) -> Result<Created, Error> {
         self.call(|reply| Request::Deploy {
             plan: Box::new(plan),
@@ -139,6 +203,13 @@ pub struct Engine {
     hooks: Webhooks,
     /// Duration histograms fed from committed events.
     metrics: Arc<Metrics>,
+    /// The Prometheus queries of deployments' `source = "prometheus"` metrics, run off
+    /// this loop; their latest results go into each decision.
+    prometheus: Pollers,
+    /// Services each host was told to forget (host, service), with when (unix ms): the
+    /// tombstone is kept, and resent on every reconnect, until a report made after it
+    /// no longer lists the service.
+    removing: BTreeMap<(String, String), u64>,
 }
 
 /// A deployment in progress.
@@ -161,6 +232,8 @@ struct Change {
     service: Option<ServiceRecord>,
     /// Each host's new desired state (for the service it names; generation unset).
     targets: BTreeMap<String, DesiredService>,
+    /// A service whose record goes (`service remove`, a first release that failed).
+    forget: Option<String>,
 }
 
 /// Where a deployment's plan comes from.
@@ -169,6 +242,10 @@ enum Origin {
     File(String),
     /// `cutover rollback`: the previous release's plan.
     Rollback,
+    /// `cutover service restart`: the live plan again, in the idle slots.
+    Restart,
+    /// `cutover rollback --to`: the plan an earlier release was deployed with.
+    RollbackTo(String),
 }
 
 /// What the hosts of one deployment were sent and report, read for one decision.
@@ -209,6 +286,11 @@ impl Engine {
             };
             active.insert(id, a);
         }
+        let started_ms = now_ms();
+        let removing = tombstones(&store)?
+            .into_iter()
+            .map(|key| (key, started_ms))
+            .collect();
         let engine = Engine {
             store,
             fleet,
@@ -216,9 +298,11 @@ impl Engine {
             active,
             desired: HashMap::new(),
             next_retire_check: 0,
-            started_ms: now_ms(),
+            started_ms,
             hooks,
             metrics,
+            prometheus: Pollers::new(),
+            removing,
         };
         Ok((engine, Handle { tx }))
     }
@@ -234,6 +318,7 @@ impl Engine {
                     None => break,
                 },
                 _ = self.fleet.changed() => {},
+                Some(answer) = self.prometheus.recv() => self.prometheus.record(answer),
                 _ = tick.tick() => {},
             }
             if let Err(e) = self.evaluate() {
@@ -267,6 +352,25 @@ impl Engine {
             } => {
                 let _ = reply.send(self.command(&id, command, &actor));
             }
+            Request::RollbackTo {
+                service,
+                version,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.rollback_to(&service, &version, &actor));
+            }
+            Request::DryRun { plan, reply } => {
+                let _ = reply.send(self.dry_run(&plan));
+            }
+            Request::Service {
+                service,
+                action,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.service_action(&service, action, &actor));
+            }
         }
     }
 
@@ -278,6 +382,7 @@ impl Engine {
                 self.step(&id, None)?;
             }
         }
+        self.confirm_removals()?;
         self.retire_previous()
     }
 
@@ -313,21 +418,48 @@ impl Engine {
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
     }
 
-    /// Creates a deployment of `plan` over the connected hosts it targets.
+    /// Refuses anything that would change a locked service (`cutover lock`), with the
+    /// lock's message, who set it and when.
+    fn refuse_if_locked(&self, service: &str) -> Result<(), Error> {
+        match self.store.lock(service)? {
+            Some(lock) => Err(Error::Refused(lock.refusal())),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates a deployment of `plan` over the connected hosts it targets, unless its
+    /// service is locked or busy.
     fn create(&mut self, plan: Plan, origin: Origin, actor: &str) -> Result<Created, Error> {
-        let mut service = self
+        let service = self
             .store
             .service(&plan.service)?
             .unwrap_or_else(|| ServiceRecord {
                 name: plan.service.clone(),
                 ..Default::default()
             });
+        self.refuse_if_locked(&plan.service)?;
         self.refuse_if_busy(&service)?;
+        refuse_if_stopped(&service)?;
         let hosts = self.target_hosts(&plan)?;
+        self.open(plan, hosts, origin, actor, service)
+    }
+
+    /// Opens a deployment of `plan` over `hosts` (each with its desired state for the
+    /// service) and publishes it.
+    fn open(
+        &mut self,
+        plan: Plan,
+        hosts: BTreeMap<String, Option<DesiredService>>,
+        origin: Origin,
+        actor: &str,
+        mut service: ServiceRecord,
+    ) -> Result<Created, Error> {
         let id = format!("d-{:06}", self.store.next_seq("deployment")?);
-        let (plan_path, is_rollback) = match origin {
-            Origin::File(path) => (path, false),
-            Origin::Rollback => ("(rollback)".to_string(), true),
+        let (plan_path, is_rollback, restart) = match origin {
+            Origin::File(path) => (path, false, false),
+            Origin::Rollback => ("(rollback)".to_string(), true, false),
+            Origin::Restart => ("(restart)".to_string(), false, true),
+            Origin::RollbackTo(v) => (format!("(rollback to {v})"), true, false),
         };
         let submission = rollout::Submission {
             id: id.clone(),
@@ -335,6 +467,7 @@ impl Engine {
             plan,
             plan_path,
             is_rollback,
+            restart,
             actor,
         };
         let decision = rollout::submit(submission, &hosts, now_ms());
@@ -355,6 +488,7 @@ impl Engine {
             deployment: Some((decision.deployment, decision.events)),
             service: Some(service),
             targets: decision.targets,
+            forget: None,
         })?;
         Ok(Created { id, noop })
     }
@@ -408,22 +542,31 @@ impl Engine {
         };
         let now = now_ms();
         let reports = self.reports(&dep)?;
-        let decision = rollout::decide(&dep, &self.views(&reports, now), order, now);
+        let queried = self.prometheus.sync(&dep);
+        let views = self.views(&reports, now);
+        let decision = rollout::decide_with(&dep, &views, order, &queried, now);
         let next = decision.deployment;
         if next == dep && decision.targets.is_empty() && decision.events.is_empty() {
             return Ok(next);
         }
         log_state(&dep, &next);
-        let service = if next.state.is_final() {
+        let mut targets = decision.targets;
+        let mut service = None;
+        let mut forget = None;
+        if next.state.is_final() {
             let svc = self.store.service(&next.service)?.unwrap_or_default();
-            Some(rollout::concluded(svc, &next, now))
-        } else {
-            None
-        };
+            let svc = rollout::concluded(svc, &next, now);
+            if svc.live.is_none() && self.forget_first_release(&next, &mut targets)? {
+                forget = Some(svc.name);
+            } else {
+                service = Some(svc);
+            }
+        }
         self.publish(Change {
             deployment: Some((next.clone(), decision.events)),
             service,
-            targets: decision.targets,
+            targets,
+            forget,
         })?;
         Ok(next)
     }
@@ -476,12 +619,7 @@ impl Engine {
             if !rollout::retiring(&svc, now) {
                 continue;
             }
-            let mut desired = BTreeMap::new();
-            for host in self.store.hosts()? {
-                if let Some(d) = self.desired(&host.name, &svc.name)? {
-                    desired.insert(host.name, d);
-                }
-            }
+            let desired = self.service_desired(&svc.name)?;
             let Some(r) = rollout::retire(&svc, &desired, now) else {
                 continue;
             };
@@ -518,11 +656,21 @@ impl Engine {
         if let Some(svc) = &change.service {
             batch.service(svc);
         }
+        if let Some(name) = &change.forget {
+            batch.remove_service(name);
+        }
         // Write what was decided before acting on it.
         self.store.commit(batch)?;
+        let now = now_ms();
         for (host, t) in sends {
             self.fleet.send_desired(&host, vec![t.clone()]);
-            self.desired.insert((host, t.service.clone()), t);
+            let key = (host, t.service.clone());
+            if t.removed {
+                self.removing.insert(key.clone(), now);
+            } else {
+                self.removing.remove(&key);
+            }
+            self.desired.insert(key, t);
         }
         if let Some((record, events)) = change.deployment {
             self.hooks.send(&record, &events);
@@ -543,7 +691,9 @@ impl Engine {
         a.record = record;
         a.next_event += events.len() as u64;
         a.measure(events, &self.metrics);
-        if !a.record.state.is_final() {
+        if a.record.state.is_final() {
+            self.prometheus.forget(&id);
+        } else {
             self.active.insert(id, a);
         }
     }

@@ -8,19 +8,42 @@ use cutover_proto::v1::SlotPhase;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Counters, MetricResult, Verdict};
+use crate::analysis::{Counters, MetricResult, ScrapeSnapshot, Verdict};
 
 /// Who a client certificate belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Identity {
-    /// The release manager's CLI: may call `Control`.
-    Admin,
+    /// A person with the admin role: may call every `Control` method. Certificates
+    /// recorded before personal credentials existed are the first-start ones, `admin`.
+    Admin {
+        #[serde(default = "first_admin_name")]
+        name: String,
+    },
+    /// A person with the viewer role: may call the read-only `Control` methods.
+    Viewer { name: String },
     /// The agent of one host: speaks on `AgentLink` for that host only.
     Agent { host: String },
     /// An agent certificate that no longer opens anything. It is kept so that its holder
     /// learns why and stops, rather than retrying for ever.
     Revoked { host: String, reason: Revocation },
+    /// A person's certificate revoked by `cutover admin revoke`; kept so that its holder
+    /// is told so, and by whom.
+    RevokedAdmin {
+        name: String,
+        #[serde(default)]
+        by: String,
+        #[serde(default)]
+        at_unix_ms: u64,
+    },
+}
+
+/// The name of the admin credentials the coordinator makes on its first start
+/// (`DATA/admin`).
+pub const FIRST_ADMIN: &str = "admin";
+
+fn first_admin_name() -> String {
+    FIRST_ADMIN.to_string()
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -132,6 +155,10 @@ pub struct ServiceRecord {
     pub active: Option<String>,
     /// When the previous release's slots may be stopped (`keep_previous`).
     pub retire_previous_at_unix_ms: Option<u64>,
+    /// `cutover service stop`: no slot process runs until `service start`, and no
+    /// deployment starts meanwhile.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// Where a deployment stands (the transitions are charted in [`crate::rollout`]).
@@ -314,6 +341,10 @@ pub struct DeploymentRecord {
     /// True for deployments made by `cutover rollback`.
     #[serde(default)]
     pub is_rollback: bool,
+    /// True for deployments made by `cutover service restart`: the live release again,
+    /// in the idle slot; the service's live and previous plans stay as they were.
+    #[serde(default)]
+    pub restart: bool,
     pub state: State,
     /// The state to end in once a rollback has converged, or to go back to after a
     /// pause.
@@ -387,6 +418,8 @@ pub enum PauseCause {
     StepGate,
     /// A host was unreachable for `host_lost_after` and `on_host_lost = "pause"`.
     HostLost,
+    /// `inconclusive_limit` analysis intervals in a row had a metric without data.
+    Inconclusive,
 }
 
 /// A pause in progress.
@@ -432,8 +465,15 @@ pub struct AnalysisState {
     pub interval_started_unix_ms: Option<u64>,
     /// Counters per host at the interval's start: (new slot, old slot).
     pub snapshot: BTreeMap<String, (Counters, Counters)>,
+    /// Each host's scrapes of its slots' own metrics at the interval's start (new slot,
+    /// old slot), for `source = "slot"` metrics.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scrapes: ScrapeSnapshot,
     /// Failing intervals in a row, against `failure_limit`.
     pub consecutive_failures: u32,
+    /// Inconclusive intervals in a row, against `inconclusive_limit`.
+    #[serde(default)]
+    pub consecutive_inconclusive: u32,
     /// When the current run of failing intervals began.
     pub first_failure_unix_ms: Option<u64>,
     /// Conclusive passing intervals in the current step.
@@ -476,8 +516,8 @@ pub struct RollbackTiming {
 mod tests {
     use super::*;
 
-    /// Records written before tokens could pin names and allow labels, and before
-    /// revoked certificates were remembered, still load.
+    /// Records written before tokens could pin names and allow labels, before revoked
+    /// certificates were remembered, and before admins had names, still load.
     #[test]
     fn records_from_before_an_upgrade_still_load() {
         let token: TokenRecord = serde_json::from_str(
@@ -492,6 +532,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(host.previous_fingerprint, None);
+        let admin: Identity = serde_json::from_str(r#"{"role":"admin"}"#).unwrap();
+        assert_eq!(
+            admin,
+            Identity::Admin {
+                name: FIRST_ADMIN.into()
+            }
+        );
         let id: Identity = serde_json::from_str(r#"{"role":"agent","host":"web-1"}"#).unwrap();
         assert_eq!(
             id,

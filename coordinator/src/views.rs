@@ -1,7 +1,7 @@
 //! The JSON views that both the CLI (`--output json`) and the HTTP API print: the hosts
 //! with what they run ([`Host`]), one deployment as `status` shows it ([`Deployment`]),
-//! and how every JSON document cutover writes spells times ([`rfc3339`]) and orders its
-//! keys ([`to_value`]).
+//! a service's deploy lock ([`Lock`]), and how every JSON document cutover writes spells
+//! times ([`rfc3339`]) and orders its keys ([`to_value`]).
 
 use std::collections::BTreeMap;
 
@@ -71,6 +71,34 @@ pub struct Deployment {
     pub rollback: Option<Rollback>,
     /// The analysis intervals kept in the record, oldest first.
     pub intervals: Vec<Interval>,
+    /// The newest of them, each metric with its values, bounds and verdict.
+    pub last_interval: Option<Interval>,
+    /// The service's deploy lock, while it has one: no new deployment until unlocked.
+    pub lock: Option<Lock>,
+}
+
+/// A service's deploy lock (`cutover lock`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Lock {
+    /// The locked service.
+    pub service: String,
+    /// Why it is locked.
+    pub message: String,
+    /// Who locked it: the name of their credentials.
+    pub by: String,
+    /// When it was locked.
+    pub at: Option<String>,
+}
+
+impl From<&pb::ServiceLock> for Lock {
+    fn from(l: &pb::ServiceLock) -> Lock {
+        Lock {
+            service: l.service.clone(),
+            message: l.message.clone(),
+            by: l.by.clone(),
+            at: rfc3339(l.at_unix_ms),
+        }
+    }
 }
 
 /// A target host of a deployment.
@@ -139,6 +167,10 @@ pub struct Metric {
     pub old: Option<f64>,
     /// This metric's own verdict.
     pub verdict: String,
+    /// The bounds it is judged by (`max 0.02, max_vs_baseline 1.5x`).
+    pub threshold: Option<String>,
+    /// Why it failed or was inconclusive.
+    pub why: Option<String>,
 }
 
 impl From<&pb::Deployment> for Deployment {
@@ -159,6 +191,8 @@ impl From<&pb::Deployment> for Deployment {
             hosts: d.hosts.iter().map(DeploymentHost::from).collect(),
             rollback: Rollback::of(d),
             intervals: d.intervals.iter().map(Interval::from).collect(),
+            lock: d.lock.as_ref().map(Lock::from),
+            last_interval: d.intervals.last().map(Interval::from),
         }
     }
 }
@@ -212,6 +246,8 @@ impl From<&pb::AnalysisInterval> for Interval {
                     new: finite(m.new),
                     old: finite(m.old),
                     verdict: m.verdict.clone(),
+                    threshold: opt(&m.threshold),
+                    why: opt(&m.why),
                 })
                 .collect(),
         }
@@ -253,6 +289,8 @@ pub struct HostService {
     pub live_release: Option<String>,
     /// Its two slots.
     pub slots: Slots,
+    /// The service's deploy lock, while it has one.
+    pub lock: Option<Lock>,
 }
 
 /// Both slots of a service on a host.
@@ -292,6 +330,7 @@ impl From<&pb::Host> for Host {
                         blue: Slot::from(s.blue.as_ref()),
                         green: Slot::from(s.green.as_ref()),
                     },
+                    lock: s.lock.as_ref().map(Lock::from),
                 })
                 .collect(),
         }
@@ -361,6 +400,8 @@ mod tests {
                     new: 0.4,
                     old: f64::NAN,
                     verdict: "fail".into(),
+                    threshold: "max 5.00%".into(),
+                    why: "error_rate 40.00% above max 5.00%".into(),
                 }],
                 shadow: false,
             }],
@@ -369,8 +410,23 @@ mod tests {
             rollback_done_unix_ms: 3_750,
             shadow: false,
             shadow_ms: 0,
+            lock: Some(pb::ServiceLock {
+                service: "web".into(),
+                message: "freeze".into(),
+                by: "ana".into(),
+                at_unix_ms: 4_000,
+            }),
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
+        let interval = json!({
+            "step": 0, "traffic": 10, "shadow": false,
+            "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
+            "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
+            "metrics": [{
+                "name": "error_rate", "new": 0.4, "old": null, "verdict": "fail",
+                "threshold": "max 5.00%", "why": "error_rate 40.00% above max 5.00%",
+            }],
+        });
         let expected = json!({
             "id": "d-000007", "service": "web", "release": "2", "previous_release": "1",
             "state": "rolled_back", "step": 0, "steps": 2, "traffic": 0, "shadow": false,
@@ -383,12 +439,9 @@ mod tests {
                 "done_at": "1970-01-01T00:00:03.750Z",
                 "first_bad_unix_ms": 2500, "done_unix_ms": 3750, "seconds_to_restore": 1.25,
             },
-            "intervals": [{
-                "step": 0, "traffic": 10, "shadow": false,
-                "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
-                "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
-                "metrics": [{"name": "error_rate", "new": 0.4, "old": null, "verdict": "fail"}],
-            }],
+            "intervals": [interval.clone()],
+            "last_interval": interval,
+            "lock": {"service": "web", "message": "freeze", "by": "ana", "at": "1970-01-01T00:00:04.000Z"},
         });
         assert_eq!(printed, expected.to_string());
     }
@@ -411,6 +464,7 @@ mod tests {
                     weight: 100,
                 }),
                 green: None,
+                lock: None,
             }],
         };
         let printed = serde_json::to_string(&to_value(&hosts(&[h]))).unwrap();
@@ -422,6 +476,7 @@ mod tests {
                     "blue": {"release": "1", "state": "healthy", "weight": 100},
                     "green": {"release": null, "state": "empty", "weight": 0},
                 },
+                "lock": null,
             }],
         }]);
         assert_eq!(printed, expected.to_string());

@@ -15,8 +15,8 @@ mod validate;
 
 pub use errors::{PlanError, line_col, nearest};
 pub use model::{
-    Analysis, Check, Count, Health, Hook, Hooks, Judge, Metric, MetricName, OnHostLost, Plan,
-    Protocol, Release, Run, Shadow, Step, Strategy, Targets,
+    Analysis, Check, Count, Health, Hook, Hooks, Judge, Measure, Metric, MetricName, OnHostLost,
+    Plan, Protocol, Release, Run, Shadow, SlotMeasure, Source, Step, Strategy, Targets,
 };
 pub use path::PathPart;
 pub use validate::{Invalid, check_artifact_url, check_sha256};
@@ -27,6 +27,10 @@ pub const MAX_PLAN_BYTES: usize = 1024 * 1024;
 
 /// The placeholders `[run] command` and `[run] env` values may hold.
 pub const RUN_VARIABLES: &[&str] = &["PORT"];
+
+/// The placeholders a `source = "prometheus"` metric's `query` and `baseline_query` may
+/// hold; `${HOST}` makes the query run once per host.
+pub const QUERY_VARIABLES: &[&str] = &["SERVICE", "RELEASE", "PREVIOUS_RELEASE", "HOST"];
 
 impl Plan {
     /// Parses and validates plan text; `file` names it in errors.

@@ -6,8 +6,9 @@
 //! By concern: `procs` (binaries, processes, polling), `cluster` (a coordinator and its
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
-//! (one GET), `disk` (small disks), `netns` (network partitions), `verify` (plans with
-//! hooks and a shadow phase).
+//! (one GET), `disk` (small disks), `netns` (network partitions), `people` (personal
+//! credentials and the CLI run with them), `prometheus` (a real Prometheus server
+//! discovering the agents' slots), `verify` (plans with hooks and a shadow phase).
 
 mod cluster;
 mod deploy;
@@ -15,8 +16,10 @@ mod disk;
 mod http;
 mod load;
 pub mod netns;
+mod people;
 mod plan;
 mod procs;
+mod prometheus;
 mod verify;
 
 pub use cluster::{Agent, Cluster};
@@ -25,5 +28,6 @@ pub use http::get;
 pub use load::{Load, LoadReport};
 pub use plan::{ANALYSIS_ERRORS, Artifact, PlanBuilder, SAMPLE_COMMAND};
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
+pub use prometheus::{AGENT_HTTP_PORT, Prometheus, fifteen_metrics};
 pub use serde_json::Value;
 pub use verify::process_runs;

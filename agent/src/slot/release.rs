@@ -1,16 +1,19 @@
 //! A slot's release on disk: `releases/<service>/<version>-<sha256 prefix>`, unpacked
 //! once from an artifact whose signature (when keys are trusted) and sha256 matched,
-//! touched whenever a slot uses it again, and pruned to the newest few per service.
+//! touched whenever a slot uses it again, and pruned to the newest few per service. The
+//! store records each directory's whole version and sha256, so that the releases kept
+//! can be reported ([`kept`]).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use cutover_proto::v1::SlotPhase;
+use cutover_proto::v1::{KeptRelease, SlotPhase};
 use tokio::time::Instant;
 
 use super::SlotCtx;
 use crate::artifact;
 use crate::data_dir;
+use crate::store::{ReleaseRecord, Store};
 
 /// Release directories kept per service (the one in use is never removed).
 pub const KEEP: usize = 5;
@@ -44,6 +47,7 @@ pub async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
     if dir.is_dir() {
         // Touch it so that pruning keeps recently used releases.
         let _ = std::fs::File::open(&dir).and_then(|f| f.set_modified(SystemTime::now()));
+        record(ctx, &dir, &rel.version, &rel.sha256);
         return Ok(dir);
     }
     ctx.phase(SlotPhase::Fetching, "");
@@ -72,20 +76,78 @@ pub async fn prepare(ctx: &SlotCtx) -> Result<PathBuf, String> {
     drop(download);
     let unpack_ms = unpack_started.elapsed().as_millis() as u64;
     ctx.set(|s| s.unpack_ms = unpack_ms);
-    unpacked.map(|()| dir)
+    unpacked?;
+    record(ctx, &dir, &rel.version, &rel.sha256);
+    Ok(dir)
+}
+
+/// Records what release directory `dir` holds, and forgets the records of directories
+/// pruned since.
+fn record(ctx: &SlotCtx, dir: &Path, version: &str, sha256: &str) {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let rec = ReleaseRecord {
+        version: version.to_string(),
+        sha256: sha256.to_ascii_lowercase(),
+    };
+    let on_disk: Vec<String> = release_dirs(&ctx.data_dir, &ctx.service)
+        .into_iter()
+        .filter_map(|(_, d)| Some(d.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    let done = ctx
+        .store
+        .put_release(&ctx.service, &name, &rec)
+        .and_then(|()| ctx.store.prune_releases(&ctx.service, &on_disk));
+    if let Err(e) = done {
+        tracing::warn!(service = ctx.service, error = %e, "record release directory");
+    }
+}
+
+/// The releases of `service` on disk, most recently used first: version and sha256 as
+/// recorded, or as the directory's name says for one unpacked before records were kept.
+pub fn kept(data: &Path, service: &str, store: &Store) -> Vec<KeptRelease> {
+    let records = store.releases(service).unwrap_or_default();
+    let mut dirs = release_dirs(data, service);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
+    dirs.into_iter()
+        .filter_map(|(used, dir)| {
+            let name = dir.file_name()?.to_string_lossy().into_owned();
+            let (version, sha256) = match records.get(&name) {
+                Some(r) => (r.version.clone(), r.sha256.clone()),
+                None => {
+                    let (v, sha) = name.rsplit_once('-')?;
+                    (v.to_string(), sha.to_string())
+                }
+            };
+            let used_unix_ms = used
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Some(KeptRelease {
+                version,
+                sha256,
+                used_unix_ms,
+            })
+        })
+        .collect()
+}
+
+/// The release directories of `service` (hidden work directories left out), with when
+/// each was last used.
+fn release_dirs(data: &Path, service: &str) -> Vec<(SystemTime, PathBuf)> {
+    let root = data_dir::releases(data).join(service);
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    rd.filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect()
 }
 
 /// Keeps the newest `keep` release directories of a service, never removing `in_use`.
 pub fn prune(data: &Path, service: &str, keep: usize, in_use: &[PathBuf]) {
-    let root = data_dir::releases(data).join(service);
-    let Ok(rd) = std::fs::read_dir(&root) else {
-        return;
-    };
-    let mut dirs: Vec<(SystemTime, PathBuf)> = rd
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
+    let mut dirs = release_dirs(data, service);
     dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
     for (_, d) in dirs.into_iter().skip(keep) {
         if !in_use.contains(&d) {
@@ -117,6 +179,39 @@ mod tests {
     fn release_dirs_are_named_by_version_and_digest_prefix() {
         let d = release_dir(Path::new("/data"), "web", "1.2.0+b/7 x", &"ab".repeat(32));
         assert_eq!(d, Path::new("/data/releases/web/1.2.0+b_7_x-abababababab"));
+    }
+
+    #[test]
+    fn kept_releases_are_named_as_recorded_newest_used_first() {
+        let data = tempfile::tempdir().unwrap();
+        let store = Store::open(&data.path().join("agent.redb")).unwrap();
+        let sha = "ab".repeat(32);
+        let recorded = release_dir(data.path(), "web", "2.0+b/1", &sha);
+        let older = data_dir::releases(data.path()).join("web/1.0-cdcdcdcdcdcd");
+        for (i, d) in [&older, &recorded].into_iter().enumerate() {
+            std::fs::create_dir_all(d).unwrap();
+            let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + i as u64);
+            std::fs::File::open(d).unwrap().set_modified(at).unwrap();
+        }
+        std::fs::create_dir_all(data_dir::releases(data.path()).join("web/.unpack-1")).unwrap();
+        let name = recorded.file_name().unwrap().to_string_lossy().into_owned();
+        let rec = ReleaseRecord {
+            version: "2.0+b/1".into(),
+            sha256: sha.clone(),
+        };
+        store.put_release("web", &name, &rec).unwrap();
+        let web: Vec<(String, String, u64)> = kept(data.path(), "web", &store)
+            .into_iter()
+            .map(|k| (k.version, k.sha256, k.used_unix_ms))
+            .collect();
+        assert_eq!(
+            web,
+            [
+                ("2.0+b/1".to_string(), sha, 1_001_000),
+                ("1.0".to_string(), "cdcdcdcdcdcd".to_string(), 1_000_000)
+            ]
+        );
+        assert!(kept(data.path(), "api", &store).is_empty());
     }
 
     #[test]

@@ -14,14 +14,7 @@ fn counters(requests: u64, errors: u64, buckets: [u64; 5]) -> Counters {
 }
 
 fn metric(name: MetricName) -> Metric {
-    Metric {
-        name,
-        max: None,
-        min: None,
-        max_vs_baseline: None,
-        judge: None,
-        confidence: None,
-    }
+    Metric::proxy(name)
 }
 
 fn analysis(metrics: Vec<Metric>) -> Analysis {
@@ -29,6 +22,9 @@ fn analysis(metrics: Vec<Metric>) -> Analysis {
         interval: cutover_shared::Duration::from_secs(10),
         failure_limit: 2,
         min_requests: 50,
+        inconclusive_limit: 3,
+        scrape: None,
+        prometheus: None,
         metric: metrics,
     }
 }
@@ -219,6 +215,7 @@ fn status_match_is_judged_on_shadow_traffic_only() {
         old: counters(1000, 0, [1000, 0, 0, 0, 0]),
         seconds: 10.0,
         shadow: true,
+        ..Sample::default()
     };
     let (verdict, metrics) = judge(&a, &shadow);
     assert_eq!(

@@ -8,9 +8,9 @@ use cutover_proto::v1::{self as pb, DeploymentCommand};
 use cutover_shared::plan::Plan;
 use serde_json::json;
 
-use super::conn::{Client, actor};
+use super::conn::Client;
 use super::plan::{Overrides, load_plan};
-use super::{Conn, Failure, Output, Result, follow};
+use super::{Conn, Failure, Output, Result, dry_run, follow};
 use crate::cli::out::print_json;
 use crate::{errln, outln, views};
 
@@ -30,8 +30,12 @@ pub struct DeployArgs {
     sha256: Option<String>,
     /// Follow progress on stderr until the deployment ends; the exit code says how
     /// it ended.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     wait: bool,
+    /// Show what the deployment would do (hosts, slots, the diff against the live
+    /// release, steps) and change nothing; also `cutover plan diff PLAN`.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// `cutover deploy PLAN`: prints the new deployment's id on the first stdout line.
@@ -42,6 +46,9 @@ pub async fn deploy(conn: &Conn, args: DeployArgs, output: Output) -> Result<i32
         sha256: args.sha256,
     };
     let plan = load_plan(&args.plan, overrides)?;
+    if args.dry_run {
+        return dry_run::run(conn, &plan, &args.plan, output).await;
+    }
     let mut client = conn.client().await?;
     let resp = client
         .deploy(deploy_request(&plan, &args.plan)?)
@@ -54,28 +61,40 @@ pub async fn deploy(conn: &Conn, args: DeployArgs, output: Output) -> Result<i32
 fn deploy_request(plan: &Plan, path: &Path) -> Result<pb::DeployRequest> {
     let text = toml::to_string(plan).map_err(|e| Failure::other(format!("encode plan: {e}")))?;
     Ok(pb::DeployRequest {
-        actor: actor(),
         plan_toml: text,
         plan_path: path.display().to_string(),
+        ..Default::default()
     })
 }
 
-/// `cutover rollback SERVICE`.
-pub async fn rollback(conn: &Conn, service: String, wait: bool, output: Output) -> Result<i32> {
+/// `cutover rollback SERVICE [--to VERSION]`.
+pub async fn rollback(
+    conn: &Conn,
+    service: String,
+    to: Option<String>,
+    wait: bool,
+    output: Output,
+) -> Result<i32> {
     let mut client = conn.client().await?;
-    let resp = client
-        .rollback(pb::RollbackRequest {
-            service,
-            actor: actor(),
-        })
-        .await?
-        .into_inner();
+    let resp = match to {
+        Some(version) => client
+            .rollback_to(pb::RollbackToRequest { service, version })
+            .await?
+            .into_inner(),
+        None => client
+            .rollback(pb::RollbackRequest {
+                service,
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    };
     follow_up(&mut client, resp, wait, output).await
 }
 
 /// After `deploy` or `rollback`: the id (or, with `--output json` and no `--wait`, the
 /// id and whether it was a no-op), then with `--wait` the deployment followed to its end.
-async fn follow_up(
+pub(super) async fn follow_up(
     client: &mut Client,
     resp: pb::DeployResponse,
     wait: bool,
@@ -109,9 +128,9 @@ pub async fn command(
     let mut client = conn.client().await?;
     let d = client
         .command(pb::CommandRequest {
-            actor: actor(),
             id,
             command: cmd as i32,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -152,6 +171,14 @@ fn print_status(d: &pb::Deployment) {
     outln!("traffic:   {}%", d.traffic);
     if !d.reason.is_empty() {
         outln!("reason:    {}", d.reason);
+    }
+    if let Some(l) = &d.lock {
+        outln!(
+            "locked:    by {} since {}: {}",
+            l.by,
+            views::rfc3339(l.at_unix_ms).unwrap_or_default(),
+            l.message
+        );
     }
     outln!("hosts:");
     for h in &d.hosts {

@@ -89,6 +89,8 @@ fn history_rows(rows: &[HistoryRow]) -> Vec<[String; 7]> {
     for d in rows {
         let state = if d.rollback {
             format!("{} (rollback)", d.state.as_str())
+        } else if d.restart {
+            format!("{} (restart)", d.state.as_str())
         } else {
             d.state.as_str().to_string()
         };
@@ -154,6 +156,13 @@ fn print_show(v: &Show) {
     );
     for e in &v.timeline {
         outln!("  {:>8}  {}", format!("+{:.1}s", e.offset_s), e.text);
+    }
+    let Some(plan) = &v.plan else { return };
+    outln!();
+    outln!("plan ({}, secret values masked):", v.plan_path);
+    match toml::to_string(plan) {
+        Ok(text) => text.lines().for_each(|l| outln!("  {l}")),
+        Err(e) => outln!("  (cannot be shown: {e})"),
     }
 }
 

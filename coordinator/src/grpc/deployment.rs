@@ -3,7 +3,7 @@
 
 use cutover_proto::v1 as pb;
 
-use crate::analysis::{Verdict, metric_name};
+use crate::analysis::{Verdict, threshold};
 use crate::model::{DeploymentRecord, IntervalRecord, ShadowPhase};
 
 /// The deployment record in protocol form.
@@ -30,7 +30,12 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
         ended_unix_ms: d.ended_unix_ms.unwrap_or(0),
         previous_release: d.previous_release.clone().unwrap_or_default(),
         steps: d.plan.strategy.steps.len() as u32,
-        intervals: d.analysis.intervals.iter().map(interval_to_pb).collect(),
+        intervals: d
+            .analysis
+            .intervals
+            .iter()
+            .map(|i| interval_to_pb(d, i))
+            .collect(),
         first_bad_unix_ms: d.rollback.as_ref().map_or(0, |r| r.first_bad_unix_ms),
         rollback_decided_unix_ms: d.rollback.as_ref().map_or(0, |r| r.decided_unix_ms),
         rollback_done_unix_ms: d
@@ -45,12 +50,23 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
             .shadow
             .as_ref()
             .map_or(0, |s| s.duration.as_millis()),
+        // The service's, not the record's: the caller adds it (see `Control`).
+        lock: None,
     }
 }
 
 /// One analysis interval: its traffic, requests, verdict and each metric's figures (NaN
 /// for no figure: the protocol's doubles have no "none").
-fn interval_to_pb(i: &IntervalRecord) -> pb::AnalysisInterval {
+fn interval_to_pb(d: &DeploymentRecord, i: &IntervalRecord) -> pb::AnalysisInterval {
+    let bounds = |name: &str| {
+        d.plan
+            .analysis
+            .iter()
+            .flat_map(|a| &a.metric)
+            .find(|m| m.name == name)
+            .map(threshold)
+            .unwrap_or_default()
+    };
     let (verdict, why) = verdict_parts(&i.verdict);
     pb::AnalysisInterval {
         step: i.step,
@@ -64,11 +80,16 @@ fn interval_to_pb(i: &IntervalRecord) -> pb::AnalysisInterval {
         metrics: i
             .metrics
             .iter()
-            .map(|m| pb::MetricValue {
-                name: metric_name(m.name).into(),
-                new: m.new.unwrap_or(f64::NAN),
-                old: m.old.unwrap_or(f64::NAN),
-                verdict: verdict_parts(&m.verdict).0.into(),
+            .map(|m| {
+                let (verdict, why) = verdict_parts(&m.verdict);
+                pb::MetricValue {
+                    name: m.name.clone(),
+                    new: m.new.unwrap_or(f64::NAN),
+                    old: m.old.unwrap_or(f64::NAN),
+                    verdict: verdict.into(),
+                    threshold: bounds(&m.name),
+                    why,
+                }
             })
             .collect(),
         shadow: i.shadow,

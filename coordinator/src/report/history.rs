@@ -21,6 +21,9 @@ pub struct HistoryRow {
     pub state: State,
     /// Made by `cutover rollback` rather than `deploy`.
     pub rollback: bool,
+    /// Made by `cutover service restart`: the live release started anew.
+    #[serde(default)]
+    pub restart: bool,
     /// When it was submitted.
     pub created_at: Option<String>,
     /// When it ended; none while it runs.
@@ -59,6 +62,7 @@ fn row(d: &DeploymentRecord) -> HistoryRow {
         previous_release: d.previous_release.clone(),
         state: d.state,
         rollback: d.is_rollback,
+        restart: d.restart,
         created_at: rfc3339(d.created_unix_ms),
         ended_at: d.ended_unix_ms.and_then(rfc3339),
         duration_s: d

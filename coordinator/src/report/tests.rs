@@ -8,7 +8,7 @@ use crate::analysis::{MetricResult, Verdict};
 use crate::model::{DeployHost, IntervalRecord, RollbackTiming, Slot};
 use crate::model::{HostPhase, State};
 use crate::timeline::{Event, Kind};
-use cutover_shared::plan::{MetricName, Plan};
+use cutover_shared::plan::Plan;
 
 const DAY: u64 = 86_400_000;
 
@@ -50,6 +50,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         plan_path: "p.toml".into(),
         previous_release: None,
         is_rollback: false,
+        restart: false,
         state,
         ending: None,
         step: 1,
@@ -569,13 +570,13 @@ fn a_finished_deployment_is_not_holding() {
 #[test]
 fn latency_figures_carry_their_unit() {
     let latency = MetricResult {
-        name: MetricName::LatencyP99,
+        name: "latency_p99".into(),
         new: Some(212.0),
         old: Some(180.5),
         verdict: Verdict::Pass,
     };
     let errors = MetricResult {
-        name: MetricName::ErrorRate,
+        name: "error_rate".into(),
         new: Some(0.031),
         old: None,
         verdict: Verdict::Pass,
@@ -679,7 +680,7 @@ fn rolled_back_story() -> Show {
     d.previous_release = Some("1".into());
     d.reason = Some("analysis failed".into());
     let errors = MetricResult {
-        name: MetricName::ErrorRate,
+        name: "error_rate".into(),
         new: Some(0.4),
         old: None,
         verdict: Verdict::Fail("above max".into()),
@@ -757,6 +758,8 @@ fn show_keeps_the_field_names_its_readers_use() {
             "id",
             "last_interval",
             "phase_elapsed_s",
+            "plan",
+            "plan_path",
             "previous_release",
             "reason",
             "release",
@@ -790,7 +793,7 @@ fn show_keeps_the_field_names_its_readers_use() {
     );
     assert_eq!(
         keys(&v["last_interval"]["metrics"][0]),
-        ["name", "new", "old", "text", "unit"]
+        ["name", "new", "old", "text", "threshold", "unit", "verdict"]
     );
     assert_eq!(
         keys(&v["typical"]),
@@ -841,6 +844,7 @@ fn history_rows_keep_the_field_names_their_readers_use() {
             "previous_release",
             "reason",
             "release",
+            "restart",
             "rollback",
             "service",
             "state"
@@ -1010,4 +1014,26 @@ fn the_shadow_phase_counts_in_typical_times_the_eta_and_where_a_release_failed()
     ];
     assert_eq!(failure::failure_phase(&failed, &events), "shadow");
     assert!(!failure::carried_traffic(&events));
+}
+
+/// `show` carries the plan that was deployed, with the values of its secret variables
+/// masked wherever they appear.
+#[test]
+fn show_includes_the_plan_with_secret_values_masked() {
+    let mut d = dep("d-1", "1", DAY, 10, State::Succeeded);
+    d.plan
+        .run
+        .env
+        .insert("DATABASE_URL".into(), "postgres://app:hunter22@db".into());
+    d.plan.run.env.insert("WORKERS".into(), "4".into());
+    d.plan.run.secret_env = vec!["DATABASE_URL".into()];
+    d.plan.run.command.push("postgres://app:hunter22@db".into());
+    let shown = show(&d, &[], &Typical::default(), 2 * DAY);
+    assert_eq!(shown.plan_path, "p.toml");
+    let plan = shown.plan.as_ref().unwrap();
+    assert_eq!(plan.run.env["DATABASE_URL"], "********");
+    assert_eq!(plan.run.env["WORKERS"], "4");
+    let text = sent(&shown);
+    assert!(!text.contains("hunter22"), "{text}");
+    assert!(text.contains("\"secret_env\":[\"DATABASE_URL\"]"), "{text}");
 }

@@ -35,6 +35,8 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             env: plan.run.env.clone().into_iter().collect(),
             stop_timeout_ms: plan.run.stop_timeout.as_millis(),
             user: plan.run.user.clone().unwrap_or_default(),
+            env_files: plan.run.env_files.clone(),
+            secret_env: plan.run.secret_env.clone(),
         }),
         health: Some(HealthSpec {
             check,
@@ -115,8 +117,10 @@ pub fn target(
     }
     let plan = &dep.plan;
     let mut d = current.cloned().unwrap_or_default();
-    // The engine assigns generations; targets compare without them.
+    // The engine assigns generations; targets compare without them. A deployment
+    // brings back a service its host was told to forget.
     d.generation = 0;
+    d.removed = false;
     d.service = dep.service.clone();
     d.listen = u32::from(plan.run.listen);
     d.protocol = match plan.run.protocol {
@@ -129,6 +133,11 @@ pub fn target(
     d.previous_release = dep.previous_release.clone().unwrap_or_default();
     d.host = name.to_string();
     d.shadow = mirror(dep, host);
+    let (metrics_path, scrape) = super::scrape_spec(plan);
+    d.metrics_path = metrics_path;
+    // Slots are scraped only while there is an interval to judge.
+    let judging = !dep.state.is_final() && dep.state != State::RollingBack;
+    d.scrape = scrape.filter(|_| judging);
     let new = host.new_slot;
     let has_old = host.old_slot.is_some();
     let (spec, new_weight) = match host.phase {

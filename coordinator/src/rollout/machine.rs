@@ -9,6 +9,7 @@ use cutover_proto::v1::SlotStatus;
 use super::HostView;
 use super::desired::target;
 use super::effects::Effects;
+use crate::analysis::Queried;
 use crate::model::{DeployHost, DeploymentRecord, State};
 use crate::timeline::Event;
 
@@ -36,12 +37,24 @@ pub(super) struct Machine<'v, 'a> {
     pub now: u64,
     /// The timeline events the transitions made.
     pub fx: Effects,
+    /// The latest result of each Prometheus query the plan's metrics make, gathered by
+    /// the engine off the decision loop.
+    pub queried: &'v Queried,
 }
+
+/// No query results, for decisions that have none to hand.
+pub(super) static NO_QUERIES: Queried = Queried::new();
 
 impl<'v, 'a> Machine<'v, 'a> {
     pub fn new(d: DeploymentRecord, views: &'v BTreeMap<String, HostView<'a>>, now: u64) -> Self {
         let fx = Effects::new(d.state, now);
-        Machine { d, views, now, fx }
+        Machine {
+            d,
+            views,
+            now,
+            fx,
+            queried: &NO_QUERIES,
+        }
     }
 
     /// The record decided and the events that say what happened.

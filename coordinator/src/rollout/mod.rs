@@ -33,14 +33,17 @@ use std::collections::BTreeMap;
 
 use cutover_proto::v1::{DesiredService, ObservedService};
 
+use crate::analysis::Queried;
 use crate::model::DeploymentRecord;
 use crate::timeline::Event;
 
+mod business;
 mod command;
 mod desired;
 mod effects;
 mod hold;
 mod interval;
+mod lifecycle;
 mod lost;
 mod machine;
 mod pause;
@@ -53,8 +56,10 @@ mod submit;
 mod verify;
 mod watch;
 
-pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
-pub use submit::{Submission, submit};
+pub use business::scrape_spec;
+pub use lifecycle::{forget_if_empty, removal, restart_plan, stopping, tombstone};
+pub use service::{Retirement, concluded, retire, retiring, rollback_plan, rollback_to_plan};
+pub use submit::{Submission, plan_hosts, submit};
 
 use machine::Machine;
 
@@ -101,7 +106,7 @@ impl Command {
 pub struct Order<'a> {
     /// What to do.
     pub command: Command,
-    /// Who gave it (the CLI sends `user@host`), for the timeline.
+    /// Who gave it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
 }
 
@@ -124,7 +129,20 @@ pub fn decide(
     order: Option<Order<'_>>,
     now: u64,
 ) -> Decision {
+    decide_with(dep, views, order, &machine::NO_QUERIES, now)
+}
+
+/// [`decide`], with the latest result of each Prometheus query the plan's metrics make
+/// (which the engine gathers off the decision loop, so that deciding stays pure).
+pub fn decide_with(
+    dep: &DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+    order: Option<Order<'_>>,
+    queried: &Queried,
+    now: u64,
+) -> Decision {
     let mut m = Machine::new(dep.clone(), views, now);
+    m.queried = queried;
     if !m.d.state.is_final() {
         m.report_progress();
         if let Some(order) = order {

@@ -33,6 +33,10 @@ impl Machine<'_, '_> {
                 match p.cause {
                     PauseCause::StepGate => d.gate_passed = true,
                     PauseCause::HostLost => d.reason = None,
+                    PauseCause::Inconclusive => {
+                        d.reason = None;
+                        d.analysis.consecutive_inconclusive = 0;
+                    }
                     PauseCause::Operator => {}
                 }
             }

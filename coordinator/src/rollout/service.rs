@@ -27,15 +27,40 @@ pub fn rollback_plan(mut previous: Plan) -> Plan {
     previous
 }
 
+/// The plan `cutover rollback --to VERSION` deploys: the one the last successful
+/// deployment of VERSION of `service` made live (not a restart's), as it was — the same
+/// steps, holds and analysis as any deployment.
+pub fn rollback_to_plan(
+    records: &[DeploymentRecord],
+    service: &str,
+    version: &str,
+) -> Option<Plan> {
+    records
+        .iter()
+        .filter(|d| {
+            d.service == service
+                && d.release == version
+                && d.state == State::Succeeded
+                && !d.restart
+        })
+        .max_by_key(|d| (d.created_unix_ms, d.id.clone()))
+        .map(|d| d.plan.clone())
+}
+
 /// The service's record once deployment `d` ended at `now`: no deployment in progress;
 /// after a success the deployed plan is live, the one it replaced is kept for
-/// `cutover rollback`, and its slots retire after the plan's `keep_previous`.
+/// `cutover rollback`, and its slots retire after the plan's `keep_previous` (at once
+/// after a restart, which leaves live and previous as they were).
 pub fn concluded(mut svc: ServiceRecord, d: &DeploymentRecord, now: u64) -> ServiceRecord {
     svc.name.clone_from(&d.service);
     if svc.active.as_deref() == Some(d.id.as_str()) {
         svc.active = None;
     }
-    if d.state == State::Succeeded {
+    if d.state == State::Succeeded && d.restart {
+        // The same release again: live and previous stay; the processes it replaced
+        // (and the warm previous release, whose slot it took) stop now.
+        svc.retire_previous_at_unix_ms = Some(now);
+    } else if d.state == State::Succeeded {
         if let Some(replaced) = svc.live.replace(d.plan.clone()) {
             svc.previous = Some(replaced);
         }
@@ -163,6 +188,34 @@ mod tests {
             retired.insert(host, t);
         }
         assert!(retire(&svc, &retired, at).unwrap().targets.is_empty());
+    }
+
+    #[test]
+    fn rollback_to_deploys_the_plan_a_release_was_last_made_live_with() {
+        let (mut sim, _) = two_releases();
+        let (v3, _) = sim.run(sim.start(&plan("3", SHA1, "")), 20_000, 100, 50);
+        let mut failed = sim.start(&plan("1", SHA2, "bake = \"1m\""));
+        failed.state = State::RolledBack;
+        let records = vec![v3.clone(), failed];
+        assert_eq!(
+            rollback_to_plan(&records, "web", "3"),
+            Some(v3.plan.clone())
+        );
+        assert_eq!(
+            rollback_to_plan(&records, "web", "1"),
+            None,
+            "it never went live"
+        );
+        assert_eq!(rollback_to_plan(&records, "api", "3"), None);
+        let mut restarted = v3.clone();
+        restarted.restart = true;
+        restarted.plan.strategy.bake = Duration::from_secs(7);
+        restarted.created_unix_ms += 1;
+        assert_eq!(
+            rollback_to_plan(&[v3.clone(), restarted], "web", "3"),
+            Some(v3.plan),
+            "a restart's plan is not a release's"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use cutover_shared::plan::Plan;
 
 use super::Decision;
 use super::desired::plan_host;
+use super::lifecycle::plan_restart;
 use crate::model::{DeployHost, DeploymentRecord, State};
 use crate::timeline::{Event, Kind};
 
@@ -23,9 +24,12 @@ pub struct Submission<'a> {
     pub plan_path: String,
     /// Made by `cutover rollback`: the previous release, in one step.
     pub is_rollback: bool,
+    /// Made by `cutover service restart`: every host gets the live release anew in its
+    /// idle slot (see [`super::lifecycle::plan_restart`]).
+    pub restart: bool,
     /// The release live before this one, if any.
     pub previous_release: Option<String>,
-    /// Who submitted it (`user@host`), for the timeline.
+    /// Who submitted it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
 }
 
@@ -36,10 +40,14 @@ pub fn submit(
     hosts: &BTreeMap<String, Option<DesiredService>>,
     now: u64,
 ) -> Decision {
-    let hosts: BTreeMap<String, DeployHost> = hosts
-        .iter()
-        .map(|(name, current)| (name.clone(), plan_host(&s.plan, current.as_ref())))
-        .collect();
+    let hosts: BTreeMap<String, DeployHost> = if s.restart {
+        hosts
+            .iter()
+            .map(|(name, current)| (name.clone(), plan_restart(&s.plan, current.as_ref())))
+            .collect()
+    } else {
+        plan_hosts(&s.plan, hosts)
+    };
     let noop = hosts.values().all(|h| h.untouched);
     let deployment = DeploymentRecord {
         id: s.id,
@@ -48,6 +56,7 @@ pub fn submit(
         plan_path: s.plan_path,
         previous_release: s.previous_release,
         is_rollback: s.is_rollback,
+        restart: s.restart,
         state: if noop {
             State::Succeeded
         } else {
@@ -76,6 +85,18 @@ pub fn submit(
         targets: BTreeMap::new(),
         events,
     }
+}
+
+/// Each host's part in a deployment of `plan`, from its current desired state for the
+/// service: what a deployment would do to it (also what a dry run reports).
+pub fn plan_hosts(
+    plan: &Plan,
+    hosts: &BTreeMap<String, Option<DesiredService>>,
+) -> BTreeMap<String, DeployHost> {
+    hosts
+        .iter()
+        .map(|(name, current)| (name.clone(), plan_host(plan, current.as_ref())))
+        .collect()
 }
 
 /// A new deployment's first events: submitted, and for a no-op its end.
@@ -113,6 +134,7 @@ mod tests {
             plan,
             plan_path: "web.toml".into(),
             is_rollback: false,
+            restart: false,
             previous_release: Some("1".into()),
             actor: "ana@desk",
         }

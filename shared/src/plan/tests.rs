@@ -114,9 +114,9 @@ fn spec_example_parses_every_key() {
     );
     let a = p.analysis.unwrap();
     assert_eq!(a.metric.len(), 3);
-    assert_eq!(a.metric[1].name, MetricName::LatencyP99);
+    assert_eq!(a.metric[1].proxy_name(), Some(MetricName::LatencyP99));
     assert_eq!(a.metric[1].max_vs_baseline, Some(1.5));
-    assert_eq!(a.metric[2].name, MetricName::StatusMatch);
+    assert_eq!(a.metric[2].proxy_name(), Some(MetricName::StatusMatch));
 }
 
 #[test]
@@ -517,8 +517,9 @@ fn type_errors_name_the_key_and_show_an_example() {
         "[[analysis.metric]]\nname = 2",
     ));
     assert!(
-        e.message
-            .starts_with("analysis.metric[0].name must be \"error_rate\", "),
+        e.message.starts_with(
+            "analysis.metric[0].name must be a metric name in quotes, like \"error_rate\""
+        ),
         "{e}"
     );
     let text = spec_example()

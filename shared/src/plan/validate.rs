@@ -7,6 +7,8 @@ use super::RUN_VARIABLES;
 use super::model::{
     Analysis, Count, Health, Metric, MetricName, Plan, Release, Run, Step, Strategy, Targets,
 };
+
+mod sources;
 use super::path::{I, K, PathPart};
 use crate::names::{check_label, check_name};
 use crate::placeholders;
@@ -51,6 +53,7 @@ impl Plan {
         validate_targets(&self.targets)?;
         validate_release(&self.release)?;
         validate_run(&self.run)?;
+        validate_env_sources(&self.run)?;
         validate_health(&self.health)?;
         verify::validate_hooks(&self.hooks)?;
         validate_strategy(&self.strategy)?;
@@ -124,6 +127,32 @@ fn validate_run(run: &Run) -> Result<(), Invalid> {
         && u.trim().is_empty()
     {
         return Err(invalid(&[K("run"), K("user")], "must not be empty"));
+    }
+    Ok(())
+}
+
+/// `[run] env_files` and `secret_env`: absolute paths the agent can read on each host
+/// (no two alike), and secret names that are variable names.
+fn validate_env_sources(run: &Run) -> Result<(), Invalid> {
+    for (i, f) in run.env_files.iter().enumerate() {
+        let at = [K("run"), K("env_files"), I(i)];
+        if !f.starts_with('/') || f.contains('\0') {
+            return Err(invalid(
+                &at,
+                format!("{f:?} is not an absolute path; write e.g. \"/etc/cutover/web.env\""),
+            ));
+        }
+        if run.env_files[..i].contains(f) {
+            return Err(invalid(&at, format!("{f} is listed twice")));
+        }
+    }
+    for (i, k) in run.secret_env.iter().enumerate() {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(invalid(
+                &[K("run"), K("secret_env"), I(i)],
+                format!("invalid variable name {k:?}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -317,11 +346,14 @@ fn check_count(c: &Count) -> Result<(), String> {
     }
 }
 
-/// `[analysis]`: an interval and a failure limit above zero, and every metric bounded.
+/// `[analysis]`: an interval and limits above zero, where metrics come from, and every
+/// metric measuring one thing, bounded.
 fn validate_analysis(a: &Analysis) -> Result<(), Invalid> {
     more_than_zero(&[K("analysis"), K("interval")], a.interval)?;
     at_least_one(&[K("analysis"), K("failure_limit")], a.failure_limit)?;
+    sources::validate_settings(a)?;
     for (i, m) in a.metric.iter().enumerate() {
+        sources::validate_measure(a, i, m)?;
         validate_metric(i, m)?;
     }
     Ok(())
@@ -331,10 +363,15 @@ fn validate_analysis(a: &Analysis) -> Result<(), Invalid> {
 /// and a confidence only for a judge.
 fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
     let at = |k: &'static str| [K("analysis"), K("metric"), I(i), K(k)];
-    if m.max.is_none() && m.min.is_none() && m.max_vs_baseline.is_none() && m.judge.is_none() {
+    if m.max.is_none()
+        && m.min.is_none()
+        && m.max_vs_baseline.is_none()
+        && m.min_vs_baseline.is_none()
+        && m.judge.is_none()
+    {
         return Err(invalid(
             &[K("analysis"), K("metric"), I(i)],
-            "metric has no bound: set max, min, max_vs_baseline or judge",
+            "metric has no bound: set max, min, max_vs_baseline, min_vs_baseline or judge",
         ));
     }
     for (k, v) in [("max", m.max), ("min", m.min)] {
@@ -349,7 +386,7 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
     {
         return Err(invalid(&at("min"), format!("min {lo} is above max {hi}")));
     }
-    if m.name == MetricName::ErrorRate
+    if m.proxy_name() == Some(MetricName::ErrorRate)
         && let Some(v) = m.max
         && v > 1.0
     {
@@ -358,7 +395,7 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
             format!("error_rate is a fraction from 0 to 1; {v} is above 1"),
         ));
     }
-    if m.name == MetricName::StatusMatch {
+    if m.proxy_name() == Some(MetricName::StatusMatch) {
         verify::validate_status_match_bounds(i, m.min, m.max)?;
     }
     if let Some(v) = m.max_vs_baseline
@@ -367,6 +404,14 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
         return Err(invalid(
             &at("max_vs_baseline"),
             "must be a ratio above 0, e.g. 1.5",
+        ));
+    }
+    if let Some(v) = m.min_vs_baseline
+        && (!v.is_finite() || v <= 0.0)
+    {
+        return Err(invalid(
+            &at("min_vs_baseline"),
+            "must be a ratio above 0, e.g. 0.8",
         ));
     }
     if let Some(c) = m.confidence {

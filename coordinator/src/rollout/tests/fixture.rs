@@ -104,6 +104,7 @@ impl Sim {
                 green_weight: if d.green.is_some() { d.green_weight } else { 0 },
                 error: String::new(),
                 healing: String::new(),
+                ..Default::default()
             };
             self.observed.insert(h.clone(), o);
         }
@@ -121,6 +122,7 @@ impl Sim {
             plan: p.clone(),
             plan_path: "p.toml".into(),
             is_rollback: false,
+            restart: false,
             previous_release: None,
             actor: "ops@desk",
         };

@@ -81,7 +81,7 @@ pub(super) fn validate_status_match(a: &Analysis, shadow: Option<&Shadow>) -> Re
     match a
         .metric
         .iter()
-        .position(|m| m.name == MetricName::StatusMatch)
+        .position(|m| m.proxy_name() == Some(MetricName::StatusMatch))
     {
         Some(i) => Err(invalid(
             &[K("analysis"), K("metric"), I(i), K("name")],

@@ -6,10 +6,12 @@
 //! killed, and whatever it left running in its group is killed when it ends.
 //!
 //! The whole output of a deployment's hooks on this host goes to one file,
-//! `logs/hooks/<service>/<deployment>.log` (each run between a header and a footer line),
-//! whose path the slot reports so that `cutover show` can say where it is; the failure
-//! itself names the hook, how it ended and its last lines of output. The newest
-//! [`KEEP_LOGS`] logs of a service are kept.
+//! `logs/deployments/<deployment>/hooks-<service>.log` (each run between a header and a
+//! footer line), beside the deployment's other command output, so that `cutover logs
+//! --deployment ID` streams it; the slot reports its path so that `cutover show` can say
+//! where it is, and the failure itself names the hook, how it ended and its last lines
+//! of output. The slot's `[run] secret_env` values are masked in the log as it is
+//! written. The newest [`KEEP_LOGS`] hook logs of a service are kept.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cutover_proto::v1::{DesiredService, HookRun, HookSpec, Hooks};
+use cutover_shared::secrets::Secrets;
 
 use crate::data_dir;
 use crate::spawn::{self, Exit, Launcher, RunOptions};
@@ -88,11 +91,13 @@ pub fn log_path(data: &Path, service: &str, deployment: &str) -> PathBuf {
         && deployment
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    let name = if plain { deployment } else { "no-deployment" };
-    data_dir::logs(data)
-        .join("hooks")
-        .join(service)
-        .join(format!("{name}.log"))
+    let id = if plain { deployment } else { "no-deployment" };
+    data_dir::deployment_logs(data, id).join(file_name(service))
+}
+
+/// The name of `service`'s hook log in a deployment's directory.
+fn file_name(service: &str) -> String {
+    format!("hooks-{service}.log")
 }
 
 /// One hook to run on a slot.
@@ -112,6 +117,8 @@ pub struct Invocation<'a> {
     /// The slot and release, for the log's header.
     pub slot: &'a str,
     pub release: &'a str,
+    /// The slot's secret values: masked in the log, which `cutover logs` streams.
+    pub secrets: Secrets,
 }
 
 /// How a hook ended: its report, and `Err` with the one line that says why it failed.
@@ -158,6 +165,7 @@ impl Invocation<'_> {
             grace: GRACE,
             output_log: Some(self.log.to_path_buf()),
             tail_lines: TAIL_LINES,
+            mask: self.secrets.clone(),
             ..RunOptions::new(timeout)
         };
         self.note(&format!(
@@ -199,6 +207,7 @@ impl Invocation<'_> {
     /// Appends a line of the agent's own to the hook log (best effort: the hook runs
     /// whether or not its log can be written).
     fn note(&self, line: &str) {
+        let line = self.secrets.mask(line);
         if let Some(dir) = self.log.parent()
             && let Err(e) = spawn::ensure_dir(dir, 0o700)
         {
@@ -234,24 +243,31 @@ fn failure(name: &str, exit: &Exit, tail: &[String]) -> String {
     cutover_shared::errors::shorten(&format!("hook {name} {how}{output}"))
 }
 
-/// Removes `service`'s oldest hook logs, keeping the newest `keep` and `current`.
+/// Removes `service`'s oldest hook logs, keeping the newest `keep` and `current`; a
+/// deployment's directory left empty goes too.
 pub fn prune(data: &Path, service: &str, keep: usize, current: &Path) {
-    let dir = data_dir::logs(data).join("hooks").join(service);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    let Ok(dirs) = std::fs::read_dir(data_dir::logs(data).join("deployments")) else {
         return;
     };
-    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
+    let name = file_name(service);
+    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = dirs
         .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .map(|d| d.path().join(&name))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
     logs.sort();
     let extra = logs.len().saturating_sub(keep);
     for (_, path) in logs.into_iter().take(extra) {
-        if path != current
-            && let Err(e) = std::fs::remove_file(&path)
-        {
+        if path == current {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(log = %path.display(), error = %e, "remove an old hook log");
+            continue;
+        }
+        // Fails, as it should, while the deployment's other output is still there.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -295,6 +311,7 @@ mod tests {
             log,
             slot: "green",
             release: "2.0.0",
+            secrets: Secrets::default(),
         }
         .run()
         .await
@@ -327,7 +344,10 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
-        assert!(log.ends_with("logs/hooks/web/d-000007.log"), "{log:?}");
+        assert!(
+            log.ends_with("logs/deployments/d-000007/hooks-web.log"),
+            "{log:?}"
+        );
     }
 
     #[tokio::test]
@@ -405,10 +425,10 @@ mod tests {
     #[test]
     fn only_the_newest_logs_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = dir.path().join("logs/hooks/web");
-        std::fs::create_dir_all(&logs).unwrap();
+        let log = |i: u64| log_path(dir.path(), "web", &format!("d-{i}"));
         for i in 0..5 {
-            let p = logs.join(format!("d-{i}.log"));
+            let p = log(i);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, "x").unwrap();
             let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + i);
             std::fs::File::options()
@@ -418,12 +438,14 @@ mod tests {
                 .set_modified(t)
                 .unwrap();
         }
-        prune(dir.path(), "web", 2, &logs.join("d-0.log"));
-        let mut left: Vec<String> = std::fs::read_dir(&logs)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["d-0.log", "d-3.log", "d-4.log"]);
+        // Another service's log, and another file of a pruned deployment, stay.
+        let other = log_path(dir.path(), "api", "d-1");
+        std::fs::write(&other, "x").unwrap();
+        let expand = data_dir::deployment_logs(dir.path(), "d-2").join("expand.log");
+        std::fs::write(&expand, "x").unwrap();
+        prune(dir.path(), "web", 2, &log(0));
+        let kept: Vec<u64> = (0..5).filter(|&i| log(i).exists()).collect();
+        assert_eq!(kept, [0, 3, 4]);
+        assert!(other.exists() && expand.exists());
     }
 }

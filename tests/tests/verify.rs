@@ -29,9 +29,13 @@ fn events(c: &Cluster, id: &str, event: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A smoke test as a `validate` hook: it fails on web-2 only, saying why; elsewhere it
-/// GETs the new slot through `CUTOVER_URL`.
-const SMOKE_FAILING_ON_WEB_2: &str = r#"if [ "$CUTOVER_HOST" = web-2 ]; then echo "smoke test on $CUTOVER_HOST: checkout answered 500" >&2; exit 1; fi; ./bin/cutover-sample get "$CUTOVER_URL/""#;
+/// A smoke test as a `validate` hook: it fails on web-2 only, saying why (and, as a
+/// careless script would, printing its secret token); elsewhere it GETs the new slot
+/// through `CUTOVER_URL`.
+const SMOKE_FAILING_ON_WEB_2: &str = r#"if [ "$CUTOVER_HOST" = web-2 ]; then echo "smoke test on $CUTOVER_HOST with token $SMOKE_TOKEN: checkout answered 500" >&2; exit 1; fi; ./bin/cutover-sample get "$CUTOVER_URL/""#;
+
+/// The smoke test's token: a `[run] secret_env` value.
+const SMOKE_TOKEN: &str = "smoke-token-5ecret";
 
 #[test]
 fn a_validate_hook_failing_on_one_host_stops_the_deployment_before_any_traffic_moves() {
@@ -42,8 +46,12 @@ fn a_validate_hook_failing_on_one_host_stops_the_deployment_before_any_traffic_m
     let plan = c
         .plan("2.0.0")
         .hook("validate", &["sh", "-c", SMOKE_FAILING_ON_WEB_2], "20s")
+        .env("SMOKE_TOKEN", SMOKE_TOKEN)
         .steps(r#"[{ traffic = 50, hold = "30s" }, { traffic = 100 }]"#)
         .write("v2");
+    let text = std::fs::read_to_string(&plan).expect("read plan");
+    let text = text.replacen("[run]\n", "[run]\nsecret_env = [\"SMOKE_TOKEN\"]\n", 1);
+    std::fs::write(&plan, text).expect("write plan");
     let (code, id, err) = c.deploy_wait(&plan);
     let report = load.stop();
     assert_eq!(code, 3, "{err}");
@@ -52,7 +60,7 @@ fn a_validate_hook_failing_on_one_host_stops_the_deployment_before_any_traffic_m
     let reason = s["reason"].as_str().unwrap_or_default();
     assert_eq!(
         reason,
-        "host web-2: hook validate exited 1: smoke test on web-2: checkout answered 500"
+        "host web-2: hook validate exited 1: smoke test on web-2 with token ********: checkout answered 500"
     );
     // No host moved traffic, so no client ever got the new release.
     report.assert_none_failed();
@@ -90,8 +98,21 @@ fn a_validate_hook_failing_on_one_host_stops_the_deployment_before_any_traffic_m
         "{log}"
     );
     assert!(
-        log.contains("smoke test on web-2: checkout answered 500"),
+        log.contains("smoke test on web-2 with token ********: checkout answered 500")
+            && !log.contains(SMOKE_TOKEN),
         "{log}"
+    );
+    // The same output through `cutover logs --deployment`; nothing the coordinator
+    // shows of the deployment holds the secret.
+    let streamed = c.cli_ok(&["logs", "--deployment", &id]);
+    assert!(
+        streamed.lines().any(|l| l
+            == "web-2 hooks-web.log | smoke test on web-2 with token ********: checkout answered 500"),
+        "{streamed}"
+    );
+    assert!(
+        !streamed.contains(SMOKE_TOKEN) && !show(&c, &id).to_string().contains(SMOKE_TOKEN),
+        "{streamed}"
     );
 }
 

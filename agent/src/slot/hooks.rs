@@ -36,6 +36,11 @@ impl SlotCtx {
             .clone()
     }
 
+    /// The slot's secret values, known once its environment was read.
+    fn secrets(&self) -> cutover_shared::secrets::Secrets {
+        self.secrets.get().cloned().unwrap_or_default()
+    }
+
     /// Reports a hook's run (the latest of each hook) and where its output is.
     fn record_hook(&self, report: HookRun, log: &std::path::Path) {
         self.set(|s| {
@@ -64,6 +69,7 @@ pub(super) async fn before_start(ctx: &SlotCtx, launch: &Launch, port: u16) -> R
         log: &log,
         slot: ctx.slot.as_str(),
         release: ctx.version(),
+        secrets: ctx.secrets(),
     }
     .run()
     .await;
@@ -78,6 +84,7 @@ pub(super) fn validation(ctx: &SlotCtx, launch: &Launch, port: u16) -> Option<Va
     let log = hooks::log_path(&ctx.data_dir, &ctx.service, &context.deployment);
     let launcher = launch.launcher(port);
     let (slot, release) = (ctx.slot.as_str(), ctx.version().to_string());
+    let secrets = ctx.secrets();
     ctx.set(|s| s.hook_log = log.to_string_lossy().into_owned());
     Some(Box::pin(async move {
         Invocation {
@@ -89,6 +96,7 @@ pub(super) fn validation(ctx: &SlotCtx, launch: &Launch, port: u16) -> Option<Va
             log: &log,
             slot,
             release: &release,
+            secrets,
         }
         .run()
         .await
@@ -121,6 +129,7 @@ pub(super) async fn before_stop(ctx: &SlotCtx, launch: &Launch, port: u16) {
         log: &log,
         slot: ctx.slot.as_str(),
         release: ctx.version(),
+        secrets: ctx.secrets(),
     }
     .run()
     .await;
@@ -136,9 +145,12 @@ pub(super) async fn before_stop(ctx: &SlotCtx, launch: &Launch, port: u16) {
     }
 }
 
-/// Records a hook's run; logs and returns its failure.
+/// Records a hook's run; logs and returns its failure. Its last lines may hold the
+/// slot's secret values, like anything else it prints: both are masked.
 fn finished(ctx: &SlotCtx, ran: Ran, log: &std::path::Path) -> Result<(), String> {
-    let Ran { report, result } = ran;
+    let Ran { mut report, result } = ran;
+    report.outcome = ctx.mask(&report.outcome);
+    let result = result.map_err(|e| ctx.mask(&e));
     let hook = report.hook.clone();
     let ms = report.duration_ms;
     ctx.record_hook(report, log);

@@ -371,6 +371,57 @@ mod tests {
         assert_eq!(sim.live("a").as_deref(), Some("1"));
     }
 
+    /// Every copying host's new slot reports scrape `seq`, with `failed` of `total`
+    /// payments counted so far.
+    fn payments(sim: &mut Sim, d: &DeploymentRecord, seq: u64, failed: f64, total: f64) {
+        use cutover_proto::v1::{SeriesValue, SlotScrape};
+        for (name, h) in &d.hosts {
+            let o = sim.observed.get_mut(name).expect("a host");
+            let new = match h.new_slot {
+                crate::model::Slot::Blue => o.blue.as_mut(),
+                crate::model::Slot::Green => o.green.as_mut(),
+            };
+            let v = |key: &str, sum| SeriesValue {
+                key: key.into(),
+                found: true,
+                sum,
+                ..Default::default()
+            };
+            new.expect("the new slot").scrape = Some(SlotScrape {
+                seq,
+                error: String::new(),
+                values: vec![v("failed_total{}", failed), v("payments_total{}", total)],
+            });
+        }
+    }
+
+    #[test]
+    fn the_slots_own_metrics_judge_the_copies_too() {
+        let mut sim = Sim::new(&["a", "b"]);
+        let slot_metric = "[analysis]\ninterval = \"1s\"\nfailure_limit = 1\nmin_requests = 0\n[[analysis.metric]]\nname = \"payment failure rate\"\nsource = \"slot\"\nratio = [\"failed_total\", \"payments_total\"]\nmax = 0.05\n";
+        let (dep, now) = v2_with_shadow(&mut sim, slot_metric);
+        let (d, now) = run_until(&mut sim, dep, now, |d| d.step_switched_unix_ms.is_some());
+        assert!(
+            sim.desired.values().all(|t| t.scrape.is_some()),
+            "the hosts scrape their slots while copies are judged"
+        );
+        payments(&mut sim, &d, 1, 0.0, 0.0);
+        let (d, _) = phase_at(&sim, &d, now + 1_000);
+        assert_eq!(d.analysis.scrapes.len(), 2, "both copying hosts' scrapes");
+        // A third of the copies' payments failed.
+        payments(&mut sim, &d, 2, 30.0, 90.0);
+        let (d, _) = phase_at(&sim, &d, now + 2_000);
+        assert_eq!(d.state, State::RollingBack);
+        let i = d.analysis.intervals.last().expect("an interval");
+        assert!(i.shadow && i.traffic == 0, "{i:?}");
+        assert_eq!(
+            d.reason.as_deref(),
+            Some(
+                "analysis of shadow traffic failed 1 interval(s) in a row: payment failure rate 0.3333 above max 0.05 (no client was served by the new release)"
+            )
+        );
+    }
+
     #[test]
     fn the_phase_ends_after_its_duration_and_a_passing_interval_of_copies() {
         let mut sim = Sim::new(&["a", "b"]);

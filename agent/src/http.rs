@@ -219,6 +219,45 @@ const SLOT_STATE: [PerSlot; 3] = [
     ),
 ];
 
+/// The slot's answers to copies of live requests (shadow traffic), after its state.
+const SHADOW: [PerSlot; 5] = [
+    (
+        "cutover_agent_shadow_requests_total",
+        "counter",
+        "Copies of live requests the slot was sent (shadow traffic).",
+        |r| r.status.shadow.as_ref().map_or(0, |m| m.requests),
+    ),
+    (
+        "cutover_agent_shadow_errors_total",
+        "counter",
+        "Copies the slot answered with a 5xx, or did not answer in time.",
+        |r| {
+            r.status
+                .shadow
+                .as_ref()
+                .map_or(0, |m| m.responses_5xx + m.upstream_failures)
+        },
+    ),
+    (
+        "cutover_agent_shadow_status_matched_total",
+        "counter",
+        "Copies answered with the live answer's status class.",
+        |r| r.status.shadow.as_ref().map_or(0, |m| m.status_matched),
+    ),
+    (
+        "cutover_agent_shadow_dropped_total",
+        "counter",
+        "Copies not sent because too many were in flight (a slow slot).",
+        |r| r.status.shadow.as_ref().map_or(0, |m| m.mirror_dropped),
+    ),
+    (
+        "cutover_agent_shadow_skipped_total",
+        "counter",
+        "Requests not copied because their body was too large or of unknown length.",
+        |r| r.status.shadow.as_ref().map_or(0, |m| m.mirror_skipped),
+    ),
+];
+
 const LATENCY: &str = "cutover_agent_request_duration_seconds";
 
 /// Prometheus text for the observed services.
@@ -244,6 +283,7 @@ pub fn render(services: &[ObservedService]) -> String {
     per_slot(&mut out, &COUNTERS, &rows);
     latency(&mut out, &rows);
     per_slot(&mut out, &SLOT_STATE, &rows);
+    per_slot(&mut out, &SHADOW, &rows);
     out
 }
 
@@ -335,6 +375,7 @@ mod tests {
                     latency_bucket_le_us: vec![1000, u64::MAX],
                     latency_counts: vec![7, 3],
                     latency_sum_us: 50_000,
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -357,5 +398,8 @@ mod tests {
             "cutover_agent_slot_weight_percent{service=\"web\",slot=\"blue\",release=\"1.0\"} 100"
         ));
         assert!(text.contains("# TYPE cutover_agent_request_duration_seconds histogram"));
+        assert!(text.contains(
+            "cutover_agent_shadow_dropped_total{service=\"web\",slot=\"blue\",release=\"1.0\"} 0"
+        ));
     }
 }

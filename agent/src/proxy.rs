@@ -6,6 +6,9 @@
 //! only what the slot did counts: a request the client broke (a malformed or aborted
 //! body, a missing `Host`) is answered 400 and counted nowhere, so clients cannot make a
 //! good release look bad. Connections are capped and time out when idle ([`Limits`]).
+//! A routing table may also name a slot that gets copies of some live requests (shadow
+//! traffic); what is copied, and how the copy stays off the live path, is
+//! [`crate::mirror`]'s.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use cutover_proto::listen::{self, Acceptor, Cap, Watched};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Either, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
@@ -25,6 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::mirror::{self, Admission, LiveAnswer, Mirror};
 
 /// Upper bounds of the latency histogram's buckets, in microseconds; the last bucket is
 /// everything above.
@@ -98,6 +103,7 @@ impl SlotMetrics {
                 .map(|c| c.load(Ordering::Relaxed))
                 .collect(),
             latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
+            ..Default::default()
         }
     }
 
@@ -145,13 +151,16 @@ pub struct Upstream {
     pub metrics: Arc<SlotMetrics>,
 }
 
-/// One routing table: up to two weighted upstreams (blue, green).
+/// One routing table: up to two weighted upstreams (blue, green), and the slot that
+/// gets copies of live requests, if any.
 #[derive(Debug, Default)]
 pub struct Routes {
     /// Weight (percent) and upstream of each slot that is there.
     pub entries: Vec<(u32, Upstream)>,
     /// Requests routed by this table: picking by it spreads them by weight.
     counter: AtomicU64,
+    /// Where copies of live requests go during a shadow phase.
+    pub mirror: Option<Arc<Mirror>>,
 }
 
 impl Routes {
@@ -159,7 +168,14 @@ impl Routes {
         Routes {
             entries: entries.into_iter().filter(|(w, _)| *w > 0).collect(),
             counter: AtomicU64::new(0),
+            mirror: None,
         }
+    }
+
+    /// The same table, also copying live requests to `mirror`'s slot.
+    pub fn mirrored(mut self, mirror: Option<Arc<Mirror>>) -> Routes {
+        self.mirror = mirror;
+        self
     }
 
     /// Picks an upstream in exact proportion to the weights: request n goes to position
@@ -211,6 +227,9 @@ impl Default for Limits {
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 type Body = BoxBody<Bytes, hyper::Error>;
+/// What goes to a slot: the client's body as it streams, or a body read whole so that
+/// it could be copied too.
+type UpBody = Either<Incoming, Full<Bytes>>;
 
 fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
     let mut r = Response::new(
@@ -433,7 +452,7 @@ async fn serve_http(
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+    let client: Client<HttpConnector, UpBody> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .pool_timer(TokioTimer::new())
@@ -498,7 +517,7 @@ async fn forward(
     req: Request<Incoming>,
     peer: SocketAddr,
     shared: &Shared,
-    client: &Client<HttpConnector, Incoming>,
+    client: &Client<HttpConnector, UpBody>,
 ) -> Response<Body> {
     let mut resp = route(req, peer, shared, client).await;
     if shared.draining.load(Ordering::Relaxed) {
@@ -512,7 +531,7 @@ async fn route(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: &Shared,
-    client: &Client<HttpConnector, Incoming>,
+    client: &Client<HttpConnector, UpBody>,
 ) -> Response<Body> {
     if !one_host(&req) {
         return text(
@@ -520,22 +539,36 @@ async fn route(
             "exactly one Host header is required\n",
         );
     }
-    let Some(upstream) = shared.routes.load().pick().cloned() else {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no release is serving on this host\n",
-        );
+    let (upstream, mirror) = {
+        let routes = shared.routes.load();
+        let Some(upstream) = routes.pick().cloned() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no release is serving on this host\n",
+            );
+        };
+        let mirror = routes.mirror.clone().filter(|m| m.port != upstream.port);
+        (upstream, mirror)
     };
     let _in_flight = count_in_flight(&upstream.metrics);
     if aim(&mut req, upstream.port, peer).is_err() {
         return text(StatusCode::BAD_REQUEST, "bad request target\n");
     }
+    let Ok((req, live)) = with_copy(req, mirror.as_deref()).await else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "malformed or incomplete request body\n",
+        );
+    };
     let started = Instant::now();
     match client.request(req).await {
         Ok(mut resp) => {
             upstream
                 .metrics
                 .observe(started.elapsed(), Some(resp.status()));
+            if let Some(live) = live {
+                live.tell(Some(resp.status()));
+            }
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
@@ -543,10 +576,30 @@ async fn route(
     }
 }
 
+/// The request to forward, and — when `mirror` copies it — the copy's hand-over of the
+/// live answer. A copied request's body is read first (it is known small); its failure
+/// is the client's (`Err`).
+async fn with_copy(
+    req: Request<Incoming>,
+    mirror: Option<&Mirror>,
+) -> Result<(Request<UpBody>, Option<LiveAnswer>), ()> {
+    let Some(mirror) = mirror else {
+        return Ok((req.map(Either::Left), None));
+    };
+    let Admission::Copy(place) = mirror.admit(req.method(), req.headers()) else {
+        return Ok((req.map(Either::Left), None));
+    };
+    let (req, body) = mirror::buffer(req).await.map_err(|e| {
+        tracing::debug!(error = e, "client request body failed");
+    })?;
+    let live = mirror.send(place, &req, body);
+    Ok((req.map(Either::Right), live))
+}
+
 /// Points the request at the slot on `port`: its target, without hop-by-hop fields,
 /// with the client in `X-Forwarded-For`. Fails when the target makes no URI.
-fn aim(
-    req: &mut Request<Incoming>,
+fn aim<B>(
+    req: &mut Request<B>,
     port: u16,
     peer: SocketAddr,
 ) -> Result<(), hyper::http::uri::InvalidUri> {
@@ -1220,6 +1273,89 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A proxy to the live upstream on `live` that copies `methods` requests to the
+    /// slot on `copies`; returns its address, the proxy, and the copies' counters.
+    fn mirrored_proxy(
+        live: u16,
+        copies: u16,
+        methods: Vec<hyper::Method>,
+    ) -> (SocketAddr, Proxy, Arc<crate::mirror::ShadowMetrics>) {
+        let (addr, proxy, metrics) = proxy_to(live, Mode::Http, Limits::default());
+        let shadow = Arc::new(crate::mirror::ShadowMetrics::default());
+        let rule = crate::mirror::Rule {
+            share: 100,
+            methods,
+        };
+        let mirror = Arc::new(Mirror::new(rule, copies, shadow.clone()));
+        let routes = Routes::new(vec![(
+            100,
+            Upstream {
+                port: live,
+                metrics,
+            },
+        )]);
+        proxy.set_routes(routes.mirrored(Some(mirror)));
+        (addr, proxy, shadow)
+    }
+
+    #[tokio::test]
+    async fn a_copy_target_that_never_answers_changes_nothing_for_clients() {
+        let live = upstream().await;
+        let (hanging, heads) = upstream_with(Reply::Hold).await;
+        let (addr, _proxy, shadow) = mirrored_proxy(live, hanging, vec![hyper::Method::GET]);
+        let n = crate::mirror::IN_FLIGHT + 20;
+        let mut slowest = Duration::ZERO;
+        for _ in 0..n {
+            let started = Instant::now();
+            let r = one_response(addr, GOOD).await;
+            slowest = slowest.max(started.elapsed());
+            assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok"), "{r}");
+        }
+        assert!(slowest < Duration::from_secs(1), "slowest {slowest:?}");
+        // Every copy in flight holds a place (for 5 s); the rest are dropped and
+        // counted, and each request was either copied or dropped.
+        let dropped = shadow.dropped.load(Ordering::Relaxed) as usize;
+        assert!(dropped >= 1, "nothing dropped");
+        wait_for(
+            || heads.lock().unwrap().len() + dropped == n,
+            "the copies to reach the slot",
+        )
+        .await;
+        let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(head.contains("x-cutover-shadow: 1"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn copies_carry_the_body_and_their_status_is_compared_with_the_live_one() {
+        let live = upstream().await;
+        let (not_found, heads) = upstream_with(Reply::Raw(
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+        ))
+        .await;
+        let (addr, _proxy, shadow) = mirrored_proxy(live, not_found, vec![hyper::Method::POST]);
+        let post = b"POST /orders?x=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+        for _ in 0..3 {
+            let r = one_response(addr, post).await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        }
+        // GET is not listed: not copied.
+        assert!(one_response(addr, GOOD).await.starts_with("HTTP/1.1 200"));
+        wait_for(
+            || shadow.compared.load(Ordering::Relaxed) == 3,
+            "three comparisons",
+        )
+        .await;
+        assert_eq!(shadow.matched.load(Ordering::Relaxed), 0, "404 is not 200");
+        let m = shadow.snapshot().expect("counters");
+        assert_eq!((m.requests, m.responses_5xx, m.status_compared), (3, 0, 3));
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3, "{heads:?}");
+        assert!(
+            heads[0].starts_with("POST /orders?x=1 HTTP/1.1"),
+            "{heads:?}"
+        );
     }
 
     #[test]

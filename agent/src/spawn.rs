@@ -16,7 +16,8 @@
 //! appended to a log file it keeps open itself (so it outlives the agent), and
 //! [`Launcher::run`] for a command run to completion under a timeout that stops its
 //! whole process group (SIGTERM, then SIGKILL after a grace period), returning how it
-//! ended, the last lines of its output and, on request, appending all of it to a log.
+//! ended, the last lines of its output and, on request, appending all of it to a log
+//! (with the secret values it is given masked, a line at a time).
 //!
 //! [`state_dir`] gives each service a writable directory that survives its releases.
 
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use cutover_shared::secrets::Secrets;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
@@ -40,6 +42,9 @@ pub const LANG: &str = "C.UTF-8";
 const TAIL_BYTES: usize = 16 * 1024;
 /// Longest output line kept in an outcome, in characters.
 const LINE_CHARS: usize = 300;
+/// A masked log is written a line at a time; a longer line is written in pieces of this
+/// many bytes (a secret cut in two there is not masked).
+const MASKED_LINE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -240,6 +245,9 @@ pub struct RunOptions {
     /// Told the command's pid (also its process group's id) once it has started, so a
     /// caller can record it while the command runs.
     pub started: Option<tokio::sync::mpsc::UnboundedSender<u32>>,
+    /// Secret values replaced in what goes to `output_log` (the outcome's lines are
+    /// the caller's to mask).
+    pub mask: Secrets,
 }
 
 impl RunOptions {
@@ -252,6 +260,7 @@ impl RunOptions {
             output_log: None,
             tail_lines: 10,
             started: None,
+            mask: Secrets::default(),
         }
     }
 }
@@ -375,7 +384,11 @@ impl Launcher {
     pub async fn run(&self, argv: &[String], opts: &RunOptions) -> Result<Outcome, Error> {
         let (mut cmd, prog) = self.command(argv, opts.cwd.as_deref(), &opts.env)?;
         let log = match &opts.output_log {
-            Some(p) => Some(tokio::fs::File::from_std(open_log(p)?)),
+            Some(p) => Some(OutputLog {
+                file: tokio::fs::File::from_std(open_log(p)?),
+                mask: opts.mask.clone(),
+                partial: Vec::new(),
+            }),
             None => None,
         };
         let pipe_err = |source| Error::Start {
@@ -507,10 +520,9 @@ fn group_runs(pgid: Pid) -> bool {
 /// last `lines` non-empty lines.
 async fn collect(
     mut rx: tokio::net::unix::pipe::Receiver,
-    mut log: Option<tokio::fs::File>,
+    mut log: Option<OutputLog>,
     lines: usize,
 ) -> Vec<String> {
-    use tokio::io::AsyncWriteExt;
     let mut tail: VecDeque<u8> = VecDeque::new();
     let mut cut = false;
     let mut buf = vec![0u8; 8192];
@@ -519,8 +531,8 @@ async fn collect(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(f) = log.as_mut()
-            && let Err(e) = f.write_all(&buf[..n]).await
+        if let Some(l) = log.as_mut()
+            && let Err(e) = l.write(&buf[..n]).await
         {
             tracing::warn!(error = %e, "append command output to its log");
             log = None;
@@ -531,11 +543,51 @@ async fn collect(
             cut = true;
         }
     }
-    if let Some(f) = log.as_mut() {
-        let _ = f.flush().await;
+    if let Some(l) = log.as_mut()
+        && let Err(e) = l.finish().await
+    {
+        tracing::warn!(error = %e, "append command output to its log");
     }
     let bytes: Vec<u8> = tail.into();
     last_lines(&bytes, cut, lines)
+}
+
+/// Where a command's whole output is appended: as it comes, or, with secret values to
+/// mask, a whole line at a time so that a value split between two reads is still found.
+struct OutputLog {
+    file: tokio::fs::File,
+    mask: Secrets,
+    /// The start of a line not ended yet (only when masking).
+    partial: Vec<u8>,
+}
+
+impl OutputLog {
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if self.mask.is_empty() {
+            return self.file.write_all(bytes).await;
+        }
+        self.partial.extend_from_slice(bytes);
+        let end = match self.partial.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if self.partial.len() >= MASKED_LINE_BYTES => self.partial.len(),
+            None => return Ok(()),
+        };
+        let lines: Vec<u8> = self.partial.drain(..end).collect();
+        let masked = self.mask.mask(&String::from_utf8_lossy(&lines));
+        self.file.write_all(masked.as_bytes()).await
+    }
+
+    /// Writes what is left of an unended last line, and flushes.
+    async fn finish(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            let masked = self.mask.mask(&String::from_utf8_lossy(&rest));
+            self.file.write_all(masked.as_bytes()).await?;
+        }
+        self.file.flush().await
+    }
 }
 
 /// The last `n` non-empty lines of `bytes`, each cut to [`LINE_CHARS`]; when the buffer

@@ -104,6 +104,10 @@ pub struct ProcessRecord {
     /// agent adopts it only for the very same spec.
     #[serde(default)]
     pub spec_digest: String,
+    /// The process passed its release's `validate` hook, so an adopting agent reports
+    /// it healthy without running the hook again; false in records of older agents.
+    #[serde(default)]
+    pub validated: bool,
 }
 
 impl ProcessRecord {

@@ -26,6 +26,16 @@ pub struct Counters {
     pub le_us: Vec<u64>,
     /// Requests per latency bucket, in the order of `le_us`.
     pub buckets: Vec<u64>,
+    /// Shadow traffic only: copies whose answer could be compared with the live one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compared: u64,
+    /// Shadow traffic only: of those, copies answered with the live status class.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub matched: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Counters {
@@ -35,6 +45,8 @@ impl Counters {
             errors: m.responses_5xx + m.upstream_failures,
             le_us: m.latency_bucket_le_us.clone(),
             buckets: m.latency_counts.clone(),
+            compared: m.status_compared,
+            matched: m.status_matched,
         }
     }
 
@@ -43,6 +55,8 @@ impl Counters {
     pub fn since(&self, earlier: &Counters) -> Counters {
         let restarted = self.requests < earlier.requests
             || self.errors < earlier.errors
+            || self.compared < earlier.compared
+            || self.matched < earlier.matched
             || self.buckets.len() != earlier.buckets.len()
             || self
                 .buckets
@@ -62,12 +76,16 @@ impl Counters {
                 .zip(&earlier.buckets)
                 .map(|(a, b)| a - b)
                 .collect(),
+            compared: self.compared - earlier.compared,
+            matched: self.matched - earlier.matched,
         }
     }
 
     pub fn add(&mut self, other: &Counters) {
         self.requests += other.requests;
         self.errors += other.errors;
+        self.compared += other.compared;
+        self.matched += other.matched;
         if self.le_us.is_empty() {
             self.le_us.clone_from(&other.le_us);
             self.buckets = vec![0; other.buckets.len()];
@@ -81,6 +99,11 @@ impl Counters {
 
     pub fn error_rate(&self) -> Option<f64> {
         (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+    }
+
+    /// The share of compared copies answered with the live status class.
+    pub fn status_match(&self) -> Option<f64> {
+        (self.compared > 0).then(|| self.matched as f64 / self.compared as f64)
     }
 
     /// The `q` quantile of latency in milliseconds, interpolated inside its bucket.
@@ -113,12 +136,17 @@ impl Counters {
 /// One interval's traffic: the new slot and the old slot, summed over the step's hosts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Sample {
-    /// The new release's slots.
+    /// The new release's slots: their live answers, or during shadow traffic their
+    /// answers to the copies of live requests.
     pub new: Counters,
     /// The old release's slots on the same hosts: the live baseline.
     pub old: Counters,
     /// How long the interval ran, for rates.
     pub seconds: f64,
+    /// The new release answered copies of live requests (shadow traffic): the only
+    /// time `status_match` is measured.
+    #[serde(default)]
+    pub shadow: bool,
     /// The values of the metrics that do not come from the proxy (`source = "slot"` or
     /// `"prometheus"`), by metric name; a metric missing here had no data.
     #[serde(default)]
@@ -152,7 +180,7 @@ pub struct MetricResult {
 /// numbers for the others.
 fn fmt(name: &str, v: f64) -> String {
     match MetricName::parse(name) {
-        Some(MetricName::ErrorRate) => format!("{:.2}%", v * 100.0),
+        Some(MetricName::ErrorRate | MetricName::StatusMatch) => format!("{:.2}%", v * 100.0),
         Some(MetricName::RequestRate) => format!("{v:.1}/s"),
         Some(_) => format!("{v:.1}ms"),
         None => plain(v),
@@ -177,7 +205,7 @@ pub fn plain(v: f64) -> String {
 /// gauge, a histogram's own unit, a query's result).
 pub fn unit(m: &Metric) -> &'static str {
     match m.measure() {
-        Some(Measure::Proxy(MetricName::ErrorRate)) => "ratio",
+        Some(Measure::Proxy(MetricName::ErrorRate | MetricName::StatusMatch)) => "ratio",
         Some(Measure::Proxy(MetricName::RequestRate)) => "per_second",
         Some(Measure::Proxy(_)) => "ms",
         Some(Measure::Slot(SlotMeasure::Ratio(..), _)) => "ratio",
@@ -236,9 +264,12 @@ pub fn judge(analysis: &Analysis, sample: &Sample) -> (Verdict, Vec<MetricResult
     if let (Some(why), true) = (&thin, only_proxy) {
         return (Verdict::Inconclusive(why.clone()), Vec::new());
     }
+    // `status_match` compares copies with live answers: outside shadow traffic there
+    // is nothing to compare, so it is not judged.
     let results: Vec<MetricResult> = analysis
         .metric
         .iter()
+        .filter(|m| sample.shadow || m.proxy_name() != Some(MetricName::StatusMatch))
         .map(|m| match (m.measure(), &thin) {
             (Some(Measure::Proxy(_)), Some(why)) => MetricResult {
                 name: m.name.clone(),
@@ -285,6 +316,7 @@ fn value(m: MetricName, c: &Counters, seconds: f64) -> Option<f64> {
         MetricName::LatencyP90 => c.quantile_ms(0.90),
         MetricName::LatencyP99 => c.quantile_ms(0.99),
         MetricName::RequestRate => (seconds > 0.0).then(|| c.requests as f64 / seconds),
+        MetricName::StatusMatch => c.status_match(),
     }
 }
 
@@ -330,7 +362,7 @@ fn worse_beyond_noise(m: &Metric, name: MetricName, s: &Sample) -> bool {
             two_proportion_greater(s.new.errors, s.new.requests, s.old.errors, s.old.requests)
                 < alpha
         }
-        (Some(Judge::MannWhitney), MetricName::RequestRate) => true,
+        (Some(Judge::MannWhitney), MetricName::RequestRate | MetricName::StatusMatch) => true,
         (Some(Judge::MannWhitney), _) => {
             mann_whitney_greater(&s.new.buckets, &s.old.buckets).1 < alpha
         }

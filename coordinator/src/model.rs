@@ -277,6 +277,10 @@ pub struct DeployHost {
     /// so that the timeline gets each phase once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported: Option<Preparation>,
+    /// Where the host keeps the whole output of this deployment's hooks, as its agent
+    /// reported it (for `show`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_log: Option<String>,
 }
 
 /// The phases of a new slot's preparation that a deployment's timeline records, as the
@@ -290,6 +294,8 @@ pub enum Preparation {
     Unpacking,
     /// The process is started and waits for its first healthy check.
     Starting,
+    /// Healthy, and its `validate` hook runs.
+    Validating,
     /// Healthy: the host is ready.
     Healthy,
 }
@@ -301,6 +307,7 @@ impl Preparation {
             SlotPhase::Fetching => Some(Preparation::Fetching),
             SlotPhase::Unpacking => Some(Preparation::Unpacking),
             SlotPhase::Starting => Some(Preparation::Starting),
+            SlotPhase::Validating => Some(Preparation::Validating),
             SlotPhase::Healthy => Some(Preparation::Healthy),
             _ => None,
         }
@@ -312,6 +319,7 @@ impl Preparation {
             Preparation::Fetching => SlotPhase::Fetching,
             Preparation::Unpacking => SlotPhase::Unpacking,
             Preparation::Starting => SlotPhase::Starting,
+            Preparation::Validating => SlotPhase::Validating,
             Preparation::Healthy => SlotPhase::Healthy,
         }
         .name()
@@ -365,7 +373,9 @@ pub struct DeploymentRecord {
     pub ended_unix_ms: Option<u64>,
     /// When the current phase (preparing a step, holding, baking, rolling back) began.
     pub phase_started_unix_ms: u64,
-    /// When the current step's weights were confirmed by every host (hold starts).
+    /// When the current step's weights were confirmed by every host (hold starts); in
+    /// the shadow phase, when every host confirmed it copies requests (shadow's hold
+    /// starts).
     pub step_switched_unix_ms: Option<u64>,
     /// `promote` skips the rest of the current hold or pause.
     #[serde(default)]
@@ -389,6 +399,29 @@ pub struct DeploymentRecord {
     /// undoes.
     #[serde(default, skip_serializing_if = "DeployDatabase::is_empty")]
     pub database: DeployDatabase,
+    /// Where the shadow phase stands (a plan with `[strategy] shadow`).
+    #[serde(default, skip_serializing_if = "ShadowPhase::is_none")]
+    pub shadow: ShadowPhase,
+}
+
+/// The shadow phase of a deployment: between every target host prepared and the first
+/// traffic step, the new release gets copies of live requests and no client.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowPhase {
+    /// Not begun (or the plan has none).
+    #[default]
+    None,
+    /// The hosts copy live requests to the new release, and analysis judges its answers.
+    Mirroring,
+    /// Over: it passed (the steps followed) or the deployment rolled back from it.
+    Done,
+}
+
+impl ShadowPhase {
+    pub fn is_none(&self) -> bool {
+        *self == ShadowPhase::None
+    }
 }
 
 /// Why a deployment is paused.
@@ -482,6 +515,9 @@ pub struct IntervalRecord {
     pub verdict: Verdict,
     /// Each judged metric, new against old.
     pub metrics: Vec<MetricResult>,
+    /// Judged on shadow traffic: the new release's answers to copies of live requests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// A rollback's timing, for `show` and the time-to-restore figures.

@@ -306,6 +306,7 @@ mod tests {
             lost: false,
             old_front: None,
             reported: None,
+            hook_log: None,
         }
     }
 

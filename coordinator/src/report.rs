@@ -17,7 +17,9 @@ mod timing;
 
 pub use failure::{FailedHost, Failure};
 pub use history::{HistoryRow, history};
-pub use show::{IntervalMetric, LastInterval, Show, ShowHost, Straggler, TimelineEntry, show};
+pub use show::{
+    IntervalMetric, LastInterval, ShadowShow, Show, ShowHost, Straggler, TimelineEntry, show,
+};
 pub use stats::{Stats, stats};
 pub use timing::{Phases, Spread, Typical, eta_ms, phases, spread, stragglers, typical};
 

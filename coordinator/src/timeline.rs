@@ -31,16 +31,40 @@ pub struct Timings {
     pub unpack_ms: u64,
     /// Process start to first healthy check.
     pub start_ms: u64,
+    /// The `before_start` hook, when the plan has one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub before_start_ms: u64,
+    /// The `validate` hook, when the plan has one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub validate_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Timings {
     /// The timings an agent reported for a slot it prepared.
     pub fn of(status: &SlotStatus) -> Timings {
+        let hook_ms = |name: &str| {
+            status
+                .hooks
+                .iter()
+                .find(|r| r.hook == name)
+                .map_or(0, |r| r.duration_ms)
+        };
         Timings {
             fetch_ms: status.fetch_ms,
             unpack_ms: status.unpack_ms,
             start_ms: status.start_ms,
+            before_start_ms: hook_ms("before_start"),
+            validate_ms: hook_ms("validate"),
         }
+    }
+
+    /// The whole preparation: download, unpack, hooks, start to healthy.
+    pub fn total_ms(&self) -> u64 {
+        self.fetch_ms + self.unpack_ms + self.start_ms + self.before_start_ms + self.validate_ms
     }
 }
 
@@ -73,8 +97,32 @@ pub enum Kind {
     },
     /// A host's preparation failed (what its agent reported).
     HostFailed { host: String, error: String },
+    /// A hook ran on a host's new slot while it prepared, as its agent measured it.
+    Hook {
+        host: String,
+        /// `before_start` or `validate`.
+        hook: String,
+        duration_ms: u64,
+        ok: bool,
+        /// How it ended and its last lines of output, when it failed.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        outcome: String,
+    },
     /// A host was unreachable for `host_lost_after` and was set aside.
     HostLost { host: String },
+    /// Every target host was prepared: the hosts copy live requests to the new release.
+    ShadowStarted {
+        /// Hosts that copy (those with a live release).
+        hosts: usize,
+        /// Percent of the requests of the listed methods copied.
+        share: u32,
+        methods: Vec<String>,
+        duration_ms: u64,
+    },
+    /// Every host confirmed it copies: the shadow's duration begins.
+    ShadowHolding,
+    /// The shadow phase passed: copying stops, and the first step follows.
+    ShadowEnded,
     /// A step's weights were sent.
     StepStarted { step: u32, traffic: u32 },
     /// Every host of the step confirmed its weights: the hold begins.
@@ -83,6 +131,9 @@ pub enum Kind {
     Interval {
         step: u32,
         traffic: u32,
+        /// It judged the new release's answers to copies of live requests.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shadow: bool,
         /// `pass`, `fail` or `inconclusive`.
         verdict: String,
         /// Why it failed or was inconclusive.
@@ -171,6 +222,7 @@ impl Event {
             kind: Kind::Interval {
                 step: i.step,
                 traffic: i.traffic,
+                shadow: i.shadow,
                 verdict,
                 why,
                 new_requests: i.new_requests,
@@ -197,14 +249,42 @@ impl Event {
             Kind::HostPhase { host, phase } => format!("{host}: {phase}"),
             Kind::HostReady { host, timings } => match timings {
                 Some(t) => format!(
-                    "{host}: ready (download+verify {:.2}s, unpack {:.2}s, start to healthy {:.2}s)",
+                    "{host}: ready (download+verify {:.2}s, unpack {:.2}s, {}start to healthy {:.2}s{})",
                     t.fetch_ms as f64 / 1000.0,
                     t.unpack_ms as f64 / 1000.0,
-                    t.start_ms as f64 / 1000.0
+                    hook_part("before_start", t.before_start_ms, ", "),
+                    t.start_ms as f64 / 1000.0,
+                    hook_part(", validate", t.validate_ms, ""),
                 ),
                 None => format!("{host}: ready"),
             },
             Kind::HostFailed { host, error } => format!("{host}: FAILED: {error}"),
+            Kind::Hook {
+                host,
+                hook,
+                duration_ms,
+                ok,
+                outcome,
+            } => {
+                let s = *duration_ms as f64 / 1000.0;
+                if *ok {
+                    format!("{host}: hook {hook} passed in {s:.2}s")
+                } else {
+                    format!("{host}: hook {hook} FAILED after {s:.2}s: {outcome}")
+                }
+            }
+            Kind::ShadowStarted {
+                hosts,
+                share,
+                methods,
+                duration_ms,
+            } => format!(
+                "shadow: copying {share}% of {} requests to the new release on {hosts} host(s) for {}; clients get the live answers",
+                methods.join(", "),
+                cutover_shared::Duration::from_millis(*duration_ms)
+            ),
+            Kind::ShadowHolding => "shadow: copies confirmed on every host".into(),
+            Kind::ShadowEnded => "shadow: passed, no client was served by the new release".into(),
             Kind::HostLost { host } => format!("{host}: unreachable, set aside"),
             Kind::StepStarted { step, traffic } => {
                 format!("step {}: moving to {traffic}%", step + 1)
@@ -214,6 +294,7 @@ impl Event {
             }
             Kind::Interval {
                 traffic,
+                shadow,
                 verdict,
                 why,
                 new_requests,
@@ -221,7 +302,12 @@ impl Event {
                 figures,
                 ..
             } => format!(
-                "analysis at {traffic}%: {verdict}{} (new {new_requests} req, old {old_requests} req){}",
+                "{}: {verdict}{} (new {new_requests} req, old {old_requests} req){}",
+                if *shadow {
+                    "analysis of shadow traffic".to_string()
+                } else {
+                    format!("analysis at {traffic}%")
+                },
                 if why.is_empty() {
                     String::new()
                 } else {
@@ -282,6 +368,14 @@ impl Event {
             }
         }
     }
+}
+
+/// `before_start 0.25s, ` for a hook that ran (`ms` > 0), else nothing.
+fn hook_part(name: &str, ms: u64, after: &str) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    format!("{name} {:.2}s{after}", ms as f64 / 1000.0)
 }
 
 fn by(actor: &str) -> String {
@@ -348,6 +442,34 @@ mod tests {
             (
                 r#"{"at_unix_ms":9,"event":"rollback_started","reason":"aborted by operator","first_bad_unix_ms":8,"decided_unix_ms":9}"#,
                 "ROLLBACK: aborted by operator (first bad signal 1 ms before the decision)",
+            ),
+            (
+                r#"{"at_unix_ms":3,"event":"host_ready","host":"web-3","timings":{"fetch_ms":1500,"unpack_ms":250,"start_ms":2000,"before_start_ms":500,"validate_ms":750}}"#,
+                "web-3: ready (download+verify 1.50s, unpack 0.25s, before_start 0.50s, start to healthy 2.00s, validate 0.75s)",
+            ),
+            (
+                r#"{"at_unix_ms":3,"event":"hook","host":"web-1","hook":"validate","duration_ms":520,"ok":true}"#,
+                "web-1: hook validate passed in 0.52s",
+            ),
+            (
+                r#"{"at_unix_ms":3,"event":"hook","host":"web-2","hook":"validate","duration_ms":30000,"ok":false,"outcome":"timed out after 30s: curl: (28)"}"#,
+                "web-2: hook validate FAILED after 30.00s: timed out after 30s: curl: (28)",
+            ),
+            (
+                r#"{"at_unix_ms":5,"event":"shadow_started","hosts":3,"share":100,"methods":["GET","HEAD"],"duration_ms":60000}"#,
+                "shadow: copying 100% of GET, HEAD requests to the new release on 3 host(s) for 1m; clients get the live answers",
+            ),
+            (
+                r#"{"at_unix_ms":5,"event":"shadow_holding"}"#,
+                "shadow: copies confirmed on every host",
+            ),
+            (
+                r#"{"at_unix_ms":7,"event":"interval","step":0,"traffic":0,"shadow":true,"verdict":"fail","why":"status_match 50.00% below min 99.00%","new_requests":100,"old_requests":100,"figures":["status_match 50.00% vs -"]}"#,
+                "analysis of shadow traffic: fail: status_match 50.00% below min 99.00% (new 100 req, old 100 req) [status_match 50.00% vs -]",
+            ),
+            (
+                r#"{"at_unix_ms":8,"event":"shadow_ended"}"#,
+                "shadow: passed, no client was served by the new release",
             ),
             (
                 r#"{"at_unix_ms":10,"event":"rollback_done"}"#,

@@ -56,6 +56,9 @@ pub struct Deployment {
     pub steps: u32,
     /// Percent of traffic on the new release now.
     pub traffic: u32,
+    /// In the shadow phase: the new release gets copies of live requests before the
+    /// first step, and no client is served by it (`state` is `progressing`).
+    pub shadow: bool,
     /// Why it rolled back or failed.
     pub reason: Option<String>,
     /// When it was submitted.
@@ -246,6 +249,8 @@ pub struct Interval {
     pub step: u32,
     /// The step's traffic, in percent.
     pub traffic: u32,
+    /// It judged the new release's answers to copies of live requests (shadow).
+    pub shadow: bool,
     /// When it began.
     pub started_at: Option<String>,
     /// When it ended.
@@ -290,6 +295,7 @@ impl From<&pb::Deployment> for Deployment {
             step: d.step,
             steps: d.steps,
             traffic: d.traffic,
+            shadow: d.shadow,
             reason: opt(&d.reason),
             created_at: rfc3339(d.created_unix_ms),
             ended_at: rfc3339(d.ended_unix_ms),
@@ -337,6 +343,7 @@ impl From<&pb::AnalysisInterval> for Interval {
         Interval {
             step: i.step,
             traffic: i.traffic,
+            shadow: i.shadow,
             started_at: rfc3339(i.started_unix_ms),
             ended_at: rfc3339(i.ended_unix_ms),
             new_requests: i.new_requests,
@@ -508,10 +515,13 @@ mod tests {
                     threshold: "max 5.00%".into(),
                     why: "error_rate 40.00% above max 5.00%".into(),
                 }],
+                shadow: false,
             }],
             first_bad_unix_ms: 2_500,
             rollback_decided_unix_ms: 3_000,
             rollback_done_unix_ms: 3_750,
+            shadow: false,
+            shadow_ms: 0,
             lock: Some(pb::ServiceLock {
                 service: "web".into(),
                 message: "freeze".into(),
@@ -522,7 +532,7 @@ mod tests {
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
         let interval = json!({
-            "step": 0, "traffic": 10,
+            "step": 0, "traffic": 10, "shadow": false,
             "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
             "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
             "metrics": [{
@@ -532,7 +542,7 @@ mod tests {
         });
         let expected = json!({
             "id": "d-000007", "service": "web", "release": "2", "previous_release": "1",
-            "state": "rolled_back", "step": 0, "steps": 2, "traffic": 0,
+            "state": "rolled_back", "step": 0, "steps": 2, "traffic": 0, "shadow": false,
             "reason": "analysis failed",
             "created_at": "1970-01-01T00:00:01.000Z", "ended_at": null,
             "hosts": [{"name": "web-1", "phase": "rolled_back", "weight": 0, "error": null}],

@@ -1,7 +1,7 @@
 //! Events out: each `--webhook URL` receives a JSON document for every deployment start,
-//! step, pause, rollback and end, and every database command's start, end and stall, in
-//! order, with retries. Each document carries a Slack-compatible `text`, so a Slack (or
-//! Mattermost) incoming webhook shows it as is.
+//! shadow phase (start and end), step, pause, rollback and end, and every database
+//! command's start, end and stall, in order, with retries. Each document carries a
+//! Slack-compatible `text`, so a Slack (or Mattermost) incoming webhook shows it as is.
 //!
 //! Delivery is in memory and at least once per URL: a URL that keeps failing gets each
 //! event up to [`ATTEMPTS`] times with backoff, then the event is logged and dropped so
@@ -31,6 +31,8 @@ pub struct Webhooks {
 fn wanted(kind: &Kind) -> Option<&'static str> {
     Some(match kind {
         Kind::Submitted { .. } => "deployment_started",
+        Kind::ShadowStarted { .. } => "shadow_started",
+        Kind::ShadowEnded => "shadow_ended",
         Kind::StepStarted { .. } => "step_started",
         Kind::StepHolding { .. } => "step_holding",
         Kind::Paused { .. } => "paused",

@@ -134,6 +134,7 @@ impl SlotPhase {
             SlotPhase::Unhealthy => "unhealthy",
             SlotPhase::Failed => "failed",
             SlotPhase::Stopped => "stopped",
+            SlotPhase::Validating => "validating",
         }
     }
 

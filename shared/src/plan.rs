@@ -15,8 +15,9 @@ mod validate;
 
 pub use errors::{PlanError, line_col, nearest};
 pub use model::{
-    Analysis, Check, ContractAfter, Count, Database, Health, Judge, Measure, Metric, MetricName,
-    OnHostLost, Plan, Protocol, Release, Run, SlotMeasure, Source, Step, Strategy, Targets,
+    Analysis, Check, ContractAfter, Count, Database, Health, Hook, Hooks, Judge, Measure, Metric,
+    MetricName, OnHostLost, Plan, Protocol, Release, Run, Shadow, SlotMeasure, Source, Step,
+    Strategy, Targets,
 };
 pub use path::PathPart;
 pub use validate::{Invalid, check_artifact_url, check_schema_name, check_sha256};

@@ -8,7 +8,8 @@
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
 //! (one GET), `disk` (small disks), `netns` (network partitions), `people` (personal
 //! credentials and the CLI run with them), `postgres` (a real PostgreSQL server of the
-//! test's own), `prometheus` (a real Prometheus server discovering the agents' slots).
+//! test's own), `prometheus` (a real Prometheus server discovering the agents' slots),
+//! `verify` (plans with hooks and a shadow phase).
 
 mod cluster;
 mod deploy;
@@ -21,6 +22,7 @@ mod plan;
 mod postgres;
 mod procs;
 mod prometheus;
+mod verify;
 
 pub use cluster::{Agent, Cluster};
 pub use disk::Tmpfs;
@@ -31,3 +33,4 @@ pub use postgres::Postgres;
 pub use procs::{Proc, bin_dir, free_port, processes_under, wait_until};
 pub use prometheus::{AGENT_HTTP_PORT, Prometheus, fifteen_metrics};
 pub use serde_json::Value;
+pub use verify::process_runs;

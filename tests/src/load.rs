@@ -14,6 +14,9 @@ use hyper::client::conn::http1::SendRequest;
 /// How many failures [`LoadReport`] keeps the text of: enough to see what went wrong.
 const ERRORS_KEPT: usize = 20;
 
+/// How many request latencies [`LoadReport`] keeps for its percentiles (the first ones).
+const LATENCIES_KEPT: usize = 2_000_000;
+
 /// Requests sent on one connection before a client opens another, like a pool recycling
 /// its connections.
 const REQUESTS_PER_CONNECTION: usize = 200;
@@ -41,6 +44,8 @@ pub struct LoadReport {
     errors: Mutex<Vec<String>>,
     /// The slowest request seen, in microseconds.
     max_latency_us: AtomicU64,
+    /// Each request's latency in microseconds, for percentiles.
+    latencies_us: Mutex<Vec<u32>>,
 }
 
 impl LoadReport {
@@ -58,6 +63,21 @@ impl LoadReport {
 
     pub fn max_latency(&self) -> Duration {
         Duration::from_micros(self.max_latency_us.load(Ordering::Relaxed))
+    }
+
+    /// The `q` quantile (nearest rank) of the requests' latencies so far.
+    pub fn latency_quantile(&self, q: f64) -> Duration {
+        let mut v = self
+            .latencies_us
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        if v.is_empty() {
+            return Duration::ZERO;
+        }
+        v.sort_unstable();
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        Duration::from_micros(u64::from(v[rank]))
     }
 
     /// What the first failures were.
@@ -97,6 +117,11 @@ impl LoadReport {
     fn took(&self, took: Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.max_latency_us.fetch_max(us, Ordering::Relaxed);
+        if let Ok(mut v) = self.latencies_us.lock()
+            && v.len() < LATENCIES_KEPT
+        {
+            v.push(u32::try_from(us).unwrap_or(u32::MAX));
+        }
     }
 }
 

@@ -148,6 +148,9 @@ pub struct PlanBuilder {
     database: Option<String>,
     /// Files the packed sample ships besides itself: (path in the release, text).
     files: Vec<(String, String)>,
+    /// More sections (`[hooks]`...) by name, each with its `key = value` lines in the
+    /// order given; written after the rest.
+    sections: Vec<(String, Vec<String>)>,
 }
 
 impl PlanBuilder {
@@ -171,6 +174,7 @@ impl PlanBuilder {
             analysis: None,
             database: None,
             files: Vec::new(),
+            sections: Vec::new(),
         }
     }
 
@@ -287,8 +291,18 @@ impl PlanBuilder {
         self
     }
 
-    fn strategy_line(mut self, key: &str, value: &str) -> Self {
+    pub(crate) fn strategy_line(mut self, key: &str, value: &str) -> Self {
         self.strategy.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// One more `key = value` line in section `[name]`, which is written after the rest.
+    pub(crate) fn section_line(mut self, name: &str, key: &str, value: &str) -> Self {
+        let line = format!("{key} = {value}");
+        match self.sections.iter_mut().find(|(n, _)| n == name) {
+            Some((_, lines)) => lines.push(line),
+            None => self.sections.push((name.to_string(), vec![line])),
+        }
         self
     }
 
@@ -327,6 +341,11 @@ impl PlanBuilder {
         let mut labels = vec![("env".to_string(), "test".to_string())];
         labels.extend(self.labels.iter().cloned());
         let strategy: String = self.strategy.iter().map(|l| format!("\n{l}")).collect();
+        let sections: String = self
+            .sections
+            .iter()
+            .map(|(name, lines)| format!("\n[{name}]\n{}\n", lines.join("\n")))
+            .collect();
         format!(
             r#"service = {service}
 
@@ -355,7 +374,7 @@ unhealthy_after = 2{start_timeout}
 max_parallel = "100%"
 steps = {steps}{strategy}
 
-{analysis}{database}"#,
+{analysis}{database}{sections}"#,
             service = quoted(&self.service),
             version = quoted(&self.version),
             artifact = quoted(&artifact.url),
@@ -378,12 +397,12 @@ steps = {steps}{strategy}
 
 /// `text` as a TOML string. A JSON string is a valid TOML basic string: the same quotes
 /// and backslash escapes, and control characters as `\uXXXX`.
-fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     serde_json::to_string(text).expect("a string serializes")
 }
 
 /// `["a", "b"]`.
-fn list(items: &[String]) -> String {
+pub(crate) fn list(items: &[String]) -> String {
     let items: Vec<String> = items.iter().map(|i| quoted(i)).collect();
     format!("[{}]", items.join(", "))
 }
@@ -500,5 +519,25 @@ mod tests {
         let db = p.database.expect("[database]");
         assert_eq!(db.schema_name("2.0.0"), "app_2_0_0");
         assert_eq!(db.expand, ["e"]);
+    }
+
+    #[test]
+    fn hooks_and_shadow_reach_the_plan() {
+        let b = builder()
+            .hook("validate", &["sh", "-c", "exit 0"], "5s")
+            .hook("before_start", &["./bin/setup"], "1m")
+            .shadow("30s", 50, &["GET", "HEAD"]);
+        let p = parse(&b);
+        let v = p.hooks.validate.expect("validate");
+        assert_eq!((v.command.len(), v.timeout), (3, Duration::from_secs(5)));
+        assert_eq!(
+            p.hooks.before_start.map(|h| h.timeout),
+            Some(Duration::from_secs(60))
+        );
+        let s = p.strategy.shadow.expect("shadow");
+        assert_eq!((s.duration, s.share), (Duration::from_secs(30), 50));
+        assert_eq!(s.methods, ["GET", "HEAD"]);
+        assert!(crate::process_runs(std::process::id() as i32));
+        assert!(!crate::process_runs(i32::MAX));
     }
 }

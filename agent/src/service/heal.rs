@@ -44,8 +44,8 @@ enum Standing {
     /// Failed after it was started (crashed, failed, turned unhealthy, stopped): its
     /// traffic moves to a healthy twin, and the move is reported.
     Broken,
-    /// Not serving yet (fetching, unpacking, starting, empty): its traffic waits on a
-    /// healthy twin, unreported.
+    /// Not serving yet (fetching, unpacking, starting, validating, empty): its traffic
+    /// waits on a healthy twin, unreported.
     NotReady,
 }
 
@@ -54,9 +54,11 @@ impl Standing {
         match phase {
             SlotPhase::Healthy => Standing::Healthy,
             SlotPhase::Unhealthy | SlotPhase::Failed | SlotPhase::Stopped => Standing::Broken,
-            SlotPhase::Fetching | SlotPhase::Unpacking | SlotPhase::Starting | SlotPhase::Empty => {
-                Standing::NotReady
-            }
+            SlotPhase::Fetching
+            | SlotPhase::Unpacking
+            | SlotPhase::Starting
+            | SlotPhase::Validating
+            | SlotPhase::Empty => Standing::NotReady,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! green slots. [`Services::apply`] converges on a desired state idempotently — applying
 //! the same state twice changes nothing — and [`Services::observe`] reports what runs.
 //! Which weights the proxy gets is the healing rule's answer (`heal`), recomputed
-//! whenever a slot changes phase.
+//! whenever a slot changes phase; during a deployment's shadow phase the routes also
+//! name the slot that gets copies of live requests ([`crate::mirror`]).
 
 mod heal;
 
@@ -23,7 +24,9 @@ use tokio_util::task::TaskTracker;
 use crate::artifact::Limits;
 use crate::database::{self, Tasks};
 use crate::handover::{Exe, Inherited};
+use crate::hooks;
 use crate::logs;
+use crate::mirror::{Mirror, Rule, ShadowMetrics};
 use crate::ports::PortRange;
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
 use crate::scrape::Scraper;
@@ -46,10 +49,14 @@ struct SlotRun {
     generation: u64,
     /// Its proxy counters, shared with the routes.
     metrics: Arc<SlotMetrics>,
+    /// Its answers to copies of live requests (shadow traffic), apart from the above.
+    shadow: Arc<ShadowMetrics>,
     /// What the slot reports, written by its task.
     status: Arc<Mutex<SlotState>>,
     /// Stops the slot (drain, then stop the process).
     cancel: CancellationToken,
+    /// What its hooks are told of the deployment: the latest desired state's.
+    hook_context: Arc<Mutex<hooks::Context>>,
     /// The secret values its process got, once known: log lines are masked with them.
     secrets: Arc<std::sync::OnceLock<cutover_shared::secrets::Secrets>>,
 }
@@ -79,6 +86,9 @@ struct Runtime {
     effective: [u32; 2],
     /// Why the effective weights differ from the desired ones.
     healing: String,
+    /// Where copies of live requests go, while the desired state asks for them and the
+    /// slot can answer.
+    mirror: Option<Arc<Mirror>>,
     /// Scrapes the slots' own metrics while the desired state asks for it.
     scraper: Option<Scraper>,
 }
@@ -298,6 +308,9 @@ impl Services {
         // replaced or emptied is stopped only once the routes no longer name it, so no
         // request is sent to a process that is already stopping.
         let retired = self.converge_slots(rt, &d);
+        for run in rt.slots.iter().flatten() {
+            *run.hook_context.lock().unwrap_or_else(|p| p.into_inner()) = hooks::Context::of(&d);
+        }
         self.converge_port(rt, &d);
         self.converge_scraper(rt, &d);
         rt.desired = d;
@@ -491,6 +504,7 @@ impl Services {
         if let Some(scraper) = &rt.scraper {
             scraper.set_ports(states.each_ref().map(|s| s.as_ref().and_then(running_port)));
         }
+        let mirror = Self::mirror(rt, &states);
         let Some(proxy) = &rt.proxy else { return };
         let entries = rt
             .slots
@@ -509,7 +523,44 @@ impl Services {
                 ))
             })
             .collect();
-        proxy.set_routes(Routes::new(entries));
+        proxy.set_routes(Routes::new(entries).mirrored(mirror));
+    }
+
+    /// The slot that gets copies of live requests, when the desired state asks for it
+    /// and the slot can answer (healthy, or failing its checks: its answers count
+    /// either way). The same mirror is kept while nothing about it changes, so its
+    /// share and its copies in flight carry on.
+    fn mirror(rt: &mut Runtime, states: &[Option<SlotState>; 2]) -> Option<Arc<Mirror>> {
+        let wanted = rt.desired.shadow.as_ref().and_then(|spec| {
+            let slot = Slot::parse(&spec.slot)?;
+            let run = rt.slots[slot.index()].as_ref()?;
+            let st = states[slot.index()].as_ref()?;
+            let answers = matches!(st.phase, SlotPhase::Healthy | SlotPhase::Unhealthy);
+            (answers && st.port != 0).then(|| (slot, Rule::of(spec), st.port, run.shadow.clone()))
+        });
+        let Some((slot, rule, port, metrics)) = wanted else {
+            if rt.mirror.take().is_some() {
+                tracing::info!(
+                    service = rt.desired.service,
+                    "stopped copying live requests"
+                );
+            }
+            return None;
+        };
+        let same = rt
+            .mirror
+            .as_ref()
+            .is_some_and(|m| m.rule == rule && m.port == port && Arc::ptr_eq(&m.metrics, &metrics));
+        if !same {
+            tracing::info!(
+                service = rt.desired.service,
+                slot = slot.as_str(),
+                share = rule.share,
+                "copying live requests to the slot being verified"
+            );
+            rt.mirror = Some(Arc::new(Mirror::new(rule, port, metrics)));
+        }
+        rt.mirror.clone()
     }
 
     /// Re-routes a service whenever one of its slots changes phase.
@@ -539,12 +590,14 @@ impl Services {
     fn start_slot(&self, d: &DesiredService, slot: Slot, spec: SlotSpec) -> SlotRun {
         let adopt = adopt::find(&self.store, &adopt::Claim::new(&d.service, slot, &spec));
         let metrics = Arc::new(SlotMetrics::default());
+        let shadow = Arc::new(ShadowMetrics::default());
         // An adopted process already listens: routes point at it from the start.
         let status = Arc::new(Mutex::new(SlotState {
             port: adopt.as_ref().map_or(0, |r| r.port),
             ..SlotState::default()
         }));
         let cancel = self.cancel.child_token();
+        let hook_context = Arc::new(Mutex::new(hooks::Context::of(d)));
         let secrets: Arc<std::sync::OnceLock<cutover_shared::secrets::Secrets>> = Arc::default();
         let ctx = SlotCtx {
             service: d.service.clone(),
@@ -563,6 +616,7 @@ impl Services {
             trusted_keys: self.settings.trusted_keys.clone(),
             adopt,
             service_user: self.settings.service_user.clone(),
+            hook_context: hook_context.clone(),
             secrets: secrets.clone(),
             log_marks: self.log_marks.clone(),
         };
@@ -571,8 +625,10 @@ impl Services {
             spec,
             generation: d.generation,
             metrics,
+            shadow,
             status,
             cancel,
+            hook_context,
             secrets,
         }
     }
@@ -740,6 +796,9 @@ impl Services {
                             fetch_ms: st.fetch_ms,
                             unpack_ms: st.unpack_ms,
                             start_ms: st.start_ms,
+                            hooks: st.hooks,
+                            hook_log: st.hook_log,
+                            shadow: run.shadow.snapshot(),
                             scrape: rt.scraper.as_ref().and_then(|s| s.report(i)),
                         }
                     })

@@ -174,6 +174,7 @@ mod tests {
             release: "1.0.0".into(),
             port,
             spec_digest: spec_digest(spec),
+            validated: false,
         }
     }
 

@@ -1,12 +1,15 @@
 //! One slot's life as named steps:
 //!
-//! 1. [`prepare_release`] — the release on disk (fetched and unpacked once);
+//! 1. [`prepare_release`] — the release on disk (fetched and unpacked once), then the
+//!    `before_start` hook ([`Life::before_start`]) unless a live process is adopted;
 //! 2. [`Life::start_or_adopt`] — the process an earlier agent run left for this very
 //!    spec, or a new one on a port picked right before the start;
-//! 3. [`Life::watch`] — health checks for as long as it runs; an exit is followed by a
-//!    restart after a backoff ([`super::restart`]), or by giving up;
-//! 4. [`drain_and_stop`] — when the slot is emptied or replaced: in-flight requests
-//!    finish, then SIGTERM and SIGKILL after the stop timeout.
+//! 3. [`Life::watch`] — health checks for as long as it runs, and the `validate` hook
+//!    once it first turns healthy (it is reported healthy only once that passed); an
+//!    exit is followed by a restart after a backoff ([`super::restart`]), or by giving
+//!    up;
+//! 4. [`drain_and_stop`] — when the slot is emptied or replaced: the `before_stop` hook
+//!    while in-flight requests finish, then SIGTERM and SIGKILL after the stop timeout.
 //!
 //! Every step reports through the slot's state; how the life ended ([`End`]) is
 //! reported once, by [`run`].
@@ -19,6 +22,7 @@ use cutover_proto::v1::SlotPhase;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::hooks::{self, Validation};
 use super::launch::Launch;
 use super::log::SlotLog;
 use super::process::Running;
@@ -64,12 +68,20 @@ async fn live(ctx: &SlotCtx, cancel: &CancellationToken) -> Result<Infallible, E
     })?;
     let _ = ctx.secrets.set(launch.secrets());
     let mut life = Life::new(ctx, launch);
+    life.before_start(cancel).await?;
     loop {
         let mut current = life.start_or_adopt().await?;
         match life.watch(&mut current, cancel).await {
             Watched::Cancelled => {
-                drain_and_stop(ctx, current.running, life.launch.stop_timeout()).await;
+                drain_and_stop(ctx, &life.launch, current).await;
                 return Err(End::Stopped);
+            }
+            Watched::Invalid(why) => {
+                current
+                    .running
+                    .stop(life.launch.stop_timeout(), &ctx.store)
+                    .await;
+                return Err(End::Failed(why));
             }
             Watched::NotHealthyInTime(why) => {
                 current
@@ -109,14 +121,20 @@ async fn prepare_release(ctx: &SlotCtx, cancel: &CancellationToken) -> Result<Pa
     Ok(dir)
 }
 
-/// Step 4: waits for the slot's in-flight requests to finish (up to the service's drain
-/// time), then stops the process.
-async fn drain_and_stop(ctx: &SlotCtx, running: Running, stop_timeout: Duration) {
-    let until = Instant::now() + ctx.drain;
-    while ctx.metrics.in_flight() > 0 && Instant::now() < until {
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
-    running.stop(stop_timeout, &ctx.store).await;
+/// Step 4: runs the `before_stop` hook while the slot's in-flight requests finish (up
+/// to the service's drain time), then stops the process.
+async fn drain_and_stop(ctx: &SlotCtx, launch: &Launch, current: Current) {
+    let drained = async {
+        let until = Instant::now() + ctx.drain;
+        while ctx.metrics.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    };
+    tokio::join!(hooks::before_stop(ctx, launch, current.port), drained);
+    current
+        .running
+        .stop(launch.stop_timeout(), &ctx.store)
+        .await;
     tracing::info!(
         service = ctx.service,
         slot = ctx.slot.as_str(),
@@ -133,6 +151,8 @@ enum Watched {
     Exited(String),
     /// The slot never turned healthy within its start timeout; why not.
     NotHealthyInTime(String),
+    /// Its `validate` hook failed: how.
+    Invalid(String),
 }
 
 /// What a slot keeps across restarts of its process.
@@ -158,6 +178,10 @@ struct Life<'a> {
     restarts: Restarts,
     /// The port of the last start, so a failed start moves to another one.
     last_port: Option<u16>,
+    /// The port `before_start` was told, which the first start takes.
+    next_port: Option<u16>,
+    /// The slot's `validate` hook passed (or it has none): it may be reported healthy.
+    validated: bool,
 }
 
 /// The slot's current process while it is watched.
@@ -188,9 +212,33 @@ impl<'a> Life<'a> {
             ever_healthy: false,
             restarts: Restarts::default(),
             last_port: None,
+            next_port: None,
+            validated: !ctx.has_validate(),
             launch,
             ctx,
         }
+    }
+
+    /// Step 1b: the `before_start` hook, on the port the first start will take, unless
+    /// a live process is adopted (its hooks ran when it started). The start timeout
+    /// counts from the end of the hook.
+    async fn before_start(&mut self, cancel: &CancellationToken) -> Result<(), End> {
+        if self.adopt.as_ref().is_some_and(adopt::runs) {
+            return Ok(());
+        }
+        let ctx = self.ctx;
+        ctx.set(|s| s.phase = SlotPhase::Starting);
+        let port = ctx
+            .ports
+            .pick(None)
+            .map_err(|e| End::Failed(e.to_string()))?;
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(End::Stopped),
+            r = hooks::before_start(ctx, &self.launch, port) => r.map_err(End::Failed)?,
+        }
+        self.next_port = Some(port);
+        self.first_start = Instant::now();
+        Ok(())
     }
 
     /// The phase of a slot whose process is (re)starting.
@@ -226,11 +274,13 @@ impl<'a> Life<'a> {
             pid,
             "adopted the slot process an earlier agent run started"
         );
+        // Its `validate` hook passed in the run that started it, if it was recorded so.
+        self.validated |= record.validated;
         let mut current = self.current(Running::adopted(record), port);
         if self.checker.run(port, &current.launcher).await.is_ok() {
             current.tally.healthy = Some(true);
             self.ever_healthy = true;
-            self.ctx.phase(SlotPhase::Healthy, "");
+            self.ctx.phase(self.healthy_phase(), "");
         }
         current
     }
@@ -240,15 +290,15 @@ impl<'a> Life<'a> {
     /// not the slot.
     fn start(&mut self) -> Result<Current, End> {
         let ctx = self.ctx;
-        let started = ctx
-            .ports
-            .pick(self.last_port)
-            .map_err(|e| e.to_string())
-            .and_then(|port| {
-                let launcher = self.launch.launcher(port);
-                let argv = self.launch.argv(port);
-                Running::start(ctx, &launcher, &argv, port, self.log.path()).map(|r| (r, port))
-            });
+        let port = match self.next_port.take() {
+            Some(port) => Ok(port),
+            None => ctx.ports.pick(self.last_port).map_err(|e| e.to_string()),
+        };
+        let started = port.and_then(|port| {
+            let launcher = self.launch.launcher(port);
+            let argv = self.launch.argv(port);
+            Running::start(ctx, &launcher, &argv, port, self.log.path()).map(|r| (r, port))
+        });
         let (running, port) = started.map_err(|e| {
             tracing::warn!(service = ctx.service, slot = ctx.slot.as_str(), error = %e, "slot process did not start");
             End::Failed(e)
@@ -280,21 +330,70 @@ impl<'a> Life<'a> {
     }
 
     /// Step 3: checks the process every interval until it exits, the slot is cancelled,
-    /// or the slot did not turn healthy within its start timeout.
+    /// or the slot did not turn healthy within its start timeout; runs `validate` once
+    /// the process is healthy and not validated yet, checking it meanwhile.
     async fn watch(&mut self, current: &mut Current, cancel: &CancellationToken) -> Watched {
         let mut tick = tokio::time::interval(self.health.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let deadline = self.first_start + self.health.start_timeout;
+        let mut validation: Option<Validation> = None;
         loop {
+            if validation.is_none() && !self.validated && current.tally.healthy == Some(true) {
+                validation = hooks::validation(self.ctx, &self.launch, current.port);
+            }
+            let validated = async {
+                match validation.as_mut() {
+                    Some(v) => v.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return Watched::Cancelled,
                 status = current.running.wait() => return Watched::Exited(status),
                 _ = tokio::time::sleep_until(deadline), if !self.ever_healthy => {
                     return Watched::NotHealthyInTime(self.not_healthy_in_time(current));
                 }
+                ran = validated => {
+                    validation = None;
+                    if let Err(why) = hooks::validated(self.ctx, ran) {
+                        return Watched::Invalid(why);
+                    }
+                    self.passed_validation(current);
+                }
                 _ = tick.tick() => self.check(current).await,
             }
         }
+    }
+
+    /// `healthy` once validated, else `validating` (the hook runs or is about to).
+    fn healthy_phase(&self) -> SlotPhase {
+        if self.validated {
+            SlotPhase::Healthy
+        } else {
+            SlotPhase::Validating
+        }
+    }
+
+    /// The `validate` hook passed: the slot is healthy (if its checks still say so), and
+    /// its process is recorded as validated, so a restarted agent adopting it does not
+    /// validate it again.
+    fn passed_validation(&mut self, current: &mut Current) {
+        self.validated = true;
+        current.running.mark_validated(&self.ctx.store);
+        if current.tally.healthy == Some(true) {
+            self.ctx.phase(SlotPhase::Healthy, "");
+            self.log_healthy();
+        }
+    }
+
+    fn log_healthy(&self) {
+        let ctx = self.ctx;
+        tracing::info!(
+            service = ctx.service,
+            slot = ctx.slot.as_str(),
+            release = ctx.version(),
+            "slot healthy"
+        );
     }
 
     /// One health check, and the verdict it changes.
@@ -336,13 +435,10 @@ impl<'a> Life<'a> {
         }
         self.ever_healthy = true;
         self.restarts.healthy();
-        ctx.phase(SlotPhase::Healthy, "");
-        tracing::info!(
-            service = ctx.service,
-            slot = ctx.slot.as_str(),
-            release = ctx.version(),
-            "slot healthy"
-        );
+        ctx.phase(self.healthy_phase(), "");
+        if self.validated {
+            self.log_healthy();
+        }
     }
 
     fn not_healthy_in_time(&self, current: &Current) -> String {
@@ -383,8 +479,10 @@ impl<'a> Life<'a> {
         );
         ctx.set(|s| s.restarts += 1);
         let healthy_at_exit = current.tally.healthy == Some(true);
+        // A process that exits while its release is not validated yet has not proven
+        // it can serve: it counts towards giving up.
         match self.restarts.exited(
-            self.ever_healthy,
+            self.ever_healthy && self.validated,
             healthy_at_exit,
             current.started.elapsed(),
         ) {

@@ -6,6 +6,8 @@
 //!   process → watch its health and restart it when it exits → drain and stop it;
 //! - [`release`] — the release directory: signature check, fetch, unpack, prune (also
 //!   used by database commands, which run in a release without starting it);
+//! - `hooks` — when the release's hooks run (`before_start`, `validate`,
+//!   `before_stop`) and what the slot reports of them;
 //! - `launch` — as whom, where and with which environment the process runs;
 //! - `process` — one process, started or adopted: waiting for its exit, stopping its
 //!   group, its record in the store;
@@ -18,6 +20,7 @@
 //! again after a crash) adopts them instead of starting second copies.
 
 pub mod adopt;
+mod hooks;
 mod launch;
 mod lifecycle;
 mod log;
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cutover_proto::Slot;
-use cutover_proto::v1::{SlotPhase, SlotSpec};
+use cutover_proto::v1::{HookRun, SlotPhase, SlotSpec};
 use cutover_shared::secrets::Secrets;
 use tokio::sync::Notify;
 
@@ -84,6 +87,10 @@ pub struct SlotState {
     pub fetch_ms: u64,
     pub unpack_ms: u64,
     pub start_ms: u64,
+    /// The hooks the slot ran (the latest run of each), in the order they ran.
+    pub hooks: Vec<HookRun>,
+    /// Where the hooks' output is kept; empty before the first hook.
+    pub hook_log: String,
 }
 
 /// Everything a slot's task is given.
@@ -122,6 +129,9 @@ pub struct SlotCtx {
     pub adopt: Option<ProcessRecord>,
     /// Whom to run the process as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
+    /// What the hooks are told of the deployment, kept current by the service as
+    /// desired states arrive.
+    pub hook_context: Arc<Mutex<crate::hooks::Context>>,
     /// The secret values the slot's process gets (`[run] secret_env`, from the plan or
     /// an env file), known once its environment is read: every error the slot reports
     /// is masked with them, and so are the log lines streamed from it.

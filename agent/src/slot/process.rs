@@ -60,6 +60,7 @@ impl Running {
                 release: ctx.version().to_string(),
                 port,
                 spec_digest: spec_digest(&ctx.spec),
+                validated: false,
             };
             if let Err(e) = ctx.store.put_process(&r) {
                 tracing::error!(error = %e, "record slot process");
@@ -71,6 +72,17 @@ impl Running {
             pid,
             record,
         })
+    }
+
+    /// Records that the process passed its release's `validate` hook.
+    pub fn mark_validated(&mut self, store: &Store) {
+        let Some(record) = self.record.as_mut() else {
+            return;
+        };
+        record.validated = true;
+        if let Err(e) = store.put_process(record) {
+            tracing::error!(error = %e, "record that the slot process was validated");
+        }
     }
 
     /// Waits for the process to exit and describes how it ended.

@@ -109,6 +109,26 @@ async fn output_ends_in_the_tail_and_in_the_log() {
 }
 
 #[tokio::test]
+async fn secret_values_are_masked_in_the_log_even_split_between_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("logs/hook.log");
+    let mut opts = RunOptions::new(Duration::from_secs(10));
+    opts.output_log = Some(log.clone());
+    opts.mask = cutover_shared::secrets::Secrets::new(["hunter22".to_string()]);
+    // The value is written in two pieces with a pause between them, and the last line
+    // has no end.
+    let script =
+        "printf 'token hun'; sleep 0.2; printf 'ter22 ok\\n'; echo plain; printf 'last hunter22'";
+    let out = launcher(dir.path())
+        .run(&sh(script), &opts)
+        .await
+        .expect("run");
+    assert!(out.success());
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(text, "token ******** ok\nplain\nlast ********");
+}
+
+#[tokio::test]
 async fn a_long_output_line_is_cut_and_the_tail_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
     // 100 KiB of output, the last line 1000 characters long.

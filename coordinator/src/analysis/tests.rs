@@ -9,6 +9,7 @@ fn counters(requests: u64, errors: u64, buckets: [u64; 5]) -> Counters {
         errors,
         le_us: LE.to_vec(),
         buckets: buckets.to_vec(),
+        ..Counters::default()
     }
 }
 
@@ -195,4 +196,55 @@ fn judge_ignores_noise_but_catches_real_regressions() {
         ..Sample::default()
     };
     assert!(matches!(judge(&a, &real).0, Verdict::Fail(_)));
+}
+
+#[test]
+fn status_match_is_judged_on_shadow_traffic_only() {
+    let a = analysis(vec![Metric {
+        min: Some(0.99),
+        ..metric(MetricName::StatusMatch)
+    }]);
+    // The copies answered 404 where the live slot answered 200, half the time.
+    let copies = Counters {
+        compared: 100,
+        matched: 50,
+        ..counters(100, 0, [100, 0, 0, 0, 0])
+    };
+    let shadow = Sample {
+        new: copies.clone(),
+        old: counters(1000, 0, [1000, 0, 0, 0, 0]),
+        seconds: 10.0,
+        shadow: true,
+        ..Sample::default()
+    };
+    let (verdict, metrics) = judge(&a, &shadow);
+    assert_eq!(
+        verdict,
+        Verdict::Fail("status_match 50.00% below min 99.00%".into())
+    );
+    assert_eq!((metrics[0].new, metrics[0].old), (Some(0.5), None));
+    assert_eq!(figure(&metrics[0]), "status_match 50.00% vs -");
+    let matching = Sample {
+        new: Counters {
+            matched: 100,
+            ..copies.clone()
+        },
+        ..shadow.clone()
+    };
+    assert_eq!(judge(&a, &matching).0, Verdict::Pass);
+    // At a traffic step nothing is compared: the metric is left out, not failed.
+    let step = Sample {
+        shadow: false,
+        ..shadow.clone()
+    };
+    assert_eq!(judge(&a, &step), (Verdict::Pass, Vec::new()));
+    // Counters taken since a snapshot keep their comparisons apart.
+    let later = Counters {
+        compared: 150,
+        matched: 60,
+        ..counters(150, 0, [150, 0, 0, 0, 0])
+    };
+    let delta = later.since(&copies);
+    assert_eq!((delta.compared, delta.matched), (50, 10));
+    assert_eq!(delta.status_match(), Some(0.2));
 }

@@ -64,6 +64,7 @@ fn print(r: &DryRun) {
     );
     print_targets(r);
     print_changes(r);
+    print_verification(r);
     outln!("steps:");
     for (i, s) in r.steps.iter().enumerate() {
         let hosts = s
@@ -85,6 +86,54 @@ fn print(r: &DryRun) {
             outln!("  {}", line.trim());
         }
     }
+}
+
+/// What verifies the release before the steps: each hook, when it would run, and the
+/// shadow phase (none for a first release: there are no live requests to copy).
+fn print_verification(r: &DryRun) {
+    for line in verification_lines(r) {
+        outln!("{line}");
+    }
+}
+
+fn verification_lines(r: &DryRun) -> Vec<String> {
+    let when = |name: &str| match name {
+        "before_start" => "after unpack, before the new slot starts; a failure fails the host",
+        "validate" => "once the new slot is healthy, at weight 0; a failure fails the host",
+        _ => "before a slot is stopped (best effort)",
+    };
+    let mut out = Vec::new();
+    let hooks: Vec<_> = r.plan.hooks.named().collect();
+    if !hooks.is_empty() {
+        out.push("hooks on each target host:".to_string());
+    }
+    for (name, h) in hooks {
+        out.push(format!(
+            "  {name}: {} (timeout {}), {}",
+            h.command.join(" "),
+            h.timeout,
+            when(name)
+        ));
+    }
+    let Some(s) = &r.plan.strategy.shadow else {
+        return out;
+    };
+    if r.live_release.is_none() {
+        out.push("shadow: skipped, nothing is live yet whose requests could be copied".into());
+        return out;
+    }
+    let judged = if r.plan.analysis.is_some() {
+        "judged by the analysis"
+    } else {
+        "not judged (no [analysis])"
+    };
+    out.push(format!(
+        "shadow: before step 1, {}% of live {} requests copied to the new slot for {}, {judged}; no client is served by it",
+        s.share,
+        s.methods.join("/"),
+        s.duration
+    ));
+    out
 }
 
 fn print_targets(r: &DryRun) {
@@ -131,5 +180,53 @@ fn print_changes(r: &DryRun) {
             c.from.as_deref().unwrap_or("(none)"),
             c.to.as_deref().unwrap_or("(none)")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dry_run(plan_extra: &str, live: Option<&str>) -> DryRun {
+        let text = format!(
+            "service = \"web\"\n[release]\nversion = \"2\"\nartifact = \"file:///web-2.tar.gz\"\nsha256 = \"{}\"\n[run]\ncommand = [\"./web\"]\nlisten = 8080\n[health]\nhttp = \"/healthz\"\n{plan_extra}",
+            "a".repeat(64)
+        );
+        DryRun {
+            service: "web".into(),
+            release: "2".into(),
+            live_release: live.map(String::from),
+            outcome: "deploy".into(),
+            reason: None,
+            labels: Vec::new(),
+            unmatched_labels: Vec::new(),
+            hosts: Vec::new(),
+            changes: Vec::new(),
+            steps: Vec::new(),
+            plan: Plan::parse(&text, "web.toml").expect("a valid plan"),
+        }
+    }
+
+    #[test]
+    fn a_dry_run_says_when_each_hook_and_the_shadow_phase_would_run() {
+        let r = dry_run(
+            "[hooks]\nvalidate = { command = [\"./smoke.sh\", \"${PORT}\"], timeout = \"20s\" }\nbefore_stop = { command = [\"./bye\"] }\n[strategy]\nshadow = { duration = \"1m\", share = 50 }\n",
+            Some("1"),
+        );
+        assert_eq!(
+            verification_lines(&r),
+            [
+                "hooks on each target host:",
+                "  validate: ./smoke.sh ${PORT} (timeout 20s), once the new slot is healthy, at weight 0; a failure fails the host",
+                "  before_stop: ./bye (timeout 30s), before a slot is stopped (best effort)",
+                "shadow: before step 1, 50% of live GET/HEAD requests copied to the new slot for 1m, not judged (no [analysis]); no client is served by it",
+            ]
+        );
+        let first = dry_run("[strategy]\nshadow = { duration = \"1m\" }\n", None);
+        assert_eq!(
+            verification_lines(&first),
+            ["shadow: skipped, nothing is live yet whose requests could be copied"]
+        );
+        assert!(verification_lines(&dry_run("", Some("1"))).is_empty());
     }
 }

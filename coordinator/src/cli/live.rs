@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::out;
 use super::table::human_s;
-use crate::model::{HostPhase, State};
+use crate::model::{HostPhase, ShadowPhase, State};
 use crate::report::{LastInterval, Show, ShowHost, Spread};
 
 /// A block of lines redrawn in place on a terminal.
@@ -67,30 +67,49 @@ pub fn live_lines(v: &Show) -> Vec<String> {
     lines
 }
 
-/// `d-000012  web 1.3 (from 1.2)  PROGRESSING  step 2/3 at 10%  elapsed 1m05s  ETA ~2m10s`
+/// `d-000012  web 1.3 (from 1.2)  PROGRESSING  step 2/3 at 10%  elapsed 1m05s  ETA ~2m10s`;
+/// in the shadow phase, `SHADOW before step 1/3` in place of the step.
 fn headline(v: &Show) -> String {
     let eta = v
         .eta_s
         .map(|e| format!("  ETA ~{}", human_s(e)))
         .unwrap_or_default();
+    let step = if in_shadow(v) {
+        format!("SHADOW before step 1/{}", v.steps)
+    } else {
+        format!("step {}/{} at {}%", v.step + 1, v.steps, v.traffic)
+    };
     format!(
-        "{}  {} {} (from {})  {}  step {}/{} at {}%  elapsed {}{eta}",
+        "{}  {} {} (from {})  {}  {step}  elapsed {}{eta}",
         v.id,
         v.service,
         v.release,
         v.previous_release.as_deref().unwrap_or("nothing"),
         v.state.as_str().to_uppercase(),
-        v.step + 1,
-        v.steps,
-        v.traffic,
         human_s(v.elapsed_s),
     )
+}
+
+/// The deployment is in its shadow phase.
+fn in_shadow(v: &Show) -> bool {
+    v.shadow
+        .as_ref()
+        .is_some_and(|s| s.phase == ShadowPhase::Mirroring)
+        && !v.state.is_final()
 }
 
 /// The current phase against the service's typical times.
 fn phase_line(v: &Show) -> String {
     let t = &v.typical;
-    let phase = if v.holding {
+    let phase = if in_shadow(v) {
+        let of = v
+            .hold_s
+            .map_or(String::new(), |h| format!(" of {}", human_s(h)));
+        format!(
+            "shadow {}{of}: copies of live requests, clients get the live answers",
+            human_s(v.phase_elapsed_s)
+        )
+    } else if v.holding {
         let bake = v.bake_s.map_or(String::new(), |b| {
             format!(" (bake {} included)", human_s(b))
         });
@@ -167,9 +186,13 @@ fn slowest_prepared(prepare_s: &BTreeMap<String, f64>) -> Option<String> {
 
 fn signals_line(i: &LastInterval) -> String {
     let metrics: Vec<&str> = i.metrics.iter().map(|m| m.text.as_str()).collect();
+    let at = if i.shadow {
+        "on shadow copies".to_string()
+    } else {
+        format!("at {}%", i.traffic)
+    };
     format!(
-        "  signals new vs old at {}%: {} · {} ({} vs {} req)",
-        i.traffic,
+        "  signals new vs old {at}: {} · {} ({} vs {} req)",
         i.verdict,
         metrics.join(" · "),
         i.new_requests,
@@ -251,6 +274,38 @@ mod tests {
         assert_eq!(
             lines.last().map(String::as_str),
             Some("  reason  waiting for web-3")
+        );
+    }
+
+    #[test]
+    fn the_shadow_phase_shows_as_a_step_before_the_ladder() {
+        let mut v = holding();
+        v.traffic = 0;
+        v.hold_s = Some(60.0);
+        v.shadow = Some(crate::report::ShadowShow {
+            phase: ShadowPhase::Mirroring,
+            duration_s: 60.0,
+            typical_s: None,
+        });
+        if let Some(i) = v.last_interval.as_mut() {
+            i.shadow = true;
+        }
+        let lines = live_lines(&v);
+        assert_eq!(
+            lines[0],
+            "d-000012  web 1.3 (from 1.2)  PROGRESSING  SHADOW before step 1/3  elapsed 1m05s  ETA ~2m10s"
+        );
+        assert!(
+            lines[1].starts_with(
+                "  phase   shadow 20.0s of 1m00s: copies of live requests, clients get the live answers"
+            ),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[5].starts_with("  signals new vs old on shadow copies: pass"),
+            "{}",
+            lines[5]
         );
     }
 }

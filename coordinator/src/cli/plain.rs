@@ -14,8 +14,13 @@ use cutover_proto::v1 as pb;
 pub fn progress_line(d: &pb::Deployment) -> (String, String) {
     let count = |p: &str| d.hosts.iter().filter(|h| h.phase == p).count();
     let total = d.hosts.len();
+    let shadow = if d.shadow {
+        " (shadow: copies of live requests, no client served by the new release)"
+    } else {
+        ""
+    };
     let mut line = format!(
-        "{} {} {}: {} step {}/{} traffic {}% | hosts {} preparing, {} healthy, {} switched, {} failed of {}",
+        "{} {} {}: {}{shadow} step {}/{} traffic {}% | hosts {} preparing, {} healthy, {} switched, {} failed of {}",
         d.id,
         d.service,
         d.release,
@@ -46,7 +51,8 @@ pub fn progress_line(d: &pb::Deployment) -> (String, String) {
     let mut figures = String::new();
     if let Some(i) = d.intervals.last() {
         figures.push_str(&format!(
-            " | last interval: {} ({} req new, {} old){}",
+            " | last {}interval: {} ({} req new, {} old){}",
+            if i.shadow { "shadow " } else { "" },
             i.verdict,
             i.new_requests,
             i.old_requests,

@@ -139,6 +139,13 @@ fn print_show(v: &Show) {
         }
         outln!();
     }
+    for h in v.hosts.iter().filter(|h| h.hook_log.is_some()) {
+        outln!(
+            "hook output on {}: {}",
+            h.name,
+            h.hook_log.as_deref().unwrap_or_default()
+        );
+    }
     outln!(
         "{} {} {} (from {}): {} after {}",
         v.id,

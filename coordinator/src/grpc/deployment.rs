@@ -5,7 +5,7 @@
 use cutover_proto::v1 as pb;
 
 use crate::analysis::{Verdict, threshold};
-use crate::model::{DeploymentRecord, IntervalRecord, TaskPhase, TaskRun};
+use crate::model::{DeploymentRecord, IntervalRecord, ShadowPhase, TaskPhase, TaskRun};
 
 /// The deployment record in protocol form.
 pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
@@ -45,6 +45,13 @@ pub fn deployment_to_pb(d: &DeploymentRecord) -> pb::Deployment {
             .and_then(|r| r.done_unix_ms)
             .unwrap_or(0),
         database: Some(database_to_pb(d)),
+        shadow: d.shadow == ShadowPhase::Mirroring && !d.state.is_final(),
+        shadow_ms: d
+            .plan
+            .strategy
+            .shadow
+            .as_ref()
+            .map_or(0, |s| s.duration.as_millis()),
         // The service's, not the record's: the caller adds it (see `Control`).
         lock: None,
     }
@@ -132,6 +139,7 @@ fn interval_to_pb(d: &DeploymentRecord, i: &IntervalRecord) -> pb::AnalysisInter
                 }
             })
             .collect(),
+        shadow: i.shadow,
     }
 }
 

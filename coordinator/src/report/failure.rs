@@ -1,5 +1,5 @@
 //! Where a deployment that did not succeed went wrong: the phase (`database expand`,
-//! `preparing`, `at N%` or `baking`), the reason and the hosts whose preparation failed. `show` puts it
+//! `preparing`, `shadow`, `at N%` or `baking`), the reason and the hosts whose preparation failed. `show` puts it
 //! first; `stats` counts failures by phase and by host.
 
 use std::collections::BTreeSet;
@@ -12,7 +12,8 @@ use crate::timeline::{Event, Kind};
 /// Where a deployment went wrong.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Failure {
-    /// `preparing`, `at N%` (the traffic the new release had) or `baking`.
+    /// `preparing`, `shadow` (copies of live requests, no client served), `at N%` (the
+    /// traffic the new release had) or `baking`.
     pub phase: String,
     /// Why it rolled back or failed, as recorded.
     pub reason: Option<String>,
@@ -84,8 +85,8 @@ pub fn carried_traffic(events: &[Event]) -> bool {
         .any(|e| matches!(e.kind, Kind::StepStarted { traffic, .. } if traffic > 0))
 }
 
-/// `database expand` (its expand failed), `preparing`, `at N%` (the traffic the new
-/// release had), or `baking`.
+/// `database expand` (its expand failed), `preparing`, `shadow`, `at N%` (the traffic
+/// the new release had), or `baking`.
 pub fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
     let end = events
         .iter()
@@ -93,6 +94,7 @@ pub fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
         .unwrap_or(events.len());
     let mut traffic = None;
     let mut held_last = false;
+    let mut shadow = false;
     for e in &events[..end] {
         if let Kind::DatabaseEnded {
             phase, ok: false, ..
@@ -101,6 +103,7 @@ pub fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
             return format!("database {phase}");
         }
         match e.kind {
+            Kind::ShadowStarted { .. } => shadow = true,
             Kind::StepStarted { traffic: t, .. } => {
                 traffic = Some(t);
                 held_last = false;
@@ -112,6 +115,7 @@ pub fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
         }
     }
     match traffic {
+        None if shadow => "shadow".into(),
         None => "preparing".into(),
         Some(_) if held_last && !d.plan.strategy.bake.is_zero() => "baking".into(),
         Some(t) => format!("at {t}%"),

@@ -12,7 +12,7 @@ use super::failure::{Failure, failure};
 use super::secs;
 use super::timing::{Typical, eta_ms, phases, stragglers};
 use crate::analysis::{MetricResult, Verdict, figure, threshold, unit};
-use crate::model::{DeploymentRecord, HostPhase, IntervalRecord, State};
+use crate::model::{DeploymentRecord, HostPhase, IntervalRecord, ShadowPhase, State};
 use crate::timeline::Event;
 use crate::views::{self, rfc3339};
 use cutover_shared::plan::{Metric, MetricName};
@@ -48,12 +48,17 @@ pub struct Show {
     pub elapsed_s: f64,
     /// How long the current phase has lasted (the hold so far, while holding).
     pub phase_elapsed_s: f64,
-    /// The step's weights are confirmed everywhere and it waits out its hold.
+    /// The step's weights are confirmed everywhere and it waits out its hold (in the
+    /// shadow phase: every host copies, and the phase waits out its duration).
     pub holding: bool,
-    /// The hold being waited out (with the bake at the last step), while holding.
+    /// The hold being waited out (with the bake at the last step; the shadow's
+    /// duration in the shadow phase), while holding.
     pub hold_s: Option<f64>,
     /// The bake included in `hold_s`, at the last step.
     pub bake_s: Option<f64>,
+    /// The plan's shadow phase, if it has one: where it stands and how long it lasts.
+    #[serde(default)]
+    pub shadow: Option<ShadowShow>,
     /// Each target host's phase, weight and error.
     pub hosts: Vec<ShowHost>,
     /// The newest analysis interval's verdict and figures.
@@ -96,6 +101,22 @@ pub struct ShowHost {
     pub weight: u32,
     /// What went wrong on it, if anything.
     pub error: Option<String>,
+    /// Where the host keeps the whole output of this deployment's hooks.
+    #[serde(default)]
+    pub hook_log: Option<String>,
+}
+
+/// A deployment's shadow phase: copies of live requests to the new release, before the
+/// first step, answered to no client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShadowShow {
+    /// `none` (ahead, or skipped: a first release has nothing to copy), `mirroring` or
+    /// `done`.
+    pub phase: ShadowPhase,
+    /// How long the plan copies for.
+    pub duration_s: f64,
+    /// How much of it a service's past successful deployments took, in the median.
+    pub typical_s: Option<f64>,
 }
 
 /// The newest analysis interval: new slot against old, at the step's traffic.
@@ -103,6 +124,9 @@ pub struct ShowHost {
 pub struct LastInterval {
     /// The step's traffic, in percent, during the interval.
     pub traffic: u32,
+    /// It judged the new release's answers to copies of live requests.
+    #[serde(default)]
+    pub shadow: bool,
     /// `pass`, or `fail: why` / `inconclusive: why`.
     pub verdict: String,
     /// Requests the new slots answered in the interval.
@@ -182,6 +206,11 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
         holding: hold.holding,
         hold_s: hold.hold_ms.map(secs),
         bake_s: hold.bake_ms.map(secs),
+        shadow: d.plan.strategy.shadow.as_ref().map(|s| ShadowShow {
+            phase: d.shadow,
+            duration_s: secs(s.duration.as_millis()),
+            typical_s: typical.shadow.median_s,
+        }),
         hosts: hosts(d),
         last_interval: d.analysis.intervals.last().map(|i| last_interval(d, i)),
         host_prepare_s: phases(d, events)
@@ -217,6 +246,15 @@ impl Hold {
     fn of(d: &DeploymentRecord) -> Hold {
         let strategy = &d.plan.strategy;
         let holding = d.state == State::Progressing && d.step_switched_unix_ms.is_some();
+        if let Some(shadow) = &strategy.shadow
+            && d.shadow == ShadowPhase::Mirroring
+        {
+            return Hold {
+                holding,
+                hold_ms: holding.then(|| shadow.duration.as_millis()),
+                bake_ms: None,
+            };
+        }
         let last = d.step as usize + 1 == strategy.steps.len();
         let bake_ms =
             (holding && last && !strategy.bake.is_zero()).then(|| strategy.bake.as_millis());
@@ -241,6 +279,7 @@ fn hosts(d: &DeploymentRecord) -> Vec<ShowHost> {
             phase: h.phase,
             weight: h.weight,
             error: h.error.clone(),
+            hook_log: h.hook_log.clone(),
         })
         .collect()
 }
@@ -248,6 +287,7 @@ fn hosts(d: &DeploymentRecord) -> Vec<ShowHost> {
 fn last_interval(d: &DeploymentRecord, i: &IntervalRecord) -> LastInterval {
     LastInterval {
         traffic: i.traffic,
+        shadow: i.shadow,
         verdict: match &i.verdict {
             Verdict::Pass => "pass".to_string(),
             Verdict::Fail(w) => format!("fail: {w}"),

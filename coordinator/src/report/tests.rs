@@ -32,6 +32,7 @@ fn host(phase: HostPhase) -> DeployHost {
         lost: false,
         old_front: None,
         reported: None,
+        hook_log: None,
     }
 }
 
@@ -66,6 +67,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         analysis: Default::default(),
         rollback: None,
         database: Default::default(),
+        shadow: Default::default(),
     }
 }
 
@@ -390,6 +392,7 @@ fn interval(at: u64, verdict: Verdict, metrics: Vec<MetricResult>) -> IntervalRe
         old_requests: 900,
         verdict,
         metrics,
+        shadow: false,
     }
 }
 
@@ -620,6 +623,7 @@ fn every_kind(start: u64) -> Vec<Event> {
                 fetch_ms: 120,
                 unpack_ms: 30,
                 start_ms: 800,
+                ..Default::default()
             }),
         },
         Kind::HostFailed {
@@ -640,6 +644,7 @@ fn every_kind(start: u64) -> Vec<Event> {
         Kind::Interval {
             step: 0,
             traffic: 10,
+            shadow: false,
             verdict: "fail".into(),
             why: "error_rate 40.00% above max 1.00%".into(),
             new_requests: 10,
@@ -761,6 +766,7 @@ fn show_keeps_the_field_names_its_readers_use() {
             "reason",
             "release",
             "service",
+            "shadow",
             "state",
             "step",
             "steps",
@@ -772,13 +778,17 @@ fn show_keeps_the_field_names_its_readers_use() {
     );
     assert_eq!(keys(&v["failure"]), ["hosts", "phase", "reason"]);
     assert_eq!(keys(&v["failure"]["hosts"][0]), ["error", "name"]);
-    assert_eq!(keys(&v["hosts"][0]), ["error", "name", "phase", "weight"]);
+    assert_eq!(
+        keys(&v["hosts"][0]),
+        ["error", "hook_log", "name", "phase", "weight"]
+    );
     assert_eq!(
         keys(&v["last_interval"]),
         [
             "metrics",
             "new_requests",
             "old_requests",
+            "shadow",
             "traffic",
             "verdict"
         ]
@@ -794,6 +804,7 @@ fn show_keeps_the_field_names_its_readers_use() {
             "expand",
             "host_prepare",
             "prepare",
+            "shadow",
             "switch",
             "total"
         ]
@@ -872,6 +883,141 @@ fn stats_keep_the_field_names_their_readers_use() {
             "time_to_restore"
         ]
     );
+}
+
+/// A deployment of `plan` with a 60 s shadow phase before its steps.
+fn with_shadow(d: &mut DeploymentRecord) {
+    d.plan.strategy.shadow = Some(cutover_shared::plan::Shadow {
+        duration: cutover_shared::Duration::from_secs(60),
+        share: 100,
+        methods: vec!["GET".into()],
+    });
+}
+
+#[test]
+fn the_shadow_phase_counts_in_typical_times_the_eta_and_where_a_release_failed() {
+    let mut past = dep("d-1", "1", 0, 100_000, State::Succeeded);
+    with_shadow(&mut past);
+    let ready = crate::timeline::Timings {
+        fetch_ms: 100,
+        unpack_ms: 50,
+        start_ms: 400,
+        before_start_ms: 250,
+        validate_ms: 200,
+    };
+    let events = vec![
+        ev(
+            0,
+            Kind::HostPhase {
+                host: "web-1".into(),
+                phase: "fetching".into(),
+            },
+        ),
+        ev(
+            1_000,
+            Kind::HostReady {
+                host: "web-1".into(),
+                timings: Some(ready),
+            },
+        ),
+        ev(
+            2_000,
+            Kind::ShadowStarted {
+                hosts: 1,
+                share: 100,
+                methods: vec!["GET".into()],
+                duration_ms: 60_000,
+            },
+        ),
+        ev(2_500, Kind::ShadowHolding),
+        ev(63_000, Kind::ShadowEnded),
+        ev(
+            63_000,
+            Kind::StepStarted {
+                step: 0,
+                traffic: 10,
+            },
+        ),
+        ev(
+            63_200,
+            Kind::StepHolding {
+                step: 0,
+                traffic: 10,
+            },
+        ),
+    ];
+    let p = phases(&past, &events);
+    assert_eq!(
+        p.prepare_ms,
+        Some(2_000),
+        "submitted to every host prepared"
+    );
+    assert_eq!(p.shadow_ms, Some(61_000));
+    assert_eq!(p.host_prepare_ms["web-1"], 1_000, "hooks included");
+    let t = typical(&[past], &BTreeMap::from([("d-1".into(), events)]), "web");
+    assert_eq!(t.shadow.median_s, Some(61.0));
+
+    // Preparing: the shadow's duration and its confirmation come before the steps.
+    let t = Typical {
+        switch: spread(&[100]),
+        ..t
+    };
+    let mut d = dep("d-2", "2", 0, 0, State::Preparing);
+    d.ended_unix_ms = None;
+    d.step = 0;
+    with_shadow(&mut d);
+    let ahead = eta_ms(&d, &[], &t, 0).unwrap();
+    assert_eq!(ahead, 2_000 + (100 + 60_000) + (100 + 10_000) + 100);
+    // 20 s into the shadow's minute: 40 s of it left, then every step.
+    d.state = State::Progressing;
+    d.shadow = crate::model::ShadowPhase::Mirroring;
+    d.step_switched_unix_ms = Some(10_000);
+    let started = vec![ev(
+        9_000,
+        Kind::ShadowStarted {
+            hosts: 1,
+            share: 100,
+            methods: vec![],
+            duration_ms: 60_000,
+        },
+    )];
+    assert_eq!(
+        eta_ms(&d, &started, &t, 30_000),
+        Some(40_000 + (100 + 10_000) + 100)
+    );
+    let shown = show(&d, &started, &t, 30_000);
+    assert!(shown.holding);
+    assert_eq!(shown.hold_s, Some(60.0));
+    assert_eq!(shown.phase_elapsed_s, 20.0);
+    assert_eq!(
+        shown.shadow.as_ref().map(|s| (s.phase, s.duration_s)),
+        Some((crate::model::ShadowPhase::Mirroring, 60.0))
+    );
+
+    // Rolled back from the shadow phase: it failed there, before any traffic.
+    let mut failed = dep("d-3", "2", 0, 70_000, State::RolledBack);
+    rolled_back(&mut failed, 30_000, 31_000);
+    let events = vec![
+        ev(
+            2_000,
+            Kind::ShadowStarted {
+                hosts: 1,
+                share: 100,
+                methods: vec![],
+                duration_ms: 60_000,
+            },
+        ),
+        ev(
+            31_000,
+            Kind::RollbackStarted {
+                reason: "analysis of shadow traffic failed".into(),
+                first_bad_unix_ms: 30_000,
+                decided_unix_ms: 31_000,
+            },
+        ),
+    ];
+    assert_eq!(failure::failure_phase(&failed, &events), "shadow");
+    assert!(!failure::carried_traffic(&events));
 }
 
 /// `show` carries the plan that was deployed, with the values of its secret variables

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{is_change, secs};
-use crate::model::{DeploymentRecord, HostPhase, State};
+use crate::model::{DeploymentRecord, HostPhase, ShadowPhase, State};
 use crate::timeline::{Event, Kind};
 
 /// Count, mean, median and 90th percentile (nearest rank) of durations, in seconds.
@@ -50,8 +50,11 @@ pub fn spread(ms: &[u64]) -> Spread {
 /// How long the phases of one deployment took, from its timeline.
 #[derive(Debug, Default, PartialEq)]
 pub struct Phases {
-    /// Submitted to the first step's weights going out (every host prepared).
+    /// Submitted to every host prepared: the shadow phase or the first step's weights
+    /// going out, whichever came first.
     pub prepare_ms: Option<u64>,
+    /// The shadow phase: copying begun to its end.
+    pub shadow_ms: Option<u64>,
     /// Per host: its first reported phase to ready.
     pub host_prepare_ms: BTreeMap<String, u64>,
     /// Per step: weights sent to confirmed by every host.
@@ -67,8 +70,17 @@ pub fn phases(d: &DeploymentRecord, events: &[Event]) -> Phases {
     let mut p = Phases::default();
     let mut host_start: BTreeMap<&str, u64> = BTreeMap::new();
     let mut step_start: Option<u64> = None;
+    let mut shadow_start: Option<u64> = None;
     for e in events {
         match &e.kind {
+            Kind::ShadowStarted { .. } => {
+                p.prepare_ms
+                    .get_or_insert(e.at_unix_ms.saturating_sub(d.created_unix_ms));
+                shadow_start = Some(e.at_unix_ms);
+            }
+            Kind::ShadowEnded => {
+                p.shadow_ms = shadow_start.map(|t| e.at_unix_ms.saturating_sub(t));
+            }
             Kind::HostPhase { host, .. } => {
                 host_start.entry(host.as_str()).or_insert(e.at_unix_ms);
             }
@@ -77,8 +89,7 @@ pub fn phases(d: &DeploymentRecord, events: &[Event]) -> Phases {
                 timings: Some(t),
             } => {
                 // The agent's own measure, exact even for phases too short to be seen.
-                p.host_prepare_ms
-                    .insert(host.clone(), t.fetch_ms + t.unpack_ms + t.start_ms);
+                p.host_prepare_ms.insert(host.clone(), t.total_ms());
             }
             Kind::HostReady { host, .. } => {
                 if let Some(t) = host_start.get(host.as_str()) {
@@ -115,14 +126,17 @@ pub fn phases(d: &DeploymentRecord, events: &[Event]) -> Phases {
 pub struct Typical {
     /// How many past successful deployments they come from.
     pub deployments: usize,
-    /// Submitted to every host prepared (the first step's weights going out), the
-    /// database expand included.
+    /// Submitted to every host prepared (the shadow phase or the first step's weights
+    /// going out), the database expand included.
     pub prepare: Spread,
     /// The database expand, for services whose plans have `[database]`.
     #[serde(default)]
     pub expand: Spread,
-    /// One host's preparation: fetch, unpack, start to healthy.
+    /// One host's preparation: fetch, unpack, hooks, start to healthy.
     pub host_prepare: Spread,
+    /// The shadow phase, in deployments that had one.
+    #[serde(default)]
+    pub shadow: Spread,
     /// A step's weights sent to confirmed by every host.
     pub switch: Spread,
     /// Submitted to ended.
@@ -139,6 +153,7 @@ pub fn typical(
     let mut t = Typical::default();
     let (mut prep, mut host, mut switch, mut total) = (vec![], vec![], vec![], vec![]);
     let mut expand = vec![];
+    let mut shadow = vec![];
     for d in records
         .iter()
         .filter(|d| d.service == service && d.state == State::Succeeded && is_change(d))
@@ -146,6 +161,7 @@ pub fn typical(
         let p = phases(d, events.get(&d.id).map_or(&[][..], Vec::as_slice));
         t.deployments += 1;
         prep.extend(p.prepare_ms);
+        shadow.extend(p.shadow_ms);
         host.extend(p.host_prepare_ms.values());
         switch.extend(p.switch_ms);
         total.extend(p.total_ms);
@@ -153,6 +169,7 @@ pub fn typical(
     }
     t.prepare = spread(&prep);
     t.host_prepare = spread(&host);
+    t.shadow = spread(&shadow);
     t.switch = spread(&switch);
     t.total = spread(&total);
     t.expand = spread(&expand);
@@ -165,8 +182,8 @@ fn ms_of(s: Option<f64>) -> u64 {
 }
 
 /// Time left for an active deployment, in ms: the typical (median) preparation and
-/// switch times still ahead, the holds and bake the plan still has to wait, minus what
-/// the current phase has used already.
+/// switch times still ahead, the shadow phase and the holds and bake the plan still has
+/// to wait, minus what the current phase has used already.
 pub fn eta_ms(d: &DeploymentRecord, events: &[Event], t: &Typical, now: u64) -> Option<u64> {
     if d.state.is_final() {
         return None;
@@ -174,17 +191,27 @@ pub fn eta_ms(d: &DeploymentRecord, events: &[Event], t: &Typical, now: u64) -> 
     let steps = &d.plan.strategy.steps;
     let switch = ms_of(t.switch.median_s);
     let current = d.step as usize;
-    let started_steps = events
-        .iter()
-        .any(|e| matches!(e.kind, Kind::StepStarted { .. }));
+    let started = |kind: fn(&Kind) -> bool| events.iter().any(|e| kind(&e.kind));
+    let started_steps = started(|k| matches!(k, Kind::StepStarted { .. }));
+    let shadow_started = started(|k| matches!(k, Kind::ShadowStarted { .. }));
     let mut left: u64 = 0;
-    if !started_steps {
+    if !started_steps && !shadow_started {
         let elapsed = now.saturating_sub(d.created_unix_ms);
         left += ms_of(t.prepare.median_s).saturating_sub(elapsed);
     }
+    let in_shadow = d.shadow == ShadowPhase::Mirroring;
+    if let Some(shadow) = &d.plan.strategy.shadow
+        && (in_shadow || d.shadow == ShadowPhase::None && !started_steps)
+    {
+        let duration = shadow.duration.as_millis();
+        left += match d.held_ms(now).filter(|_| in_shadow) {
+            Some(held) => duration.saturating_sub(held),
+            None => switch + duration,
+        };
+    }
     for (i, s) in steps.iter().enumerate().skip(current) {
         let hold = s.hold.as_millis();
-        if i == current {
+        if i == current && !in_shadow {
             match d.held_ms(now) {
                 Some(held) => left += hold.saturating_sub(held),
                 None => left += switch + hold,

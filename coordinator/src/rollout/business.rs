@@ -10,6 +10,7 @@ use cutover_proto::v1::ScrapeSpec;
 use cutover_shared::plan::{Measure, Plan};
 
 use super::machine::{Flow, Machine};
+use super::verify::mirrors;
 use crate::analysis::scraped::{self, HostSpan, Span};
 use crate::analysis::{Reading, Scrape, ScrapeSnapshot};
 use crate::model::{HostPhase, PauseCause, Slot, State};
@@ -44,14 +45,21 @@ pub fn scrape_spec(plan: &Plan) -> (String, Option<ScrapeSpec>) {
 
 impl Machine<'_, '_> {
     /// Each host's latest scrapes of the slots that serve the new release next to the
-    /// old one: (new slot, old slot).
+    /// old one: (new slot, old slot). In the shadow phase, those of the hosts copying
+    /// live requests to the new slot: its own metrics then count the copies it answered.
     pub(super) fn scrapes(&self) -> ScrapeSnapshot {
         let mut out = BTreeMap::new();
         if !self.judges_slots() {
             return out;
         }
+        let shadow = self.in_shadow();
         for (name, h) in &self.d.hosts {
-            if h.untouched || h.phase != HostPhase::Switched || h.weight == 0 {
+            let judged = if shadow {
+                mirrors(h)
+            } else {
+                !h.untouched && h.phase == HostPhase::Switched && h.weight > 0
+            };
+            if !judged {
                 continue;
             }
             let Some(o) = self.view(name).observed else {

@@ -11,6 +11,7 @@ use cutover_proto::v1::{
 use cutover_shared::plan::{Check, Plan, Protocol};
 
 use super::HostView;
+use super::verify::{hooks_spec, mirror};
 use crate::model::{DeployHost, DeploymentRecord, Front, HostPhase, Slot, State};
 
 /// The slot spec a plan asks for; with `[database]`, its environment names the
@@ -46,6 +47,7 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             unhealthy_after: h.unhealthy_after,
             start_timeout_ms: h.start_timeout.as_millis(),
         }),
+        hooks: hooks_spec(&plan.hooks),
     }
 }
 
@@ -73,6 +75,7 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
         lost: false,
         old_front: None,
         reported: None,
+        hook_log: None,
     };
     let Some(cur) = current else { return host };
     if cur.listen != 0 {
@@ -112,9 +115,10 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
     host
 }
 
-/// The desired state of one host for the deployment as it stands.
+/// The desired state of host `name` for the deployment as it stands.
 pub fn target(
     dep: &DeploymentRecord,
+    name: &str,
     host: &DeployHost,
     current: Option<&DesiredService>,
 ) -> Option<DesiredService> {
@@ -134,6 +138,11 @@ pub fn target(
         Protocol::Tcp => WireProtocol::Tcp,
     } as i32;
     d.drain_ms = plan.run.drain.as_millis();
+    // What the hooks are told: which deployment, from which release, on which host.
+    d.deployment = dep.id.clone();
+    d.previous_release = dep.previous_release.clone().unwrap_or_default();
+    d.host = name.to_string();
+    d.shadow = mirror(dep, host);
     let (metrics_path, scrape) = super::scrape_spec(plan);
     d.metrics_path = metrics_path;
     // Slots are scraped only while there is an interval to judge.
@@ -189,7 +198,10 @@ pub fn changes(
     views: &BTreeMap<String, HostView<'_>>,
 ) -> BTreeMap<String, DesiredService> {
     differing(dep, views, |name, current| {
-        let slots = dep.hosts.get(name).and_then(|h| target(dep, h, current));
+        let slots = dep
+            .hosts
+            .get(name)
+            .and_then(|h| target(dep, name, h, current));
         super::database::with_task(dep, name, slots, current)
     })
 }

@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 
+use cutover_proto::v1::HookRun;
+
 use crate::model::{DeploymentRecord, IntervalRecord, State};
 use crate::timeline::{Event, Kind, Timings};
 
@@ -38,6 +40,15 @@ pub(super) struct Effects {
     opening: Vec<Event>,
     /// Each host's news, by host name.
     hosts: BTreeMap<String, HostNews>,
+    /// The hooks each host's new slot ran while it prepared, recorded with its news
+    /// when it turned ready or failed.
+    hooks: BTreeMap<String, Vec<Kind>>,
+    /// The shadow phase began, with this many copying hosts.
+    shadow_started: Option<usize>,
+    /// Every host confirmed it copies.
+    shadow_holding: bool,
+    /// The shadow phase passed.
+    shadow_ended: bool,
     /// The step's weights went out for a step that preparing made ready.
     step_switched: bool,
     /// The deployment moved on to its next step.
@@ -67,6 +78,10 @@ impl Effects {
             began,
             opening: Vec::new(),
             hosts: BTreeMap::new(),
+            hooks: BTreeMap::new(),
+            shadow_started: None,
+            shadow_holding: false,
+            shadow_ended: false,
             step_switched: false,
             advanced: false,
             hold_began: false,
@@ -117,6 +132,37 @@ impl Effects {
     pub fn host_failed(&mut self, host: &str, error: &str) {
         self.hosts
             .insert(host.to_string(), HostNews::Failed(error.to_string()));
+    }
+
+    /// The hooks a host's new slot ran, as its agent reported them with its outcome.
+    pub fn hooks_ran(&mut self, host: &str, runs: &[HookRun]) {
+        let kinds = runs
+            .iter()
+            .map(|r| Kind::Hook {
+                host: host.to_string(),
+                hook: r.hook.clone(),
+                duration_ms: r.duration_ms,
+                ok: r.ok,
+                outcome: if r.ok {
+                    String::new()
+                } else {
+                    r.outcome.clone()
+                },
+            })
+            .collect();
+        self.hooks.insert(host.to_string(), kinds);
+    }
+
+    pub fn shadow_started(&mut self, hosts: usize) {
+        self.shadow_started = Some(hosts);
+    }
+
+    pub fn shadow_holding(&mut self) {
+        self.shadow_holding = true;
+    }
+
+    pub fn shadow_ended(&mut self) {
+        self.shadow_ended = true;
     }
 
     pub fn host_lost(&mut self, host: &str) {
@@ -182,17 +228,22 @@ impl Effects {
     }
 
     /// The decision's events, in their order, for the record `d` it came to: what hosts
-    /// reported and the command, database commands, host news by host, the step
-    /// started, its hold, intervals, the pause, the rollback (with the abort's database
-    /// events once it is confirmed) and the end.
-    pub fn finish(self, d: &DeploymentRecord) -> Vec<Event> {
+    /// reported and the command, database commands, host news by host (each with the
+    /// hooks it ran), the shadow phase, the step started, its hold, intervals, the pause,
+    /// the rollback (with the abort's database events once it is confirmed) and the end.
+    pub fn finish(mut self, d: &DeploymentRecord) -> Vec<Event> {
         let mut out = self.opening.clone();
         out.extend(self.database.iter().cloned());
         for (host, news) in &self.hosts {
             if let Some(kind) = host_event(host, news) {
+                if matches!(news, HostNews::Ready(_) | HostNews::Failed(_)) {
+                    let hooks = self.hooks.get(host).into_iter().flatten();
+                    out.extend(hooks.map(|k| self.event(k.clone())));
+                }
                 out.push(self.event(kind));
             }
         }
+        out.extend(self.shadow(d));
         if self.records_step_start(d.state) {
             let step = d.step;
             let traffic = d
@@ -209,6 +260,28 @@ impl Effects {
         }
         out.extend(self.intervals.iter().cloned());
         out.extend(self.closing(d));
+        out
+    }
+
+    /// The shadow phase's events: its start, its hold, and when it passed, the intervals
+    /// that proved it before its end, so they read in the order they happened.
+    fn shadow(&mut self, d: &DeploymentRecord) -> Vec<Event> {
+        let mut out = Vec::new();
+        if let (Some(hosts), Some(plan)) = (self.shadow_started, &d.plan.strategy.shadow) {
+            out.push(self.event(Kind::ShadowStarted {
+                hosts,
+                share: plan.share,
+                methods: plan.methods.clone(),
+                duration_ms: plan.duration.as_millis(),
+            }));
+        }
+        if self.shadow_holding {
+            out.push(self.event(Kind::ShadowHolding));
+        }
+        if self.shadow_ended {
+            out.append(&mut self.intervals);
+            out.push(self.event(Kind::ShadowEnded));
+        }
         out
     }
 
@@ -280,6 +353,7 @@ mod tests {
             fetch_ms: 1,
             unpack_ms: 2,
             start_ms: 3,
+            ..Timings::default()
         }
     }
 

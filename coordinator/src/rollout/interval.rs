@@ -55,12 +55,14 @@ impl Machine<'_, '_> {
                 if a.consecutive_failures >= plan.failure_limit {
                     let failures = a.consecutive_failures;
                     let traffic = self.d.traffic;
+                    let shadow = self.in_shadow();
                     self.forget_inconclusive_pause();
                     self.roll_back(Cause::AnalysisFailed {
                         failures,
                         traffic,
                         why,
                         since,
+                        shadow,
                     });
                     return Flow::Stop;
                 }
@@ -70,8 +72,12 @@ impl Machine<'_, '_> {
     }
 
     /// Counters now of each host that serves the new release next to the old one:
-    /// (new slot, old slot).
+    /// (new slot, old slot). In the shadow phase: the new slot's answers to the copies
+    /// of live requests, and the old slot's live answers.
     fn counters(&self) -> BTreeMap<String, (Counters, Counters)> {
+        if self.in_shadow() {
+            return self.shadow_counters();
+        }
         let mut out = BTreeMap::new();
         for (name, h) in &self.d.hosts {
             if h.untouched || h.phase != HostPhase::Switched || h.weight == 0 {
@@ -95,6 +101,7 @@ impl Machine<'_, '_> {
     fn sample(&self, started: u64, current: &BTreeMap<String, (Counters, Counters)>) -> Sample {
         let mut sample = Sample {
             seconds: self.now.saturating_sub(started) as f64 / 1000.0,
+            shadow: self.in_shadow(),
             ..Sample::default()
         };
         for (name, (new, old)) in current {
@@ -129,6 +136,7 @@ impl Machine<'_, '_> {
             old_requests: sample.old.requests,
             verdict,
             metrics,
+            shadow: sample.shadow,
         };
         self.fx.interval(&record);
         let a = &mut self.d.analysis;

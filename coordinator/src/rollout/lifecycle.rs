@@ -15,8 +15,9 @@ use crate::model::{DeployHost, HostPhase};
 
 /// The plan `cutover service restart` deploys over `hosts` target hosts: the live plan,
 /// in waves of its `max_parallel` hosts at 100 % each (a wave is prepared in the idle
-/// slot, health-checked, switched, then the next one starts), with no hold, bake or
-/// analysis — the release is the one already live.
+/// slot, health-checked, switched, then the next one starts), with no hold, bake,
+/// analysis or shadow phase — the release is the one already live. Its hooks run as in
+/// any deployment: a restarted slot is validated before it takes traffic.
 pub fn restart_plan(mut live: Plan, hosts: usize) -> Plan {
     let wave = live.strategy.max_parallel.of(hosts).max(1);
     let mut steps: Vec<Step> = (1..)
@@ -39,6 +40,7 @@ pub fn restart_plan(mut live: Plan, hosts: usize) -> Plan {
     live.strategy.bake = Duration::ZERO;
     live.strategy.keep_previous = Duration::ZERO;
     live.analysis = None;
+    live.strategy.shadow = None;
     live
 }
 
@@ -130,11 +132,11 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_goes_in_waves_of_max_parallel_with_no_hold_bake_or_analysis() {
+    fn a_restart_goes_in_waves_of_max_parallel_with_no_hold_bake_analysis_or_shadow() {
         let mut live = plan(
             "1",
             SHA1,
-            "bake = \"5m\"\nsteps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]",
+            "bake = \"5m\"\nshadow = { duration = \"1m\" }\nsteps = [{ traffic = 10, hold = \"1h\" }, { traffic = 100 }]",
         );
         live.strategy.max_parallel = Count::Hosts(2);
         let p = restart_plan(live.clone(), 5);
@@ -154,6 +156,7 @@ mod tests {
             (p.strategy.bake, p.strategy.keep_previous),
             (Duration::ZERO, Duration::ZERO)
         );
+        assert!(live.strategy.shadow.is_some() && p.strategy.shadow.is_none());
         assert_eq!(p.validate(), Ok(()), "a plan like any other");
         assert_eq!(restart_plan(live, 1).strategy.steps.len(), 1);
     }

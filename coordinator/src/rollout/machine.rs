@@ -97,6 +97,7 @@ impl<'v, 'a> Machine<'v, 'a> {
         self.watch_health();
         match self.d.state {
             State::Preparing => self.prepare(),
+            State::Progressing if self.in_shadow() => self.run_shadow(),
             State::Progressing => self.hold_and_advance(),
             // Counters keep being judged while paused in a step: a paused release
             // still serves its share.
@@ -130,12 +131,16 @@ impl<'v, 'a> Machine<'v, 'a> {
     }
 
     /// The hosts the current step covers: the first `hosts` of the deployment's hosts,
-    /// by name (all of them when the step does not say).
+    /// by name (all of them when the step does not say, or when the shadow phase that
+    /// comes first needs every host prepared).
     pub fn step_hosts(&self) -> Vec<String> {
         let steps = &self.d.plan.strategy.steps;
         let step = &steps[(self.d.step as usize).min(steps.len() - 1)];
         let all = self.d.hosts.len();
-        let n = step.hosts.map_or(all, |c| c.of(all));
+        let n = match step.hosts {
+            Some(c) if !self.shadow_due() => c.of(all),
+            _ => all,
+        };
         self.d.hosts.keys().take(n).cloned().collect()
     }
 
@@ -145,7 +150,7 @@ impl<'v, 'a> Machine<'v, 'a> {
         self.d
             .hosts
             .get(name)
-            .is_some_and(|h| answers(&self.d, &self.view(name), h))
+            .is_some_and(|h| answers(&self.d, name, &self.view(name), h))
     }
 
     /// The host answers what the deployment wants of it with that state's weights in
@@ -156,7 +161,7 @@ impl<'v, 'a> Machine<'v, 'a> {
         else {
             return false;
         };
-        answers(&self.d, &view, h)
+        answers(&self.d, name, &view, h)
             && o.weight(h.new_slot) == d.weight(h.new_slot)
             && h.old_slot.is_none_or(|s| o.weight(s) == d.weight(s))
     }
@@ -182,11 +187,11 @@ impl<'a> HostView<'a> {
 /// agent has seen it. An older report may describe the host as it was before — a warm
 /// slot holding the same release with another spec, or a port error of an earlier
 /// attempt — and vouches for nothing in this deployment.
-fn answers(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployHost) -> bool {
+fn answers(dep: &DeploymentRecord, name: &str, view: &HostView<'_>, host: &DeployHost) -> bool {
     let Some(d) = view.desired else {
         return false;
     };
-    if let Some(want) = target(dep, host, Some(d)) {
+    if let Some(want) = target(dep, name, host, Some(d)) {
         // The slots answer; a database task beside them is another matter.
         let mut have = d.clone();
         have.generation = 0;

@@ -16,11 +16,13 @@
 //! | — | `succeeded` | every target host already runs the plan (a no-op) | the engine |
 //! | `pending` | `preparing` | the first decision | `machine` |
 //! | `preparing` | `progressing` | every host of the step is ready (or failed within `max_failed_hosts`): the step's weights go out | `prepare` |
+//! | `preparing` | `progressing` (shadow) | with `[strategy] shadow`: every target host is ready; they copy live requests to the new release, which serves no client | `prepare` |
+//! | `progressing` (shadow) | `progressing` | the shadow's duration and a conclusive passing interval of the new release's answers to the copies (or `promote`): the first step's weights go out | `shadow` |
 //! | `progressing` | `preparing` | the step held: weights confirmed, its hold (and the bake on the last step), a conclusive passing interval with `[analysis]`, or `promote` | `hold` |
 //! | `progressing` | `succeeded` | the last step held | `hold` |
 //! | `preparing`, `progressing` | `paused` | `pause`; a step's `pause = true` gate; a lost host with `on_host_lost = "pause"` | `command`, `hold`, `lost` |
 //! | `paused` | where it was | `resume` or `promote` | `command` |
-//! | `preparing`, `progressing`, `paused` | `rolling_back` | `abort`; preparation failures beyond tolerance or the same error on two hosts; a serving new slot failing; a deadline; failing analysis; a lost host with `on_host_lost = "rollback"` | `command`, `prepare`, `watch`, `hold`, `interval`, `lost` |
+//! | `preparing`, `progressing`, `paused` | `rolling_back` | `abort`; preparation failures (a failing `before_start` or `validate` hook among them) beyond tolerance or the same error on two hosts; a serving new slot failing (or failing while it answers shadow copies); a deadline; failing analysis (of traffic or of shadow copies); a lost host with `on_host_lost = "rollback"` | `command`, `prepare`, `watch`, `shadow`, `hold`, `interval`, `lost` |
 //! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights (and the database abort ran) | `rollback` |
 //!
 //! With `[database]`, the expand runs (once, on one host) before any host prepares, and
@@ -54,7 +56,9 @@ mod prepare;
 mod progress;
 mod rollback;
 mod service;
+mod shadow;
 mod submit;
+mod verify;
 mod watch;
 
 pub use business::scrape_spec;

@@ -24,7 +24,9 @@ impl Machine<'_, '_> {
             return;
         }
         self.start_more(&step_hosts);
-        if self.all_prepared(&step_hosts) {
+        if self.all_prepared(&step_hosts) && self.shadow_due() {
+            self.begin_shadow();
+        } else if self.all_prepared(&step_hosts) {
             self.switch_step(&step_hosts);
         } else if self.past_deadline() {
             let cause = Cause::PrepareDeadline {
@@ -54,6 +56,8 @@ impl Machine<'_, '_> {
             match SlotPhase::of(st.phase) {
                 SlotPhase::Healthy => {
                     h.phase = HostPhase::Ready;
+                    h.hook_log = hook_log(&st.hook_log);
+                    self.fx.hooks_ran(name, &st.hooks);
                     self.fx.host_ready(name, Timings::of(st));
                 }
                 SlotPhase::Failed => {
@@ -64,6 +68,8 @@ impl Machine<'_, '_> {
                     };
                     h.phase = HostPhase::Failed;
                     h.error = Some(error.to_string());
+                    h.hook_log = hook_log(&st.hook_log);
+                    self.fx.hooks_ran(name, &st.hooks);
                     self.fx.host_failed(name, error);
                 }
                 _ => {}
@@ -150,7 +156,7 @@ impl Machine<'_, '_> {
 
     /// The step's weights go out: each ready or switched host of the step gets the
     /// step's traffic, to be confirmed by its agent.
-    fn switch_step(&mut self, step_hosts: &[String]) {
+    pub(super) fn switch_step(&mut self, step_hosts: &[String]) {
         let traffic = self.d.plan.strategy.steps[self.d.step as usize].traffic;
         self.d.traffic = traffic;
         for name in step_hosts {
@@ -196,6 +202,11 @@ impl Machine<'_, '_> {
     }
 }
 
+/// Where an agent keeps the hooks' output, if its slot ran any.
+fn hook_log(path: &str) -> Option<String> {
+    (!path.is_empty()).then(|| path.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use cutover_proto::v1::SlotPhase;
@@ -227,6 +238,7 @@ mod tests {
             fetch_ms: 1200,
             unpack_ms: 80,
             start_ms: 900,
+            ..Timings::default()
         };
         assert_eq!(
             kinds(&events),

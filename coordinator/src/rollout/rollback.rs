@@ -49,12 +49,25 @@ pub(super) enum Cause {
     /// A database command failed: the reason says which, where and how.
     Database(String),
     /// `failure_limit` analysis intervals failed in a row; the first failed at `since`.
+    /// `shadow`: they judged the answers to copies of live requests.
     AnalysisFailed {
         failures: u32,
         traffic: u32,
         why: String,
         since: u64,
+        shadow: bool,
     },
+    /// The hosts did not all start copying requests within the progress deadline.
+    ShadowDeadline { deadline: Duration },
+    /// A new slot failed or turned unhealthy while it answered copies of live requests.
+    ShadowSlotFailing {
+        host: String,
+        phase: &'static str,
+        why: String,
+    },
+    /// No conclusive interval of shadow traffic came within the progress deadline after
+    /// the shadow's duration.
+    NoConclusiveShadowInterval { deadline: Duration },
 }
 
 impl Cause {
@@ -100,11 +113,28 @@ impl Cause {
             ),
             Cause::AnalysisFailed {
                 failures,
+                why,
+                shadow: true,
+                ..
+            } => format!(
+                "analysis of shadow traffic failed {failures} interval(s) in a row: {why} (no client was served by the new release)"
+            ),
+            Cause::AnalysisFailed {
+                failures,
                 traffic,
                 why,
                 ..
             } => format!("analysis failed {failures} interval(s) in a row at {traffic}%: {why}"),
             Cause::Database(why) => why.clone(),
+            Cause::ShadowDeadline { deadline } => {
+                format!("progress deadline {deadline} passed while starting shadow traffic")
+            }
+            Cause::ShadowSlotFailing { host, phase, why } => format!(
+                "host {host}: new release {phase} during shadow traffic: {why} (no client was served by it)"
+            ),
+            Cause::NoConclusiveShadowInterval { deadline } => format!(
+                "no conclusive analysis interval of shadow traffic within progress deadline {deadline}"
+            ),
         }
     }
 

@@ -12,7 +12,7 @@ use cutover_shared::plan::{Count, Plan, Step};
 use crate::model::{DbPhase, DeploymentRecord, ServiceRecord, Slot, State};
 
 /// The plan `cutover rollback` deploys: the previous release's, straight to 100 % on
-/// every host at once, with no hold and no bake.
+/// every host at once, with no hold, no bake and no shadow phase.
 pub fn rollback_plan(mut previous: Plan) -> Plan {
     previous.strategy.steps = vec![Step {
         traffic: 100,
@@ -22,6 +22,8 @@ pub fn rollback_plan(mut previous: Plan) -> Plan {
     }];
     previous.strategy.bake = Duration::ZERO;
     previous.strategy.max_parallel = Count::Percent(100);
+    // Going back to a release that served is no time to copy traffic to it first.
+    previous.strategy.shadow = None;
     previous
 }
 

@@ -96,6 +96,7 @@ pub fn submit(
         pause: None,
         analysis: Default::default(),
         rollback: None,
+        shadow: Default::default(),
         hosts,
         plan: s.plan,
         database,

@@ -216,12 +216,49 @@ const EXPECTED: &[(&str, &str)] = &[
     ("strategy", "a [strategy] section"),
     ("strategy.max_failed_hosts", "a number of hosts, like 0"),
     (
+        "strategy.shadow",
+        "a table like { duration = \"1m\", share = 100, methods = [\"GET\", \"HEAD\"] }",
+    ),
+    (
+        "strategy.shadow.share",
+        "a percentage from 1 to 100, like 100",
+    ),
+    (
+        "strategy.shadow.methods",
+        "a list of HTTP methods like [\"GET\", \"HEAD\"]",
+    ),
+    (
         "strategy.steps",
         "a list of steps like [{ traffic = 10, hold = \"5m\" }, { traffic = 100 }]",
     ),
     (
         "strategy.steps.traffic",
         "a percentage from 1 to 100, like 10",
+    ),
+    ("hooks", "a [hooks] section"),
+    (
+        "hooks.before_start",
+        "a table like { command = [\"./bin/setup\"], timeout = \"2m\" }",
+    ),
+    (
+        "hooks.validate",
+        "a table like { command = [\"./smoke.sh\"], timeout = \"30s\" }",
+    ),
+    (
+        "hooks.before_stop",
+        "a table like { command = [\"./bin/deregister\"], timeout = \"10s\" }",
+    ),
+    (
+        "hooks.before_start.command",
+        "a list of strings like [\"./bin/setup\"]",
+    ),
+    (
+        "hooks.validate.command",
+        "a list of strings like [\"./smoke.sh\"]",
+    ),
+    (
+        "hooks.before_stop.command",
+        "a list of strings like [\"./bin/deregister\"]",
     ),
     ("analysis", "an [analysis] section"),
     ("analysis.failure_limit", "a number of intervals, like 2"),

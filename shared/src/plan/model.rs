@@ -33,6 +33,10 @@ pub struct Plan {
     /// The schema change that rides the rollout: expand, contract and abort commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<Database>,
+    /// Commands run on each host beside the release: before it starts, once it is
+    /// healthy (before any traffic), and before it stops.
+    #[serde(default)]
+    pub hooks: Hooks,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -183,6 +187,10 @@ pub struct Strategy {
     /// How long preparing hosts or a step may take before the deployment rolls back.
     #[serde(default = "defaults::progress_deadline")]
     pub progress_deadline: Duration,
+    /// Copies of live requests sent to the new release, before any client is served by
+    /// it, and judged by `[analysis]`.
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
 }
 
 impl Default for Strategy {
@@ -196,8 +204,68 @@ impl Default for Strategy {
             on_host_lost: OnHostLost::default(),
             host_lost_after: defaults::host_lost_after(),
             progress_deadline: defaults::progress_deadline(),
+            shadow: None,
         }
     }
+}
+
+/// `[strategy] shadow`: after every target host is prepared and before the first step,
+/// each host's proxy mirrors a share of live requests to the new slot; clients only
+/// ever get the live slot's answer.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    /// How long the new release gets copies of live requests.
+    pub duration: Duration,
+    /// Percent of the live requests whose method is listed that are copied.
+    #[serde(default = "defaults::shadow_share")]
+    pub share: u32,
+    /// The methods copied: only requests that are safe to send twice.
+    #[serde(default = "defaults::shadow_methods")]
+    pub methods: Vec<String>,
+}
+
+/// `[hooks]`: commands run on each host in the release directory, as the slot's user,
+/// with the slot's environment.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// After the release is unpacked, before the slot's process starts; a failure fails
+    /// the host's preparation.
+    #[serde(default)]
+    pub before_start: Option<Hook>,
+    /// Once the new slot is healthy and still carries no traffic (smoke tests against
+    /// `CUTOVER_URL`); a failure fails the host's preparation.
+    #[serde(default)]
+    pub validate: Option<Hook>,
+    /// Before a slot's process is sent SIGTERM; best effort, a failure is logged.
+    #[serde(default)]
+    pub before_stop: Option<Hook>,
+}
+
+impl Hooks {
+    /// Each hook the plan names, with its name as the plan spells it.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, &Hook)> {
+        [
+            ("before_start", &self.before_start),
+            ("validate", &self.validate),
+            ("before_stop", &self.before_stop),
+        ]
+        .into_iter()
+        .filter_map(|(name, h)| Some((name, h.as_ref()?)))
+    }
+}
+
+/// One hook: a command and how long it may run before its process group is killed.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    /// The program and its arguments, run in the release directory; `${PORT}` is the
+    /// slot's private port.
+    pub command: Vec<String>,
+    /// Past this, the hook's whole process group is killed and the hook has failed.
+    #[serde(default = "defaults::hook_timeout")]
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -505,16 +573,20 @@ pub enum MetricName {
     LatencyP99,
     /// Requests per second.
     RequestRate,
+    /// The share of mirrored requests whose status class (2xx, 4xx...) is the one the
+    /// live slot answered with: measured only during shadow traffic.
+    StatusMatch,
 }
 
 impl MetricName {
     /// Every name, as a plan writes them.
-    pub const ALL: [MetricName; 5] = [
+    pub const ALL: [MetricName; 6] = [
         MetricName::ErrorRate,
         MetricName::LatencyP50,
         MetricName::LatencyP90,
         MetricName::LatencyP99,
         MetricName::RequestRate,
+        MetricName::StatusMatch,
     ];
 
     /// The name as a plan writes it.
@@ -525,6 +597,7 @@ impl MetricName {
             MetricName::LatencyP90 => "latency_p90",
             MetricName::LatencyP99 => "latency_p99",
             MetricName::RequestRate => "request_rate",
+            MetricName::StatusMatch => "status_match",
         }
     }
 
@@ -655,6 +728,15 @@ mod defaults {
     }
     pub fn min_requests() -> u64 {
         50
+    }
+    pub fn shadow_share() -> u32 {
+        100
+    }
+    pub fn shadow_methods() -> Vec<String> {
+        vec!["GET".into(), "HEAD".into()]
+    }
+    pub fn hook_timeout() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn inconclusive_limit() -> u32 {
         3

@@ -31,11 +31,17 @@ healthy_after = 2
 unhealthy_after = 3
 start_timeout = "60s"
 
+[hooks]
+before_start = {{ command = ["./bin/setup"], timeout = "2m" }}
+validate     = {{ command = ["./smoke.sh", "http://127.0.0.1:${{PORT}}/"], timeout = "30s" }}
+before_stop  = {{ command = ["./bin/deregister"], timeout = "10s" }}
+
 [strategy]
 max_parallel = "25%"
 max_failed_hosts = 0
 keep_previous = "1h"
 bake = "5m"
+shadow = {{ duration = "1m", share = 100, methods = ["GET", "HEAD"] }}
 steps = [
   {{ traffic = 1,   hold = "2m" }},
   {{ traffic = 10,  hold = "5m", hosts = "50%", pause = true }},
@@ -55,6 +61,10 @@ max = 0.01
 name = "latency_p99"
 max = 500
 max_vs_baseline = 1.5
+
+[[analysis.metric]]
+name = "status_match"
+min = 0.99
 "#
     )
 }
@@ -83,10 +93,69 @@ fn spec_example_parses_every_key() {
     assert_eq!(p.strategy.steps.len(), 3);
     assert_eq!(p.strategy.steps[1].hosts, Some(Count::Percent(50)));
     assert!(p.strategy.steps[1].pause);
+    let hooks: Vec<(&str, &[String], Duration)> = p
+        .hooks
+        .named()
+        .map(|(name, h)| (name, h.command.as_slice(), h.timeout))
+        .collect();
+    assert_eq!(hooks.len(), 3);
+    assert_eq!(hooks[0].0, "before_start");
+    assert_eq!(hooks[0].2, Duration::from_secs(120));
+    assert_eq!(hooks[1].1, ["./smoke.sh", "http://127.0.0.1:${PORT}/"]);
+    assert_eq!(hooks[2].2, Duration::from_secs(10));
+    let shadow = p.strategy.shadow.as_ref().unwrap();
+    assert_eq!(
+        (shadow.duration, shadow.share, shadow.methods.as_slice()),
+        (
+            Duration::from_secs(60),
+            100,
+            &["GET".to_string(), "HEAD".into()][..]
+        )
+    );
     let a = p.analysis.unwrap();
-    assert_eq!(a.metric.len(), 2);
+    assert_eq!(a.metric.len(), 3);
     assert_eq!(a.metric[1].proxy_name(), Some(MetricName::LatencyP99));
     assert_eq!(a.metric[1].max_vs_baseline, Some(1.5));
+    assert_eq!(a.metric[2].proxy_name(), Some(MetricName::StatusMatch));
+}
+
+#[test]
+fn hooks_and_shadow_take_their_defaults() {
+    let text = format!(
+        "service = \"api\"\n[release]\nversion = \"1\"\nartifact = \"file:///tmp/a.tar.gz\"\nsha256 = \"{SHA}\"\n[run]\ncommand = [\"./api\"]\nlisten = 9000\n[health]\nhttp = \"/\"\n[hooks]\nvalidate = {{ command = [\"./smoke\"] }}\n[strategy]\nshadow = {{ duration = \"30s\" }}\n"
+    );
+    let p = Plan::parse(&text, "p.toml").unwrap();
+    assert_eq!(p.hooks.before_start, None);
+    assert_eq!(
+        p.hooks.validate.map(|h| h.timeout),
+        Some(Duration::from_secs(30))
+    );
+    let shadow = p.strategy.shadow.unwrap();
+    assert_eq!(shadow.share, 100);
+    assert_eq!(shadow.methods, ["GET", "HEAD"]);
+    let bare = text.replace("\n[hooks]\nvalidate = { command = [\"./smoke\"] }", "");
+    assert_eq!(
+        Plan::parse(&bare, "p.toml").unwrap().hooks,
+        Hooks::default()
+    );
+}
+
+#[test]
+fn a_tcp_service_cannot_have_shadow_traffic() {
+    let text = spec_example().replace("protocol = \"http\"", "protocol = \"tcp\"");
+    let e = err(&text);
+    assert!(
+        e.message.starts_with(
+            "strategy.shadow: shadow traffic needs protocol = \"http\": a TCP byte stream cannot be copied"
+        ),
+        "{e}"
+    );
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("shadow ="))
+        .unwrap()
+        + 1;
+    assert_eq!(e.line, line, "{e}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Validation: the values a plan's types alone do not rule out, checked section by
-//! section in the order of the file (service, targets, release, run, health, strategy,
-//! analysis, database). The first problem found is the one reported, as a key path and a message
+//! section in the order of the file (service, targets, release, run, health, hooks,
+//! strategy, analysis, database; the verification keys in `verify`). The first problem found is the one reported, as a key path and a message
 //! in the plan's words; `Plan::parse` locates the path in the text.
 
 use super::RUN_VARIABLES;
@@ -56,9 +56,14 @@ impl Plan {
         validate_run(&self.run)?;
         validate_env_sources(&self.run)?;
         validate_health(&self.health)?;
+        verify::validate_hooks(&self.hooks)?;
         validate_strategy(&self.strategy)?;
+        if let Some(shadow) = &self.strategy.shadow {
+            verify::validate_shadow(shadow, self.run.protocol)?;
+        }
         if let Some(a) = &self.analysis {
             validate_analysis(a)?;
+            verify::validate_status_match(a, self.strategy.shadow.as_ref())?;
         }
         if let Some(db) = &self.database {
             validate_database(db, &self.release.version)?;
@@ -394,6 +399,9 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
             format!("error_rate is a fraction from 0 to 1; {v} is above 1"),
         ));
     }
+    if m.proxy_name() == Some(MetricName::StatusMatch) {
+        verify::validate_status_match_bounds(i, m.min, m.max)?;
+    }
     if let Some(v) = m.max_vs_baseline
         && (!v.is_finite() || v <= 0.0)
     {
@@ -501,6 +509,8 @@ pub fn check_sha256(hex: &str) -> Result<(), String> {
         ))
     }
 }
+
+mod verify;
 
 #[cfg(test)]
 mod tests;

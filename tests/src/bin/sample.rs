@@ -12,10 +12,11 @@
 //! directory (the release), so a "bad release" is bad because of what it ships:
 //! `error_rate=0.3` answers that share of requests with 500, `delay_ms=N` slows every
 //! answer, `exit_on_start=1` exits at once, `crash_after_ms=N` exits after N ms,
-//! `unhealthy=1` fails its health check, and `db_query=SQL` answers `GET /` with
-//! `release <version>: <what psql prints for SQL>` — psql reads the database through
-//! the schema version its environment (`PGOPTIONS`'s `search_path`) names, and a query
-//! that fails is a 500.
+//! `unhealthy=1` fails its health check, `hang=1` never answers `GET /` (its health check
+//! still passes), `status=404` answers `GET /` with that status, and `db_query=SQL`
+//! answers `GET /` with `release <version>: <what psql prints for SQL>` — psql reads the
+//! database through the schema version its environment (`PGOPTIONS`'s `search_path`)
+//! names, and a query that fails is a 500.
 //!
 //! Every `GET /` is also a payment, by card or cash in turn, which `GET /metrics` counts
 //! in Prometheus text: `payments_total{method}`, `payments_failed_total{method}`, the
@@ -27,6 +28,9 @@
 //! `cutover-sample pack --out FILE --version V [--file SRC=DEST ...] [key=value ...]`
 //! writes a `.tar.gz` holding this binary, a `behaviour.env` and each file SRC at DEST
 //! (a release's own migrations, say), and prints its SHA-256.
+//!
+//! `cutover-sample get URL` is a smoke test for hooks: it GETs an `http://` URL, prints
+//! the status and body, and exits 0 only for a 2xx answer.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -52,6 +56,10 @@ struct Behaviour {
     unhealthy: bool,
     /// What `GET /` reads from the database with psql, if anything.
     db_query: Option<String>,
+    /// Whether `GET /` is never answered.
+    hang: bool,
+    /// The status `GET /` answers with (200 unless the release says otherwise).
+    status: u16,
     /// Requests so far, to pick which ones fail evenly.
     counter: AtomicU64,
     /// The share of payments that fail (answered 200 all the same).
@@ -147,9 +155,10 @@ fn main() {
     let code = match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args[2..]),
         Some("pack") => pack(&args[2..]),
+        Some("get") => get(args.get(2).map(String::as_str).unwrap_or_default()),
         _ => {
             eprintln!(
-                "usage: cutover-sample serve --port P | pack --out FILE --version V [--file SRC=DEST ...] [key=value ...]"
+                "usage: cutover-sample serve --port P | pack --out FILE --version V [--file SRC=DEST ...] [key=value ...] | get URL"
             );
             2
         }
@@ -188,6 +197,8 @@ fn serve(args: &[String]) -> i32 {
         delay: Duration::from_millis(get("delay_ms").parse().unwrap_or(0)),
         unhealthy: get("unhealthy") == "1",
         db_query: b.get("db_query").cloned().filter(|q| !q.is_empty()),
+        hang: get("hang") == "1",
+        status: get("status").parse().unwrap_or(200),
         counter: AtomicU64::new(0),
         payment_failure_rate: get("payment_failure_rate").parse().unwrap_or(0.0),
         queue_depth: get("queue_depth").parse().unwrap_or(0),
@@ -281,6 +292,9 @@ async fn handle(
             reply(200, "ok\n".into())
         };
     }
+    if b.hang {
+        std::future::pending::<()>().await;
+    }
     let started = std::time::Instant::now();
     if !b.delay.is_zero() {
         tokio::time::sleep(b.delay).await;
@@ -299,7 +313,52 @@ async fn handle(
             Err(e) => reply(500, format!("release {}: {e}\n", b.version)),
         };
     }
-    reply(200, format!("release {}\n", b.version))
+    reply(b.status, format!("release {}\n", b.version))
+}
+
+/// `get URL`: one GET with a 5 s deadline; prints the status line and the body, and
+/// exits 0 for a 2xx answer, 1 otherwise.
+fn get(url: &str) -> i32 {
+    let Some(rest) = url.strip_prefix("http://") else {
+        eprintln!("get: {url:?} is not an http:// URL");
+        return 2;
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    match fetch(authority, &path) {
+        Ok((status, body)) => {
+            println!("GET {path}: {status}");
+            print!("{body}");
+            if (200..300).contains(&status) { 0 } else { 1 }
+        }
+        Err(e) => {
+            eprintln!("GET {url}: {e}");
+            1
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET of `path` on `authority`: (status, body).
+fn fetch(authority: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let timeout = Some(Duration::from_secs(5));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {head:?}")))?;
+    Ok((status, body.to_string()))
 }
 
 /// Whether request `n` is among a `share` spread evenly over every 1000: its position

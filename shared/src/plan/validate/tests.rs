@@ -368,3 +368,104 @@ fn env_files_are_absolute_and_listed_once_and_secret_names_are_variable_names() 
     p.run.secret_env.pop();
     assert_eq!(p.validate(), Ok(()));
 }
+
+#[test]
+fn hooks() {
+    use crate::plan::{Hook, Hooks};
+    let hook = |command: &[&str], timeout: u64| Hook {
+        command: command.iter().map(|a| a.to_string()).collect(),
+        timeout: Duration::from_secs(timeout),
+    };
+    let mut h = Hooks {
+        before_start: Some(hook(&["./bin/setup", "${PORT}"], 60)),
+        validate: Some(hook(&[" "], 30)),
+        before_stop: None,
+    };
+    refused(
+        verify::validate_hooks(&h),
+        "hooks.validate.command",
+        "must name the program to run, e.g. [\"./bin/smoke-test\"]",
+    );
+    h.validate = Some(hook(&["./smoke", "${URL}"], 30));
+    refused(
+        verify::validate_hooks(&h),
+        "hooks.validate.command[1]",
+        "unknown variable ${URL}; the only variable here is ${PORT}",
+    );
+    h.validate = None;
+    h.before_stop = Some(hook(&["./bin/deregister"], 0));
+    refused(
+        verify::validate_hooks(&h),
+        "hooks.before_stop.timeout",
+        "must be more than 0s",
+    );
+    h.before_stop = Some(hook(&["./bin/deregister"], 5));
+    assert_eq!(verify::validate_hooks(&h), Ok(()));
+}
+
+#[test]
+fn shadow() {
+    use crate::plan::{Protocol, Shadow};
+    let mut s = Shadow {
+        duration: Duration::from_secs(60),
+        share: 100,
+        methods: vec!["GET".into(), "HEAD".into()],
+    };
+    assert_eq!(verify::validate_shadow(&s, Protocol::Http), Ok(()));
+    let tcp = verify::validate_shadow(&s, Protocol::Tcp).expect_err("tcp refused");
+    assert_eq!(key_path(&tcp.path), "strategy.shadow");
+    assert!(tcp.message.contains("needs protocol = \"http\""), "{tcp:?}");
+    s.share = 0;
+    refused(
+        verify::validate_shadow(&s, Protocol::Http),
+        "strategy.shadow.share",
+        "share 0 is not a percentage from 1 to 100",
+    );
+    s.share = 10;
+    s.methods = vec!["GET".into(), "get".into()];
+    refused(
+        verify::validate_shadow(&s, Protocol::Http),
+        "strategy.shadow.methods[1]",
+        "\"get\" is not an HTTP method in capitals, like \"GET\"",
+    );
+    s.methods.clear();
+    refused(
+        verify::validate_shadow(&s, Protocol::Http),
+        "strategy.shadow.methods",
+        "no methods: list the ones safe to send twice, e.g. [\"GET\", \"HEAD\"]",
+    );
+    s.methods = vec!["POST".into()];
+    s.duration = Duration::ZERO;
+    refused(
+        verify::validate_shadow(&s, Protocol::Http),
+        "strategy.shadow.duration",
+        "must be more than 0s",
+    );
+}
+
+#[test]
+fn status_match_needs_shadow_and_is_a_share() {
+    let mut p = plan();
+    let a = p.analysis.as_mut().expect("analysis");
+    a.metric.push(Metric {
+        min: Some(1.5),
+        ..Metric::proxy(MetricName::StatusMatch)
+    });
+    refused(
+        validate_metric(1, &a.metric[1]),
+        "analysis.metric[1].min",
+        "status_match is a fraction from 0 to 1; 1.5 is above 1",
+    );
+    a.metric[1].min = Some(0.99);
+    refused(
+        p.validate(),
+        "analysis.metric[1].name",
+        "status_match is measured only on shadow traffic: add [strategy] shadow = { duration = \"1m\" }",
+    );
+    p.strategy.shadow = Some(crate::plan::Shadow {
+        duration: Duration::from_secs(30),
+        share: 100,
+        methods: vec!["GET".into()],
+    });
+    assert_eq!(p.validate(), Ok(()));
+}

@@ -125,8 +125,27 @@ impl Cluster {
         }
     }
 
-    /// Starts `cutover serve` and waits until the CLI gets an answer.
+    /// Starts `cutover serve` and waits until the CLI gets an answer. On its first start
+    /// (no agent knows its address yet), a port some other process took since it was
+    /// picked is picked again.
     pub fn start_coordinator(&mut self) {
+        for _ in 0..3 {
+            if self.try_start_coordinator() {
+                return;
+            }
+            let ip = self
+                .coord_addr
+                .rsplit_once(':')
+                .map_or("127.0.0.1", |(ip, _)| ip);
+            self.coord_addr = format!("{ip}:{}", free_port());
+            self.http_addr = format!("127.0.0.1:{}", free_port());
+        }
+        panic!("the coordinator found its ports taken three times");
+    }
+
+    /// Starts `cutover serve`; false if it exited because a port was taken and it may
+    /// move to other ports.
+    fn try_start_coordinator(&mut self) -> bool {
         let mut cmd = Command::new(self.bin.join("cutover"));
         cmd.args(["serve", "--data-dir"])
             .arg(self.dir.join("coordinator"))
@@ -136,14 +155,25 @@ impl Cluster {
             ])
             .args(["--http", &self.http_addr])
             .args(&self.serve_args);
-        self.coordinator = Some(Proc::spawn(
-            "coordinator",
-            &mut cmd,
-            self.dir.join("coordinator.log"),
-        ));
+        let log = self.dir.join("coordinator.log");
+        self.coordinator = Some(Proc::spawn("coordinator", &mut cmd, log.clone()));
+        let movable = self.agents.is_empty() && self.coord_listen.is_none();
+        let mut port_taken = false;
         wait_until(Duration::from_secs(20), "the coordinator to answer", || {
+            let exited = self
+                .coordinator
+                .as_mut()
+                .is_some_and(|p| matches!(p.child.try_wait(), Ok(Some(_))));
+            if exited && movable {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                port_taken = text.contains("Address already in use");
+                if port_taken {
+                    return true;
+                }
+            }
             self.cli(&["hosts"]).status.success()
         });
+        !port_taken
     }
 
     /// Stops the coordinator (SIGTERM).

@@ -110,12 +110,14 @@ async fn prepare_release(ctx: &SlotCtx, cancel: &CancellationToken) -> Result<Pa
 }
 
 /// Step 4: waits for the slot's in-flight requests to finish (up to the service's drain
-/// time), then stops the process.
+/// time), ends the byte streams still open on it, then stops the process.
 async fn drain_and_stop(ctx: &SlotCtx, running: Running, stop_timeout: Duration) {
     let until = Instant::now() + ctx.drain;
     while ctx.metrics.in_flight() > 0 && Instant::now() < until {
         tokio::time::sleep(DRAIN_POLL).await;
     }
+    // Byte streams (TCP, upgraded HTTP) do not end by themselves: they end here.
+    ctx.metrics.drained.cancel();
     running.stop(stop_timeout, &ctx.store).await;
     tracing::info!(
         service = ctx.service,

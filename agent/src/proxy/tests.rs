@@ -390,6 +390,21 @@ async fn what_the_slot_does_counts_against_it() {
 }
 
 #[tokio::test]
+async fn a_slot_that_never_answers_gets_504_and_the_blame() {
+    let (port, heads) = upstream_with(Reply::Hold).await;
+    let (addr, proxy, metrics) = proxy_to(port, Mode::Http, Limits::default());
+    proxy.set_routes(Routes::new(
+        vec![(100, Upstream::new(port, metrics.clone()))],
+        Duration::from_millis(300),
+    ));
+    let r = one_response(addr, GOOD).await;
+    assert!(r.starts_with("HTTP/1.1 504"), "{r}");
+    assert_eq!(heads.lock().unwrap().len(), 1);
+    assert_eq!(counted(&metrics), (1, 0, 1));
+    wait_for(|| metrics.in_flight() == 0, "the forward to end").await;
+}
+
+#[tokio::test]
 async fn hop_by_hop_fields_stop_at_the_proxy_both_ways() {
     let (port, heads) = upstream_with(Reply::Raw(
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\n\r\nok",

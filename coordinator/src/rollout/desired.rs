@@ -70,6 +70,7 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
             listen: cur.listen,
             protocol: cur.protocol,
             drain_ms: cur.drain_ms,
+            upstream_timeout_ms: cur.upstream_timeout_ms,
         });
     }
     let live = cur.live_slot();
@@ -124,6 +125,7 @@ pub fn target(
         Protocol::Tcp => WireProtocol::Tcp,
     } as i32;
     d.drain_ms = plan.run.drain.as_millis();
+    d.upstream_timeout_ms = plan.run.upstream_timeout.as_millis();
     let (metrics_path, scrape) = super::scrape_spec(plan);
     d.metrics_path = metrics_path;
     // Slots are scraped only while there is an interval to judge.
@@ -158,6 +160,7 @@ pub fn target(
                 d.listen = front.listen;
                 d.protocol = front.protocol;
                 d.drain_ms = front.drain_ms;
+                d.upstream_timeout_ms = front.upstream_timeout_ms;
             }
             _ if !has_old && ended => d.listen = 0,
             _ => {}

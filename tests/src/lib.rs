@@ -8,11 +8,13 @@
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
 //! (one GET), `disk` (small disks), `netns` (network partitions), `people` (personal
 //! credentials and the CLI run with them), `prometheus` (a real Prometheus server
-//! discovering the agents' slots).
+//! discovering the agents' slots), `fidelity` (the sample's answers of every HTTP/1.1
+//! framing, for the proxy fidelity test).
 
 mod cluster;
 mod deploy;
 mod disk;
+pub mod fidelity;
 mod http;
 mod load;
 pub mod netns;

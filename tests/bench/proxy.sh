@@ -5,6 +5,7 @@
 #   tests/bench/proxy.sh [seconds] [connections...]      (default: 10 32 128)
 #   ROUNDS=3 tests/bench/proxy.sh                         (the table three times over)
 #   CUTOVER_BIN=DIR tests/bench/proxy.sh                  (cutover and cutover-agent from DIR)
+#   HOLD=1 tests/bench/proxy.sh                           (set up, print the addresses, wait)
 #   PERF_OUT=DIR tests/bench/proxy.sh                     (perf record of the agent during
 #                                                          its first row; folded stacks and,
 #                                                          with inferno, a flamegraph)
@@ -154,6 +155,13 @@ haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
 pids+=($!)
 wait_for 10 curl -fs "http://127.0.0.1:$HAPROXY/"
 wait_for 10 curl -fs "http://127.0.0.2:$LISTEN/"
+
+if [ -n "${HOLD:-}" ]; then
+  echo "backend 127.0.0.1:$SLOT  nginx 127.0.0.1:$NGINX  haproxy 127.0.0.1:$HAPROXY  cutover 127.0.0.2:$LISTEN  agent pid $AGENT"
+  echo "holding until interrupted"
+  sleep infinity &
+  wait $!
+fi
 
 # Prints "requests/s p50 p99" of one wrk run, latencies in ms.
 measure() { # conns url

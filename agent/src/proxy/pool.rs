@@ -1,8 +1,10 @@
 //! Idle HTTP/1 connections to one slot, reused request after request. Each slot's
 //! upstream has its own pool (nothing is shared between slots, so there is no global
-//! lock): a checkout pops the most recently used idle connection, and a response whose
-//! body was read to its end puts its connection back. A connection that was closed,
-//! or sat idle too long, is dropped instead of used.
+//! lock), and within it each proxy thread its own idle list, so a connection is used
+//! by the thread whose runtime drives it: a checkout pops the thread's most recently
+//! used idle connection, and a response whose body was read to its end puts its
+//! connection back. A connection that was closed, or sat idle too long, is dropped
+//! instead of used.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -13,6 +15,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use super::workers;
 
 /// The sending half of one connection to a slot.
 pub type Sender = SendRequest<Incoming>;
@@ -41,15 +45,18 @@ pub enum ConnectError {
 pub struct Pool {
     /// The slot's port on 127.0.0.1.
     port: u16,
-    /// Idle connections, the most recently used last.
-    idle: Mutex<VecDeque<(Sender, Instant)>>,
+    /// Per proxy thread ([`super::workers::index`]): idle connections, the most
+    /// recently used last.
+    idle: Box<[Mutex<VecDeque<(Sender, Instant)>>]>,
 }
 
 impl Pool {
     pub fn new(port: u16) -> Pool {
         Pool {
             port,
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..workers::slots())
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
         }
     }
 
@@ -90,7 +97,7 @@ impl Pool {
     /// Takes back a connection whose response was read to its end.
     pub fn put(&self, sender: Sender) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         while idle
             .front()
             .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_FOR)
@@ -102,8 +109,13 @@ impl Pool {
         }
     }
 
+    /// This thread's idle list.
+    fn mine(&self) -> &Mutex<VecDeque<(Sender, Instant)>> {
+        &self.idle[workers::index().min(self.idle.len() - 1)]
+    }
+
     fn pop(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         let (sender, since) = idle.pop_back()?;
         if since.elapsed() > IDLE_FOR {
             // Every older one is staler still.

@@ -158,9 +158,10 @@ wait_for 10 curl -fs "http://127.0.0.2:$LISTEN/"
 
 if [ -n "${HOLD:-}" ]; then
   echo "backend 127.0.0.1:$SLOT  nginx 127.0.0.1:$NGINX  haproxy 127.0.0.1:$HAPROXY  cutover 127.0.0.2:$LISTEN  agent pid $AGENT"
-  echo "holding until interrupted"
-  sleep infinity &
-  wait $!
+  touch "$WORK/hold"
+  echo "holding: rm $WORK/hold to stop"
+  while [ -e "$WORK/hold" ]; do sleep 1; done
+  exit 0
 fi
 
 # Prints "requests/s p50 p99" of one wrk run, latencies in ms.

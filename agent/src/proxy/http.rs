@@ -18,7 +18,9 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 
-use super::pool::{ConnectError, Pool, Sender};
+use hyper::client::conn::TrySendError;
+
+use super::pool::{ConnectError, Link, Pool};
 use super::{Shared, Upstream, count_in_flight, tunnel};
 
 /// A response body: the slot's, streamed, or one the proxy wrote itself.
@@ -27,8 +29,9 @@ pub enum Body {
     /// end.
     Slot {
         body: Incoming,
-        /// The connection it came on and where it goes back to.
-        back: Option<(Sender, Arc<Pool>)>,
+        /// The connection it came on (driven as the body is read) and where it goes
+        /// back to.
+        back: Option<(Link, Arc<Pool>)>,
         /// Whether the body was read to its end.
         done: bool,
     },
@@ -45,7 +48,10 @@ impl hyper::body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Body::Slot { body, done, .. } => {
+            Body::Slot { body, back, done } => {
+                if let Some((link, _)) = back {
+                    link.drive(cx);
+                }
                 let frame = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(None) = frame {
                     *done = true;
@@ -77,9 +83,10 @@ impl Drop for Body {
         // any other is dropped, which closes it.
         if let Body::Slot { body, back, done } = self
             && (*done || body.is_end_stream())
-            && let Some((sender, pool)) = back.take()
+            && let Some((link, pool)) = back.take()
+            && link.alive()
         {
-            pool.put(sender);
+            pool.put(link);
         }
     }
 }
@@ -141,7 +148,9 @@ async fn route(mut req: Request<Incoming>, client: &Client) -> Response<Body> {
         h.insert(header::UPGRADE, protocol.clone());
     }
     let started = Instant::now();
-    let (mut resp, sender) = match tokio::time::timeout(timeout, send(&upstream.pool, req)).await {
+    let upgrading = upgrade.is_some();
+    let sent = tokio::time::timeout(timeout, send(&upstream.pool, req, upgrading)).await;
+    let (mut resp, link) = match sent {
         Ok(Ok(sent)) => sent,
         Ok(Err(f)) => return failed(f, &upstream, started),
         Err(_) => return failed(Failure::TimedOut, &upstream, started),
@@ -173,7 +182,7 @@ async fn route(mut req: Request<Incoming>, client: &Client) -> Response<Body> {
     strip_hop_by_hop(resp.headers_mut());
     resp.map(|body| Body::Slot {
         body,
-        back: Some((sender, upstream.pool.clone())),
+        back: link.map(|l| (l, upstream.pool.clone())),
         done: false,
     })
 }
@@ -186,26 +195,48 @@ pub enum Failure {
     TimedOut,
 }
 
-/// Sends `req` on a pooled connection; a request that a closing idle connection could
-/// not even start to send goes again on a new one.
+/// Sends `req` on a pooled connection and returns the response head with the
+/// connection, whose body is still to come on it; a request that a closing idle
+/// connection could not even start to send goes again on a new one. An upgrade goes on
+/// a connection of its own, which is never pooled.
 async fn send(
     pool: &Pool,
     req: Request<Incoming>,
-) -> Result<(Response<Incoming>, Sender), Failure> {
-    let mut sender = pool.checkout().await.map_err(Failure::Connect)?;
-    match sender.try_send_request(req).await {
-        Ok(resp) => Ok((resp, sender)),
-        Err(mut e) => {
-            let Some(req) = e.take_message() else {
-                return Err(Failure::Send(e.into_error()));
-            };
-            let mut sender = pool.connect().await.map_err(Failure::Connect)?;
-            match sender.send_request(req).await {
-                Ok(resp) => Ok((resp, sender)),
-                Err(e) => Err(Failure::Send(e)),
-            }
-        }
+    upgrade: bool,
+) -> Result<(Response<Incoming>, Option<Link>), Failure> {
+    if upgrade {
+        let mut sender = pool.upgradable().await.map_err(Failure::Connect)?;
+        return match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(e) => Err(Failure::Send(e)),
+        };
     }
+    let mut link = pool.checkout().await.map_err(Failure::Connect)?;
+    let req = match exchange(&mut link, req).await {
+        Ok(resp) => return Ok((resp, Some(link))),
+        Err(mut e) => match e.take_message() {
+            Some(req) => req,
+            None => return Err(Failure::Send(e.into_error())),
+        },
+    };
+    let mut link = pool.connect().await.map_err(Failure::Connect)?;
+    match exchange(&mut link, req).await {
+        Ok(resp) => Ok((resp, Some(link))),
+        Err(e) => Err(Failure::Send(e.into_error())),
+    }
+}
+
+/// Sends `req` on `link`, driving the connection until the response head is in.
+async fn exchange(
+    link: &mut Link,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+    let mut response = std::pin::pin!(link.sender.try_send_request(req));
+    std::future::poll_fn(|cx| {
+        link.drive(cx);
+        response.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// For a request that asks for a protocol upgrade: the protocol it asks for, and where

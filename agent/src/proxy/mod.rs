@@ -27,7 +27,6 @@ use hyper::StatusCode;
 use hyper::header::HeaderValue;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -373,48 +372,27 @@ impl Proxy {
     }
 
     fn start_accepting(&self) -> std::io::Result<()> {
+        let l = std::net::TcpListener::from(self.listener.try_clone()?);
+        l.set_nonblocking(true)?;
+        let listener = Acceptor::new(TcpListener::from_std(l)?, self.cap.clone(), "proxy");
         let phase = Phase {
             accepting: self.cancel.child_token(),
             close_idle: self.cancel.child_token(),
         };
-        let (stop, close_idle) = (phase.accepting.clone(), phase.close_idle.clone());
+        let (shared, stop, close_idle) = (
+            self.shared.clone(),
+            phase.accepting.clone(),
+            phase.close_idle.clone(),
+        );
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
         self.shared.draining.store(false, Ordering::Relaxed);
-        let workers = workers::handles();
-        if workers.is_empty() {
-            return self.accept_on(&Handle::current(), &stop, &close_idle);
-        }
-        for worker in workers {
-            self.accept_on(worker, &stop, &close_idle)?;
-        }
-        Ok(())
-    }
-
-    /// Runs an accept loop on the listening socket in `runtime`, whose thread then
-    /// serves the connections it accepts.
-    fn accept_on(
-        &self,
-        runtime: &Handle,
-        stop: &CancellationToken,
-        close_idle: &CancellationToken,
-    ) -> std::io::Result<()> {
-        let l = std::net::TcpListener::from(self.listener.try_clone()?);
-        l.set_nonblocking(true)?;
-        let listener = {
-            let _in = runtime.enter();
-            Acceptor::new(TcpListener::from_std(l)?, self.cap.clone(), "proxy")
-        };
-        let (shared, stop, close_idle) = (self.shared.clone(), stop.clone(), close_idle.clone());
         let (mode, idle) = (self.mode, self.limits.listen.idle_timeout);
-        self.tasks.spawn_on(
-            async move {
-                match mode {
-                    Mode::Http => serve_http(listener, idle, shared, stop, close_idle).await,
-                    Mode::Tcp => tunnel::serve_tcp(listener, shared, stop).await,
-                }
-            },
-            runtime,
-        );
+        self.tasks.spawn(async move {
+            match mode {
+                Mode::Http => serve_http(listener, idle, shared, stop, close_idle).await,
+                Mode::Tcp => tunnel::serve_tcp(listener, shared, stop).await,
+            }
+        });
         Ok(())
     }
 
@@ -502,7 +480,7 @@ async fn serve_http(
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
         });
         let (cancel, close_idle) = (shared.cancel.clone(), close_idle.clone());
-        shared.tasks.spawn(async move {
+        workers::serve(&shared.tasks, conn, move |conn| async move {
             let _open = open;
             let svc = hyper::service::service_fn(move |req| {
                 let client = client.clone();

@@ -1,18 +1,25 @@
-//! Idle HTTP/1 connections to one slot, reused request after request. Each slot's
-//! upstream has its own pool (nothing is shared between slots, so there is no global
-//! lock), and within it each proxy thread its own idle list, so a connection is used
-//! by the thread whose runtime drives it: a checkout pops the thread's most recently
+//! Connections to one slot, reused request after request. Each slot's upstream has its
+//! own pool (nothing is shared between slots, so there is no global lock), and within
+//! it each proxy thread its own idle list: a checkout pops the thread's most recently
 //! used idle connection, and a response whose body was read to its end puts its
 //! connection back. A connection that was closed, or sat idle too long, is dropped
 //! instead of used.
+//!
+//! A pooled connection has no task of its own: the request using it drives it
+//! ([`Link::drive`]) while it waits for the response head and while the response body
+//! is read, on the same thread and in the same task as the client's connection — no
+//! channel hop and no wake-up of another task per request. An idle connection is driven
+//! again by its next checkout, which finds it ready or closed. Requests that ask for an
+//! upgrade get a connection of their own, driven by a task ([`Pool::upgradable`]).
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -21,7 +28,7 @@ use super::workers;
 /// The sending half of one connection to a slot.
 pub type Sender = SendRequest<Incoming>;
 
-/// Idle connections kept per slot; more are closed when their response ends.
+/// Idle connections kept per slot and thread; more are closed when their response ends.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused: the slot may
 /// have given up on it.
@@ -40,14 +47,54 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
+/// One HTTP/1 connection to a slot: the handle requests go in by, and the connection
+/// itself, driven by whoever uses it.
+pub struct Link {
+    pub sender: Sender,
+    /// `None` once the connection has ended.
+    conn: Option<Connection<TokioIo<TcpStream>, Incoming>>,
+}
+
+impl Link {
+    /// Lets the connection do what it can (write the request, read the response, finish
+    /// a message); false once it has ended.
+    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = &mut self.conn else {
+            return false;
+        };
+        match conn.poll_without_shutdown(cx) {
+            Poll::Pending => true,
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "slot connection ended");
+                }
+                self.conn = None;
+                false
+            }
+        }
+    }
+}
+
+impl Link {
+    /// Whether the connection may carry another request.
+    pub fn alive(&self) -> bool {
+        self.conn.is_some() && !self.sender.is_closed()
+    }
+}
+
 /// The idle connections to one slot port.
-#[derive(Debug)]
 pub struct Pool {
     /// The slot's port on 127.0.0.1.
     port: u16,
     /// Per proxy thread ([`super::workers::index`]): idle connections, the most
     /// recently used last.
-    idle: Box<[Mutex<VecDeque<(Sender, Instant)>>]>,
+    idle: Box<[Mutex<VecDeque<(Link, Instant)>>]>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("port", &self.port).finish()
+    }
 }
 
 impl Pool {
@@ -60,32 +107,43 @@ impl Pool {
         }
     }
 
-    /// A connection ready for one request: the most recently used idle one, or a new one.
-    pub async fn checkout(&self) -> Result<Sender, ConnectError> {
-        while let Some(mut sender) = self.pop() {
-            // A connection put back as its response ended may still be finishing it;
-            // one that closed meanwhile fails here and is dropped.
-            if !sender.is_closed() && sender.ready().await.is_ok() {
-                return Ok(sender);
+    /// A connection ready for one request: this thread's most recently used idle one,
+    /// or a new one.
+    pub async fn checkout(&self) -> Result<Link, ConnectError> {
+        while let Some(mut link) = self.pop() {
+            // A connection put back as its response ended finishes it here; one that
+            // closed meanwhile fails and is dropped.
+            let ready = std::future::poll_fn(|cx| {
+                link.drive(cx);
+                link.sender.poll_ready(cx)
+            })
+            .await;
+            if ready.is_ok() {
+                return Ok(link);
             }
         }
         self.connect().await
     }
 
     /// A new connection to the slot, never taken from the idle ones.
-    pub async fn connect(&self) -> Result<Sender, ConnectError> {
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)),
-        )
-        .await
-        .map_err(|_| ConnectError::TimedOut)??;
-        let _ = stream.set_nodelay(true);
+    pub async fn connect(&self) -> Result<Link, ConnectError> {
+        let stream = self.open().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await?;
-        // The connection is driven by its own task; it ends when the slot closes it or
-        // its sender is dropped. Upgrades hand the socket to a tunnel after a 101.
+        Ok(Link {
+            sender,
+            conn: Some(conn),
+        })
+    }
+
+    /// A new connection driven by a task of its own, which after a `101` hands the
+    /// socket over to the upgrade.
+    pub async fn upgradable(&self) -> Result<Sender, ConnectError> {
+        let stream = self.open().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "slot connection ended");
@@ -94,8 +152,19 @@ impl Pool {
         Ok(sender)
     }
 
+    async fn open(&self) -> Result<TcpStream, ConnectError> {
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)),
+        )
+        .await
+        .map_err(|_| ConnectError::TimedOut)??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
     /// Takes back a connection whose response was read to its end.
-    pub fn put(&self, sender: Sender) {
+    pub fn put(&self, link: Link) {
         let now = Instant::now();
         let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         while idle
@@ -105,23 +174,23 @@ impl Pool {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back((sender, now));
+            idle.push_back((link, now));
         }
     }
 
     /// This thread's idle list.
-    fn mine(&self) -> &Mutex<VecDeque<(Sender, Instant)>> {
+    fn mine(&self) -> &Mutex<VecDeque<(Link, Instant)>> {
         &self.idle[workers::index().min(self.idle.len() - 1)]
     }
 
-    fn pop(&self) -> Option<Sender> {
+    fn pop(&self) -> Option<Link> {
         let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
-        let (sender, since) = idle.pop_back()?;
+        let (link, since) = idle.pop_back()?;
         if since.elapsed() > IDLE_FOR {
             // Every older one is staler still.
             idle.clear();
             return None;
         }
-        Some(sender)
+        Some(link)
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Counted, Shared, SlotMetrics, Upstream, count_connection, count_in_flight, host_short,
+    Counted, Shared, SlotMetrics, Upstream, count_connection, count_in_flight, host_short, workers,
 };
 
 /// Carries bytes both ways between `client` and `slot` until one of the ends above.
@@ -77,7 +77,7 @@ pub fn upgraded(
 /// TCP mode: every accepted connection goes, whole, to the slot the routing table picks.
 pub async fn serve_tcp(mut listener: Acceptor, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let mut inbound = tokio::select! {
+        let inbound = tokio::select! {
             _ = stop.cancelled() => return,
             c = listener.accept() => c,
         };
@@ -88,7 +88,7 @@ pub async fn serve_tcp(mut listener: Acceptor, shared: Arc<Shared>, stop: Cancel
         };
         let open = count_connection(&shared);
         let (idle, cancel) = (shared.tcp_idle_timeout, shared.cancel.clone());
-        shared.tasks.spawn(async move {
+        workers::serve(&shared.tasks, inbound, move |mut inbound| async move {
             let _open = open;
             let _in_flight = count_in_flight(&upstream.metrics);
             let started = Instant::now();

@@ -1,15 +1,19 @@
 //! The proxy's own threads: one single-threaded tokio runtime per core, started once
-//! per process. Every public listener accepts on each of them, and a connection is
-//! served, start to end, by the thread that accepted it — its requests, its slot
+//! per process. Each public listener's accept loop hands its connections to them in
+//! turn (so they share the load evenly, whichever thread the kernel wakes), and a
+//! connection is served, start to end, by its worker — its requests, its slot
 //! connections (each thread keeps its own idle ones, [`super::pool`]) and its timers —
 //! so a request never crosses threads and no thread wakes another for it (the
 //! thread-per-core shape of nginx's workers and pingora). Should a thread or runtime
-//! fail to start, the proxy runs on the agent's own runtime instead.
+//! fail to start, the proxy serves on the agent's own runtime instead.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use cutover_proto::listen::Conn;
 use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
 
 thread_local! {
     /// Which worker this thread is, from 1; 0 on any other thread.
@@ -20,6 +24,40 @@ thread_local! {
 pub fn handles() -> &'static [Handle] {
     static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
     WORKERS.get_or_init(start)
+}
+
+/// Serves `conn` with `serve` on the next worker in turn, the connection moved to that
+/// worker's runtime; on the current runtime when there are no workers.
+pub fn serve<F, Fut>(tasks: &TaskTracker, conn: Conn, serve: F)
+where
+    F: FnOnce(Conn) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let workers = handles();
+    if workers.is_empty() {
+        tasks.spawn(serve(conn));
+        return;
+    }
+    let worker = &workers[NEXT.fetch_add(1, Ordering::Relaxed) % workers.len()];
+    let moving = match conn.detach() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "accepted connection lost on its way to a worker");
+            return;
+        }
+    };
+    tasks.spawn_on(
+        async move {
+            match moving.attach() {
+                Ok(conn) => serve(conn).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accepted connection lost on its way to a worker")
+                }
+            }
+        },
+        worker,
+    );
 }
 
 /// How many slots a per-thread table needs: one per worker and one for other threads.

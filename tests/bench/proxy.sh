@@ -2,9 +2,10 @@
 # Throughput and latency of cutover's proxy against nginx and HAProxy as reverse proxies,
 # all in front of the same backend, in one run on this machine. Prints a table; not a test.
 #
-#   tests/bench/proxy.sh [seconds] [connections...]      (default: 10 32 128)
-#   ROUNDS=3 tests/bench/proxy.sh                         (the table three times over)
+#   tests/bench/proxy.sh [seconds] [connections...]      (default: 5 32 128)
+#   ROUNDS=5 tests/bench/proxy.sh                         (medians of five rounds; default 3)
 #   CUTOVER_BIN=DIR tests/bench/proxy.sh                  (cutover and cutover-agent from DIR)
+#   RUNS_OUT=FILE tests/bench/proxy.sh                    (every run's figures, not just medians)
 #   HOLD=1 tests/bench/proxy.sh                           (set up, print the addresses, wait)
 #   PERF_OUT=DIR tests/bench/proxy.sh                     (perf record of the agent during
 #                                                          its first row; folded stacks and,
@@ -17,11 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-SECS=${1:-10}
+SECS=${1:-5}
 shift || true
 CONNS=("$@")
 [ ${#CONNS[@]} -gt 0 ] || CONNS=(32 128)
-ROUNDS=${ROUNDS:-1}
+ROUNDS=${ROUNDS:-3}
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "==> installing $2"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
@@ -129,7 +130,8 @@ http {
 }
 CONF
 nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-pids+=($!)
+NGINX_PID=$!
+pids+=($NGINX_PID)
 wait_for 10 curl -fs "http://127.0.0.1:$NGINX/"
 
 # 3. HAProxy: two threads, idle server connections shared by every client.
@@ -152,7 +154,8 @@ backend slot
   server s1 127.0.0.1:$SLOT
 CONF
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
-pids+=($!)
+HAPROXY_PID=$!
+pids+=($HAPROXY_PID)
 wait_for 10 curl -fs "http://127.0.0.1:$HAPROXY/"
 wait_for 10 curl -fs "http://127.0.0.2:$LISTEN/"
 
@@ -164,13 +167,30 @@ if [ -n "${HOLD:-}" ]; then
   exit 0
 fi
 
-# Prints "requests/s p50 p99" of one wrk run, latencies in ms.
-measure() { # conns url
-  wrk -t1 -c"$1" -d"${SECS}s" --latency "$2" 2>&1 | awk '
+# CPU time (clock ticks) used so far by these processes and their children's threads.
+ticks() {
+  local t=0 p f
+  for p in "$@" $(for p in "$@"; do pgrep -P "$p"; done); do
+    for f in /proc/"$p"/task/*/stat; do
+      [ -r "$f" ] && t=$((t + $(sed 's/.*) //' "$f" | awk '{print $12 + $13}')))
+    done
+  done
+  echo "$t"
+}
+
+# Prints "requests/s p50 p99 cpu-us-per-request" of one wrk run against a path whose
+# processes are given; latencies in ms. A trailing "!" marks errors wrk saw.
+measure() { # conns url pids...
+  local c=$1 url=$2; shift 2
+  local t0 t1
+  t0=$(ticks "$@")
+  wrk -t1 -c"$c" -d"${SECS}s" --latency "$url" >"$WORK/wrk.out" 2>&1
+  t1=$(ticks "$@")
+  awk -v cpu=$(( t1 - t0 )) -v hz="$(getconf CLK_TCK)" -v secs="$SECS" '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /Requests\/sec/ { rps=$2 } $1=="50%" { p50=ms($2) } $1=="99%" { p99=ms($2) }
     /Non-2xx|Socket errors/ { bad=1 }
-    END { printf "%.0f %.2f %.2f%s\n", rps, p50, p99, (bad ? " !" : "") }'
+    END { printf "%.0f %.2f %.2f %.1f%s\n", rps, p50, p99, (rps > 0 ? cpu / hz * 1e6 / (rps * secs) : 0), (bad ? " !" : "") }' "$WORK/wrk.out"
 }
 
 perf_agent() { # seconds
@@ -180,29 +200,44 @@ perf_agent() { # seconds
   PERF=$!
 }
 
+BACKEND_PID=$(pgrep -f "nginx -c $WORK/agent/state/bench/nginx.conf" | head -1)
+NAMES=("direct to the backend" "nginx, 2 workers, keep-alive upstream" "HAProxy, 2 threads, http-reuse always" "cutover agent proxy")
+URLS=("http://127.0.0.1:$SLOT/" "http://127.0.0.1:$NGINX/" "http://127.0.0.1:$HAPROXY/" "http://127.0.0.2:$LISTEN/")
+PIDS=("$BACKEND_PID" "$NGINX_PID" "$HAPROXY_PID" "$AGENT")
+
 echo
-echo "wrk -t1, ${SECS}s per row, keep-alive connections; backend nginx 'return 200' (1 worker);"
-echo "$(nproc) cores shared by wrk, the backend and the proxy under test"
+echo "wrk -t1, ${SECS}s per run, keep-alive connections; backend nginx 'return 200' (1 worker);"
+echo "$(nproc) cores shared by wrk, the backend and the proxy under test. $ROUNDS round(s), the"
+echo "paths taking turns within each; figures are medians over the rounds. cpu: the proxy's"
+echo "(or, direct, the backend's) CPU time per request."
+# Every run's figures, one line each: conns path-index rps p50 p99 cpu [!]
+: >"$WORK/runs"
 profiled=
 for round in $(seq "$ROUNDS"); do
-  [ "$ROUNDS" -eq 1 ] || echo "-- round $round"
-  printf '%-44s %5s %11s %8s %8s %9s %9s\n' "path" "conns" "requests/s" "p50 ms" "p99 ms" "vs nginx" "p99 vs"
   for c in "${CONNS[@]}"; do
-    read -r d_rps d_p50 d_p99 d_bad < <(measure "$c" "http://127.0.0.1:$SLOT/")
-    read -r n_rps n_p50 n_p99 n_bad < <(measure "$c" "http://127.0.0.1:$NGINX/")
-    read -r h_rps h_p50 h_p99 h_bad < <(measure "$c" "http://127.0.0.1:$HAPROXY/")
-    if [ -z "$profiled" ]; then perf_agent "$SECS"; profiled=1; fi
-    read -r c_rps c_p50 c_p99 c_bad < <(measure "$c" "http://127.0.0.2:$LISTEN/")
-    row() { # name rps p50 p99 bad
-      awk -v n="$1" -v c="$c" -v r="$2" -v a="$3" -v b="$4" -v x="$5" -v nr="$n_rps" -v np="$n_p99" \
-        'BEGIN { printf "%-44s %5s %11s %8.2f %8.2f %8.2fx %8.2fx %s\n", n, c, r, a, b, r/nr, b/np, x }'
-    }
-    row "direct to the backend" "$d_rps" "$d_p50" "$d_p99" "${d_bad:-}"
-    row "nginx, 2 workers, keep-alive upstream" "$n_rps" "$n_p50" "$n_p99" "${n_bad:-}"
-    row "HAProxy, 2 threads, http-reuse always" "$h_rps" "$h_p50" "$h_p99" "${h_bad:-}"
-    row "cutover agent proxy" "$c_rps" "$c_p50" "$c_p99" "${c_bad:-}"
+    for i in 0 1 2 3; do
+      if [ "$i" -eq 3 ] && [ -z "$profiled" ]; then perf_agent "$SECS"; profiled=1; fi
+      echo "$c $i $(measure "$c" "${URLS[$i]}" "${PIDS[$i]}")" >>"$WORK/runs"
+    done
   done
 done
+printf '%-40s %5s %11s %7s %7s %9s %9s %8s\n' "path" "conns" "requests/s" "p50 ms" "p99 ms" "vs nginx" "p99 vs" "cpu us"
+for c in "${CONNS[@]}"; do
+  for i in 0 1 2 3; do
+    awk -v c="$c" -v i="$i" -v n="${NAMES[$i]}" '
+      function median(a, k,   j, t, x, y) {
+        for (x = 1; x <= k; x++) for (y = x + 1; y <= k; y++) if (a[y] < a[x]) { t = a[x]; a[x] = a[y]; a[y] = t }
+        return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+      }
+      $1 == c && $2 == i { k++; r[k] = $3; p50[k] = $4; p99[k] = $5; cpu[k] = $6; if ($7 == "!") bad = 1 }
+      $1 == c && $2 == 1 { m++; nr[m] = $3; np[m] = $5 }
+      END {
+        R = median(r, k); P99 = median(p99, k); NR = median(nr, m); NP = median(np, m)
+        printf "%-40s %5s %11.0f %7.2f %7.2f %8.2fx %8.2fx %8.1f%s\n", n, c, R, median(p50, k), P99, R / NR, P99 / NP, median(cpu, k), (bad ? " !" : "")
+      }' "$WORK/runs"
+  done
+done
+[ -z "${RUNS_OUT:-}" ] || cp "$WORK/runs" "$RUNS_OUT"
 echo "(! = wrk saw non-2xx answers or socket errors)"
 echo
 echo "RSS after the run: agent $(ps -o rss= -p "$AGENT") KiB"

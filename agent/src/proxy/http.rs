@@ -345,8 +345,12 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// Removes the hop-by-hop fields and those `Connection` names. Allocates only when
-/// `Connection` names more than `close` or `keep-alive`.
+/// `Connection` names more than `close` or `keep-alive`; a map without any (most
+/// requests) is only looked over.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
     for value in h.get_all(header::CONNECTION) {
         for option in value.as_bytes().split(|b| *b == b',') {

@@ -271,7 +271,8 @@ fn count_connection(s: &Arc<Shared>) -> Counted<Shared> {
 struct Phase {
     /// Stops the accept loop (a handover), leaving connections open.
     accepting: CancellationToken,
-    /// Closes connections idle between two requests (late in a handover).
+    /// Closes connections idle between two requests (late in a handover); a child of
+    /// the proxy's token, so stopping the proxy closes them too.
     close_idle: CancellationToken,
 }
 
@@ -479,7 +480,7 @@ async fn serve_http(
             peer,
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
         });
-        let (cancel, close_idle) = (shared.cancel.clone(), close_idle.clone());
+        let close_idle = close_idle.clone();
         workers::serve(&shared.tasks, conn, move |conn| async move {
             let _open = open;
             let svc = hyper::service::service_fn(move |req| {
@@ -496,12 +497,11 @@ async fn serve_http(
                 .serve_connection(TokioIo::new(conn), svc)
                 .with_upgrades();
             tokio::pin!(conn);
+            // `close_idle` is a child of the proxy's own token: stopping the proxy
+            // cancels it too. One token is one check each time the task is woken.
             tokio::select! {
+                biased;
                 _ = conn.as_mut() => {},
-                _ = cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                }
                 _ = close_idle.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;

@@ -405,6 +405,76 @@ async fn a_slot_that_never_answers_gets_504_and_the_blame() {
 }
 
 #[tokio::test]
+async fn an_upgraded_connection_is_one_request_held_until_the_slot_is_drained() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The slot switches protocols on the first request, then echoes bytes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let (addr, _proxy, metrics) = proxy_to(port, Mode::Http, Limits::default());
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_ne!(c.read(&mut b).await.unwrap(), 0, "{got:?}");
+        got.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    // The slot was asked for the upgrade, with the hop-by-hop fields it needs.
+    let asked = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(
+        asked.contains("upgrade: echo") && asked.contains("connection: upgrade"),
+        "{asked}"
+    );
+
+    // Bytes both ways, on one request that stays in flight.
+    c.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    c.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    assert_eq!(counted(&metrics), (1, 0, 0));
+    assert_eq!(metrics.in_flight(), 1);
+
+    // The slot's drain is over: the stream ends and the slot is free.
+    metrics.drained.cancel();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut echo))
+        .await
+        .expect("closed at the drain deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    wait_for(|| metrics.in_flight() == 0, "the stream to end").await;
+}
+
+#[tokio::test]
 async fn hop_by_hop_fields_stop_at_the_proxy_both_ways() {
     let (port, heads) = upstream_with(Reply::Raw(
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\n\r\nok",

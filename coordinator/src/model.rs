@@ -335,6 +335,10 @@ pub struct Front {
     pub protocol: i32,
     /// How long a slot that loses its weight finishes its requests.
     pub drain_ms: u64,
+    /// How long a slot may take to begin answering (0 in records made before it was
+    /// kept: the agent's default).
+    #[serde(default)]
+    pub upstream_timeout_ms: u64,
 }
 
 /// A deployment: its plan, where it stands, and each host's part.

@@ -176,8 +176,37 @@ impl Conn {
         self.peer
     }
 
+    /// Takes the connection off this runtime's reactor, for [`Detached::attach`] on
+    /// another runtime; it keeps its place under the cap.
+    pub fn detach(self) -> io::Result<Detached> {
+        Ok(Detached {
+            stream: self.stream.into_std()?,
+            peer: self.peer,
+            permit: self._permit,
+        })
+    }
+
     pub fn stream(&self) -> &TcpStream {
         &self.stream
+    }
+}
+
+/// An accepted connection between two runtimes ([`Conn::detach`]).
+#[derive(Debug)]
+pub struct Detached {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Detached {
+    /// The connection again, on the runtime this is called in.
+    pub fn attach(self) -> io::Result<Conn> {
+        Ok(Conn {
+            stream: TcpStream::from_std(self.stream)?,
+            peer: self.peer,
+            _permit: self.permit,
+        })
     }
 }
 

@@ -9,11 +9,13 @@
 //! (one GET), `disk` (small disks), `netns` (network partitions), `people` (personal
 //! credentials and the CLI run with them), `postgres` (a real PostgreSQL server of the
 //! test's own), `prometheus` (a real Prometheus server discovering the agents' slots),
-//! `verify` (plans with hooks and a shadow phase).
+//! `verify` (plans with hooks and a shadow phase), `fidelity` (the sample's answers of
+//! every HTTP/1.1 framing, for the proxy fidelity test).
 
 mod cluster;
 mod deploy;
 mod disk;
+pub mod fidelity;
 mod http;
 mod load;
 pub mod netns;

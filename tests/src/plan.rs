@@ -138,6 +138,8 @@ pub struct PlanBuilder {
     check: HealthCheck,
     /// `[health] start_timeout`, when a test waits for a release that never turns healthy.
     start_timeout: Option<String>,
+    /// `[run] upstream_timeout`, when a test waits for the proxy to give up on a slot.
+    upstream_timeout: Option<String>,
     /// `[strategy] steps`, a TOML array as written in the test.
     steps: String,
     /// More `[strategy]` lines (`key = value`), in the order given.
@@ -169,6 +171,7 @@ impl PlanBuilder {
             user: None,
             check: HealthCheck::SampleHttp,
             start_timeout: None,
+            upstream_timeout: None,
             steps: "[{ traffic = 100 }]".into(),
             strategy: Vec::new(),
             analysis: None,
@@ -248,6 +251,12 @@ impl PlanBuilder {
     }
 
     /// `[strategy] steps`, as a TOML array: `[{ traffic = 10, hold = "5s" }, { traffic = 100 }]`.
+    /// `[run] upstream_timeout`, e.g. `"1s"`.
+    pub fn upstream_timeout(mut self, timeout: &str) -> Self {
+        self.upstream_timeout = Some(timeout.into());
+        self
+    }
+
     pub fn steps(mut self, steps: &str) -> Self {
         self.steps = steps.into();
         self
@@ -361,7 +370,7 @@ labels = {labels}
 command = {command}
 listen = {listen}
 drain = "2s"
-stop_timeout = "5s"{env}{user}
+stop_timeout = "5s"{env}{user}{upstream_timeout}
 
 [health]
 {check}
@@ -384,6 +393,7 @@ steps = {steps}{strategy}
             command = list(&self.command),
             listen = self.listen,
             user = optional("user", &self.user),
+            upstream_timeout = optional("upstream_timeout", &self.upstream_timeout),
             start_timeout = optional("start_timeout", &self.start_timeout),
             steps = self.steps,
             analysis = self.analysis.as_deref().unwrap_or_default(),

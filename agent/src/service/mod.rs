@@ -513,17 +513,11 @@ impl Services {
             .zip(weights)
             .filter_map(|((run, state), weight)| {
                 let (run, state) = (run.as_ref()?, state.as_ref()?);
-                Some((
-                    weight,
-                    Upstream {
-                        // Where the process runs now: a failed start moves it.
-                        port: state.port,
-                        metrics: run.metrics.clone(),
-                    },
-                ))
+                // Where the process runs now: a failed start moves it.
+                Some((weight, Upstream::new(state.port, run.metrics.clone())))
             })
             .collect();
-        proxy.set_routes(Routes::new(entries).mirrored(mirror));
+        proxy.set_routes(Routes::new(entries, upstream_timeout(&rt.desired)).mirrored(mirror));
     }
 
     /// The slot that gets copies of live requests, when the desired state asks for it
@@ -823,5 +817,14 @@ impl Services {
             .collect();
         out.sort_by(|a, b| a.service.cmp(&b.service));
         out
+    }
+}
+
+/// How long the service's slots may take to begin answering a request (0 on the wire:
+/// the default).
+fn upstream_timeout(d: &DesiredService) -> Duration {
+    match d.upstream_timeout_ms {
+        0 => proxy::DEFAULT_UPSTREAM_TIMEOUT,
+        ms => Duration::from_millis(ms),
     }
 }

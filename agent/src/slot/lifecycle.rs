@@ -122,7 +122,8 @@ async fn prepare_release(ctx: &SlotCtx, cancel: &CancellationToken) -> Result<Pa
 }
 
 /// Step 4: runs the `before_stop` hook while the slot's in-flight requests finish (up
-/// to the service's drain time), then stops the process.
+/// to the service's drain time), ends the byte streams still open on it, then stops
+/// the process.
 async fn drain_and_stop(ctx: &SlotCtx, launch: &Launch, current: Current) {
     let drained = async {
         let until = Instant::now() + ctx.drain;
@@ -131,6 +132,8 @@ async fn drain_and_stop(ctx: &SlotCtx, launch: &Launch, current: Current) {
         }
     };
     tokio::join!(hooks::before_stop(ctx, launch, current.port), drained);
+    // Byte streams (TCP, upgraded HTTP) do not end by themselves: they end here.
+    ctx.metrics.drained.cancel();
     current
         .running
         .stop(launch.stop_timeout(), &ctx.store)

@@ -83,6 +83,7 @@ pub fn plan_host(plan: &Plan, current: Option<&DesiredService>) -> DeployHost {
             listen: cur.listen,
             protocol: cur.protocol,
             drain_ms: cur.drain_ms,
+            upstream_timeout_ms: cur.upstream_timeout_ms,
         });
     }
     let live = cur.live_slot();
@@ -143,6 +144,7 @@ pub fn target(
     d.previous_release = dep.previous_release.clone().unwrap_or_default();
     d.host = name.to_string();
     d.shadow = mirror(dep, host);
+    d.upstream_timeout_ms = plan.run.upstream_timeout.as_millis();
     let (metrics_path, scrape) = super::scrape_spec(plan);
     d.metrics_path = metrics_path;
     // Slots are scraped only while there is an interval to judge.
@@ -177,6 +179,7 @@ pub fn target(
                 d.listen = front.listen;
                 d.protocol = front.protocol;
                 d.drain_ms = front.drain_ms;
+                d.upstream_timeout_ms = front.upstream_timeout_ms;
             }
             _ if !has_old && ended => d.listen = 0,
             _ => {}

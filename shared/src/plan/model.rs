@@ -85,6 +85,10 @@ pub struct Run {
     /// How long an old slot keeps its in-flight requests after losing its weight.
     #[serde(default = "defaults::drain")]
     pub drain: Duration,
+    /// HTTP: how long a slot may take to begin answering a request it was sent; past
+    /// it the proxy answers 504 and counts the request against the slot.
+    #[serde(default = "defaults::upstream_timeout")]
+    pub upstream_timeout: Duration,
     /// Unprivileged user to run the slot process as.
     #[serde(default)]
     pub user: Option<String>,
@@ -681,6 +685,9 @@ mod defaults {
     }
     pub fn drain() -> Duration {
         Duration::from_secs(5)
+    }
+    pub fn upstream_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn interval() -> Duration {
         Duration::from_secs(1)

@@ -168,8 +168,24 @@ fn minimal_plan_gets_defaults() {
     assert_eq!(p.strategy.steps[0].traffic, 100);
     assert_eq!(p.health.check(), Some(Check::Tcp));
     assert_eq!(p.run.stop_timeout, Duration::from_secs(30));
+    assert_eq!(p.run.upstream_timeout, Duration::from_secs(60));
     assert_eq!(p.strategy.on_host_lost, OnHostLost::Pause);
     assert!(p.analysis.is_none());
+}
+
+#[test]
+fn upstream_timeout_is_read_and_must_be_more_than_zero() {
+    let text = spec_example().replace(
+        "drain = \"5s\"",
+        "drain = \"5s\"\nupstream_timeout = \"90s\"",
+    );
+    let p = Plan::parse(&text, "plan.toml").unwrap();
+    assert_eq!(p.run.upstream_timeout, Duration::from_secs(90));
+    let e = err(&spec_example().replace(
+        "drain = \"5s\"",
+        "drain = \"5s\"\nupstream_timeout = \"0s\"",
+    ));
+    assert!(e.to_string().contains("upstream_timeout"), "{e}");
 }
 
 #[test]

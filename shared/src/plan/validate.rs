@@ -105,8 +105,8 @@ fn validate_release(r: &Release) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// `[run]`: a program to run, only known placeholders, an unprivileged port, a stop
-/// timeout, usable variable names and a user if one is named.
+/// `[run]`: a program to run, only known placeholders, an unprivileged port, stop and
+/// upstream timeouts, usable variable names and a user if one is named.
 fn validate_run(run: &Run) -> Result<(), Invalid> {
     validate_command(run)?;
     if run.listen < 1024 {
@@ -119,6 +119,7 @@ fn validate_run(run: &Run) -> Result<(), Invalid> {
         ));
     }
     more_than_zero(&[K("run"), K("stop_timeout")], run.stop_timeout)?;
+    more_than_zero(&[K("run"), K("upstream_timeout")], run.upstream_timeout)?;
     for k in run.env.keys() {
         if k.is_empty() || k.contains(['=', '\0']) {
             return Err(invalid(

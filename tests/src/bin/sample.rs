@@ -25,6 +25,9 @@
 //! (a release that is bad for the business, not for HTTP), `queue_depth=N` sets the
 //! gauge.
 //!
+//! Under `/fidelity/` it answers in every framing HTTP/1.1 has, WebSocket included, for
+//! the proxy fidelity test (`tests::fidelity`).
+//!
 //! `cutover-sample pack --out FILE --version V [--file SRC=DEST ...] [key=value ...]`
 //! writes a `.tar.gz` holding this binary, a `behaviour.env` and each file SRC at DEST
 //! (a release's own migrations, say), and prints its SHA-256.
@@ -40,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 
@@ -249,9 +252,19 @@ async fn listen(port: u16, behaviour: Arc<Behaviour>, crash_after: Option<u64>) 
         let Ok((stream, _)) = accepted else { continue };
         let b = behaviour.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, b.clone()));
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let b = b.clone();
+                async move {
+                    if req.uri().path().starts_with("/fidelity/") {
+                        return Ok::<_, Infallible>(tests::fidelity::handle(req).await);
+                    }
+                    let r = handle(req, b).await?;
+                    Ok(r.map(|body| body.map_err(|e| match e {}).boxed()))
+                }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
         });
     }

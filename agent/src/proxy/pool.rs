@@ -51,8 +51,9 @@ pub enum ConnectError {
 /// itself, driven by whoever uses it.
 pub struct Link {
     pub sender: Sender,
-    /// `None` once the connection has ended.
-    conn: Option<Connection<TokioIo<TcpStream>, Incoming>>,
+    /// `None` once the connection has ended. Boxed once per connection, so that a
+    /// link moves as two words from pool to request to response body and back.
+    conn: Option<Box<Connection<TokioIo<TcpStream>, Incoming>>>,
 }
 
 impl Link {
@@ -82,13 +83,16 @@ impl Link {
     }
 }
 
+/// One thread's idle connections to a slot, each with the time it was put back.
+type Idle = Mutex<VecDeque<(Link, Instant)>>;
+
 /// The idle connections to one slot port.
 pub struct Pool {
     /// The slot's port on 127.0.0.1.
     port: u16,
     /// Per proxy thread ([`super::workers::index`]): idle connections, the most
     /// recently used last.
-    idle: Box<[Mutex<VecDeque<(Link, Instant)>>]>,
+    idle: Box<[Idle]>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -133,7 +137,7 @@ impl Pool {
             .await?;
         Ok(Link {
             sender,
-            conn: Some(conn),
+            conn: Some(Box::new(conn)),
         })
     }
 
@@ -179,7 +183,7 @@ impl Pool {
     }
 
     /// This thread's idle list.
-    fn mine(&self) -> &Mutex<VecDeque<(Link, Instant)>> {
+    fn mine(&self) -> &Idle {
         &self.idle[workers::index().min(self.idle.len() - 1)]
     }
 

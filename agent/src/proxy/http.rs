@@ -28,9 +28,6 @@ use super::{Shared, Upstream, count_in_flight, tunnel};
 use crate::mirror::{self, Admission, LiveAnswer, Mirror};
 
 /// A response body: the slot's, streamed, or one the proxy wrote itself.
-// The slot's variant carries its connection inline: boxing it would cost an allocation
-// per request on the hot path, while the proxy's own answers are rare.
-#[allow(clippy::large_enum_variant)]
 pub enum Body {
     /// The slot's body; the connection goes back to its pool once this was read to its
     /// end.

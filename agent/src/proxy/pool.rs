@@ -31,9 +31,6 @@ use super::workers;
 /// it could be copied too (shadow traffic).
 pub type UpBody = Either<Incoming, Full<Bytes>>;
 
-/// One proxy thread's idle connections to a slot, each with when it went idle.
-type IdleList = Mutex<VecDeque<(Link, Instant)>>;
-
 /// The sending half of one connection to a slot.
 pub type Sender = SendRequest<UpBody>;
 
@@ -60,8 +57,9 @@ pub enum ConnectError {
 /// itself, driven by whoever uses it.
 pub struct Link {
     pub sender: Sender,
-    /// `None` once the connection has ended.
-    conn: Option<Connection<TokioIo<TcpStream>, UpBody>>,
+    /// `None` once the connection has ended. Boxed once per connection, so that a
+    /// link moves as two words from pool to request to response body and back.
+    conn: Option<Box<Connection<TokioIo<TcpStream>, UpBody>>>,
 }
 
 impl Link {
@@ -91,13 +89,16 @@ impl Link {
     }
 }
 
+/// One thread's idle connections to a slot, each with the time it was put back.
+type Idle = Mutex<VecDeque<(Link, Instant)>>;
+
 /// The idle connections to one slot port.
 pub struct Pool {
     /// The slot's port on 127.0.0.1.
     port: u16,
     /// Per proxy thread ([`super::workers::index`]): idle connections, the most
     /// recently used last.
-    idle: Box<[IdleList]>,
+    idle: Box<[Idle]>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -142,7 +143,7 @@ impl Pool {
             .await?;
         Ok(Link {
             sender,
-            conn: Some(conn),
+            conn: Some(Box::new(conn)),
         })
     }
 
@@ -188,7 +189,7 @@ impl Pool {
     }
 
     /// This thread's idle list.
-    fn mine(&self) -> &Mutex<VecDeque<(Link, Instant)>> {
+    fn mine(&self) -> &Idle {
         &self.idle[workers::index().min(self.idle.len() - 1)]
     }
 

@@ -6,11 +6,13 @@
 //! By concern: `procs` (binaries, processes, polling), `cluster` (a coordinator and its
 //! agents, the CLI against them), `deploy` (deploying and what each host serves), `plan`
 //! (the sample release and plans for it), `load` (client load and what it saw), `http`
-//! (one GET), `disk` (small disks), `netns` (network partitions).
+//! (one GET), `disk` (small disks), `netns` (network partitions). `fleetsim` is the
+//! fleet simulator behind `cutover-fleetsim`.
 
 mod cluster;
 mod deploy;
 mod disk;
+pub mod fleetsim;
 mod http;
 mod load;
 pub mod netns;

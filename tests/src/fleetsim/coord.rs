@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -24,11 +26,17 @@ pub struct Coordinator {
     pub credentials: PathBuf,
     /// The `cutover` binary, for the CLI.
     cutover: PathBuf,
-    /// Its process id, for CPU and memory; none when unknown.
-    pub pid: Option<i32>,
+    /// Its process id, for CPU and memory; 0 when unknown or not running. Shared with
+    /// the sampler, which follows a restart.
+    pub pid: Arc<AtomicI32>,
     /// How to start it again, when the simulator started it.
     own: Option<Own>,
+    /// Control calls and CLI commands that failed and were tried again.
+    retries: AtomicU64,
 }
+
+/// A control API client.
+pub type Control = ControlClient<Channel>;
 
 /// A coordinator the simulator started.
 struct Own {
@@ -67,8 +75,9 @@ impl Coordinator {
             addr,
             credentials: data.join("admin"),
             cutover: cutover.to_path_buf(),
-            pid: Some(child.id() as i32),
+            pid: Arc::new(AtomicI32::new(child.id() as i32)),
             own: Some(Own { child, args, log }),
+            retries: AtomicU64::new(0),
         };
         c.wait_ready().await?;
         Ok(c)
@@ -85,8 +94,9 @@ impl Coordinator {
             addr,
             credentials,
             cutover: cutover.to_path_buf(),
-            pid,
+            pid: Arc::new(AtomicI32::new(pid.unwrap_or(0))),
             own: None,
+            retries: AtomicU64::new(0),
         }
     }
 
@@ -102,7 +112,7 @@ impl Coordinator {
         };
         own.child.kill().context("kill the coordinator")?;
         own.child.wait().context("wait for the coordinator")?;
-        self.pid = None;
+        self.pid.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -112,7 +122,7 @@ impl Coordinator {
             bail!("the coordinator was passed in: only one the simulator started can be restarted");
         };
         own.child = spawn(&self.cutover, &own.args, &own.log)?;
-        self.pid = Some(own.child.id() as i32);
+        self.pid.store(own.child.id() as i32, Ordering::Relaxed);
         Ok(())
     }
 
@@ -144,7 +154,7 @@ impl Coordinator {
 
     /// A control API client with the admin credentials, reading answers of any size
     /// (a deployment over thousands of hosts is many megabytes).
-    pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
+    pub async fn control(&self) -> anyhow::Result<Control> {
         let read = |n: &str| {
             let p = self.credentials.join(n);
             std::fs::read(&p).with_context(|| format!("read {}", p.display()))
@@ -156,6 +166,20 @@ impl Coordinator {
         )?;
         let channel = cutover_proto::tls::connect(&self.addr.to_string(), cfg).await?;
         Ok(ControlClient::new(channel).max_decoding_message_size(usize::MAX))
+    }
+
+    /// Counts a control call or CLI command that failed and is tried again.
+    pub fn retried(&self, e: &anyhow::Error) {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "the coordinator did not answer; trying again"
+        );
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Control calls and CLI commands tried again so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// The coordinator's CA certificate (PEM).
@@ -196,9 +220,12 @@ impl Coordinator {
     }
 
     fn pid(&self) -> anyhow::Result<i32> {
-        self.pid.context(
-            "the coordinator's process id is unknown (pass --coordinator-pid) or it is not running",
-        )
+        match self.pid.load(Ordering::Relaxed) {
+            0 => bail!(
+                "the coordinator's process id is unknown (pass --coordinator-pid) or it is not running"
+            ),
+            pid => Ok(pid),
+        }
     }
 }
 
@@ -278,4 +305,22 @@ pub fn rss_bytes(pid: i32) -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .with_context(|| format!("no VmRSS in {p}"))?;
     Ok(kb * 1024)
+}
+
+/// Connections the kernel dropped because a listener's accept queue was full, since
+/// boot, on this machine (`TcpExt: ListenOverflows` in `/proc/net/netstat`); each costs
+/// its client a SYN retransmission (1 s, then 3 s...).
+pub fn listen_overflows() -> anyhow::Result<u64> {
+    let p = "/proc/net/netstat";
+    let text = std::fs::read_to_string(p).with_context(|| format!("read {p}"))?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no TcpExt counters in {p}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no ListenOverflows in {p}"))
 }

@@ -15,7 +15,7 @@ use cutover_proto::v1::{self as pb, GetDeploymentRequest};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::coord::Coordinator;
+use super::coord::{Control, Coordinator};
 use super::figures::{FanOut, quantile};
 use super::host::Ack;
 
@@ -98,19 +98,69 @@ steps = {steps}
     }
 }
 
-/// `cutover deploy PLAN`: the new deployment's id.
-pub async fn submit(coord: &Coordinator, plan: &Path) -> anyhow::Result<String> {
-    let out = coord.cli(&["deploy", &plan.display().to_string()]).await?;
-    let id = out.lines().next().unwrap_or_default().trim().to_string();
-    if id.is_empty() {
-        bail!("`cutover deploy` printed no deployment id");
+/// How often a CLI command is tried when the coordinator is too busy to answer it.
+const CLI_ATTEMPTS: u32 = 3;
+
+/// `cutover deploy PLAN` of `release`: the new deployment's id. A command that failed
+/// is tried again unless the deployment was created after all (its answer was lost).
+pub async fn submit(coord: &Coordinator, plan: &Path, release: &str) -> anyhow::Result<String> {
+    let plan = plan.display().to_string();
+    let mut attempt = 1;
+    loop {
+        let e = match coord.cli(&["deploy", &plan]).await {
+            Ok(out) => {
+                let id = out.lines().next().unwrap_or_default().trim().to_string();
+                if id.is_empty() {
+                    bail!("`cutover deploy` printed no deployment id");
+                }
+                return Ok(id);
+            }
+            Err(e) => e,
+        };
+        if let Ok(Some(d)) = get(coord, "").await
+            && d.release == release
+        {
+            return Ok(d.id);
+        }
+        if attempt == CLI_ATTEMPTS {
+            return Err(e);
+        }
+        coord.retried(&e);
+        attempt += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    Ok(id)
+}
+
+/// `cutover abort ID`, tried again while the coordinator is too busy to answer, unless
+/// the deployment is rolling back (or over) already.
+pub async fn abort(coord: &Coordinator, id: &str) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        let e = match coord.cli(&["abort", id]).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if let Ok(Some(d)) = get(coord, id).await
+            && (d.state == "rolling_back" || is_final(&d.state))
+        {
+            return Ok(());
+        }
+        if attempt == CLI_ATTEMPTS {
+            return Err(e);
+        }
+        coord.retried(&e);
+        attempt += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The deployment `id` (empty: the newest), or none when there is none.
 pub async fn get(coord: &Coordinator, id: &str) -> anyhow::Result<Option<pb::Deployment>> {
     let mut c = coord.control().await?;
+    get_with(&mut c, id).await
+}
+
+async fn get_with(c: &mut Control, id: &str) -> anyhow::Result<Option<pb::Deployment>> {
     match c
         .get_deployment(GetDeploymentRequest { id: id.into() })
         .await
@@ -122,6 +172,8 @@ pub async fn get(coord: &Coordinator, id: &str) -> anyhow::Result<Option<pb::Dep
 }
 
 /// Polls deployment `id` every 250 ms until `done` holds for it or it ended; returns it.
+/// A poll that fails (the coordinator too busy to answer) is counted and tried again
+/// on a new connection until `timeout`.
 pub async fn wait(
     coord: &Coordinator,
     id: &str,
@@ -130,19 +182,27 @@ pub async fn wait(
     done: impl Fn(&pb::Deployment) -> bool,
 ) -> anyhow::Result<pb::Deployment> {
     let deadline = Instant::now() + timeout;
+    let mut client: Option<Control> = None;
+    let mut seen = String::from("never read");
     loop {
-        let d = get(coord, id)
-            .await?
-            .with_context(|| format!("deployment {id} is gone"))?;
-        if done(&d) || is_final(&d.state) {
-            return Ok(d);
+        let polled = match &mut client {
+            Some(c) => get_with(c, id).await,
+            None => match coord.control().await {
+                Ok(c) => get_with(client.insert(c), id).await,
+                Err(e) => Err(e),
+            },
+        };
+        match polled {
+            Ok(Some(d)) if done(&d) || is_final(&d.state) => return Ok(d),
+            Ok(Some(d)) => seen = format!("it is {}, step {}", d.state, d.step + 1),
+            Ok(None) => bail!("deployment {id} is gone"),
+            Err(e) => {
+                coord.retried(&e);
+                client = None;
+            }
         }
         if Instant::now() > deadline {
-            bail!(
-                "deployment {id} did not reach {what} within {timeout:?} (it is {}, step {})",
-                d.state,
-                d.step + 1
-            );
+            bail!("deployment {id} did not reach {what} within {timeout:?} ({seen})");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -165,7 +225,7 @@ pub async fn abort_leftover(coord: &Coordinator, timeout: Duration) -> anyhow::R
         state = d.state,
         "aborting a deployment left going"
     );
-    coord.cli(&["abort", &d.id]).await?;
+    abort(coord, &d.id).await?;
     wait(coord, &d.id, timeout, "its end", |_| false).await?;
     Ok(())
 }
@@ -174,7 +234,7 @@ pub async fn abort_leftover(coord: &Coordinator, timeout: Duration) -> anyhow::R
 pub async fn baseline(coord: &Coordinator, plans: &Path, timeout: Duration) -> anyhow::Result<()> {
     abort_leftover(coord, timeout).await?;
     let plan = PlanSpec::baseline().write(plans)?;
-    let id = submit(coord, &plan).await?;
+    let id = submit(coord, &plan, BASELINE).await?;
     let d = wait(coord, &id, timeout, "its end", |_| false).await?;
     if d.state != "succeeded" {
         bail!(

@@ -18,6 +18,8 @@ pub struct Report {
     pub simulator: Simulator,
     /// Why sessions ended or could not open, most frequent first (numbers masked).
     pub session_failures: Vec<Failures>,
+    /// The fleet and the coordinator every second of the run.
+    pub samples: Vec<super::sampler::Sample>,
 }
 
 /// Where the figures were measured.
@@ -54,8 +56,13 @@ pub struct Connect {
     /// From the start of the hosts' links to 99 % and to all of them connected.
     pub seconds_99: Option<f64>,
     pub seconds_100: Option<f64>,
+    /// From the start of the links to the first 5 s in which every host stayed
+    /// connected and no session failed; none when that did not come.
+    pub settled_s: Option<f64>,
     /// Hosts the coordinator lists as connected once the fleet counted them all.
     pub coordinator_connected: Option<usize>,
+    /// Connections the kernel dropped meanwhile for a full accept queue (machine-wide).
+    pub listen_overflows: Option<u64>,
 }
 
 /// The coordinator's resident memory.
@@ -109,6 +116,9 @@ pub struct Deploy {
     pub coordinator_rss_mb: f64,
     /// Size of the deployment's `show` document, which the CLI must be able to read.
     pub show_bytes: usize,
+    /// CLI commands and status polls that failed (the coordinator too busy to answer)
+    /// and were tried again.
+    pub control_retries: u64,
 }
 
 /// How one decision reached the hosts.
@@ -142,6 +152,8 @@ pub struct Reconnect {
     pub seconds_100: Option<f64>,
     pub reconnected: usize,
     pub all_reconnected: bool,
+    /// Connections the kernel dropped meanwhile for a full accept queue (machine-wide).
+    pub listen_overflows: Option<u64>,
     pub coordinator_rss_mb: Option<f64>,
 }
 
@@ -150,6 +162,8 @@ pub struct Reconnect {
 pub struct Simulator {
     pub cpu_s: f64,
     pub rss_mb: f64,
+    /// The most messages any host had waiting to go out (the agent's queue holds 64).
+    pub max_queued: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -231,18 +245,19 @@ pub fn print_text(r: &Report) {
     }
     if let Some(x) = &r.reconnect {
         println!(
-            "reconnect: coordinator killed, down {:.1}s; it answered {} after its restart; {} of {} hosts back, 99% in {}, all in {}",
+            "reconnect: coordinator killed, down {:.1}s; it answered {} after its restart; {} of {} hosts back, 99% in {}, all in {}; {} SYNs dropped by a full accept queue",
             x.down_s,
             secs(x.answered_s),
             x.reconnected,
             r.hosts,
             secs(x.seconds_99),
-            secs(x.seconds_100)
+            secs(x.seconds_100),
+            count(x.listen_overflows)
         );
     }
     println!(
-        "simulator: {:.1}s CPU, RSS {:.0} MB",
-        r.simulator.cpu_s, r.simulator.rss_mb
+        "simulator: {:.1}s CPU, RSS {:.0} MB; at most {} messages waited to go out on one host",
+        r.simulator.cpu_s, r.simulator.rss_mb, r.simulator.max_queued
     );
     for f in r.session_failures.iter().take(8) {
         println!("session failures: {}x {}", f.count, f.error);
@@ -275,15 +290,20 @@ fn print_deploy(d: &Deploy) {
         );
     }
     println!(
-        "  coordinator: {:.2}s CPU over {:.1}s ({:.3} cores), RSS {:.1} MB; simulator {:.3} cores; show is {} KB; {} hosts rolled back",
+        "  coordinator: {:.2}s CPU over {:.1}s ({:.3} cores), RSS {:.1} MB; simulator {:.3} cores; show is {} KB; {} hosts rolled back; {} commands or polls tried again",
         d.coordinator_cpu_s,
         d.duration_s,
         d.coordinator_cores,
         d.coordinator_rss_mb,
         d.simulator_cores,
         d.show_bytes / 1024,
-        d.coordinator_rolled_back
+        d.coordinator_rolled_back,
+        d.control_retries
     );
+}
+
+fn count<T: std::fmt::Display>(n: Option<T>) -> String {
+    n.map_or("?".into(), |n| n.to_string())
 }
 
 fn secs(s: Option<f64>) -> String {

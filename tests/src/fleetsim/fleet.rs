@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, bail};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::enrol::Enrolled;
 use super::host::{Ack, Behaviour};
@@ -37,6 +38,8 @@ pub fn source(net: u8, i: usize) -> IpAddr {
 pub struct Fleet {
     pub shared: Arc<Shared>,
     pub hosts: Vec<Arc<Host>>,
+    /// When the hosts' links started.
+    pub started: Instant,
     tasks: JoinSet<()>,
 }
 
@@ -62,12 +65,14 @@ impl Fleet {
             hosts.push(Arc::new(Host::new(name.clone(), i, source, tls, behaviour)));
         }
         let mut tasks = JoinSet::new();
+        let started = Instant::now();
         for h in &hosts {
             tasks.spawn(link::run(h.clone(), shared.clone()));
         }
         Ok(Fleet {
             shared,
             hosts,
+            started,
             tasks,
         })
     }

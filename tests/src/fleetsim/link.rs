@@ -46,6 +46,11 @@ pub struct Shared {
     pub connected: AtomicUsize,
     /// Why sessions ended or could not open, with how often, by kind.
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Sessions that ended or could not open, in all.
+    pub failures: AtomicU64,
+    /// The most messages any host had waiting to go out: the coordinator (or the
+    /// simulator itself) falling behind shows here first.
+    pub max_queued: AtomicUsize,
     /// Stops every host.
     pub cancel: CancellationToken,
 }
@@ -58,6 +63,8 @@ impl Shared {
             faults: ArcSwap::from_pointee(Faults::default()),
             connected: AtomicUsize::new(0),
             errors: Mutex::new(BTreeMap::new()),
+            failures: AtomicU64::new(0),
+            max_queued: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
         }
     }
@@ -73,6 +80,7 @@ impl Shared {
     /// Counts one failure, with numbers (ports, addresses, durations) masked so that
     /// failures of one kind count together.
     fn failed(&self, error: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         let mut kind = String::with_capacity(error.len());
         let mut in_number = false;
         for c in error.chars() {
@@ -209,7 +217,7 @@ async fn session(host: &Host, shared: &Shared) -> Result<(), Ended> {
         .map_err(|e| Ended::Failed(cutover_shared::errors::chain(&e)))?;
     let mut client = AgentLinkClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
-    send(&tx, host.report(shared))?;
+    send(shared, &tx, host.report(shared))?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     let mut report = tokio::time::interval(link::REPORT_EVERY);
     let mut beat = tokio::time::interval(link::HEARTBEAT);
@@ -217,17 +225,12 @@ async fn session(host: &Host, shared: &Shared) -> Result<(), Ended> {
     let mut due: Option<Instant> = None;
     loop {
         let next_change = host.state().next_change(now_ms()).map(at);
+        // Unlike the agent's loop, what has arrived is read before the silence check:
+        // thousands of hosts share this process's threads, and a host the simulator
+        // itself was late to poll must not blame the coordinator for its silence.
         tokio::select! {
+            biased;
             _ = shared.cancel.cancelled() => return Ok(()),
-            _ = sleep_until(next_change), if next_change.is_some() => {
-                due = due.or(Some(Instant::now() + COALESCE));
-            }
-            _ = sleep_until(due), if due.is_some() => {
-                due = None;
-                send(&tx, host.report(shared))?;
-            }
-            _ = report.tick() => send(&tx, host.report(shared))?,
-            _ = beat.tick() => heartbeat(&tx, last_heard)?,
             msg = inbound.message() => match msg? {
                 Some(m) => {
                     last_heard = Instant::now();
@@ -237,6 +240,15 @@ async fn session(host: &Host, shared: &Shared) -> Result<(), Ended> {
                 }
                 None => return Ok(()),
             },
+            _ = beat.tick() => heartbeat(&tx, last_heard)?,
+            _ = report.tick() => send(shared, &tx, host.report(shared))?,
+            _ = sleep_until(due), if due.is_some() => {
+                due = None;
+                send(shared, &tx, host.report(shared))?;
+            }
+            _ = sleep_until(next_change), if next_change.is_some() => {
+                due = due.or(Some(Instant::now() + COALESCE));
+            }
         }
     }
 }
@@ -275,9 +287,12 @@ async fn sleep_until(when: Option<Instant>) {
 }
 
 /// Queues a message; a full queue means the coordinator stopped reading.
-fn send(tx: &mpsc::Sender<AgentMessage>, m: AgentMessage) -> Result<(), Ended> {
+fn send(shared: &Shared, tx: &mpsc::Sender<AgentMessage>, m: AgentMessage) -> Result<(), Ended> {
     tx.try_send(m)
-        .map_err(|_| Ended::Failed("outgoing queue full".into()))
+        .map_err(|_| Ended::Failed("outgoing queue full".into()))?;
+    let queued = OUTGOING - tx.capacity();
+    shared.max_queued.fetch_max(queued, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Sends a heartbeat, unless the coordinator has been silent too long.

@@ -17,10 +17,12 @@ pub mod figures;
 pub mod fleet;
 pub mod host;
 pub mod link;
+pub mod sampler;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -28,7 +30,7 @@ use coordinator::report::Show;
 use cutover_proto::v1::{ListHostsRequest, ShowRequest};
 use tokio::time::Instant;
 
-use self::coord::{Coordinator, cpu_seconds, rss_bytes};
+use self::coord::{Coordinator, cpu_seconds, listen_overflows, rss_bytes};
 use self::deploy::{PlanSpec, RollbackBy, Story};
 use self::figures::{Report, mb};
 use self::fleet::Fleet;
@@ -112,10 +114,8 @@ pub async fn run(scenario: Scenario, cfg: Config) -> Outcome {
     };
     let error = measure(scenario, &cfg, &mut report).await.err();
     let me = std::process::id() as i32;
-    report.simulator = figures::Simulator {
-        cpu_s: cpu_seconds(me).unwrap_or(0.0),
-        rss_mb: rss_bytes(me).map(mb).unwrap_or(0.0),
-    };
+    report.simulator.cpu_s = cpu_seconds(me).unwrap_or(0.0);
+    report.simulator.rss_mb = rss_bytes(me).map(mb).unwrap_or(0.0);
     Outcome { report, error }
 }
 
@@ -141,9 +141,16 @@ async fn measure(scenario: Scenario, cfg: &Config, report: &mut Report) -> anyho
         per_second: (enrolled.joined > 0).then(|| enrolled.joined as f64 / enrolled.seconds),
     });
     let before = coord.is_own().then(|| coord.rss_bytes().ok()).flatten();
+    let overflows = listen_overflows().ok();
     let fleet = Fleet::start(coord.addr, &enrolled, cfg.source_net, cfg.behaviour)?;
     drop(enrolled);
+    let sampler = sampler::Sampler::start(fleet.shared.clone(), coord.pid.clone(), fleet.started);
+    let mut connect = connect(&coord, &fleet, cfg.timeout).await;
+    connect.listen_overflows = since(overflows);
+    report.connect = Some(connect);
     let outcome = scenarios(scenario, cfg, &mut coord, &fleet, before, report).await;
+    report.samples = sampler.stop().await;
+    report.simulator.max_queued = fleet.shared.max_queued.load(Ordering::Relaxed);
     report.session_failures = fleet
         .shared
         .errors()
@@ -168,14 +175,21 @@ async fn scenarios(
     rss_before: Option<u64>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let connect = connect(coord, fleet, cfg.timeout).await;
-    let all = connect.all_connected;
-    report.connect = Some(connect);
-    if !all {
+    let Some(c) = &report.connect else {
+        bail!("the fleet did not connect");
+    };
+    if !c.all_connected {
         bail!(
             "only {} of {} hosts connected within {:?}",
-            fleet.connected(),
+            c.connected,
             fleet.len(),
+            cfg.timeout
+        );
+    }
+    if c.settled_s.is_none() {
+        bail!(
+            "the fleet kept losing sessions: never {}s without one within {:?} of being all connected",
+            SETTLED.as_secs(),
             cfg.timeout
         );
     }
@@ -217,9 +231,10 @@ async fn scenarios(
     Ok(())
 }
 
-/// Waits until every host is connected (or the timeout), timing 99 % and 100 %.
+/// Waits until every host is connected (or the timeout), timing 99 % and 100 % from
+/// the start of their links.
 async fn connect(coord: &Coordinator, fleet: &Fleet, timeout: Duration) -> figures::Connect {
-    let started = Instant::now();
+    let started = fleet.started;
     let n = fleet.len();
     let need_99 = ((n as f64 * 0.99).ceil() as usize).max(1);
     let mut c = figures::Connect::default();
@@ -240,8 +255,34 @@ async fn connect(coord: &Coordinator, fleet: &Fleet, timeout: Duration) -> figur
     }
     c.connected = fleet.connected();
     c.all_connected = c.connected == n;
+    if c.all_connected {
+        c.settled_s = settle(fleet, timeout).await.map(|t| t.as_secs_f64());
+    }
     c.coordinator_connected = coordinator_connected(coord).await.ok();
     c
+}
+
+/// How long the fleet stays together to count as settled.
+const SETTLED: Duration = Duration::from_secs(5);
+
+/// Waits until every host stayed connected, with no session failing, for [`SETTLED`];
+/// returns when that began, from the start of the links (none: not within `timeout`).
+/// A fleet that connects in a storm can keep losing sessions after it was all up.
+async fn settle(fleet: &Fleet, timeout: Duration) -> Option<Duration> {
+    let deadline = Instant::now() + timeout;
+    let mut calm_since = Instant::now();
+    let mut failures = fleet.shared.failures.load(Ordering::Relaxed);
+    while Instant::now() < deadline {
+        let now_failures = fleet.shared.failures.load(Ordering::Relaxed);
+        if now_failures != failures || fleet.connected() != fleet.len() {
+            failures = now_failures;
+            calm_since = Instant::now();
+        } else if calm_since.elapsed() >= SETTLED {
+            return Some(calm_since.duration_since(fleet.started));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 /// Hosts the coordinator lists as connected.
@@ -326,7 +367,8 @@ async fn deployment(
     .write(&cfg.state.join("plans"))?;
     let me = std::process::id() as i32;
     let (c0, s0, t0) = (coord.cpu_seconds()?, cpu_seconds(me)?, Instant::now());
-    let id = deploy::submit(coord, &plan).await?;
+    let retries = coord.retries();
+    let id = deploy::submit(coord, &plan, &release).await?;
     if cfg.rollback == RollbackBy::Abort {
         abort_at_last_step(coord, &id, cfg.timeout).await?;
     }
@@ -363,6 +405,7 @@ async fn deployment(
         simulator_cores: (s1 - s0) / t,
         coordinator_rss_mb: coord.rss_bytes().map(mb)?,
         show_bytes: json.len(),
+        control_retries: coord.retries() - retries,
     })
 }
 
@@ -388,8 +431,7 @@ async fn abort_at_last_step(
             d.reason
         );
     }
-    coord.cli(&["abort", id]).await?;
-    Ok(())
+    deploy::abort(coord, id).await
 }
 
 /// Kills the coordinator (SIGKILL), keeps it down for `cfg.down`, starts it again and
@@ -405,6 +447,7 @@ async fn reconnect(
         );
     }
     let before = fleet.sessions();
+    let overflows = listen_overflows().ok();
     coord.kill()?;
     tokio::time::sleep(cfg.down).await;
     let restarted = Instant::now();
@@ -438,6 +481,7 @@ async fn reconnect(
     }
     r.reconnected = fleet.reconnected_since(&before);
     r.all_reconnected = r.reconnected == n;
+    r.listen_overflows = since(overflows);
     r.answered_s = answered
         .await
         .ok()
@@ -445,6 +489,11 @@ async fn reconnect(
         .map(|d| d.as_secs_f64());
     r.coordinator_rss_mb = coord.rss_bytes().ok().map(mb);
     Ok(r)
+}
+
+/// How much the machine's accept-queue drops grew since `before`.
+fn since(before: Option<u64>) -> Option<u64> {
+    Some(listen_overflows().ok()?.saturating_sub(before?))
 }
 
 /// The 1-minute load average.

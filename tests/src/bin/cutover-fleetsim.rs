@@ -19,6 +19,7 @@ use cutover_shared::Duration;
 use tests::fleetsim::deploy::RollbackBy;
 use tests::fleetsim::host::Behaviour;
 use tests::fleetsim::{self, Config, External, Scenario, fleet};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -147,7 +148,16 @@ fn main() -> ExitCode {
         }
     };
     cutover_proto::tls::install_default_provider();
-    let outcome = runtime.block_on(fleetsim::run(scenario, cfg));
+    let outcome = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        match stop_on_signal(stop.clone()) {
+            Ok(()) => fleetsim::run(scenario, cfg, stop).await,
+            Err(e) => fleetsim::Outcome {
+                report: Default::default(),
+                error: Some(e),
+            },
+        }
+    });
     match output {
         Output::Json => match serde_json::to_string_pretty(&outcome.report) {
             Ok(j) => println!("{j}"),
@@ -162,6 +172,22 @@ fn main() -> ExitCode {
         }
         None => ExitCode::SUCCESS,
     }
+}
+
+/// Cancels `stop` on SIGINT or SIGTERM, so that the coordinator the simulator started
+/// is stopped and the figures so far are printed.
+fn stop_on_signal(stop: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        stop.cancel();
+    });
+    Ok(())
 }
 
 /// The run's configuration, each flag checked.

@@ -324,3 +324,31 @@ pub fn listen_overflows() -> anyhow::Result<u64> {
         .and_then(|(_, v)| v.parse().ok())
         .with_context(|| format!("no ListenOverflows in {p}"))
 }
+
+/// CPU time every process of the machine used so far (all but idle and iowait), in
+/// seconds: with the coordinator's and the simulator's, what others took.
+pub fn machine_cpu_seconds() -> anyhow::Result<f64> {
+    let p = "/proc/stat";
+    let text = std::fs::read_to_string(p).with_context(|| format!("read {p}"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .with_context(|| format!("no cpu line in {p}"))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: leave out idle and iowait.
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, t)| *t)
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Ok(busy as f64 / per_second as f64)
+}

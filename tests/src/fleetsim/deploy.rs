@@ -368,6 +368,7 @@ fn fan_out(
         p50_s: quantile(&delays, n, 0.5),
         p99_s: quantile(&delays, n, 0.99),
         p100_s: quantile(&delays, n, 1.0),
+        slower_than_1s: delays.iter().filter(|d| **d > 1_000).count(),
         coordinator_confirmed_s: confirmed.map(|c| c.saturating_sub(decided) as f64 / 1000.0),
     }
 }

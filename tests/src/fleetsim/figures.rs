@@ -135,6 +135,9 @@ pub struct FanOut {
     pub p50_s: Option<f64>,
     pub p99_s: Option<f64>,
     pub p100_s: Option<f64>,
+    /// Hosts that took longer than a second (a session lost and opened again on the
+    /// way shows here).
+    pub slower_than_1s: usize,
     /// From the decision to the coordinator's own record that every host confirmed
     /// (the step holding, the rollback done).
     pub coordinator_confirmed_s: Option<f64>,
@@ -214,13 +217,14 @@ pub fn print_text(r: &Report) {
     }
     if let Some(c) = &r.connect {
         println!(
-            "connect: {} of {} connected; 99% in {}, all in {}; the coordinator lists {} connected",
+            "connect: {} of {} connected; 99% in {}, all in {}, settled (5 s without a lost session) from {}; the coordinator lists {} connected; {} SYNs dropped by a full accept queue",
             c.connected,
             r.hosts,
             secs(c.seconds_99),
             secs(c.seconds_100),
-            c.coordinator_connected
-                .map_or("?".into(), |n| n.to_string())
+            secs(c.settled_s),
+            count(c.coordinator_connected),
+            count(c.listen_overflows)
         );
     }
     if let Some(mem) = &r.memory {
@@ -279,13 +283,14 @@ fn print_deploy(d: &Deploy) {
     );
     for f in d.steps.iter().chain(&d.rollback) {
         println!(
-            "  {}: {} of {} hosts acknowledged; 50% in {}, 99% in {}, 100% in {}; the coordinator saw all in {}",
+            "  {}: {} of {} hosts acknowledged; 50% in {}, 99% in {}, 100% in {} ({} over 1s); the coordinator saw all in {}",
             f.what,
             f.acked,
             f.hosts,
             secs(f.p50_s),
             secs(f.p99_s),
             secs(f.p100_s),
+            f.slower_than_1s,
             secs(f.coordinator_confirmed_s)
         );
     }

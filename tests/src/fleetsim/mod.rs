@@ -29,6 +29,7 @@ use anyhow::{Context, bail};
 use coordinator::report::Show;
 use cutover_proto::v1::{ListHostsRequest, ShowRequest};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use self::coord::{Coordinator, cpu_seconds, listen_overflows, rss_bytes};
 use self::deploy::{PlanSpec, RollbackBy, Story};
@@ -95,8 +96,8 @@ pub struct Outcome {
 }
 
 /// Runs `scenario`: starts (or attaches to) the coordinator, enrolls the hosts, starts
-/// them and measures.
-pub async fn run(scenario: Scenario, cfg: Config) -> Outcome {
+/// them and measures, until it is done or `stop` (the figures so far are kept).
+pub async fn run(scenario: Scenario, cfg: Config, stop: CancellationToken) -> Outcome {
     let mut report = Report {
         hosts: cfg.hosts,
         machine: figures::Machine {
@@ -112,7 +113,11 @@ pub async fn run(scenario: Scenario, cfg: Config) -> Outcome {
         },
         ..Default::default()
     };
-    let error = measure(scenario, &cfg, &mut report).await.err();
+    // `run` ends on `stop` by itself, with every figure; the others are cut short.
+    let error = tokio::select! {
+        r = measure(scenario, &cfg, &mut report, &stop) => r.err(),
+        _ = stop.cancelled(), if scenario != Scenario::Run => Some(anyhow::anyhow!("interrupted")),
+    };
     let me = std::process::id() as i32;
     report.simulator.cpu_s = cpu_seconds(me).unwrap_or(0.0);
     report.simulator.rss_mb = rss_bytes(me).map(mb).unwrap_or(0.0);
@@ -120,7 +125,12 @@ pub async fn run(scenario: Scenario, cfg: Config) -> Outcome {
 }
 
 /// Everything the run measures; figures land in `report` as they come.
-async fn measure(scenario: Scenario, cfg: &Config, report: &mut Report) -> anyhow::Result<()> {
+async fn measure(
+    scenario: Scenario,
+    cfg: &Config,
+    report: &mut Report,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     if cfg.hosts == 0 {
         bail!("--hosts: must be at least 1");
     }
@@ -148,7 +158,7 @@ async fn measure(scenario: Scenario, cfg: &Config, report: &mut Report) -> anyho
     let mut connect = connect(&coord, &fleet, cfg.timeout).await;
     connect.listen_overflows = since(overflows);
     report.connect = Some(connect);
-    let outcome = scenarios(scenario, cfg, &mut coord, &fleet, before, report).await;
+    let outcome = scenarios(scenario, cfg, &mut coord, &fleet, before, report, stop).await;
     report.samples = sampler.stop().await;
     report.simulator.max_queued = fleet.shared.max_queued.load(Ordering::Relaxed);
     report.session_failures = fleet
@@ -174,6 +184,7 @@ async fn scenarios(
     fleet: &Fleet,
     rss_before: Option<u64>,
     report: &mut Report,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let Some(c) = &report.connect else {
         bail!("the fleet did not connect");
@@ -224,9 +235,7 @@ async fn scenarios(
             coord.addr,
             coord.credentials.display()
         );
-        tokio::signal::ctrl_c()
-            .await
-            .context("wait for an interrupt")?;
+        stop.cancelled().await;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::coord::{cpu_seconds, rss_bytes};
+use super::coord::{cpu_seconds, machine_cpu_seconds, rss_bytes};
 use super::figures::mb;
 use super::link::Shared;
 
@@ -29,6 +29,9 @@ pub struct Sample {
     pub simulator_cores: f64,
     /// How late this sample's timer fired: the simulator's own runtime falling behind.
     pub simulator_lag_ms: u64,
+    /// CPU the whole machine used over the last second, in cores: what is left after
+    /// the coordinator and the simulator is other people's work.
+    pub machine_cores: f64,
     pub coordinator_rss_mb: Option<f64>,
 }
 
@@ -71,7 +74,7 @@ async fn run(
     let me = std::process::id() as i32;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<(Instant, i32, Option<f64>, f64)> = None;
+    let mut last: Option<(Instant, i32, Option<f64>, f64, f64)> = None;
     loop {
         let scheduled = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -81,7 +84,8 @@ async fn run(
         let pid = pid.load(Ordering::Relaxed);
         let coord_cpu = (pid != 0).then(|| cpu_seconds(pid).ok()).flatten();
         let sim_cpu = cpu_seconds(me).unwrap_or(0.0);
-        if let Some((at, last_pid, last_coord, last_sim)) = last {
+        let machine_cpu = machine_cpu_seconds().unwrap_or(0.0);
+        if let Some((at, last_pid, last_coord, last_sim, last_machine)) = last {
             let dt = now.duration_since(at).as_secs_f64().max(1e-3);
             let coordinator_cores = match (coord_cpu, last_coord) {
                 (Some(c), Some(l)) if pid == last_pid => Some((c - l) / dt),
@@ -94,6 +98,7 @@ async fn run(
                 coordinator_cores,
                 simulator_cores: (sim_cpu - last_sim) / dt,
                 simulator_lag_ms: now.duration_since(scheduled).as_millis() as u64,
+                machine_cores: (machine_cpu - last_machine) / dt,
                 coordinator_rss_mb: (pid != 0).then(|| rss_bytes(pid).ok().map(mb)).flatten(),
             };
             let mut g = samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -105,11 +110,12 @@ async fn run(
                     coordinator_cores = s.coordinator_cores.map(|c| format!("{c:.2}")),
                     simulator_cores = format!("{:.2}", s.simulator_cores),
                     simulator_lag_ms = s.simulator_lag_ms,
+                    machine_cores = format!("{:.2}", s.machine_cores),
                     "fleet"
                 );
             }
             g.push(s);
         }
-        last = Some((now, pid, coord_cpu, sim_cpu));
+        last = Some((now, pid, coord_cpu, sim_cpu, machine_cpu));
     }
 }

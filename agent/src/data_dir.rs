@@ -58,6 +58,35 @@ pub fn logs(data: &Path) -> PathBuf {
     data.join("logs")
 }
 
+/// `logs/deployments/<id>/`: the output of a deployment's hooks and database commands
+/// on this host, a file each, which `cutover logs --deployment` reads.
+pub fn deployment_logs(data: &Path, id: &str) -> PathBuf {
+    logs(data).join("deployments").join(id)
+}
+
+/// `logs/deployments/<deployment>/<phase>.log`: the whole output of one database task
+/// (`<phase>-<attempt>.log` from its second attempt on). Characters of the ids that do
+/// not belong in a file name become `_`.
+pub fn task_log(data: &Path, deployment: &str, task: &str) -> PathBuf {
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let name = task.rsplit('/').next().unwrap_or(task).replace('#', "-");
+    let dir = match safe(deployment).as_str() {
+        "" | "." | ".." => "unknown".to_string(),
+        d => d.to_string(),
+    };
+    deployment_logs(data, &dir).join(format!("{}.log", safe(&name)))
+}
+
 /// `state/`: each service's own writable directory ([`crate::spawn::state_dir`]).
 pub fn state(data: &Path) -> PathBuf {
     data.join("state")

@@ -1,7 +1,11 @@
 //! The agent's optional plain-HTTP side (`--http ADDR`): `/healthz` and `/metrics` in
 //! Prometheus text format, per service and slot, from the same counters the agent
-//! reports to the coordinator. Its connections are capped and time out like every
-//! listener's ([`cutover_proto::listen`]).
+//! reports to the coordinator; `/sd/prometheus`, Prometheus HTTP service discovery of
+//! every running slot's own metrics and of the agent's, labelled `service`, `release`,
+//! `slot`, `host`; and `/slots/SERVICE/SLOT/metrics`, which relays a slot's metrics
+//! (slots listen on 127.0.0.1 only), bounded like the agent's own scrapes. Its
+//! connections are capped and time out like every listener's
+//! ([`cutover_proto::listen`]).
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -16,40 +20,47 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::scrape;
 use crate::service::Services;
+
+/// How long a relayed scrape of a slot may take.
+const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Who this agent is, for service discovery.
+#[derive(Clone)]
+pub struct Site {
+    /// The host's name (the `host` label).
+    pub host: String,
+    /// The `--http` address; when it is a wildcard, targets use the address the
+    /// discovery request came to.
+    pub addr: std::net::SocketAddr,
+}
 
 pub async fn serve(
     listener: TcpListener,
     limits: Limits,
     services: Arc<Services>,
+    site: Site,
     cancel: CancellationToken,
 ) {
     let mut listener = Acceptor::new(listener, Cap::new(limits.max_connections), "--http");
+    let relay = scrape::client(RELAY_TIMEOUT);
     loop {
         let conn = tokio::select! {
             _ = cancel.cancelled() => return,
             c = listener.accept() => c,
         };
-        let services = services.clone();
+        let (services, site, relay) = (services.clone(), site.clone(), relay.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let services = services.clone();
+                let (services, site, relay) = (services.clone(), site.clone(), relay.clone());
                 async move {
-                    let (status, body) = match req.uri().path() {
-                        "/healthz" if !services.store_writable() => (
-                            503,
-                            "unhealthy: the agent's store cannot be written (see its log)\n"
-                                .to_string(),
-                        ),
-                        "/healthz" => (200, "ok\n".to_string()),
-                        "/metrics" => (200, render(&services.observe().await)),
-                        _ => (404, "not found\n".to_string()),
-                    };
+                    let (status, kind, body) = answer(&req, &services, &site, &relay).await;
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()
                             .status(status)
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(body)))
+                            .header("content-type", kind)
+                            .body(Full::new(body))
                             .unwrap_or_default(),
                     )
                 }
@@ -63,6 +74,86 @@ pub async fn serve(
                 .await;
         });
     }
+}
+
+const TEXT: &str = "text/plain; version=0.0.4";
+
+/// (status, content type, body) for one request.
+async fn answer(
+    req: &Request<Incoming>,
+    services: &Services,
+    site: &Site,
+    relay: &scrape::HttpClient,
+) -> (u16, &'static str, Bytes) {
+    let text = |status, body: String| (status, TEXT, Bytes::from(body));
+    match req.uri().path() {
+        "/healthz" if !services.store_writable() => text(
+            503,
+            "unhealthy: the agent's store cannot be written (see its log)\n".into(),
+        ),
+        "/healthz" => text(200, "ok\n".into()),
+        "/metrics" => text(200, render(&services.observe().await)),
+        "/sd/prometheus" => {
+            let at = target_addr(site, req);
+            let body = discovery(&services.metrics_slots().await, &site.host, &at);
+            (200, "application/json", Bytes::from(body))
+        }
+        path => match slot_path(path) {
+            Some((service, slot)) => match services.metrics_target(service, slot).await {
+                Ok((port, metrics_path)) => {
+                    match scrape::fetch(relay, port, &metrics_path, RELAY_TIMEOUT).await {
+                        Ok(body) => (200, TEXT, body),
+                        Err(e) => text(502, format!("{e}\n")),
+                    }
+                }
+                Err(e) => text(404, format!("{e}\n")),
+            },
+            None => text(404, "not found\n".into()),
+        },
+    }
+}
+
+/// `/slots/SERVICE/SLOT/metrics` → (service, slot).
+fn slot_path(path: &str) -> Option<(&str, Slot)> {
+    let rest = path.strip_prefix("/slots/")?.strip_suffix("/metrics")?;
+    let (service, slot) = rest.split_once('/')?;
+    let slot = Slot::BOTH.into_iter().find(|s| s.as_str() == slot)?;
+    (!service.is_empty() && !service.contains('/')).then_some((service, slot))
+}
+
+/// The address Prometheus reaches this agent's `--http` at: the bound one, or for a
+/// wildcard bind the `Host` the discovery request was sent to.
+fn target_addr(site: &Site, req: &Request<Incoming>) -> String {
+    if !site.addr.ip().is_unspecified() {
+        return site.addr.to_string();
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && !h.contains(['/', ' ']))
+        .map_or_else(|| site.addr.to_string(), str::to_string)
+}
+
+/// Prometheus HTTP service discovery: a target group per running slot (its metrics
+/// relayed at `/slots/SERVICE/SLOT/metrics`) and one for the agent's own `/metrics`.
+pub fn discovery(slots: &[(String, Slot, String)], host: &str, addr: &str) -> String {
+    let mut groups = vec![serde_json::json!({
+        "targets": [addr],
+        "labels": { "__metrics_path__": "/metrics", "host": host, "job": "cutover-agent" },
+    })];
+    for (service, slot, release) in slots {
+        groups.push(serde_json::json!({
+            "targets": [addr],
+            "labels": {
+                "__metrics_path__": format!("/slots/{service}/{slot}/metrics"),
+                "service": service,
+                "release": release,
+                "slot": slot.as_str(),
+                "host": host,
+            },
+        }));
+    }
+    serde_json::Value::Array(groups).to_string()
 }
 
 fn escape(v: &str) -> String {
@@ -201,6 +292,33 @@ fn latency(out: &mut String, rows: &[Row]) {
 mod tests {
     use super::*;
     use cutover_proto::v1::SlotMetrics;
+
+    #[test]
+    fn discovery_lists_each_slot_and_the_agent() {
+        let slots = [
+            ("web".to_string(), Slot::Blue, "1.0".to_string()),
+            ("web".to_string(), Slot::Green, "2.0".to_string()),
+        ];
+        let v: serde_json::Value =
+            serde_json::from_str(&discovery(&slots, "web-1", "127.0.0.2:9100")).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 3);
+        assert_eq!(v[0]["labels"]["__metrics_path__"], "/metrics");
+        assert_eq!(v[2]["targets"][0], "127.0.0.2:9100");
+        assert_eq!(
+            v[2]["labels"],
+            serde_json::json!({
+                "__metrics_path__": "/slots/web/green/metrics",
+                "service": "web", "release": "2.0", "slot": "green", "host": "web-1",
+            })
+        );
+        assert_eq!(
+            slot_path("/slots/web/blue/metrics"),
+            Some(("web", Slot::Blue))
+        );
+        assert_eq!(slot_path("/slots/web/red/metrics"), None);
+        assert_eq!(slot_path("/slots/a/b/blue/metrics"), None);
+        assert_eq!(slot_path("/slots//blue/metrics"), None);
+    }
 
     #[test]
     fn renders_prometheus_text() {

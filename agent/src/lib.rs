@@ -7,15 +7,19 @@
 
 pub mod artifact;
 pub mod data_dir;
+pub mod database;
 pub mod enroll;
+pub mod env_file;
 pub mod handover;
 pub mod health;
 pub mod http;
 pub mod identity;
 pub mod link;
+pub mod logs;
 pub mod os;
 pub mod ports;
 pub mod proxy;
+pub mod scrape;
 pub mod service;
 pub mod slot;
 pub mod spawn;
@@ -65,6 +69,8 @@ pub struct RunConfig {
     pub slot_ports: ports::PortRange,
     /// Connection cap and idle timeouts of every listener: the public ports and `--http`.
     pub listen_limits: proxy::Limits,
+    /// Size past which a slot's log file is rotated (`--slot-log-size`).
+    pub slot_log_size: u64,
 }
 
 /// Runs the agent until `shutdown`: restores the services it ran before (adopting the
@@ -101,7 +107,7 @@ pub async fn run(mut cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Res
     services.inherit(inherited);
     tasks.spawn(services.clone().run_rerouter(shutdown.clone()));
     if let Some(addr) = cfg.http {
-        serve_http(addr, &cfg, &services, &shutdown, &tasks).await?;
+        serve_http(addr, &identity.name, &cfg, &services, &shutdown, &tasks).await?;
     }
     let restored = services.restore().await?;
     restart_on_sighup(&services, exe, cfg.handover_drain, &shutdown, &tasks)?;
@@ -153,7 +159,8 @@ fn check_service_user(name: Option<&str>) -> anyhow::Result<()> {
 
 /// Work an earlier run did not finish is not resumed: partial downloads and unpacks
 /// only take space, and a slot process no desired spec wants is stopped, so no orphan
-/// keeps a port. The ones still wanted are adopted by their slots later.
+/// keeps a port. The ones still wanted are adopted by their slots later. A database
+/// task that was running is reported interrupted, never started again.
 async fn clear_earlier_run(data: &Path, store: &store::Store) {
     let leftovers = artifact::remove_leftovers(&data_dir::cache(data), &data_dir::releases(data));
     if leftovers > 0 {
@@ -170,6 +177,13 @@ async fn clear_earlier_run(data: &Path, store: &store::Store) {
             "stopped slot processes left by an earlier agent run"
         );
     }
+    let interrupted = database::recover(store, LEFTOVER_GRACE).await;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "database tasks were running when the agent stopped; reported interrupted"
+        );
+    }
 }
 
 /// How services run on this host, from the agent's configuration.
@@ -182,12 +196,15 @@ fn settings(cfg: &RunConfig, trusted_keys: trust::TrustedKeys) -> service::Setti
         service_user: cfg.service_user.clone(),
         slot_ports: cfg.slot_ports,
         proxy_limits: cfg.listen_limits,
+        slot_log_size: cfg.slot_log_size,
     }
 }
 
-/// `--http`: `/metrics` and `/healthz`, bound before the services are restored.
+/// `--http`: `/metrics`, `/healthz`, `/sd/prometheus` and the slots' relayed metrics,
+/// bound before the services are restored.
 async fn serve_http(
     addr: std::net::SocketAddr,
+    host: &str,
     cfg: &RunConfig,
     services: &Arc<service::Services>,
     shutdown: &CancellationToken,
@@ -197,10 +214,15 @@ async fn serve_http(
         .await
         .with_context(|| format!("bind --http {addr}"))?;
     tracing::info!(%addr, "serving /metrics");
+    let site = http::Site {
+        host: host.to_string(),
+        addr: listener.local_addr().unwrap_or(addr),
+    };
     tasks.spawn(http::serve(
         listener,
         cfg.listen_limits.listen,
         services.clone(),
+        site,
         shutdown.clone(),
     ));
     Ok(())

@@ -3,7 +3,9 @@
 //! the desired state it receives. It reconnects for ever with exponential backoff and
 //! jitter; a reconnect resends both sides' whole state, so nothing is lost or doubled.
 //! The one refusal it does not retry is a revoked certificate: the host was removed, or
-//! enrolled again elsewhere, and only a new join can bring it back.
+//! enrolled again elsewhere, and only a new join can bring it back. `cutover logs`
+//! requests come on the same stream and are answered by [`crate::logs`] on a queue of
+//! their own.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +19,12 @@ use cutover_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::{self, Identity};
+use crate::logs;
 use crate::service::Services;
 
 /// The coordinator revoked this host's certificate; its words say why.
@@ -34,6 +38,9 @@ const RENEWAL_CHECK: Duration = Duration::from_secs(1);
 const COALESCE: Duration = Duration::from_millis(20);
 /// Messages queued for the coordinator before the session is given up as stuck.
 const OUTGOING: usize = 64;
+/// Log chunks queued for the coordinator: a reader that is slower than this waits
+/// alone (its request's task waits), never the observed state.
+const LOG_QUEUE: usize = 16;
 
 /// How a session ended.
 enum Ended {
@@ -109,6 +116,7 @@ async fn session(
         channel,
         tx,
         mut inbound,
+        logs,
     } = open(identity, services).await?;
     let mut report = tokio::time::interval(link::REPORT_EVERY);
     let mut renewal = tokio::time::interval(RENEWAL_CHECK);
@@ -134,7 +142,7 @@ async fn session(
             msg = inbound.message() => match msg? {
                 Some(m) => {
                     last_heard = Instant::now();
-                    apply(services, m).await;
+                    apply(services, &logs, m).await;
                 }
                 None => return Ok(()),
             },
@@ -148,8 +156,10 @@ struct Open {
     channel: tonic::transport::Channel,
     /// What the agent sends: observed state and heartbeats.
     tx: mpsc::Sender<AgentMessage>,
-    /// What the coordinator sends: desired state and heartbeats.
+    /// What the coordinator sends: desired state, heartbeats and log requests.
     inbound: tonic::Streaming<CoordinatorMessage>,
+    /// The session's log requests; they end with it.
+    logs: logs::Requests,
 }
 
 /// Connects with the host's certificate and opens the stream, the whole observed state
@@ -163,10 +173,13 @@ async fn open(identity: &Identity, services: &Services) -> Result<Open, Ended> {
         .map_err(|e| cutover_shared::errors::chain(&e))?;
     let mut client = AgentLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
+    let (log_tx, log_rx) = mpsc::channel::<AgentMessage>(LOG_QUEUE);
     tx.send(observed(services.observe().await))
         .await
         .map_err(|e| e.to_string())?;
-    let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    // Two queues, taken in turn: log lines never hold up observed state.
+    let outgoing = ReceiverStream::new(rx).merge(ReceiverStream::new(log_rx));
+    let inbound = client.session(outgoing).await?.into_inner();
     tracing::info!(
         coordinator = identity.coordinator,
         host = identity.name,
@@ -176,6 +189,7 @@ async fn open(identity: &Identity, services: &Services) -> Result<Open, Ended> {
         channel,
         tx,
         inbound,
+        logs: logs::Requests::new(log_tx, services.log_marks.clone()),
     })
 }
 
@@ -226,13 +240,18 @@ async fn renew(data_dir: &Path, identity: &Identity, channel: &tonic::transport:
 }
 
 /// Applies what the coordinator sent.
-async fn apply(services: &Services, m: CoordinatorMessage) {
+async fn apply(services: &Services, logs: &logs::Requests, m: CoordinatorMessage) {
     match m.msg {
         Some(coordinator_message::Msg::Desired(d)) => {
             for s in d.services {
                 services.apply(s).await;
             }
         }
+        Some(coordinator_message::Msg::LogRequest(r)) => {
+            let sources = services.log_sources(&r).await;
+            logs.start(r, sources);
+        }
+        Some(coordinator_message::Msg::LogCancel(c)) => logs.cancel(c.id),
         Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
     }
 }

@@ -99,6 +99,10 @@ struct RunArgs {
     /// this long is closed.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     tcp_idle_timeout: std::time::Duration,
+    /// A slot's log file is kept as NAME.log.1 and started anew past this size (so a
+    /// service's output takes at most twice this on disk).
+    #[arg(long, default_value = "10MiB", value_parser = cutover_shared::size::parse)]
+    slot_log_size: u64,
     /// How log lines are written to stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -228,6 +232,7 @@ fn run_config(args: RunArgs, inherited: Vec<agent::handover::Inherited>) -> agen
             },
             tcp_idle_timeout: args.tcp_idle_timeout,
         },
+        slot_log_size: args.slot_log_size,
     }
 }
 

@@ -237,6 +237,9 @@ pub struct RunOptions {
     pub output_log: Option<PathBuf>,
     /// How many of the last non-empty output lines the outcome keeps.
     pub tail_lines: usize,
+    /// Told the command's pid (also its process group's id) once it has started, so a
+    /// caller can record it while the command runs.
+    pub started: Option<tokio::sync::mpsc::UnboundedSender<u32>>,
 }
 
 impl RunOptions {
@@ -248,6 +251,7 @@ impl RunOptions {
             grace: Duration::from_secs(5),
             output_log: None,
             tail_lines: 10,
+            started: None,
         }
     }
 }
@@ -398,6 +402,9 @@ impl Launcher {
                 .map(Pid::from_raw),
             reader: Some(tokio::spawn(collect(rx, log, opts.tail_lines))),
         };
+        if let (Some(tell), Some(pid)) = (&opts.started, child.id()) {
+            let _ = tell.send(pid);
+        }
         let exit = tokio::select! {
             status = child.wait() => match status {
                 Ok(s) => exit_of(s),

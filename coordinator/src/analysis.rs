@@ -1,9 +1,19 @@
-//! Judging a release by the golden signals the agents' proxies measure: each analysis
-//! interval compares the new slot against the old slot on the same hosts in the same
-//! interval (a live baseline). Pure functions, no IO.
+//! Judging a release: each analysis interval compares the new slot against the old slot
+//! on the same hosts in the same interval (a live baseline), by the golden signals the
+//! agents' proxies measure and by the plan's other metrics — the slots' own counters,
+//! gauges and histograms (`scraped`), or a Prometheus query's result — read as data
+//! (`reading`). Every metric goes through the same bounds. Pure functions, no IO.
 
-use cutover_shared::plan::{Analysis, Judge, Metric, MetricName};
+use std::collections::BTreeMap;
+
+use cutover_shared::plan::{Analysis, Judge, Measure, Metric, MetricName, SlotMeasure};
 use serde::{Deserialize, Serialize};
+
+pub mod reading;
+pub mod scraped;
+
+pub use reading::{Counts, Queried, Query, Reading, Side, Values};
+pub use scraped::{Scrape, ScrapeSnapshot};
 
 /// Counters of one slot (or a sum of slots) over some span.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -109,6 +119,10 @@ pub struct Sample {
     pub old: Counters,
     /// How long the interval ran, for rates.
     pub seconds: f64,
+    /// The values of the metrics that do not come from the proxy (`source = "slot"` or
+    /// `"prometheus"`), by metric name; a metric missing here had no data.
+    #[serde(default)]
+    pub readings: BTreeMap<String, Reading>,
 }
 
 /// What an interval (or one metric in it) comes to.
@@ -125,7 +139,8 @@ pub enum Verdict {
 /// One metric judged in one interval.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MetricResult {
-    pub name: MetricName,
+    /// The metric's name, as the plan spells it.
+    pub name: String,
     /// The new release's value (`None`: no data).
     pub new: Option<f64>,
     /// The old release's value on the same hosts (`None`: no data).
@@ -133,16 +148,136 @@ pub struct MetricResult {
     pub verdict: Verdict,
 }
 
-pub fn metric_name(m: MetricName) -> &'static str {
-    match m {
-        MetricName::ErrorRate => "error_rate",
-        MetricName::LatencyP50 => "latency_p50",
-        MetricName::LatencyP90 => "latency_p90",
-        MetricName::LatencyP99 => "latency_p99",
-        MetricName::RequestRate => "request_rate",
+/// How a metric's values read: as the proxy's unit for its golden signals, as plain
+/// numbers for the others.
+fn fmt(name: &str, v: f64) -> String {
+    match MetricName::parse(name) {
+        Some(MetricName::ErrorRate) => format!("{:.2}%", v * 100.0),
+        Some(MetricName::RequestRate) => format!("{v:.1}/s"),
+        Some(_) => format!("{v:.1}ms"),
+        None => plain(v),
     }
 }
 
+/// A number with four significant digits, without a trailing zero run.
+pub fn plain(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 12) as usize;
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// The unit of a metric's values: `ratio` (0 to 1), `ms`, `per_second`, or `value` (a
+/// gauge, a histogram's own unit, a query's result).
+pub fn unit(m: &Metric) -> &'static str {
+    match m.measure() {
+        Some(Measure::Proxy(MetricName::ErrorRate)) => "ratio",
+        Some(Measure::Proxy(MetricName::RequestRate)) => "per_second",
+        Some(Measure::Proxy(_)) => "ms",
+        Some(Measure::Slot(SlotMeasure::Ratio(..), _)) => "ratio",
+        Some(Measure::Slot(SlotMeasure::Counter(_), _)) => "per_second",
+        _ => "value",
+    }
+}
+
+/// The bounds a metric is judged by, for people: `max 0.02, max_vs_baseline 1.5`.
+pub fn threshold(m: &Metric) -> String {
+    let mut parts: Vec<String> = [
+        ("max", m.max),
+        ("min", m.min),
+        ("max_vs_baseline", m.max_vs_baseline),
+        ("min_vs_baseline", m.min_vs_baseline),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some(format!("{k} {}", fmt_bound(k, &m.name, v?))))
+    .collect();
+    if m.judge.is_some() {
+        parts.push(format!("mann-whitney at {}", m.confidence.unwrap_or(0.95)));
+    }
+    parts.join(", ")
+}
+
+/// A bound in the metric's unit (absolute bounds) or as a ratio (baseline bounds).
+fn fmt_bound(key: &str, name: &str, v: f64) -> String {
+    if key.ends_with("_vs_baseline") {
+        format!("{v}x")
+    } else {
+        fmt(name, v)
+    }
+}
+
+/// `latency_p99 212.0ms vs 180.5ms`: one judged metric, new against old, with units.
+pub fn figure(m: &MetricResult) -> String {
+    let v = |x: Option<f64>| x.map_or("-".to_string(), |x| fmt(&m.name, x));
+    format!("{} {} vs {}", m.name, v(m.new), v(m.old))
+}
+
+/// Judges one interval against the plan's metrics: it fails when any metric fails (and
+/// names every failing one), is inconclusive when any metric had no data, and passes
+/// otherwise. `min_requests` makes the proxy's metrics inconclusive on thin traffic; a
+/// plan with no metric of another source is then inconclusive as a whole.
+pub fn judge(analysis: &Analysis, sample: &Sample) -> (Verdict, Vec<MetricResult>) {
+    let thin = (sample.new.requests < analysis.min_requests).then(|| {
+        format!(
+            "{} requests on the new release, fewer than min_requests {}",
+            sample.new.requests, analysis.min_requests
+        )
+    });
+    let only_proxy = analysis
+        .metric
+        .iter()
+        .all(|m| matches!(m.measure(), Some(Measure::Proxy(_))));
+    if let (Some(why), true) = (&thin, only_proxy) {
+        return (Verdict::Inconclusive(why.clone()), Vec::new());
+    }
+    let results: Vec<MetricResult> = analysis
+        .metric
+        .iter()
+        .map(|m| match (m.measure(), &thin) {
+            (Some(Measure::Proxy(_)), Some(why)) => MetricResult {
+                name: m.name.clone(),
+                new: None,
+                old: None,
+                verdict: Verdict::Inconclusive(format!("{}: {why}", m.name)),
+            },
+            (Some(Measure::Proxy(name)), None) => judge_proxy(m, name, sample),
+            _ => reading::judge(m, sample.readings.get(&m.name)),
+        })
+        .collect();
+    (overall(&results), results)
+}
+
+/// An interval's verdict from its metrics': every failure named, else every metric
+/// without data, else a pass.
+fn overall(results: &[MetricResult]) -> Verdict {
+    let whys = |inconclusive: bool| -> Vec<&str> {
+        results
+            .iter()
+            .filter_map(|r| match &r.verdict {
+                Verdict::Fail(w) if !inconclusive => Some(w.as_str()),
+                Verdict::Inconclusive(w) if inconclusive => Some(w.as_str()),
+                _ => None,
+            })
+            .collect()
+    };
+    let failed = whys(false);
+    if !failed.is_empty() {
+        return Verdict::Fail(failed.join("; "));
+    }
+    let unknown = whys(true);
+    if !unknown.is_empty() {
+        return Verdict::Inconclusive(unknown.join("; "));
+    }
+    Verdict::Pass
+}
+
+/// A golden signal's value over `seconds` of counters `c`.
 fn value(m: MetricName, c: &Counters, seconds: f64) -> Option<f64> {
     match m {
         MetricName::ErrorRate => c.error_rate(),
@@ -153,73 +288,22 @@ fn value(m: MetricName, c: &Counters, seconds: f64) -> Option<f64> {
     }
 }
 
-fn fmt(m: MetricName, v: f64) -> String {
-    match m {
-        MetricName::ErrorRate => format!("{:.2}%", v * 100.0),
-        MetricName::RequestRate => format!("{v:.1}/s"),
-        _ => format!("{v:.1}ms"),
-    }
-}
-
-/// The unit of a metric's values: `ratio` (0 to 1), `ms` or `per_second`.
-pub fn unit(m: MetricName) -> &'static str {
-    match m {
-        MetricName::ErrorRate => "ratio",
-        MetricName::RequestRate => "per_second",
-        MetricName::LatencyP50 | MetricName::LatencyP90 | MetricName::LatencyP99 => "ms",
-    }
-}
-
-/// `latency_p99 212.0ms vs 180.5ms`: one judged metric, new against old, with units.
-pub fn figure(m: &MetricResult) -> String {
-    let v = |x: Option<f64>| x.map_or("-".to_string(), |x| fmt(m.name, x));
-    format!("{} {} vs {}", metric_name(m.name), v(m.new), v(m.old))
-}
-
-/// Judges one interval against the plan's metrics.
-pub fn judge(analysis: &Analysis, sample: &Sample) -> (Verdict, Vec<MetricResult>) {
-    if sample.new.requests < analysis.min_requests {
-        let why = format!(
-            "{} requests on the new release, fewer than min_requests {}",
-            sample.new.requests, analysis.min_requests
-        );
-        return (Verdict::Inconclusive(why), Vec::new());
-    }
-    let results: Vec<MetricResult> = analysis
-        .metric
-        .iter()
-        .map(|m| judge_metric(m, sample))
-        .collect();
-    let verdict = results
-        .iter()
-        .find_map(|r| match &r.verdict {
-            Verdict::Fail(why) => Some(Verdict::Fail(why.clone())),
-            _ => None,
-        })
-        .unwrap_or(Verdict::Pass);
-    (verdict, results)
-}
-
-fn judge_metric(m: &Metric, s: &Sample) -> MetricResult {
-    let new = value(m.name, &s.new, s.seconds);
-    let old = value(m.name, &s.old, s.seconds);
+fn judge_proxy(m: &Metric, name: MetricName, s: &Sample) -> MetricResult {
+    let new = value(name, &s.new, s.seconds);
+    let old = value(name, &s.old, s.seconds);
     let verdict = match new {
-        None => Verdict::Inconclusive(format!(
-            "{}: no data on the new release",
-            metric_name(m.name)
-        )),
+        None => Verdict::Inconclusive(format!("{}: no data on the new release", m.name)),
         Some(new) => {
-            let reading = Reading {
+            let r = Point {
                 new,
-                old,
-                baseline_requests: s.old.requests,
-                significant: worse_beyond_noise(m, s),
+                old: if s.old.requests > 0 { old } else { None },
+                significant: worse_beyond_noise(m, name, s),
             };
-            breach(m, &reading).map_or(Verdict::Pass, Verdict::Fail)
+            breach(m, &r).map_or(Verdict::Pass, Verdict::Fail)
         }
     };
     MetricResult {
-        name: m.name,
+        name: m.name.clone(),
         new,
         old,
         verdict,
@@ -227,21 +311,20 @@ fn judge_metric(m: &Metric, s: &Sample) -> MetricResult {
 }
 
 /// One metric's values in an interval, as its bounds judge them.
-struct Reading {
+pub(crate) struct Point {
     /// The new release's value.
-    new: f64,
-    /// The old release's value on the same hosts, if it had data.
-    old: Option<f64>,
-    /// Requests the old release served: without any there is no baseline.
-    baseline_requests: u64,
+    pub new: f64,
+    /// The old release's value on the same hosts, when there is a baseline to compare
+    /// with (the old release had data).
+    pub old: Option<f64>,
     /// The new release is worse beyond noise (always, without a judge).
-    significant: bool,
+    pub significant: bool,
 }
 
 /// Is "worse" beyond noise? Without a judge, any breach counts.
-fn worse_beyond_noise(m: &Metric, s: &Sample) -> bool {
+fn worse_beyond_noise(m: &Metric, name: MetricName, s: &Sample) -> bool {
     let alpha = 1.0 - m.confidence.unwrap_or(0.95);
-    match (m.judge, m.name) {
+    match (m.judge, name) {
         (None, _) => true,
         (Some(Judge::MannWhitney), MetricName::ErrorRate) => {
             two_proportion_greater(s.new.errors, s.new.requests, s.old.errors, s.old.requests)
@@ -255,63 +338,85 @@ fn worse_beyond_noise(m: &Metric, s: &Sample) -> bool {
 }
 
 /// The bound the reading breaks, if any, said for people: `max`, `min`,
-/// `max_vs_baseline`, or — a judge without bounds — worse than the baseline beyond noise.
-fn breach(m: &Metric, r: &Reading) -> Option<String> {
-    let name = metric_name(m.name);
+/// `max_vs_baseline`, `min_vs_baseline`, or — a judge without bounds — worse than the
+/// baseline beyond noise.
+pub(crate) fn breach(m: &Metric, r: &Point) -> Option<String> {
+    let name = &m.name;
     let nv = r.new;
     if let Some(max) = m.max
         && nv > max
         && r.significant
     {
-        let (v, max) = (fmt(m.name, nv), fmt(m.name, max));
+        let (v, max) = (fmt(name, nv), fmt(name, max));
         return Some(format!("{name} {v} above max {max}"));
     }
     if let Some(min) = m.min
         && nv < min
     {
-        let (v, min) = (fmt(m.name, nv), fmt(m.name, min));
+        let (v, min) = (fmt(name, nv), fmt(name, min));
         return Some(format!("{name} {v} below min {min}"));
     }
     if let Some(why) = baseline_breach(m, r) {
         return Some(why);
     }
-    let judge_only =
-        m.judge.is_some() && m.max.is_none() && m.min.is_none() && m.max_vs_baseline.is_none();
-    (judge_only && r.significant && r.baseline_requests > 0).then(|| {
+    let judge_only = m.judge.is_some()
+        && m.max.is_none()
+        && m.min.is_none()
+        && m.max_vs_baseline.is_none()
+        && m.min_vs_baseline.is_none();
+    (judge_only && r.significant && r.old.is_some()).then(|| {
         format!(
             "{name} {} is worse than the baseline's {} beyond noise (confidence {})",
-            fmt(m.name, nv),
-            r.old.map_or("-".into(), |o| fmt(m.name, o)),
+            fmt(name, nv),
+            r.old.map_or("-".into(), |o| fmt(name, o)),
             m.confidence.unwrap_or(0.95)
         )
     })
 }
 
-/// `max_vs_baseline`: the new value against the old one's on the same hosts.
-fn baseline_breach(m: &Metric, r: &Reading) -> Option<String> {
-    let ratio = m.max_vs_baseline?;
+/// `max_vs_baseline` and `min_vs_baseline`: the new value against the old one's on the
+/// same hosts.
+fn baseline_breach(m: &Metric, r: &Point) -> Option<String> {
     let ov = r.old?;
-    if r.baseline_requests == 0 || !r.significant {
+    if !r.significant {
         return None;
     }
+    let name = &m.name;
     let nv = r.new;
-    // A baseline of zero (no errors) is honest data: any errors on the new slot are
-    // then infinitely worse, not a division by zero.
-    let worse = if ov <= 0.0 { nv > 0.0 } else { nv > ov * ratio };
-    if !worse {
-        return None;
-    }
-    let times = if ov > 0.0 {
-        format!("{:.2}x", nv / ov)
-    } else {
-        "above a zero".into()
+    let times = |above: bool| {
+        if ov > 0.0 {
+            format!("{:.2}x", nv / ov)
+        } else if above {
+            "above a zero".into()
+        } else {
+            "below a zero".into()
+        }
     };
-    Some(format!(
-        "{} {} is {times} the baseline's {} (max_vs_baseline {ratio})",
-        metric_name(m.name),
-        fmt(m.name, nv),
-        fmt(m.name, ov)
-    ))
+    if let Some(ratio) = m.max_vs_baseline {
+        // A baseline of zero (no errors) is honest data: any errors on the new slot are
+        // then infinitely worse, not a division by zero.
+        let worse = if ov <= 0.0 { nv > 0.0 } else { nv > ov * ratio };
+        if worse {
+            return Some(format!(
+                "{name} {} is {} the baseline's {} (max_vs_baseline {ratio})",
+                fmt(name, nv),
+                times(true),
+                fmt(name, ov)
+            ));
+        }
+    }
+    if let Some(ratio) = m.min_vs_baseline
+        && ov > 0.0
+        && nv < ov * ratio
+    {
+        return Some(format!(
+            "{name} {} is {} the baseline's {} (min_vs_baseline {ratio})",
+            fmt(name, nv),
+            times(false),
+            fmt(name, ov)
+        ));
+    }
+    None
 }
 
 /// Standard normal upper tail, P(Z > z). Abramowitz & Stegun 7.1.26 (error < 1.5e-7).

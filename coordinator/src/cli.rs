@@ -3,25 +3,34 @@
 //! the product contract ([`failure`]).
 //!
 //! One module per command family, each with its arguments and what it does:
-//! [`deploy`] (deploy, rollback, the manual controls, status), [`follow`] (following a
-//! deployment to its end, shown by [`live`] on a terminal and [`plain`] in logs),
-//! [`hosts`], [`tokens`], [`reports`] (history, show, stats), [`artifact`] (signing keys
-//! and signatures) and [`plan`] (validate). [`conn`] reaches the coordinator, [`out`] is
-//! where every line goes and [`table`] lays text out.
+//! [`deploy`] (deploy, rollback, contract, the manual controls, status; [`dry_run`] prints what a
+//! deployment would do), [`follow`] (following a deployment to its end, shown by
+//! [`live`] on a terminal and [`plain`] in logs), [`hosts`], [`tokens`], [`reports`]
+//! (history, show, stats), [`artifact`] (signing keys and signatures), [`plan`]
+//! (validate, diff), [`service`] (the service lifecycle), [`releases`] (what the hosts
+//! keep), [`logs`] (what the slots wrote), [`admin`] (personal credentials) and [`lock`]
+//! (deploy locks). [`conn`] reaches the coordinator, [`out`] is where every line goes
+//! and [`table`] lays text out.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod admin;
 pub mod artifact;
 pub mod conn;
 pub mod deploy;
+pub mod dry_run;
 pub mod failure;
 pub mod follow;
 pub mod hosts;
 pub mod live;
+pub mod lock;
+pub mod logs;
 pub mod out;
 pub mod plain;
 pub mod plan;
+pub mod releases;
 pub mod reports;
+pub mod service;
 pub mod table;
 pub mod tokens;
 
@@ -71,13 +80,33 @@ pub enum Command {
         /// Deployment id, e.g. d-000123
         id: String,
     },
-    /// Go back to the previous release on every host.
+    /// Contract the live release's database change now: `contract_after = "manual"`,
+    /// or again after a contract failed or stood still.
+    Contract {
+        /// The service whose change to contract.
+        service: String,
+        /// Wait until the contract has run; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Go back to the previous release on every host (an instant switch to its warm
+    /// slot), or with --to to any release that was live before (a health-gated
+    /// deployment of the plan it was deployed with).
     Rollback {
         /// The service to roll back.
         service: String,
+        /// Go back to this release instead of the previous one (see `cutover releases`).
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
         /// Follow progress on stderr until the rollback ends.
         #[arg(long)]
         wait: bool,
+    },
+    /// The releases kept on the hosts: version, sha256, deployed when and by whom,
+    /// live/previous, and on which hosts.
+    Releases {
+        /// The service.
+        service: String,
     },
     /// Follow a deployment until it ends: a live view on a terminal, plain lines
     /// otherwise (or with CUTOVER_PLAIN=1).
@@ -105,6 +134,26 @@ pub enum Command {
         #[command(subcommand)]
         command: plan::PlanCmd,
     },
+    /// Personal credentials: who may do what, and who did it.
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCmd,
+    },
+    /// Block new deployments and rollbacks of a service, saying why.
+    Lock(lock::LockArgs),
+    /// Lift a service's lock.
+    Unlock {
+        /// The locked service.
+        service: String,
+    },
+    /// What the slots wrote, from every host (or a deployment's hook and database
+    /// command output); -f follows until Ctrl-C.
+    Logs(logs::LogsArgs),
+    /// Services between deployments: list, restart, stop, start, remove.
+    Service {
+        #[command(subcommand)]
+        command: service::ServiceCmd,
+    },
 }
 
 impl Command {
@@ -120,13 +169,22 @@ impl Command {
             Command::Resume { id } => deploy::command(conn, id, C::Resume, out).await,
             Command::Promote { id } => deploy::command(conn, id, C::Promote, out).await,
             Command::Abort { id } => deploy::command(conn, id, C::Abort, out).await,
-            Command::Rollback { service, wait } => deploy::rollback(conn, service, wait, out).await,
+            Command::Rollback { service, to, wait } => {
+                deploy::rollback(conn, service, to, wait, out).await
+            }
+            Command::Releases { service } => releases::run(conn, service, out).await,
+            Command::Contract { service, wait } => deploy::contract(conn, service, wait, out).await,
             Command::Watch { id } => follow::watch(conn, id, out).await,
             Command::History(args) => reports::history(conn, args, out).await,
             Command::Show { id } => reports::show(conn, id, out).await,
             Command::Stats(args) => reports::stats(conn, args, out).await,
             Command::Artifact { command } => artifact::run(command, out),
-            Command::Plan { command } => plan::run(command, out),
+            Command::Plan { command } => plan::run(command, conn, out).await,
+            Command::Service { command } => service::run(command, conn, out).await,
+            Command::Logs(args) => logs::run(conn, args, out).await,
+            Command::Admin { command } => admin::run(command, conn, out).await,
+            Command::Lock(args) => lock::lock(conn, args, out).await,
+            Command::Unlock { service } => lock::unlock(conn, service, out).await,
         }
     }
 }

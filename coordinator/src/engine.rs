@@ -11,18 +11,25 @@ use std::time::Duration;
 use cutover_proto::v1::{DesiredService, ObservedService};
 use cutover_shared::clock::now_ms;
 use cutover_shared::names::labels_match;
-use cutover_shared::plan::Plan;
+use cutover_shared::plan::{ContractAfter, Plan};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::model::{DeploymentRecord, ServiceRecord};
+use crate::model::{DeploymentRecord, ServiceRecord, State};
+use crate::preview;
+use crate::prometheus::Pollers;
 use crate::rollout::{self, Command, HostView, Order};
 use crate::store::{Batch, Store};
 use crate::timeline::{Event, Kind};
 use crate::webhooks::Webhooks;
+
+mod day_two;
+
+pub use day_two::{ServiceAction, ServiceDone};
+use day_two::{refuse_if_stopped, tombstones};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,9 +63,30 @@ enum Request {
         actor: String,
         reply: oneshot::Sender<Result<Created, Error>>,
     },
+    RollbackTo {
+        service: String,
+        version: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Created, Error>>,
+    },
+    DryRun {
+        plan: Box<Plan>,
+        reply: oneshot::Sender<Result<preview::DryRun, Error>>,
+    },
     Command {
         id: String,
         command: Command,
+        actor: String,
+        reply: oneshot::Sender<Result<DeploymentRecord, Error>>,
+    },
+    Service {
+        service: String,
+        action: ServiceAction,
+        actor: String,
+        reply: oneshot::Sender<Result<ServiceDone, Error>>,
+    },
+    Contract {
+        service: String,
         actor: String,
         reply: oneshot::Sender<Result<DeploymentRecord, Error>>,
     },
@@ -71,6 +99,47 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// What deploying `plan` would do; nothing is written or sent.
+    pub async fn dry_run(&self, plan: Plan) -> Result<preview::DryRun, Error> {
+        self.call(|reply| Request::DryRun {
+            plan: Box::new(plan),
+            reply,
+        })
+        .await
+    }
+
+    /// `cutover rollback SERVICE --to VERSION`.
+    pub async fn rollback_to(
+        &self,
+        service: String,
+        version: String,
+        actor: String,
+    ) -> Result<Created, Error> {
+        self.call(|reply| Request::RollbackTo {
+            service,
+            version,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// `cutover service restart|stop|start|remove SERVICE`.
+    pub async fn service(
+        &self,
+        service: String,
+        action: ServiceAction,
+        actor: String,
+    ) -> Result<ServiceDone, Error> {
+        self.call(|reply| Request::Service {
+            service,
+            action,
+            actor,
+            reply,
+        })
+        .await
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Request,
@@ -83,7 +152,7 @@ impl Handle {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    /// `actor` says who asked (the CLI sends `user@host`), for the timeline.
+    /// `actor` is who asked (the name of the certificate that called), for the timeline.
     pub async fn deploy(&self, plan: Plan, path: String, actor: String) -> Result<Created, Error> {
         self.call(|reply| Request::Deploy {
             plan: Box::new(plan),
@@ -117,6 +186,21 @@ impl Handle {
         })
         .await
     }
+
+    /// `cutover contract SERVICE`: contracts the live release's schema change (again,
+    /// after it failed or stood still). Returns the deployment that made the change.
+    pub async fn contract(
+        &self,
+        service: String,
+        actor: String,
+    ) -> Result<DeploymentRecord, Error> {
+        self.call(|reply| Request::Contract {
+            service,
+            actor,
+            reply,
+        })
+        .await
+    }
 }
 
 pub struct Engine {
@@ -126,7 +210,8 @@ pub struct Engine {
     fleet: Arc<Fleet>,
     /// Requests from the control API, through [`Handle`].
     rx: mpsc::Receiver<Request>,
-    /// Deployments not yet ended, by id, with what the engine keeps for each.
+    /// Deployments not yet ended (or whose schema change is being contracted or aborted
+    /// after their end), by id, with what the engine keeps for each.
     active: BTreeMap<String, Active>,
     /// Desired state per (host, service), mirrored from the store.
     desired: HashMap<(String, String), DesiredService>,
@@ -139,6 +224,13 @@ pub struct Engine {
     hooks: Webhooks,
     /// Duration histograms fed from committed events.
     metrics: Arc<Metrics>,
+    /// The Prometheus queries of deployments' `source = "prometheus"` metrics, run off
+    /// this loop; their latest results go into each decision.
+    prometheus: Pollers,
+    /// Services each host was told to forget (host, service), with when (unix ms): the
+    /// tombstone is kept, and resent on every reconnect, until a report made after it
+    /// no longer lists the service.
+    removing: BTreeMap<(String, String), u64>,
 }
 
 /// A deployment in progress.
@@ -161,6 +253,8 @@ struct Change {
     service: Option<ServiceRecord>,
     /// Each host's new desired state (for the service it names; generation unset).
     targets: BTreeMap<String, DesiredService>,
+    /// A service whose record goes (`service remove`, a first release that failed).
+    forget: Option<String>,
 }
 
 /// Where a deployment's plan comes from.
@@ -169,6 +263,10 @@ enum Origin {
     File(String),
     /// `cutover rollback`: the previous release's plan.
     Rollback,
+    /// `cutover service restart`: the live plan again, in the idle slots.
+    Restart,
+    /// `cutover rollback --to`: the plan an earlier release was deployed with.
+    RollbackTo(String),
 }
 
 /// What the hosts of one deployment were sent and report, read for one decision.
@@ -196,7 +294,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(64);
         let mut active = BTreeMap::new();
         for record in store.deployments()? {
-            if record.state.is_final() {
+            if !decided(&record) {
                 continue;
             }
             // Pick up the timeline where it stopped.
@@ -209,6 +307,11 @@ impl Engine {
             };
             active.insert(id, a);
         }
+        let started_ms = now_ms();
+        let removing = tombstones(&store)?
+            .into_iter()
+            .map(|key| (key, started_ms))
+            .collect();
         let engine = Engine {
             store,
             fleet,
@@ -216,9 +319,11 @@ impl Engine {
             active,
             desired: HashMap::new(),
             next_retire_check: 0,
-            started_ms: now_ms(),
+            started_ms,
             hooks,
             metrics,
+            prometheus: Pollers::new(),
+            removing,
         };
         Ok((engine, Handle { tx }))
     }
@@ -234,6 +339,7 @@ impl Engine {
                     None => break,
                 },
                 _ = self.fleet.changed() => {},
+                Some(answer) = self.prometheus.recv() => self.prometheus.record(answer),
                 _ = tick.tick() => {},
             }
             if let Err(e) = self.evaluate() {
@@ -267,6 +373,32 @@ impl Engine {
             } => {
                 let _ = reply.send(self.command(&id, command, &actor));
             }
+            Request::RollbackTo {
+                service,
+                version,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.rollback_to(&service, &version, &actor));
+            }
+            Request::DryRun { plan, reply } => {
+                let _ = reply.send(self.dry_run(&plan));
+            }
+            Request::Service {
+                service,
+                action,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.service_action(&service, action, &actor));
+            }
+            Request::Contract {
+                service,
+                actor,
+                reply,
+            } => {
+                let _ = reply.send(self.contract(&service, &actor));
+            }
         }
     }
 
@@ -278,6 +410,7 @@ impl Engine {
                 self.step(&id, None)?;
             }
         }
+        self.confirm_removals()?;
         self.retire_previous()
     }
 
@@ -287,14 +420,63 @@ impl Engine {
         command: Command,
         actor: &str,
     ) -> Result<DeploymentRecord, Error> {
-        if !self.active.contains_key(id) {
+        let Some(d) = self.active.get(id).map(|a| a.record.clone()) else {
             return match self.store.deployment(id)? {
-                Some(d) => Err(Error::Refused(format!(
-                    "deployment {id} has already ended ({})",
-                    d.state.as_str()
-                ))),
+                Some(d) => Err(ended(&d)),
                 None => Err(Error::NotFound(format!("unknown deployment {id:?}"))),
             };
+        };
+        if d.state.is_final() {
+            return Err(ended(&d));
+        }
+        // Resuming a deployment that waits for an earlier contract that failed or stood
+        // still runs that contract again first.
+        if matches!(command, Command::Resume | Command::Promote)
+            && let Some(after) = &d.database.after
+        {
+            self.order_ended(after, Command::Contract, actor)?;
+        }
+        self.step(id, Some(Order { command, actor }))
+    }
+
+    /// `cutover contract SERVICE`.
+    fn contract(&mut self, service: &str, actor: &str) -> Result<DeploymentRecord, Error> {
+        let svc = self.store.service(service)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "unknown service {service:?}: nothing was ever deployed under that name"
+            ))
+        })?;
+        let Some(pending) = svc.db_pending.clone() else {
+            let why = svc
+                .rollback_refused
+                .map_or(String::new(), |r| format!(" ({r})"));
+            return Err(Error::Refused(format!(
+                "service {service} has no database change waiting to be contracted{why}"
+            )));
+        };
+        self.refuse_if_busy(&svc)?;
+        self.order_ended(&pending, Command::Contract, actor)
+    }
+
+    /// Gives `command` to deployment `id`, which has ended, about its schema change.
+    fn order_ended(
+        &mut self,
+        id: &str,
+        command: Command,
+        actor: &str,
+    ) -> Result<DeploymentRecord, Error> {
+        if !self.active.contains_key(id) {
+            let record = self
+                .store
+                .deployment(id)?
+                .ok_or_else(|| Error::NotFound(format!("unknown deployment {id:?}")))?;
+            let next_event = self.store.events(id)?.len() as u64;
+            let a = Active {
+                record,
+                next_event,
+                step_started: None,
+            };
+            self.active.insert(id.to_string(), a);
         }
         self.step(id, Some(Order { command, actor }))
     }
@@ -305,41 +487,86 @@ impl Engine {
                 "unknown service {service:?}: nothing was ever deployed under that name"
             ))
         })?;
-        let Some(prev) = rec.previous else {
+        if let Some(why) = &rec.rollback_refused {
+            return Err(Error::Refused(format!(
+                "service {service} cannot roll back: {why}"
+            )));
+        }
+        let Some(prev) = rec.previous.clone() else {
             return Err(Error::Refused(format!(
                 "service {service} has no previous release to roll back to"
             )));
         };
+        if let Some(d) = self.pending_change(&rec)?
+            && let Some(why) = d.database.change.as_ref().and_then(no_undo)
+        {
+            return Err(Error::Refused(format!(
+                "service {service} cannot roll back: the database change of {} {why}",
+                d.id
+            )));
+        }
         self.create(rollout::rollback_plan(prev), Origin::Rollback, actor)
     }
 
-    /// Creates a deployment of `plan` over the connected hosts it targets.
+    /// Refuses anything that would change a locked service (`cutover lock`), with the
+    /// lock's message, who set it and when.
+    fn refuse_if_locked(&self, service: &str) -> Result<(), Error> {
+        match self.store.lock(service)? {
+            Some(lock) => Err(Error::Refused(lock.refusal())),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates a deployment of `plan` over the connected hosts it targets, unless its
+    /// service is locked or busy.
     fn create(&mut self, plan: Plan, origin: Origin, actor: &str) -> Result<Created, Error> {
-        let mut service = self
+        let service = self
             .store
             .service(&plan.service)?
             .unwrap_or_else(|| ServiceRecord {
                 name: plan.service.clone(),
                 ..Default::default()
             });
+        self.refuse_if_locked(&plan.service)?;
         self.refuse_if_busy(&service)?;
+        refuse_if_stopped(&service)?;
         let hosts = self.target_hosts(&plan)?;
-        let id = format!("d-{:06}", self.store.next_seq("deployment")?);
-        let (plan_path, is_rollback) = match origin {
-            Origin::File(path) => (path, false),
-            Origin::Rollback => ("(rollback)".to_string(), true),
+        self.open(plan, hosts, origin, actor, service)
+    }
+
+    /// Opens a deployment of `plan` over `hosts` (each with its desired state for the
+    /// service) and publishes it.
+    fn open(
+        &mut self,
+        plan: Plan,
+        hosts: BTreeMap<String, Option<DesiredService>>,
+        origin: Origin,
+        actor: &str,
+        mut service: ServiceRecord,
+    ) -> Result<Created, Error> {
+        let (plan_path, is_rollback, restart) = match origin {
+            Origin::File(path) => (path, false, false),
+            Origin::Rollback => ("(rollback)".to_string(), true, false),
+            Origin::Restart => ("(restart)".to_string(), false, true),
+            Origin::RollbackTo(v) => (format!("(rollback to {v})"), true, false),
         };
+        // A restart starts the live release anew: no change of its own to wait for.
+        let database = self.database_context(&plan, &service, &hosts, is_rollback || restart)?;
+        let id = format!("d-{:06}", self.store.next_seq("deployment")?);
         let submission = rollout::Submission {
             id: id.clone(),
             previous_release: service.live.as_ref().map(|p| p.release.version.clone()),
             plan,
             plan_path,
             is_rollback,
+            restart,
             actor,
+            database,
         };
         let decision = rollout::submit(submission, &hosts, now_ms());
         let d = &decision.deployment;
         let noop = d.state.is_final();
+        let after = d.database.after.clone();
         if !noop {
             service.active = Some(id.clone());
         }
@@ -355,8 +582,86 @@ impl Engine {
             deployment: Some((decision.deployment, decision.events)),
             service: Some(service),
             targets: decision.targets,
+            forget: None,
         })?;
+        if let Some(after) = after {
+            let why = format!("{id}, which needs the old slot");
+            self.order_ended(&after, Command::Contract, &why)?;
+        }
         Ok(Created { id, noop })
+    }
+
+    /// What a new deployment of `plan` over `hosts` needs to know of the service's
+    /// database: who may run its commands (`run_on` must match a target host), the live
+    /// release's schema, and the change waiting for its contract — which a manual
+    /// contract must have had before the next deployment.
+    fn database_context(
+        &self,
+        plan: &Plan,
+        svc: &ServiceRecord,
+        hosts: &BTreeMap<String, Option<DesiredService>>,
+        is_rollback: bool,
+    ) -> Result<rollout::DatabaseContext, Error> {
+        let pending = self.pending_change(svc)?;
+        if !is_rollback
+            && let Some(d) = &pending
+            && d.plan.database.as_ref().map(|db| db.contract_after) == Some(ContractAfter::Manual)
+        {
+            return Err(Error::Refused(format!(
+                "service {} has a database change waiting for `cutover contract {}` ({}, release {}, contract_after = \"manual\"); contract it first, or `cutover rollback {}`",
+                svc.name, svc.name, d.id, d.release, svc.name
+            )));
+        }
+        let mut runners = Vec::new();
+        if let Some(db) = &plan.database
+            && !db.run_on.is_empty()
+        {
+            let labels: BTreeMap<String, BTreeMap<String, String>> = self
+                .store
+                .hosts()?
+                .into_iter()
+                .map(|h| (h.name, h.labels))
+                .collect();
+            runners = hosts
+                .keys()
+                .filter(|h| labels.get(*h).is_some_and(|l| labels_match(&db.run_on, l)))
+                .cloned()
+                .collect();
+            if runners.is_empty() {
+                let on: Vec<String> = db.run_on.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                return Err(Error::Refused(format!(
+                    "[database] run_on ({}) matches none of the {} target host(s) ({}); label a target host so, or change run_on",
+                    on.join(","),
+                    hosts.len(),
+                    hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let previous_schema = svc.live.as_ref().and_then(|live| {
+            let db = live.database.as_ref()?;
+            Some(db.schema_name(&live.release.version))
+        });
+        Ok(rollout::DatabaseContext {
+            runners,
+            previous_schema,
+            pending: pending.map(|d| d.id),
+        })
+    }
+
+    /// The deployment whose schema change is live and not contracted yet, if any.
+    fn pending_change(&self, svc: &ServiceRecord) -> Result<Option<DeploymentRecord>, Error> {
+        let Some(id) = &svc.db_pending else {
+            return Ok(None);
+        };
+        self.record(id)
+    }
+
+    /// Deployment `id` as last committed.
+    fn record(&self, id: &str) -> Result<Option<DeploymentRecord>, Error> {
+        match self.active.get(id) {
+            Some(a) => Ok(Some(a.record.clone())),
+            None => Ok(self.store.deployment(id)?),
+        }
     }
 
     /// One deployment at a time per service.
@@ -408,24 +713,64 @@ impl Engine {
         };
         let now = now_ms();
         let reports = self.reports(&dep)?;
-        let decision = rollout::decide(&dep, &self.views(&reports, now), order, now);
+        let previous = match &dep.database.after {
+            Some(after) => self.record(after)?,
+            None => None,
+        };
+        let queried = self.prometheus.sync(&dep);
+        let views = self.views(&reports, now);
+        let inputs = rollout::Inputs {
+            previous: previous.as_ref(),
+            queried: &queried,
+        };
+        let decision = rollout::decide_with(&dep, &views, inputs, order, now);
         let next = decision.deployment;
         if next == dep && decision.targets.is_empty() && decision.events.is_empty() {
             return Ok(next);
         }
         log_state(&dep, &next);
-        let service = if next.state.is_final() {
-            let svc = self.store.service(&next.service)?.unwrap_or_default();
-            Some(rollout::concluded(svc, &next, now))
-        } else {
-            None
-        };
+        let mut targets = decision.targets;
+        let mut service = self.service_after(&dep, &next, now)?;
+        let mut forget = None;
+        if next.state.is_final()
+            && !dep.state.is_final()
+            && let Some(svc) = &service
+            && svc.live.is_none()
+            && self.forget_first_release(&next, &mut targets)?
+        {
+            forget = Some(svc.name.clone());
+            service = None;
+        }
         self.publish(Change {
             deployment: Some((next.clone(), decision.events)),
             service,
-            targets: decision.targets,
+            targets,
+            forget,
         })?;
+        // A `cutover rollback` that succeeded undoes the schema change it rolled back.
+        if next.state == State::Succeeded
+            && !dep.state.is_final()
+            && let Some(undone) = &next.database.undoes
+        {
+            self.order_ended(undone, Command::Undo, &next.id)?;
+        }
         Ok(next)
+    }
+
+    /// The service's record after `before` became `after`, when that changes it: the
+    /// end of a deployment, or its schema change settled after its end.
+    fn service_after(
+        &self,
+        before: &DeploymentRecord,
+        after: &DeploymentRecord,
+        now: u64,
+    ) -> Result<Option<ServiceRecord>, Error> {
+        let svc = self.store.service(&after.service)?.unwrap_or_default();
+        if after.state.is_final() && !before.state.is_final() {
+            return Ok(Some(rollout::concluded(svc, after, now)));
+        }
+        let when = crate::views::rfc3339(now).unwrap_or_default();
+        Ok(rollout::changed_service(&svc, before, after, &when))
     }
 
     /// What `dep`'s hosts were sent and report now.
@@ -476,12 +821,7 @@ impl Engine {
             if !rollout::retiring(&svc, now) {
                 continue;
             }
-            let mut desired = BTreeMap::new();
-            for host in self.store.hosts()? {
-                if let Some(d) = self.desired(&host.name, &svc.name)? {
-                    desired.insert(host.name, d);
-                }
-            }
+            let desired = self.service_desired(&svc.name)?;
             let Some(r) = rollout::retire(&svc, &desired, now) else {
                 continue;
             };
@@ -491,6 +831,17 @@ impl Engine {
                 ..Change::default()
             })?;
             tracing::info!(service = svc.name, "previous release retired");
+            // With the previous release gone, its schema version may go too.
+            if let Some(d) = self.pending_change(&svc)?
+                && d.plan.database.as_ref().map(|db| db.contract_after)
+                    == Some(ContractAfter::Retire)
+            {
+                self.order_ended(
+                    &d.id,
+                    Command::Contract,
+                    "keep_previous (the previous release retired)",
+                )?;
+            }
         }
         Ok(())
     }
@@ -518,11 +869,21 @@ impl Engine {
         if let Some(svc) = &change.service {
             batch.service(svc);
         }
+        if let Some(name) = &change.forget {
+            batch.remove_service(name);
+        }
         // Write what was decided before acting on it.
         self.store.commit(batch)?;
+        let now = now_ms();
         for (host, t) in sends {
             self.fleet.send_desired(&host, vec![t.clone()]);
-            self.desired.insert((host, t.service.clone()), t);
+            let key = (host, t.service.clone());
+            if t.removed {
+                self.removing.insert(key.clone(), now);
+            } else {
+                self.removing.remove(&key);
+            }
+            self.desired.insert(key, t);
         }
         if let Some((record, events)) = change.deployment {
             self.hooks.send(&record, &events);
@@ -543,7 +904,10 @@ impl Engine {
         a.record = record;
         a.next_event += events.len() as u64;
         a.measure(events, &self.metrics);
-        if !a.record.state.is_final() {
+        if a.record.state.is_final() {
+            self.prometheus.forget(&id);
+        }
+        if decided(&a.record) {
             self.active.insert(id, a);
         }
     }
@@ -604,9 +968,44 @@ impl Active {
     }
 }
 
+/// Whether the engine keeps deciding `d`: until it ends, and after that while its schema
+/// change is being contracted or aborted.
+fn decided(d: &DeploymentRecord) -> bool {
+    !d.state.is_final() || d.database.change.as_ref().is_some_and(|c| c.busy())
+}
+
+/// Why a `cutover rollback` cannot undo schema change `c` now, if it cannot: its
+/// contract runs or has failed (the previous release's version may be gone).
+fn no_undo(c: &crate::model::SchemaChange) -> Option<String> {
+    use crate::model::DbPhase;
+    match c.phase {
+        DbPhase::Contracting => Some("is being contracted now".into()),
+        DbPhase::Aborting => Some("is being aborted now".into()),
+        DbPhase::Failed => Some(format!(
+            "failed its last command ({}); the previous release's schema may be gone: fix the database and run `cutover contract`, or deploy a fix forward",
+            crate::rollout::database_failure(c).unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
+/// Why a command to ended deployment `d` is refused.
+fn ended(d: &DeploymentRecord) -> Error {
+    Error::Refused(format!(
+        "deployment {} has already ended ({})",
+        d.id,
+        d.state.as_str()
+    ))
+}
+
 /// Logs a deployment's change of state.
 fn log_state(before: &DeploymentRecord, after: &DeploymentRecord) {
-    if after.state.is_final() {
+    if after.state.is_final() && before.state.is_final() {
+        let phase = |d: &DeploymentRecord| d.database.change.as_ref().map(|c| c.phase);
+        if let Some(p) = phase(after).filter(|p| phase(before) != Some(*p)) {
+            tracing::info!(id = after.id, phase = p.as_str(), "database change");
+        }
+    } else if after.state.is_final() {
         tracing::info!(
             id = after.id,
             state = after.state.as_str(),

@@ -1,12 +1,16 @@
 //! The connected fleet, in memory: one session per host (its outgoing message queue),
-//! the latest state each host reported, and a change signal for the engine.
+//! the latest state each host reported, a change signal for the engine, and where the
+//! hosts' answers to `cutover logs` requests go (one bounded queue per client: a full
+//! one ends that host's answer, so a slow reader never holds up a session).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cutover_proto::link;
 use cutover_proto::v1::{
-    CoordinatorMessage, DesiredService, DesiredState, ObservedService, coordinator_message,
+    CoordinatorMessage, DesiredService, DesiredState, LogCancel, LogChunk, LogLine, LogRequest,
+    ObservedService, coordinator_message,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -21,19 +25,51 @@ struct Session {
     end: CancellationToken,
 }
 
+/// Part of a host's answer to a `cutover logs` request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogPart {
+    /// The host answering.
+    pub host: String,
+    /// Its lines.
+    pub lines: Vec<LogLine>,
+    /// Why its answer ended early, if it did.
+    pub error: String,
+    /// Its answer is complete.
+    pub end: bool,
+}
+
+/// Where one host's answer to one log request goes.
+struct LogSink {
+    /// The host asked: only its agent may answer.
+    host: String,
+    /// The client's queue (shared by the hosts it asked).
+    tx: mpsc::Sender<LogPart>,
+    /// Set when the client's queue was full and an answer had to end: the client's
+    /// stream ends saying so.
+    lagged: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 struct Inner {
     /// The id of the last session attached.
     next_id: u64,
     /// The open session of each connected host.
     sessions: HashMap<String, Session>,
-    /// What each host last reported, per service; kept across reconnects.
+    /// What each host last reported, per service; kept across reconnects. A report is
+    /// the host's whole observed state: a service it leaves out is gone from the host.
     observed: HashMap<String, BTreeMap<String, ObservedService>>,
+    /// When each host last reported its observed state (unix ms), so that a service's
+    /// absence is read only from a report made after it was removed.
+    last_report: HashMap<String, u64>,
     /// When each host was last heard from (unix ms): a stream open but silent is not
     /// counted on.
     last_seen: HashMap<String, u64>,
     /// Sessions that replaced an earlier one, for `/metrics`.
     reconnects: u64,
+    /// Log requests out on the hosts, by request id.
+    log_sinks: HashMap<u64, LogSink>,
+    /// The id of the last log request.
+    next_log: u64,
 }
 
 #[derive(Default)]
@@ -78,11 +114,12 @@ impl Fleet {
         (id, end)
     }
 
-    /// Ends `host`'s session if it is still `session`.
+    /// Ends `host`'s session if it is still `session`; its log requests end with it.
     pub fn detach(&self, host: &str, session: u64) {
         let mut g = self.lock();
         if g.sessions.get(host).is_some_and(|s| s.id == session) {
             g.sessions.remove(host);
+            end_logs(&mut g, host, "the host disconnected");
         }
         drop(g);
         self.changed.notify_one();
@@ -94,17 +131,22 @@ impl Fleet {
         if let Some(s) = g.sessions.remove(host) {
             s.end.cancel();
         }
+        end_logs(&mut g, host, "the host was removed");
         g.observed.remove(host);
+        g.last_report.remove(host);
         drop(g);
         self.changed.notify_one();
     }
 
+    /// Records `host`'s whole observed state.
     pub fn observe(&self, host: &str, services: Vec<ObservedService>, now_ms: u64) {
         let mut g = self.lock();
-        let entry = g.observed.entry(host.to_string()).or_default();
-        for s in services {
-            entry.insert(s.service.clone(), s);
-        }
+        let all = services
+            .into_iter()
+            .map(|s| (s.service.clone(), s))
+            .collect();
+        g.observed.insert(host.to_string(), all);
+        g.last_report.insert(host.to_string(), now_ms);
         g.last_seen.insert(host.to_string(), now_ms);
         drop(g);
         self.changed.notify_one();
@@ -146,6 +188,11 @@ impl Fleet {
         self.lock().reconnects
     }
 
+    /// When `host` last reported its observed state.
+    pub fn last_report(&self, host: &str) -> Option<u64> {
+        self.lock().last_report.get(host).copied()
+    }
+
     pub fn last_seen(&self, host: &str) -> Option<u64> {
         self.lock().last_seen.get(host).copied()
     }
@@ -185,8 +232,221 @@ impl Fleet {
         }
     }
 
+    /// Asks `host` for log lines (`req`, its id set here); its answer goes to `tx`. The
+    /// request's id, or why the host cannot be asked.
+    pub fn open_logs(
+        &self,
+        host: &str,
+        mut req: LogRequest,
+        tx: mpsc::Sender<LogPart>,
+        lagged: Arc<AtomicBool>,
+    ) -> Result<u64, String> {
+        let mut g = self.lock();
+        g.next_log += 1;
+        let id = g.next_log;
+        req.id = id;
+        let Some(s) = g.sessions.get(host).filter(|s| !s.tx.is_closed()) else {
+            return Err("not connected".into());
+        };
+        let msg = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::LogRequest(req)),
+        };
+        if s.tx.try_send(msg).is_err() {
+            return Err("its session is busy; try again".into());
+        }
+        let sink = LogSink {
+            host: host.to_string(),
+            tx,
+            lagged,
+        };
+        g.log_sinks.insert(id, sink);
+        Ok(id)
+    }
+
+    /// Hands a chunk of `host`'s answer to its client. A full client queue ends that
+    /// answer (the agent is told to stop); a chunk nobody waits for stops its request.
+    pub fn log_chunk(&self, host: &str, chunk: LogChunk) {
+        let mut g = self.lock();
+        let id = chunk.id;
+        let Some(sink) = g.log_sinks.get(&id).filter(|s| s.host == host) else {
+            cancel_log(&g, host, id);
+            return;
+        };
+        let part = LogPart {
+            host: host.to_string(),
+            lines: chunk.lines,
+            error: chunk.error,
+            end: chunk.end,
+        };
+        match sink.tx.try_send(part) {
+            Ok(()) if !chunk.end => return,
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                sink.lagged.store(true, Ordering::Relaxed);
+                tracing::warn!(host, id, "log reader too slow; its stream ends");
+                cancel_log(&g, host, id);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => cancel_log(&g, host, id),
+        }
+        g.log_sinks.remove(&id);
+    }
+
+    /// The client of log requests `ids` went away: the hosts are told to stop.
+    pub fn close_logs(&self, ids: &[u64]) {
+        let mut g = self.lock();
+        for id in ids {
+            if let Some(sink) = g.log_sinks.remove(id) {
+                cancel_log(&g, &sink.host, *id);
+            }
+        }
+    }
+
+    /// Log requests out on the hosts, for `/metrics`.
+    pub fn log_streams(&self) -> usize {
+        self.lock().log_sinks.len()
+    }
+
     /// Resolves when something changed (a report, a connect or a disconnect).
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+}
+
+/// Tells `host` to stop answering log request `id`, if it can be told.
+fn cancel_log(g: &Inner, host: &str, id: u64) {
+    if let Some(s) = g.sessions.get(host) {
+        let msg = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::LogCancel(LogCancel { id })),
+        };
+        // A full queue drops the cancel: the host's chunks for an unknown id are
+        // answered with another one.
+        let _ = s.tx.try_send(msg);
+    }
+}
+
+/// Ends every log request of `host`, telling each client `why`.
+fn end_logs(g: &mut Inner, host: &str, why: &str) {
+    let ids: Vec<u64> = g
+        .log_sinks
+        .iter()
+        .filter(|(_, s)| s.host == host)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in ids {
+        if let Some(sink) = g.log_sinks.remove(&id) {
+            let _ = sink.tx.try_send(LogPart {
+                host: host.to_string(),
+                error: why.to_string(),
+                end: true,
+                ..LogPart::default()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(id: u64, line: &str, end: bool) -> LogChunk {
+        LogChunk {
+            id,
+            lines: vec![LogLine {
+                line: line.into(),
+                ..Default::default()
+            }],
+            end,
+            error: String::new(),
+        }
+    }
+
+    /// What the session queue of a host holds: the log requests and cancels.
+    fn sent(rx: &mut mpsc::Receiver<CoordinatorMessage>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m.msg {
+                Some(coordinator_message::Msg::LogRequest(r)) => {
+                    out.push(format!("request {}", r.id))
+                }
+                Some(coordinator_message::Msg::LogCancel(c)) => {
+                    out.push(format!("cancel {}", c.id))
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_log_answer_goes_to_its_client_and_ends_with_it() {
+        let fleet = Fleet::default();
+        let (stx, mut srx) = mpsc::channel(8);
+        fleet.attach("a", stx, 1);
+        let (tx, mut rx) = mpsc::channel(8);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = fleet
+            .open_logs("a", LogRequest::default(), tx, lagged.clone())
+            .unwrap();
+        assert_eq!(sent(&mut srx), [format!("request {id}")]);
+        assert_eq!(fleet.log_streams(), 1);
+        fleet.log_chunk("b", chunk(id, "forged", false));
+        fleet.log_chunk("a", chunk(id, "one", false));
+        fleet.log_chunk("a", chunk(id, "two", true));
+        let lines: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .flat_map(|p| p.lines)
+            .map(|l| l.line)
+            .collect();
+        assert_eq!(lines, ["one", "two"], "only host a answers its request");
+        assert_eq!(fleet.log_streams(), 0, "ended");
+        fleet.log_chunk("a", chunk(id, "late", false));
+        assert_eq!(
+            sent(&mut srx),
+            [format!("cancel {id}")],
+            "a stray chunk stops its request"
+        );
+        assert!(!lagged.load(Ordering::Relaxed));
+        assert!(
+            fleet
+                .open_logs("z", LogRequest::default(), mpsc::channel(1).0, lagged)
+                .is_err(),
+            "not connected"
+        );
+    }
+
+    #[test]
+    fn a_slow_reader_ends_its_own_answer_and_a_gone_host_ends_its_answers() {
+        let fleet = Fleet::default();
+        let (stx, mut srx) = mpsc::channel(8);
+        fleet.attach("a", stx, 1);
+        let (tx, _rx) = mpsc::channel(1);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = fleet
+            .open_logs("a", LogRequest::default(), tx, lagged.clone())
+            .unwrap();
+        fleet.log_chunk("a", chunk(id, "one", false));
+        fleet.log_chunk("a", chunk(id, "two", false));
+        assert!(
+            lagged.load(Ordering::Relaxed),
+            "the client's queue was full"
+        );
+        assert_eq!(fleet.log_streams(), 0);
+        assert_eq!(
+            sent(&mut srx),
+            [format!("request {id}"), format!("cancel {id}")]
+        );
+
+        let (tx, mut rx) = mpsc::channel(4);
+        let (stx, _srx) = mpsc::channel(8);
+        let (session, _) = fleet.attach("b", stx, 2);
+        fleet
+            .open_logs("b", LogRequest::default(), tx, Arc::default())
+            .unwrap();
+        fleet.detach("b", session);
+        let last = rx.try_recv().unwrap();
+        assert_eq!(
+            (last.end, last.error.as_str()),
+            (true, "the host disconnected")
+        );
+        assert_eq!(fleet.log_streams(), 0);
     }
 }

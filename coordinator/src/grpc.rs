@@ -1,15 +1,20 @@
 //! The coordinator's gRPC services: `Enroll` (no client certificate needed; the join
-//! token is the credential), `AgentLink` (agent certificates only) and `Control` (admin
-//! certificates only), each in its own module, and who may call them: the exact
-//! certificate presented, looked up in the store. Domain errors become `tonic::Status`
-//! in [`status`] and nowhere else. Reads that the HTTP API shares live in
-//! [`crate::queries`]; an agent's stream, once open, in [`crate::session`].
+//! token is the credential), `AgentLink` (agent certificates only) and `Control`
+//! (people's certificates, by role), each in its own module, and who may call them: the
+//! exact certificate presented, looked up in the store. Every `Control` call passes
+//! [`access`] first. Domain errors become `tonic::Status` in [`status`] and nowhere
+//! else. Reads that the HTTP API shares live in [`crate::queries`]; an agent's stream,
+//! once open, in [`crate::session`].
 
+mod access;
 mod agent_link;
 mod control;
 mod deployment;
 mod enroll;
+mod logs;
+mod ops;
 mod status;
+mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +22,11 @@ use std::time::Duration;
 use cutover_proto::v1::{
     agent_link_server::AgentLinkServer, control_server::ControlServer, enroll_server::EnrollServer,
 };
+use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
+use crate::admins::Caller;
 use crate::engine::Handle;
 use crate::fleet::Fleet;
 use crate::listener::{ClientCheck, Incoming};
@@ -27,7 +34,7 @@ use crate::model::Identity;
 use crate::pki::Ca;
 use crate::store::Store;
 
-pub use deployment::deployment_to_pb;
+pub use deployment::{database_to_pb, deployment_to_pb};
 
 /// The largest control request the coordinator reads: a deployment carries its whole
 /// plan, which parsing caps at [`cutover_shared::plan::MAX_PLAN_BYTES`]; the room above
@@ -72,24 +79,32 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(EnrollServer::new(api.clone()))
         .add_service(AgentLinkServer::new(api.clone()))
-        .add_service(ControlServer::new(api).max_decoding_message_size(MAX_CONTROL_REQUEST))
+        .add_service(access::Guarded::new(
+            ControlServer::new(api.clone()).max_decoding_message_size(MAX_CONTROL_REQUEST),
+            api.0,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }
 
 impl Shared {
-    /// Who presented the client certificate of `req`, from the store.
-    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
-        let certs = req
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    /// Who presented the client certificates `certs` (leaf first), from the store.
+    fn identity(&self, certs: Option<&[CertificateDer<'static>]>) -> Result<Identity, Status> {
         let (leaf, chain) = certs
-            .split_first()
+            .and_then(<[_]>::split_first)
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let fp = cutover_proto::tls::fingerprint(leaf);
         let found = self.store.identity(&fp)?;
-        if let Some(Identity::Revoked { host, reason }) = &found {
-            return Err(status::revoked(host, *reason));
+        match &found {
+            Some(Identity::Revoked { host, reason }) => {
+                return Err(status::revoked(host, *reason));
+            }
+            Some(Identity::RevokedAdmin {
+                name,
+                by,
+                at_unix_ms,
+            }) => return Err(status::revoked_admin(name, by, *at_unix_ms)),
+            _ => {}
         }
         self.clients
             .check(leaf, chain)
@@ -99,21 +114,20 @@ impl Shared {
         })
     }
 
-    /// Passes only admin certificates.
-    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match self.identity(req)? {
-            Identity::Admin => Ok(()),
-            Identity::Agent { .. } | Identity::Revoked { .. } => Err(Status::permission_denied(
-                "the control API requires admin credentials",
-            )),
-        }
+    /// The person behind a `Control` call's certificates; [`access`] then decides
+    /// what they may do.
+    fn caller(&self, certs: Option<&[CertificateDer<'static>]>) -> Result<Caller, Status> {
+        let identity = self.identity(certs)?;
+        Caller::of(&identity).ok_or_else(|| {
+            Status::permission_denied("the control API requires admin or viewer credentials")
+        })
     }
 
     /// Passes only agent certificates; the host the certificate was issued to.
     fn agent<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        match self.identity(req)? {
+        match self.identity(req.peer_certs().as_deref().map(Vec::as_slice))? {
             Identity::Agent { host } => Ok(host),
-            Identity::Admin | Identity::Revoked { .. } => Err(Status::permission_denied(
+            _ => Err(Status::permission_denied(
                 "the agent stream requires an agent certificate",
             )),
         }

@@ -174,7 +174,8 @@ fn not_found() -> Response<Full<Bytes>> {
 }
 
 /// The dashboard's JSON: `/api/fleet`, `/api/deployments[?service=&limit=]`,
-/// `/api/deployments/ID`, `/api/live` and `/api/stats[?service=&since=]`.
+/// `/api/deployments/ID`, `/api/live`, `/api/stats[?service=&since=]` and
+/// `/api/locks`.
 fn api(
     path: &str,
     q: &BTreeMap<String, String>,
@@ -197,6 +198,7 @@ fn api(
             json_response(queries::history(store, service, 0, limit).map_err(Error::from))
         }
         "/api/live" => json_response(queries::live(store, now).map_err(Error::from)),
+        "/api/locks" => json_response(queries::locks(store).map_err(Error::from)),
         "/api/stats" => json_response(stats(store, service, q.get("since"), now)),
         _ => match path.strip_prefix("/api/deployments/") {
             Some(id) if !id.is_empty() => {
@@ -262,5 +264,11 @@ fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> 
         "cutover_stream_reconnects_total {}",
         fleet.reconnects()
     );
+    let _ = writeln!(
+        out,
+        "# HELP cutover_log_streams Log requests out on the hosts for `cutover logs` clients."
+    );
+    let _ = writeln!(out, "# TYPE cutover_log_streams gauge");
+    let _ = writeln!(out, "cutover_log_streams {}", fleet.log_streams());
     Ok(out)
 }

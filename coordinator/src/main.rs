@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 const COORDINATOR_HELP: &str = "The coordinator's gRPC address (its --listen), HOST:PORT; env \
                                 CUTOVER_COORDINATOR [default: 127.0.0.1:7400]";
-const CREDENTIALS_HELP: &str = "Folder with ca.crt, client.crt and client.key (the coordinator's \
-                                DATA/admin); env CUTOVER_CREDENTIALS [default: ~/.config/cutover]";
+const CREDENTIALS_HELP: &str = "Folder with ca.crt, client.crt and client.key (one `cutover admin \
+                                create` wrote, or the coordinator's DATA/admin); env \
+                                CUTOVER_CREDENTIALS [default: ~/.config/cutover]";
 const OUTPUT_HELP: &str = "Format of the data on stdout [default: text]";
 const DEFAULT_COORDINATOR: &str = "127.0.0.1:7400";
 

@@ -1,5 +1,8 @@
 //! Records the coordinator keeps in its store: who holds which certificate, join tokens,
-//! hosts, services and deployments.
+//! hosts, services and deployments (a deployment's part in the database in
+//! [`database`]).
+
+pub mod database;
 
 use std::collections::BTreeMap;
 
@@ -8,19 +11,43 @@ use cutover_proto::v1::SlotPhase;
 use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Counters, MetricResult, Verdict};
+use crate::analysis::{Counters, MetricResult, ScrapeSnapshot, Verdict};
+pub use database::{DbPhase, DeployDatabase, SchemaChange, TaskEnd, TaskPhase, TaskRun};
 
 /// Who a client certificate belongs to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Identity {
-    /// The release manager's CLI: may call `Control`.
-    Admin,
+    /// A person with the admin role: may call every `Control` method. Certificates
+    /// recorded before personal credentials existed are the first-start ones, `admin`.
+    Admin {
+        #[serde(default = "first_admin_name")]
+        name: String,
+    },
+    /// A person with the viewer role: may call the read-only `Control` methods.
+    Viewer { name: String },
     /// The agent of one host: speaks on `AgentLink` for that host only.
     Agent { host: String },
     /// An agent certificate that no longer opens anything. It is kept so that its holder
     /// learns why and stops, rather than retrying for ever.
     Revoked { host: String, reason: Revocation },
+    /// A person's certificate revoked by `cutover admin revoke`; kept so that its holder
+    /// is told so, and by whom.
+    RevokedAdmin {
+        name: String,
+        #[serde(default)]
+        by: String,
+        #[serde(default)]
+        at_unix_ms: u64,
+    },
+}
+
+/// The name of the admin credentials the coordinator makes on its first start
+/// (`DATA/admin`).
+pub const FIRST_ADMIN: &str = "admin";
+
+fn first_admin_name() -> String {
+    FIRST_ADMIN.to_string()
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -132,6 +159,18 @@ pub struct ServiceRecord {
     pub active: Option<String>,
     /// When the previous release's slots may be stopped (`keep_previous`).
     pub retire_previous_at_unix_ms: Option<u64>,
+    /// `cutover service stop`: no slot process runs until `service start`, and no
+    /// deployment starts meanwhile.
+    #[serde(default)]
+    pub stopped: bool,
+    /// The deployment whose schema change is live and not contracted yet: what the
+    /// next contract contracts, and what `cutover rollback` undoes.
+    #[serde(default)]
+    pub db_pending: Option<String>,
+    /// Why `cutover rollback` is refused now: the live release's schema change was
+    /// contracted, or the previous release's change was undone.
+    #[serde(default)]
+    pub rollback_refused: Option<String>,
 }
 
 /// Where a deployment stands (the transitions are charted in [`crate::rollout`]).
@@ -306,6 +345,10 @@ pub struct DeploymentRecord {
     /// True for deployments made by `cutover rollback`.
     #[serde(default)]
     pub is_rollback: bool,
+    /// True for deployments made by `cutover service restart`: the live release again,
+    /// in the idle slot; the service's live and previous plans stay as they were.
+    #[serde(default)]
+    pub restart: bool,
     pub state: State,
     /// The state to end in once a rollback has converged, or to go back to after a
     /// pause.
@@ -342,6 +385,10 @@ pub struct DeploymentRecord {
     /// When a rollback's first bad signal was seen, decided and confirmed everywhere.
     #[serde(default)]
     pub rollback: Option<RollbackTiming>,
+    /// Its part in the database: its own schema change, or the one it waits for or
+    /// undoes.
+    #[serde(default, skip_serializing_if = "DeployDatabase::is_empty")]
+    pub database: DeployDatabase,
 }
 
 /// Why a deployment is paused.
@@ -354,6 +401,11 @@ pub enum PauseCause {
     StepGate,
     /// A host was unreachable for `host_lost_after` and `on_host_lost = "pause"`.
     HostLost,
+    /// `inconclusive_limit` analysis intervals in a row had a metric without data.
+    Inconclusive,
+    /// A database command stands still (interrupted, its host lost) or the contract
+    /// this deployment waits for failed: `resume` runs it again.
+    Database,
 }
 
 /// A pause in progress.
@@ -399,8 +451,15 @@ pub struct AnalysisState {
     pub interval_started_unix_ms: Option<u64>,
     /// Counters per host at the interval's start: (new slot, old slot).
     pub snapshot: BTreeMap<String, (Counters, Counters)>,
+    /// Each host's scrapes of its slots' own metrics at the interval's start (new slot,
+    /// old slot), for `source = "slot"` metrics.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scrapes: ScrapeSnapshot,
     /// Failing intervals in a row, against `failure_limit`.
     pub consecutive_failures: u32,
+    /// Inconclusive intervals in a row, against `inconclusive_limit`.
+    #[serde(default)]
+    pub consecutive_inconclusive: u32,
     /// When the current run of failing intervals began.
     pub first_failure_unix_ms: Option<u64>,
     /// Conclusive passing intervals in the current step.
@@ -440,8 +499,8 @@ pub struct RollbackTiming {
 mod tests {
     use super::*;
 
-    /// Records written before tokens could pin names and allow labels, and before
-    /// revoked certificates were remembered, still load.
+    /// Records written before tokens could pin names and allow labels, before revoked
+    /// certificates were remembered, and before admins had names, still load.
     #[test]
     fn records_from_before_an_upgrade_still_load() {
         let token: TokenRecord = serde_json::from_str(
@@ -456,6 +515,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(host.previous_fingerprint, None);
+        let admin: Identity = serde_json::from_str(r#"{"role":"admin"}"#).unwrap();
+        assert_eq!(
+            admin,
+            Identity::Admin {
+                name: FIRST_ADMIN.into()
+            }
+        );
         let id: Identity = serde_json::from_str(r#"{"role":"agent","host":"web-1"}"#).unwrap();
         assert_eq!(
             id,

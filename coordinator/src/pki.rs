@@ -203,14 +203,49 @@ impl Ca {
         host: &str,
         valid: std::time::Duration,
     ) -> Result<(String, Vec<u8>), Error> {
+        let valid = TimeDuration::try_from(valid).unwrap_or(TimeDuration::days(365));
+        let (pem, der, _) = self.sign_client_csr(csr_pem, host, valid)?;
+        Ok((pem, der))
+    }
+
+    /// Signs a person's CSR (`cutover admin create`): (certificate PEM, DER, not after
+    /// as unix ms). As for agents, only the CSR's public key is used; the name is the
+    /// coordinator's, and the role lives in the store, not in the certificate.
+    pub fn sign_admin_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+    ) -> Result<(String, Vec<u8>, u64), Error> {
+        self.sign_client_csr(csr_pem, name, TimeDuration::days(ADMIN_DAYS))
+    }
+
+    /// A client certificate for the CSR's key, named `cn` (a host name also as a SAN).
+    fn sign_client_csr(
+        &self,
+        csr_pem: &str,
+        cn: &str,
+        valid: TimeDuration,
+    ) -> Result<(String, Vec<u8>, u64), Error> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| Error::BadCsr(e.to_string()))?;
-        let valid = TimeDuration::try_from(valid).unwrap_or(TimeDuration::days(365));
-        let mut p = leaf_params(host, dns(host).into_iter().collect(), valid);
+        let mut p = leaf_params(cn, dns(cn).into_iter().collect(), valid);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let not_after = unix_ms(p.not_after);
         let cert = p.signed_by(&csr.public_key, &self.issuer)?;
-        Ok((cert.pem(), cert.der().to_vec()))
+        Ok((cert.pem(), cert.der().to_vec(), not_after))
     }
+}
+
+/// An instant as unix ms (0 before 1970).
+fn unix_ms(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// When a certificate (DER) expires, as unix ms; 0 when it cannot be read.
+pub fn not_after_ms(der: &[u8]) -> u64 {
+    x509_parser::parse_x509_certificate(der).map_or(0, |(_, cert)| {
+        u64::try_from(cert.validity().not_after.timestamp()).map_or(0, |s| s.saturating_mul(1000))
+    })
 }
 
 /// Creates the PKI in `dir` on first start, or loads it. The server certificate is not

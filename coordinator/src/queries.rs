@@ -1,8 +1,9 @@
 //! The read queries that both the control API ([`crate::grpc`]) and the HTTP API
 //! ([`crate::http`]) answer, from the store and the fleet: the hosts with what they run,
 //! one deployment, its `show` report with the service's typical times, the deployments
-//! in progress, the history and the stats. Each is a function of the store (and fleet)
-//! and `now`; callers turn [`Error`] into their own answer (a gRPC status, an HTTP code).
+//! in progress, the history, the stats and the deploy locks. Each is a function of the
+//! store (and fleet) and `now`; callers turn [`Error`] into their own answer (a gRPC
+//! status, an HTTP code).
 
 use std::collections::BTreeMap;
 
@@ -11,6 +12,7 @@ use cutover_proto::v1 as pb;
 use prost::Message;
 
 use crate::fleet::Fleet;
+use crate::inventory::{self, HostState};
 use crate::model::DeploymentRecord;
 use crate::report;
 use crate::store::{self, Store};
@@ -39,12 +41,23 @@ pub fn desired(store: &Store, host: &str) -> Result<Vec<pb::DesiredService>, sto
 /// Every enrolled host with what it runs: desired slots and weights next to what its
 /// agent last reported.
 pub fn hosts(store: &Store, fleet: &Fleet, now: u64) -> Result<Vec<pb::Host>, Error> {
+    let locks: BTreeMap<String, pb::ServiceLock> = store
+        .locks()?
+        .into_iter()
+        .map(|l| (l.service.clone(), l.to_pb()))
+        .collect();
     let mut hosts = Vec::new();
     for h in store.hosts()? {
         let observed = fleet.observed_all(&h.name);
         let desired = desired(store, &h.name)?;
         let mut names: Vec<&str> = observed.iter().map(|o| o.service.as_str()).collect();
-        names.extend(desired.iter().map(|d| d.service.as_str()));
+        // A service the host was told to forget shows only while it still runs there.
+        names.extend(
+            desired
+                .iter()
+                .filter(|d| !d.removed)
+                .map(|d| d.service.as_str()),
+        );
         names.sort();
         names.dedup();
         let services = names
@@ -52,7 +65,9 @@ pub fn hosts(store: &Store, fleet: &Fleet, now: u64) -> Result<Vec<pb::Host>, Er
             .map(|name| {
                 let d = desired.iter().find(|d| d.service == name);
                 let o = observed.iter().find(|o| o.service == name);
-                host_service(name, d, o)
+                let mut service = host_service(name, d, o);
+                service.lock = locks.get(name).cloned();
+                service
             })
             .collect();
         hosts.push(pb::Host {
@@ -82,6 +97,7 @@ fn host_service(
         live_release: live,
         blue: Some(host_slot(d, o, Slot::Blue)),
         green: Some(host_slot(d, o, Slot::Green)),
+        lock: None,
     }
 }
 
@@ -105,6 +121,7 @@ fn host_slot(
     let state = match observed {
         Some(s) => pb::SlotPhase::of(s.phase).name().to_string(),
         None if release.is_empty() => "empty".into(),
+        None if o.is_some_and(|o| o.stopped) => "stopped".into(),
         None => "unknown".into(),
     };
     let weight = match (o, d) {
@@ -192,6 +209,15 @@ pub fn history(
     ))
 }
 
+/// Every service's deploy lock, by service.
+pub fn locks(store: &Store) -> Result<Vec<crate::views::Lock>, Error> {
+    Ok(store
+        .locks()?
+        .iter()
+        .map(|l| crate::views::Lock::from(&l.to_pb()))
+        .collect())
+}
+
 /// The DORA figures over the deployments of `service` (every service: `None`) created
 /// since `since`.
 pub fn stats(
@@ -203,4 +229,108 @@ pub fn stats(
     let records = store.deployments()?;
     let events = store.all_events()?;
     Ok(report::stats(&records, &events, service, since, now))
+}
+
+/// What the coordinator knows of every enrolled host: its desired state and its last
+/// report, by host name.
+pub fn host_states(store: &Store, fleet: &Fleet) -> Result<BTreeMap<String, HostState>, Error> {
+    let mut out = BTreeMap::new();
+    for h in store.hosts()? {
+        let state = HostState {
+            desired: desired(store, &h.name)?,
+            observed: fleet.observed_all(&h.name),
+        };
+        out.insert(h.name, state);
+    }
+    Ok(out)
+}
+
+/// `cutover service list`: every service with its state and where it runs.
+pub fn services(store: &Store, fleet: &Fleet) -> Result<Vec<inventory::ServiceRow>, Error> {
+    Ok(inventory::services(
+        &store.services()?,
+        &host_states(store, fleet)?,
+    ))
+}
+
+/// `cutover releases SERVICE`: the releases the hosts keep, with when and by whom each
+/// was deployed.
+pub fn releases(
+    store: &Store,
+    fleet: &Fleet,
+    service: &str,
+) -> Result<Vec<inventory::ReleaseRow>, Error> {
+    let svc = store.service(service)?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "unknown service {service:?} (see `cutover service list`)"
+        ))
+    })?;
+    Ok(inventory::releases(
+        &svc,
+        &host_states(store, fleet)?,
+        &store.deployments()?,
+        &store.all_events()?,
+    ))
+}
+
+/// The hosts a `cutover logs` request asks, by name: those running `service` (or, for
+/// `deployment`, that deployment's hosts), narrowed to `host` and to those with
+/// `labels`. An empty answer is an error that says why.
+pub fn log_hosts(
+    store: &Store,
+    service: &str,
+    deployment: &str,
+    host: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Vec<String>, Error> {
+    let mut names: Vec<String> = if deployment.is_empty() {
+        let mut on = Vec::new();
+        for h in store.hosts()? {
+            if desired(store, &h.name)?
+                .iter()
+                .any(|d| d.service == service && !d.removed)
+            {
+                on.push(h.name);
+            }
+        }
+        if on.is_empty() {
+            return Err(Error::NotFound(match store.service(service)? {
+                Some(_) => format!("service {service} runs on no host"),
+                None => format!("unknown service {service:?} (see `cutover service list`)"),
+            }));
+        }
+        on
+    } else {
+        let d = store
+            .deployment(deployment)?
+            .ok_or_else(|| Error::NotFound(format!("unknown deployment {deployment:?}")))?;
+        d.hosts.into_keys().collect()
+    };
+    let what = if deployment.is_empty() {
+        format!("service {service}")
+    } else {
+        format!("deployment {deployment}")
+    };
+    if !host.is_empty() {
+        if !names.iter().any(|n| n == host) {
+            return Err(Error::NotFound(format!(
+                "host {host} has no part in {what}"
+            )));
+        }
+        names.retain(|n| n == host);
+    }
+    if !labels.is_empty() {
+        let hosts = store.hosts()?;
+        names.retain(|n| {
+            hosts
+                .iter()
+                .any(|h| h.name == *n && cutover_shared::names::labels_match(labels, &h.labels))
+        });
+        if names.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no host of {what} has the labels asked for"
+            )));
+        }
+    }
+    Ok(names)
 }

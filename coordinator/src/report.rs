@@ -28,9 +28,9 @@ fn secs(ms: u64) -> f64 {
 }
 
 /// A deployment made by `cutover deploy` that changed something (not a rollback, not a
-/// no-op).
+/// restart, not a no-op).
 fn is_change(d: &DeploymentRecord) -> bool {
-    !d.is_rollback && !d.hosts.values().all(|h| h.untouched)
+    !d.is_rollback && !d.restart && !d.hosts.values().all(|h| h.untouched)
 }
 
 #[cfg(test)]

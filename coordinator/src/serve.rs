@@ -16,8 +16,8 @@ use crate::engine::{Engine, Handle};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::pki::Ca;
-use crate::store::Store;
-use crate::{grpc, http, listener, model, pki, webhooks};
+use crate::store::{FirstAdmin, Store};
+use crate::{grpc, http, listener, pki, webhooks};
 
 /// How long stopping waits for the tasks to end.
 const GRACE: Duration = Duration::from_secs(10);
@@ -171,12 +171,22 @@ fn open_state(dir: &Path) -> anyhow::Result<(Arc<Ca>, Arc<Store>)> {
     let pki = pki::init_or_load(dir).context("set up the certificate authority")?;
     let store = Arc::new(Store::open(&dir.join("cutover.redb")).context("open the store")?);
     let admin_der = pki::admin_cert_der(dir)?;
-    store.put_identity(
+    let first = store.first_admin(
         &cutover_proto::tls::fingerprint(&admin_der),
-        &model::Identity::Admin,
+        pki::not_after_ms(&admin_der),
+        cutover_shared::clock::now_ms(),
     )?;
-    if pki.admin_created.is_some() {
-        tracing::info!(path = %dir.join("admin").display(), "admin credentials created");
+    let path = dir.join("admin");
+    if let FirstAdmin::Revoked { by, at_unix_ms } = first {
+        // Revoking them once personal credentials exist is good practice, not a fault.
+        tracing::info!(
+            path = %path.display(),
+            by,
+            at = crate::views::rfc3339(at_unix_ms).unwrap_or_default(),
+            "the first-start admin credentials are revoked; deleting client.crt and client.key there and restarting issues new ones"
+        );
+    } else if pki.admin_created.is_some() {
+        tracing::info!(path = %path.display(), "admin credentials created");
     }
     tracing::info!(fingerprint = pki.ca.fingerprint, "CA ready");
     Ok((Arc::new(pki.ca), store))

@@ -58,14 +58,15 @@ pub fn open(
     desired: Vec<pb::DesiredService>,
     fleet: Arc<Fleet>,
     shutdown: CancellationToken,
-) -> Result<ReceiverStream<CoordinatorMessage>, mpsc::error::TrySendError<CoordinatorMessage>> {
+) -> Result<ReceiverStream<CoordinatorMessage>, String> {
     let (tx, rx) = mpsc::channel::<CoordinatorMessage>(QUEUE);
     let first = CoordinatorMessage {
         msg: Some(coordinator_message::Msg::Desired(pb::DesiredState {
             services: desired,
         })),
     };
-    tx.try_send(first)?;
+    tx.try_send(first)
+        .map_err(|e| format!("queue the host's desired state: {e}"))?;
     let (id, end) = fleet.attach(&host, tx.clone(), now_ms());
     tracing::info!(host, session = id, "agent connected");
     let session = Session {
@@ -137,6 +138,10 @@ impl Session {
                 self.fleet.observe(&self.host, o.services, now_ms())
             }
             Some(agent_message::Msg::Heartbeat(_)) => self.fleet.seen(&self.host, now_ms()),
+            Some(agent_message::Msg::LogChunk(c)) => {
+                self.fleet.seen(&self.host, now_ms());
+                self.fleet.log_chunk(&self.host, c);
+            }
             None => {}
         }
     }

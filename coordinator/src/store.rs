@@ -1,6 +1,11 @@
 //! The coordinator's durable state: one redb file, `DATA/cutover.redb`. Only this module
 //! touches the database. Values are JSON (records) or protobuf (desired host state);
 //! every write is one transaction, so a crash never leaves half a decision on disk.
+//! People's credentials and deploy locks are kept by [`trust`].
+
+mod trust;
+
+pub use trust::FirstAdmin;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -214,8 +219,12 @@ const DESIRED: Table = TableDefinition::new("desired");
 
 /// Key `deployment id/sequence` (zero-padded), value: JSON timeline event. Kept forever.
 const EVENTS: Table = TableDefinition::new("events");
+/// Key: a person's name, value: JSON [`crate::admins::AdminRecord`].
+const ADMINS: Table = TableDefinition::new("admins");
+/// Key: a service's name, value: JSON [`crate::locks::LockRecord`].
+const LOCKS: Table = TableDefinition::new("locks");
 
-const ALL: [Table; 8] = [
+const ALL: [Table; 10] = [
     META,
     IDENTITIES,
     TOKENS,
@@ -224,6 +233,8 @@ const ALL: [Table; 8] = [
     DEPLOYMENTS,
     DESIRED,
     EVENTS,
+    ADMINS,
+    LOCKS,
 ];
 
 pub struct Store {
@@ -264,6 +275,16 @@ impl Batch {
     pub fn desired(&mut self, host: &str, service: &str, proto: Vec<u8>) -> &mut Self {
         self.ops
             .push((DESIRED, format!("{host}/{service}"), Some(proto)));
+        self
+    }
+    /// Forgets a host's desired state for a service (the host confirmed its removal).
+    pub fn remove_desired(&mut self, host: &str, service: &str) -> &mut Self {
+        self.ops.push((DESIRED, format!("{host}/{service}"), None));
+        self
+    }
+    /// Forgets a service's record (`service remove`, a first release that failed).
+    pub fn remove_service(&mut self, name: &str) -> &mut Self {
+        self.ops.push((SERVICES, name.to_string(), None));
         self
     }
     pub fn event(&mut self, id: &str, seq: u64, e: &crate::timeline::Event) -> &mut Self {

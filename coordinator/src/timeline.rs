@@ -120,6 +120,42 @@ pub enum Kind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A database command (`expand`, `contract`, `abort`) was sent to its host.
+    DatabaseStarted {
+        phase: String,
+        host: String,
+        task: String,
+    },
+    /// A database command ended, as its host reported.
+    DatabaseEnded {
+        phase: String,
+        host: String,
+        task: String,
+        ok: bool,
+        /// How it ended: `exit status: 0`, `timed out after 600s`...
+        exit: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        duration_ms: u64,
+        /// The last lines of its output.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tail: Vec<String>,
+        /// Where its whole output is, on its host.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        log: String,
+    },
+    /// A database command stands still: interrupted by an agent restart, its host lost,
+    /// or no host that may run it reachable.
+    DatabaseStalled {
+        phase: String,
+        host: String,
+        why: String,
+    },
+    /// The deployment waits for an earlier deployment's schema change to be contracted
+    /// before it prepares anything.
+    DatabaseWaiting { deployment: String },
+    /// The earlier change it waited for is settled: it goes on.
+    DatabaseWaited { deployment: String },
 }
 
 impl Event {
@@ -215,6 +251,35 @@ impl Event {
                 Some(r) => format!("ended {state}: {r}"),
                 None => format!("ended {state}"),
             },
+            Kind::DatabaseStarted { phase, host, task } => {
+                format!("database {phase} started on {host} (task {task})")
+            }
+            Kind::DatabaseEnded {
+                phase,
+                host,
+                ok,
+                exit,
+                duration_ms,
+                tail,
+                ..
+            } => {
+                let took = *duration_ms as f64 / 1000.0;
+                if *ok {
+                    format!("database {phase} done on {host} in {took:.2}s ({exit})")
+                } else {
+                    let last = tail.last().map_or(String::new(), |l| format!(": {l}"));
+                    format!("database {phase} FAILED on {host} after {took:.2}s ({exit}){last}")
+                }
+            }
+            Kind::DatabaseStalled { phase, host, why } => {
+                format!("database {phase} stalled on {host}: {why}")
+            }
+            Kind::DatabaseWaiting { deployment } => format!(
+                "waiting for the database contract of {deployment} before preparing (this deployment needs its previous release's slot)"
+            ),
+            Kind::DatabaseWaited { deployment } => {
+                format!("the database change of {deployment} is settled; preparing")
+            }
         }
     }
 }
@@ -291,6 +356,30 @@ mod tests {
             (
                 r#"{"at_unix_ms":10,"event":"ended","state":"aborted","reason":"aborted by operator"}"#,
                 "ended aborted: aborted by operator",
+            ),
+            (
+                r#"{"at_unix_ms":11,"event":"database_started","phase":"expand","host":"web-1","task":"d-000002/expand"}"#,
+                "database expand started on web-1 (task d-000002/expand)",
+            ),
+            (
+                r#"{"at_unix_ms":12,"event":"database_ended","phase":"expand","host":"web-1","task":"d-000002/expand","ok":true,"exit":"exit status: 0","exit_code":0,"duration_ms":1234,"log":"/data/logs/deployments/d-000002/expand.log"}"#,
+                "database expand done on web-1 in 1.23s (exit status: 0)",
+            ),
+            (
+                r#"{"at_unix_ms":13,"event":"database_ended","phase":"expand","host":"web-1","task":"d-000003/expand","ok":false,"exit":"exit status: 3","exit_code":3,"duration_ms":310,"tail":["psql:db/expand.sql:4: ERROR:  relation \"users\" does not exist"]}"#,
+                "database expand FAILED on web-1 after 0.31s (exit status: 3): psql:db/expand.sql:4: ERROR:  relation \"users\" does not exist",
+            ),
+            (
+                r#"{"at_unix_ms":14,"event":"database_stalled","phase":"expand","host":"web-1","why":"interrupted"}"#,
+                "database expand stalled on web-1: interrupted",
+            ),
+            (
+                r#"{"at_unix_ms":15,"event":"database_waiting","deployment":"d-000002"}"#,
+                "waiting for the database contract of d-000002 before preparing (this deployment needs its previous release's slot)",
+            ),
+            (
+                r#"{"at_unix_ms":16,"event":"database_waited","deployment":"d-000002"}"#,
+                "the database change of d-000002 is settled; preparing",
             ),
         ];
         for (json, reads) in stored {

@@ -1,12 +1,13 @@
 //! The JSON views that both the CLI (`--output json`) and the HTTP API print: the hosts
-//! with what they run ([`Host`]), one deployment as `status` shows it ([`Deployment`]),
+//! with what they run ([`Host`]), one deployment as `status` shows it ([`Deployment`],
+//! with its part in the database, [`Database`]), a service's deploy lock ([`Lock`]),
 //! and how every JSON document cutover writes spells times ([`rfc3339`]) and orders its
 //! keys ([`to_value`]).
 
 use std::collections::BTreeMap;
 
 use cutover_proto::v1 as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// A unix time in ms as RFC 3339 with milliseconds; none for 0 (the protocol's "never").
@@ -68,6 +69,144 @@ pub struct Deployment {
     pub rollback: Option<Rollback>,
     /// The analysis intervals kept in the record, oldest first.
     pub intervals: Vec<Interval>,
+    /// The newest of them, each metric with its values, bounds and verdict.
+    pub last_interval: Option<Interval>,
+    /// The service's deploy lock, while it has one: no new deployment until unlocked.
+    pub lock: Option<Lock>,
+    /// Its schema change (SPEC: `schema`, `phase`, `expand`, `contract`, `abort`).
+    pub database: Database,
+}
+
+/// A service's deploy lock (`cutover lock`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Lock {
+    /// The locked service.
+    pub service: String,
+    /// Why it is locked.
+    pub message: String,
+    /// Who locked it: the name of their credentials.
+    pub by: String,
+    /// When it was locked.
+    pub at: Option<String>,
+}
+
+impl From<&pb::ServiceLock> for Lock {
+    fn from(l: &pb::ServiceLock) -> Lock {
+        Lock {
+            service: l.service.clone(),
+            message: l.message.clone(),
+            by: l.by.clone(),
+            at: rfc3339(l.at_unix_ms),
+        }
+    }
+}
+
+/// A deployment's part in the database.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Database {
+    /// This release's schema version; none when the plan has no `[database]`.
+    pub schema: Option<String>,
+    /// The previous release's.
+    pub previous_schema: Option<String>,
+    /// `none`, `expanding`, `expanded`, `contracting`, `contracted`, `aborting`,
+    /// `aborted` or `failed`.
+    pub phase: String,
+    /// The last run of each command; none until it ran.
+    pub expand: Option<DatabaseRun>,
+    pub contract: Option<DatabaseRun>,
+    pub abort: Option<DatabaseRun>,
+    /// Why the current command stands still, or how the last one failed.
+    pub error: Option<String>,
+    /// The deployment whose contract this one waits for before it prepares.
+    pub waits_for: Option<String>,
+    /// For `cutover rollback`: the deployment whose change it undoes.
+    pub undoes: Option<String>,
+}
+
+/// One database command, as last run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatabaseRun {
+    /// The task id its host knows it by.
+    pub task: String,
+    /// The host that ran it.
+    pub host: String,
+    /// 1, or more after a retry.
+    pub attempt: u32,
+    pub started_at: Option<String>,
+    /// None while it runs.
+    pub ended_at: Option<String>,
+    /// Its exit code, when it exited by itself.
+    pub exit: Option<i32>,
+    /// How it ended (`exit status: 0`, `timed out after 600s`), or why it stands still.
+    pub status: Option<String>,
+    /// Exit 0.
+    pub ok: bool,
+    /// How long it ran; none while it runs.
+    pub duration_s: Option<f64>,
+    /// The last lines of its output.
+    pub tail: Vec<String>,
+    /// Where its whole output is, on its host.
+    pub log: Option<String>,
+}
+
+impl Database {
+    /// The phase, the command under way (or the last) and where, in one line for people:
+    /// `expanding on web-1`, `contracted (exit status: 0 in 1.2s on web-1)`.
+    pub fn summary(&self) -> String {
+        let last = [&self.abort, &self.contract, &self.expand]
+            .into_iter()
+            .flatten()
+            .max_by_key(|r| r.started_at.clone());
+        let mut s = self.phase.clone();
+        if let Some(r) = last {
+            match (&r.status, r.duration_s) {
+                (Some(st), Some(took)) => {
+                    s.push_str(&format!(" ({st} in {took:.1}s on {})", r.host))
+                }
+                (Some(st), None) => s.push_str(&format!(" ({st})")),
+                (None, _) => s.push_str(&format!(" on {}", r.host)),
+            }
+        }
+        if let Some(after) = &self.waits_for {
+            s.push_str(&format!(", waiting for the contract of {after}"));
+        }
+        s
+    }
+}
+
+impl From<&pb::DeploymentDatabase> for Database {
+    fn from(d: &pb::DeploymentDatabase) -> Database {
+        let run = |r: &Option<pb::DatabaseRun>| {
+            r.as_ref().map(|r| DatabaseRun {
+                task: r.task.clone(),
+                host: r.host.clone(),
+                attempt: r.attempt,
+                started_at: rfc3339(r.started_unix_ms),
+                ended_at: rfc3339(r.ended_unix_ms),
+                exit: r.exit_code,
+                status: opt(&r.exit),
+                ok: r.ok,
+                duration_s: (r.ended_unix_ms != 0).then(|| r.duration_ms as f64 / 1000.0),
+                tail: r.tail.clone(),
+                log: opt(&r.log),
+            })
+        };
+        Database {
+            schema: opt(&d.schema),
+            previous_schema: opt(&d.previous_schema),
+            phase: if d.phase.is_empty() {
+                "none".into()
+            } else {
+                d.phase.clone()
+            },
+            expand: run(&d.expand),
+            contract: run(&d.contract),
+            abort: run(&d.abort),
+            error: opt(&d.error),
+            waits_for: opt(&d.waits_for),
+            undoes: opt(&d.undoes),
+        }
+    }
 }
 
 /// A target host of a deployment.
@@ -134,6 +273,10 @@ pub struct Metric {
     pub old: Option<f64>,
     /// This metric's own verdict.
     pub verdict: String,
+    /// The bounds it is judged by (`max 0.02, max_vs_baseline 1.5x`).
+    pub threshold: Option<String>,
+    /// Why it failed or was inconclusive.
+    pub why: Option<String>,
 }
 
 impl From<&pb::Deployment> for Deployment {
@@ -153,6 +296,9 @@ impl From<&pb::Deployment> for Deployment {
             hosts: d.hosts.iter().map(DeploymentHost::from).collect(),
             rollback: Rollback::of(d),
             intervals: d.intervals.iter().map(Interval::from).collect(),
+            lock: d.lock.as_ref().map(Lock::from),
+            last_interval: d.intervals.last().map(Interval::from),
+            database: Database::from(&d.database.clone().unwrap_or_default()),
         }
     }
 }
@@ -205,6 +351,8 @@ impl From<&pb::AnalysisInterval> for Interval {
                     new: finite(m.new),
                     old: finite(m.old),
                     verdict: m.verdict.clone(),
+                    threshold: opt(&m.threshold),
+                    why: opt(&m.why),
                 })
                 .collect(),
         }
@@ -246,6 +394,8 @@ pub struct HostService {
     pub live_release: Option<String>,
     /// Its two slots.
     pub slots: Slots,
+    /// The service's deploy lock, while it has one.
+    pub lock: Option<Lock>,
 }
 
 /// Both slots of a service on a host.
@@ -285,6 +435,7 @@ impl From<&pb::Host> for Host {
                         blue: Slot::from(s.blue.as_ref()),
                         green: Slot::from(s.green.as_ref()),
                     },
+                    lock: s.lock.as_ref().map(Lock::from),
                 })
                 .collect(),
         }
@@ -354,13 +505,31 @@ mod tests {
                     new: 0.4,
                     old: f64::NAN,
                     verdict: "fail".into(),
+                    threshold: "max 5.00%".into(),
+                    why: "error_rate 40.00% above max 5.00%".into(),
                 }],
             }],
             first_bad_unix_ms: 2_500,
             rollback_decided_unix_ms: 3_000,
             rollback_done_unix_ms: 3_750,
+            lock: Some(pb::ServiceLock {
+                service: "web".into(),
+                message: "freeze".into(),
+                by: "ana".into(),
+                at_unix_ms: 4_000,
+            }),
+            database: None,
         };
         let printed = serde_json::to_string(&to_value(&Deployment::from(&d))).unwrap();
+        let interval = json!({
+            "step": 0, "traffic": 10,
+            "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
+            "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
+            "metrics": [{
+                "name": "error_rate", "new": 0.4, "old": null, "verdict": "fail",
+                "threshold": "max 5.00%", "why": "error_rate 40.00% above max 5.00%",
+            }],
+        });
         let expected = json!({
             "id": "d-000007", "service": "web", "release": "2", "previous_release": "1",
             "state": "rolled_back", "step": 0, "steps": 2, "traffic": 0,
@@ -373,14 +542,67 @@ mod tests {
                 "done_at": "1970-01-01T00:00:03.750Z",
                 "first_bad_unix_ms": 2500, "done_unix_ms": 3750, "seconds_to_restore": 1.25,
             },
-            "intervals": [{
-                "step": 0, "traffic": 10,
-                "started_at": "1970-01-01T00:00:02.000Z", "ended_at": "1970-01-01T00:00:03.000Z",
-                "new_requests": 10, "old_requests": 90, "verdict": "fail", "why": "error_rate",
-                "metrics": [{"name": "error_rate", "new": 0.4, "old": null, "verdict": "fail"}],
-            }],
+            "intervals": [interval.clone()],
+            "last_interval": interval,
+            "lock": {"service": "web", "message": "freeze", "by": "ana", "at": "1970-01-01T00:00:04.000Z"},
+            "database": {
+                "schema": null, "previous_schema": null, "phase": "none", "expand": null,
+                "contract": null, "abort": null, "error": null, "waits_for": null,
+                "undoes": null,
+            },
         });
         assert_eq!(printed, expected.to_string());
+    }
+
+    /// `status --output json`'s `database`: SPEC's `schema`, `phase` and each command's
+    /// `exit` and `duration_s`, a command still running with neither.
+    #[test]
+    fn a_deployments_database_part_prints_each_command() {
+        let d = pb::DeploymentDatabase {
+            schema: "app_2".into(),
+            previous_schema: "app_1".into(),
+            phase: "contracting".into(),
+            expand: Some(pb::DatabaseRun {
+                task: "d-000002/expand".into(),
+                host: "web-1".into(),
+                attempt: 1,
+                started_unix_ms: 1_000,
+                ended_unix_ms: 2_500,
+                ok: true,
+                exit_code: Some(0),
+                exit: "exit status: 0".into(),
+                duration_ms: 1_250,
+                tail: vec!["ALTER TABLE".into()],
+                log: "/var/lib/cutover/logs/deployments/d-000002/expand.log".into(),
+            }),
+            contract: Some(pb::DatabaseRun {
+                task: "d-000002/contract".into(),
+                host: "web-1".into(),
+                attempt: 1,
+                started_unix_ms: 9_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let printed = serde_json::to_string(&to_value(&Database::from(&d))).unwrap();
+        let expected = json!({
+            "schema": "app_2", "previous_schema": "app_1", "phase": "contracting",
+            "expand": {
+                "task": "d-000002/expand", "host": "web-1", "attempt": 1,
+                "started_at": "1970-01-01T00:00:01.000Z", "ended_at": "1970-01-01T00:00:02.500Z",
+                "exit": 0, "status": "exit status: 0", "ok": true, "duration_s": 1.25,
+                "tail": ["ALTER TABLE"],
+                "log": "/var/lib/cutover/logs/deployments/d-000002/expand.log",
+            },
+            "contract": {
+                "task": "d-000002/contract", "host": "web-1", "attempt": 1,
+                "started_at": "1970-01-01T00:00:09.000Z", "ended_at": null, "exit": null,
+                "status": null, "ok": false, "duration_s": null, "tail": [], "log": null,
+            },
+            "abort": null, "error": null, "waits_for": null, "undoes": null,
+        });
+        assert_eq!(printed, expected.to_string());
+        assert_eq!(Database::from(&d).summary(), "contracting on web-1");
     }
 
     /// `cutover hosts --output json` and `/api/fleet`: SPEC.md's fields; a slot never
@@ -401,6 +623,7 @@ mod tests {
                     weight: 100,
                 }),
                 green: None,
+                lock: None,
             }],
         };
         let printed = serde_json::to_string(&to_value(&hosts(&[h]))).unwrap();
@@ -412,6 +635,7 @@ mod tests {
                     "blue": {"release": "1", "state": "healthy", "weight": 100},
                     "green": {"release": null, "state": "empty", "weight": 0},
                 },
+                "lock": null,
             }],
         }]);
         assert_eq!(printed, expected.to_string());

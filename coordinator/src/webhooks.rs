@@ -1,6 +1,7 @@
 //! Events out: each `--webhook URL` receives a JSON document for every deployment start,
-//! step, pause, rollback and end, in order, with retries. Each document carries a
-//! Slack-compatible `text`, so a Slack (or Mattermost) incoming webhook shows it as is.
+//! step, pause, rollback and end, and every database command's start, end and stall, in
+//! order, with retries. Each document carries a Slack-compatible `text`, so a Slack (or
+//! Mattermost) incoming webhook shows it as is.
 //!
 //! Delivery is in memory and at least once per URL: a URL that keeps failing gets each
 //! event up to [`ATTEMPTS`] times with backoff, then the event is logged and dropped so
@@ -37,6 +38,9 @@ fn wanted(kind: &Kind) -> Option<&'static str> {
         Kind::RollbackStarted { .. } => "rollback_started",
         Kind::RollbackDone => "rollback_done",
         Kind::Ended { .. } => "deployment_ended",
+        Kind::DatabaseStarted { .. } => "database_started",
+        Kind::DatabaseEnded { .. } => "database_ended",
+        Kind::DatabaseStalled { .. } => "database_stalled",
         _ => return None,
     })
 }

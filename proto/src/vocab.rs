@@ -1,10 +1,13 @@
 //! Words both sides use about the protocol's types, defined once: the two slots of a
-//! service and how to reach each in the generated messages, a slot phase's name, and
-//! the timing of the agent link.
+//! service and how to reach each in the generated messages, a slot phase's name, a
+//! database task's state, and the timing of the agent link.
 
 use std::time::Duration;
 
-use crate::v1::{DesiredService, ObservedService, SlotPhase, SlotSpec, SlotStatus};
+use crate::v1::{
+    DatabaseTaskState, DatabaseTaskStatus, DesiredService, ObservedService, SlotPhase, SlotSpec,
+    SlotStatus,
+};
 
 /// One of the two slots a service has on every host.
 #[derive(
@@ -137,6 +140,40 @@ impl SlotPhase {
     /// The phase a wire value stands for (an unknown value reads as `Empty`).
     pub fn of(raw: i32) -> SlotPhase {
         SlotPhase::try_from(raw).unwrap_or(SlotPhase::Empty)
+    }
+}
+
+impl ObservedService {
+    /// What the host reports of database task `id`, if it knows it.
+    pub fn database_task(&self, id: &str) -> Option<&DatabaseTaskStatus> {
+        self.database_tasks.iter().find(|t| t.id == id)
+    }
+}
+
+impl DatabaseTaskState {
+    /// The name a task's state goes by in reports and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatabaseTaskState::Unspecified => "unknown",
+            DatabaseTaskState::Preparing => "preparing",
+            DatabaseTaskState::Running => "running",
+            DatabaseTaskState::Succeeded => "succeeded",
+            DatabaseTaskState::Failed => "failed",
+            DatabaseTaskState::Interrupted => "interrupted",
+        }
+    }
+
+    /// The state a wire value stands for (an unknown value reads as `Unspecified`).
+    pub fn of(raw: i32) -> DatabaseTaskState {
+        DatabaseTaskState::try_from(raw).unwrap_or(DatabaseTaskState::Unspecified)
+    }
+
+    /// The task has ended, and how is known.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            DatabaseTaskState::Succeeded | DatabaseTaskState::Failed
+        )
     }
 }
 

@@ -56,9 +56,55 @@ pub fn check(text: &str, known: &[&str]) -> Result<(), Error> {
     Ok(())
 }
 
+/// `text` with every `${NAME}` whose name is in `values` replaced by its value, in one
+/// pass: a value that itself holds `${...}` is not expanded again. Names not in `values`
+/// (which [`check`] would have refused) and an unclosed `${` stay as written.
+pub fn fill(text: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else { break };
+        out.push_str(&rest[..start]);
+        let name = &after[..end];
+        match values.iter().find(|(n, _)| *n == name) {
+            Some((_, v)) => out.push_str(v),
+            None => out.push_str(&rest[start..start + 2 + end + 1]),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_replaces_known_names_once() {
+        let v = [
+            ("SERVICE", "web"),
+            ("RELEASE", "2.0"),
+            ("HOST", "${RELEASE}"),
+        ];
+        assert_eq!(
+            fill(
+                r#"rate(x{service="${SERVICE}",release="${RELEASE}"}[30s])"#,
+                &v
+            ),
+            r#"rate(x{service="web",release="2.0"}[30s])"#
+        );
+        assert_eq!(
+            fill("${HOST}", &v),
+            "${RELEASE}",
+            "values are not expanded again"
+        );
+        assert_eq!(fill("${OTHER} and ${SERVICE", &v), "${OTHER} and ${SERVICE");
+        assert_eq!(fill("", &v), "");
+        assert_eq!(fill("${SERVICE}${SERVICE}", &v), "webweb");
+        assert_eq!(fill("héllo ${SERVICE} ü", &v), "héllo web ü");
+    }
 
     #[test]
     fn known_names_pass_and_typos_get_a_suggestion() {

@@ -15,11 +15,11 @@ mod validate;
 
 pub use errors::{PlanError, line_col, nearest};
 pub use model::{
-    Analysis, Check, Count, Health, Judge, Metric, MetricName, OnHostLost, Plan, Protocol, Release,
-    Run, Step, Strategy, Targets,
+    Analysis, Check, ContractAfter, Count, Database, Health, Judge, Measure, Metric, MetricName,
+    OnHostLost, Plan, Protocol, Release, Run, SlotMeasure, Source, Step, Strategy, Targets,
 };
 pub use path::PathPart;
-pub use validate::{Invalid, check_artifact_url, check_sha256};
+pub use validate::{Invalid, check_artifact_url, check_schema_name, check_sha256};
 
 /// The largest plan file, in bytes: parsing refuses anything longer, so `plan
 /// validate` and `deploy` agree, and the coordinator's gRPC message limit is set above it.
@@ -27,6 +27,10 @@ pub const MAX_PLAN_BYTES: usize = 1024 * 1024;
 
 /// The placeholders `[run] command` and `[run] env` values may hold.
 pub const RUN_VARIABLES: &[&str] = &["PORT"];
+
+/// The placeholders a `source = "prometheus"` metric's `query` and `baseline_query` may
+/// hold; `${HOST}` makes the query run once per host.
+pub const QUERY_VARIABLES: &[&str] = &["SERVICE", "RELEASE", "PREVIOUS_RELEASE", "HOST"];
 
 impl Plan {
     /// Parses and validates plan text; `file` names it in errors.

@@ -47,7 +47,8 @@ pub struct Cluster {
     pub listen: u16,
     /// Extra arguments for `cutover serve`.
     pub serve_args: Vec<String>,
-    /// Extra arguments for `cutover-agent run`; `{name}` is replaced by the host's name.
+    /// Extra arguments for `cutover-agent run`; `{name}` is replaced by the host's name,
+    /// `{ip}` by its address.
     pub agent_args: Vec<String>,
     /// Extra environment variables for `cutover-agent run`.
     pub agent_env: Vec<(String, String)>,
@@ -261,7 +262,11 @@ impl Cluster {
         cmd.args(["run", "--data-dir"])
             .arg(data_dir)
             .args(["--service-address", ip])
-            .args(self.agent_args.iter().map(|a| a.replace("{name}", name)))
+            .args(
+                self.agent_args
+                    .iter()
+                    .map(|a| a.replace("{name}", name).replace("{ip}", ip)),
+            )
             .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         Proc::spawn(name, &mut cmd, self.dir.join(format!("{name}.log")))
     }

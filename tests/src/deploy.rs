@@ -96,7 +96,11 @@ impl Cluster {
 
     /// True when every host's public port answers `release {version}`.
     pub fn all_serving(&self, version: &str) -> bool {
-        let want = format!("release {version}");
-        self.versions().values().all(|v| *v == want)
+        self.all_answering(&format!("release {version}"))
+    }
+
+    /// True when every host's public port answers exactly `body`.
+    pub fn all_answering(&self, body: &str) -> bool {
+        self.versions().values().all(|v| v == body)
     }
 }

@@ -43,7 +43,7 @@ impl Cluster {
     /// Packs the sample release `version` whose `behaviour.env` also holds `behaviour`
     /// (`error_rate=0.3`, `delay_ms=20`, ...; see `cutover-sample`).
     pub fn pack(&self, version: &str, behaviour: &[&str]) -> Artifact {
-        pack(&self.bin, &self.dir, version, behaviour)
+        pack(&self.bin, &self.dir, version, behaviour, &[])
     }
 
     /// A plan for the sample service at `version`; [`PlanBuilder::write`] packs the
@@ -53,19 +53,36 @@ impl Cluster {
     }
 }
 
-/// Runs `cutover-sample pack` into `dir`.
-fn pack(bin: &Path, dir: &Path, version: &str, behaviour: &[&str]) -> Artifact {
-    let out_file = dir.join(format!(
-        "web-{version}-{}.tar.gz",
-        behaviour.join("_").replace(['=', '.'], "")
-    ));
-    let out = Command::new(bin.join("cutover-sample"))
-        .args(["pack", "--out"])
+/// Runs `cutover-sample pack` into `dir`, the release also shipping `files` (path in
+/// the release, text).
+fn pack(
+    bin: &Path,
+    dir: &Path,
+    version: &str,
+    behaviour: &[&str],
+    files: &[(String, String)],
+) -> Artifact {
+    let name: String = behaviour
+        .join("_")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(60)
+        .collect();
+    let out_file = dir.join(format!("web-{version}-{name}.tar.gz"));
+    let mut cmd = Command::new(bin.join("cutover-sample"));
+    cmd.args(["pack", "--out"])
         .arg(&out_file)
-        .args(["--version", version])
-        .args(behaviour)
-        .output()
-        .expect("pack");
+        .args(["--version", version]);
+    let shipped = dir.join("files").join(version);
+    for (dest, text) in files {
+        let src = shipped.join(dest);
+        if let Some(parent) = src.parent() {
+            std::fs::create_dir_all(parent).expect("dir for a release file");
+        }
+        std::fs::write(&src, text).expect("write a release file");
+        cmd.arg("--file").arg(format!("{}={dest}", src.display()));
+    }
+    let out = cmd.args(behaviour).output().expect("pack");
     assert!(
         out.status.success(),
         "pack: {}",
@@ -127,6 +144,10 @@ pub struct PlanBuilder {
     strategy: Vec<String>,
     /// An `[analysis]` section, as written in the test.
     analysis: Option<String>,
+    /// A `[database]` section, as written in the test.
+    database: Option<String>,
+    /// Files the packed sample ships besides itself: (path in the release, text).
+    files: Vec<(String, String)>,
 }
 
 impl PlanBuilder {
@@ -148,6 +169,8 @@ impl PlanBuilder {
             steps: "[{ traffic = 100 }]".into(),
             strategy: Vec::new(),
             analysis: None,
+            database: None,
+            files: Vec::new(),
         }
     }
 
@@ -252,6 +275,18 @@ impl PlanBuilder {
         self
     }
 
+    /// A `[database]` section's keys, e.g. `schema = "app_${RELEASE}"` lines.
+    pub fn database(mut self, section: &str) -> Self {
+        self.database = Some(section.into());
+        self
+    }
+
+    /// One more file the packed sample ships: `path` in the release, with `text`.
+    pub fn file(mut self, path: &str, text: &str) -> Self {
+        self.files.push((path.into(), text.into()));
+        self
+    }
+
     fn strategy_line(mut self, key: &str, value: &str) -> Self {
         self.strategy.push(format!("{key} = {value}"));
         self
@@ -264,7 +299,8 @@ impl PlanBuilder {
             Source::Given(artifact) => self.render(artifact),
             Source::Sample(behaviour) => {
                 let behaviour: Vec<&str> = behaviour.iter().map(String::as_str).collect();
-                self.render(&pack(&self.bin, &self.dir, &self.version, &behaviour))
+                let artifact = pack(&self.bin, &self.dir, &self.version, &behaviour, &self.files);
+                self.render(&artifact)
             }
         };
         let p = self.dir.join(format!("{name}.toml"));
@@ -319,7 +355,7 @@ unhealthy_after = 2{start_timeout}
 max_parallel = "100%"
 steps = {steps}{strategy}
 
-{analysis}"#,
+{analysis}{database}"#,
             service = quoted(&self.service),
             version = quoted(&self.version),
             artifact = quoted(&artifact.url),
@@ -332,6 +368,10 @@ steps = {steps}{strategy}
             start_timeout = optional("start_timeout", &self.start_timeout),
             steps = self.steps,
             analysis = self.analysis.as_deref().unwrap_or_default(),
+            database = self
+                .database
+                .as_ref()
+                .map_or(String::new(), |d| format!("\n[database]\n{d}\n")),
         )
     }
 }
@@ -434,7 +474,8 @@ mod tests {
             .keep_previous("1s")
             .on_host_lost("rollback")
             .host_lost_after("2s")
-            .analysis(ANALYSIS_ERRORS);
+            .analysis(ANALYSIS_ERRORS)
+            .database("schema = \"app_${RELEASE}\"\nexpand = [\"e\"]\ncontract = [\"c\"]\nabort = [\"a\"]");
         let p = parse(&b);
         assert_eq!(p.service, "api");
         assert_eq!(p.release.signature, Some("cd".repeat(64)));
@@ -456,5 +497,8 @@ mod tests {
         assert_eq!(p.strategy.on_host_lost, OnHostLost::Rollback);
         assert_eq!(p.strategy.host_lost_after, Duration::from_secs(2));
         assert_eq!(p.analysis.map(|a| a.min_requests), Some(20));
+        let db = p.database.expect("[database]");
+        assert_eq!(db.schema_name("2.0.0"), "app_2_0_0");
+        assert_eq!(db.expand, ["e"]);
     }
 }

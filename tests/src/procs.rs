@@ -42,9 +42,11 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
+/// A TCP port that nothing uses right now on any local address.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    // On every address, not just 127.0.0.1: a port some connection uses as its source
+    // on another loopback address would still fail a later bind on 0.0.0.0.
+    std::net::TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")

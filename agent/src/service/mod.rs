@@ -14,19 +14,29 @@ use std::time::Duration;
 
 use cutover_proto::Slot;
 use cutover_proto::v1::{
-    DesiredService, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
+    DesiredService, LogRequest, ObservedService, Protocol, SlotPhase, SlotSpec, SlotStatus,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::artifact::Limits;
+use crate::database::{self, Tasks};
 use crate::handover::{Exe, Inherited};
+use crate::logs;
 use crate::ports::PortRange;
 use crate::proxy::{self, Mode, Proxy, Routes, SlotMetrics, Upstream};
+use crate::scrape::Scraper;
 use crate::slot::{self, SlotCtx, SlotState, adopt};
 use crate::store::Store;
 use crate::trust::TrustedKeys;
+
+/// The private port of a slot whose process runs (healthy or not), if it does.
+fn running_port(st: &SlotState) -> Option<u16> {
+    matches!(st.phase, SlotPhase::Healthy | SlotPhase::Unhealthy)
+        .then_some(st.port)
+        .filter(|p| *p != 0)
+}
 
 /// A slot's task, as the service holds it.
 struct SlotRun {
@@ -40,6 +50,8 @@ struct SlotRun {
     status: Arc<Mutex<SlotState>>,
     /// Stops the slot (drain, then stop the process).
     cancel: CancellationToken,
+    /// The secret values its process got, once known: log lines are masked with them.
+    secrets: Arc<std::sync::OnceLock<cutover_shared::secrets::Secrets>>,
 }
 
 impl SlotRun {
@@ -67,7 +79,48 @@ struct Runtime {
     effective: [u32; 2],
     /// Why the effective weights differ from the desired ones.
     healing: String,
+    /// Scrapes the slots' own metrics while the desired state asks for it.
+    scraper: Option<Scraper>,
 }
+
+/// A removed service whose files go once its slots have stopped.
+struct Removed {
+    /// The service's name.
+    service: String,
+    /// What its slots report: every one stopped (or failed) lets the files go.
+    slots: Vec<Arc<Mutex<SlotState>>>,
+    /// When it was removed: after [`REMOVED_FILES_WAIT`] the files go anyway.
+    since: std::time::Instant,
+}
+
+/// The slots a `cutover logs --slot` names: `blue`, `green`, `live` (the one carrying
+/// the most traffic now), `new` (the other one, when it runs), or both (empty).
+fn log_slots(rt: &Runtime, which: &str) -> Result<Vec<Slot>, String> {
+    let live = || {
+        Slot::BOTH
+            .into_iter()
+            .filter(|s| rt.effective[s.index()] > 0)
+            .max_by_key(|s| rt.effective[s.index()])
+            .ok_or_else(|| "no slot carries traffic on this host".to_string())
+    };
+    match which {
+        "" => Ok(Slot::BOTH.to_vec()),
+        "blue" => Ok(vec![Slot::Blue]),
+        "green" => Ok(vec![Slot::Green]),
+        "live" => Ok(vec![live()?]),
+        "new" => {
+            let new = live()?.other();
+            if rt.slots[new.index()].is_none() {
+                return Err("no new slot runs beside the live one on this host".into());
+            }
+            Ok(vec![new])
+        }
+        other => Err(format!("--slot {other}: must be blue, green, live or new")),
+    }
+}
+
+/// How long a removed service's files wait for its slots to stop.
+const REMOVED_FILES_WAIT: Duration = Duration::from_secs(600);
 
 /// The services on this host and how they run.
 pub struct Services {
@@ -89,6 +142,12 @@ pub struct Services {
     tasks: TaskTracker,
     /// Listening sockets from the agent run before this one, until a service claims its own.
     inherited: Mutex<Vec<Inherited>>,
+    /// Removed services whose release directories and logs are still on disk.
+    removed: Mutex<Vec<Removed>>,
+    /// How far each slot log had grown when, for `cutover logs --since`.
+    pub log_marks: Arc<slot::LogMarks>,
+    /// The database commands the coordinator asks this host to run, each once.
+    database: Arc<Tasks>,
 }
 
 /// How this host runs services: from the agent's configuration.
@@ -107,6 +166,8 @@ pub struct Settings {
     pub slot_ports: PortRange,
     /// Connection cap and idle timeouts of the public ports.
     pub proxy_limits: proxy::Limits,
+    /// Size past which a slot's log file is rotated.
+    pub slot_log_size: u64,
 }
 
 impl Services {
@@ -117,16 +178,32 @@ impl Services {
         tasks: TaskTracker,
     ) -> Services {
         let (phase_tx, phase_rx) = mpsc::unbounded_channel();
+        let changed = Arc::new(Notify::new());
+        let database = Arc::new(Tasks::new(
+            database::Settings {
+                data_dir: settings.data_dir.clone(),
+                limits: settings.limits.clone(),
+                trusted_keys: settings.trusted_keys.clone(),
+                service_user: settings.service_user.clone(),
+            },
+            store.clone(),
+            changed.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
         Services {
             settings,
             store,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
-            changed: Arc::new(Notify::new()),
+            changed,
             phase_tx,
             phase_rx: Mutex::new(Some(phase_rx)),
             cancel,
             tasks,
             inherited: Mutex::new(Vec::new()),
+            removed: Mutex::new(Vec::new()),
+            log_marks: Arc::default(),
+            database,
         }
     }
 
@@ -182,8 +259,9 @@ impl Services {
         Ok(n)
     }
 
-    /// Records and applies a desired state from the coordinator. Older generations than
-    /// the one applied are ignored.
+    /// Records and applies a desired state from the coordinator, and starts the database
+    /// task it carries unless this host knows it already. Older generations than the one
+    /// applied are ignored.
     pub async fn apply(&self, d: DesiredService) {
         {
             let rts = self.runtimes.lock().await;
@@ -194,10 +272,17 @@ impl Services {
                 return;
             }
         }
+        if d.removed {
+            self.remove(&d.service).await;
+            return;
+        }
         if let Err(e) = self.store.put_desired(&d) {
             // Not persisted: still apply, so the fleet converges; a restart before the
             // next write falls back to the previous stored state.
             tracing::error!(service = d.service, error = %e, "persist desired state");
+        }
+        if let Some(task) = &d.database_task {
+            self.database.want(&d.service, task);
         }
         self.converge(d).await;
     }
@@ -214,6 +299,7 @@ impl Services {
         // request is sent to a process that is already stopping.
         let retired = self.converge_slots(rt, &d);
         self.converge_port(rt, &d);
+        self.converge_scraper(rt, &d);
         rt.desired = d;
         Self::route(rt);
         for old in retired {
@@ -223,13 +309,63 @@ impl Services {
         self.changed.notify_one();
     }
 
+    /// Forgets `service`: its slots drain and stop, its port goes, and so does its
+    /// desired state; its releases and slot logs go once the slots have stopped (see
+    /// [`Services::maintain`]). Removing a service this host does not run does nothing.
+    async fn remove(&self, service: &str) {
+        let rt = self.runtimes.lock().await.remove(service);
+        if let Err(e) = self.store.remove_desired(service) {
+            tracing::error!(service, error = %e, "forget desired state");
+        }
+        let Some(mut rt) = rt else { return };
+        if let Some(p) = rt.proxy.take() {
+            p.stop();
+        }
+        let slots: Vec<SlotRun> = rt.slots.into_iter().flatten().collect();
+        for s in &slots {
+            s.cancel.cancel();
+        }
+        tracing::info!(service, "service removed");
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Removed {
+                service: service.to_string(),
+                slots: slots.iter().map(|s| s.status.clone()).collect(),
+                since: std::time::Instant::now(),
+            });
+        self.changed.notify_one();
+    }
+
+    /// Removes the files of removed services whose slots have stopped; a service that
+    /// came back meanwhile keeps them.
+    async fn forget_removed_files(&self) {
+        let rts = self.runtimes.lock().await;
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        removed.retain(|r| {
+            if rts.contains_key(&r.service) {
+                return false;
+            }
+            let stopped = r.slots.iter().all(|s| {
+                let phase = s.lock().unwrap_or_else(|p| p.into_inner()).phase;
+                matches!(phase, SlotPhase::Stopped | SlotPhase::Failed)
+            });
+            if !stopped && r.since.elapsed() < REMOVED_FILES_WAIT {
+                return true;
+            }
+            slot::forget_files(&self.settings.data_dir, &r.service);
+            false
+        });
+    }
+
     /// Starts the slots `d` wants and that do not run yet (or run another spec, or
-    /// failed and `d` is newer). Returns the runs they replace, still running.
+    /// failed and `d` is newer). Returns the runs they replace, still running. A stopped
+    /// service wants none.
     fn converge_slots(&self, rt: &mut Runtime, d: &DesiredService) -> Vec<SlotRun> {
         let mut retired = Vec::new();
         for slot in Slot::BOTH {
             let i = slot.index();
-            let want = d.slot(slot);
+            let want = if d.stopped { None } else { d.slot(slot) };
             let keep = match (&rt.slots[i], want) {
                 (Some(run), Some(spec)) => {
                     let failed = run.state().phase == SlotPhase::Failed;
@@ -302,6 +438,34 @@ impl Services {
         }
     }
 
+    /// Scrapes the slots as `d` asks: a changed spec or path starts a new task, none
+    /// stops it.
+    fn converge_scraper(&self, rt: &mut Runtime, d: &DesiredService) {
+        let same = match (&rt.scraper, &d.scrape) {
+            (Some(s), Some(spec)) => s.spec == *spec && s.path == d.metrics_path,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        if let Some(old) = rt.scraper.take() {
+            old.stop();
+        }
+        if let Some(spec) = &d.scrape
+            && !d.metrics_path.is_empty()
+        {
+            rt.scraper = Some(Scraper::start(
+                &d.service,
+                &d.metrics_path,
+                spec.clone(),
+                self.changed.clone(),
+                &self.cancel,
+                &self.tasks,
+            ));
+        }
+    }
+
     /// Points the proxy at the slots, in one atomic swap, with the weights the healing
     /// rule ([`heal::route`]) gives for the desired ones and the slots' phases.
     fn route(rt: &mut Runtime) {
@@ -324,6 +488,9 @@ impl Services {
         }
         rt.effective = weights;
         rt.healing = healing;
+        if let Some(scraper) = &rt.scraper {
+            scraper.set_ports(states.each_ref().map(|s| s.as_ref().and_then(running_port)));
+        }
         let Some(proxy) = &rt.proxy else { return };
         let entries = rt
             .slots
@@ -378,6 +545,7 @@ impl Services {
             ..SlotState::default()
         }));
         let cancel = self.cancel.child_token();
+        let secrets: Arc<std::sync::OnceLock<cutover_shared::secrets::Secrets>> = Arc::default();
         let ctx = SlotCtx {
             service: d.service.clone(),
             slot,
@@ -390,11 +558,13 @@ impl Services {
             metrics: metrics.clone(),
             changed: self.changed.clone(),
             phase_changed: self.phase_tx.clone(),
-            log_cap: 10 << 20,
+            log_cap: self.settings.slot_log_size,
             store: self.store.clone(),
             trusted_keys: self.settings.trusted_keys.clone(),
             adopt,
             service_user: self.settings.service_user.clone(),
+            secrets: secrets.clone(),
+            log_marks: self.log_marks.clone(),
         };
         self.tasks.spawn(slot::run(ctx, cancel.clone()));
         SlotRun {
@@ -403,11 +573,14 @@ impl Services {
             metrics,
             status,
             cancel,
+            secrets,
         }
     }
 
-    /// Retries binding public ports that could not be bound before.
+    /// Every second: retries binding public ports that could not be bound before, and
+    /// removes the files of removed services once their slots have stopped.
     pub async fn maintain(&self) {
+        self.forget_removed_files().await;
         let pending: Vec<DesiredService> = {
             let rts = self.runtimes.lock().await;
             rts.values()
@@ -465,6 +638,89 @@ impl Services {
         err.to_string()
     }
 
+    /// Where slot `slot` of `service` serves its own metrics now: its private port and
+    /// the service's metrics path; why not, for a relay to say.
+    pub async fn metrics_target(&self, service: &str, slot: Slot) -> Result<(u16, String), String> {
+        let rts = self.runtimes.lock().await;
+        let rt = rts
+            .get(service)
+            .ok_or_else(|| format!("no service {service:?} on this host"))?;
+        if rt.desired.metrics_path.is_empty() {
+            return Err(format!("service {service} has no [analysis] scrape path"));
+        }
+        let port = rt.slots[slot.index()]
+            .as_ref()
+            .and_then(|run| running_port(&run.state()))
+            .ok_or_else(|| format!("slot {slot} of {service} is not running"))?;
+        Ok((port, rt.desired.metrics_path.clone()))
+    }
+
+    /// Every running slot whose service has a metrics path: (service, slot, release).
+    pub async fn metrics_slots(&self) -> Vec<(String, Slot, String)> {
+        let rts = self.runtimes.lock().await;
+        let mut out = Vec::new();
+        for (name, rt) in rts.iter() {
+            if rt.desired.metrics_path.is_empty() {
+                continue;
+            }
+            for slot in Slot::BOTH {
+                let Some(run) = &rt.slots[slot.index()] else {
+                    continue;
+                };
+                let st = run.state();
+                if running_port(&st).is_some() {
+                    out.push((name.clone(), slot, st.release.clone()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The log files a `cutover logs` request reads on this host, or why there are none:
+    /// the slots of the service it names (`slot`: blue, green, live, new, or both), with
+    /// the release each runs and its secret values, or a deployment's files.
+    pub async fn log_sources(&self, req: &LogRequest) -> Result<Vec<logs::Source>, String> {
+        let data = &self.settings.data_dir;
+        if !req.deployment.is_empty() {
+            return logs::deployment_sources(data, &req.deployment);
+        }
+        let rts = self.runtimes.lock().await;
+        let rt = rts
+            .get(&req.service)
+            .ok_or_else(|| format!("service {} does not run on this host", req.service))?;
+        let sources: Vec<logs::Source> = log_slots(rt, &req.slot)?
+            .into_iter()
+            .filter_map(|slot| {
+                let run = rt.slots[slot.index()].as_ref();
+                let release = run.map(|r| r.state().release).unwrap_or_default();
+                if !req.release.is_empty() && release != req.release {
+                    return None;
+                }
+                let path = slot::log_path(data, &req.service, slot);
+                if run.is_none() && !path.exists() {
+                    return None;
+                }
+                Some(logs::Source {
+                    slot: slot.as_str().to_string(),
+                    release,
+                    file: String::new(),
+                    path,
+                    secrets: run
+                        .and_then(|r| r.secrets.get().cloned())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        if sources.is_empty() && !req.release.is_empty() {
+            return Err(format!(
+                "no slot of {} runs release {} on this host",
+                req.service, req.release
+            ));
+        }
+        Ok(sources)
+    }
+
     /// What runs now, per service.
     pub async fn observe(&self) -> Vec<ObservedService> {
         let rts = self.runtimes.lock().await;
@@ -484,6 +740,7 @@ impl Services {
                             fetch_ms: st.fetch_ms,
                             unpack_ms: st.unpack_ms,
                             start_ms: st.start_ms,
+                            scrape: rt.scraper.as_ref().and_then(|s| s.report(i)),
                         }
                     })
                 };
@@ -499,6 +756,9 @@ impl Services {
                     green_weight: if serving { gw } else { 0 },
                     error: rt.error.clone(),
                     healing: rt.healing.clone(),
+                    stopped: rt.desired.stopped,
+                    releases: slot::kept_releases(&self.settings.data_dir, name, &self.store),
+                    database_tasks: self.database.report(name),
                 }
             })
             .collect();

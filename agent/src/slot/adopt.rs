@@ -58,10 +58,11 @@ impl Claim {
         }
     }
 
-    /// Every slot the desired states ask for.
+    /// Every slot the desired states ask to run (none of a stopped service).
     pub fn all(desired: &[DesiredService]) -> Vec<Claim> {
         desired
             .iter()
+            .filter(|d| !d.stopped && !d.removed)
             .flat_map(|d| {
                 Slot::BOTH
                     .into_iter()

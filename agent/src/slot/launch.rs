@@ -1,12 +1,14 @@
 //! How a slot's processes are launched: as whom (the plan's `[run] user`, else the
 //! agent's `--service-user`), with the service's state directory, and with which
-//! variables — the plan's `[run] env` with `${PORT}` filled in, then `PORT` and
-//! `CUTOVER_*`. The process itself is started by [`crate::spawn`].
+//! variables — the plan's `[run] env` with `${PORT}` filled in, then the host's env files
+//! (`[run] env_files`, read once per slot start), then `PORT` and `CUTOVER_*`. The
+//! process itself is started by [`crate::spawn`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cutover_proto::v1::RunSpec;
+use cutover_shared::secrets::Secrets;
 
 use super::SlotCtx;
 use crate::spawn::{Launcher, RunAs};
@@ -24,6 +26,9 @@ pub struct Launch {
     state_dir: PathBuf,
     /// The plan's `[run]`: command, environment, stop timeout.
     run: RunSpec,
+    /// The variables of the host's env files, read when the slot started; they win
+    /// over `[run] env`.
+    file_env: Vec<(String, String)>,
     /// `CUTOVER_SERVICE`, `CUTOVER_RELEASE`, `CUTOVER_SLOT`.
     service: String,
     version: String,
@@ -31,10 +36,12 @@ pub struct Launch {
 }
 
 impl Launch {
-    /// Resolves the user and creates the state directory for the release in `dir`; an
-    /// error names what is wrong (an unknown user...).
+    /// Resolves the user, reads the env files and creates the state directory for the
+    /// release in `dir`; an error names what is wrong (an unknown user, a missing env
+    /// file...).
     pub fn new(ctx: &SlotCtx, dir: PathBuf) -> Result<Launch, String> {
         let run = ctx.spec.run.clone().unwrap_or_default();
+        let file_env = crate::env_file::read_all(&run.env_files).map_err(|e| e.to_string())?;
         let user =
             RunAs::resolve(&run.user, ctx.service_user.as_deref()).map_err(|e| e.to_string())?;
         if run.user.is_empty() && user.is_root() && ctx.service_user.is_none() {
@@ -51,6 +58,7 @@ impl Launch {
             user,
             state_dir,
             run,
+            file_env,
             service: ctx.service.clone(),
             version: ctx.version().to_string(),
             slot: ctx.slot.as_str(),
@@ -83,14 +91,27 @@ impl Launch {
         }
     }
 
-    /// The variables on top of the clean base: the plan's `[run] env` (sorted) with
-    /// `${PORT}` filled in, then `PORT` and `CUTOVER_*`.
+    /// The secret values the process gets: those of the variables `[run] secret_env`
+    /// names, from the plan or an env file. What the slot reports is masked with them.
+    pub fn secrets(&self) -> Secrets {
+        let env = self.env(0);
+        Secrets::of_env(
+            &self.run.secret_env,
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
+    /// The variables on top of the clean base: the plan's `[run] env` with `${PORT}`
+    /// filled in and the env files' variables over it (sorted), then `PORT` and
+    /// `CUTOVER_*`.
     fn env(&self, port: u16) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self
             .run
             .env
             .iter()
+            .filter(|(k, _)| !self.file_env.iter().any(|(f, _)| f == *k))
             .map(|(k, v)| (k.clone(), substitute(v, port)))
+            .chain(self.file_env.iter().cloned())
             .collect();
         env.sort();
         env.extend([
@@ -129,6 +150,7 @@ mod tests {
                     .collect(),
                 ..Default::default()
             },
+            file_env: Vec::new(),
             service: "web".into(),
             version: "1.0.0".into(),
             slot: "green",
@@ -154,5 +176,46 @@ mod tests {
             ]
         );
         assert_eq!(l.stop_timeout(), Duration::from_secs(30));
+    }
+}
+
+#[cfg(test)]
+mod env_file_tests {
+    use super::*;
+
+    #[test]
+    fn env_files_win_over_the_plan_and_secrets_come_from_both() {
+        let mut l = Launch {
+            dir: PathBuf::from("/data/releases/web/1.0.0-ab"),
+            user: RunAs::resolve("", None).unwrap(),
+            state_dir: PathBuf::from("/data/state/web"),
+            run: RunSpec {
+                command: vec!["./bin/web".into()],
+                env: [("A", "plan"), ("B", "token-from-plan")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                secret_env: vec!["B".into(), "DATABASE_URL".into()],
+                ..Default::default()
+            },
+            file_env: vec![
+                ("A".into(), "host".into()),
+                ("DATABASE_URL".into(), "postgres://u:pw@db/x".into()),
+            ],
+            service: "web".into(),
+            version: "1.0.0".into(),
+            slot: "blue",
+        };
+        let env = l.launcher(10_001).env;
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("A"), Some("host"), "the host's file wins");
+        assert_eq!(get("DATABASE_URL"), Some("postgres://u:pw@db/x"));
+        assert_eq!(env.iter().filter(|(n, _)| n == "A").count(), 1);
+        let masked = l
+            .secrets()
+            .mask("dsn postgres://u:pw@db/x token-from-plan host");
+        assert_eq!(masked, "dsn ******** ******** host");
+        l.run.secret_env.clear();
+        assert!(l.secrets().is_empty());
     }
 }

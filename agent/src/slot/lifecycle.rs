@@ -62,6 +62,7 @@ async fn live(ctx: &SlotCtx, cancel: &CancellationToken) -> Result<Infallible, E
         tracing::warn!(service = ctx.service, slot = ctx.slot.as_str(), release = ctx.version(), error = %e, "slot process cannot run");
         End::Failed(e)
     })?;
+    let _ = ctx.secrets.set(launch.secrets());
     let mut life = Life::new(ctx, launch);
     loop {
         let mut current = life.start_or_adopt().await?;
@@ -298,10 +299,17 @@ impl<'a> Life<'a> {
 
     /// One health check, and the verdict it changes.
     async fn check(&mut self, current: &mut Current) {
-        self.log.rotate_if_full();
+        if self.log.rotate_if_full() {
+            self.ctx.log_marks.rotated(self.log.path());
+        }
+        self.ctx
+            .log_marks
+            .mark(self.log.path(), cutover_shared::clock::now_ms());
         let result = self.checker.run(current.port, &current.launcher).await;
         if let Err(e) = &result {
-            current.last_check_error.clone_from(e);
+            // An exec check's output may echo the environment: masked before it is
+            // logged or reported.
+            current.last_check_error = self.ctx.mask(e);
         }
         let ctx = self.ctx;
         match current.tally.record(result.is_ok()) {
@@ -364,7 +372,7 @@ impl<'a> Life<'a> {
         let tail = self
             .log
             .last_line()
-            .map(|l| format!(": {l}"))
+            .map(|l| format!(": {}", ctx.mask(&l)))
             .unwrap_or_default();
         let msg = format!("process exited ({status}){tail}");
         tracing::warn!(

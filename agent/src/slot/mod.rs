@@ -4,7 +4,8 @@
 //!
 //! - `lifecycle` — [`run`] as named steps: prepare the release → start or adopt the
 //!   process → watch its health and restart it when it exits → drain and stop it;
-//! - `release` — the release directory: signature check, fetch, unpack, prune;
+//! - [`release`] — the release directory: signature check, fetch, unpack, prune (also
+//!   used by database commands, which run in a release without starting it);
 //! - `launch` — as whom, where and with which environment the process runs;
 //! - `process` — one process, started or adopted: waiting for its exit, stopping its
 //!   group, its record in the store;
@@ -20,16 +21,17 @@ pub mod adopt;
 mod launch;
 mod lifecycle;
 mod log;
-mod process;
-mod release;
+pub mod process;
+pub mod release;
 mod restart;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cutover_proto::Slot;
 use cutover_proto::v1::{SlotPhase, SlotSpec};
+use cutover_shared::secrets::Secrets;
 use tokio::sync::Notify;
 
 use crate::artifact::Limits;
@@ -39,6 +41,30 @@ use crate::store::{ProcessRecord, Store};
 use crate::trust::TrustedKeys;
 
 pub use lifecycle::run;
+pub use log::{Marks as LogMarks, Since, rotated as rotated_log};
+pub use release::kept as kept_releases;
+
+/// The log file of `service`'s `slot` in the data dir `data`.
+pub fn log_path(data: &std::path::Path, service: &str, slot: Slot) -> PathBuf {
+    log::SlotLog::of(data, service, slot, 0)
+        .path()
+        .to_path_buf()
+}
+
+/// Removes what a removed service left on disk once its slots have stopped: its
+/// release directories and its slots' log files. Its state directory is the service's
+/// own data and stays.
+pub fn forget_files(data: &std::path::Path, service: &str) {
+    let releases = crate::data_dir::releases(data).join(service);
+    if let Err(e) = std::fs::remove_dir_all(&releases)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %releases.display(), error = %e, "remove a removed service's releases");
+    }
+    for slot in Slot::BOTH {
+        log::SlotLog::of(data, service, slot, 0).remove();
+    }
+}
 
 /// What a slot reports.
 #[derive(Clone, Debug, Default)]
@@ -96,6 +122,12 @@ pub struct SlotCtx {
     pub adopt: Option<ProcessRecord>,
     /// Whom to run the process as when the plan names no user (agent running as root).
     pub service_user: Option<String>,
+    /// The secret values the slot's process gets (`[run] secret_env`, from the plan or
+    /// an env file), known once its environment is read: every error the slot reports
+    /// is masked with them, and so are the log lines streamed from it.
+    pub secrets: Arc<OnceLock<Secrets>>,
+    /// Where the slot notes how far its log file had grown when (`logs --since`).
+    pub log_marks: Arc<LogMarks>,
 }
 
 impl SlotCtx {
@@ -115,9 +147,18 @@ impl SlotCtx {
         self.changed.notify_one();
     }
 
-    /// Moves the slot to `phase` with `error` (empty when none); routes follow a change.
+    /// `text` with the slot's secret values masked.
+    fn mask(&self, text: &str) -> String {
+        match self.secrets.get() {
+            Some(s) => s.mask(text),
+            None => text.to_string(),
+        }
+    }
+
+    /// Moves the slot to `phase` with `error` (empty when none, masked); routes follow a
+    /// change.
     fn phase(&self, phase: SlotPhase, error: impl Into<String>) {
-        let error = error.into();
+        let error = self.mask(&error.into());
         let mut changed = false;
         self.set(|s| {
             changed = s.phase != phase;

@@ -145,12 +145,18 @@ pub async fn stop_leftover(r: &ProcessRecord, grace: Duration) {
         release = r.release,
         "stopping a slot process left by an earlier agent run"
     );
-    os::signal_group(r.pid, Signal::SIGTERM);
+    stop_group(r.pid, r.start_ticks, grace).await;
+}
+
+/// Stops the process group of recorded process `pid` (started at `start_ticks`):
+/// SIGTERM, then SIGKILL once it is gone or after `grace`.
+pub async fn stop_group(pid: i32, start_ticks: u64, grace: Duration) {
+    os::signal_group(pid, Signal::SIGTERM);
     let until = Instant::now() + grace;
-    while os::alive(r.pid, r.start_ticks) && Instant::now() < until {
+    while os::alive(pid, start_ticks) && Instant::now() < until {
         tokio::time::sleep(LEFTOVER_POLL).await;
     }
-    os::signal_group(r.pid, Signal::SIGKILL);
+    os::signal_group(pid, Signal::SIGKILL);
 }
 
 /// Removes a process's record from the store.

@@ -13,14 +13,7 @@ fn counters(requests: u64, errors: u64, buckets: [u64; 5]) -> Counters {
 }
 
 fn metric(name: MetricName) -> Metric {
-    Metric {
-        name,
-        max: None,
-        min: None,
-        max_vs_baseline: None,
-        judge: None,
-        confidence: None,
-    }
+    Metric::proxy(name)
 }
 
 fn analysis(metrics: Vec<Metric>) -> Analysis {
@@ -28,6 +21,9 @@ fn analysis(metrics: Vec<Metric>) -> Analysis {
         interval: cutover_shared::Duration::from_secs(10),
         failure_limit: 2,
         min_requests: 50,
+        inconclusive_limit: 3,
+        scrape: None,
+        prometheus: None,
         metric: metrics,
     }
 }
@@ -106,6 +102,7 @@ fn thin_interval_is_inconclusive() {
         new: counters(10, 10, [10, 0, 0, 0, 0]),
         old: counters(1000, 0, [1000, 0, 0, 0, 0]),
         seconds: 10.0,
+        ..Sample::default()
     };
     assert!(matches!(judge(&a, &s).0, Verdict::Inconclusive(_)));
 }
@@ -126,6 +123,7 @@ fn bounds_and_baseline() {
         new: counters(100, 1, [100, 0, 0, 0, 0]),
         old: counters(900, 9, [900, 0, 0, 0, 0]),
         seconds: 10.0,
+        ..Sample::default()
     };
     assert_eq!(judge(&a, &healthy).0, Verdict::Pass);
 
@@ -161,6 +159,7 @@ fn errors_against_a_clean_baseline_fail_without_dividing_by_zero() {
         new: counters(100, 3, [100, 0, 0, 0, 0]),
         old: counters(900, 0, [900, 0, 0, 0, 0]),
         seconds: 10.0,
+        ..Sample::default()
     };
     assert!(matches!(judge(&a, &s).0, Verdict::Fail(_)));
     // At 100 % there is no baseline traffic: only absolute bounds apply.
@@ -168,6 +167,7 @@ fn errors_against_a_clean_baseline_fail_without_dividing_by_zero() {
         new: counters(100, 3, [100, 0, 0, 0, 0]),
         old: Counters::default(),
         seconds: 10.0,
+        ..Sample::default()
     };
     assert_eq!(judge(&a, &s).0, Verdict::Pass);
 }
@@ -185,12 +185,14 @@ fn judge_ignores_noise_but_catches_real_regressions() {
         new: counters(1000, 5, [1000, 0, 0, 0, 0]),
         old: counters(1000, 4, [1000, 0, 0, 0, 0]),
         seconds: 10.0,
+        ..Sample::default()
     };
     assert_eq!(judge(&a, &noise).0, Verdict::Pass);
     let real = Sample {
         new: counters(100, 30, [100, 0, 0, 0, 0]),
         old: counters(100, 10, [100, 0, 0, 0, 0]),
         seconds: 10.0,
+        ..Sample::default()
     };
     assert!(matches!(judge(&a, &real).0, Verdict::Fail(_)));
 }

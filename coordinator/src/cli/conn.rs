@@ -1,6 +1,6 @@
-//! The CLI's side of the control API: where the coordinator is, the admin credentials
-//! it presents, who runs the command (for the timeline), and reading the JSON documents
-//! the coordinator answers with.
+//! The CLI's side of the control API: where the coordinator is, the credentials it
+//! presents (which alone say who runs the command), and reading the JSON documents the
+//! coordinator answers with.
 
 use std::path::PathBuf;
 
@@ -29,7 +29,7 @@ impl Conn {
             let p = self.credentials.join(name);
             std::fs::read(&p).map_err(|e| {
                 Failure::other(format!(
-                    "read credentials {}: {e} (point --credentials or CUTOVER_CREDENTIALS at the coordinator's DATA/admin folder)",
+                    "read credentials {}: {e} (point --credentials or CUTOVER_CREDENTIALS at a folder `cutover admin create` wrote, or at the coordinator's DATA/admin)",
                     p.display()
                 ))
             })
@@ -50,24 +50,6 @@ impl Conn {
                 ))
             })?;
         Ok(ControlClient::new(channel))
-    }
-}
-
-/// `user@host` of whoever runs the CLI, for the deployment's timeline.
-pub fn actor() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .ok()
-        .or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        })
-        .unwrap_or_else(|| "unknown".into());
-    match nix::unistd::gethostname() {
-        Ok(h) => format!("{user}@{}", h.to_string_lossy()),
-        Err(_) => user,
     }
 }
 

@@ -167,15 +167,15 @@ pub async fn follow(client: &mut Client, id: &str) -> Result<pb::Deployment> {
 
 /// Ctrl-C while following a deployment: resolves on SIGINT (never, if the signal cannot
 /// be watched).
-struct Interrupt(Option<tokio::signal::unix::Signal>);
+pub(super) struct Interrupt(Option<tokio::signal::unix::Signal>);
 
 impl Interrupt {
-    fn new() -> Interrupt {
+    pub(super) fn new() -> Interrupt {
         use tokio::signal::unix::{SignalKind, signal};
         Interrupt(signal(SignalKind::interrupt()).ok())
     }
 
-    async fn recv(&mut self) {
+    pub(super) async fn recv(&mut self) {
         match &mut self.0 {
             Some(s) => {
                 s.recv().await;

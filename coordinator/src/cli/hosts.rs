@@ -57,7 +57,7 @@ fn host_rows(hosts: &[pb::Host]) -> Vec<[String; 4]> {
     rows
 }
 
-/// `web live=1.2 blue=1.2:healthy@100% green=-`
+/// `web live=1.2 blue=1.2:healthy@100% green=-`, and `locked by ana` while it is.
 fn service_cell(s: &pb::HostService) -> String {
     let slot = |x: &Option<pb::HostSlot>| {
         x.as_ref()
@@ -65,8 +65,13 @@ fn service_cell(s: &pb::HostService) -> String {
             .map(|x| format!("{}:{}@{}%", x.release, x.state, x.weight))
             .unwrap_or_else(|| "-".into())
     };
+    let lock = s
+        .lock
+        .as_ref()
+        .map(|l| format!(" locked by {}", l.by))
+        .unwrap_or_default();
     format!(
-        "{} live={} blue={} green={}",
+        "{} live={} blue={} green={}{lock}",
         s.service,
         if s.live_release.is_empty() {
             "-"

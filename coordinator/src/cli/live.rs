@@ -43,6 +43,7 @@ impl LiveView {
 /// The live view of `watch` on a terminal, from the `show` report.
 pub fn live_lines(v: &Show) -> Vec<String> {
     let mut lines = vec![headline(v), phase_line(v), hosts_line(&v.hosts)];
+    lines.extend(database_line(v));
     lines.extend(slowest_prepared(&v.host_prepare_s));
     for st in &v.stragglers {
         lines.push(format!(
@@ -133,6 +134,20 @@ fn hosts_line(hosts: &[ShowHost]) -> String {
         count(HostPhase::RolledBack),
         hosts.len()
     )
+}
+
+/// The schema change's phase, with the typical expand while it expands.
+fn database_line(v: &Show) -> Option<String> {
+    let db = &v.database;
+    if db.schema.is_none() && db.waits_for.is_none() {
+        return None;
+    }
+    let typical_expand = if db.phase == "expanding" && v.typical.expand.count > 0 {
+        format!(" (typical expand {})", typical(&v.typical.expand))
+    } else {
+        String::new()
+    };
+    Some(format!("  database {}{typical_expand}", db.summary()))
 }
 
 /// The three slowest hosts that finished preparing, if any did.

@@ -32,6 +32,14 @@ pub fn progress_line(d: &pb::Deployment) -> (String, String) {
     for h in d.hosts.iter().filter(|h| !h.error.is_empty()) {
         line.push_str(&format!(" | {}: {}", h.name, h.error));
     }
+    if let Some(db) = d
+        .database
+        .as_ref()
+        .filter(|db| !db.schema.is_empty() || !db.waits_for.is_empty())
+    {
+        let db = crate::views::Database::from(db);
+        line.push_str(&format!(" | database: {}", db.summary()));
+    }
     if !d.reason.is_empty() {
         line.push_str(&format!(" | reason: {}", d.reason));
     }

@@ -1,5 +1,6 @@
 //! Plan files on the CLI's side: reading one with the command line's overrides (for
-//! `deploy`), and `cutover plan validate`, which checks one offline.
+//! `deploy`), `cutover plan validate`, which checks one offline, and `cutover plan diff`,
+//! the dry run of `deploy --dry-run`.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,11 @@ use crate::outln;
 pub enum PlanCmd {
     /// Check a plan offline.
     Validate {
+        /// The plan file (TOML).
+        plan: PathBuf,
+    },
+    /// What deploying a plan would do, changing nothing (as `deploy PLAN --dry-run`).
+    Diff {
         /// The plan file (TOML).
         plan: PathBuf,
     },
@@ -65,10 +71,20 @@ fn apply(plan: &mut Plan, o: Overrides) -> Result<()> {
     Ok(())
 }
 
+/// `cutover plan validate|diff PLAN`.
+pub async fn run(cmd: PlanCmd, conn: &super::Conn, output: Output) -> Result<i32> {
+    match cmd {
+        PlanCmd::Validate { plan } => validate(&plan, output),
+        PlanCmd::Diff { plan: path } => {
+            let plan = load_plan(&path, Overrides::default())?;
+            super::dry_run::run(conn, &plan, &path, output).await
+        }
+    }
+}
+
 /// `cutover plan validate PLAN`.
-pub fn run(cmd: PlanCmd, output: Output) -> Result<i32> {
-    let PlanCmd::Validate { plan: path } = cmd;
-    let plan = load_plan(&path, Overrides::default())?;
+fn validate(path: &Path, output: Output) -> Result<i32> {
+    let plan = load_plan(path, Overrides::default())?;
     match output {
         Output::Json => print_json(
             &json!({"valid": true, "service": plan.service, "release": plan.release.version, "steps": plan.strategy.steps.len()}),

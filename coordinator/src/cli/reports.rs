@@ -81,14 +81,16 @@ pub async fn history(conn: &Conn, args: HistoryArgs, output: Output) -> Result<i
 }
 
 /// The `history` table, header first.
-fn history_rows(rows: &[HistoryRow]) -> Vec<[String; 7]> {
+fn history_rows(rows: &[HistoryRow]) -> Vec<[String; 8]> {
     let header = [
-        "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION", "REASON",
+        "ID", "SERVICE", "RELEASE", "STATE", "STARTED", "DURATION", "DATABASE", "REASON",
     ];
     let mut table = vec![header.map(String::from)];
     for d in rows {
         let state = if d.rollback {
             format!("{} (rollback)", d.state.as_str())
+        } else if d.restart {
+            format!("{} (restart)", d.state.as_str())
         } else {
             d.state.as_str().to_string()
         };
@@ -99,6 +101,7 @@ fn history_rows(rows: &[HistoryRow]) -> Vec<[String; 7]> {
             state,
             d.created_at.clone().unwrap_or_default(),
             d.duration_s.map_or("-".into(), human_s),
+            d.database.clone().unwrap_or_else(|| "-".into()),
             d.reason.clone().unwrap_or_default(),
         ]);
     }
@@ -147,6 +150,38 @@ fn print_show(v: &Show) {
     );
     for e in &v.timeline {
         outln!("  {:>8}  {}", format!("+{:.1}s", e.offset_s), e.text);
+    }
+    print_database(&v.database);
+    let Some(plan) = &v.plan else { return };
+    outln!();
+    outln!("plan ({}, secret values masked):", v.plan_path);
+    match toml::to_string(plan) {
+        Ok(text) => text.lines().for_each(|l| outln!("  {l}")),
+        Err(e) => outln!("  (cannot be shown: {e})"),
+    }
+}
+
+/// The schema change's phase, and for each command where it ran and where its whole
+/// output is (`host:path`).
+fn print_database(db: &crate::views::Database) {
+    let Some(schema) = &db.schema else { return };
+    outln!();
+    outln!("database {schema}: {}", db.summary());
+    if let Some(e) = &db.error {
+        outln!("  {e}");
+    }
+    for (name, run) in [
+        ("expand", &db.expand),
+        ("contract", &db.contract),
+        ("abort", &db.abort),
+    ] {
+        let Some(r) = run else { continue };
+        let how = r.status.as_deref().unwrap_or("running");
+        let log = r
+            .log
+            .as_deref()
+            .map_or(String::new(), |l| format!(", output in {}:{l}", r.host));
+        outln!("  {name:<8} {} on {}: {how}{log}", r.task, r.host);
     }
 }
 

@@ -1,6 +1,8 @@
-//! `Control`: the release manager's API, admin certificates only. Join tokens, hosts,
-//! deployments and the operator's commands; the reads (`history`, `show`, `stats`)
-//! answer with the typed reports of [`crate::report`] as JSON documents.
+//! `Control`: the release manager's API. Join tokens, hosts, deployments, the
+//! operator's commands (with `contract`), people's credentials and deploy locks; the
+//! reads (`history`, `show`, `stats`) answer with the typed reports of [`crate::report`]
+//! as JSON documents. Every call has passed [`super::access`] (certificate and role)
+//! before it gets here; what a handler records as the actor is that caller's name.
 
 use std::collections::BTreeMap;
 
@@ -11,9 +13,10 @@ use cutover_shared::plan::Plan;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use super::access::caller;
 use super::status::internal;
-use super::{Api, deployment_to_pb};
-use crate::model::TokenHost;
+use super::{Api, deployment_to_pb, logs, ops};
+use crate::model::{DeploymentRecord, TokenHost};
 use crate::rollout::Command;
 use crate::store::Store;
 use crate::{queries, tokens};
@@ -30,7 +33,6 @@ impl Control for Api {
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let r = req.into_inner();
         let ttl = if r.ttl_ms == 0 {
             DEFAULT_TOKEN_TTL_MS
@@ -51,10 +53,9 @@ impl Control for Api {
 
     async fn list_tokens(
         &self,
-        req: Request<pb::ListTokensRequest>,
+        _req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let tokens = s
             .store
             .tokens()?
@@ -79,7 +80,6 @@ impl Control for Api {
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let id = req.into_inner().id.to_ascii_lowercase();
         if !s.store.revoke_token(&id)? {
             return Err(Status::not_found(format!(
@@ -92,10 +92,9 @@ impl Control for Api {
 
     async fn list_hosts(
         &self,
-        req: Request<pb::ListHostsRequest>,
+        _req: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let hosts = queries::hosts(&s.store, &s.fleet, now_ms())?;
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
@@ -105,7 +104,6 @@ impl Control for Api {
         req: Request<pb::RemoveHostRequest>,
     ) -> Result<Response<pb::RemoveHostResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let name = req.into_inner().name;
         if !s.store.remove_host(&name)? {
             return Err(Status::not_found(format!("unknown host {name:?}")));
@@ -120,7 +118,7 @@ impl Control for Api {
         req: Request<pb::DeployRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
+        let who = caller(&req)?;
         let r = req.into_inner();
         let path = if r.plan_path.is_empty() {
             "plan".to_string()
@@ -129,7 +127,7 @@ impl Control for Api {
         };
         let plan = Plan::parse(&r.plan_toml, &path)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let created = s.engine.deploy(plan, path, actor(&r.actor)).await?;
+        let created = s.engine.deploy(plan, path, who.name).await?;
         Ok(Response::new(pb::DeployResponse {
             id: created.id,
             noop: created.noop,
@@ -141,9 +139,8 @@ impl Control for Api {
         req: Request<pb::GetDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let dep = queries::deployment(&s.store, &req.into_inner().id)?;
-        Ok(Response::new(deployment_to_pb(&dep)))
+        Ok(Response::new(with_lock(&s.store, &dep)?))
     }
 
     async fn rollback(
@@ -151,9 +148,9 @@ impl Control for Api {
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
+        let who = caller(&req)?;
         let r = req.into_inner();
-        let created = s.engine.rollback(r.service, actor(&r.actor)).await?;
+        let created = s.engine.rollback(r.service, who.name).await?;
         Ok(Response::new(pb::DeployResponse {
             id: created.id,
             noop: created.noop,
@@ -165,7 +162,6 @@ impl Control for Api {
         req: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::JsonDocument>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let r = req.into_inner();
         let limit = match r.limit {
             0 => DEFAULT_HISTORY,
@@ -185,7 +181,6 @@ impl Control for Api {
         req: Request<pb::ShowRequest>,
     ) -> Result<Response<pb::JsonDocument>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         json_doc(&queries::show(&s.store, &req.into_inner().id, now_ms())?)
     }
 
@@ -194,7 +189,6 @@ impl Control for Api {
         req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::JsonDocument>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
         let r = req.into_inner();
         let service = (!r.service.is_empty()).then_some(r.service.as_str());
         json_doc(&queries::stats(
@@ -205,12 +199,63 @@ impl Control for Api {
         )?)
     }
 
+    async fn create_admin(
+        &self,
+        req: Request<pb::CreateAdminRequest>,
+    ) -> Result<Response<pb::CreateAdminResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(self.issue_admin(&who, req.into_inner())?))
+    }
+
+    async fn list_admins(
+        &self,
+        _req: Request<pb::ListAdminsRequest>,
+    ) -> Result<Response<pb::ListAdminsResponse>, Status> {
+        Ok(Response::new(self.admin_list()?))
+    }
+
+    async fn revoke_admin(
+        &self,
+        req: Request<pb::RevokeAdminRequest>,
+    ) -> Result<Response<pb::RevokeAdminResponse>, Status> {
+        let who = caller(&req)?;
+        self.revoke_credentials(&who, &req.into_inner().name)?;
+        Ok(Response::new(pb::RevokeAdminResponse {}))
+    }
+
+    async fn lock_service(
+        &self,
+        req: Request<pb::LockServiceRequest>,
+    ) -> Result<Response<pb::ServiceLock>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(self.lock(&who, req.into_inner())?))
+    }
+
+    async fn unlock_service(
+        &self,
+        req: Request<pb::UnlockServiceRequest>,
+    ) -> Result<Response<pb::ServiceLock>, Status> {
+        let who = caller(&req)?;
+        let service = req.into_inner().service;
+        Ok(Response::new(self.unlock(&who, &service)?))
+    }
+
+    async fn contract(
+        &self,
+        req: Request<pb::ContractRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let dep = self.0.engine.contract(r.service, who.name).await?;
+        Ok(Response::new(deployment_to_pb(&dep)))
+    }
+
     async fn command(
         &self,
         req: Request<pb::CommandRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
         let s = &self.0;
-        s.admin(&req)?;
+        let who = caller(&req)?;
         let r = req.into_inner();
         let command = match pb::DeploymentCommand::try_from(r.command) {
             Ok(pb::DeploymentCommand::Pause) => Command::Pause,
@@ -219,8 +264,52 @@ impl Control for Api {
             Ok(pb::DeploymentCommand::Abort) => Command::Abort,
             Err(_) => return Err(Status::invalid_argument("unknown command")),
         };
-        let dep = s.engine.command(r.id, command, actor(&r.actor)).await?;
-        Ok(Response::new(deployment_to_pb(&dep)))
+        let dep = s.engine.command(r.id, command, who.name).await?;
+        Ok(Response::new(with_lock(&s.store, &dep)?))
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::list_services(self, req).await
+    }
+
+    async fn service_command(
+        &self,
+        req: Request<pb::ServiceCommandRequest>,
+    ) -> Result<Response<pb::ServiceCommandResponse>, Status> {
+        ops::service_command(self, req).await
+    }
+
+    async fn releases(
+        &self,
+        req: Request<pb::ReleasesRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::releases(self, req).await
+    }
+
+    async fn rollback_to(
+        &self,
+        req: Request<pb::RollbackToRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        ops::rollback_to(self, req).await
+    }
+
+    async fn dry_run(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::JsonDocument>, Status> {
+        ops::dry_run(self, req).await
+    }
+
+    type LogsStream = logs::LogsStream;
+
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        logs::logs(self, req).await
     }
 }
 
@@ -279,21 +368,16 @@ fn token_host(store: &Store, name: &str, replace: &str) -> Result<TokenHost, Sta
     }
 }
 
-/// Who a request says asked for it, as the timeline shows it: printable, at most 100
-/// characters. It is what the client claims, next to the admin credentials it used.
-fn actor(claimed: &str) -> String {
-    claimed
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(100)
-        .collect::<String>()
-        .trim()
-        .to_string()
+/// A deployment in protocol form, with its service's lock if it has one.
+fn with_lock(store: &Store, d: &DeploymentRecord) -> Result<pb::Deployment, Status> {
+    let mut pb = deployment_to_pb(d);
+    pb.lock = store.lock(&d.service)?.map(|l| l.to_pb());
+    Ok(pb)
 }
 
 /// A report as the JSON document the control API answers with; object keys sorted, as
 /// in every JSON document cutover writes.
-fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
+pub(super) fn json_doc<T: Serialize>(report: &T) -> Result<Response<pb::JsonDocument>, Status> {
     let json = serde_json::to_string(&crate::views::to_value(report)).map_err(internal)?;
     Ok(Response::new(pb::JsonDocument { json }))
 }

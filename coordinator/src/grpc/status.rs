@@ -70,3 +70,18 @@ pub fn revoked(host: &str, reason: Revocation) -> Status {
     );
     status
 }
+
+/// The refusal of a person's revoked certificate: whose it was, and who revoked it when.
+pub fn revoked_admin(name: &str, by: &str, at_unix_ms: u64) -> Status {
+    let when = crate::views::rfc3339(at_unix_ms)
+        .map(|t| format!(" at {t}"))
+        .unwrap_or_default();
+    let by = if by.is_empty() {
+        String::new()
+    } else {
+        format!(" by {by}")
+    };
+    Status::permission_denied(format!(
+        "the credentials of {name} were revoked{by}{when}; ask an admin for new ones (`cutover admin create`)"
+    ))
+}

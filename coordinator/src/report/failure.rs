@@ -1,5 +1,5 @@
-//! Where a deployment that did not succeed went wrong: the phase (`preparing`, `at N%`
-//! or `baking`), the reason and the hosts whose preparation failed. `show` puts it
+//! Where a deployment that did not succeed went wrong: the phase (`database expand`,
+//! `preparing`, `at N%` or `baking`), the reason and the hosts whose preparation failed. `show` puts it
 //! first; `stats` counts failures by phase and by host.
 
 use std::collections::BTreeSet;
@@ -84,7 +84,8 @@ pub fn carried_traffic(events: &[Event]) -> bool {
         .any(|e| matches!(e.kind, Kind::StepStarted { traffic, .. } if traffic > 0))
 }
 
-/// `preparing`, `at N%` (the traffic the new release had), or `baking`.
+/// `database expand` (its expand failed), `preparing`, `at N%` (the traffic the new
+/// release had), or `baking`.
 pub fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
     let end = events
         .iter()
@@ -93,6 +94,12 @@ pub fn failure_phase(d: &DeploymentRecord, events: &[Event]) -> String {
     let mut traffic = None;
     let mut held_last = false;
     for e in &events[..end] {
+        if let Kind::DatabaseEnded {
+            phase, ok: false, ..
+        } = &e.kind
+        {
+            return format!("database {phase}");
+        }
         match e.kind {
             Kind::StepStarted { traffic: t, .. } => {
                 traffic = Some(t);

@@ -21,6 +21,9 @@ pub struct HistoryRow {
     pub state: State,
     /// Made by `cutover rollback` rather than `deploy`.
     pub rollback: bool,
+    /// Made by `cutover service restart`: the live release started anew.
+    #[serde(default)]
+    pub restart: bool,
     /// When it was submitted.
     pub created_at: Option<String>,
     /// When it ended; none while it runs.
@@ -29,6 +32,9 @@ pub struct HistoryRow {
     pub duration_s: Option<f64>,
     /// Why it rolled back or failed.
     pub reason: Option<String>,
+    /// Where its schema change stands (`expanded`, `contracted`...); none without one.
+    #[serde(default)]
+    pub database: Option<String>,
 }
 
 /// The deployments of `service` (every service: `None`) created at or after `since`,
@@ -59,11 +65,17 @@ fn row(d: &DeploymentRecord) -> HistoryRow {
         previous_release: d.previous_release.clone(),
         state: d.state,
         rollback: d.is_rollback,
+        restart: d.restart,
         created_at: rfc3339(d.created_unix_ms),
         ended_at: d.ended_unix_ms.and_then(rfc3339),
         duration_s: d
             .ended_unix_ms
             .map(|e| secs(e.saturating_sub(d.created_unix_ms))),
         reason: d.reason.clone(),
+        database: d
+            .database
+            .change
+            .as_ref()
+            .map(|c| c.phase.as_str().to_string()),
     }
 }

@@ -5,15 +5,17 @@
 
 use std::collections::BTreeMap;
 
+use cutover_shared::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 use super::failure::{Failure, failure};
 use super::secs;
 use super::timing::{Typical, eta_ms, phases, stragglers};
-use crate::analysis::{MetricResult, Verdict, figure, metric_name, unit};
+use crate::analysis::{MetricResult, Verdict, figure, threshold, unit};
 use crate::model::{DeploymentRecord, HostPhase, IntervalRecord, State};
 use crate::timeline::Event;
-use crate::views::rfc3339;
+use crate::views::{self, rfc3339};
+use cutover_shared::plan::{Metric, MetricName};
 
 /// One deployment as `show` tells it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -66,6 +68,21 @@ pub struct Show {
     pub stragglers: Vec<Straggler>,
     /// Every event, oldest first.
     pub timeline: Vec<TimelineEntry>,
+    /// The plan that was deployed, its secret values masked ([`Plan::masked`]).
+    #[serde(default)]
+    pub plan: Option<Plan>,
+    /// Where the plan came from, as the CLI named it (`(rollback)`, `(restart)`...).
+    #[serde(default)]
+    pub plan_path: String,
+    /// Its part in the database: the schema change's phase and each command's run,
+    /// with where its whole output is.
+    #[serde(default = "no_database")]
+    pub database: views::Database,
+}
+
+/// What a report from a coordinator that did not send `database` reads as.
+fn no_database() -> views::Database {
+    views::Database::from(&Default::default())
 }
 
 /// A target host of a deployment.
@@ -105,8 +122,14 @@ pub struct IntervalMetric {
     pub new: Option<f64>,
     /// Its value on the old slots (the baseline); none without data.
     pub old: Option<f64>,
-    /// What the values are in: `ratio`, `ms`, `per_second`.
+    /// What the values are in: `ratio`, `ms`, `per_second`, `value`.
     pub unit: String,
+    /// The bounds it is judged by, for people (`max 0.02, max_vs_baseline 1.5x`).
+    #[serde(default)]
+    pub threshold: String,
+    /// `pass`, `fail` or `inconclusive`.
+    #[serde(default)]
+    pub verdict: String,
     /// `name new vs old`, for people.
     pub text: String,
 }
@@ -160,7 +183,7 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
         hold_s: hold.hold_ms.map(secs),
         bake_s: hold.bake_ms.map(secs),
         hosts: hosts(d),
-        last_interval: d.analysis.intervals.last().map(last_interval),
+        last_interval: d.analysis.intervals.last().map(|i| last_interval(d, i)),
         host_prepare_s: phases(d, events)
             .host_prepare_ms
             .into_iter()
@@ -173,6 +196,9 @@ pub fn show(d: &DeploymentRecord, events: &[Event], typical: &Typical, now: u64)
             .map(|(host, preparing_s)| Straggler { host, preparing_s })
             .collect(),
         timeline: events.iter().map(|e| entry(d, e)).collect(),
+        plan: Some(d.plan.masked()),
+        plan_path: d.plan_path.clone(),
+        database: views::Database::from(&crate::grpc::database_to_pb(d)),
     }
 }
 
@@ -219,7 +245,7 @@ fn hosts(d: &DeploymentRecord) -> Vec<ShowHost> {
         .collect()
 }
 
-fn last_interval(i: &IntervalRecord) -> LastInterval {
+fn last_interval(d: &DeploymentRecord, i: &IntervalRecord) -> LastInterval {
     LastInterval {
         traffic: i.traffic,
         verdict: match &i.verdict {
@@ -229,16 +255,34 @@ fn last_interval(i: &IntervalRecord) -> LastInterval {
         },
         new_requests: i.new_requests,
         old_requests: i.old_requests,
-        metrics: i.metrics.iter().map(interval_metric).collect(),
+        metrics: i.metrics.iter().map(|m| interval_metric(d, m)).collect(),
     }
 }
 
-fn interval_metric(m: &MetricResult) -> IntervalMetric {
+fn interval_metric(d: &DeploymentRecord, m: &MetricResult) -> IntervalMetric {
+    let planned = d
+        .plan
+        .analysis
+        .iter()
+        .flat_map(|a| &a.metric)
+        .find(|p| p.name == m.name);
     IntervalMetric {
-        name: metric_name(m.name).to_string(),
+        name: m.name.clone(),
         new: m.new,
         old: m.old,
-        unit: unit(m.name).to_string(),
+        unit: match (planned, MetricName::parse(&m.name)) {
+            (Some(p), _) => unit(p),
+            (None, Some(n)) => unit(&Metric::proxy(n)),
+            (None, None) => "value",
+        }
+        .to_string(),
+        threshold: planned.map(threshold).unwrap_or_default(),
+        verdict: match m.verdict {
+            Verdict::Pass => "pass",
+            Verdict::Fail(_) => "fail",
+            Verdict::Inconclusive(_) => "inconclusive",
+        }
+        .to_string(),
         text: figure(m),
     }
 }

@@ -11,7 +11,7 @@ use super::is_change;
 use super::timing::{Spread, spread};
 use crate::analysis::Verdict;
 use crate::model::{DeploymentRecord, State};
-use crate::timeline::Event;
+use crate::timeline::{Event, Kind};
 use crate::views::rfc3339;
 
 /// DORA figures and where failures happen, over deployments created since `since`.
@@ -53,7 +53,9 @@ pub struct Stats {
     pub deployment_duration: Spread,
     /// `[release] committed_at` to the end of a successful deployment.
     pub lead_time: Spread,
-    /// Change failures and failures before traffic, by where they happened.
+    /// Change failures and failures before traffic, by where they happened (a failed
+    /// expand: `database expand`); and database contracts and aborts that failed, as
+    /// `database contract` and `database abort`.
     pub failures_by_phase: BTreeMap<String, usize>,
     /// Deployments in which each host failed its preparation.
     pub failures_by_host: BTreeMap<String, usize>,
@@ -106,6 +108,11 @@ pub fn stats(
         }
         for host in hosts_failed(d, evs) {
             *s.failures_by_host.entry(host).or_default() += 1;
+        }
+        for phase in later_database_failures(evs) {
+            *s.failures_by_phase
+                .entry(format!("database {phase}"))
+                .or_default() += 1;
         }
     }
     s.finish(durations);
@@ -214,6 +221,17 @@ fn miss(d: &DeploymentRecord, events: &[Event]) -> Miss {
         (_, false) => Miss::BeforeTraffic,
         (_, true) => Miss::ChangeFailure,
     }
+}
+
+/// The database contracts and aborts of a deployment that failed (an expand that
+/// failed is the deployment's own failure, counted where it happened).
+fn later_database_failures(events: &[Event]) -> impl Iterator<Item = &str> {
+    events.iter().filter_map(|e| match &e.kind {
+        Kind::DatabaseEnded {
+            phase, ok: false, ..
+        } if phase != "expand" => Some(phase.as_str()),
+        _ => None,
+    })
 }
 
 /// `[release] committed_at` to `ended`, in ms, when the plan says when.

@@ -8,7 +8,7 @@ use crate::analysis::{MetricResult, Verdict};
 use crate::model::{DeployHost, IntervalRecord, RollbackTiming, Slot};
 use crate::model::{HostPhase, State};
 use crate::timeline::{Event, Kind};
-use cutover_shared::plan::{MetricName, Plan};
+use cutover_shared::plan::Plan;
 
 const DAY: u64 = 86_400_000;
 
@@ -49,6 +49,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         plan_path: "p.toml".into(),
         previous_release: None,
         is_rollback: false,
+        restart: false,
         state,
         ending: None,
         step: 1,
@@ -64,6 +65,7 @@ fn dep(id: &str, version: &str, start: u64, took: u64, state: State) -> Deployme
         hosts: [("web-1".to_string(), host(HostPhase::Switched))].into(),
         analysis: Default::default(),
         rollback: None,
+        database: Default::default(),
     }
 }
 
@@ -566,13 +568,13 @@ fn a_finished_deployment_is_not_holding() {
 #[test]
 fn latency_figures_carry_their_unit() {
     let latency = MetricResult {
-        name: MetricName::LatencyP99,
+        name: "latency_p99".into(),
         new: Some(212.0),
         old: Some(180.5),
         verdict: Verdict::Pass,
     };
     let errors = MetricResult {
-        name: MetricName::ErrorRate,
+        name: "error_rate".into(),
         new: Some(0.031),
         old: None,
         verdict: Verdict::Pass,
@@ -674,7 +676,7 @@ fn rolled_back_story() -> Show {
     d.previous_release = Some("1".into());
     d.reason = Some("analysis failed".into());
     let errors = MetricResult {
-        name: MetricName::ErrorRate,
+        name: "error_rate".into(),
         new: Some(0.4),
         old: None,
         verdict: Verdict::Fail("above max".into()),
@@ -741,6 +743,7 @@ fn show_keeps_the_field_names_its_readers_use() {
         [
             "bake_s",
             "created_at",
+            "database",
             "elapsed_s",
             "ended_at",
             "eta_s",
@@ -752,6 +755,8 @@ fn show_keeps_the_field_names_its_readers_use() {
             "id",
             "last_interval",
             "phase_elapsed_s",
+            "plan",
+            "plan_path",
             "previous_release",
             "reason",
             "release",
@@ -780,11 +785,18 @@ fn show_keeps_the_field_names_its_readers_use() {
     );
     assert_eq!(
         keys(&v["last_interval"]["metrics"][0]),
-        ["name", "new", "old", "text", "unit"]
+        ["name", "new", "old", "text", "threshold", "unit", "verdict"]
     );
     assert_eq!(
         keys(&v["typical"]),
-        ["deployments", "host_prepare", "prepare", "switch", "total"]
+        [
+            "deployments",
+            "expand",
+            "host_prepare",
+            "prepare",
+            "switch",
+            "total"
+        ]
     );
     assert_eq!(
         keys(&v["typical"]["prepare"]),
@@ -818,12 +830,14 @@ fn history_rows_keep_the_field_names_their_readers_use() {
         keys(&row[0]),
         [
             "created_at",
+            "database",
             "duration_s",
             "ended_at",
             "id",
             "previous_release",
             "reason",
             "release",
+            "restart",
             "rollback",
             "service",
             "state"
@@ -857,5 +871,123 @@ fn stats_keep_the_field_names_their_readers_use() {
             "succeeded",
             "time_to_restore"
         ]
+    );
+}
+
+/// `show` carries the plan that was deployed, with the values of its secret variables
+/// masked wherever they appear.
+#[test]
+fn show_includes_the_plan_with_secret_values_masked() {
+    let mut d = dep("d-1", "1", DAY, 10, State::Succeeded);
+    d.plan
+        .run
+        .env
+        .insert("DATABASE_URL".into(), "postgres://app:hunter22@db".into());
+    d.plan.run.env.insert("WORKERS".into(), "4".into());
+    d.plan.run.secret_env = vec!["DATABASE_URL".into()];
+    d.plan.run.command.push("postgres://app:hunter22@db".into());
+    let shown = show(&d, &[], &Typical::default(), 2 * DAY);
+    assert_eq!(shown.plan_path, "p.toml");
+    let plan = shown.plan.as_ref().unwrap();
+    assert_eq!(plan.run.env["DATABASE_URL"], "********");
+    assert_eq!(plan.run.env["WORKERS"], "4");
+    let text = sent(&shown);
+    assert!(!text.contains("hunter22"), "{text}");
+    assert!(text.contains("\"secret_env\":[\"DATABASE_URL\"]"), "{text}");
+}
+
+/// A deployment whose expand failed, and one whose contract failed after success.
+fn database_history() -> (Vec<DeploymentRecord>, BTreeMap<String, Vec<Event>>) {
+    let ended = |at: u64, phase: &str, ok: bool, duration_ms: u64| {
+        ev(
+            at,
+            Kind::DatabaseEnded {
+                phase: phase.into(),
+                host: "web-1".into(),
+                task: format!("d/{phase}"),
+                ok,
+                exit: if ok {
+                    "exit status: 0"
+                } else {
+                    "exit status: 3"
+                }
+                .into(),
+                exit_code: Some(if ok { 0 } else { 3 }),
+                duration_ms,
+                tail: vec![],
+                log: String::new(),
+            },
+        )
+    };
+    let mut good = dep("d-1", "1", DAY, 20_000, State::Succeeded);
+    good.plan = plan("1", "steps = [{ traffic = 100 }]", None);
+    let mut good_events = vec![ended(DAY + 1_500, "expand", true, 1_400)];
+    good_events.extend(good_events_after(DAY, 2_000));
+    good_events.push(ended(DAY + 30_000, "contract", false, 300));
+    let mut bad = dep("d-2", "2", 2 * DAY, 1_000, State::RolledBack);
+    bad.hosts = [("web-1".to_string(), host(HostPhase::Waiting))].into();
+    let bad_events = vec![
+        ended(2 * DAY + 500, "expand", false, 400),
+        ev(
+            2 * DAY + 500,
+            Kind::RollbackStarted {
+                reason: "database expand failed".into(),
+                first_bad_unix_ms: 2 * DAY + 500,
+                decided_unix_ms: 2 * DAY + 500,
+            },
+        ),
+        ended(2 * DAY + 900, "abort", true, 300),
+    ];
+    let events = [
+        ("d-1".to_string(), good_events),
+        ("d-2".to_string(), bad_events),
+    ]
+    .into();
+    (vec![good, bad], events)
+}
+
+/// The one step of a plan going to 100 % after `prep` ms.
+fn good_events_after(start: u64, prep: u64) -> Vec<Event> {
+    vec![
+        ev(
+            start + prep,
+            Kind::StepStarted {
+                step: 0,
+                traffic: 100,
+            },
+        ),
+        ev(
+            start + prep + 100,
+            Kind::StepHolding {
+                step: 0,
+                traffic: 100,
+            },
+        ),
+    ]
+}
+
+#[test]
+fn database_commands_count_where_they_failed_and_the_expand_is_a_typical_time() {
+    let (records, events) = database_history();
+    let s = stats(&records, &events, None, 0, 3 * DAY);
+    assert_eq!(s.failed_before_traffic, 1, "a failed expand served nobody");
+    assert_eq!(
+        s.failures_by_phase,
+        [
+            ("database contract".to_string(), 1),
+            ("database expand".to_string(), 1)
+        ]
+        .into()
+    );
+    let t = typical(&records, &events, "web");
+    assert_eq!((t.expand.count, t.expand.median_s), (1, Some(1.4)));
+    assert_eq!(
+        t.prepare.median_s,
+        Some(2.0),
+        "preparation includes the expand"
+    );
+    assert_eq!(
+        super::failure::failure(&records[1], &events["d-2"]).map(|f| f.phase),
+        Some("database expand".to_string())
     );
 }

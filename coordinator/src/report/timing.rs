@@ -56,6 +56,8 @@ pub struct Phases {
     pub host_prepare_ms: BTreeMap<String, u64>,
     /// Per step: weights sent to confirmed by every host.
     pub switch_ms: Vec<u64>,
+    /// The database expand, as its host measured it (part of `prepare_ms`).
+    pub expand_ms: Option<u64>,
     /// Submitted to ended.
     pub total_ms: Option<u64>,
 }
@@ -95,6 +97,12 @@ pub fn phases(d: &DeploymentRecord, events: &[Event]) -> Phases {
                     p.switch_ms.push(e.at_unix_ms.saturating_sub(t));
                 }
             }
+            Kind::DatabaseEnded {
+                phase,
+                ok: true,
+                duration_ms,
+                ..
+            } if phase == "expand" => p.expand_ms = Some(*duration_ms),
             _ => {}
         }
     }
@@ -107,8 +115,12 @@ pub fn phases(d: &DeploymentRecord, events: &[Event]) -> Phases {
 pub struct Typical {
     /// How many past successful deployments they come from.
     pub deployments: usize,
-    /// Submitted to every host prepared (the first step's weights going out).
+    /// Submitted to every host prepared (the first step's weights going out), the
+    /// database expand included.
     pub prepare: Spread,
+    /// The database expand, for services whose plans have `[database]`.
+    #[serde(default)]
+    pub expand: Spread,
     /// One host's preparation: fetch, unpack, start to healthy.
     pub host_prepare: Spread,
     /// A step's weights sent to confirmed by every host.
@@ -126,6 +138,7 @@ pub fn typical(
 ) -> Typical {
     let mut t = Typical::default();
     let (mut prep, mut host, mut switch, mut total) = (vec![], vec![], vec![], vec![]);
+    let mut expand = vec![];
     for d in records
         .iter()
         .filter(|d| d.service == service && d.state == State::Succeeded && is_change(d))
@@ -136,11 +149,13 @@ pub fn typical(
         host.extend(p.host_prepare_ms.values());
         switch.extend(p.switch_ms);
         total.extend(p.total_ms);
+        expand.extend(p.expand_ms);
     }
     t.prepare = spread(&prep);
     t.host_prepare = spread(&host);
     t.switch = spread(&switch);
     t.total = spread(&total);
+    t.expand = spread(&expand);
     t
 }
 

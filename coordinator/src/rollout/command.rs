@@ -1,5 +1,7 @@
 //! The operator's commands: `pause`, `resume`, `promote` and `abort`, each taken only
-//! in the states it means something in (a command that means nothing there is a no-op).
+//! in the states it means something in (a command that means nothing there is a no-op;
+//! `contract` and `undo` mean something only once the deployment has ended, see
+//! `database`).
 
 use super::machine::Machine;
 use super::rollback::Cause;
@@ -23,6 +25,8 @@ impl Machine<'_, '_> {
                 self.d.promoted = true;
             }
             Command::Promote if state == State::Progressing => self.d.promoted = true,
+            // A rollback whose database abort stands still goes on with it again.
+            Command::Resume if state == State::RollingBack => self.retry_database(),
             _ => {}
         }
     }

@@ -13,7 +13,8 @@ use cutover_shared::plan::{Check, Plan, Protocol};
 use super::HostView;
 use crate::model::{DeployHost, DeploymentRecord, Front, HostPhase, Slot, State};
 
-/// The slot spec a plan asks for.
+/// The slot spec a plan asks for; with `[database]`, its environment names the
+/// release's schema version.
 pub fn slot_spec(plan: &Plan) -> SlotSpec {
     let h = &plan.health;
     let check = match h.check() {
@@ -31,9 +32,11 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
         }),
         run: Some(RunSpec {
             command: plan.run.command.clone(),
-            env: plan.run.env.clone().into_iter().collect(),
+            env: slot_env(plan).into_iter().collect(),
             stop_timeout_ms: plan.run.stop_timeout.as_millis(),
             user: plan.run.user.clone().unwrap_or_default(),
+            env_files: plan.run.env_files.clone(),
+            secret_env: plan.run.secret_env.clone(),
         }),
         health: Some(HealthSpec {
             check,
@@ -44,6 +47,15 @@ pub fn slot_spec(plan: &Plan) -> SlotSpec {
             start_timeout_ms: h.start_timeout.as_millis(),
         }),
     }
+}
+
+/// The slot's variables: the plan's `[run] env`, and its release's schema version.
+fn slot_env(plan: &Plan) -> std::collections::BTreeMap<String, String> {
+    let mut env = plan.run.env.clone();
+    if let Some(db) = &plan.database {
+        super::database::slot_env(db, &plan.release.version, &mut env);
+    }
+    env
 }
 
 /// Plans a host's part in a new deployment of `plan`, from the host's current desired
@@ -111,8 +123,10 @@ pub fn target(
     }
     let plan = &dep.plan;
     let mut d = current.cloned().unwrap_or_default();
-    // The engine assigns generations; targets compare without them.
+    // The engine assigns generations; targets compare without them. A deployment
+    // brings back a service its host was told to forget.
     d.generation = 0;
+    d.removed = false;
     d.service = dep.service.clone();
     d.listen = u32::from(plan.run.listen);
     d.protocol = match plan.run.protocol {
@@ -120,6 +134,11 @@ pub fn target(
         Protocol::Tcp => WireProtocol::Tcp,
     } as i32;
     d.drain_ms = plan.run.drain.as_millis();
+    let (metrics_path, scrape) = super::scrape_spec(plan);
+    d.metrics_path = metrics_path;
+    // Slots are scraped only while there is an interval to judge.
+    let judging = !dep.state.is_final() && dep.state != State::RollingBack;
+    d.scrape = scrape.filter(|_| judging);
     let new = host.new_slot;
     let has_old = host.old_slot.is_some();
     let (spec, new_weight) = match host.phase {
@@ -163,15 +182,30 @@ pub fn target(
 }
 
 /// The hosts whose desired state must change for `dep` as it stands, with their new
-/// state (generation unset): every host whose target differs from what it was last sent.
+/// state (generation unset): every host whose target (slots, weights and the database
+/// task it is to run) differs from what it was last sent.
 pub fn changes(
     dep: &DeploymentRecord,
     views: &BTreeMap<String, HostView<'_>>,
 ) -> BTreeMap<String, DesiredService> {
+    differing(dep, views, |name, current| {
+        let slots = dep.hosts.get(name).and_then(|h| target(dep, h, current));
+        super::database::with_task(dep, name, slots, current)
+    })
+}
+
+/// The hosts of `dep` whose desired state `want` (from the host's name and current
+/// desired state) differs from what was last sent, with the new state (generation
+/// unset).
+pub fn differing(
+    dep: &DeploymentRecord,
+    views: &BTreeMap<String, HostView<'_>>,
+    want: impl Fn(&str, Option<&DesiredService>) -> Option<DesiredService>,
+) -> BTreeMap<String, DesiredService> {
     let mut out = BTreeMap::new();
-    for (name, host) in &dep.hosts {
+    for name in dep.hosts.keys() {
         let current = views.get(name).and_then(|v| v.desired);
-        let Some(t) = target(dep, host, current) else {
+        let Some(t) = want(name, current) else {
             continue;
         };
         let mut have = current.cloned().unwrap_or_default();

@@ -4,7 +4,8 @@
 //! A decision is one instant, and the timeline keeps what it came to: the news of each
 //! host is what the host ended the decision as (ready, failed or lost — a host set back
 //! by the rollback its own failure began still records that failure), and one step start
-//! and one hold at most are recorded, for the step the decision ends on.
+//! and one hold at most are recorded, for the step the decision ends on. Database
+//! commands are recorded as they start, end or stall.
 
 use std::collections::BTreeMap;
 
@@ -53,6 +54,10 @@ pub(super) struct Effects {
     rollback_done: bool,
     /// The deployment reached its end.
     ended: bool,
+    /// Database commands started, ended or stalled before any rollback began, in order.
+    database: Vec<Event>,
+    /// The same once the rollback began (an abort): they come after it is confirmed.
+    database_late: Vec<Event>,
 }
 
 impl Effects {
@@ -70,6 +75,8 @@ impl Effects {
             rollback_started: false,
             rollback_done: false,
             ended: false,
+            database: Vec::new(),
+            database_late: Vec::new(),
         }
     }
 
@@ -163,11 +170,24 @@ impl Effects {
         self.ended = true;
     }
 
+    /// A database command started, ended or stalled, or the wait for an earlier
+    /// change began or ended.
+    pub fn database(&mut self, kind: Kind) {
+        let e = self.event(kind);
+        if self.rollback_started || self.began == State::RollingBack {
+            self.database_late.push(e);
+        } else {
+            self.database.push(e);
+        }
+    }
+
     /// The decision's events, in their order, for the record `d` it came to: what hosts
-    /// reported and the command, host news by host, the step started, its hold,
-    /// intervals, the pause, the rollback and the end.
+    /// reported and the command, database commands, host news by host, the step
+    /// started, its hold, intervals, the pause, the rollback (with the abort's database
+    /// events once it is confirmed) and the end.
     pub fn finish(self, d: &DeploymentRecord) -> Vec<Event> {
         let mut out = self.opening.clone();
+        out.extend(self.database.iter().cloned());
         for (host, news) in &self.hosts {
             if let Some(kind) = host_event(host, news) {
                 out.push(self.event(kind));
@@ -223,6 +243,7 @@ impl Effects {
         if self.rollback_done {
             out.push(self.event(Kind::RollbackDone));
         }
+        out.extend(self.database_late.iter().cloned());
         if self.ended {
             let state = d.state.as_str().to_string();
             let reason = d.reason.clone();

@@ -260,6 +260,9 @@ mod tests {
             interval: cutover_shared::Duration::from_secs(1),
             failure_limit: 1,
             min_requests: 0,
+            inconclusive_limit: 3,
+            scrape: None,
+            prometheus: None,
             metric: Vec::new(),
         });
         assert_eq!(proof(&d, 5_000), Proof::Waiting, "no passing interval yet");

@@ -21,19 +21,27 @@ impl Machine<'_, '_> {
             return Flow::Next;
         };
         let current = self.counters();
+        let scrapes = self.scrapes();
         let Some(started) = self.d.analysis.interval_started_unix_ms else {
             self.d.analysis.interval_started_unix_ms = Some(self.now);
             self.d.analysis.snapshot = current;
+            self.d.analysis.scrapes = scrapes;
             return Flow::Next;
         };
         if self.now.saturating_sub(started) < plan.interval.as_millis() {
             return Flow::Next;
         }
-        let sample = self.sample(started, &current);
+        let mut sample = self.sample(started, &current);
+        sample.readings = self.readings(started, &scrapes, sample.seconds);
         let (verdict, metrics) = analysis::judge(&plan, &sample);
         self.record_interval(started, &sample, verdict.clone(), metrics);
         self.d.analysis.snapshot = current;
+        self.d.analysis.scrapes = scrapes;
+        if let Verdict::Inconclusive(why) = &verdict {
+            return self.inconclusive(why, plan.inconclusive_limit);
+        }
         let a = &mut self.d.analysis;
+        a.consecutive_inconclusive = 0;
         match verdict {
             Verdict::Pass => {
                 a.consecutive_failures = 0;
@@ -47,6 +55,7 @@ impl Machine<'_, '_> {
                 if a.consecutive_failures >= plan.failure_limit {
                     let failures = a.consecutive_failures;
                     let traffic = self.d.traffic;
+                    self.forget_inconclusive_pause();
                     self.roll_back(Cause::AnalysisFailed {
                         failures,
                         traffic,
@@ -151,13 +160,12 @@ mod tests {
             interval: Duration::from_secs(10),
             failure_limit,
             min_requests: 10,
+            inconclusive_limit: 3,
+            scrape: None,
+            prometheus: None,
             metric: vec![Metric {
-                name: MetricName::ErrorRate,
                 max: Some(0.05),
-                min: None,
-                max_vs_baseline: None,
-                judge: None,
-                confidence: None,
+                ..Metric::proxy(MetricName::ErrorRate)
             }],
         });
         (sim, d, now)

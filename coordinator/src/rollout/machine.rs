@@ -9,6 +9,7 @@ use cutover_proto::v1::SlotStatus;
 use super::HostView;
 use super::desired::target;
 use super::effects::Effects;
+use crate::analysis::Queried;
 use crate::model::{DeployHost, DeploymentRecord, State};
 use crate::timeline::Event;
 
@@ -36,12 +37,27 @@ pub(super) struct Machine<'v, 'a> {
     pub now: u64,
     /// The timeline events the transitions made.
     pub fx: Effects,
+    /// The latest result of each Prometheus query the plan's metrics make, gathered by
+    /// the engine off the decision loop.
+    pub queried: &'v Queried,
+    /// The earlier deployment whose schema change this one waits for, when it does.
+    pub previous: Option<&'v DeploymentRecord>,
 }
+
+/// No query results, for decisions that have none to hand.
+pub(super) static NO_QUERIES: Queried = Queried::new();
 
 impl<'v, 'a> Machine<'v, 'a> {
     pub fn new(d: DeploymentRecord, views: &'v BTreeMap<String, HostView<'a>>, now: u64) -> Self {
         let fx = Effects::new(d.state, now);
-        Machine { d, views, now, fx }
+        Machine {
+            d,
+            views,
+            now,
+            fx,
+            queried: &NO_QUERIES,
+            previous: None,
+        }
     }
 
     /// The record decided and the events that say what happened.
@@ -67,11 +83,15 @@ impl<'v, 'a> Machine<'v, 'a> {
         (self.d.state, self.d.step, self.d.step_switched_unix_ms)
     }
 
-    /// One pass of the phases, in order: start if pending, hosts lost, the health
-    /// watch, then the phase of the state the deployment is in.
+    /// One pass of the phases, in order: the earlier schema change to wait for, start if
+    /// pending, hosts lost, the database expand, the health watch, then the phase of the
+    /// state the deployment is in.
     fn round(&mut self) {
+        if self.previous_contract() == Flow::Stop {
+            return;
+        }
         self.start_if_pending();
-        if self.hosts_lost() == Flow::Stop {
+        if self.hosts_lost() == Flow::Stop || self.expand() == Flow::Stop {
             return;
         }
         self.watch_health();
@@ -93,7 +113,6 @@ impl<'v, 'a> Machine<'v, 'a> {
             self.d.state = State::Preparing;
             self.d.phase_started_unix_ms = self.now;
         }
-        debug_assert_ne!(self.d.state, State::Pending);
     }
 
     /// What the coordinator knows of host `name` (nothing, for a host it has no view of).
@@ -168,8 +187,10 @@ fn answers(dep: &DeploymentRecord, view: &HostView<'_>, host: &DeployHost) -> bo
         return false;
     };
     if let Some(want) = target(dep, host, Some(d)) {
+        // The slots answer; a database task beside them is another matter.
         let mut have = d.clone();
         have.generation = 0;
+        have.database_task = want.database_task.clone();
         if have != want {
             return false;
         }

@@ -21,7 +21,11 @@
 //! | `preparing`, `progressing` | `paused` | `pause`; a step's `pause = true` gate; a lost host with `on_host_lost = "pause"` | `command`, `hold`, `lost` |
 //! | `paused` | where it was | `resume` or `promote` | `command` |
 //! | `preparing`, `progressing`, `paused` | `rolling_back` | `abort`; preparation failures beyond tolerance or the same error on two hosts; a serving new slot failing; a deadline; failing analysis; a lost host with `on_host_lost = "rollback"` | `command`, `prepare`, `watch`, `hold`, `interval`, `lost` |
-//! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights | `rollback` |
+//! | `rolling_back` | `rolled_back`, `failed` (a first release), `aborted` | every reachable host confirmed the old release's weights (and the database abort ran) | `rollback` |
+//!
+//! With `[database]`, the expand runs (once, on one host) before any host prepares, and
+//! a rollback runs the abort once every host is back; the change's own phases, and the
+//! contract after success, are charted in `database`.
 //!
 //! Each host of a deployment goes `waiting` → `preparing` → `ready` → `switched` (and
 //! back to `ready` when the next step's weights go out), or ends `failed` (set aside
@@ -31,14 +35,18 @@ use std::collections::BTreeMap;
 
 use cutover_proto::v1::{DesiredService, ObservedService};
 
+use crate::analysis::Queried;
 use crate::model::DeploymentRecord;
 use crate::timeline::Event;
 
+mod business;
 mod command;
+mod database;
 mod desired;
 mod effects;
 mod hold;
 mod interval;
+mod lifecycle;
 mod lost;
 mod machine;
 mod pause;
@@ -49,8 +57,14 @@ mod service;
 mod submit;
 mod watch;
 
-pub use service::{Retirement, concluded, retire, retiring, rollback_plan};
-pub use submit::{Submission, submit};
+pub use business::scrape_spec;
+pub use database::{failure as database_failure, slot_env};
+pub use lifecycle::{forget_if_empty, removal, restart_plan, stopping, tombstone};
+pub use service::{
+    Retirement, changed_service, concluded, retire, retiring, rollback_plan, rollback_to_plan,
+    rollback_to_refusal,
+};
+pub use submit::{DatabaseContext, Submission, plan_hosts, submit};
 
 use machine::Machine;
 
@@ -79,6 +93,13 @@ pub enum Command {
     Promote,
     /// Roll back now.
     Abort,
+    /// Contract the deployment's schema change, once it has succeeded (`cutover
+    /// contract`, `keep_previous` passing, or the next deployment needing the old slot);
+    /// again after a contract failed or stood still.
+    Contract,
+    /// Abort the deployment's schema change after its success, because `cutover
+    /// rollback` undid the release.
+    Undo,
 }
 
 impl Command {
@@ -88,6 +109,8 @@ impl Command {
             Command::Resume => "resume",
             Command::Promote => "promote",
             Command::Abort => "abort",
+            Command::Contract => "contract",
+            Command::Undo => "undo the database change",
         }
     }
 }
@@ -97,7 +120,7 @@ impl Command {
 pub struct Order<'a> {
     /// What to do.
     pub command: Command,
-    /// Who gave it (the CLI sends `user@host`), for the timeline.
+    /// Who gave it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
 }
 
@@ -120,8 +143,45 @@ pub fn decide(
     order: Option<Order<'_>>,
     now: u64,
 ) -> Decision {
+    decide_with(dep, views, Inputs::default(), order, now)
+}
+
+/// What a decision reads beside the deployment, its hosts and the operator's order.
+#[derive(Clone, Copy)]
+pub struct Inputs<'v> {
+    /// The earlier deployment whose schema change this one waits for to be contracted
+    /// before it prepares (its `database.after`), when it does.
+    pub previous: Option<&'v DeploymentRecord>,
+    /// The latest result of each Prometheus query the plan's metrics make (which the
+    /// engine gathers off the decision loop, so that deciding stays pure).
+    pub queried: &'v Queried,
+}
+
+impl Default for Inputs<'_> {
+    fn default() -> Self {
+        Inputs {
+            previous: None,
+            queried: &machine::NO_QUERIES,
+        }
+    }
+}
+
+/// [`decide`], with what else the decision reads. A deployment that has ended is only
+/// decided for its schema change: the contract or abort ordered after it.
+pub fn decide_with<'v>(
+    dep: &DeploymentRecord,
+    views: &'v BTreeMap<String, HostView<'_>>,
+    inputs: Inputs<'v>,
+    order: Option<Order<'_>>,
+    now: u64,
+) -> Decision {
     let mut m = Machine::new(dep.clone(), views, now);
-    if !m.d.state.is_final() {
+    m.previous = inputs.previous;
+    m.queried = inputs.queried;
+    let ended = m.d.state.is_final();
+    if ended {
+        m.settle_database(order);
+    } else {
         m.report_progress();
         if let Some(order) = order {
             m.obey(order);
@@ -129,7 +189,11 @@ pub fn decide(
         m.settle();
     }
     let (deployment, events) = m.finish();
-    let targets = desired::changes(&deployment, views);
+    let targets = if ended {
+        database::settled_changes(&deployment, views)
+    } else {
+        desired::changes(&deployment, views)
+    };
     Decision {
         deployment,
         targets,

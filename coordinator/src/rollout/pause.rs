@@ -1,5 +1,6 @@
 //! Pausing and resuming: a paused deployment comes back to the state it left, and the
-//! time paused counts against neither the step's hold nor the progress deadline.
+//! time paused counts against neither the step's hold nor the progress deadline; a
+//! database command that stood still runs again.
 
 use super::machine::Machine;
 use crate::model::{Pause, PauseCause, State};
@@ -21,6 +22,7 @@ impl Machine<'_, '_> {
     /// the time paused; what the pause waited for is settled by its cause.
     pub fn resume(&mut self) {
         let now = self.now;
+        let mut retry = false;
         let d = &mut self.d;
         d.state = d.ending.take().unwrap_or(State::Progressing);
         match d.pause.take() {
@@ -33,6 +35,14 @@ impl Machine<'_, '_> {
                 match p.cause {
                     PauseCause::StepGate => d.gate_passed = true,
                     PauseCause::HostLost => d.reason = None,
+                    PauseCause::Inconclusive => {
+                        d.reason = None;
+                        d.analysis.consecutive_inconclusive = 0;
+                    }
+                    PauseCause::Database => {
+                        d.reason = None;
+                        retry = true;
+                    }
                     PauseCause::Operator => {}
                 }
             }
@@ -40,6 +50,9 @@ impl Machine<'_, '_> {
             None => d.gate_passed = d.step_switched_unix_ms.is_some(),
         }
         debug_assert!(d.state != State::Paused && d.pause.is_none());
+        if retry {
+            self.retry_database();
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use cutover_shared::Duration;
 
-use super::machine::Machine;
+use super::machine::{Flow, Machine};
 use crate::model::{HostPhase, RollbackTiming, State};
 
 /// Why a deployment rolls back. Each cause reads as the deployment's reason.
@@ -46,6 +46,8 @@ pub(super) enum Cause {
     SwitchDeadline { deadline: Duration },
     /// No conclusive analysis interval came within the progress deadline after the hold.
     NoConclusiveInterval { deadline: Duration, traffic: u32 },
+    /// A database command failed: the reason says which, where and how.
+    Database(String),
     /// `failure_limit` analysis intervals failed in a row; the first failed at `since`.
     AnalysisFailed {
         failures: u32,
@@ -102,6 +104,7 @@ impl Cause {
                 why,
                 ..
             } => format!("analysis failed {failures} interval(s) in a row at {traffic}%: {why}"),
+            Cause::Database(why) => why.clone(),
         }
     }
 
@@ -153,7 +156,8 @@ impl Machine<'_, '_> {
     }
 
     /// Ends the rollback once every host it touched confirmed the old weights (a host
-    /// that is not reachable converges when it comes back).
+    /// that is not reachable converges when it comes back) and, with `[database]`, the
+    /// abort has run.
     pub fn finish_rollback(&mut self) {
         let converged = self.d.hosts.iter().all(|(name, h)| {
             h.untouched
@@ -165,13 +169,18 @@ impl Machine<'_, '_> {
             return;
         }
         let now = self.now;
+        if let Some(r) = self.d.rollback.as_mut()
+            && r.done_unix_ms.is_none()
+        {
+            r.done_unix_ms = Some(now);
+            self.fx.rollback_done();
+        }
+        if self.abort_change() == Flow::Stop {
+            return;
+        }
         let d = &mut self.d;
         d.state = d.ending.take().unwrap_or(State::RolledBack);
         d.ended_unix_ms = Some(now);
-        if let Some(r) = d.rollback.as_mut() {
-            r.done_unix_ms = Some(now);
-        }
-        self.fx.rollback_done();
         self.fx.ended();
     }
 }

@@ -9,7 +9,8 @@ use cutover_shared::plan::Plan;
 
 use super::Decision;
 use super::desired::plan_host;
-use crate::model::{DeployHost, DeploymentRecord, State};
+use super::lifecycle::plan_restart;
+use crate::model::{DeployDatabase, DeployHost, DeploymentRecord, State};
 use crate::timeline::{Event, Kind};
 
 /// A deployment to create.
@@ -23,10 +24,28 @@ pub struct Submission<'a> {
     pub plan_path: String,
     /// Made by `cutover rollback`: the previous release, in one step.
     pub is_rollback: bool,
+    /// Made by `cutover service restart`: every host gets the live release anew in its
+    /// idle slot (see [`super::lifecycle::plan_restart`]).
+    pub restart: bool,
     /// The release live before this one, if any.
     pub previous_release: Option<String>,
-    /// Who submitted it (`user@host`), for the timeline.
+    /// Who submitted it (the name of the certificate that called), for the timeline.
     pub actor: &'a str,
+    /// What the engine knows of the service's database.
+    pub database: DatabaseContext,
+}
+
+/// What a new deployment's part in the database depends on, from the engine.
+#[derive(Clone, Debug, Default)]
+pub struct DatabaseContext {
+    /// Target hosts that may run `[database]` commands (matching `run_on`), by name;
+    /// empty: every target host.
+    pub runners: Vec<String>,
+    /// The live release's schema version, when its plan has `[database]`.
+    pub previous_schema: Option<String>,
+    /// The deployment whose schema change is live and not contracted yet: a deployment
+    /// waits for its contract, a `cutover rollback` undoes it.
+    pub pending: Option<String>,
 }
 
 /// The new deployment over the target hosts, each with its current desired state for
@@ -36,11 +55,21 @@ pub fn submit(
     hosts: &BTreeMap<String, Option<DesiredService>>,
     now: u64,
 ) -> Decision {
-    let hosts: BTreeMap<String, DeployHost> = hosts
-        .iter()
-        .map(|(name, current)| (name.clone(), plan_host(&s.plan, current.as_ref())))
-        .collect();
+    let hosts: BTreeMap<String, DeployHost> = if s.restart {
+        hosts
+            .iter()
+            .map(|(name, current)| (name.clone(), plan_restart(&s.plan, current.as_ref())))
+            .collect()
+    } else {
+        plan_hosts(&s.plan, hosts)
+    };
     let noop = hosts.values().all(|h| h.untouched);
+    // A restart starts the live release anew: its schema is already in place.
+    let database = if noop || s.restart {
+        DeployDatabase::default()
+    } else {
+        deploy_database(&s, &hosts)
+    };
     let deployment = DeploymentRecord {
         id: s.id,
         service: s.plan.service.clone(),
@@ -48,6 +77,7 @@ pub fn submit(
         plan_path: s.plan_path,
         previous_release: s.previous_release,
         is_rollback: s.is_rollback,
+        restart: s.restart,
         state: if noop {
             State::Succeeded
         } else {
@@ -68,6 +98,7 @@ pub fn submit(
         rollback: None,
         hosts,
         plan: s.plan,
+        database,
     };
     let events = submitted(&deployment, s.actor, noop, now);
     Decision {
@@ -77,7 +108,50 @@ pub fn submit(
     }
 }
 
-/// A new deployment's first events: submitted, and for a no-op its end.
+/// Each host's part in a deployment of `plan`, from its current desired state for the
+/// service: what a deployment would do to it (also what a dry run reports).
+pub fn plan_hosts(
+    plan: &Plan,
+    hosts: &BTreeMap<String, Option<DesiredService>>,
+) -> BTreeMap<String, DeployHost> {
+    hosts
+        .iter()
+        .map(|(name, current)| (name.clone(), plan_host(plan, current.as_ref())))
+        .collect()
+}
+
+/// A new deployment's part in the database: a `cutover rollback` undoes the pending
+/// change; any other deployment waits for its contract, and makes its own change when
+/// its plan has `[database]`.
+fn deploy_database(s: &Submission<'_>, hosts: &BTreeMap<String, DeployHost>) -> DeployDatabase {
+    let ctx = &s.database;
+    if s.is_rollback {
+        return DeployDatabase {
+            undoes: ctx.pending.clone(),
+            ..Default::default()
+        };
+    }
+    let runners = if ctx.runners.is_empty() {
+        hosts.keys().cloned().collect()
+    } else {
+        ctx.runners.clone()
+    };
+    DeployDatabase {
+        change: s.plan.database.as_ref().map(|db| {
+            super::database::change(
+                db,
+                &s.plan.release.version,
+                ctx.previous_schema.clone(),
+                runners,
+            )
+        }),
+        after: ctx.pending.clone(),
+        undoes: None,
+    }
+}
+
+/// A new deployment's first events: submitted, the earlier change it waits for, and for
+/// a no-op its end.
 fn submitted(d: &DeploymentRecord, actor: &str, noop: bool, now: u64) -> Vec<Event> {
     let mut events = vec![Event {
         at_unix_ms: now,
@@ -89,6 +163,14 @@ fn submitted(d: &DeploymentRecord, actor: &str, noop: bool, now: u64) -> Vec<Eve
             actor: actor.to_string(),
         },
     }];
+    if let Some(after) = &d.database.after {
+        events.push(Event {
+            at_unix_ms: now,
+            kind: Kind::DatabaseWaiting {
+                deployment: after.clone(),
+            },
+        });
+    }
     if noop {
         events.push(Event {
             at_unix_ms: now,
@@ -112,8 +194,10 @@ mod tests {
             plan,
             plan_path: "web.toml".into(),
             is_rollback: false,
+            restart: false,
             previous_release: Some("1".into()),
             actor: "ana@desk",
+            database: DatabaseContext::default(),
         }
     }
 

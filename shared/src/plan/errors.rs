@@ -227,12 +227,52 @@ const EXPECTED: &[(&str, &str)] = &[
     ("analysis.failure_limit", "a number of intervals, like 2"),
     ("analysis.min_requests", "a number of requests, like 50"),
     (
+        "analysis.inconclusive_limit",
+        "a number of intervals, like 3",
+    ),
+    ("analysis.scrape", "a path in quotes, like \"/metrics\""),
+    (
+        "analysis.prometheus",
+        "a URL in quotes, like \"http://127.0.0.1:9090\"",
+    ),
+    (
         "analysis.metric",
         "[[analysis.metric]] sections, each naming a metric and its bounds",
     ),
     ("analysis.metric.max", "a number, like 0.01 or 500"),
     ("analysis.metric.min", "a number, like 0.01 or 500"),
     ("analysis.metric.max_vs_baseline", "a ratio, like 1.5"),
+    ("analysis.metric.min_vs_baseline", "a ratio, like 0.8"),
+    (
+        "analysis.metric.name",
+        "a metric name in quotes, like \"error_rate\" or \"payment failure rate\"",
+    ),
+    (
+        "analysis.metric.counter",
+        "a metric name in quotes, like \"orders_total\"",
+    ),
+    (
+        "analysis.metric.gauge",
+        "a metric name in quotes, like \"queue_depth\"",
+    ),
+    (
+        "analysis.metric.histogram",
+        "a metric name in quotes, like \"checkout_seconds\"",
+    ),
+    (
+        "analysis.metric.ratio",
+        "two counter names, like [\"payments_failed_total\", \"payments_total\"]",
+    ),
+    (
+        "analysis.metric.quantile",
+        "a number between 0 and 1, like 0.99",
+    ),
+    (
+        "analysis.metric.labels",
+        "a table of labels like { method = \"card\" }",
+    ),
+    ("analysis.metric.query", "a PromQL query in quotes"),
+    ("analysis.metric.baseline_query", "a PromQL query in quotes"),
     (
         "analysis.metric.confidence",
         "a number between 0 and 1, like 0.95",

@@ -30,6 +30,9 @@ pub struct Plan {
     /// How the new release is judged against the old one while it takes traffic.
     #[serde(default)]
     pub analysis: Option<Analysis>,
+    /// The schema change that rides the rollout: expand, contract and abort commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<Database>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -81,6 +84,14 @@ pub struct Run {
     /// Unprivileged user to run the slot process as.
     #[serde(default)]
     pub user: Option<String>,
+    /// Files of `KEY=value` lines each host reads when a slot starts, in order, over
+    /// `env`: host-specific settings and secrets that never travel through cutover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_files: Vec<String>,
+    /// Variables whose values are secret: masked wherever cutover shows or reports
+    /// them, whether `env` or an env file sets them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -303,16 +314,67 @@ pub struct Analysis {
     /// Fewer requests on the new slot in an interval make it inconclusive.
     #[serde(default = "defaults::min_requests")]
     pub min_requests: u64,
+    /// Consecutive inconclusive intervals before the deployment pauses.
+    #[serde(default = "defaults::inconclusive_limit")]
+    pub inconclusive_limit: u32,
+    /// The path of each slot's Prometheus text on its private port: what the agent
+    /// scrapes for `source = "slot"` metrics and relays to a Prometheus server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape: Option<String>,
+    /// The Prometheus server `source = "prometheus"` metrics query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<String>,
     /// What is judged, each with its bounds.
     #[serde(default)]
     pub metric: Vec<Metric>,
 }
 
+impl Analysis {
+    /// The path slots serve their metrics on, if the plan scrapes them: `scrape`, or
+    /// `/metrics` when a `source = "slot"` metric needs one and `scrape` is left out.
+    pub fn scrape_path(&self) -> Option<&str> {
+        match &self.scrape {
+            Some(p) => Some(p),
+            None if self.metric.iter().any(|m| m.source == Source::Slot) => Some("/metrics"),
+            None => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Metric {
-    /// What is measured.
-    pub name: MetricName,
+    /// What is measured: one of the proxy's names, or (with another `source`) free text
+    /// naming the metric in reports.
+    pub name: String,
+    /// Where its values come from.
+    #[serde(default, skip_serializing_if = "Source::is_proxy")]
+    pub source: Source,
+    /// `source = "slot"`: the increase per second of this counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<String>,
+    /// `source = "slot"`: the last value of this gauge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gauge: Option<String>,
+    /// `source = "slot"`: the increase of the first counter over that of the second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<Vec<String>>,
+    /// `source = "slot"`: a quantile of this histogram over the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<String>,
+    /// With `histogram`: which quantile, between 0 and 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantile: Option<f64>,
+    /// `source = "slot"`: only the series carrying all of these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// `source = "prometheus"`: the query for the new release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// `source = "prometheus"`: the query for the old release (default: `query` with
+    /// `${RELEASE}` standing for the previous release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_query: Option<String>,
     /// The new slot fails an interval above this.
     #[serde(default)]
     pub max: Option<f64>,
@@ -322,12 +384,112 @@ pub struct Metric {
     /// The new slot fails an interval above this many times the old slot's value.
     #[serde(default)]
     pub max_vs_baseline: Option<f64>,
+    /// The new slot fails an interval below this many times the old slot's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_vs_baseline: Option<f64>,
     /// `"mann-whitney"`: judge new against old with a statistical test.
     #[serde(default)]
     pub judge: Option<Judge>,
     /// How sure the judge must be that the new slot is worse before it fails it.
     #[serde(default)]
     pub confidence: Option<f64>,
+}
+
+/// Where a metric's values come from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The agent's proxy: the golden signals it measures per slot.
+    #[default]
+    Proxy,
+    /// The slot's own Prometheus text, scraped by the agent.
+    Slot,
+    /// A Prometheus server's query API.
+    Prometheus,
+}
+
+impl Source {
+    fn is_proxy(&self) -> bool {
+        *self == Source::Proxy
+    }
+}
+
+/// What a `source = "slot"` metric reads from each slot's exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SlotMeasure<'a> {
+    /// The increase per second of a counter.
+    Counter(&'a str),
+    /// The last value of a gauge.
+    Gauge(&'a str),
+    /// The increase of the first counter over the increase of the second.
+    Ratio(&'a str, &'a str),
+    /// The quantile of a histogram's observations in the interval.
+    Histogram(&'a str, f64),
+}
+
+/// What a metric measures, by source.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Measure<'a> {
+    /// One of the proxy's golden signals.
+    Proxy(MetricName),
+    /// Series of the slot's own exposition, and the labels that select them.
+    Slot(SlotMeasure<'a>, &'a BTreeMap<String, String>),
+    /// A Prometheus query for the new release and one for the old (`None`: `query`
+    /// with the previous release).
+    Prometheus(&'a str, Option<&'a str>),
+}
+
+impl Metric {
+    /// A proxy metric with this name and no bounds yet.
+    pub fn proxy(name: MetricName) -> Metric {
+        Metric {
+            name: name.as_str().to_string(),
+            source: Source::Proxy,
+            counter: None,
+            gauge: None,
+            ratio: None,
+            histogram: None,
+            quantile: None,
+            labels: BTreeMap::new(),
+            query: None,
+            baseline_query: None,
+            max: None,
+            min: None,
+            max_vs_baseline: None,
+            min_vs_baseline: None,
+            judge: None,
+            confidence: None,
+        }
+    }
+
+    /// What the metric measures; `None` until [`Plan::validate`] has passed.
+    pub fn measure(&self) -> Option<Measure<'_>> {
+        match self.source {
+            Source::Proxy => MetricName::parse(&self.name).map(Measure::Proxy),
+            Source::Slot => {
+                let m = match (&self.counter, &self.gauge, &self.ratio, &self.histogram) {
+                    (Some(c), None, None, None) => SlotMeasure::Counter(c),
+                    (None, Some(g), None, None) => SlotMeasure::Gauge(g),
+                    (None, None, Some(r), None) if r.len() == 2 => SlotMeasure::Ratio(&r[0], &r[1]),
+                    (None, None, None, Some(h)) => SlotMeasure::Histogram(h, self.quantile?),
+                    _ => return None,
+                };
+                Some(Measure::Slot(m, &self.labels))
+            }
+            Source::Prometheus => Some(Measure::Prometheus(
+                self.query.as_deref()?,
+                self.baseline_query.as_deref(),
+            )),
+        }
+    }
+
+    /// The proxy's golden signal this metric judges, if it is one.
+    pub fn proxy_name(&self) -> Option<MetricName> {
+        match self.measure() {
+            Some(Measure::Proxy(n)) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -345,11 +507,98 @@ pub enum MetricName {
     RequestRate,
 }
 
+impl MetricName {
+    /// Every name, as a plan writes them.
+    pub const ALL: [MetricName; 5] = [
+        MetricName::ErrorRate,
+        MetricName::LatencyP50,
+        MetricName::LatencyP90,
+        MetricName::LatencyP99,
+        MetricName::RequestRate,
+    ];
+
+    /// The name as a plan writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricName::ErrorRate => "error_rate",
+            MetricName::LatencyP50 => "latency_p50",
+            MetricName::LatencyP90 => "latency_p90",
+            MetricName::LatencyP99 => "latency_p99",
+            MetricName::RequestRate => "request_rate",
+        }
+    }
+
+    /// The proxy metric named `name`, if there is one.
+    pub fn parse(name: &str) -> Option<MetricName> {
+        MetricName::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub enum Judge {
     /// The Mann-Whitney U test (latency) or a two-proportion test (error rate).
     #[serde(rename = "mann-whitney")]
     MannWhitney,
+}
+
+/// `[database]`: the release's schema change, made by the user's own commands at the
+/// moments the rollout gives them (expand before any new slot starts, contract once the
+/// previous release is retired, abort when the deployment ends without success).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    /// This release's schema version name; `${RELEASE}` is the release's version with
+    /// every character outside `[A-Za-z0-9_]` replaced by `_` ([`Database::schema_name`]).
+    pub schema: String,
+    /// Makes the new schema version while the old release still serves.
+    pub expand: Vec<String>,
+    /// Removes what only the previous release needed, once it is retired.
+    pub contract: Vec<String>,
+    /// Undoes the expand when the deployment ends without success.
+    pub abort: Vec<String>,
+    /// How long each command may run before its whole process group is stopped.
+    #[serde(default = "defaults::database_timeout")]
+    pub timeout: Duration,
+    /// Labels choosing the target hosts that may run the commands (the first by name
+    /// runs them); none: every target host, so the first by name.
+    #[serde(default)]
+    pub run_on: BTreeMap<String, String>,
+    /// When the contract runs.
+    #[serde(default)]
+    pub contract_after: ContractAfter,
+}
+
+impl Database {
+    /// The placeholder `schema` may hold.
+    pub const RELEASE: &'static str = "${RELEASE}";
+
+    /// The schema version name for release `version`: `schema` with `${RELEASE}`
+    /// replaced by the version, every character outside `[A-Za-z0-9_]` as `_`.
+    pub fn schema_name(&self, version: &str) -> String {
+        let safe: String = version
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.schema.replace(Self::RELEASE, &safe)
+    }
+}
+
+/// When a release's schema change is contracted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContractAfter {
+    /// When the previous release is retired: `keep_previous` has passed, or the next
+    /// deployment needs its slot.
+    #[default]
+    Retire,
+    /// When an operator runs `cutover contract SERVICE`.
+    Manual,
 }
 
 mod defaults {
@@ -392,6 +641,9 @@ mod defaults {
     pub fn host_lost_after() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn database_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
     pub fn progress_deadline() -> Duration {
         Duration::from_secs(600)
     }
@@ -403,5 +655,8 @@ mod defaults {
     }
     pub fn min_requests() -> u64 {
         50
+    }
+    pub fn inconclusive_limit() -> u32 {
+        3
     }
 }

@@ -85,7 +85,7 @@ fn spec_example_parses_every_key() {
     assert!(p.strategy.steps[1].pause);
     let a = p.analysis.unwrap();
     assert_eq!(a.metric.len(), 2);
-    assert_eq!(a.metric[1].name, MetricName::LatencyP99);
+    assert_eq!(a.metric[1].proxy_name(), Some(MetricName::LatencyP99));
     assert_eq!(a.metric[1].max_vs_baseline, Some(1.5));
 }
 
@@ -448,8 +448,9 @@ fn type_errors_name_the_key_and_show_an_example() {
         "[[analysis.metric]]\nname = 2",
     ));
     assert!(
-        e.message
-            .starts_with("analysis.metric[0].name must be \"error_rate\", "),
+        e.message.starts_with(
+            "analysis.metric[0].name must be a metric name in quotes, like \"error_rate\""
+        ),
         "{e}"
     );
     let text = spec_example()
@@ -509,4 +510,121 @@ fn a_plan_over_the_size_limit_is_refused_before_parsing() {
         e.message,
         "the plan is 10.0 MiB; a plan may be at most 1 MiB"
     );
+}
+
+/// The SPEC's `[database]` section, appended to the SPEC's example plan.
+fn with_database(section: &str) -> String {
+    format!("{}\n[database]\n{section}", spec_example())
+}
+
+const DATABASE: &str = r#"schema = "app_${RELEASE}"
+expand   = ["psql", "-v", "ON_ERROR_STOP=1", "-f", "db/expand.sql"]
+contract = ["psql", "-v", "ON_ERROR_STOP=1", "-f", "db/contract.sql"]
+abort    = ["psql", "-v", "ON_ERROR_STOP=1", "-f", "db/abort.sql"]
+timeout = "10m"
+run_on = { role = "db" }
+contract_after = "retire"
+"#;
+
+#[test]
+fn the_database_section_parses_and_names_each_release_schema() {
+    let p = Plan::parse(&with_database(DATABASE), "plan.toml").unwrap();
+    let db = p.database.expect("[database]");
+    assert_eq!(db.schema_name(&p.release.version), "app_1_4_2");
+    assert_eq!(db.schema_name("2.0.0-rc.1+b7"), "app_2_0_0_rc_1_b7");
+    assert_eq!(db.expand[4], "db/expand.sql");
+    assert_eq!(db.timeout, Duration::from_secs(600));
+    assert_eq!(db.run_on.get("role").map(String::as_str), Some("db"));
+    assert_eq!(db.contract_after, ContractAfter::Retire);
+    // Defaults: ten minutes, any target host, contract at retirement.
+    let short = "schema = \"s\"\nexpand = [\"e\"]\ncontract = [\"c\"]\nabort = [\"a\"]\n";
+    let db = Plan::parse(&with_database(short), "p.toml")
+        .unwrap()
+        .database
+        .unwrap();
+    assert_eq!(
+        (db.timeout, db.run_on.len(), db.contract_after),
+        (Duration::from_secs(600), 0, ContractAfter::Retire)
+    );
+    // A plan without the section has no schema change, and writes none back.
+    let p = Plan::parse(&spec_example(), "plan.toml").unwrap();
+    assert!(p.database.is_none());
+    assert!(!toml::to_string(&p).unwrap().contains("database"));
+}
+
+#[test]
+fn bad_database_sections_are_refused_where_they_are() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "schema = \"app_${RELEASE}\"",
+            "schema = \"${RELEASE}\"",
+            "database.schema: \"${RELEASE}\" gives \"1_4_2\" for release 1.4.2, which is not a schema name (a letter or _ first, then letters, digits and _)",
+        ),
+        (
+            "schema = \"app_${RELEASE}\"",
+            "schema = \"app-${RELEASE}\"",
+            "database.schema: \"app-${RELEASE}\" gives \"app-1_4_2\" for release 1.4.2, which is not a schema name (a letter or _ first, then letters, digits and _)",
+        ),
+        (
+            "schema = \"app_${RELEASE}\"",
+            "schema = \"app_${VERSION}\"",
+            "database.schema: unknown variable ${VERSION}; the only variable here is ${RELEASE}",
+        ),
+        (
+            "schema = \"app_${RELEASE}\"",
+            "schema = \"pg_${RELEASE}\"",
+            "database.schema: \"pg_${RELEASE}\" gives \"pg_1_4_2\" for release 1.4.2, which starts with pg_, which PostgreSQL keeps for its own schemas",
+        ),
+        (
+            "expand   = [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/expand.sql\"]",
+            "expand = []",
+            "database.expand: must name the program to run, e.g. [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/expand.sql\"]",
+        ),
+        (
+            "abort    = [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/abort.sql\"]",
+            "abort = [\" \"]",
+            "database.abort: must name the program to run, e.g. [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/expand.sql\"]",
+        ),
+        (
+            "timeout = \"10m\"",
+            "timeout = \"0s\"",
+            "database.timeout: must be more than 0s",
+        ),
+        (
+            "run_on = { role = \"db\" }",
+            "run_on = { role = \"db primary\" }",
+            "database.run_on: label role: value \"db primary\" may only hold A-Z, a-z, 0-9, '.', '_' and '-', and must start with a letter or digit (separate labels with commas: k=v,k2=v2)",
+        ),
+    ];
+    for (from, to, message) in cases {
+        let text = with_database(&DATABASE.replace(from, to));
+        assert_ne!(text, with_database(DATABASE), "{from} not in the section");
+        let e = err(&text);
+        assert_eq!(e.message, *message);
+        let line = text.lines().position(|l| l.starts_with(to)).unwrap() + 1;
+        assert_eq!(e.line, line, "{e}");
+    }
+    let long = format!("schema = \"{}_${{RELEASE}}\"", "a".repeat(60));
+    let e = err(&with_database(
+        &DATABASE.replace("schema = \"app_${RELEASE}\"", &long),
+    ));
+    assert!(
+        e.message.ends_with("which is longer than 63 characters"),
+        "{e}"
+    );
+    // A typo in `contract_after` gets the word it was meant to be.
+    let e = err(&with_database(
+        &DATABASE.replace("\"retire\"", "\"retired\""),
+    ));
+    assert_eq!(
+        e.message,
+        "database.contract_after: unknown value \"retired\": did you mean \"retire\"?"
+    );
+    let e = err(&with_database(&DATABASE.replace("run_on", "run_in")));
+    assert!(e.message.contains("did you mean `run_on`"), "{e}");
+    let e = err(&with_database(&DATABASE.replace(
+        "abort    = [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/abort.sql\"]\n",
+        "",
+    )));
+    assert!(e.message.contains("abort"), "{e}");
 }

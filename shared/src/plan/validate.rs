@@ -1,12 +1,15 @@
 //! Validation: the values a plan's types alone do not rule out, checked section by
 //! section in the order of the file (service, targets, release, run, health, strategy,
-//! analysis). The first problem found is the one reported, as a key path and a message
+//! analysis, database). The first problem found is the one reported, as a key path and a message
 //! in the plan's words; `Plan::parse` locates the path in the text.
 
 use super::RUN_VARIABLES;
 use super::model::{
-    Analysis, Count, Health, Metric, MetricName, Plan, Release, Run, Step, Strategy, Targets,
+    Analysis, Count, Database, Health, Metric, MetricName, Plan, Release, Run, Step, Strategy,
+    Targets,
 };
+
+mod sources;
 use super::path::{I, K, PathPart};
 use crate::names::{check_label, check_name};
 use crate::placeholders;
@@ -51,10 +54,14 @@ impl Plan {
         validate_targets(&self.targets)?;
         validate_release(&self.release)?;
         validate_run(&self.run)?;
+        validate_env_sources(&self.run)?;
         validate_health(&self.health)?;
         validate_strategy(&self.strategy)?;
         if let Some(a) = &self.analysis {
             validate_analysis(a)?;
+        }
+        if let Some(db) = &self.database {
+            validate_database(db, &self.release.version)?;
         }
         Ok(())
     }
@@ -119,6 +126,32 @@ fn validate_run(run: &Run) -> Result<(), Invalid> {
         && u.trim().is_empty()
     {
         return Err(invalid(&[K("run"), K("user")], "must not be empty"));
+    }
+    Ok(())
+}
+
+/// `[run] env_files` and `secret_env`: absolute paths the agent can read on each host
+/// (no two alike), and secret names that are variable names.
+fn validate_env_sources(run: &Run) -> Result<(), Invalid> {
+    for (i, f) in run.env_files.iter().enumerate() {
+        let at = [K("run"), K("env_files"), I(i)];
+        if !f.starts_with('/') || f.contains('\0') {
+            return Err(invalid(
+                &at,
+                format!("{f:?} is not an absolute path; write e.g. \"/etc/cutover/web.env\""),
+            ));
+        }
+        if run.env_files[..i].contains(f) {
+            return Err(invalid(&at, format!("{f} is listed twice")));
+        }
+    }
+    for (i, k) in run.secret_env.iter().enumerate() {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(invalid(
+                &[K("run"), K("secret_env"), I(i)],
+                format!("invalid variable name {k:?}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -312,11 +345,14 @@ fn check_count(c: &Count) -> Result<(), String> {
     }
 }
 
-/// `[analysis]`: an interval and a failure limit above zero, and every metric bounded.
+/// `[analysis]`: an interval and limits above zero, where metrics come from, and every
+/// metric measuring one thing, bounded.
 fn validate_analysis(a: &Analysis) -> Result<(), Invalid> {
     more_than_zero(&[K("analysis"), K("interval")], a.interval)?;
     at_least_one(&[K("analysis"), K("failure_limit")], a.failure_limit)?;
+    sources::validate_settings(a)?;
     for (i, m) in a.metric.iter().enumerate() {
+        sources::validate_measure(a, i, m)?;
         validate_metric(i, m)?;
     }
     Ok(())
@@ -326,10 +362,15 @@ fn validate_analysis(a: &Analysis) -> Result<(), Invalid> {
 /// and a confidence only for a judge.
 fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
     let at = |k: &'static str| [K("analysis"), K("metric"), I(i), K(k)];
-    if m.max.is_none() && m.min.is_none() && m.max_vs_baseline.is_none() && m.judge.is_none() {
+    if m.max.is_none()
+        && m.min.is_none()
+        && m.max_vs_baseline.is_none()
+        && m.min_vs_baseline.is_none()
+        && m.judge.is_none()
+    {
         return Err(invalid(
             &[K("analysis"), K("metric"), I(i)],
-            "metric has no bound: set max, min, max_vs_baseline or judge",
+            "metric has no bound: set max, min, max_vs_baseline, min_vs_baseline or judge",
         ));
     }
     for (k, v) in [("max", m.max), ("min", m.min)] {
@@ -344,7 +385,7 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
     {
         return Err(invalid(&at("min"), format!("min {lo} is above max {hi}")));
     }
-    if m.name == MetricName::ErrorRate
+    if m.proxy_name() == Some(MetricName::ErrorRate)
         && let Some(v) = m.max
         && v > 1.0
     {
@@ -361,6 +402,14 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
             "must be a ratio above 0, e.g. 1.5",
         ));
     }
+    if let Some(v) = m.min_vs_baseline
+        && (!v.is_finite() || v <= 0.0)
+    {
+        return Err(invalid(
+            &at("min_vs_baseline"),
+            "must be a ratio above 0, e.g. 0.8",
+        ));
+    }
     if let Some(c) = m.confidence {
         if m.judge.is_none() {
             return Err(invalid(&at("confidence"), "needs judge = \"mann-whitney\""));
@@ -373,6 +422,59 @@ fn validate_metric(i: usize, m: &Metric) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// `[database]`: a schema template that gives a usable schema name for this release,
+/// three commands that each name a program, a timeout and `run_on` labels.
+fn validate_database(db: &Database, version: &str) -> Result<(), Invalid> {
+    let at = |k: &'static str| [K("database"), K(k)];
+    placeholders::check(&db.schema, &["RELEASE"])
+        .map_err(|e| invalid(&at("schema"), e.to_string()))?;
+    let name = db.schema_name(version);
+    check_schema_name(&name).map_err(|why| {
+        invalid(
+            &at("schema"),
+            format!(
+                "{:?} gives {name:?} for release {version}, which {why}",
+                db.schema
+            ),
+        )
+    })?;
+    for (key, command) in [
+        ("expand", &db.expand),
+        ("contract", &db.contract),
+        ("abort", &db.abort),
+    ] {
+        if command.first().is_none_or(|p| p.trim().is_empty()) {
+            return Err(invalid(
+                &at(key),
+                "must name the program to run, e.g. [\"psql\", \"-v\", \"ON_ERROR_STOP=1\", \"-f\", \"db/expand.sql\"]",
+            ));
+        }
+    }
+    more_than_zero(&at("timeout"), db.timeout)?;
+    for (k, v) in &db.run_on {
+        check_label(k, v).map_err(|m| invalid(&at("run_on"), m))?;
+    }
+    Ok(())
+}
+
+/// A schema name PostgreSQL takes unquoted: a letter or `_`, then letters, digits and
+/// `_`, at most 63 bytes (longer names are cut by the server), and not `pg_…` (names
+/// the server keeps for itself). Returns what is wrong with it.
+pub fn check_schema_name(name: &str) -> Result<(), &'static str> {
+    let first_ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+    if name.is_empty() {
+        Err("is empty")
+    } else if name.len() > 63 {
+        Err("is longer than 63 characters")
+    } else if !first_ok || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Err("is not a schema name (a letter or _ first, then letters, digits and _)")
+    } else if name.to_ascii_lowercase().starts_with("pg_") {
+        Err("starts with pg_, which PostgreSQL keeps for its own schemas")
+    } else {
+        Ok(())
+    }
 }
 
 /// Checks an artifact URL's scheme.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use cutover_proto::Slot;
 use cutover_proto::v1::{
-    DesiredService, ObservedService, SlotMetrics, SlotPhase, SlotSpec, SlotStatus,
+    DesiredService, KeptRelease, ObservedService, SlotMetrics, SlotPhase, SlotSpec, SlotStatus,
 };
 
 /// Upper bounds (µs) of the latency buckets a real agent reports.
@@ -201,6 +201,7 @@ impl SimSlot {
             restarts: if failed { 2 } else { 0 },
             port: self.port,
             metrics: Some(self.counters.metrics()),
+            scrape: None,
             fetch_ms,
             unpack_ms,
             start_ms,
@@ -216,6 +217,27 @@ struct Service {
 }
 
 impl Service {
+    /// The releases its slots hold on disk, as the agent lists them (the newest used
+    /// first): what a rollback starts without a download.
+    fn kept(&self) -> Vec<KeptRelease> {
+        let mut slots: Vec<&SimSlot> = self.slots.iter().flatten().collect();
+        slots.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+        slots.dedup_by(|a, b| a.release == b.release);
+        slots
+            .into_iter()
+            .map(|s| KeptRelease {
+                version: s.release.clone(),
+                sha256: s
+                    .spec
+                    .release
+                    .as_ref()
+                    .map(|r| r.sha256.clone())
+                    .unwrap_or_default(),
+                used_unix_ms: s.started_ms,
+            })
+            .collect()
+    }
+
     /// The weights in effect, by the agent's healing rule, and why traffic moved.
     fn routing(&self, now: u64) -> ([u32; 2], String) {
         let mut weights = [0u32; 2];
@@ -361,6 +383,8 @@ impl SimHost {
                     green_weight: weights[Slot::Green.index()],
                     error: String::new(),
                     healing,
+                    releases: svc.kept(),
+                    ..ObservedService::default()
                 }
             })
             .collect();

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use cutover_proto::v1::{DesiredService, ObservedService, SlotPhase, SlotSpec, SlotStatus};
+use cutover_proto::v1::{
+    DatabaseTaskState, DatabaseTaskStatus, DesiredService, ObservedService, SlotPhase, SlotSpec,
+    SlotStatus,
+};
 use cutover_shared::plan::Plan;
 
 use crate::model::DeploymentRecord;
@@ -30,6 +33,23 @@ pub struct Sim {
     pub failing: BTreeMap<(String, String), String>,
     /// Hosts unreachable, and for how long (ms).
     pub lost: BTreeMap<String, u64>,
+    /// Database tasks each host's agent knows, with their status.
+    pub tasks: BTreeMap<String, Vec<DatabaseTaskStatus>>,
+    /// How the agents end database tasks of a phase (`expand`...): succeed unless named.
+    pub db: BTreeMap<String, TaskEnding>,
+    /// How often each database task id was started, on any host.
+    pub runs: BTreeMap<String, u32>,
+}
+
+/// How a simulated agent ends a database task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskEnding {
+    /// Exit 0.
+    Succeed,
+    /// Exit with this code.
+    Fail(i32),
+    /// It keeps running.
+    Hang,
 }
 
 impl Sim {
@@ -42,6 +62,9 @@ impl Sim {
                 .collect(),
             failing: BTreeMap::new(),
             lost: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            db: BTreeMap::new(),
+            runs: BTreeMap::new(),
         }
     }
 
@@ -70,9 +93,10 @@ impl Sim {
         }
     }
 
-    /// Agents converge: every slot's release runs healthy (or fails), weights applied.
-    /// Unreachable hosts report nothing.
+    /// Agents converge: every slot's release runs healthy (or fails), weights applied,
+    /// a database task they do not know yet runs. Unreachable hosts report nothing.
     pub fn converge(&mut self) {
+        self.run_tasks();
         for (h, d) in &self.desired {
             if self.lost.contains_key(h) {
                 continue;
@@ -104,8 +128,57 @@ impl Sim {
                 green_weight: if d.green.is_some() { d.green_weight } else { 0 },
                 error: String::new(),
                 healing: String::new(),
+                database_tasks: self.tasks.get(h).cloned().unwrap_or_default(),
+                ..Default::default()
             };
             self.observed.insert(h.clone(), o);
+        }
+    }
+
+    /// Each reachable agent starts the database task its desired state names, unless it
+    /// knows it already, and ends it as [`Sim::db`] says.
+    fn run_tasks(&mut self) {
+        for (h, d) in &self.desired {
+            let Some(t) = &d.database_task else { continue };
+            let known = self.tasks.entry(h.clone()).or_default();
+            if self.lost.contains_key(h) || known.iter().any(|k| k.id == t.id) {
+                continue;
+            }
+            *self.runs.entry(t.id.clone()).or_default() += 1;
+            let ending = self
+                .db
+                .get(&t.phase)
+                .copied()
+                .unwrap_or(TaskEnding::Succeed);
+            let (state, exit_code, exit) = match ending {
+                TaskEnding::Succeed => (
+                    DatabaseTaskState::Succeeded,
+                    Some(0),
+                    "exit status: 0".to_string(),
+                ),
+                TaskEnding::Fail(c) => (
+                    DatabaseTaskState::Failed,
+                    Some(c),
+                    format!("exit status: {c}"),
+                ),
+                TaskEnding::Hang => (DatabaseTaskState::Running, None, String::new()),
+            };
+            known.insert(
+                0,
+                DatabaseTaskStatus {
+                    id: t.id.clone(),
+                    state: state as i32,
+                    exit_code,
+                    exit,
+                    tail: vec![format!("{} on {h}", t.phase)],
+                    started_unix_ms: 1,
+                    duration_ms: 250,
+                    log: format!(
+                        "/data/{h}/logs/deployments/{}/{}.log",
+                        t.deployment, t.phase
+                    ),
+                },
+            );
         }
     }
 
@@ -121,8 +194,10 @@ impl Sim {
             plan: p.clone(),
             plan_path: "p.toml".into(),
             is_rollback: false,
+            restart: false,
             previous_release: None,
             actor: "ops@desk",
+            database: Default::default(),
         };
         submit(s, &hosts, 0).deployment
     }

@@ -300,7 +300,7 @@ fn metrics() {
     refused(
         with(&|m| m.max = None),
         "analysis.metric[3]",
-        "metric has no bound: set max, min, max_vs_baseline or judge",
+        "metric has no bound: set max, min, max_vs_baseline, min_vs_baseline or judge",
     );
     refused(
         with(&|m| m.min = Some(f64::NAN)),
@@ -335,5 +335,36 @@ fn metrics() {
         "analysis.metric[3].confidence",
         "must be between 0 and 1, e.g. 0.95",
     );
-    assert_eq!(with(&|m| m.name = MetricName::LatencyP99), Ok(()));
+    refused(
+        with(&|m| m.min_vs_baseline = Some(-1.0)),
+        "analysis.metric[3].min_vs_baseline",
+        "must be a ratio above 0, e.g. 0.8",
+    );
+    assert_eq!(with(&|m| m.name = "latency_p99".into()), Ok(()));
+}
+
+#[test]
+fn env_files_are_absolute_and_listed_once_and_secret_names_are_variable_names() {
+    let mut p = plan();
+    p.run.env_files = vec!["/etc/cutover/web.env".into(), "web.env".into()];
+    refused(
+        validate_env_sources(&p.run),
+        "run.env_files[1]",
+        "\"web.env\" is not an absolute path; write e.g. \"/etc/cutover/web.env\"",
+    );
+    p.run.env_files = vec!["/etc/a.env".into(), "/etc/a.env".into()];
+    refused(
+        validate_env_sources(&p.run),
+        "run.env_files[1]",
+        "/etc/a.env is listed twice",
+    );
+    p.run.env_files = vec!["/etc/a.env".into()];
+    p.run.secret_env = vec!["DATABASE_URL".into(), "A=B".into()];
+    refused(
+        validate_env_sources(&p.run),
+        "run.secret_env[1]",
+        "invalid variable name \"A=B\"",
+    );
+    p.run.secret_env.pop();
+    assert_eq!(p.validate(), Ok(()));
 }

@@ -90,8 +90,11 @@ impl Counters {
         let whole = self.carry.floor();
         self.carry -= whole;
         self.requests += whole as u64;
+        // Rounded, not floored: a host answering one request a second at a 50 % error
+        // rate shows its errors from the first request on, as a real slot would show
+        // them to an interval of a second or two.
         self.error_carry += whole * error_rate;
-        let errors = self.error_carry.floor();
+        let errors = self.error_carry.round().max(0.0);
         self.error_carry -= errors;
         self.errors += errors as u64;
     }

@@ -1,8 +1,9 @@
 //! The simulated hosts' links to the coordinator: each host dials from its own source
 //! address with its own certificate over mutual TLS and runs the real `AgentLink.Session`
 //! stream as `cutover-agent` does — its whole observed state first, a report on every
-//! change (gathered for 20 ms) and every second, heartbeats both ways, the silence
-//! limit, and reconnects with the agent's exponential backoff and jitter.
+//! change (gathered for 20 ms; counters at most every second, everything at least every
+//! `link::REFRESH`), heartbeats both ways, the silence limit, and reconnects after the
+//! agent's `link::reconnect_delay`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,11 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use backon::BackoffBuilder;
 use cutover_proto::link;
 use cutover_proto::v1::{
-    AgentMessage, CoordinatorMessage, Heartbeat, Observed, agent_link_client::AgentLinkClient,
-    agent_message, coordinator_message,
+    AgentMessage, CoordinatorMessage, Heartbeat, Observed, ObservedService,
+    agent_link_client::AgentLinkClient, agent_message, coordinator_message,
 };
 use cutover_shared::clock::now_ms;
 use hyper_util::rt::TokioIo;
@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use super::host::{Ack, Behaviour, Faults, SimHost};
+use super::host::{Ack, Behaviour, Faults, SimHost, unit};
 
 /// How long a burst of changes is gathered into one report (the agent's).
 const COALESCE: Duration = Duration::from_millis(20);
@@ -143,11 +143,8 @@ impl Host {
         self.state().acks().to_vec()
     }
 
-    fn report(&self, shared: &Shared) -> AgentMessage {
-        let services = self.state().observe(&shared.faults.load(), now_ms());
-        AgentMessage {
-            msg: Some(agent_message::Msg::Observed(Observed { services })),
-        }
+    fn observe(&self, shared: &Shared) -> Vec<ObservedService> {
+        self.state().observe(&shared.faults.load(), now_ms())
     }
 }
 
@@ -169,15 +166,10 @@ impl From<tonic::Status> for Ended {
 }
 
 /// Runs `host`'s link until the fleet is cancelled or its certificate is revoked,
-/// reconnecting as the agent does: exponential backoff from 200 ms to 30 s with jitter,
-/// started again after a session that lasted 10 s.
+/// reconnecting as the agent does (`link::reconnect_delay`), the doubling started again
+/// after a session that lasted 10 s.
 pub async fn run(host: Arc<Host>, shared: Arc<Shared>) {
-    let builder = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
-    let mut delays = builder.build();
+    let mut attempt = 0u32;
     loop {
         let started = Instant::now();
         match session(&host, &shared).await {
@@ -200,9 +192,11 @@ pub async fn run(host: Arc<Host>, shared: Arc<Shared>) {
             return;
         }
         if started.elapsed() > Duration::from_secs(10) {
-            delays = builder.build();
+            attempt = 0;
         }
-        let wait = delays.next().unwrap_or(Duration::from_secs(30));
+        let jitter = unit(&format!("{}/{attempt}/{}", host.name, now_ms()));
+        let wait = link::reconnect_delay(attempt, jitter);
+        attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -217,7 +211,8 @@ async fn session(host: &Host, shared: &Shared) -> Result<(), Ended> {
         .map_err(|e| Ended::Failed(cutover_shared::errors::chain(&e)))?;
     let mut client = AgentLinkClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
-    send(shared, &tx, host.report(shared))?;
+    let mut sent = Sent::default();
+    sent.report(shared, &tx, host.observe(shared))?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     let mut report = tokio::time::interval(link::REPORT_EVERY);
     let mut beat = tokio::time::interval(link::HEARTBEAT);
@@ -241,10 +236,10 @@ async fn session(host: &Host, shared: &Shared) -> Result<(), Ended> {
                 None => return Ok(()),
             },
             _ = beat.tick() => heartbeat(&tx, last_heard)?,
-            _ = report.tick() => send(shared, &tx, host.report(shared))?,
+            _ = report.tick() => sent.report(shared, &tx, host.observe(shared))?,
             _ = sleep_until(due), if due.is_some() => {
                 due = None;
-                send(shared, &tx, host.report(shared))?;
+                sent.report(shared, &tx, host.observe(shared))?;
             }
             _ = sleep_until(next_change), if next_change.is_some() => {
                 due = due.or(Some(Instant::now() + COALESCE));
@@ -283,6 +278,37 @@ async fn sleep_until(when: Option<Instant>) {
     match when {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The observed state last sent, and when (as the agent keeps it): a report goes out
+/// only when it says something new, or when the last one is `link::REFRESH` old.
+#[derive(Default)]
+struct Sent {
+    state: Option<(Vec<ObservedService>, Instant)>,
+}
+
+impl Sent {
+    fn report(
+        &mut self,
+        shared: &Shared,
+        tx: &mpsc::Sender<AgentMessage>,
+        now: Vec<ObservedService>,
+    ) -> Result<(), Ended> {
+        if let Some((last, at)) = &self.state
+            && *last == now
+            && at.elapsed() < link::REFRESH
+        {
+            return Ok(());
+        }
+        let m = AgentMessage {
+            msg: Some(agent_message::Msg::Observed(Observed {
+                services: now.clone(),
+            })),
+        };
+        send(shared, tx, m)?;
+        self.state = Some((now, Instant::now()));
+        Ok(())
     }
 }
 

@@ -289,6 +289,9 @@ enum Origin {
 /// How often the engine re-decides without being woken (holds, deadlines).
 const TICK: Duration = Duration::from_millis(200);
 
+/// How long the engine gathers the hosts' changes before deciding on them.
+const GATHER: Duration = Duration::from_millis(50);
+
 /// How often the engine looks for previous releases to retire.
 const RETIRE_CHECK_MS: u64 = 1_000;
 
@@ -354,7 +357,13 @@ impl Engine {
                     }
                     None => break,
                 },
-                _ = self.fleet.changed() => false,
+                _ = self.fleet.changed() => {
+                    // Changes come in bursts (a fan-out's acknowledgements): gathered
+                    // for a moment, they cost one decision per deployment, not one
+                    // per report, and that decision reads them all (level-triggered).
+                    tokio::time::sleep(GATHER).await;
+                    false
+                }
                 // Read by the next decision on the clock.
                 Some(answer) = self.prometheus.recv() => {
                     self.prometheus.record(answer);

@@ -224,7 +224,7 @@ impl Service {
     /// first): what a rollback starts without a download.
     fn kept(&self) -> Vec<KeptRelease> {
         let mut slots: Vec<&SimSlot> = self.slots.iter().flatten().collect();
-        slots.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+        slots.sort_by_key(|s| std::cmp::Reverse(s.started_ms));
         slots.dedup_by(|a, b| a.release == b.release);
         slots
             .into_iter()

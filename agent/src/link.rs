@@ -1,7 +1,9 @@
 //! The agent's one long-lived stream to the coordinator: it sends the host's observed
-//! state (at once, on every change, and every second with fresh counters) and applies
-//! the desired state it receives. It reconnects for ever with exponential backoff and
-//! jitter; a reconnect resends both sides' whole state, so nothing is lost or doubled.
+//! state on change (at once when slots, weights or errors change; counters at most every
+//! second while they grow; all of it at least every [`link::REFRESH`]), a heartbeat every
+//! [`link::HEARTBEAT`], and applies the desired state it receives. It reconnects for
+//! ever, waiting [`link::reconnect_delay`] (doubling up to a few seconds, jittered); a
+//! reconnect resends both sides' whole state, so nothing is lost or doubled.
 //! The one refusal it does not retry is a revoked certificate: the host was removed, or
 //! enrolled again elsewhere, and only a new join can bring it back. `cutover logs`
 //! requests come on the same stream and are answered by [`crate::logs`] on a queue of
@@ -11,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use cutover_proto::link;
 use cutover_proto::v1::{
     AgentMessage, CoordinatorMessage, Heartbeat, Observed, ObservedService,
@@ -73,12 +74,7 @@ pub async fn run(
     services: Arc<Services>,
     cancel: CancellationToken,
 ) -> Result<(), HostRevoked> {
-    let builder = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
-    let mut delays = builder.build();
+    let mut attempt = 0u32;
     loop {
         let started = Instant::now();
         match Identity::load(&data_dir) {
@@ -94,10 +90,12 @@ pub async fn run(
         if cancel.is_cancelled() {
             return Ok(());
         }
+        // A session that lasted starts the doubling again.
         if started.elapsed() > Duration::from_secs(10) {
-            delays = builder.build();
+            attempt = 0;
         }
-        let wait = delays.next().unwrap_or(Duration::from_secs(30));
+        let wait = link::reconnect_delay(attempt, rand::random());
+        attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
@@ -117,6 +115,7 @@ async fn session(
         tx,
         mut inbound,
         logs,
+        mut sent,
     } = open(identity, services).await?;
     let mut report = tokio::time::interval(link::REPORT_EVERY);
     let mut renewal = tokio::time::interval(RENEWAL_CHECK);
@@ -129,11 +128,11 @@ async fn session(
             _ = services.changed.notified() => {
                 // Coalesce bursts of changes into one report.
                 tokio::time::sleep(COALESCE).await;
-                send_observed(&tx, services).await?;
+                sent.report(&tx, services.observe().await)?;
             }
             _ = report.tick() => {
                 services.maintain().await;
-                send_observed(&tx, services).await?;
+                sent.report(&tx, services.observe().await)?;
             }
             _ = renewal.tick(), if !renewed && identity.renewal_due(cutover_shared::clock::now_ms()) => {
                 renewed = renew(data_dir, identity, &channel).await;
@@ -160,6 +159,8 @@ struct Open {
     inbound: tonic::Streaming<CoordinatorMessage>,
     /// The session's log requests; they end with it.
     logs: logs::Requests,
+    /// The observed state it opened with.
+    sent: Sent,
 }
 
 /// Connects with the host's certificate and opens the stream, the whole observed state
@@ -174,7 +175,8 @@ async fn open(identity: &Identity, services: &Services) -> Result<Open, Ended> {
     let mut client = AgentLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
     let (log_tx, log_rx) = mpsc::channel::<AgentMessage>(LOG_QUEUE);
-    tx.send(observed(services.observe().await))
+    let first = services.observe().await;
+    tx.send(observed(first.clone()))
         .await
         .map_err(|e| e.to_string())?;
     // Two queues, taken in turn: log lines never hold up observed state.
@@ -190,6 +192,7 @@ async fn open(identity: &Identity, services: &Services) -> Result<Open, Ended> {
         tx,
         inbound,
         logs: logs::Requests::new(log_tx, services.log_marks.clone()),
+        sent: Sent::new(first),
     })
 }
 
@@ -199,10 +202,37 @@ fn observed(services: Vec<ObservedService>) -> AgentMessage {
     }
 }
 
-/// Queues the observed state; a full queue means the coordinator stopped reading.
-async fn send_observed(tx: &mpsc::Sender<AgentMessage>, services: &Services) -> Result<(), Ended> {
-    tx.try_send(observed(services.observe().await))
-        .map_err(|_| Ended::Failed("outgoing queue full".into()))
+/// The observed state last sent, and when: a report goes out only when it says
+/// something new, or when the last one is [`link::REFRESH`] old.
+struct Sent {
+    state: Vec<ObservedService>,
+    at: Instant,
+}
+
+impl Sent {
+    /// What the session opened with.
+    fn new(state: Vec<ObservedService>) -> Sent {
+        Sent {
+            state,
+            at: Instant::now(),
+        }
+    }
+
+    /// Queues `now` if it differs from what was sent last, or that is old; a full
+    /// queue means the coordinator stopped reading.
+    fn report(
+        &mut self,
+        tx: &mpsc::Sender<AgentMessage>,
+        now: Vec<ObservedService>,
+    ) -> Result<(), Ended> {
+        if now == self.state && self.at.elapsed() < link::REFRESH {
+            return Ok(());
+        }
+        tx.try_send(observed(now.clone()))
+            .map_err(|_| Ended::Failed("outgoing queue full".into()))?;
+        *self = Sent::new(now);
+        Ok(())
+    }
 }
 
 /// Sends a heartbeat, unless the coordinator has been silent too long.

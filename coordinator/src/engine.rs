@@ -3,12 +3,18 @@
 //! each outcome the same way (`Engine::publish`): the record, the hosts' desired state
 //! and the timeline events in one transaction, and only then desired state to the
 //! hosts, events to the webhooks and durations to the histograms.
+//!
+//! It decides on change, not per report: a deployment is decided again when one of its
+//! hosts changed in a way decisions read (the fleet collects those hosts, and `by_host`
+//! finds their deployments), on an operator's order, and on the engine's clock (holds,
+//! deadlines, analysis intervals, hosts going silent). A decision reads the fleet and
+//! the desired state in place, without copying either.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cutover_proto::v1::{DesiredService, ObservedService};
+use cutover_proto::v1::DesiredService;
 use cutover_shared::clock::now_ms;
 use cutover_shared::names::labels_match;
 use cutover_shared::plan::{ContractAfter, Plan};
@@ -213,8 +219,11 @@ pub struct Engine {
     /// Deployments not yet ended (or whose schema change is being contracted or aborted
     /// after their end), by id, with what the engine keeps for each.
     active: BTreeMap<String, Active>,
-    /// Desired state per (host, service), mirrored from the store.
-    desired: HashMap<(String, String), DesiredService>,
+    /// The active deployments of each host, by id: whom a change of that host concerns.
+    by_host: HashMap<String, BTreeSet<String>>,
+    /// Desired state per service and host, mirrored from the store (`None`: the store
+    /// has none).
+    desired: HashMap<String, HashMap<String, Option<DesiredService>>>,
     /// When to look for previous releases to retire next (unix ms).
     next_retire_check: u64,
     /// When this engine started (unix ms): a host never heard from since counts as
@@ -257,6 +266,14 @@ struct Change {
     forget: Option<String>,
 }
 
+/// What deciding a deployment once came to.
+enum Outcome {
+    /// Nothing changed: the deployment as it stands.
+    Same(DeploymentRecord),
+    /// The deployment as decided, and what to carry out.
+    Changed(DeploymentRecord, Box<Change>),
+}
+
 /// Where a deployment's plan comes from.
 enum Origin {
     /// A plan file, as the CLI named it.
@@ -269,17 +286,11 @@ enum Origin {
     RollbackTo(String),
 }
 
-/// What the hosts of one deployment were sent and report, read for one decision.
-struct Reports {
-    /// Each host's desired state for the service, as last written.
-    desired: BTreeMap<String, Option<DesiredService>>,
-    /// Each host's latest report for the service, if it sent one since this
-    /// coordinator started.
-    observed: BTreeMap<String, Option<ObservedService>>,
-}
-
 /// How often the engine re-decides without being woken (holds, deadlines).
 const TICK: Duration = Duration::from_millis(200);
+
+/// How long the engine gathers the hosts' changes before deciding on them.
+const GATHER: Duration = Duration::from_millis(50);
 
 /// How often the engine looks for previous releases to retire.
 const RETIRE_CHECK_MS: u64 = 1_000;
@@ -293,6 +304,7 @@ impl Engine {
     ) -> Result<(Engine, Handle), Error> {
         let (tx, rx) = mpsc::channel(64);
         let mut active = BTreeMap::new();
+        let mut by_host: HashMap<String, BTreeSet<String>> = HashMap::new();
         for record in store.deployments()? {
             if !decided(&record) {
                 continue;
@@ -300,6 +312,9 @@ impl Engine {
             // Pick up the timeline where it stopped.
             let next_event = store.events(&record.id)?.len() as u64;
             let id = record.id.clone();
+            for h in record.hosts.keys() {
+                by_host.entry(h.clone()).or_default().insert(id.clone());
+            }
             let a = Active {
                 record,
                 next_event,
@@ -317,6 +332,7 @@ impl Engine {
             fleet,
             rx,
             active,
+            by_host,
             desired: HashMap::new(),
             next_retire_check: 0,
             started_ms,
@@ -332,17 +348,30 @@ impl Engine {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let all = tokio::select! {
                 _ = cancel.cancelled() => break,
                 req = self.rx.recv() => match req {
-                    Some(req) => self.handle(req),
+                    Some(req) => {
+                        self.handle(req);
+                        true
+                    }
                     None => break,
                 },
-                _ = self.fleet.changed() => {},
-                Some(answer) = self.prometheus.recv() => self.prometheus.record(answer),
-                _ = tick.tick() => {},
-            }
-            if let Err(e) = self.evaluate() {
+                _ = self.fleet.changed() => {
+                    // Changes come in bursts (a fan-out's acknowledgements): gathered
+                    // for a moment, they cost one decision per deployment, not one
+                    // per report, and that decision reads them all (level-triggered).
+                    tokio::time::sleep(GATHER).await;
+                    false
+                }
+                // Read by the next decision on the clock.
+                Some(answer) = self.prometheus.recv() => {
+                    self.prometheus.record(answer);
+                    continue;
+                }
+                _ = tick.tick() => true,
+            };
+            if let Err(e) = self.evaluate(all) {
                 tracing::error!(error = %e, "advance deployments");
             }
         }
@@ -402,9 +431,21 @@ impl Engine {
         }
     }
 
-    /// Decides every active deployment once, then retires what is due.
-    fn evaluate(&mut self) -> Result<(), Error> {
-        let ids: Vec<String> = self.active.keys().cloned().collect();
+    /// Decides every active deployment once (`all`), or those of the hosts that changed
+    /// since the last time, then retires what is due.
+    fn evaluate(&mut self, all: bool) -> Result<(), Error> {
+        // Taken before deciding: a change made meanwhile wakes the engine again.
+        let changed = self.fleet.take_changed();
+        let ids: Vec<String> = if all {
+            self.active.keys().cloned().collect()
+        } else {
+            let ids: BTreeSet<&String> = changed
+                .iter()
+                .filter_map(|h| self.by_host.get(h))
+                .flatten()
+                .collect();
+            ids.into_iter().cloned().collect()
+        };
         for id in ids {
             if self.active.contains_key(&id) {
                 self.step(&id, None)?;
@@ -476,7 +517,7 @@ impl Engine {
                 next_event,
                 step_started: None,
             };
-            self.active.insert(id.to_string(), a);
+            self.activate(a);
         }
         self.step(id, Some(Order { command, actor }))
     }
@@ -708,29 +749,80 @@ impl Engine {
     /// Decides deployment `id` once (with the operator's order, if any) and carries out
     /// the decision. Returns the deployment as decided.
     fn step(&mut self, id: &str, order: Option<Order<'_>>) -> Result<DeploymentRecord, Error> {
-        let Some(dep) = self.active.get(id).map(|a| a.record.clone()) else {
+        // The record is taken out while the decision reads it (nothing is copied unless
+        // the decision changes something), and back in before anything is published.
+        let Some(a) = self.active.remove(id) else {
             return Err(Error::NotFound(format!("unknown deployment {id:?}")));
         };
+        let outcome = self.decide(&a.record, order);
+        let was_final = a.record.state.is_final();
+        self.active.insert(id.to_string(), a);
+        let (next, change) = match outcome? {
+            Outcome::Same(next) => return Ok(next),
+            Outcome::Changed(next, change) => (next, change),
+        };
+        self.publish(*change)?;
+        // A `cutover rollback` that succeeded undoes the schema change it rolled back.
+        if next.state == State::Succeeded
+            && !was_final
+            && let Some(undone) = &next.database.undoes
+        {
+            self.order_ended(undone, Command::Undo, &next.id)?;
+        }
+        Ok(next)
+    }
+
+    /// Decides `dep` once, reading the fleet and the desired state in place.
+    fn decide(
+        &mut self,
+        dep: &DeploymentRecord,
+        order: Option<Order<'_>>,
+    ) -> Result<Outcome, Error> {
         let now = now_ms();
-        let reports = self.reports(&dep)?;
         let previous = match &dep.database.after {
             Some(after) => self.record(after)?,
             None => None,
         };
-        let queried = self.prometheus.sync(&dep);
-        let views = self.views(&reports, now);
+        let queried = self.prometheus.sync(dep);
+        for h in dep.hosts.keys() {
+            self.cached_desired(h, &dep.service)?;
+        }
+        let states = self.fleet.views(dep.hosts.keys(), &dep.service, now);
+        let desired = self.desired.get(&dep.service);
+        let views: BTreeMap<String, HostView<'_>> = dep
+            .hosts
+            .keys()
+            .zip(&states)
+            .map(|(h, st)| {
+                // A partition closes nothing: a host must also have been heard from
+                // lately to vouch for anything (see `Fleet::reachable`).
+                let heard = st.last_seen.unwrap_or(self.started_ms);
+                let view = HostView {
+                    connected: st.reachable,
+                    lost_ms: if st.reachable {
+                        0
+                    } else {
+                        now.saturating_sub(heard)
+                    },
+                    desired: desired.and_then(|m| m.get(h)).and_then(Option::as_ref),
+                    observed: st.observed.as_deref(),
+                };
+                (h.clone(), view)
+            })
+            .collect();
         let inputs = rollout::Inputs {
             previous: previous.as_ref(),
             queried: &queried,
         };
-        let decision = rollout::decide_with(&dep, &views, inputs, order, now);
+        let decision = rollout::decide_with(dep, &views, inputs, order, now);
+        drop(views);
         let next = decision.deployment;
-        if next == dep && decision.targets.is_empty() && decision.events.is_empty() {
-            return Ok(next);
+        if next == *dep && decision.targets.is_empty() && decision.events.is_empty() {
+            return Ok(Outcome::Same(next));
         }
-        log_state(&dep, &next);
+        log_state(dep, &next);
         let mut targets = decision.targets;
-        let mut service = self.service_after(&dep, &next, now)?;
+        let mut service = self.service_after(dep, &next, now)?;
         let mut forget = None;
         if next.state.is_final()
             && !dep.state.is_final()
@@ -741,20 +833,13 @@ impl Engine {
             forget = Some(svc.name.clone());
             service = None;
         }
-        self.publish(Change {
+        let change = Change {
             deployment: Some((next.clone(), decision.events)),
             service,
             targets,
             forget,
-        })?;
-        // A `cutover rollback` that succeeded undoes the schema change it rolled back.
-        if next.state == State::Succeeded
-            && !dep.state.is_final()
-            && let Some(undone) = &next.database.undoes
-        {
-            self.order_ended(undone, Command::Undo, &next.id)?;
-        }
-        Ok(next)
+        };
+        Ok(Outcome::Changed(next, Box::new(change)))
     }
 
     /// The service's record after `before` became `after`, when that changes it: the
@@ -771,42 +856,6 @@ impl Engine {
         }
         let when = crate::views::rfc3339(now).unwrap_or_default();
         Ok(rollout::changed_service(&svc, before, after, &when))
-    }
-
-    /// What `dep`'s hosts were sent and report now.
-    fn reports(&mut self, dep: &DeploymentRecord) -> Result<Reports, Error> {
-        let mut desired = BTreeMap::new();
-        let mut observed = BTreeMap::new();
-        for h in dep.hosts.keys() {
-            desired.insert(h.clone(), self.desired(h, &dep.service)?);
-            observed.insert(h.clone(), self.fleet.observed(h, &dep.service));
-        }
-        Ok(Reports { desired, observed })
-    }
-
-    /// What the decision knows of each host at `now`.
-    fn views<'a>(&self, reports: &'a Reports, now: u64) -> BTreeMap<String, HostView<'a>> {
-        reports
-            .desired
-            .iter()
-            .map(|(h, desired)| {
-                // A partition closes nothing: a host must also have been heard from
-                // lately to vouch for anything (see `Fleet::reachable`).
-                let connected = self.fleet.reachable(h, now);
-                let heard = self.fleet.last_seen(h).unwrap_or(self.started_ms);
-                let view = HostView {
-                    connected,
-                    lost_ms: if connected {
-                        0
-                    } else {
-                        now.saturating_sub(heard)
-                    },
-                    desired: desired.as_ref(),
-                    observed: reports.observed.get(h).and_then(Option::as_ref),
-                };
-                (h.clone(), view)
-            })
-            .collect()
     }
 
     /// Stops the previous release's idle slots of each service once `keep_previous` has
@@ -854,8 +903,14 @@ impl Engine {
         let mut batch = Batch::default();
         let mut sends = Vec::new();
         for (host, mut t) in change.targets {
-            let current = self.desired(&host, &t.service)?;
-            t.generation = current.map_or(0, |d| d.generation) + 1;
+            let current = self.cached_desired(&host, &t.service)?;
+            let generation = current.map_or(0, |d| d.generation);
+            t.generation = generation;
+            // Only a host whose desired state changes is written to and sent anything.
+            if current == Some(&t) {
+                continue;
+            }
+            t.generation = generation + 1;
             batch.desired(&host, &t.service, t.encode_to_vec());
             sends.push((host, t));
         }
@@ -883,7 +938,11 @@ impl Engine {
             } else {
                 self.removing.remove(&key);
             }
-            self.desired.insert(key, t);
+            let (host, service) = key;
+            self.desired
+                .entry(service)
+                .or_default()
+                .insert(host, Some(t));
         }
         if let Some((record, events)) = change.deployment {
             self.hooks.send(&record, &events);
@@ -896,7 +955,9 @@ impl Engine {
     /// sequence number with it, and feeds the histograms from its events.
     fn track(&mut self, record: DeploymentRecord, events: &[Event]) {
         let id = record.id.clone();
-        let mut a = self.active.remove(&id).unwrap_or(Active {
+        let known = self.active.remove(&id);
+        let new = known.is_none();
+        let mut a = known.unwrap_or(Active {
             record: record.clone(),
             next_event: 0,
             step_started: None,
@@ -907,29 +968,69 @@ impl Engine {
         if a.record.state.is_final() {
             self.prometheus.forget(&id);
         }
-        if decided(&a.record) {
+        if decided(&a.record) && new {
+            self.activate(a);
+        } else if decided(&a.record) {
             self.active.insert(id, a);
+        } else {
+            for h in a.record.hosts.keys() {
+                if let Some(ids) = self.by_host.get_mut(h) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_host.remove(h);
+                    }
+                }
+            }
         }
     }
 
+    /// Keeps `a`, not active until now, among the active deployments, indexed by its
+    /// hosts (a deployment's hosts are fixed when it is created).
+    fn activate(&mut self, a: Active) {
+        for h in a.record.hosts.keys() {
+            self.by_host
+                .entry(h.clone())
+                .or_default()
+                .insert(a.record.id.clone());
+        }
+        self.active.insert(a.record.id.clone(), a);
+    }
+
     fn desired(&mut self, host: &str, service: &str) -> Result<Option<DesiredService>, Error> {
-        let key = (host.to_string(), service.to_string());
-        if let Some(d) = self.desired.get(&key) {
-            return Ok(Some(d.clone()));
+        Ok(self.cached_desired(host, service)?.cloned())
+    }
+
+    /// `host`'s desired state for `service` as last written, read from the store once.
+    fn cached_desired(
+        &mut self,
+        host: &str,
+        service: &str,
+    ) -> Result<Option<&DesiredService>, Error> {
+        let known = self
+            .desired
+            .get(service)
+            .is_some_and(|m| m.contains_key(host));
+        if !known {
+            let stored = match self.store.desired(host, service)? {
+                None => None,
+                Some(raw) => match DesiredService::decode(raw.as_slice()) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::error!(host, service, error = %e, "stored desired state unreadable");
+                        None
+                    }
+                },
+            };
+            self.desired
+                .entry(service.to_string())
+                .or_default()
+                .insert(host.to_string(), stored);
         }
-        let Some(raw) = self.store.desired(host, service)? else {
-            return Ok(None);
-        };
-        match DesiredService::decode(raw.as_slice()) {
-            Ok(d) => {
-                self.desired.insert(key, d.clone());
-                Ok(Some(d))
-            }
-            Err(e) => {
-                tracing::error!(host, service, error = %e, "stored desired state unreadable");
-                Ok(None)
-            }
-        }
+        Ok(self
+            .desired
+            .get(service)
+            .and_then(|m| m.get(host))
+            .and_then(Option::as_ref))
     }
 }
 

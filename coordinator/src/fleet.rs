@@ -2,15 +2,21 @@
 //! the latest state each host reported, a change signal for the engine, and where the
 //! hosts' answers to `cutover logs` requests go (one bounded queue per client: a full
 //! one ends that host's answer, so a slow reader never holds up a session).
+//!
+//! The engine is woken only by a change a decision reads: a host attached, detached or
+//! heard from again after going stale, or a report that differs from the last one in
+//! more than its counters. Such hosts are collected ([`Fleet::take_changed`]) so the
+//! engine decides only the deployments they belong to; counters alone are read by the
+//! engine's own clock (analysis intervals), from the latest report kept here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cutover_proto::link;
 use cutover_proto::v1::{
     CoordinatorMessage, DesiredService, DesiredState, LogCancel, LogChunk, LogLine, LogRequest,
-    ObservedService, coordinator_message,
+    ObservedService, SlotMetrics, SlotScrape, coordinator_message,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -57,13 +63,16 @@ struct Inner {
     sessions: HashMap<String, Session>,
     /// What each host last reported, per service; kept across reconnects. A report is
     /// the host's whole observed state: a service it leaves out is gone from the host.
-    observed: HashMap<String, BTreeMap<String, ObservedService>>,
+    observed: HashMap<String, BTreeMap<String, Arc<ObservedService>>>,
     /// When each host last reported its observed state (unix ms), so that a service's
     /// absence is read only from a report made after it was removed.
     last_report: HashMap<String, u64>,
     /// When each host was last heard from (unix ms): a stream open but silent is not
     /// counted on.
     last_seen: HashMap<String, u64>,
+    /// Hosts whose state changed in a way decisions read since the engine last took
+    /// them.
+    changed: HashSet<String>,
     /// Sessions that replaced an earlier one, for `/metrics`.
     reconnects: u64,
     /// Log requests out on the hosts, by request id.
@@ -109,6 +118,7 @@ impl Fleet {
             g.reconnects += 1;
         }
         g.last_seen.insert(host.to_string(), now_ms);
+        g.changed.insert(host.to_string());
         drop(g);
         self.changed.notify_one();
         (id, end)
@@ -121,6 +131,7 @@ impl Fleet {
             g.sessions.remove(host);
             end_logs(&mut g, host, "the host disconnected");
         }
+        g.changed.insert(host.to_string());
         drop(g);
         self.changed.notify_one();
     }
@@ -134,26 +145,51 @@ impl Fleet {
         end_logs(&mut g, host, "the host was removed");
         g.observed.remove(host);
         g.last_report.remove(host);
+        g.changed.insert(host.to_string());
         drop(g);
         self.changed.notify_one();
     }
 
-    /// Records `host`'s whole observed state.
+    /// Records `host`'s whole observed state. The engine is woken only when it differs
+    /// from the last report in more than counters, or the host comes back from silence.
     pub fn observe(&self, host: &str, services: Vec<ObservedService>, now_ms: u64) {
         let mut g = self.lock();
-        let all = services
-            .into_iter()
-            .map(|s| (s.service.clone(), s))
-            .collect();
+        let stale = is_stale(&g, host, now_ms);
+        let mut before = g.observed.remove(host).unwrap_or_default();
+        let mut differs = before.len() != services.len();
+        let mut all = BTreeMap::new();
+        for mut s in services {
+            differs |= before
+                .remove(&s.service)
+                .is_none_or(|b| !same_but_counters(b, &mut s));
+            all.insert(s.service.clone(), Arc::new(s));
+        }
         g.observed.insert(host.to_string(), all);
         g.last_report.insert(host.to_string(), now_ms);
         g.last_seen.insert(host.to_string(), now_ms);
-        drop(g);
-        self.changed.notify_one();
+        if differs || stale {
+            g.changed.insert(host.to_string());
+            drop(g);
+            self.changed.notify_one();
+        }
     }
 
+    /// `host` was heard from (a heartbeat or a log chunk). Coming back from silence is
+    /// a change decisions read (see [`Fleet::reachable`]).
     pub fn seen(&self, host: &str, now_ms: u64) {
-        self.lock().last_seen.insert(host.to_string(), now_ms);
+        let mut g = self.lock();
+        let stale = is_stale(&g, host, now_ms);
+        g.last_seen.insert(host.to_string(), now_ms);
+        if stale {
+            g.changed.insert(host.to_string());
+            drop(g);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The hosts whose state changed in a way decisions read since the last call.
+    pub fn take_changed(&self) -> HashSet<String> {
+        std::mem::take(&mut self.lock().changed)
     }
 
     pub fn is_connected(&self, host: &str) -> bool {
@@ -167,13 +203,7 @@ impl Fleet {
     /// from within [`link::STALE_AFTER`] (a partition closes nothing, so an open stream
     /// alone proves little). Decisions and `hosts` both ask this.
     pub fn reachable(&self, host: &str, now: u64) -> bool {
-        let g = self.lock();
-        let open = g.sessions.get(host).is_some_and(|s| !s.tx.is_closed());
-        let heard = g
-            .last_seen
-            .get(host)
-            .is_some_and(|t| now.saturating_sub(*t) < link::STALE_AFTER.as_millis() as u64);
-        open && heard
+        reachable(&self.lock(), host, now)
     }
 
     pub fn connected_count(&self) -> usize {
@@ -197,7 +227,7 @@ impl Fleet {
         self.lock().last_seen.get(host).copied()
     }
 
-    pub fn observed(&self, host: &str, service: &str) -> Option<ObservedService> {
+    pub fn observed(&self, host: &str, service: &str) -> Option<Arc<ObservedService>> {
         self.lock()
             .observed
             .get(host)
@@ -209,8 +239,27 @@ impl Fleet {
         self.lock()
             .observed
             .get(host)
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.values().map(|o| o.as_ref().clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// What a decision reads of each of `hosts` about `service` at `now`, under one
+    /// lock: reachable (see [`Fleet::reachable`]), when last heard from, the latest
+    /// report.
+    pub fn views<'h>(
+        &self,
+        hosts: impl Iterator<Item = &'h String>,
+        service: &str,
+        now: u64,
+    ) -> Vec<HostState> {
+        let g = self.lock();
+        hosts
+            .map(|h| HostState {
+                reachable: reachable(&g, h, now),
+                last_seen: g.last_seen.get(h).copied(),
+                observed: g.observed.get(h).and_then(|m| m.get(service)).cloned(),
+            })
+            .collect()
     }
 
     /// Queues desired state for `host` if it is connected. A full queue means the host
@@ -312,6 +361,54 @@ impl Fleet {
     }
 }
 
+/// What a decision reads of one host (see [`Fleet::views`]).
+pub struct HostState {
+    pub reachable: bool,
+    pub last_seen: Option<u64>,
+    pub observed: Option<Arc<ObservedService>>,
+}
+
+/// See [`Fleet::reachable`].
+fn reachable(g: &Inner, host: &str, now: u64) -> bool {
+    let open = g.sessions.get(host).is_some_and(|s| !s.tx.is_closed());
+    open && !is_stale(g, host, now)
+}
+
+/// `host` was not heard from within [`link::STALE_AFTER`] of `now`.
+fn is_stale(g: &Inner, host: &str, now: u64) -> bool {
+    g.last_seen
+        .get(host)
+        .is_none_or(|t| now.saturating_sub(*t) >= link::STALE_AFTER.as_millis() as u64)
+}
+
+/// Whether `new` says what `old` said, counters and scrapes aside (those are read when
+/// an analysis interval ends, not on arrival). `new`'s are taken out for the comparison
+/// and put back; `old` is the report `new` replaces.
+fn same_but_counters(old: Arc<ObservedService>, new: &mut ObservedService) -> bool {
+    let mut old = Arc::unwrap_or_clone(old);
+    take_counters(&mut old);
+    let taken = take_counters(new);
+    let same = old == *new;
+    for (st, (metrics, scrape)) in [new.blue.as_mut(), new.green.as_mut()]
+        .into_iter()
+        .zip(taken)
+    {
+        if let Some(st) = st {
+            st.metrics = metrics;
+            st.scrape = scrape;
+        }
+    }
+    same
+}
+
+/// Takes the counters and scrapes out of both slots of `o` (blue, green).
+fn take_counters(o: &mut ObservedService) -> [(Option<SlotMetrics>, Option<SlotScrape>); 2] {
+    [o.blue.as_mut(), o.green.as_mut()].map(|st| match st {
+        Some(st) => (st.metrics.take(), st.scrape.take()),
+        None => (None, None),
+    })
+}
+
 /// Tells `host` to stop answering log request `id`, if it can be told.
 fn cancel_log(g: &Inner, host: &str, id: u64) {
     if let Some(s) = g.sessions.get(host) {
@@ -375,6 +472,61 @@ mod tests {
             }
         }
         out
+    }
+
+    fn report(requests: u64, phase: cutover_proto::v1::SlotPhase) -> ObservedService {
+        ObservedService {
+            service: "s".into(),
+            generation: 1,
+            blue: Some(cutover_proto::v1::SlotStatus {
+                phase: phase as i32,
+                metrics: Some(SlotMetrics {
+                    requests,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            blue_weight: 100,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_what_decisions_read_wakes_the_engine_and_counters_stay_fresh() {
+        use cutover_proto::v1::SlotPhase::{Healthy, Unhealthy};
+        let fleet = Fleet::default();
+        let (stx, _srx) = mpsc::channel(8);
+        fleet.attach("a", stx, 1_000);
+        let changed = |f: &Fleet| f.take_changed().into_iter().collect::<Vec<_>>();
+        assert_eq!(changed(&fleet), ["a"], "a host attached");
+        assert!(changed(&fleet).is_empty(), "taken");
+        fleet.observe("a", vec![report(1, Healthy)], 1_100);
+        assert_eq!(changed(&fleet), ["a"], "its first report");
+        fleet.observe("a", vec![report(5, Healthy)], 1_200);
+        assert!(changed(&fleet).is_empty(), "counters alone");
+        let kept = fleet.observed("a", "s").unwrap();
+        assert_eq!(
+            kept.blue
+                .as_ref()
+                .unwrap()
+                .metrics
+                .as_ref()
+                .unwrap()
+                .requests,
+            5
+        );
+        fleet.observe("a", vec![report(6, Unhealthy)], 1_300);
+        assert_eq!(changed(&fleet), ["a"], "a slot turned unhealthy");
+        fleet.observe("a", vec![report(6, Unhealthy)], 1_400);
+        assert!(changed(&fleet).is_empty(), "the same again");
+        fleet.seen("a", 3_000);
+        assert!(changed(&fleet).is_empty(), "a heartbeat in time");
+        assert!(!fleet.reachable("a", 6_500), "silent for 3.5 s");
+        fleet.seen("a", 6_500);
+        assert_eq!(changed(&fleet), ["a"], "heard from again after silence");
+        assert!(fleet.reachable("a", 6_600));
+        fleet.observe("a", vec![], 6_700);
+        assert_eq!(changed(&fleet), ["a"], "the service is gone");
     }
 
     #[test]

@@ -228,7 +228,7 @@ fn stats(
 
 fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> {
     let mut out = String::new();
-    let deployments = store.deployments()?;
+    let deployments = store.deployment_states()?;
     let _ = writeln!(out, "# HELP cutover_deployments Deployments by state.");
     let _ = writeln!(out, "# TYPE cutover_deployments gauge");
     for st in [
@@ -242,7 +242,7 @@ fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> 
         State::Failed,
         State::Aborted,
     ] {
-        let n = deployments.iter().filter(|d| d.state == st).count();
+        let n = deployments.get(&st).copied().unwrap_or(0);
         let _ = writeln!(out, "cutover_deployments{{state=\"{}\"}} {n}", st.as_str());
     }
     let _ = writeln!(
@@ -253,7 +253,7 @@ fn metrics(store: &Store, fleet: &Fleet) -> Result<String, crate::store::Error> 
     let _ = writeln!(out, "cutover_hosts_connected {}", fleet.connected_count());
     let _ = writeln!(out, "# HELP cutover_hosts_enrolled Hosts that have joined.");
     let _ = writeln!(out, "# TYPE cutover_hosts_enrolled gauge");
-    let _ = writeln!(out, "cutover_hosts_enrolled {}", store.hosts()?.len());
+    let _ = writeln!(out, "cutover_hosts_enrolled {}", store.host_count()?);
     let _ = writeln!(
         out,
         "# HELP cutover_stream_reconnects_total Agent sessions that replaced an earlier one."

@@ -31,7 +31,7 @@ use rustls::{
     SignatureScheme,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,6 +42,10 @@ use crate::pki::{self, Ca};
 /// A client that has not finished its handshake by then (or by `--idle-timeout`, if
 /// shorter) is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes (CPU-heavy: signatures and their checks) done at once; more wait
+/// their turn, so that a reconnecting fleet's handshakes finish in turn instead of all
+/// slowing down together, and sessions keep the CPU they need for heartbeats.
+const HANDSHAKES: usize = 16;
 /// How often the interface addresses are read again, so that a new one is named soon.
 const NAMES_CHECK: Duration = Duration::from_secs(10);
 
@@ -298,8 +302,9 @@ impl Tls {
     /// Accepts connections on `listener` until `cancel`, at most `limits.max_connections`
     /// at once and backing off when accepting fails (descriptors run out). Each
     /// handshake runs in its own task, so a slow client holds up no one, and must end
-    /// within `limits.idle_timeout` (at most 10 s); finished ones come out of the
-    /// returned stream. A connection keeps its place under the cap until it closes.
+    /// within `limits.idle_timeout` (at most 10 s, waiting for its turn included: at
+    /// most [`HANDSHAKES`] run at once); finished ones come out of the returned stream.
+    /// A connection keeps its place under the cap until it closes.
     pub fn serve(
         self,
         listener: TcpListener,
@@ -321,6 +326,7 @@ impl Tls {
         tx: mpsc::Sender<std::io::Result<TlsStream<Conn>>>,
         cancel: CancellationToken,
     ) {
+        let turns = Arc::new(Semaphore::new(HANDSHAKES));
         let mut names_check = tokio::time::interval(NAMES_CHECK);
         names_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -330,9 +336,13 @@ impl Tls {
                 conn = acceptor.accept() => {
                     let _ = conn.stream().set_nodelay(true);
                     let peer = conn.peer();
-                    let (tls, tx) = (self.acceptor.clone(), tx.clone());
+                    let (tls, tx, turns) = (self.acceptor.clone(), tx.clone(), turns.clone());
                     tokio::spawn(async move {
-                        match tokio::time::timeout(handshake, tls.accept(conn)).await {
+                        let shake = async {
+                            let _turn = turns.acquire().await;
+                            tls.accept(conn).await
+                        };
+                        match tokio::time::timeout(handshake, shake).await {
                             Ok(Ok(tls)) => {
                                 let _ = tx.send(Ok(tls)).await;
                             }

@@ -174,7 +174,7 @@ pub struct ServiceRecord {
 }
 
 /// Where a deployment stands (the transitions are charted in [`crate::rollout`]).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Created; no decision yet.

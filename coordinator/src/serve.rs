@@ -133,7 +133,10 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Res
     let (listener, http_listener) = bind(&cfg).await?;
 
     let tasks = TaskTracker::new();
-    tasks.spawn(engine.run(shutdown.clone()));
+    // The engine's decisions are CPU work over whole deployments: on a thread of its
+    // own, they never hold up the runtime's workers, which carry the sessions.
+    let (runtime, cancel) = (tokio::runtime::Handle::current(), shutdown.clone());
+    tasks.spawn_blocking(move || runtime.block_on(engine.run(cancel)));
     let sources = http::Sources {
         store: store.clone(),
         fleet: fleet.clone(),

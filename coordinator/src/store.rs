@@ -10,17 +10,17 @@ pub use trust::FirstAdmin;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
-    WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::model::{
-    DeploymentRecord, HostRecord, Identity, Revocation, ServiceRecord, TokenRecord,
+    DeploymentRecord, HostRecord, Identity, Revocation, ServiceRecord, State, TokenRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +239,9 @@ const ALL: [Table; 10] = [
 
 pub struct Store {
     db: Db,
+    /// Each deployment's state, read from the store once and kept with every commit:
+    /// what `/metrics` counts without reading every deployment record.
+    states: Mutex<Option<BTreeMap<String, State>>>,
 }
 
 /// What [`Store::enroll`] did.
@@ -252,6 +255,8 @@ pub struct Enrolled {
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<(Table, String, Option<Vec<u8>>)>,
+    /// The state of each deployment the batch writes.
+    states: Vec<(String, State)>,
 }
 
 impl Batch {
@@ -262,6 +267,7 @@ impl Batch {
     }
     pub fn deployment(&mut self, d: &DeploymentRecord) -> &mut Self {
         self.put_json(DEPLOYMENTS, &d.id, d);
+        self.states.push((d.id.clone(), d.state));
         self
     }
     pub fn service(&mut self, s: &ServiceRecord) -> &mut Self {
@@ -304,7 +310,10 @@ impl Store {
             w.open_table(t)?;
         }
         w.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            states: Mutex::new(None),
+        })
     }
 
     /// False while writes fail (the last commit failed, e.g. on a full disk).
@@ -325,7 +334,53 @@ impl Store {
             };
         }
         w.commit()?;
+        if let Some(states) = self.lock_states().as_mut() {
+            states.extend(batch.states);
+        }
         Ok(())
+    }
+
+    fn lock_states(&self) -> std::sync::MutexGuard<'_, Option<BTreeMap<String, State>>> {
+        // Only whole inserts happen under this lock: a panic leaves nothing half-done.
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many deployments are in each state, without reading their records (after the
+    /// first call, which reads only each record's state).
+    pub fn deployment_states(&self) -> Result<BTreeMap<State, usize>, Error> {
+        let mut g = self.lock_states();
+        if g.is_none() {
+            /// The one field read of each record.
+            #[derive(serde::Deserialize)]
+            struct StateOnly {
+                state: State,
+            }
+            let all: Vec<(String, StateOnly)> = self.list_keyed(DEPLOYMENTS)?;
+            *g = Some(all.into_iter().map(|(id, d)| (id, d.state)).collect());
+        }
+        let mut out = BTreeMap::new();
+        for st in g.iter().flat_map(|m| m.values()) {
+            *out.entry(*st).or_default() += 1;
+        }
+        Ok(out)
+    }
+
+    /// How many hosts have joined.
+    pub fn host_count(&self) -> Result<u64, Error> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(HOSTS)?.len()?)
+    }
+
+    /// Every record of table `t` with its key.
+    fn list_keyed<T: DeserializeOwned>(&self, t: Table) -> Result<Vec<(String, T)>, Error> {
+        let r = self.db.begin_read()?;
+        let table = r.open_table(t)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_string(), decode(t, k.value(), v.value())?));
+        }
+        Ok(out)
     }
 
     fn get_raw(&self, t: Table, key: &str) -> Result<Option<Vec<u8>>, Error> {

@@ -182,8 +182,13 @@ impl DatabaseTaskState {
 pub mod link {
     use super::Duration;
 
-    /// An agent reports its observed state at least this often (more often on change).
+    /// An agent reports its observed state on change: at once (a burst gathered for a
+    /// few ms) when its slots, weights or errors change, and its counters at most this
+    /// often while they grow. An unchanged state is not sent again before
+    /// [`REFRESH`]; the heartbeat says the host is alive meanwhile.
     pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+    /// An agent sends its whole observed state at least this often, changed or not.
+    pub const REFRESH: Duration = Duration::from_secs(30);
     /// Each side sends a heartbeat this often.
     pub const HEARTBEAT: Duration = Duration::from_secs(2);
     /// A stream silent this long is dropped by either side.
@@ -191,6 +196,22 @@ pub mod link {
     /// A host not heard from for this long is not counted on (in decisions and in what
     /// `hosts` shows) even while its stream is open: a partition closes nothing.
     pub const STALE_AFTER: Duration = Duration::from_secs(3);
+    /// An agent's first reconnect waits about this long.
+    pub const RECONNECT_MIN: Duration = Duration::from_millis(200);
+    /// An agent never waits longer than this to reconnect: a coordinator that comes back
+    /// has its whole fleet again within a few seconds.
+    pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+    /// The wait before reconnect attempt `attempt` (0 for the first after a session
+    /// ended): doubling from [`RECONNECT_MIN`] up to [`RECONNECT_MAX`], and `jitter` (in
+    /// [0, 1), random per attempt) places it in the upper half of that, so a fleet that
+    /// lost its coordinator at one instant comes back spread out, not as a stampede.
+    pub fn reconnect_delay(attempt: u32, jitter: f64) -> Duration {
+        let ceiling = RECONNECT_MIN
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(RECONNECT_MAX);
+        ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
 }
 
 #[cfg(test)]
@@ -212,5 +233,17 @@ mod tests {
         assert_eq!(Slot::Blue.other(), Slot::Green);
         assert_eq!(SlotPhase::of(99), SlotPhase::Empty);
         assert_eq!(SlotPhase::Starting.name(), "starting");
+    }
+
+    #[test]
+    fn reconnects_double_up_to_a_few_seconds_spread_by_jitter() {
+        use link::*;
+        assert_eq!(reconnect_delay(0, 0.0), RECONNECT_MIN / 2);
+        assert_eq!(reconnect_delay(0, 0.999_999).as_millis(), 199);
+        assert_eq!(reconnect_delay(2, 0.0), RECONNECT_MIN * 2);
+        for attempt in [5, 6, 30, u32::MAX] {
+            assert_eq!(reconnect_delay(attempt, 0.0), RECONNECT_MAX / 2);
+            assert!(reconnect_delay(attempt, 1.0) <= RECONNECT_MAX);
+        }
     }
 }

@@ -11,11 +11,13 @@
 //! test's own), `prometheus` (a real Prometheus server discovering the agents' slots),
 //! `verify` (plans with hooks and a shadow phase), `fidelity` (the sample's answers of
 //! every HTTP/1.1 framing, for the proxy fidelity test).
+//! `fleetsim` is the fleet simulator behind `cutover-fleetsim`.
 
 mod cluster;
 mod deploy;
 mod disk;
 pub mod fidelity;
+pub mod fleetsim;
 mod http;
 mod load;
 pub mod netns;

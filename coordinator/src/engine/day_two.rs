@@ -283,7 +283,9 @@ impl Engine {
         self.store.commit(batch)?;
         for key in gone {
             tracing::info!(host = key.0, service = key.1, "service gone from host");
-            self.desired.remove(&key);
+            if let Some(m) = self.desired.get_mut(&key.1) {
+                m.insert(key.0.clone(), None);
+            }
             self.removing.remove(&key);
         }
         Ok(())

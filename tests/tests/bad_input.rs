@@ -171,11 +171,26 @@ fn stalling_server(len: usize) -> String {
 #[test]
 fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clearly() {
     let mut c = Cluster::start(54, 0);
-    c.agent_args = ["--fetch-stall-timeout", "1s", "--max-artifact-size", "8MiB"]
-        .map(String::from)
-        .to_vec();
+    // A limit the sample's own artifact (its size depends on the build) stays under.
+    let v1_artifact = c.pack("1.0.0", &[]);
+    let sample_mib = std::fs::metadata(v1_artifact.path())
+        .expect("sample artifact")
+        .len()
+        .div_ceil(1 << 20);
+    let limit_mib = sample_mib.max(7) + 1;
+    c.agent_args = [
+        "--fetch-stall-timeout".to_string(),
+        "1s".to_string(),
+        "--max-artifact-size".to_string(),
+        format!("{limit_mib}MiB"),
+    ]
+    .to_vec();
     c.add_agent("web-1", "127.54.0.2", "env=test");
-    v1(&c);
+    let plan = c
+        .plan("1.0.0")
+        .artifact(&v1_artifact.url, &v1_artifact.sha256)
+        .write("v1");
+    assert_eq!(c.deploy_wait(&plan).0, 0);
 
     // A server that sends a little, then nothing: bounded by the stall timeout, retried
     // a few times, then the host fails preparation and v1 keeps serving.
@@ -200,7 +215,7 @@ fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clear
 
     // An artifact larger than the agent's --max-artifact-size.
     let big = c.dir.join("big.tar.gz");
-    let data: Vec<u8> = (0..9u32 << 20)
+    let data: Vec<u8> = (0..(limit_mib as u32 + 1) << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&big, &data).expect("write big artifact");
@@ -214,7 +229,7 @@ fn a_stalled_download_and_an_artifact_over_the_size_limit_fail_preparation_clear
     assert_eq!(code, 3, "{reason}");
     assert!(
         reason.contains(
-            "host web-1: artifact is larger than this agent's limit of 8 MiB (--max-artifact-size)"
+            &format!("host web-1: artifact is larger than this agent's limit of {limit_mib} MiB (--max-artifact-size)")
         ),
         "{reason}"
     );

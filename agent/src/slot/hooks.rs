@@ -5,6 +5,7 @@
 //! the slot's state, with where its output is kept.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 
 use cutover_proto::v1::HookRun;
@@ -54,14 +55,22 @@ impl SlotCtx {
 /// Runs `before_start` (if the plan names one) for a process about to start on `port`.
 /// `Err` is the slot's failure.
 pub(super) async fn before_start(ctx: &SlotCtx, launch: &Launch, port: u16) -> Result<(), String> {
-    let Some(spec) = ctx.hook_spec(Hook::BeforeStart) else {
+    let Some((ran, log)) = run(ctx, launch, port, Hook::BeforeStart).await else {
         return Ok(());
     };
+    hooks::prune(&ctx.data_dir, &ctx.service, hooks::KEEP_LOGS, &log);
+    finished(ctx, ran, &log)
+}
+
+/// Runs `hook` now, if the plan names it, for the process on `port`: how it went and
+/// where its output is.
+async fn run(ctx: &SlotCtx, launch: &Launch, port: u16, hook: Hook) -> Option<(Ran, PathBuf)> {
+    let spec = ctx.hook_spec(hook)?;
     let context = ctx.hook_context();
     let log = hooks::log_path(&ctx.data_dir, &ctx.service, &context.deployment);
     let launcher = launch.launcher(port);
     let ran = Invocation {
-        hook: Hook::BeforeStart,
+        hook,
         spec,
         launcher: &launcher,
         port,
@@ -73,8 +82,7 @@ pub(super) async fn before_start(ctx: &SlotCtx, launch: &Launch, port: u16) -> R
     }
     .run()
     .await;
-    hooks::prune(&ctx.data_dir, &ctx.service, hooks::KEEP_LOGS, &log);
-    finished(ctx, ran, &log)
+    Some((ran, log))
 }
 
 /// Starts `validate` against the process on `port`, if the plan names it.
@@ -114,25 +122,9 @@ pub(super) fn validated(ctx: &SlotCtx, ran: Ran) -> Result<(), String> {
 /// Runs `before_stop` (if the plan names one) before the process on `port` is stopped;
 /// best effort: a failure is logged, and the process is stopped all the same.
 pub(super) async fn before_stop(ctx: &SlotCtx, launch: &Launch, port: u16) {
-    let Some(spec) = ctx.hook_spec(Hook::BeforeStop) else {
+    let Some((ran, log)) = run(ctx, launch, port, Hook::BeforeStop).await else {
         return;
     };
-    let context = ctx.hook_context();
-    let log = hooks::log_path(&ctx.data_dir, &ctx.service, &context.deployment);
-    let launcher = launch.launcher(port);
-    let ran = Invocation {
-        hook: Hook::BeforeStop,
-        spec,
-        launcher: &launcher,
-        port,
-        context: &context,
-        log: &log,
-        slot: ctx.slot.as_str(),
-        release: ctx.version(),
-        secrets: ctx.secrets(),
-    }
-    .run()
-    .await;
     if let Err(e) = finished(ctx, ran, &log) {
         tracing::warn!(
             service = ctx.service,

@@ -85,9 +85,7 @@ impl Machine<'_, '_> {
                 .is_some_and(|h| matches!(h.phase, HostPhase::Switched | HostPhase::Failed))
         });
         if all_switched {
-            self.d.step_switched_unix_ms = Some(self.now);
-            self.d.analysis.interval_started_unix_ms = None;
-            self.d.analysis.passes_in_step = 0;
+            self.start_hold_clock();
             self.fx.hold_began();
         } else if self.past_deadline() {
             let deadline = self.d.plan.strategy.progress_deadline;
@@ -95,6 +93,14 @@ impl Machine<'_, '_> {
             return Flow::Stop;
         }
         Flow::Next
+    }
+
+    /// Starts the hold of a step (or of the shadow phase) now: its clock, and a fresh
+    /// count of analysis intervals.
+    pub(super) fn start_hold_clock(&mut self) {
+        self.d.step_switched_unix_ms = Some(self.now);
+        self.d.analysis.interval_started_unix_ms = None;
+        self.d.analysis.passes_in_step = 0;
     }
 
     /// Whether the step has held long enough, `held` ms so far: its hold (plus the bake

@@ -128,9 +128,7 @@ impl Machine<'_, '_> {
             .map(|(name, _)| name.clone())
             .collect();
         if copying.iter().all(|name| self.answers(name)) {
-            self.d.step_switched_unix_ms = Some(self.now);
-            self.d.analysis.interval_started_unix_ms = None;
-            self.d.analysis.passes_in_step = 0;
+            self.start_hold_clock();
             self.fx.shadow_holding();
         } else if self.past_deadline() {
             let deadline = self.d.plan.strategy.progress_deadline;

@@ -3,8 +3,9 @@
 //! get the same answers — status, the fields that describe the content, and the bodies,
 //! byte for byte — in every HTTP/1.1 framing: content-length and chunked bodies, HEAD,
 //! 204 and 304, `Expect: 100-continue`, bodies of several MB both ways, pipelined
-//! requests, and a WebSocket echo after the upgrade. A slot that never answers gets 504
-//! after the plan's `upstream_timeout`. No timing is asserted.
+//! requests (also mixing requests the proxy's own HTTP/1.1 path takes with one it
+//! hands to hyper), and a WebSocket echo after the upgrade. A slot that never answers
+//! gets 504 after the plan's `upstream_timeout`. No timing is asserted.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -235,6 +236,11 @@ fn every_case(addr: SocketAddr) -> Vec<(String, Answer)> {
     one("304", get("/fidelity/status/304"));
     one("the sample's own answer", get("/"));
     one("a large download", get("/fidelity/length/8000000"));
+    one("a large chunked download", get("/fidelity/chunked/3000000"));
+    one(
+        "a small chunked upload, echoed",
+        post_chunked("/fidelity/echo", &content(5000)),
+    );
     one("a large upload, echoed", post("/fidelity/echo", "", &big));
     one(
         "a large chunked upload, echoed",
@@ -256,6 +262,20 @@ fn every_case(addr: SocketAddr) -> Vec<(String, Answer)> {
     );
     for (i, a) in pipelined.into_iter().enumerate() {
         out.push((format!("pipelined {i}"), a));
+    }
+    // Plain requests, then one too large to be held back whole (the proxy's own path
+    // hands the connection to hyper's there), then plain ones again, on one connection.
+    let mixed = exchange(
+        addr,
+        &[
+            &get("/fidelity/length/10"),
+            &post("/fidelity/echo", "", &content(200_000)),
+            &get("/fidelity/chunked/3000"),
+            &get("/fidelity/status/204"),
+        ],
+    );
+    for (i, a) in mixed.into_iter().enumerate() {
+        out.push((format!("mixed {i}"), a));
     }
     out
 }

@@ -13,6 +13,7 @@
 //! live path, is [`crate::mirror`]'s.
 
 mod http;
+mod plain;
 mod pool;
 mod tunnel;
 mod workers;
@@ -497,31 +498,45 @@ async fn serve_http(
         let close_idle = close_idle.clone();
         workers::serve(&shared.tasks, conn, move |conn| async move {
             let _open = open;
-            let svc = hyper::service::service_fn(move |req| {
-                let client = client.clone();
-                async move { Ok::<_, std::convert::Infallible>(http::forward(req, &client).await) }
-            });
-            // The header-read timer also runs while a kept-alive connection waits for its
-            // next request: it is the idle timeout too.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .timer(TokioTimer::new())
-                .header_read_timeout(idle_timeout)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(conn), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            // `close_idle` is a child of the proxy's own token: stopping the proxy
-            // cancels it too. One token is one check each time the task is woken.
-            tokio::select! {
-                biased;
-                _ = conn.as_mut() => {},
-                _ = close_idle.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                }
+            // Plain requests take the proxy's own path; the first that needs more hands
+            // the connection to hyper for the rest of its life.
+            if let Some(rest) = plain::serve(conn, &client, idle_timeout, &close_idle).await {
+                serve_with_hyper(rest, client, idle_timeout, close_idle).await;
             }
         });
+    }
+}
+
+/// Serves a client connection's requests with hyper's HTTP/1 server.
+async fn serve_with_hyper(
+    io: plain::Rewind,
+    client: Arc<http::Client>,
+    idle_timeout: Duration,
+    close_idle: CancellationToken,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let client = client.clone();
+        async move { Ok::<_, std::convert::Infallible>(http::forward(req, &client).await) }
+    });
+    // The header-read timer also runs while a kept-alive connection waits for its next
+    // request: it is the idle timeout too.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    // `close_idle` is a child of the proxy's own token: stopping the proxy cancels it
+    // too. One token is one check each time the task is woken.
+    tokio::select! {
+        biased;
+        _ = conn.as_mut() => {},
+        _ = close_idle.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        }
     }
 }
 

@@ -11,6 +11,9 @@
 //! channel hop and no wake-up of another task per request. An idle connection is driven
 //! again by its next checkout, which finds it ready or closed. Requests that ask for an
 //! upgrade get a connection of their own, driven by a task ([`Pool::upgradable`]).
+//!
+//! The proxy's own HTTP/1.1 path ([`super::plain`]) keeps plain sockets instead, in
+//! idle lists of their own: it writes requests and reads answers on them itself.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -90,7 +93,7 @@ impl Link {
 }
 
 /// One thread's idle connections to a slot, each with the time it was put back.
-type Idle = Mutex<VecDeque<(Link, Instant)>>;
+type Idle<T> = Mutex<VecDeque<(T, Instant)>>;
 
 /// The idle connections to one slot port.
 pub struct Pool {
@@ -98,7 +101,9 @@ pub struct Pool {
     port: u16,
     /// Per proxy thread ([`super::workers::index`]): idle connections, the most
     /// recently used last.
-    idle: Box<[Idle]>,
+    idle: Box<[Idle<Link>]>,
+    /// The same for plain sockets.
+    streams: Box<[Idle<TcpStream>]>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -112,6 +117,9 @@ impl Pool {
         Pool {
             port,
             idle: (0..workers::slots())
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
+            streams: (0..workers::slots())
                 .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
         }
@@ -162,7 +170,29 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn open(&self) -> Result<TcpStream, ConnectError> {
+    /// A plain socket for one request: this thread's most recently used idle one that
+    /// the slot has not closed, or a new one; and whether it was reused.
+    pub async fn stream(&self) -> Result<(TcpStream, bool), ConnectError> {
+        while let Some(stream) = pop(mine(&self.streams)) {
+            // An idle socket has nothing to read unless the slot closed it (or broke
+            // the protocol). The probe asks the kernel only when the reactor saw the
+            // socket readable, which the answer's own read would have asked anyway.
+            let mut probe = [0u8; 1];
+            match stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((stream, true)),
+                _ => continue,
+            }
+        }
+        Ok((self.open().await?, false))
+    }
+
+    /// Takes back a plain socket whose answer was read to its end.
+    pub fn put_stream(&self, stream: TcpStream) {
+        put(mine(&self.streams), stream);
+    }
+
+    /// A new socket connected to the slot.
+    pub async fn open(&self) -> Result<TcpStream, ConnectError> {
         let stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)),
@@ -175,32 +205,40 @@ impl Pool {
 
     /// Takes back a connection whose response was read to its end.
     pub fn put(&self, link: Link) {
-        let now = Instant::now();
-        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
-        while idle
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_FOR)
-        {
-            idle.pop_front();
-        }
-        if idle.len() < MAX_IDLE {
-            idle.push_back((link, now));
-        }
-    }
-
-    /// This thread's idle list.
-    fn mine(&self) -> &Idle {
-        &self.idle[workers::index().min(self.idle.len() - 1)]
+        put(mine(&self.idle), link);
     }
 
     fn pop(&self) -> Option<Link> {
-        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
-        let (link, since) = idle.pop_back()?;
-        if since.elapsed() > IDLE_FOR {
-            // Every older one is staler still.
-            idle.clear();
-            return None;
-        }
-        Some(link)
+        pop(mine(&self.idle))
     }
+}
+
+/// This thread's idle list of `lists`.
+fn mine<T>(lists: &[Idle<T>]) -> &Idle<T> {
+    &lists[workers::index().min(lists.len() - 1)]
+}
+
+fn put<T>(idle: &Idle<T>, conn: T) {
+    let now = Instant::now();
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    while idle
+        .front()
+        .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_FOR)
+    {
+        idle.pop_front();
+    }
+    if idle.len() < MAX_IDLE {
+        idle.push_back((conn, now));
+    }
+}
+
+fn pop<T>(idle: &Idle<T>) -> Option<T> {
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    let (conn, since) = idle.pop_back()?;
+    if since.elapsed() > IDLE_FOR {
+        // Every older one is staler still.
+        idle.clear();
+        return None;
+    }
+    Some(conn)
 }

@@ -366,8 +366,7 @@ impl Services {
             if !stopped && r.since.elapsed() < REMOVED_FILES_WAIT {
                 return true;
             }
-            slot::forget_files(&self.settings.data_dir, &r.service);
-            false
+            !slot::forget_files(&self.settings.data_dir, &r.service)
         });
     }
 

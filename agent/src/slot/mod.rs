@@ -56,8 +56,12 @@ pub fn log_path(data: &std::path::Path, service: &str, slot: Slot) -> PathBuf {
 
 /// Removes what a removed service left on disk once its slots have stopped: its
 /// release directories and its slots' log files. Its state directory is the service's
-/// own data and stays.
-pub fn forget_files(data: &std::path::Path, service: &str) {
+/// own data and stays. Returns false, removing nothing, while one of its releases is
+/// still being unpacked (a cancelled preparation's unpack runs to its end).
+pub fn forget_files(data: &std::path::Path, service: &str) -> bool {
+    if release::unpacking(data, service) {
+        return false;
+    }
     let releases = crate::data_dir::releases(data).join(service);
     if let Err(e) = std::fs::remove_dir_all(&releases)
         && e.kind() != std::io::ErrorKind::NotFound
@@ -67,6 +71,7 @@ pub fn forget_files(data: &std::path::Path, service: &str) {
     for slot in Slot::BOTH {
         log::SlotLog::of(data, service, slot, 0).remove();
     }
+    true
 }
 
 /// What a slot reports.

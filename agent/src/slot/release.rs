@@ -4,7 +4,9 @@
 //! per service. The store records each directory's whole version and sha256, so that
 //! the releases kept can be reported ([`kept`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use cutover_proto::v1::{KeptRelease, Release, SlotPhase};
@@ -121,10 +123,16 @@ pub async fn fetch_and_unpack(
     report(Progress::Unpacking);
     let unpack_started = Instant::now();
     let (d, dest, limits) = (download.0.clone(), dir.clone(), src.limits.clone());
-    let unpacked = tokio::task::spawn_blocking(move || artifact::unpack(&d, &dest, &limits))
-        .await
-        .map_err(|e| format!("unpack: {e}"))
-        .and_then(|r| r.map_err(|e| e.to_string()));
+    // Held by the unpacking thread itself, which goes on when a cancelled preparation
+    // stops waiting for it.
+    let busy = Unpacking::start(src.data_dir, src.service);
+    let unpacked = tokio::task::spawn_blocking(move || {
+        let _busy = busy;
+        artifact::unpack(&d, &dest, &limits)
+    })
+    .await
+    .map_err(|e| format!("unpack: {e}"))
+    .and_then(|r| r.map_err(|e| e.to_string()));
     drop(download);
     report(Progress::Unpacked(
         unpack_started.elapsed().as_millis() as u64
@@ -132,6 +140,47 @@ pub async fn fetch_and_unpack(
     unpacked?;
     record(src, &dir);
     Ok(dir)
+}
+
+/// Release directories (`releases/<service>`) with an unpack under way, and how many:
+/// they are not removed meanwhile ([`unpacking`]), or an unpack racing the removal of
+/// a removed service's files could leave a release directory with files missing.
+static UNPACKING: Mutex<BTreeMap<PathBuf, usize>> = Mutex::new(BTreeMap::new());
+
+/// One unpack under way in a service's release directories, while it lasts.
+struct Unpacking(PathBuf);
+
+impl Unpacking {
+    fn start(data: &Path, service: &str) -> Unpacking {
+        let root = data_dir::releases(data).join(service);
+        *UNPACKING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(root.clone())
+            .or_default() += 1;
+        Unpacking(root)
+    }
+}
+
+impl Drop for Unpacking {
+    fn drop(&mut self) {
+        let mut busy = UNPACKING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = busy.get_mut(&self.0) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.0);
+            }
+        }
+    }
+}
+
+/// Whether a release of `service` is being unpacked now.
+pub fn unpacking(data: &Path, service: &str) -> bool {
+    let root = data_dir::releases(data).join(service);
+    UNPACKING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&root)
 }
 
 /// Records what release directory `dir` holds, and forgets the records of directories
@@ -232,6 +281,22 @@ mod tests {
     fn release_dirs_are_named_by_version_and_digest_prefix() {
         let d = release_dir(Path::new("/data"), "web", "1.2.0+b/7 x", &"ab".repeat(32));
         assert_eq!(d, Path::new("/data/releases/web/1.2.0+b_7_x-abababababab"));
+    }
+
+    #[test]
+    fn a_removed_service_keeps_its_releases_while_one_is_being_unpacked() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = release_dir(data.path(), "web", "1.0.0", &"ab".repeat(32));
+        std::fs::create_dir_all(&dir).unwrap();
+        let busy = Unpacking::start(data.path(), "web");
+        // Another service's unpack, or the same service's on another data dir, is not
+        // this one's.
+        let _other = Unpacking::start(data.path(), "api");
+        assert!(!super::super::forget_files(data.path(), "web"));
+        assert!(dir.is_dir(), "nothing is removed while an unpack runs");
+        drop(busy);
+        assert!(super::super::forget_files(data.path(), "web"));
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The agent's traffic proxy: it owns a service's public port and forwards to the blue
 //! and green slots by weight — per request for HTTP (HTTP/1.1 keep-alive to clients,
-//! each slot's own pool of connections, [`pool`]; the request path is [`http`]), per
+//! each slot's own pool of connections, [`pool`]; plain requests take the proxy's own
+//! HTTP/1.1 path, [`plain`], and the rest hyper's, [`http`]), per
 //! connection for TCP, and as a byte stream after an HTTP upgrade ([`tunnel`]). The
 //! routing table is one `ArcSwap<Routes>`, replaced whole, so a switch is atomic. Every
 //! request is counted per slot: requests, 5xx responses, upstream failures and a latency

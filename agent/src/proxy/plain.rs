@@ -643,14 +643,13 @@ enum Chunk {
         size: u64,
         digits: u8,
     },
+    /// Whitespace after the size (BWS, §7.1.1): only more of it, an extension or the
+    /// line's end may follow.
+    SizeWs(u64),
     /// Chunk extensions, up to the end of the size line.
-    Ext {
-        size: u64,
-    },
+    Ext(u64),
     /// The size line's LF.
-    SizeLf {
-        size: u64,
-    },
+    SizeLf(u64),
     /// Chunk data: bytes left.
     Data(u64),
     /// The CR and LF after the data.
@@ -692,15 +691,16 @@ impl Chunk {
                         digits: digits + 1,
                     }
                 }
-                (Chunk::Size { size, digits }, b'\r') if digits > 0 => Chunk::SizeLf { size },
-                (Chunk::Size { size, digits }, b';' | b' ' | b'\t') if digits > 0 => {
-                    Chunk::Ext { size }
-                }
-                (Chunk::Ext { size }, b'\r') => Chunk::SizeLf { size },
-                (Chunk::Ext { .. }, b'\n') => return Err(BadChunk),
-                (Chunk::Ext { size }, _) => Chunk::Ext { size },
-                (Chunk::SizeLf { size: 0 }, b'\n') => Chunk::Line,
-                (Chunk::SizeLf { size }, b'\n') => Chunk::Data(size),
+                (Chunk::Size { size, digits }, b'\r') if digits > 0 => Chunk::SizeLf(size),
+                (Chunk::Size { size, digits }, b';') if digits > 0 => Chunk::Ext(size),
+                (Chunk::Size { size, digits }, b' ' | b'\t') if digits > 0 => Chunk::SizeWs(size),
+                (Chunk::SizeWs(size), b' ' | b'\t') => Chunk::SizeWs(size),
+                (Chunk::SizeWs(size), b';') => Chunk::Ext(size),
+                (Chunk::SizeWs(size) | Chunk::Ext(size), b'\r') => Chunk::SizeLf(size),
+                (Chunk::Ext(_), b'\n') => return Err(BadChunk),
+                (Chunk::Ext(size), _) => Chunk::Ext(size),
+                (Chunk::SizeLf(0), b'\n') => Chunk::Line,
+                (Chunk::SizeLf(size), b'\n') => Chunk::Data(size),
                 (Chunk::DataCr, b'\r') => Chunk::DataLf,
                 (Chunk::DataLf, b'\n') => Chunk::START,
                 (Chunk::Line, b'\r') => Chunk::EndLf,
@@ -878,10 +878,12 @@ mod tests {
             b"4\nWiki\r\n",
             b"11111111111111111\r\n",
             b"0\r\nX\n",
+            b"5 abc\r\nhello\r\n",
         ] {
             assert!(scan_all(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         assert_eq!(scan_all(b"0\r\n\r\n").map_err(drop), Ok((5, true)));
+        assert_eq!(scan_all(b"0 \t;x=y\r\n\r\n").map_err(drop), Ok((11, true)));
     }
 
     #[test]

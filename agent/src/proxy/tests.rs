@@ -677,3 +677,42 @@ async fn copies_carry_the_body_and_their_status_is_compared_with_the_live_one() 
         "{heads:?}"
     );
 }
+
+#[tokio::test]
+async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = upstream().await;
+    let limits = Limits {
+        listen: listen::Limits {
+            idle_timeout: Duration::from_millis(500),
+            ..listen::Limits::default()
+        },
+        ..Limits::default()
+    };
+    let (addr, _proxy, metrics) = proxy_to(port, Mode::Http, limits);
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // Each byte comes well within the timeout; the whole head would take 10 s.
+    let trickle = tokio::spawn(async move {
+        let head = format!(
+            "GET / HTTP/1.1\r\nhost: x\r\nx-slow: {}\r\n\r\n",
+            "a".repeat(80)
+        );
+        for byte in head.as_bytes() {
+            if wr.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await;
+    trickle.abort();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection stayed open: {closed:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(counted(&metrics), (0, 0, 0));
+}

@@ -21,12 +21,18 @@ use cutover_proto::v1::{
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+/// A message on a session's queue to its agent. Boxed: the queue allocates its slots 32
+/// at a time, one block per session from the start, and a message inline (the largest
+/// variant, a log request, sized every slot) made that block several KiB for each
+/// connected host.
+pub type Outbound = Box<CoordinatorMessage>;
+
 /// A host's open session, as the fleet sees it.
 struct Session {
     /// Tells this session from a newer one of the same host (see [`Fleet::detach`]).
     id: u64,
     /// The queue to the agent: desired state goes out on it.
-    tx: mpsc::Sender<CoordinatorMessage>,
+    tx: mpsc::Sender<Outbound>,
     /// Ends the session's task (host removed, or replaced by a newer session).
     end: CancellationToken,
 }
@@ -101,7 +107,7 @@ impl Fleet {
     pub fn attach(
         &self,
         host: &str,
-        tx: mpsc::Sender<CoordinatorMessage>,
+        tx: mpsc::Sender<Outbound>,
         now_ms: u64,
     ) -> (u64, CancellationToken) {
         let mut g = self.lock();
@@ -270,7 +276,7 @@ impl Fleet {
             let msg = CoordinatorMessage {
                 msg: Some(coordinator_message::Msg::Desired(DesiredState { services })),
             };
-            s.tx.try_send(msg).is_err()
+            s.tx.try_send(Box::new(msg)).is_err()
         });
         if full {
             // Closing the session makes the agent reconnect and receive its whole state.
@@ -300,7 +306,7 @@ impl Fleet {
         let msg = CoordinatorMessage {
             msg: Some(coordinator_message::Msg::LogRequest(req)),
         };
-        if s.tx.try_send(msg).is_err() {
+        if s.tx.try_send(Box::new(msg)).is_err() {
             return Err("its session is busy; try again".into());
         }
         let sink = LogSink {
@@ -417,7 +423,7 @@ fn cancel_log(g: &Inner, host: &str, id: u64) {
         };
         // A full queue drops the cancel: the host's chunks for an unknown id are
         // answered with another one.
-        let _ = s.tx.try_send(msg);
+        let _ = s.tx.try_send(Box::new(msg));
     }
 }
 
@@ -458,7 +464,7 @@ mod tests {
     }
 
     /// What the session queue of a host holds: the log requests and cancels.
-    fn sent(rx: &mut mpsc::Receiver<CoordinatorMessage>) -> Vec<String> {
+    fn sent(rx: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
             match m.msg {

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Outbound};
 
 /// How many messages may wait for a slow agent; a full queue closes the session (see
 /// [`Fleet::send_desired`]) and the agent gets everything again on reconnect.
@@ -32,7 +32,7 @@ struct Session {
     /// What the agent sends.
     inbound: Streaming<AgentMessage>,
     /// The queue to the agent; the fleet holds a clone to send desired state.
-    tx: mpsc::Sender<CoordinatorMessage>,
+    tx: mpsc::Sender<Outbound>,
     /// Cancelled by the fleet when this session must end (replaced, host removed).
     end: CancellationToken,
     /// Where observed state and liveness go.
@@ -58,13 +58,13 @@ pub fn open(
     desired: Vec<pb::DesiredService>,
     fleet: Arc<Fleet>,
     shutdown: CancellationToken,
-) -> Result<ReceiverStream<CoordinatorMessage>, String> {
-    let (tx, rx) = mpsc::channel::<CoordinatorMessage>(QUEUE);
-    let first = CoordinatorMessage {
+) -> Result<ReceiverStream<Outbound>, String> {
+    let (tx, rx) = mpsc::channel::<Outbound>(QUEUE);
+    let first = Box::new(CoordinatorMessage {
         msg: Some(coordinator_message::Msg::Desired(pb::DesiredState {
             services: desired,
         })),
-    };
+    });
     tx.try_send(first)
         .map_err(|e| format!("queue the host's desired state: {e}"))?;
     let (id, end) = fleet.attach(&host, tx.clone(), now_ms());
@@ -119,11 +119,11 @@ impl Session {
             tracing::warn!(host = self.host, "agent silent; dropping its session");
             return Flow::End;
         }
-        let hb = CoordinatorMessage {
+        let hb = Box::new(CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Heartbeat(pb::Heartbeat {
                 unix_ms: now_ms(),
             })),
-        };
+        });
         // A full queue is the fleet's to handle; only a closed one ends the session.
         if self.tx.try_send(hb).is_err() && self.tx.is_closed() {
             return Flow::End;

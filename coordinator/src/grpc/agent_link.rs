@@ -61,7 +61,8 @@ impl AgentLink for Api {
         )
         .map_err(internal)?;
         Ok(Response::new(Box::pin(futures_util::StreamExt::map(
-            out, Ok,
+            out,
+            |m| Ok(*m),
         ))))
     }
 }

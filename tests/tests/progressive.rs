@@ -208,9 +208,11 @@ fn a_release_that_crashes_while_serving_is_routed_around_by_the_agent_and_rolled
         "agent-reported crash to fleet rolled back: {restore}s"
     );
     assert!(c.all_serving("1.0.0"));
-    // Requests in flight on the crashing process can fail; nothing else should.
+    // Requests in flight on the crashing process can fail — at most one per client (two
+    // per host); nothing else should: a request the gone process refuses goes to the
+    // old slot.
     assert!(
-        report.failed() < 20,
+        report.failed() <= 6,
         "failed {}: {:?}",
         report.failed(),
         report.errors()

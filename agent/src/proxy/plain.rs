@@ -94,7 +94,7 @@ pub async fn serve(
                 let msg = "no release is serving on this host\n";
                 answer(&mut io, &mut b.resp, Local::new(503, msg), &request, client).await
             }
-            Some(up) => forward(&mut io, &mut b, &up, timeout, &request, client).await,
+            Some(up) => forward(&mut io, &mut b, &up, timeout, &request, client, true).await,
         };
         if !carry_on {
             return None;
@@ -260,7 +260,10 @@ fn parse(buf: &[u8], peer: &[u8], out: &mut Vec<u8>) -> Parsed {
 }
 
 /// Sends the request in `b.req` to `up` and passes its answer to the client; false when
-/// the client connection cannot carry another request.
+/// the client connection cannot carry another request. When `up` refuses the
+/// connection (its process is gone: a crash the agent has not seen yet) and `elsewhere`,
+/// the request goes to the other slot in the routes: nothing of it reached `up`, whose
+/// refusal still counts against it.
 async fn forward(
     io: &mut Conn,
     b: &mut Buffers,
@@ -268,13 +271,36 @@ async fn forward(
     timeout: Duration,
     req: &Request,
     client: &Client,
+    elsewhere: bool,
 ) -> bool {
-    let _in_flight = count_in_flight(&up.metrics);
+    let in_flight = count_in_flight(&up.metrics);
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + timeout);
     let sent = tokio::time::timeout_at(deadline, exchange(&up.pool, b, req)).await;
     let (mut slot, mut head) = match sent {
         Ok(Ok(sent)) => sent,
+        Ok(Err(Failure::Connect(ConnectError::Io(e))))
+            if elsewhere && e.kind() == io::ErrorKind::ConnectionRefused =>
+        {
+            up.metrics.observe(started.elapsed(), None);
+            drop(in_flight);
+            let other = {
+                let routes = client.shared.routes.load();
+                let other = routes.entries.iter().find(|(_, u)| u.port != up.port);
+                other.map(|(_, u)| u.clone())
+            };
+            tracing::debug!(
+                port = up.port,
+                "slot refused the connection; trying the other slot"
+            );
+            return match other {
+                Some(other) => Box::pin(forward(io, b, &other, timeout, req, client, false)).await,
+                None => {
+                    let local = Local::new(502, "upstream unavailable\n");
+                    answer(io, &mut b.resp, local, req, client).await
+                }
+            };
+        }
         Ok(Err(f)) => return failed(io, b, up, f, started, req, client).await,
         Err(_) => return failed(io, b, up, Failure::TimedOut, started, req, client).await,
     };

@@ -716,3 +716,32 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(counted(&metrics), (0, 0, 0));
 }
+
+#[tokio::test]
+async fn a_request_a_gone_slot_refuses_is_answered_by_the_other_slot() {
+    // The green slot's process is gone (its port refuses); the agent has not noticed
+    // yet, so the routes still give it half the requests.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let live = upstream().await;
+    let (addr, proxy, metrics) = proxy_to(live, Mode::Http, Limits::default());
+    let gone_metrics = Arc::new(SlotMetrics::default());
+    proxy.set_routes(Routes::new(
+        vec![
+            (50, Upstream::new(live, metrics.clone())),
+            (50, Upstream::new(gone, gone_metrics.clone())),
+        ],
+        DEFAULT_UPSTREAM_TIMEOUT,
+    ));
+    for _ in 0..10 {
+        let r = one_response(addr, GOOD).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    // Each refusal counts against the gone slot; the live one answered all ten.
+    let (refused, _, failed) = counted(&gone_metrics);
+    assert!(refused > 0 && failed == refused, "{refused} {failed}");
+    assert_eq!(counted(&metrics), (10, 0, 0));
+}

@@ -23,7 +23,7 @@ use hyper::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::client::conn::TrySendError;
 
-use super::pool::{ConnectError, Link, Pool, UpBody};
+use super::pool::{self, ConnectError, Link, Pool, UpBody};
 use super::{Shared, Upstream, count_in_flight, tunnel};
 use crate::mirror::{self, Admission, LiveAnswer, Mirror};
 
@@ -139,14 +139,14 @@ async fn route(mut req: Request<Incoming>, client: &Client) -> Response<Body> {
             routes.mirror.clone(),
         )
     };
-    let Some(upstream) = picked else {
+    let Some(mut upstream) = picked else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "no release is serving on this host\n",
         );
     };
     let mirror = mirror.filter(|m| m.port != upstream.port);
-    let in_flight = count_in_flight(&upstream.metrics);
+    let mut in_flight = count_in_flight(&upstream.metrics);
     let upgrade = upgrade_of(&mut req);
     if aim(&mut req, upstream.port, client).is_err() {
         return text(StatusCode::BAD_REQUEST, "bad request target\n");
@@ -167,11 +167,39 @@ async fn route(mut req: Request<Incoming>, client: &Client) -> Response<Body> {
             "malformed or incomplete request body\n",
         );
     };
-    let started = Instant::now();
-    let sent = tokio::time::timeout(timeout, send(&upstream.pool, req, upgrading)).await;
+    let mut started = Instant::now();
+    let mut sent = tokio::time::timeout(timeout, send(&upstream.pool, req, upgrading)).await;
+    if let Ok(Err(unsent)) = &mut sent
+        && let Failure::Connect(e) = &unsent.failure
+        && pool::refused(e)
+        && let Some(req) = unsent.request.take()
+    {
+        // The slot's process is gone and the agent has not seen it yet: nothing of the
+        // request reached it, so the other slot in the routes answers; the refusal
+        // still counts against the gone one.
+        upstream.metrics.observe(started.elapsed(), None);
+        let other = client
+            .shared
+            .routes
+            .load()
+            .other_than(upstream.port)
+            .cloned();
+        let Some(other) = other else {
+            tracing::debug!(port = upstream.port, "slot refused the connection");
+            return text(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
+        };
+        tracing::debug!(
+            port = upstream.port,
+            "slot refused the connection; trying the other slot"
+        );
+        upstream = other;
+        in_flight = count_in_flight(&upstream.metrics);
+        started = Instant::now();
+        sent = tokio::time::timeout(timeout, send(&upstream.pool, req, upgrading)).await;
+    }
     let (mut resp, link) = match sent {
         Ok(Ok(sent)) => sent,
-        Ok(Err(f)) => return failed(f, &upstream, started),
+        Ok(Err(unsent)) => return failed(unsent.failure, &upstream, started),
         Err(_) => return failed(Failure::TimedOut, &upstream, started),
     };
     upstream
@@ -237,6 +265,29 @@ pub enum Failure {
     TimedOut,
 }
 
+/// Why [`send`] got no answer, and the request when no connection to the slot could
+/// be had, so that none of it was sent.
+struct Unsent {
+    failure: Failure,
+    request: Option<Request<UpBody>>,
+}
+
+impl Unsent {
+    fn connect(e: ConnectError, req: Request<UpBody>) -> Unsent {
+        Unsent {
+            failure: Failure::Connect(e),
+            request: Some(req),
+        }
+    }
+
+    fn send(e: hyper::Error) -> Unsent {
+        Unsent {
+            failure: Failure::Send(e),
+            request: None,
+        }
+    }
+}
+
 /// Sends `req` on a pooled connection and returns the response head with the
 /// connection, whose body is still to come on it; a request that a closing idle
 /// connection could not even start to send goes again on a new one. An upgrade goes on
@@ -245,26 +296,35 @@ async fn send(
     pool: &Pool,
     req: Request<UpBody>,
     upgrade: bool,
-) -> Result<(Response<Incoming>, Option<Link>), Failure> {
+) -> Result<(Response<Incoming>, Option<Link>), Unsent> {
     if upgrade {
-        let mut sender = pool.upgradable().await.map_err(Failure::Connect)?;
+        let mut sender = match pool.upgradable().await {
+            Ok(s) => s,
+            Err(e) => return Err(Unsent::connect(e, req)),
+        };
         return match sender.send_request(req).await {
             Ok(resp) => Ok((resp, None)),
-            Err(e) => Err(Failure::Send(e)),
+            Err(e) => Err(Unsent::send(e)),
         };
     }
-    let mut link = pool.checkout().await.map_err(Failure::Connect)?;
+    let mut link = match pool.checkout().await {
+        Ok(l) => l,
+        Err(e) => return Err(Unsent::connect(e, req)),
+    };
     let req = match exchange(&mut link, req).await {
         Ok(resp) => return Ok((resp, Some(link))),
         Err(mut e) => match e.take_message() {
             Some(req) => req,
-            None => return Err(Failure::Send(e.into_error())),
+            None => return Err(Unsent::send(e.into_error())),
         },
     };
-    let mut link = pool.connect().await.map_err(Failure::Connect)?;
+    let mut link = match pool.connect().await {
+        Ok(l) => l,
+        Err(e) => return Err(Unsent::connect(e, req)),
+    };
     match exchange(&mut link, req).await {
         Ok(resp) => Ok((resp, Some(link))),
-        Err(e) => Err(Failure::Send(e.into_error())),
+        Err(e) => Err(Unsent::send(e.into_error())),
     }
 }
 

@@ -212,6 +212,15 @@ impl Routes {
         self
     }
 
+    /// A slot in the table other than the one on `port`: where a request goes that
+    /// `port` refused.
+    pub fn other_than(&self, port: u16) -> Option<&Upstream> {
+        self.entries
+            .iter()
+            .find(|(_, u)| u.port != port)
+            .map(|(_, u)| u)
+    }
+
     /// Picks an upstream in exact proportion to the weights: request n goes to position
     /// (n * 37) mod total, which walks every position once per `total` requests in an
     /// order that interleaves the slots.

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::http::Client;
-use super::pool::{ConnectError, Pool};
+use super::pool::{self, ConnectError, Pool};
 use super::{Upstream, count_in_flight, host_short};
 
 /// The most a request taken here (head and body) may be; hyper takes larger ones.
@@ -279,16 +279,10 @@ async fn forward(
     let sent = tokio::time::timeout_at(deadline, exchange(&up.pool, b, req)).await;
     let (mut slot, mut head) = match sent {
         Ok(Ok(sent)) => sent,
-        Ok(Err(Failure::Connect(ConnectError::Io(e))))
-            if elsewhere && e.kind() == io::ErrorKind::ConnectionRefused =>
-        {
+        Ok(Err(Failure::Connect(e))) if elsewhere && pool::refused(&e) => {
             up.metrics.observe(started.elapsed(), None);
             drop(in_flight);
-            let other = {
-                let routes = client.shared.routes.load();
-                let other = routes.entries.iter().find(|(_, u)| u.port != up.port);
-                other.map(|(_, u)| u.clone())
-            };
+            let other = client.shared.routes.load().other_than(up.port).cloned();
             tracing::debug!(
                 port = up.port,
                 "slot refused the connection; trying the other slot"

@@ -56,6 +56,12 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
+/// Whether the slot refused the connection: nothing listens on its port (its process is
+/// gone), so nothing of a request was sent to it.
+pub fn refused(e: &ConnectError) -> bool {
+    matches!(e, ConnectError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 /// One HTTP/1 connection to a slot: the handle requests go in by, and the connection
 /// itself, driven by whoever uses it.
 pub struct Link {

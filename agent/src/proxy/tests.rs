@@ -736,12 +736,15 @@ async fn a_request_a_gone_slot_refuses_is_answered_by_the_other_slot() {
         ],
         DEFAULT_UPSTREAM_TIMEOUT,
     ));
+    // Plain requests (the proxy's own path), and HTTP/1.0 ones (hyper's).
     for _ in 0..10 {
         let r = one_response(addr, GOOD).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let r = one_response(addr, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.0 200"), "{r}");
     }
-    // Each refusal counts against the gone slot; the live one answered all ten.
+    // Each refusal counts against the gone slot; the live one answered all twenty.
     let (refused, _, failed) = counted(&gone_metrics);
     assert!(refused > 0 && failed == refused, "{refused} {failed}");
-    assert_eq!(counted(&metrics), (10, 0, 0));
+    assert_eq!(counted(&metrics), (20, 0, 0));
 }
